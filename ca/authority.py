@@ -1,0 +1,199 @@
+"""Issuance: a public key, a profile and a registry record in; a signed, recorded certificate out.
+
+From a CSR the CA takes only the public key, after checking the CSR's signature and the key
+against the profile. Subject, SubjectAltName, device type, key usages and validity come from the
+profile and the registry.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from .errors import (DeviceRevoked, DuplicateDevice, InvalidCSR, KeyPolicyViolation, SerialCollision,
+                     UnknownDevice)
+from .identity import IdentitySettings, check_device_type, check_serial, fingerprint
+from .profiles import Profile, device_subject, extensions_for_device, get_profile
+from .store import CertificateRecord, DeviceRecord, DeviceState, Registry
+
+SERIAL_BITS = 127          # positive, fits 16 DER octets; >= 64 random bits as CA/B and RFC 5280 ask
+MAX_SERIAL_ATTEMPTS = 4
+
+
+@dataclass(frozen=True)
+class Issuer:
+    """A CA certificate with its private key, and the AKI its children carry."""
+
+    name: str
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    @property
+    def aki(self) -> x509.AuthorityKeyIdentifier:
+        ski = self.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+    @property
+    def hash_algorithm(self) -> hashes.HashAlgorithm:
+        return hash_for(self.key)
+
+
+def hash_for(key: ec.EllipticCurvePrivateKey) -> hashes.HashAlgorithm:
+    """The signature hash that matches the key size (SHA-384 for P-384, SHA-256 for P-256)."""
+    return hashes.SHA384() if key.curve.key_size > 256 else hashes.SHA256()
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    cert: x509.Certificate
+    record: CertificateRecord
+
+    @property
+    def pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+
+def load_csr(data: bytes) -> x509.CertificateSigningRequest:
+    """Parse a PEM or DER CSR and check its self-signature (load_*_csr alone does not)."""
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            csr = x509.load_pem_x509_csr(data)
+        else:
+            csr = x509.load_der_x509_csr(data)
+    except ValueError as exc:
+        raise InvalidCSR(f"malformed CSR: {exc}") from None
+    try:
+        valid = csr.is_signature_valid
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise InvalidCSR(f"CSR signature cannot be checked: {exc}") from None
+    if not valid:
+        raise InvalidCSR("CSR signature does not verify")
+    return csr
+
+
+def random_serial(rand_bytes: Callable[[int], bytes]) -> int:
+    while True:
+        serial = int.from_bytes(rand_bytes(16), "big") >> (128 - SERIAL_BITS)
+        if serial >= 1 << 63:    # keeps at least 64 significant bits; rejects ~2^-64 of draws
+            return serial
+
+
+def to_utc(t: datetime) -> datetime:
+    if t.tzinfo is None:
+        raise ValueError("naive datetime: pass an aware UTC time")
+    return t.astimezone(timezone.utc).replace(microsecond=0)
+
+
+class CertificateAuthority:
+    """Issues device certificates under named profiles and records them in the registry."""
+
+    def __init__(self, issuers: Callable[[str], Issuer], profiles: dict[str, Profile],
+                 settings: IdentitySettings, store: Registry,
+                 rand_bytes: Callable[[int], bytes] = os.urandom) -> None:
+        self._issuers = issuers
+        self._aki_cache: dict[str, x509.AuthorityKeyIdentifier] = {}
+        self.profiles = profiles
+        self.settings = settings
+        self.store = store
+        self._rand = rand_bytes
+
+    # -- building ----------------------------------------------------------------------------
+
+    def check_public_key(self, key: object, profile: Profile) -> ec.EllipticCurvePublicKey:
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise KeyPolicyViolation(f"profile {profile.name} requires an EC key")
+        if key.curve.name not in profile.allowed_curves:
+            raise KeyPolicyViolation(
+                f"profile {profile.name} does not allow curve {key.curve.name} (allowed: {', '.join(profile.allowed_curves)})")
+        return key
+
+    def sign_device_certificate(self, public_key: ec.EllipticCurvePublicKey, profile: Profile,
+                                serial: str, device_type: str, now: datetime) -> IssuedCertificate:
+        """Build and sign a device certificate. Pure: records nothing."""
+        now = to_utc(now)
+        issuer = self._issuers(profile.issuer)
+        aki = self._aki_cache.get(issuer.name)
+        if aki is None:
+            aki = self._aki_cache[issuer.name] = issuer.aki
+        not_before = now - profile.backdate
+        not_after = min(now + profile.validity, issuer.cert.not_valid_after_utc)
+        builder = (x509.CertificateBuilder()
+                   .subject_name(device_subject(serial, self.settings))
+                   .issuer_name(issuer.cert.subject)
+                   .public_key(public_key)
+                   .serial_number(random_serial(self._rand))
+                   .not_valid_before(not_before)
+                   .not_valid_after(not_after))
+        ski = x509.SubjectKeyIdentifier.from_public_key(public_key)
+        for ext, critical in extensions_for_device(profile, serial, device_type, self.settings, ski, aki):
+            builder = builder.add_extension(ext, critical)
+        cert = builder.sign(issuer.key, issuer.hash_algorithm)
+        record = CertificateRecord(
+            serial=cert.serial_number, issuer=issuer.name, profile=profile.name, device_serial=serial,
+            not_before=not_before, not_after=not_after, fingerprint=fingerprint(cert),
+            der=cert.public_bytes(serialization.Encoding.DER), issued_at=now)
+        return IssuedCertificate(cert, record)
+
+    # -- issuing and recording ----------------------------------------------------------------
+
+    def issue_operational(self, csr_data: bytes, device_serial: str, now: datetime,
+                          profile_name: str = "operational") -> IssuedCertificate:
+        """Issue an operational certificate for a registered, non-revoked device from its CSR.
+
+        The device moves to `enrolled`; its previous operational certificates become superseded,
+        in the same transaction.
+        """
+        profile = get_profile(self.profiles, profile_name)
+        csr = load_csr(csr_data)
+        public_key = self.check_public_key(csr.public_key(), profile)
+        device = self.store.get_device(check_serial(device_serial))
+        if device is None:
+            raise UnknownDevice(f"unknown device {device_serial}")
+        if device.state is DeviceState.REVOKED:
+            raise DeviceRevoked(f"device {device_serial} is revoked")
+        for _ in range(MAX_SERIAL_ATTEMPTS):
+            issued = self.sign_device_certificate(public_key, profile, device.serial, device.device_type, now)
+            try:
+                self.store.record_certificate(issued.record, supersede_profile=profile.name,
+                                              new_state=DeviceState.ENROLLED)
+                return issued
+            except DuplicateDevice:
+                raise
+            except SerialCollision:
+                continue    # another certificate already has this serial: draw again
+        raise SerialCollision("could not draw an unused certificate serial")
+
+    def new_factory_identity(self, public_key: ec.EllipticCurvePublicKey, serial: str, device_type: str,
+                             now: datetime) -> tuple[DeviceRecord, IssuedCertificate]:
+        """Build (not record) a factory identity for a new device; see `register_factory_identities`."""
+        profile = get_profile(self.profiles, "factory")
+        self.check_public_key(public_key, profile)
+        check_serial(serial)
+        check_device_type(device_type)
+        issued = self.sign_device_certificate(public_key, profile, serial, device_type, now)
+        t = to_utc(now)
+        device = DeviceRecord(serial=serial, device_type=device_type, state=DeviceState.MANUFACTURED,
+                              created_at=t, updated_at=t)
+        return device, issued
+
+    def issue_factory_from_csr(self, csr_data: bytes, serial: str, device_type: str,
+                               now: datetime) -> IssuedCertificate:
+        """Register a new device with a factory identity for a key made elsewhere (a secure element)."""
+        csr = load_csr(csr_data)
+        for _ in range(MAX_SERIAL_ATTEMPTS):
+            device, issued = self.new_factory_identity(csr.public_key(), serial, device_type, now)
+            try:
+                self.store.register_devices([(device, issued.record)])
+                return issued
+            except DuplicateDevice:
+                raise
+            except SerialCollision:
+                continue    # another certificate already has this serial: draw again
+        raise SerialCollision("could not draw an unused certificate serial")

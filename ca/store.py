@@ -1,0 +1,91 @@
+"""The registry interface the CA needs, and the records it exchanges.
+
+The CA never talks SQL: it calls these methods on whatever store it is given (the SQLite
+registry in `gateway.registry` today; a PostgreSQL one can implement the same Protocol).
+Every method is one transaction.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Iterable, Protocol, Sequence
+
+
+class DeviceState(str, enum.Enum):
+    MANUFACTURED = "manufactured"
+    ENROLLED = "enrolled"
+    REVOKED = "revoked"
+
+
+class CertStatus(str, enum.Enum):
+    CURRENT = "current"
+    SUPERSEDED = "superseded"
+    REVOKED = "revoked"
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    serial: str
+    device_type: str
+    state: DeviceState
+    created_at: datetime
+    updated_at: datetime
+    enrolled_at: datetime | None = None
+    revoked_at: datetime | None = None
+    revocation_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class CertificateRecord:
+    serial: int                 # certificate serial number
+    issuer: str                 # issuing CA name: root | manufacturing | operational
+    profile: str                # factory | operational | ca | gateway
+    device_serial: str | None   # None for CA and gateway certificates
+    not_before: datetime
+    not_after: datetime
+    fingerprint: str            # SHA-256 of the DER, hex
+    der: bytes
+    issued_at: datetime
+    status: CertStatus = CertStatus.CURRENT
+    revoked_at: datetime | None = None
+    revocation_reason: str | None = None
+
+
+class Registry(Protocol):
+    """Storage of devices and issued certificates, one transaction per call."""
+
+    def get_device(self, serial: str) -> DeviceRecord | None: ...
+
+    def list_devices(self, state: DeviceState | None = None, limit: int | None = None) -> list[DeviceRecord]: ...
+
+    def register_devices(self, pairs: Sequence[tuple[DeviceRecord, CertificateRecord]]) -> None:
+        """Insert each device in state manufactured with its factory certificate, all or nothing.
+
+        Raises DuplicateDevice if a device serial exists, SerialCollision if a certificate serial does.
+        """
+
+    def record_certificate(self, cert: CertificateRecord, *, supersede_profile: str | None = None,
+                           new_state: DeviceState | None = None) -> None:
+        """Store an issued certificate; in the same transaction mark the device's other current
+        certificates of `supersede_profile` superseded and move the device to `new_state`.
+
+        Raises SerialCollision if the certificate serial exists.
+        """
+
+    def get_certificate(self, serial: int) -> CertificateRecord | None: ...
+
+    def certificates_for_device(self, device_serial: str) -> list[CertificateRecord]: ...
+
+    def revoke_device(self, serial: str, reason: str, now: datetime) -> list[CertificateRecord]:
+        """Mark the device revoked and each of its current/superseded certificates revoked;
+        returns the certificates newly revoked."""
+
+    def revoked_certificates(self, issuer: str) -> Iterable[CertificateRecord]: ...
+
+    def next_crl_number(self, issuer: str) -> int:
+        """Atomically increment and return the CRL number of `issuer`."""
+
+    def reserve_serial_block(self, prefix: str, count: int) -> int:
+        """Atomically reserve `count` consecutive sequence numbers under `prefix`; returns the first."""

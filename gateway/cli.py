@@ -1,0 +1,341 @@
+"""The `devid` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+
+from ca.errors import CAError, ValidationFailed
+from ca.hierarchy import CA_NAMES, ISSUING_CAS
+from ca.revocation import REASONS, build_crl, revoke_device
+from ca.store import DeviceState
+from ca.validation import DeviceVerifier
+from ca.identity import check_serial
+
+from . import output
+from .datadir import ENV_DATA, DataDir, resolve_data_dir
+from .provisioning import DEFAULT_PREFIX, provision
+from .registry import RegistryError
+
+
+class CLIError(Exception):
+    """Bad input detected by the command line itself."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:   # one line, not usage + error
+        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(2)
+
+
+def _data(args) -> DataDir:
+    return DataDir(resolve_data_dir(args.data))
+
+
+def _read_input(path: str, what: str) -> bytes:
+    try:
+        if path == "-":
+            return sys.stdin.buffer.read()
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise CLIError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def _write_output(path: str | None, data: bytes) -> None:
+    if path is None or path == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        return
+    tmp = Path(f"{path}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CLIError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _device_dict(dev, certs=None) -> dict:
+    d = {"serial": dev.serial, "device_type": dev.device_type, "state": dev.state.value,
+         "created_at": output.ts(dev.created_at), "updated_at": output.ts(dev.updated_at),
+         "enrolled_at": output.ts(dev.enrolled_at) if dev.enrolled_at else None,
+         "revoked_at": output.ts(dev.revoked_at) if dev.revoked_at else None,
+         "revocation_reason": dev.revocation_reason}
+    if certs is not None:
+        d["certificates"] = [{
+            "serial": format(c.serial, "x"), "profile": c.profile, "issuer": c.issuer, "status": c.status.value,
+            "not_before": output.ts(c.not_before), "not_after": output.ts(c.not_after),
+            "sha256_fingerprint": c.fingerprint,
+            "revoked_at": output.ts(c.revoked_at) if c.revoked_at else None,
+            "revocation_reason": c.revocation_reason} for c in certs]
+    return d
+
+
+# -- commands --------------------------------------------------------------------------------------
+
+def cmd_init(args) -> int:
+    data = _data(args)
+    data.init(utcnow(), hostnames=args.hostname or (), organization=args.org)
+    data.require()
+    print(f"created CA in {data.path}")
+    for name in (*CA_NAMES, "gateway"):
+        cert = data.cert(name)
+        print(f"  {name:<14} {cert.subject.rfc4514_string():<48} until {output.ts(cert.not_valid_after_utc)}")
+    if data.secret_path.exists():
+        print(f"  CA keys are encrypted with the generated passphrase in {data.secret_path} (mode 0600)")
+    else:
+        print("  CA keys are encrypted with $DEVID_CA_PASSPHRASE")
+    return 0
+
+
+def cmd_ca_cert(args) -> int:
+    data = _data(args).require()
+    sys.stdout.buffer.write(data.cert_pem(args.name))
+    return 0
+
+
+def cmd_ca_sign_csr(args) -> int:
+    data = _data(args).require()
+    csr = _read_input(args.csr, "CSR")
+    registry = data.open_registry()
+    ca = data.authority(registry)
+    if args.profile == "factory":
+        if not args.device_type:
+            raise CLIError("--profile factory registers a new device: give its --device-type")
+        issued = ca.issue_factory_from_csr(csr, args.device, args.device_type, utcnow())
+    else:
+        if args.device_type:
+            raise CLIError("--device-type is only for --profile factory (the registry knows the type)")
+        issued = ca.issue_operational(csr, args.device, utcnow(), profile_name=args.profile)
+    _write_output(args.out, issued.pem)
+    if args.out and args.out != "-":
+        print(f"issued {args.profile} certificate {issued.cert.serial_number:x} for device {args.device} "
+              f"-> {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_ca_verify(args) -> int:
+    from cryptography import x509
+    data = _data(args).require()
+    pem = _read_input(args.cert, "certificate")
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        try:
+            certs = [x509.load_der_x509_certificate(pem)]
+        except ValueError:
+            raise CLIError(f"{args.cert}: not a PEM or DER certificate") from None
+    registry = data.open_registry()
+    leaf, intermediates = certs[0], certs[1:]
+    anchor = "manufacturing" if args.profile == "factory" else "operational"
+    verifier = DeviceVerifier(data.cert(anchor), args.profile, data.config.identity, registry)
+    identity = verifier.verify(leaf, intermediates, now=utcnow())
+    if args.json:
+        print(json.dumps({"valid": True, "profile": args.profile, **identity.as_dict()}))
+    else:
+        print(f"OK: {args.profile} identity of device {identity.serial} ({identity.device_type}), "
+              f"certificate {identity.certificate_serial:x}")
+    return 0
+
+
+def cmd_revoke(args) -> int:
+    data = _data(args).require()
+    registry = data.open_registry()
+    revoked = revoke_device(registry, args.serial, args.reason, utcnow())
+    print(f"device {args.serial} revoked ({args.reason}); {len(revoked)} certificate(s) newly revoked"
+          + ("".join(f"\n  {c.serial:x} {c.profile}" for c in revoked)))
+    print("run 'devid crl' to publish new CRLs")
+    return 0
+
+
+def cmd_crl(args) -> int:
+    data = _data(args).require()
+    registry = data.open_registry()
+    now = utcnow()
+    names = [args.ca] if args.ca else list(CA_NAMES)
+    infos = [build_crl(data.issuer(n), registry, now, validity=_days(data.config.crl_days)) for n in names]
+    data.crl_dir.mkdir(exist_ok=True)
+    bundle = b""
+    for info in infos:
+        pem = info.crl.public_bytes(serialization.Encoding.PEM)
+        _write_output(str(data.crl_dir / f"{info.issuer}.crl.pem"), pem)
+        bundle += pem
+    if args.out:
+        _write_output(args.out, bundle)
+    rows = [(i.issuer, i.number, i.entries, output.ts(i.this_update), output.ts(i.next_update),
+             data.crl_dir / f"{i.issuer}.crl.pem") for i in infos]
+    out = sys.stderr if args.out == "-" else sys.stdout
+    output.table(["ca", "crl number", "revoked", "this update", "next update", "file"], rows, out)
+    return 0
+
+
+def _days(n: int):
+    from datetime import timedelta
+    return timedelta(days=n)
+
+
+def cmd_devices_list(args) -> int:
+    data = _data(args).require()
+    registry = data.open_registry()
+    state = DeviceState(args.state) if args.state else None
+    devices = registry.list_devices(state, limit=args.limit)
+    if args.json:
+        for d in devices:
+            print(json.dumps(_device_dict(d)))
+        return 0
+    output.table(["serial", "type", "state", "created", "enrolled", "revoked"],
+                 [(d.serial, d.device_type, d.state.value, output.ts(d.created_at),
+                   output.ts(d.enrolled_at), output.ts(d.revoked_at)) for d in devices])
+    counts = registry.count_devices()
+    print(f"{len(devices)} shown; registry: " + ", ".join(f"{counts.get(s.value, 0)} {s.value}" for s in DeviceState))
+    return 0
+
+
+def cmd_devices_show(args) -> int:
+    data = _data(args).require()
+    registry = data.open_registry()
+    dev = registry.get_device(check_serial(args.serial))
+    if dev is None:
+        raise CLIError(f"unknown device {args.serial}")
+    certs = registry.certificates_for_device(dev.serial)
+    d = _device_dict(dev, certs)
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    for key in ("serial", "device_type", "state", "created_at", "updated_at", "enrolled_at", "revoked_at",
+                "revocation_reason"):
+        print(f"{key.replace('_', ' '):<18} {d[key] if d[key] is not None else '-'}")
+    print()
+    output.table(["certificate", "profile", "issuer", "status", "not before", "not after"],
+                 [(c["serial"], c["profile"], c["issuer"], c["status"], c["not_before"], c["not_after"])
+                  for c in d["certificates"]])
+    return 0
+
+
+def cmd_provision(args) -> int:
+    data = _data(args).require()
+    registry = data.open_registry()
+    ca = data.authority(registry)
+    progress = output.Progress("provisioning") if not args.quiet else None
+    result = provision(ca, count=args.count, device_type=args.device_type, out=Path(args.out),
+                       manufacturing_pem=data.cert_pem("manufacturing"), root_pem=data.cert_pem("root"),
+                       serial_prefix=args.serial_prefix, now=utcnow, progress=progress)
+    if result.recovered or result.discarded:
+        print(f"recovered {result.recovered} and discarded {result.discarded} bundle(s) left by an interrupted run")
+    print(f"provisioned {len(result.serials)} factory identities ({result.serials[0]} .. {result.serials[-1]}) "
+          f"of type {args.device_type} in {result.seconds:.2f} s: {result.rate:,.0f} identities/s -> {args.out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(_data(args), count=args.count)
+
+
+# -- parser ------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data", metavar="DIR", default=argparse.SUPPRESS,
+                        help=f"data directory (default: ${ENV_DATA} or ./devid-data)")
+    p = _Parser(prog="devid", parents=[common],
+                description="devid: device identity gateway. Factory identities, attested enrollment over "
+                            "CoAP/DTLS, operational certificates, revocation.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("init", parents=[common], help="create the CA hierarchy, config and registry")
+    s.add_argument("--hostname", action="append", metavar="NAME",
+                   help="extra DNS name or IP address for the gateway certificate (repeatable)")
+    s.add_argument("--org", metavar="NAME", help="organisation name in every subject (default: devid Example Org)")
+    s.set_defaults(func=cmd_init)
+
+    ca = sub.add_parser("ca", parents=[common], help="CA certificates and offline issuance")
+    casub = ca.add_subparsers(dest="ca_command", metavar="ACTION", required=True, parser_class=_Parser)
+    s = casub.add_parser("cert", parents=[common], help="print a CA or gateway certificate as PEM")
+    s.add_argument("name", choices=[*CA_NAMES, "gateway"])
+    s.set_defaults(func=cmd_ca_cert)
+    s = casub.add_parser("sign-csr", parents=[common], help="issue a certificate from a CSR (PEM or DER)")
+    s.add_argument("--profile", required=True, choices=["operational", "factory"])
+    s.add_argument("--device", required=True, metavar="SERIAL", help="device serial")
+    s.add_argument("--device-type", metavar="TYPE", help="device type (only for --profile factory, which registers a new device)")
+    s.add_argument("--csr", required=True, metavar="FILE", help="CSR file, PEM or DER ('-' for stdin)")
+    s.add_argument("--out", metavar="FILE", help="write the certificate (PEM) here instead of stdout")
+    s.set_defaults(func=cmd_ca_sign_csr)
+    s = casub.add_parser("verify", parents=[common],
+                         help="validate a device certificate: path to the CA, then revocation in the registry")
+    s.add_argument("cert", metavar="FILE", help="PEM file: the device certificate, optionally followed by its chain")
+    s.add_argument("--profile", choices=["factory", "operational"], default="factory")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_ca_verify)
+
+    s = sub.add_parser("revoke", parents=[common], help="revoke a device and all its certificates")
+    s.add_argument("serial", metavar="SERIAL")
+    s.add_argument("--reason", default="unspecified", choices=list(REASONS))
+    s.set_defaults(func=cmd_revoke)
+
+    s = sub.add_parser("crl", parents=[common], help="sign a fresh CRL for each CA (written to DATA/crl/)")
+    s.add_argument("--out", metavar="FILE", help="also write all CRLs as one PEM bundle here ('-' for stdout)")
+    s.add_argument("--ca", choices=list(CA_NAMES), help="only this CA (default: root, manufacturing, operational)")
+    s.set_defaults(func=cmd_crl)
+
+    dv = sub.add_parser("devices", parents=[common], help="inspect the device registry")
+    dvsub = dv.add_subparsers(dest="devices_command", metavar="ACTION", required=True, parser_class=_Parser)
+    s = dvsub.add_parser("list", parents=[common], help="list devices")
+    s.add_argument("--state", choices=[st.value for st in DeviceState])
+    s.add_argument("--limit", type=int, metavar="N")
+    s.add_argument("--json", action="store_true", help="one JSON object per line")
+    s.set_defaults(func=cmd_devices_list)
+    s = dvsub.add_parser("show", parents=[common], help="one device with its certificates")
+    s.add_argument("serial", metavar="SERIAL")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_devices_show)
+
+    s = sub.add_parser("provision", parents=[common], help="create factory identities (IDevID) for new devices")
+    s.add_argument("--count", type=int, required=True, metavar="N")
+    s.add_argument("--device-type", required=True, metavar="TYPE", help="e.g. temperature-sensor")
+    s.add_argument("--out", required=True, metavar="DIR", help="one bundle directory per device is made here")
+    s.add_argument("--serial-prefix", default=DEFAULT_PREFIX, metavar="P",
+                   help=f"serials are P followed by a sequence number (default: {DEFAULT_PREFIX})")
+    s.add_argument("--quiet", action="store_true", help="no progress output")
+    s.set_defaults(func=cmd_provision)
+
+    s = sub.add_parser("demo", parents=[common],
+                       help="the main job on the embedded default: init if needed, provision, issue, list")
+    s.add_argument("--count", type=int, default=5, metavar="N", help="devices to provision (default: 5)")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "data"):
+        args.data = None
+    try:
+        return args.func(args)
+    except (CAError, CLIError, RegistryError) as exc:
+        print(f"devid: error: {exc}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:
+        print(f"devid: error: registry: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("devid: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""The data directory: configuration, the CA's files, the registry database.
+
+    DATA/devid.toml              configuration (organisation, OIDs, validity periods)
+    DATA/registry.sqlite3        devices, certificates, CRL numbers (WAL)
+    DATA/ca/                     mode 0700
+        <name>.cert.pem          root, manufacturing, operational, gateway
+        <name>.key.pem           encrypted PKCS#8, mode 0600
+        gateway.chain.pem        gateway certificate + operational CA
+        passphrase               generated CA passphrase, mode 0600 (only without DEVID_CA_PASSPHRASE)
+    DATA/crl/<ca>.crl.pem        the latest CRLs written by `devid crl`
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tomllib
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Iterable
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from ca import keys
+from ca.authority import CertificateAuthority, Issuer
+from ca.errors import CAError, CAExists, CANotInitialised
+from ca.hierarchy import CA_NAMES, create_hierarchy
+from ca.identity import IdentitySettings
+from ca.profiles import default_profiles
+
+from .registry import SQLiteRegistry
+
+ENV_DATA = "DEVID_DATA"
+ENV_PASSPHRASE = "DEVID_CA_PASSPHRASE"
+DEFAULT_DATA = "devid-data"
+CERT_NAMES = (*CA_NAMES, "gateway")
+
+
+class ConfigError(CAError):
+    """devid.toml is missing, malformed or has a bad value."""
+
+
+def resolve_data_dir(arg: str | None) -> Path:
+    return Path(arg or os.environ.get(ENV_DATA) or DEFAULT_DATA)
+
+
+CONFIG_TEMPLATE = """\
+# devid configuration, written by `devid init`. Names and OIDs here end up in every certificate.
+
+[organization]
+name = {organization!r}
+# IANA Private Enterprise Number: used in device URNs (urn:dev:os:<pen>-<serial>)
+pen = {pen}
+
+[identity]
+# private extension carrying the device type (UTF8String, non-critical)
+device_type_oid = "{device_type_oid}"
+# hwType of the RFC 4108 hardwareModuleName in each device certificate's SubjectAltName
+hardware_type_oid = "{hardware_type_oid}"
+
+[profiles]
+factory_validity_days = {factory_days}
+operational_validity_days = {operational_days}
+
+[crl]
+validity_days = {crl_days}
+"""
+
+
+@dataclass(frozen=True)
+class Config:
+    identity: IdentitySettings = field(default_factory=IdentitySettings)
+    factory_days: int = 7300
+    operational_days: int = 90
+    crl_days: int = 7
+
+    def render(self) -> str:
+        s = self.identity
+        return CONFIG_TEMPLATE.format(organization=s.organization, pen=s.pen, device_type_oid=s.device_type_oid,
+                                      hardware_type_oid=s.hardware_type_oid, factory_days=self.factory_days,
+                                      operational_days=self.operational_days, crl_days=self.crl_days)
+
+    @classmethod
+    def parse(cls, text: str, where: str) -> "Config":
+        try:
+            doc = tomllib.loads(text)
+            org = doc.get("organization", {})
+            ident = doc.get("identity", {})
+            prof = doc.get("profiles", {})
+            crl = doc.get("crl", {})
+            identity = IdentitySettings(
+                organization=str(org.get("name", IdentitySettings.organization)),
+                pen=int(org.get("pen", IdentitySettings.pen)),
+                device_type_oid=str(ident.get("device_type_oid", IdentitySettings.device_type_oid)),
+                hardware_type_oid=str(ident.get("hardware_type_oid", IdentitySettings.hardware_type_oid)))
+            x509.ObjectIdentifier(identity.device_type_oid)
+            x509.ObjectIdentifier(identity.hardware_type_oid)
+            config = cls(identity, int(prof.get("factory_validity_days", 7300)),
+                         int(prof.get("operational_validity_days", 90)), int(crl.get("validity_days", 7)))
+        except (tomllib.TOMLDecodeError, ValueError, TypeError, AttributeError) as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if min(config.factory_days, config.operational_days, config.crl_days, identity.pen) <= 0:
+            raise ConfigError(f"{where}: validity days and pen must be positive")
+        return config
+
+
+class DataDir:
+    """One devid data directory. Keys are decrypted lazily, once, when first needed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.ca_dir = self.path / "ca"
+        self.crl_dir = self.path / "crl"
+        self.config_path = self.path / "devid.toml"
+        self.db_path = self.path / "registry.sqlite3"
+        self._config: Config | None = None
+        self._issuers: dict[str, Issuer] = {}
+        self._passphrase: bytes | None = None
+
+    # -- paths -----------------------------------------------------------------------------
+
+    def cert_path(self, name: str) -> Path:
+        return self.ca_dir / f"{name}.cert.pem"
+
+    def key_path(self, name: str) -> Path:
+        return self.ca_dir / f"{name}.key.pem"
+
+    @property
+    def secret_path(self) -> Path:
+        return self.ca_dir / "passphrase"
+
+    @property
+    def gateway_chain_path(self) -> Path:
+        return self.ca_dir / "gateway.chain.pem"
+
+    def exists(self) -> bool:
+        return self.cert_path("root").exists()
+
+    # -- opening -----------------------------------------------------------------------------
+
+    def require(self) -> "DataDir":
+        """Check that a CA exists here and that no secret file is readable by others."""
+        if not self.path.is_dir():
+            raise CANotInitialised(f"data directory {self.path} does not exist: run 'devid init --data {self.path}'")
+        if not self.exists():
+            raise CANotInitialised(f"no CA in {self.path}: run 'devid init --data {self.path}'")
+        for name in CERT_NAMES:
+            keys.check_private_file(self.key_path(name))
+        if self.secret_path.exists():
+            keys.check_private_file(self.secret_path)
+        return self
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            try:
+                text = self.config_path.read_text()
+            except FileNotFoundError:
+                self._config = Config()
+                return self._config
+            except OSError as exc:
+                raise ConfigError(f"{self.config_path}: {exc.strerror}") from None
+            self._config = Config.parse(text, str(self.config_path))
+        return self._config
+
+    def open_registry(self) -> SQLiteRegistry:
+        return SQLiteRegistry(self.db_path)
+
+    def passphrase(self) -> bytes:
+        if self._passphrase is None:
+            env = os.environ.get(ENV_PASSPHRASE)
+            if env:
+                self._passphrase = env.encode()
+            elif self.secret_path.exists():
+                keys.check_private_file(self.secret_path)
+                self._passphrase = self.secret_path.read_bytes().strip()
+            else:
+                raise keys.KeyFileError(f"no CA passphrase: set {ENV_PASSPHRASE} (no {self.secret_path})")
+        return self._passphrase
+
+    def cert(self, name: str) -> x509.Certificate:
+        path = self.cert_path(name)
+        try:
+            return x509.load_pem_x509_certificate(path.read_bytes())
+        except FileNotFoundError:
+            raise CANotInitialised(f"{path}: missing") from None
+        except ValueError as exc:
+            raise CAError(f"{path}: not a PEM certificate ({exc})") from None
+
+    def cert_pem(self, name: str) -> bytes:
+        return self.cert(name).public_bytes(serialization.Encoding.PEM)
+
+    def issuer(self, name: str) -> Issuer:
+        if name not in self._issuers:
+            key = keys.load_encrypted_key(self.key_path(name), self.passphrase())
+            cert = self.cert(name)
+            if key.public_key() != cert.public_key():
+                raise keys.KeyFileError(f"{self.key_path(name)} does not match {self.cert_path(name)}")
+            self._issuers[name] = Issuer(name, cert, key)
+        return self._issuers[name]
+
+    def authority(self, registry: SQLiteRegistry, rand_bytes=os.urandom) -> CertificateAuthority:
+        cfg = self.config
+        return CertificateAuthority(self.issuer, default_profiles(cfg.factory_days, cfg.operational_days),
+                                    cfg.identity, registry, rand_bytes=rand_bytes)
+
+    # -- init --------------------------------------------------------------------------------
+
+    def init(self, now: datetime, hostnames: Iterable[str] = (), organization: str | None = None,
+             rand_bytes=os.urandom) -> None:
+        """Create the CA hierarchy, the config and the registry. Never overwrites an existing CA.
+
+        Everything is built in a private temporary directory, recorded in the registry, then
+        renamed into place in one step: a crash leaves either no CA or a complete one.
+        """
+        if self.exists() or self.ca_dir.exists():
+            raise CAExists(f"a CA already exists in {self.path}: refusing to overwrite it")
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not self.config_path.exists():
+            cfg = Config()
+            if organization:
+                cfg = Config(IdentitySettings(organization=organization))
+            tmp = self.config_path.with_suffix(".toml.tmp")
+            tmp.write_text(cfg.render())
+            os.replace(tmp, self.config_path)
+        cfg = self.config
+        hierarchy = create_hierarchy(cfg.identity, hostnames, now, rand_bytes)
+        staging = self.path / f".ca-init-{os.getpid()}-{secrets.token_hex(4)}"
+        staging.mkdir(mode=0o700)
+        try:
+            passphrase = os.environ.get(ENV_PASSPHRASE, "").encode()
+            if not passphrase:
+                passphrase = secrets.token_urlsafe(32).encode()
+                keys.write_private_file(staging / "passphrase", passphrase + b"\n")
+            for name, key in hierarchy.keys.items():
+                keys.write_private_file(staging / f"{name}.key.pem", keys.encrypt_key(key, passphrase))
+                (staging / f"{name}.cert.pem").write_bytes(
+                    hierarchy.certs[name].public_bytes(serialization.Encoding.PEM))
+            (staging / "gateway.chain.pem").write_bytes(
+                b"".join(hierarchy.certs[n].public_bytes(serialization.Encoding.PEM)
+                         for n in ("gateway", "operational")))
+
+            def move_into_place() -> None:
+                try:
+                    os.rename(staging, self.ca_dir)   # atomic; fails if another init won the race
+                except OSError:
+                    raise CAExists(f"a CA already exists in {self.path}: refusing to overwrite it") from None
+
+            registry = self.open_registry()
+            try:
+                registry.record_certificates(hierarchy.records, before_commit=move_into_place)
+            finally:
+                registry.close()
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise

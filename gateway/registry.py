@@ -1,0 +1,271 @@
+"""The embedded registry: SQLite in WAL mode, implementing `ca.store.Registry`.
+
+One connection per Registry object (one per process or thread). Every write runs in a
+`BEGIN IMMEDIATE` transaction, so concurrent writers from several processes serialise on the
+database lock instead of failing half-way. `synchronous=NORMAL` in WAL mode survives a killed
+process (kill -9) without losing a committed transaction; a power cut may lose the last ones,
+never corrupt the file.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from ca.errors import DeviceRevoked, DuplicateDevice, SerialCollision
+from ca.store import CertificateRecord, CertStatus, DeviceRecord, DeviceState
+
+SCHEMA_VERSION = 1
+
+_MIGRATIONS = {
+    1: """
+    CREATE TABLE devices (
+        serial            TEXT PRIMARY KEY,
+        device_type       TEXT NOT NULL,
+        state             TEXT NOT NULL CHECK (state IN ('manufactured', 'enrolled', 'revoked')),
+        created_at        TEXT NOT NULL,
+        updated_at        TEXT NOT NULL,
+        enrolled_at       TEXT,
+        revoked_at        TEXT,
+        revocation_reason TEXT
+    );
+    CREATE INDEX devices_state ON devices (state);
+    CREATE TABLE certificates (
+        serial            TEXT PRIMARY KEY,          -- certificate serial, lower-case hex: unique
+        issuer            TEXT NOT NULL,
+        profile           TEXT NOT NULL,
+        device_serial     TEXT REFERENCES devices (serial),
+        not_before        TEXT NOT NULL,
+        not_after         TEXT NOT NULL,
+        status            TEXT NOT NULL CHECK (status IN ('current', 'superseded', 'revoked')),
+        fingerprint       TEXT NOT NULL UNIQUE,
+        der               BLOB NOT NULL,
+        issued_at         TEXT NOT NULL,
+        revoked_at        TEXT,
+        revocation_reason TEXT
+    );
+    CREATE INDEX certificates_device ON certificates (device_serial, profile, status);
+    CREATE INDEX certificates_revoked ON certificates (issuer) WHERE status = 'revoked';
+    CREATE TABLE crl_numbers (issuer TEXT PRIMARY KEY, number INTEGER NOT NULL);
+    CREATE TABLE serial_sequences (prefix TEXT PRIMARY KEY, next INTEGER NOT NULL);
+    """,
+}
+
+
+class RegistryError(Exception):
+    """The database cannot be opened or is of a newer schema than this code."""
+
+
+def _ts(t: datetime | None) -> str | None:
+    if t is None:
+        return None
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _dt(s: str | None) -> datetime | None:
+    if s is None:
+        return None
+    return datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+
+
+def _hex(serial: int) -> str:
+    return format(serial, "x")
+
+
+_DEVICE_COLS = "serial, device_type, state, created_at, updated_at, enrolled_at, revoked_at, revocation_reason"
+_CERT_COLS = ("serial, issuer, profile, device_serial, not_before, not_after, fingerprint, der, issued_at, "
+              "status, revoked_at, revocation_reason")
+
+
+def _device(row: tuple) -> DeviceRecord:
+    return DeviceRecord(row[0], row[1], DeviceState(row[2]), _dt(row[3]), _dt(row[4]), _dt(row[5]),
+                        _dt(row[6]), row[7])
+
+
+def _cert(row: tuple) -> CertificateRecord:
+    return CertificateRecord(int(row[0], 16), row[1], row[2], row[3], _dt(row[4]), _dt(row[5]), row[6],
+                             bytes(row[7]), _dt(row[8]), CertStatus(row[9]), _dt(row[10]), row[11])
+
+
+def _cert_params(c: CertificateRecord) -> tuple:
+    return (_hex(c.serial), c.issuer, c.profile, c.device_serial, _ts(c.not_before), _ts(c.not_after),
+            c.fingerprint, c.der, _ts(c.issued_at), c.status.value, _ts(c.revoked_at), c.revocation_reason)
+
+
+def _collision(exc: sqlite3.IntegrityError) -> SerialCollision:
+    text = str(exc)
+    if "devices.serial" in text:
+        return DuplicateDevice("device serial already registered")
+    if "certificates.serial" in text or "certificates.fingerprint" in text:
+        return SerialCollision("certificate serial already used")
+    raise exc
+
+
+class SQLiteRegistry:
+    """`ca.store.Registry` on SQLite. Also the home of later stores (nonces, attestation log)."""
+
+    def __init__(self, path: Path | str, *, timeout: float = 30.0) -> None:
+        self.path = Path(path)
+        try:
+            self._db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._lock = threading.RLock()
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise RegistryError(f"{self.path}: cannot open the registry: {exc}") from None
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT; rolled back on any exception."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self.transaction() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RegistryError(f"{self.path}: schema version {version} is newer than this devid "
+                                    f"({SCHEMA_VERSION}); upgrade devid")
+            for v in range(version + 1, SCHEMA_VERSION + 1):
+                # statement by statement: executescript() would COMMIT the open transaction
+                for statement in _MIGRATIONS[v].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {v}")
+
+    @property
+    def schema_version(self) -> int:
+        return self._db.execute("PRAGMA user_version").fetchone()[0]
+
+    # -- devices -----------------------------------------------------------------------------
+
+    def get_device(self, serial: str) -> DeviceRecord | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE serial = ?", (serial,)).fetchone()
+        return _device(row) if row else None
+
+    def list_devices(self, state: DeviceState | None = None, limit: int | None = None) -> list[DeviceRecord]:
+        sql = f"SELECT {_DEVICE_COLS} FROM devices"
+        params: list = []
+        if state is not None:
+            sql += " WHERE state = ?"
+            params.append(state.value)
+        sql += " ORDER BY serial"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        with self._lock:
+            return [_device(r) for r in self._db.execute(sql, params)]
+
+    def count_devices(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._db.execute("SELECT state, COUNT(*) FROM devices GROUP BY state").fetchall())
+
+    def register_devices(self, pairs: Sequence[tuple[DeviceRecord, CertificateRecord]]) -> None:
+        try:
+            with self.transaction() as db:
+                db.executemany(f"INSERT INTO devices ({_DEVICE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                               [(d.serial, d.device_type, d.state.value, _ts(d.created_at), _ts(d.updated_at),
+                                 _ts(d.enrolled_at), _ts(d.revoked_at), d.revocation_reason) for d, _ in pairs])
+                db.executemany(f"INSERT INTO certificates ({_CERT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                               [_cert_params(c) for _, c in pairs])
+        except sqlite3.IntegrityError as exc:
+            raise _collision(exc) from None
+
+    # -- certificates --------------------------------------------------------------------------
+
+    def record_certificate(self, cert: CertificateRecord, *, supersede_profile: str | None = None,
+                           new_state: DeviceState | None = None) -> None:
+        try:
+            with self.transaction() as db:
+                if supersede_profile is not None and cert.device_serial is not None:
+                    db.execute("UPDATE certificates SET status = 'superseded' "
+                               "WHERE device_serial = ? AND profile = ? AND status = 'current'",
+                               (cert.device_serial, supersede_profile))
+                db.execute(f"INSERT INTO certificates ({_CERT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                           _cert_params(cert))
+                if new_state is not None and cert.device_serial is not None:
+                    now = _ts(cert.issued_at)
+                    cur = db.execute(
+                        "UPDATE devices SET state = ?, updated_at = ?, "
+                        "enrolled_at = CASE WHEN ? = 'enrolled' THEN ? ELSE enrolled_at END "
+                        "WHERE serial = ? AND state != 'revoked'",
+                        (new_state.value, now, new_state.value, now, cert.device_serial))
+                    if cur.rowcount != 1:
+                        # the device was revoked (or removed) between the check and this write
+                        raise DeviceRevoked(f"device {cert.device_serial} is revoked")
+        except sqlite3.IntegrityError as exc:
+            raise _collision(exc) from None
+
+    def record_certificates(self, records: Sequence[CertificateRecord], *,
+                            before_commit: Callable[[], None] | None = None) -> None:
+        """Insert certificate records (CA and gateway certificates) in one transaction;
+        `before_commit` runs inside it, so its failure rolls the records back."""
+        try:
+            with self.transaction() as db:
+                db.executemany(f"INSERT INTO certificates ({_CERT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                               [_cert_params(c) for c in records])
+                if before_commit is not None:
+                    before_commit()
+        except sqlite3.IntegrityError as exc:
+            raise _collision(exc) from None
+
+    def get_certificate(self, serial: int) -> CertificateRecord | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {_CERT_COLS} FROM certificates WHERE serial = ?",
+                                   (_hex(serial),)).fetchone()
+        return _cert(row) if row else None
+
+    def certificates_for_device(self, device_serial: str) -> list[CertificateRecord]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_CERT_COLS} FROM certificates WHERE device_serial = ? "
+                                    "ORDER BY issued_at, serial", (device_serial,)).fetchall()
+        return [_cert(r) for r in rows]
+
+    def revoke_device(self, serial: str, reason: str, now: datetime) -> list[CertificateRecord]:
+        t = _ts(now)
+        with self.transaction() as db:
+            rows = db.execute(f"SELECT {_CERT_COLS} FROM certificates WHERE device_serial = ? "
+                              "AND status != 'revoked'", (serial,)).fetchall()
+            db.execute("UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ? "
+                       "WHERE device_serial = ? AND status != 'revoked'", (t, reason, serial))
+            db.execute("UPDATE devices SET state = 'revoked', revoked_at = COALESCE(revoked_at, ?), "
+                       "revocation_reason = COALESCE(revocation_reason, ?), updated_at = ? WHERE serial = ?",
+                       (t, reason, t, serial))
+        return [_cert(r) for r in rows]
+
+    def revoked_certificates(self, issuer: str) -> list[CertificateRecord]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_CERT_COLS} FROM certificates WHERE issuer = ? "
+                                    "AND status = 'revoked' ORDER BY revoked_at, serial", (issuer,)).fetchall()
+        return [_cert(r) for r in rows]
+
+    def next_crl_number(self, issuer: str) -> int:
+        with self.transaction() as db:
+            db.execute("INSERT INTO crl_numbers (issuer, number) VALUES (?, 1) "
+                       "ON CONFLICT (issuer) DO UPDATE SET number = number + 1", (issuer,))
+            return db.execute("SELECT number FROM crl_numbers WHERE issuer = ?", (issuer,)).fetchone()[0]
+
+    def reserve_serial_block(self, prefix: str, count: int) -> int:
+        with self.transaction() as db:
+            row = db.execute("SELECT next FROM serial_sequences WHERE prefix = ?", (prefix,)).fetchone()
+            start = row[0] if row else 1
+            db.execute("INSERT INTO serial_sequences (prefix, next) VALUES (?, ?) "
+                       "ON CONFLICT (prefix) DO UPDATE SET next = excluded.next", (prefix, start + count))
+            return start
