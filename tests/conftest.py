@@ -1,0 +1,82 @@
+"""Shared fixtures: a real data directory with a real CA and registry, a fixed clock."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from gateway.datadir import DataDir
+
+NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=timezone.utc)
+BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    """An external program the tests need: missing means failure, never a skip."""
+    for candidate in (BIN / name, shutil.which(name)):
+        if candidate and Path(candidate).exists():
+            return str(candidate)
+    pytest.fail(f"required program {name!r} is not installed (run ./scripts/setup --test)")
+
+
+@pytest.fixture
+def now() -> datetime:
+    return NOW
+
+
+@pytest.fixture
+def data(tmp_path, monkeypatch) -> DataDir:
+    monkeypatch.delenv("DEVID_CA_PASSPHRASE", raising=False)
+    d = DataDir(tmp_path / "data")
+    d.init(NOW, hostnames=["gw.example.net"])
+    return d.require()
+
+
+@pytest.fixture
+def registry(data):
+    reg = data.open_registry()
+    yield reg
+    reg.close()
+
+
+@pytest.fixture
+def ca(data, registry):
+    return data.authority(registry)
+
+
+def make_csr(key=None, *, subject="ignored", extensions=(), der=True, algorithm=hashes.SHA256()):
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, subject)]))
+    for ext, critical in extensions:
+        builder = builder.add_extension(ext, critical)
+    csr = builder.sign(key, algorithm)
+    return csr.public_bytes(serialization.Encoding.DER if der else serialization.Encoding.PEM), key
+
+
+def register_device(ca, serial="SN1", device_type="temperature-sensor", when=NOW):
+    key = ec.generate_private_key(ec.SECP256R1())
+    device, issued = ca.new_factory_identity(key.public_key(), serial, device_type, when)
+    ca.store.register_devices([(device, issued.record)])
+    return key, issued
+
+
+def run_devid(*args, data_dir=None, env=None, input=None, check=False):
+    e = {k: v for k, v in os.environ.items() if k != "DEVID_CA_PASSPHRASE"}
+    e.update(env or {})
+    if data_dir is not None:
+        e["DEVID_DATA"] = str(data_dir)
+    proc = subprocess.run([sys.executable, "-m", "gateway.cli", *map(str, args)], capture_output=True,
+                          env=e, input=input, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"devid {' '.join(map(str, args))} failed: {proc.stderr.decode()}")
+    return proc
