@@ -235,7 +235,7 @@ class SQLiteRegistry:
     def certificates_for_device(self, device_serial: str) -> list[CertificateRecord]:
         with self._lock:
             rows = self._db.execute(f"SELECT {_CERT_COLS} FROM certificates WHERE device_serial = ? "
-                                    "ORDER BY issued_at, serial", (device_serial,)).fetchall()
+                                    "ORDER BY issued_at, rowid", (device_serial,)).fetchall()
         return [_cert(r) for r in rows]
 
     def revoke_device(self, serial: str, reason: str, now: datetime) -> list[CertificateRecord]:
