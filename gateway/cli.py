@@ -238,6 +238,30 @@ def cmd_provision(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import asyncio
+    from .dtls.engine import ServerLimits
+    from .dtls.transport import parse_listen
+    from .server import GatewayConfig, configure_logging, serve
+    data = _data(args).require()
+    listen = []
+    for item in args.listen or []:
+        try:
+            listen.append(parse_listen(item))
+        except ValueError as exc:
+            raise CLIError(f"--listen {item}: {exc}") from None
+    limits = ServerLimits(max_sessions=args.max_sessions, max_half_open=args.max_half_open,
+                          handshake_timeout=args.handshake_timeout, idle_timeout=args.idle_timeout, mtu=args.mtu)
+    config = GatewayConfig(limits=limits)
+    if listen:
+        config.listen = listen
+    configure_logging(args.log_level)
+    try:
+        return asyncio.run(serve(data, config))
+    except OSError as exc:
+        raise CLIError(f"cannot listen: {exc.strerror or exc}") from None
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     return run_demo(_data(args), count=args.count)
@@ -309,6 +333,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"serials are P followed by a sequence number (default: {DEFAULT_PREFIX})")
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.set_defaults(func=cmd_provision)
+
+    s = sub.add_parser("serve", parents=[common], help="run the CoAP/DTLS gateway (coaps://, default port 5684)")
+    s.add_argument("--listen", action="append", metavar="HOST:PORT",
+                   help="address to listen on (repeatable; default: 0.0.0.0:5684 and [::]:5684)")
+    s.add_argument("--max-sessions", type=int, default=20_000, metavar="N", help="cap on DTLS sessions")
+    s.add_argument("--max-half-open", type=int, default=1_000, metavar="N", help="cap on handshakes in progress")
+    s.add_argument("--handshake-timeout", type=float, default=30.0, metavar="S")
+    s.add_argument("--idle-timeout", type=float, default=600.0, metavar="S")
+    s.add_argument("--mtu", type=int, default=1280, help="largest datagram sent (default 1280)")
+    s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("demo", parents=[common],
                        help="the main job on the embedded default: init if needed, provision, issue, list")

@@ -1,0 +1,73 @@
+"""pyOpenSSL Contexts for the gateway (server) and for devices (client).
+
+DTLS 1.2 only. Cipher suites: TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8 (RFC 7925's mandatory suite,
+which OpenSSL 3+ only offers at security level 0) and ECDHE-ECDSA-AES128-GCM-SHA256. Level 0
+also relaxes OpenSSL's key-size checks; that is acceptable here because every peer certificate
+is then validated by `cryptography.x509.verification` and our own key policy (P-256).
+A Context freezes once a Connection is made from it: to rotate certificates, build a new one.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from OpenSSL import SSL, crypto
+
+DTLS1_2_VERSION = 0xFEFD
+CIPHERS_CCM8_AND_GCM = b"ECDHE-ECDSA-AES128-CCM8:ECDHE-ECDSA-AES128-GCM-SHA256:@SECLEVEL=0"
+CIPHERS_GCM_ONLY = b"ECDHE-ECDSA-AES128-GCM-SHA256"
+SESSION_ID_CONTEXT = b"devid-gateway"
+
+
+def _base(method: int, ciphers: bytes) -> SSL.Context:
+    ctx = SSL.Context(method)
+    ctx.set_min_proto_version(DTLS1_2_VERSION)
+    ctx.set_max_proto_version(DTLS1_2_VERSION)
+    ctx.set_options(SSL.OP_NO_QUERY_MTU | SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION)
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    ctx.set_cipher_list(ciphers)
+    ctx.set_tmp_ecdh(ec.SECP256R1())
+    return ctx
+
+
+def server_context(cert: x509.Certificate, chain: Sequence[x509.Certificate], key: ec.EllipticCurvePrivateKey,
+                   trust_anchors: Iterable[x509.Certificate], client_cas: Iterable[x509.Certificate],
+                   ciphers: bytes = CIPHERS_CCM8_AND_GCM) -> SSL.Context:
+    """`trust_anchors`: the CAs client chains must lead to (the manufacturing CA for factory
+    identities, the operational CA for operational ones); `client_cas`: the CA names advertised
+    to clients."""
+    ctx = _base(SSL.DTLS_SERVER_METHOD, ciphers)
+    ctx.set_options(SSL.OP_COOKIE_EXCHANGE)
+    ctx.use_certificate(cert)
+    for extra in chain:
+        ctx.add_extra_chain_cert(extra)
+    ctx.use_privatekey(key)
+    ctx.check_privatekey()
+    store = ctx.get_cert_store()
+    # the issuing CAs themselves are the anchors: chains stop there (no P-384 root signature
+    # to check on every handshake), as RFC 5280 allows for any trusted CA
+    store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
+    for anchor in trust_anchors:
+        store.add_cert(crypto.X509.from_cryptography(anchor))
+    for ca in client_cas:
+        ctx.add_client_ca(crypto.X509.from_cryptography(ca))
+    ctx.set_session_id(SESSION_ID_CONTEXT)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+    return ctx
+
+
+def client_context(cert: x509.Certificate, chain: Sequence[x509.Certificate], key: ec.EllipticCurvePrivateKey,
+                   root: x509.Certificate, ciphers: bytes = CIPHERS_CCM8_AND_GCM) -> SSL.Context:
+    from .engine import ClientEngine
+    ctx = _base(SSL.DTLS_CLIENT_METHOD, ciphers)
+    ctx.use_certificate(cert)
+    for extra in chain:
+        ctx.add_extra_chain_cert(extra)
+    ctx.use_privatekey(key)
+    ctx.check_privatekey()
+    ctx.get_cert_store().add_cert(crypto.X509.from_cryptography(root))
+    ctx.set_verify(SSL.VERIFY_PEER, ClientEngine.verify_callback)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_CLIENT)
+    return ctx

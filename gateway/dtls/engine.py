@@ -1,0 +1,619 @@
+"""A sans-I/O DTLS 1.2 engine on pyOpenSSL memory BIOs.
+
+No sockets and no clock inside: every call takes the current monotonic time `now` (seconds) and
+returns an `Output` of datagrams to send and events for the application; `next_deadline()` says
+when `handle_timeouts` must be called next. The asyncio transport (`transport.py`) only moves
+datagrams and sleeps until deadlines; tests drive the same engine over a fake network.
+
+Server side, in order of arrival of a datagram from an unknown address:
+1. Only an epoch-0 ClientHello is looked at; anything else is dropped.
+2. Stateless cookie exchange (RFC 6347 4.2.1): a throw-away OpenSSL object answers with a
+   HelloVerifyRequest (never larger than the ClientHello) and is discarded. No per-peer state
+   exists until a ClientHello comes back with a valid cookie (an HMAC of the peer address and a
+   time bucket under a secret that rotates).
+3. Caps: half-open handshakes and sessions; beyond them, a valid ClientHello is dropped.
+4. The peer's certificate chain is validated by OpenSSL against the trust anchors, then by the
+   `Authenticator` (cryptography.x509.verification + registry revocation). A refusal fails the
+   handshake inside OpenSSL, which sends the peer an alert.
+5. Timers: handshake timeout, idle timeout, and OpenSSL's retransmission timer.
+
+Note: OpenSSL runs its retransmission timer on its own clock; `now` drives everything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import hmac
+import itertools
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Protocol
+
+from cryptography import x509
+from OpenSSL import SSL
+
+from . import records
+
+Peer = Hashable          # e.g. ("127.0.0.1", 40000) for UDP
+
+HANDSHAKING = "handshaking"
+ESTABLISHED = "established"
+CLOSED = "closed"
+
+# X509_V_ERR_* codes worth a readable name in logs
+_VERIFY_ERRORS = {
+    2: "unable to get issuer certificate", 7: "certificate signature failure", 9: "certificate not yet valid",
+    10: "certificate has expired", 18: "self-signed certificate", 19: "self-signed certificate in chain",
+    20: "unable to get local issuer certificate", 21: "unable to verify the first certificate",
+    22: "certificate chain too long", 24: "invalid CA certificate", 25: "path length constraint exceeded",
+    26: "unsupported certificate purpose", 28: "certificate rejected",
+}
+
+
+# -- events -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HandshakeComplete:
+    peer: Peer
+    identity: Any            # what the Authenticator returned
+    resumed: bool
+    cipher: str | None
+
+
+@dataclass(frozen=True)
+class HandshakeFailed:
+    peer: Peer
+    reason: str
+
+
+@dataclass(frozen=True)
+class ApplicationData:
+    peer: Peer
+    data: bytes
+
+
+@dataclass(frozen=True)
+class SessionClosed:
+    peer: Peer
+    reason: str
+
+
+Event = HandshakeComplete | HandshakeFailed | ApplicationData | SessionClosed
+
+
+@dataclass
+class Output:
+    datagrams: list[tuple[Peer, bytes]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+    def extend(self, other: "Output") -> "Output":
+        self.datagrams.extend(other.datagrams)
+        self.events.extend(other.events)
+        return self
+
+
+class Authenticator(Protocol):
+    def authenticate(self, leaf: x509.Certificate, intermediates: list[x509.Certificate]) -> Any:
+        """Return the peer's identity, or raise an exception whose text is the refusal reason."""
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    max_sessions: int = 20_000
+    max_half_open: int = 1_000
+    handshake_timeout: float = 30.0
+    idle_timeout: float = 600.0
+    mtu: int = 1280
+    cookie_rotation: float = 60.0       # a cookie is valid for one to two rotation periods
+
+
+@dataclass
+class EngineStats:
+    cookies_sent: int = 0
+    cookies_refused: int = 0
+    dropped: int = 0                    # datagrams dropped before any state (not a ClientHello, caps)
+    handshakes: int = 0
+    resumed: int = 0
+    failed: int = 0
+
+
+class _Session:
+    __slots__ = ("peer", "conn", "state", "identity", "chain", "failure", "started", "last_seen",
+                 "hs_deadline", "deadline", "cipher")
+
+    def __init__(self, peer: Peer, conn: SSL.Connection, now: float, hs_deadline: float) -> None:
+        self.peer = peer
+        self.conn = conn
+        self.state = HANDSHAKING
+        self.identity: Any = None
+        self.chain: list[x509.Certificate] = []
+        self.failure: str | None = None
+        self.started = now
+        self.last_seen = now
+        self.hs_deadline = hs_deadline
+        self.deadline: float | None = None
+        self.cipher: str | None = None
+
+
+class _Probe:
+    """app_data of the throw-away connection used for the cookie exchange."""
+    __slots__ = ("peer",)
+
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
+
+
+def _peer_bytes(peer: Peer) -> bytes:
+    return repr(peer).encode()
+
+
+class _Engine:
+    """What server and client share: draining the BIO into datagrams, reading plaintext."""
+
+    mtu: int
+
+    def _flush(self, s: _Session, out: Output) -> None:
+        chunks = []
+        while True:
+            try:
+                chunk = s.conn.bio_read(65536)
+            except SSL.WantReadError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        if chunks:
+            for datagram in records.pack_datagrams(b"".join(chunks), self.mtu):
+                out.datagrams.append((s.peer, datagram))
+
+    def _read_plaintext(self, s: _Session, out: Output) -> None:
+        while s.state == ESTABLISHED:
+            try:
+                data = s.conn.recv(65536)
+            except SSL.WantReadError:
+                return
+            except SSL.ZeroReturnError:
+                # close_notify from the peer: answer it (lets the peer resume by session ID later)
+                try:
+                    s.conn.shutdown()
+                except SSL.Error:
+                    pass
+                self._flush(s, out)
+                self._end(s, out, "closed by peer")
+                return
+            except SSL.Error as exc:
+                self._flush(s, out)
+                self._end(s, out, f"DTLS error: {_ssl_reason(exc)}")
+                return
+            out.events.append(ApplicationData(s.peer, data))
+
+    def _end(self, s: _Session, out: Output, reason: str) -> None:
+        raise NotImplementedError
+
+
+def _ssl_reason(exc: Exception) -> str:
+    args = getattr(exc, "args", ())
+    if args and isinstance(args[0], list) and args[0]:
+        return "; ".join(str(e[-1]) for e in args[0] if e)
+    return str(exc) or exc.__class__.__name__
+
+
+class ServerEngine(_Engine):
+    def __init__(self, context: SSL.Context, authenticator: Authenticator, limits: ServerLimits = ServerLimits(),
+                 rand_bytes: Callable[[int], bytes] = os.urandom) -> None:
+        """`context` must be a fresh DTLS server Context (see `contexts.server_context`); the engine
+        installs its cookie and verify callbacks on it."""
+        self.ctx = context
+        self.authenticator = authenticator
+        self.limits = limits
+        self.mtu = limits.mtu
+        self.sessions: dict[Peer, _Session] = {}
+        self.stats = EngineStats()
+        self._rand = rand_bytes
+        self._secrets = [rand_bytes(32), rand_bytes(32)]     # current, previous
+        self._secret_epoch: int | None = None
+        self._now = 0.0
+        self._heap: list[tuple[float, int, Peer]] = []
+        self._tiebreak = itertools.count()
+        self._half_open = 0
+        context.set_cookie_generate_callback(self._cookie_generate)
+        context.set_cookie_verify_callback(self._cookie_verify)
+        context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
+
+    # -- cookies -------------------------------------------------------------------------------
+
+    def _rotate(self) -> None:
+        epoch = int(self._now // self.limits.cookie_rotation)
+        if self._secret_epoch is None:
+            self._secret_epoch = epoch
+        elif epoch > self._secret_epoch:
+            self._secrets = [self._rand(32), self._secrets[0] if epoch == self._secret_epoch + 1 else self._rand(32)]
+            self._secret_epoch = epoch
+
+    def _cookie(self, secret: bytes, peer: Peer) -> bytes:
+        return hmac.new(secret, _peer_bytes(peer), hashlib.sha256).digest()[:16]
+
+    def _cookie_generate(self, conn: SSL.Connection) -> bytes:
+        return self._cookie(self._secrets[0], conn.get_app_data().peer)
+
+    def _cookie_verify(self, conn: SSL.Connection, cookie: bytes) -> bool:
+        peer = conn.get_app_data().peer
+        return any(hmac.compare_digest(cookie, self._cookie(secret, peer)) for secret in self._secrets)
+
+    # -- certificate verification (inside the handshake) ----------------------------------------
+
+    def _verify(self, conn: SSL.Connection, cert: Any, errno: int, depth: int, ok: int) -> bool:
+        s = conn.get_app_data()
+        if not isinstance(s, _Session):
+            return False
+        if not ok:
+            s.failure = f"certificate refused by OpenSSL: {_VERIFY_ERRORS.get(errno, f'X509 error {errno}')}"
+            return False
+        # OpenSSL reports the chain from the trust anchor down to the leaf (depth 0)
+        s.chain.append(cert.to_cryptography())
+        if depth > 0:
+            return True
+        leaf, intermediates = s.chain[-1], list(reversed(s.chain[:-1]))
+        try:
+            s.identity = self.authenticator.authenticate(leaf, intermediates)
+        except Exception as exc:      # any refusal, including unexpected ones, fails the handshake
+            s.failure = str(exc) or exc.__class__.__name__
+            return False
+        return True
+
+    # -- the API -------------------------------------------------------------------------------
+
+    @property
+    def half_open(self) -> int:
+        return self._half_open
+
+    def receive(self, peer: Peer, datagram: bytes, now: float) -> Output:
+        self._now = now
+        out = Output()
+        s = self.sessions.get(peer)
+        if s is not None and not (s.state == ESTABLISHED and records.is_client_hello(datagram)):
+            s.last_seen = now
+            try:
+                s.conn.bio_write(datagram)
+            except SSL.Error:
+                return out
+            self._drive(s, out)
+            return out
+        if not records.is_client_hello(datagram):
+            self.stats.dropped += 1
+            return out
+        self._rotate()
+        conn = SSL.Connection(self.ctx, None)
+        conn.set_app_data(_Probe(peer))
+        conn.set_accept_state()
+        try:
+            conn.bio_write(datagram)
+            conn.DTLSv1_listen()
+        except SSL.WantReadError:
+            reply = self._drain(conn)
+            if reply and len(reply) <= len(datagram):     # never amplify
+                out.datagrams.append((peer, reply))
+                self.stats.cookies_sent += 1
+            else:
+                self.stats.cookies_refused += 1
+            return out
+        except SSL.Error:
+            self.stats.dropped += 1
+            return out
+        # a valid cookie: only now does the peer get state
+        if s is not None:          # an established peer starts over (it lost its session)
+            self._end(s, out, "replaced by a new handshake")
+        if self._half_open >= self.limits.max_half_open or len(self.sessions) >= self.limits.max_sessions:
+            self.stats.dropped += 1
+            return out
+        conn.set_ciphertext_mtu(self.mtu)
+        s = _Session(peer, conn, now, now + self.limits.handshake_timeout)
+        conn.set_app_data(s)
+        self.sessions[peer] = s
+        self._half_open += 1
+        self._drive(s, out)
+        return out
+
+    def send(self, peer: Peer, data: bytes, now: float) -> Output:
+        """Encrypt one application message (one record). Raises KeyError for an unknown peer and
+        ValueError for a message that would not fit the MTU (use CoAP block-wise transfer)."""
+        self._now = now
+        s = self.sessions[peer]
+        if s.state != ESTABLISHED:
+            raise KeyError(peer)
+        if len(data) > s.conn.get_cleartext_mtu():
+            raise ValueError(f"message of {len(data)} bytes exceeds the DTLS record payload limit "
+                             f"{s.conn.get_cleartext_mtu()}")
+        out = Output()
+        s.last_seen = now
+        s.conn.write(data)
+        self._flush(s, out)
+        self._schedule(s, now)
+        return out
+
+    def close(self, peer: Peer, now: float, reason: str = "closed by server") -> Output:
+        """Send close_notify and forget the session."""
+        self._now = now
+        out = Output()
+        s = self.sessions.get(peer)
+        if s is None:
+            return out
+        try:
+            s.conn.shutdown()
+        except SSL.Error:
+            pass
+        self._flush(s, out)
+        self._end(s, out, reason)
+        return out
+
+    def next_deadline(self) -> float | None:
+        while self._heap:
+            when, _, peer = self._heap[0]
+            s = self.sessions.get(peer)
+            if s is not None and s.deadline == when:
+                return when
+            heapq.heappop(self._heap)            # stale entry
+        return None
+
+    def handle_timeouts(self, now: float) -> Output:
+        self._now = now
+        out = Output()
+        while self._heap and self._heap[0][0] <= now:
+            when, _, peer = heapq.heappop(self._heap)
+            s = self.sessions.get(peer)
+            if s is None or s.deadline != when:
+                continue
+            s.deadline = None
+            if s.state == HANDSHAKING:
+                if now >= s.hs_deadline:
+                    self.stats.failed += 1
+                    out.events.append(HandshakeFailed(peer, "handshake timeout"))
+                    self._end(s, out, "handshake timeout", emit=False)
+                    continue
+                try:
+                    s.conn.DTLSv1_handle_timeout()       # retransmits the last flight if due
+                except SSL.Error as exc:
+                    self._fail(s, out, _ssl_reason(exc))
+                    continue
+                self._flush(s, out)
+            elif s.state == ESTABLISHED and now >= s.last_seen + self.limits.idle_timeout:
+                out.extend(self.close(peer, now, "idle timeout"))
+                continue
+            self._schedule(s, now)
+        return out
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _schedule(self, s: _Session, now: float) -> None:
+        if s.state == HANDSHAKING:
+            when = s.hs_deadline
+            retransmit = s.conn.DTLSv1_get_timeout()
+            if retransmit is not None:
+                when = min(when, now + retransmit)
+        elif s.state == ESTABLISHED:
+            when = s.last_seen + self.limits.idle_timeout
+        else:
+            return
+        if s.deadline != when:
+            s.deadline = when
+            heapq.heappush(self._heap, (when, next(self._tiebreak), s.peer))
+
+    def _drive(self, s: _Session, out: Output) -> None:
+        if s.state == HANDSHAKING:
+            try:
+                s.conn.do_handshake()
+            except SSL.WantReadError:
+                self._flush(s, out)
+                self._schedule(s, self._now)
+                return
+            except SSL.Error as exc:
+                self._fail(s, out, s.failure or _ssl_reason(exc))
+                return
+            self._flush(s, out)
+            resumed = s.identity is None   # the verify callback does not run on resumption
+            if resumed:
+                try:
+                    leaf = s.conn.get_peer_certificate(as_cryptography=True)
+                    if leaf is None:
+                        raise ValueError("no peer certificate in the resumed session")
+                    s.identity = self.authenticator.authenticate(leaf, [])
+                except Exception as exc:
+                    out.extend(self.close(s.peer, self._now, "refused on resumption"))
+                    self.stats.failed += 1
+                    out.events.append(HandshakeFailed(s.peer, f"resumed session refused: {exc}"))
+                    return
+            s.state = ESTABLISHED
+            s.cipher = s.conn.get_cipher_name()
+            self._half_open -= 1
+            self.stats.handshakes += 1
+            self.stats.resumed += resumed
+            out.events.append(HandshakeComplete(s.peer, s.identity, resumed, s.cipher))
+        self._read_plaintext(s, out)
+        self._flush(s, out)
+        self._schedule(s, self._now)
+
+    def _fail(self, s: _Session, out: Output, reason: str) -> None:
+        self._flush(s, out)        # the alert OpenSSL queued
+        self.stats.failed += 1
+        out.events.append(HandshakeFailed(s.peer, reason))
+        self._end(s, out, reason, emit=False)
+
+    def _end(self, s: _Session, out: Output, reason: str, emit: bool = True) -> None:
+        if self.sessions.get(s.peer) is s:
+            del self.sessions[s.peer]
+        if s.state == HANDSHAKING:
+            self._half_open -= 1
+        elif s.state == ESTABLISHED and emit:
+            out.events.append(SessionClosed(s.peer, reason))
+        s.state = CLOSED
+        s.deadline = None
+        s.conn.set_app_data(None)
+
+    @staticmethod
+    def _drain(conn: SSL.Connection) -> bytes:
+        chunks = []
+        while True:
+            try:
+                chunk = conn.bio_read(65536)
+            except SSL.WantReadError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+class ClientEngine(_Engine):
+    """One DTLS client session to one server (the device side)."""
+
+    def __init__(self, context: SSL.Context, peer: Peer, *, mtu: int = 1280,
+                 handshake_timeout: float = 30.0, session: SSL.Session | None = None,
+                 server_check: Callable[[x509.Certificate, list[x509.Certificate]], Any] | None = None) -> None:
+        self.mtu = mtu
+        self.peer = peer
+        self.handshake_timeout = handshake_timeout
+        self._server_check = server_check
+        self.server_identity: Any = None
+        conn = SSL.Connection(context, None)
+        conn.set_connect_state()
+        conn.set_ciphertext_mtu(mtu)
+        if session is not None:
+            conn.set_session(session)
+        self._s = _Session(peer, conn, 0.0, 0.0)
+        conn.set_app_data(self._s)
+        self.closed_reason: str | None = None
+
+    @staticmethod
+    def verify_callback(conn: SSL.Connection, cert: Any, errno: int, depth: int, ok: int) -> bool:
+        """Install on the client Context: OpenSSL's chain check, then the engine's server check."""
+        s = conn.get_app_data()
+        if not ok:
+            if isinstance(s, _Session):
+                s.failure = f"server certificate refused: {_VERIFY_ERRORS.get(errno, f'X509 error {errno}')}"
+            return False
+        if not isinstance(s, _Session):
+            return False
+        s.chain.append(cert.to_cryptography())
+        engine = s.identity      # before the handshake completes, `identity` holds the engine
+        if depth == 0 and engine is not None and engine._server_check is not None:
+            try:
+                engine.server_identity = engine._server_check(s.chain[-1], list(reversed(s.chain[:-1])))
+            except Exception as exc:
+                s.failure = f"server certificate refused: {exc}"
+                return False
+        return True
+
+    @property
+    def established(self) -> bool:
+        return self._s.state == ESTABLISHED
+
+    @property
+    def state(self) -> str:
+        return self._s.state
+
+    @property
+    def cipher(self) -> str | None:
+        return self._s.cipher
+
+    @property
+    def session(self) -> SSL.Session | None:
+        """The TLS session, for resumption by a later ClientEngine."""
+        return self._s.conn.get_session()
+
+    def start(self, now: float) -> Output:
+        self._s.identity = self
+        self._s.started = now
+        self._s.hs_deadline = now + self.handshake_timeout
+        out = Output()
+        self._drive(out, now)
+        return out
+
+    def receive(self, datagram: bytes, now: float) -> Output:
+        out = Output()
+        if self._s.state == CLOSED:
+            return out
+        self._s.last_seen = now
+        try:
+            self._s.conn.bio_write(datagram)
+        except SSL.Error:
+            return out
+        self._drive(out, now)
+        return out
+
+    def send(self, data: bytes, now: float) -> Output:
+        s = self._s
+        if s.state != ESTABLISHED:
+            raise ConnectionError("DTLS session not established")
+        if len(data) > s.conn.get_cleartext_mtu():
+            raise ValueError(f"message of {len(data)} bytes exceeds the DTLS record payload limit")
+        out = Output()
+        s.conn.write(data)
+        self._flush(s, out)
+        return out
+
+    def close(self, now: float) -> Output:
+        out = Output()
+        if self._s.state == CLOSED:
+            return out
+        try:
+            self._s.conn.shutdown()
+        except SSL.Error:
+            pass
+        self._flush(self._s, out)
+        self._end(self._s, out, "closed by client")
+        return out
+
+    def next_deadline(self) -> float | None:
+        s = self._s
+        if s.state != HANDSHAKING:
+            return None
+        retransmit = s.conn.DTLSv1_get_timeout()
+        return s.hs_deadline if retransmit is None else min(s.hs_deadline, s.last_seen + retransmit)
+
+    def handle_timeouts(self, now: float) -> Output:
+        out = Output()
+        s = self._s
+        if s.state != HANDSHAKING:
+            return out
+        if now >= s.hs_deadline:
+            self._end(s, out, "handshake timeout", emit=False)
+            out.events.append(HandshakeFailed(self.peer, "handshake timeout"))
+            return out
+        try:
+            s.conn.DTLSv1_handle_timeout()
+        except SSL.Error as exc:
+            self._end(s, out, _ssl_reason(exc), emit=False)
+            out.events.append(HandshakeFailed(self.peer, _ssl_reason(exc)))
+            return out
+        s.last_seen = now
+        self._flush(s, out)
+        return out
+
+    def _drive(self, out: Output, now: float) -> None:
+        s = self._s
+        if s.state == HANDSHAKING:
+            try:
+                s.conn.do_handshake()
+            except SSL.WantReadError:
+                self._flush(s, out)
+                return
+            except SSL.Error as exc:
+                self._flush(s, out)
+                reason = s.failure or _ssl_reason(exc)
+                self._end(s, out, reason, emit=False)
+                out.events.append(HandshakeFailed(self.peer, reason))
+                return
+            self._flush(s, out)
+            s.state = ESTABLISHED
+            s.cipher = s.conn.get_cipher_name()
+            out.events.append(HandshakeComplete(self.peer, self.server_identity, bool(s.conn.get_session()
+                                                and not s.chain), s.cipher))
+        self._read_plaintext(s, out)
+        self._flush(s, out)
+
+    def _end(self, s: _Session, out: Output, reason: str, emit: bool = True) -> None:
+        if s.state == ESTABLISHED and emit:
+            out.events.append(SessionClosed(self.peer, reason))
+        s.state = CLOSED
+        self.closed_reason = reason

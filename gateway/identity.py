@@ -1,0 +1,74 @@
+"""Who is at the other end of a DTLS session: the gateway's authenticator for device certificates.
+
+A device authenticates with its factory identity (chain to the manufacturing CA) or its
+operational identity (chain to the operational CA). The chain is validated with
+`cryptography.x509.verification` (ca.validation.DeviceVerifier), then the registry says whether
+the certificate and the device are still good.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Callable
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ca.errors import ValidationFailed
+from ca.identity import IdentitySettings
+from ca.store import Registry
+from ca.validation import DeviceVerifier
+
+FACTORY = "factory"
+OPERATIONAL = "operational"
+
+
+@dataclass(frozen=True)
+class PeerIdentity:
+    """What `request.remote.authenticated_claims` yields for a device."""
+
+    serial: str
+    device_type: str
+    kind: str                 # "factory" (IDevID) or "operational" (LDevID)
+    fingerprint: str          # SHA-256 of the certificate, hex
+    certificate_serial: int
+    public_key: ec.EllipticCurvePublicKey
+
+    def as_dict(self) -> dict:
+        return {"serial": self.serial, "device_type": self.device_type, "kind": self.kind,
+                "fingerprint": self.fingerprint, "certificate_serial": format(self.certificate_serial, "x")}
+
+
+class DeviceAuthenticator:
+    """`engine.Authenticator` for devices: picks the anchor by the leaf's issuer."""
+
+    def __init__(self, manufacturing: x509.Certificate, operational: x509.Certificate,
+                 settings: IdentitySettings, registry: Registry, clock: Callable[[], datetime]) -> None:
+        self.clock = clock
+        self._verifiers = {
+            manufacturing.subject: (FACTORY, DeviceVerifier(manufacturing, FACTORY, settings, registry)),
+            operational.subject: (OPERATIONAL, DeviceVerifier(operational, OPERATIONAL, settings, registry)),
+        }
+
+    def authenticate(self, leaf: x509.Certificate, intermediates: list[x509.Certificate]) -> PeerIdentity:
+        try:
+            kind, verifier = self._verifiers[leaf.issuer]
+        except KeyError:
+            raise ValidationFailed("certificate not issued by the manufacturing or the operational CA") from None
+        ident = verifier.verify(leaf, intermediates, now=self.clock())
+        key = leaf.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise ValidationFailed("device key is not an EC key")
+        return PeerIdentity(ident.serial, ident.device_type, kind, ident.fingerprint, ident.certificate_serial, key)
+
+    def still_valid(self, identity: PeerIdentity) -> bool:
+        """Re-ask the registry (revocation) for a live session."""
+        _, verifier = next(v for v in self._verifiers.values() if v[0] == identity.kind)
+        try:
+            from ca.identity import DeviceIdentity
+            verifier.check_registry(DeviceIdentity(identity.serial, identity.device_type,
+                                                   identity.certificate_serial, identity.fingerprint))
+            return True
+        except Exception:
+            return False
