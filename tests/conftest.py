@@ -16,7 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.datadir import DataDir
 
-NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=timezone.utc)
+# One fixed instant per test run, passed to everything that takes a clock. It is the real time
+# at start-up because OpenSSL (DTLS handshakes, `openssl verify`) checks validity on its own clock.
+NOW = datetime.now(timezone.utc).replace(microsecond=0)
 BIN = Path(sys.executable).parent
 
 

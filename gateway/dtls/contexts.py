@@ -52,7 +52,7 @@ def server_context(cert: x509.Certificate, chain: Sequence[x509.Certificate], ke
     for anchor in trust_anchors:
         store.add_cert(crypto.X509.from_cryptography(anchor))
     for ca in client_cas:
-        ctx.add_client_ca(crypto.X509.from_cryptography(ca))
+        ctx.add_client_ca(ca)
     ctx.set_session_id(SESSION_ID_CONTEXT)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
     return ctx

@@ -472,6 +472,7 @@ class ClientEngine(_Engine):
                  server_check: Callable[[x509.Certificate, list[x509.Certificate]], Any] | None = None) -> None:
         self.mtu = mtu
         self.peer = peer
+        self.context = context
         self.handshake_timeout = handshake_timeout
         self._server_check = server_check
         self.server_identity: Any = None
@@ -483,6 +484,7 @@ class ClientEngine(_Engine):
         self._s = _Session(peer, conn, 0.0, 0.0)
         conn.set_app_data(self._s)
         self.closed_reason: str | None = None
+        self._deadline: float | None = None
 
     @staticmethod
     def verify_callback(conn: SSL.Connection, cert: Any, errno: int, depth: int, ok: int) -> bool:
@@ -565,11 +567,12 @@ class ClientEngine(_Engine):
         return out
 
     def next_deadline(self) -> float | None:
+        return self._deadline if self._s.state == HANDSHAKING else None
+
+    def _schedule(self, now: float) -> None:
         s = self._s
-        if s.state != HANDSHAKING:
-            return None
-        retransmit = s.conn.DTLSv1_get_timeout()
-        return s.hs_deadline if retransmit is None else min(s.hs_deadline, s.last_seen + retransmit)
+        retransmit = s.conn.DTLSv1_get_timeout() if s.state == HANDSHAKING else None
+        self._deadline = s.hs_deadline if retransmit is None else min(s.hs_deadline, now + retransmit)
 
     def handle_timeouts(self, now: float) -> Output:
         out = Output()
@@ -588,6 +591,7 @@ class ClientEngine(_Engine):
             return out
         s.last_seen = now
         self._flush(s, out)
+        self._schedule(now)
         return out
 
     def _drive(self, out: Output, now: float) -> None:
@@ -597,6 +601,7 @@ class ClientEngine(_Engine):
                 s.conn.do_handshake()
             except SSL.WantReadError:
                 self._flush(s, out)
+                self._schedule(now)
                 return
             except SSL.Error as exc:
                 self._flush(s, out)

@@ -1,0 +1,105 @@
+"""Building blocks for DTLS tests: contexts from a real data directory, a fake lossy network."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+
+from ca import keys
+from gateway.datadir import DataDir
+from gateway.dtls import contexts, engine as E
+from gateway.identity import DeviceAuthenticator
+
+from .conftest import NOW
+
+
+def server_engine(data: DataDir, registry, limits=E.ServerLimits(), clock=lambda: NOW, ciphers=None):
+    gw = data.issuer("gateway")
+    mfg, op = data.cert("manufacturing"), data.cert("operational")
+    ctx = contexts.server_context(gw.cert, [op], gw.key, [mfg, op], [mfg, op],
+                                  ciphers=ciphers or contexts.CIPHERS_CCM8_AND_GCM)
+    auth = DeviceAuthenticator(mfg, op, data.config.identity, registry, clock)
+    return E.ServerEngine(ctx, auth, limits)
+
+
+def client_context_for(cert: x509.Certificate, chain, key, root: x509.Certificate, ciphers=None):
+    return contexts.client_context(cert, chain, key, root, ciphers=ciphers or contexts.CIPHERS_CCM8_AND_GCM)
+
+
+def client_context_from_bundle(bundle: Path, ciphers=None):
+    chain = x509.load_pem_x509_certificates((bundle / "chain.pem").read_bytes())
+    root = x509.load_pem_x509_certificate((bundle / "ca.pem").read_bytes())
+    return client_context_for(chain[0], chain[1:], keys.load_plain_key(bundle / "key.pem"), root, ciphers)
+
+
+@dataclass
+class FakeNetwork:
+    """Carries datagrams between one client engine and a server engine, with faults.
+
+    loss: probability a datagram is dropped; dup: probability it is delivered twice; reorder:
+    deliver the in-flight queue in random order. Time is a fake monotonic clock for the engines'
+    own timers; OpenSSL's retransmission timer runs on real time, so `run` sleeps for real when
+    only a retransmission can make progress."""
+
+    server: E.ServerEngine
+    peer: tuple = ("10.0.0.1", 40000)
+    loss: float = 0.0
+    dup: float = 0.0
+    reorder: bool = False
+    seed: int = 1
+    now: float = 0.0
+    log: list = field(default_factory=list)      # (direction, size)
+    server_events: list = field(default_factory=list)
+    client_events: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.rng = random.Random(self.seed)
+        self.queue: list[tuple[str, bytes]] = []
+
+    def _enqueue(self, direction: str, out: E.Output):
+        for _, dg in out.datagrams:
+            self.log.append((direction, len(dg)))
+            if self.rng.random() < self.loss:
+                continue
+            self.queue.append((direction, dg))
+            if self.rng.random() < self.dup:
+                self.queue.append((direction, dg))
+
+    def from_client(self, out: E.Output):
+        self.client_events += out.events
+        self._enqueue("c2s", out)
+
+    def deliver_all(self, client: E.ClientEngine):
+        while self.queue:
+            if self.reorder:
+                self.rng.shuffle(self.queue)
+            direction, dg = self.queue.pop(0)
+            if direction == "c2s":
+                out = self.server.receive(self.peer, dg, self.now)
+                self.server_events += out.events
+                self._enqueue("s2c", out)
+            else:
+                out = client.receive(dg, self.now)
+                self.client_events += out.events
+                self._enqueue("c2s", out)
+
+    def run(self, client: E.ClientEngine, until, real_timeout: float = 20.0):
+        """Deliver, then fire timers (sleeping for OpenSSL's real-time retransmissions), until
+        `until()` holds or `real_timeout` seconds pass."""
+        self.from_client(client.start(self.now))
+        end = time.monotonic() + real_timeout
+        while time.monotonic() < end:
+            self.deliver_all(client)
+            if until():
+                return True
+            time.sleep(0.25)
+            self.now += 0.25
+            self.from_client(client.handle_timeouts(self.now))
+            out = self.server.handle_timeouts(self.now)
+            self.server_events += out.events
+            self._enqueue("s2c", out)
+        return until()
