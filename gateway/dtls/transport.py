@@ -268,10 +268,10 @@ class DTLSServerInterface(_DTLSInterface):
     async def shutdown(self) -> None:
         if self._revocation_task is not None:
             self._revocation_task.cancel()
+        self._mman = None          # aiocoap has already shut the message manager down
         now = self._loop.time()
         for peer in list(self.engine.sessions):
             self._process(self.engine.close(peer, now, "gateway shutting down"))
-        self._mman = None
         if self._timer is not None:
             self._timer.cancel()
         for ep in self.endpoints:
@@ -312,7 +312,7 @@ class DTLSClientInterface(_DTLSInterface):
             remote = self.remotes.get(peer)
             if remote is not None:
                 return remote
-        _, endpoint = await self._loop.create_datagram_endpoint(lambda: _Endpoint(self), remote_addr=sockaddr,
+        _, endpoint = await self._loop.create_datagram_endpoint(lambda: _Endpoint(self), remote_addr=peer,
                                                                 family=family)
         eng = E.ClientEngine(self.ssl_context, peer, mtu=self.mtu, handshake_timeout=self.handshake_timeout,
                              session=self.tls_sessions.get(peer), server_check=self.server_check)
@@ -400,14 +400,17 @@ class DTLSClientInterface(_DTLSInterface):
             self._drop(peer)
 
     async def shutdown(self) -> None:
+        self._mman = None          # aiocoap has already shut the message manager down
         await self.close_sessions()
-        self._mman = None
         if self._timer is not None:
             self._timer.cancel()
 
 
 class DTLSHandshakeError(error.NetworkError):
     """The DTLS handshake with the server failed (the reason is the message)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "DTLS handshake failed"
 
 
 async def server_context(site, engine: E.ServerEngine, binds: Iterable[tuple[str, int]], *,
