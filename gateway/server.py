@@ -96,16 +96,16 @@ class Gateway:
 
 
 async def serve(data: DataDir, config: GatewayConfig, ready=None) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     gateway = Gateway(data, config)
     await gateway.start()
     addrs = ", ".join(f"coaps://{'[' + h + ']' if ':' in h else h}:{p}" for h, p in gateway.addresses)
     print(f"devid gateway listening on {addrs}", flush=True)
     if ready is not None:
         ready(gateway)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     print("devid gateway: shutting down", flush=True)
     await gateway.stop()

@@ -1,0 +1,199 @@
+"""External peers against `devid serve` as a real process: openssl s_client, libcoap's
+coap-client-openssl and coap-client-gnutls. Plus the refusals, checked from both ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ca.keys import plain_key
+from ca.revocation import revoke_device
+from gateway.datadir import DataDir
+from gateway.provisioning import provision
+
+from .conftest import NOW, make_csr, register_device, tool
+
+COAP_GET_WKC = b"\x40\x01\x12\x34\xbb.well-known\x04core"      # CON GET /.well-known/core, MID 0x1234
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_identity(directory: Path, key, cert, chain, root_pem: bytes) -> Path:
+    directory.mkdir(parents=True)
+    (directory / "key.pem").write_bytes(plain_key(key))
+    os.chmod(directory / "key.pem", 0o600)
+    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "chain.pem").write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in [cert, *chain]))
+    (directory / "ca.pem").write_bytes(root_pem)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A data directory with good and bad identities, and a running `devid serve`."""
+    base = tmp_path_factory.mktemp("interop")
+    data = DataDir(base / "data")
+    data.init(NOW)
+    reg = data.open_registry()
+    ca = data.authority(reg)
+    root_pem = data.cert_pem("root")
+    provision(ca, count=4, device_type="temperature-sensor", out=base / "factory",
+              manufacturing_pem=data.cert_pem("manufacturing"), root_pem=root_pem, now=lambda: NOW)
+    ids = {f"dev{i}": base / "factory" / f"SN0000000{i}" for i in range(1, 4)}
+    revoke_device(reg, "SN00000004", "keyCompromise", NOW)
+    ids["revoked"] = base / "factory" / "SN00000004"
+    # an operational identity that expired
+    key = ec.generate_private_key(ec.SECP256R1())
+    register_device(ca, "OLD1")
+    old = ca.issue_operational(make_csr(key)[0], "OLD1", NOW - timedelta(days=120))
+    ids["expired"] = write_identity(base / "expired", key, old.cert, [data.cert("operational")], root_pem)
+    # a device of another manufacturer (another CA)
+    other = DataDir(base / "other")
+    other.init(NOW)
+    oreg = other.open_registry()
+    okey, oissued = register_device(other.authority(oreg), "SN00000001")
+    ids["foreign"] = write_identity(base / "foreign", okey, oissued.cert, [other.cert("manufacturing")], root_pem)
+    # the gateway's own server certificate presented as a client
+    gw = data.issuer("gateway")
+    ids["gateway"] = write_identity(base / "gateway", gw.key, gw.cert, [data.cert("operational")], root_pem)
+    reg.close()
+    oreg.close()
+
+    port = free_port()
+    log = base / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "DEVID_CA_PASSPHRASE"}
+    env["DEVID_DATA"] = str(data.path)
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
+                             "--listen", f"[::1]:{port}"], stdout=subprocess.PIPE, stderr=open(log, "wb"), env=env)
+    line = proc.stdout.readline().decode()
+    assert "listening on" in line, line + log.read_text()
+    yield {"port": port, "ids": ids, "log": log, "proc": proc, "data": data}
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+
+
+def log_events(world, since: int = 0) -> list[dict]:
+    events = []
+    for line in world["log"].read_text().splitlines()[since:]:
+        if " devid.dtls {" in line:
+            events.append(json.loads(line.split(" devid.dtls ", 1)[1]))
+    return events
+
+
+def wait_for_event(world, since: int, predicate, timeout: float = 10.0) -> dict:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for ev in log_events(world, since):
+            if predicate(ev):
+                return ev
+        time.sleep(0.05)
+    raise AssertionError(f"no matching event in the gateway log:\n{world['log'].read_text()[-3000:]}")
+
+
+def line_count(world) -> int:
+    return len(world["log"].read_text().splitlines())
+
+
+def s_client(world, ident: Path | None, *extra, stdin: bytes = COAP_GET_WKC, host="127.0.0.1", wait=2.5):
+    cmd = [tool("openssl"), "s_client", "-dtls1_2", "-connect", f"{host}:{world['port']}", "-ign_eof",
+           "-CAfile", str(world["ids"]["dev1"] / "ca.pem"), "-verify_return_error", *extra]
+    if ident is not None:
+        cmd += ["-cert", str(ident / "cert.pem"), "-key", str(ident / "key.pem"),
+                "-cert_chain", str(ident / "chain.pem")]
+    # -ign_eof keeps s_client alive after stdin ends, so the response can arrive; it is stopped
+    # after `wait` seconds unless the handshake failed and it left by itself
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(stdin, timeout=wait)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def test_openssl_s_client_mutual_auth_and_coap_get(world):
+    since = line_count(world)
+    proc = s_client(world, world["ids"]["dev1"])
+    out = proc.stdout
+    assert b"</.well-known/core>" in out and b"</whoami>" in out, proc.stderr.decode()[-2000:]
+    ev = wait_for_event(world, since, lambda e: e.get("result") == "ok")
+    assert ev["serial"] == "SN00000001" and ev["kind"] == "factory"
+
+
+def test_openssl_s_client_negotiates_the_rfc7925_ccm8_suite(world):
+    since = line_count(world)
+    proc = s_client(world, world["ids"]["dev2"], "-cipher", "ECDHE-ECDSA-AES128-CCM8:@SECLEVEL=0")
+    assert b"</whoami>" in proc.stdout, proc.stderr.decode()[-2000:]
+    ev = wait_for_event(world, since, lambda e: e.get("result") == "ok")
+    assert ev["cipher"] == "ECDHE-ECDSA-AES128-CCM8"
+
+
+@pytest.mark.parametrize("client", ["coap-client-openssl", "coap-client-gnutls"])
+@pytest.mark.parametrize("host", ["127.0.0.1", "[::1]"])
+def test_libcoap_clients_get_well_known_core(world, client, host):
+    ident = world["ids"]["dev3"]
+    since = line_count(world)
+    proc = subprocess.run([tool(client), "-m", "get", "-c", str(ident / "chain.pem"), "-j", str(ident / "key.pem"),
+                           "-R", str(ident / "ca.pem"), "-B", "10",
+                           f"coaps://{host}:{world['port']}/.well-known/core"], capture_output=True, timeout=30)
+    assert b"</whoami>" in proc.stdout, (proc.stdout + proc.stderr).decode()[-2000:]
+    ev = wait_for_event(world, since, lambda e: e.get("result") == "ok")
+    assert ev["serial"] == "SN00000003"
+
+
+@pytest.mark.parametrize("which,reason", [
+    ("revoked", "revoked"),
+    ("expired", "expired"),
+    ("foreign", "certificate refused"),
+    ("gateway", "certificate"),
+    (None, "no certificate"),
+])
+def test_refused_identities(world, which, reason):
+    since = line_count(world)
+    ident = world["ids"][which] if which else None
+    proc = s_client(world, ident)
+    assert b"</whoami>" not in proc.stdout
+    ev = wait_for_event(world, since, lambda e: e.get("result") == "refused")
+    if which is None:
+        assert "certificate" in ev["reason"].lower(), ev
+    else:
+        assert reason in ev["reason"], ev
+    # the client got an alert (OpenSSL reports it), not a silent timeout
+    assert b"alert" in proc.stderr.lower() or b"alert" in proc.stdout.lower(), proc.stderr.decode()[-1500:]
+
+
+def test_sigterm_shuts_down_cleanly(world):
+    proc = world["proc"]
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stdout.read().decode()
+    assert proc.wait(15) == 0
+    assert "shutting down" in rest and "stopped" in rest
+    assert "Traceback" not in world["log"].read_text()
+
+
+def test_sigint_shuts_down_cleanly(world, tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "DEVID_CA_PASSPHRASE"}
+    env["DEVID_DATA"] = str(world["data"].path)
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{port}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert "listening" in proc.stdout.readline().decode()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0 and b"stopped" in out and b"Traceback" not in err
