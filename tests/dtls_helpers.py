@@ -88,9 +88,12 @@ class FakeNetwork:
                 self._enqueue("c2s", out)
 
     def run(self, client: E.ClientEngine, until, real_timeout: float = 20.0):
-        """Deliver, then fire timers (sleeping for OpenSSL's real-time retransmissions), until
-        `until()` holds or `real_timeout` seconds pass."""
+        """Start the client, deliver, then fire timers (sleeping for OpenSSL's real-time
+        retransmissions), until `until()` holds or `real_timeout` seconds pass."""
         self.from_client(client.start(self.now))
+        return self.run_existing(client, until, real_timeout)
+
+    def run_existing(self, client: E.ClientEngine, until, real_timeout: float = 20.0):
         end = time.monotonic() + real_timeout
         while time.monotonic() < end:
             self.deliver_all(client)

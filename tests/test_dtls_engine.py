@@ -236,3 +236,91 @@ def test_refused_without_client_certificate(data, registry):
     net.run(client, lambda: any(isinstance(e, E.HandshakeFailed) for e in net.server_events), real_timeout=5)
     assert [e for e in net.server_events if isinstance(e, E.HandshakeFailed)]
     assert not client.established and srv.sessions == {}
+
+
+# -- the record layer that replaces OpenSSL once the handshake is done ------------------------------
+
+from gateway.dtls.recordlayer import RecordLayer  # noqa: E402
+
+
+@pytest.mark.parametrize("suite", ["ECDHE-ECDSA-AES128-CCM8", "ECDHE-ECDSA-AES128-GCM-SHA256"])
+def test_record_layer_interoperates_with_openssl(data, registry, device, suite):
+    """After the handshake the server's OpenSSL object is gone; the OpenSSL client still reads
+    what we seal and we read what it seals, in both suites."""
+    srv = server_engine(data, registry)
+    net = FakeNetwork(srv)
+    key, cert = device
+    ctx = client_context_for(cert, [data.cert("manufacturing")], key, data.cert("root"), ciphers=suite.encode()
+                             + (b":@SECLEVEL=0" if "CCM8" in suite else b""))
+    client = E.ClientEngine(ctx, ("gw", 5684))
+    assert net.run(client, established(net, client), real_timeout=5)
+    s = srv.sessions[net.peer]
+    assert s.conn is None and s.rl is not None and client.cipher == suite
+    for i in range(20):
+        net.from_client(client.send(b"up %d" % i, net.now))
+        net._enqueue("s2c", srv.send(net.peer, b"down %d" % i, net.now))
+    net.deliver_all(client)
+    assert [e.data for e in net.server_events if isinstance(e, E.ApplicationData)] == [b"up %d" % i for i in range(20)]
+    assert [e.data for e in net.client_events if isinstance(e, E.ApplicationData)] == [b"down %d" % i for i in range(20)]
+
+
+def test_record_layer_drops_tampered_replayed_and_foreign_records(data, registry, device):
+    srv = server_engine(data, registry)
+    net = FakeNetwork(srv)
+    client = client_for(data, device)
+    assert net.run(client, established(net, client), real_timeout=5)
+    record = client.send(b"genuine", net.now).datagrams[0][1]
+    tampered = record[:-1] + bytes([record[-1] ^ 1])
+    wrong_epoch = record[:3] + b"\x00\x02" + record[5:]
+    for dg in (tampered, wrong_epoch, record, record):
+        net.server_events += srv.receive(net.peer, dg, net.now).events
+    assert [e.data for e in net.server_events if isinstance(e, E.ApplicationData)] == [b"genuine"]
+
+
+def test_replay_window():
+    rl = RecordLayer("ECDHE-ECDSA-AES128-GCM-SHA256", b"m" * 48, b"c" * 32, b"s" * 32, server=True)
+    for seq in (0, 1, 5, 3, 100):
+        assert not rl.seen(seq)
+        rl.mark(seq)
+        assert rl.seen(seq)
+    assert not rl.seen(99) and not rl.seen(64) and rl.seen(36) and rl.seen(5)   # 36 is outside the window
+    rl.mark(99)
+    assert rl.seen(99) and not rl.seen(98)
+
+
+def test_seal_open_roundtrip_between_two_record_layers():
+    args = (b"k" * 48, b"c" * 32, b"s" * 32)
+    server = RecordLayer("ECDHE-ECDSA-AES128-CCM8", *args, server=True, write_seq=7)
+    client = RecordLayer("ECDHE-ECDSA-AES128-CCM8", *args, server=False)
+    record = server.seal(23, b"payload")
+    assert record[5:11] == (7).to_bytes(6, "big") and len(record) == 13 + 8 + 7 + 8
+    assert client.open(record) == (23, b"payload")
+    assert client.open(record) is None                 # replay
+    assert server.open(client.seal(23, b"x")) == (23, b"x")
+
+
+def test_lost_final_flight_is_resent_after_takeover(data, registry, device):
+    """The server's last handshake flight is lost: the client retransmits its own, and the server,
+    whose OpenSSL object is already gone, answers with the stored flight."""
+    srv = server_engine(data, registry)
+    net = FakeNetwork(srv)
+    client = client_for(data, device)
+    net.from_client(client.start(net.now))
+    dropped = []
+    while net.queue:
+        direction, dg = net.queue.pop(0)
+        if direction == "c2s":
+            out = srv.receive(net.peer, dg, net.now)
+            net.server_events += out.events
+            if any(isinstance(e, E.HandshakeComplete) for e in out.events):
+                dropped = [d for _, d in out.datagrams]      # the final flight never arrives
+                continue
+            net._enqueue("s2c", out)
+        else:
+            net.from_client(client.receive(dg, net.now))
+    assert dropped and not client.established and srv.sessions[net.peer].conn is None
+    assert net.run_existing(client, lambda: client.established, real_timeout=10)
+    net.from_client(client.send(b"after", net.now))
+    net.deliver_all(client)
+    assert E.ApplicationData(net.peer, b"after") in net.server_events
+    assert srv.sessions[net.peer].last_flight is None

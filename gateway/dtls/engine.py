@@ -34,8 +34,10 @@ from cryptography import x509
 from OpenSSL import SSL
 
 from . import records
+from .recordlayer import RecordLayer
 
 Peer = Hashable          # e.g. ("127.0.0.1", 40000) for UDP
+CLOSE_NOTIFY = b"\x01\x00"   # alert level warning, description close_notify
 
 HANDSHAKING = "handshaking"
 ESTABLISHED = "established"
@@ -120,7 +122,7 @@ class EngineStats:
 
 class _Session:
     __slots__ = ("peer", "conn", "state", "identity", "chain", "failure", "started", "last_seen",
-                 "hs_deadline", "deadline", "cipher")
+                 "hs_deadline", "deadline", "cipher", "rl", "wseq", "rseqs", "last_flight", "resend_at")
 
     def __init__(self, peer: Peer, conn: SSL.Connection, now: float, hs_deadline: float) -> None:
         self.peer = peer
@@ -134,6 +136,12 @@ class _Session:
         self.hs_deadline = hs_deadline
         self.deadline: float | None = None
         self.cipher: str | None = None
+        # after the handshake: our own record layer replaces the OpenSSL object (recordlayer.py)
+        self.rl: RecordLayer | None = None
+        self.wseq = -1                       # highest epoch-1 sequence number OpenSSL sent
+        self.rseqs: list[int] = []           # epoch-1 sequence numbers fed to OpenSSL
+        self.last_flight: list[bytes] | None = None   # our final handshake flight, for retransmission
+        self.resend_at = 0.0
 
 
 class _Probe:
@@ -274,6 +282,13 @@ class ServerEngine(_Engine):
         s = self.sessions.get(peer)
         if s is not None and not (s.state == ESTABLISHED and records.is_client_hello(datagram)):
             s.last_seen = now
+            if s.rl is not None:
+                self._receive_records(s, datagram, out)
+                self._schedule(s, now)
+                return out
+            if s.state == HANDSHAKING:
+                s.rseqs.extend(int.from_bytes(r[5:11], "big") for r in records.split_records(datagram)
+                               if r[3:5] == b"\x00\x01")
             try:
                 s.conn.bio_write(datagram)
             except SSL.Error:
@@ -322,13 +337,16 @@ class ServerEngine(_Engine):
         s = self.sessions[peer]
         if s.state != ESTABLISHED:
             raise KeyError(peer)
-        if len(data) > s.conn.get_cleartext_mtu():
-            raise ValueError(f"message of {len(data)} bytes exceeds the DTLS record payload limit "
-                             f"{s.conn.get_cleartext_mtu()}")
+        limit = self.mtu - s.rl.overhead() if s.rl is not None else s.conn.get_cleartext_mtu()
+        if len(data) > limit:
+            raise ValueError(f"message of {len(data)} bytes exceeds the DTLS record payload limit {limit}")
         out = Output()
         s.last_seen = now
-        s.conn.write(data)
-        self._flush(s, out)
+        if s.rl is not None:
+            out.datagrams.append((peer, s.rl.seal(records.CT_APPLICATION_DATA, data)))
+        else:
+            s.conn.write(data)
+            self._flush(s, out)
         self._schedule(s, now)
         return out
 
@@ -339,11 +357,15 @@ class ServerEngine(_Engine):
         s = self.sessions.get(peer)
         if s is None:
             return out
-        try:
-            s.conn.shutdown()
-        except SSL.Error:
-            pass
-        self._flush(s, out)
+        if s.rl is not None:
+            if s.state == ESTABLISHED:
+                out.datagrams.append((peer, s.rl.seal(records.CT_ALERT, CLOSE_NOTIFY)))
+        else:
+            try:
+                s.conn.shutdown()
+            except SSL.Error:
+                pass
+            self._flush(s, out)
         self._end(s, out, reason)
         return out
 
@@ -400,6 +422,7 @@ class ServerEngine(_Engine):
             heapq.heappush(self._heap, (when, next(self._tiebreak), s.peer))
 
     def _drive(self, s: _Session, out: Output) -> None:
+        first = len(out.datagrams)
         if s.state == HANDSHAKING:
             try:
                 s.conn.do_handshake()
@@ -425,13 +448,75 @@ class ServerEngine(_Engine):
                     return
             s.state = ESTABLISHED
             s.cipher = s.conn.get_cipher_name()
+            s.chain = []                       # only needed during the handshake
             self._half_open -= 1
             self.stats.handshakes += 1
             self.stats.resumed += resumed
             out.events.append(HandshakeComplete(s.peer, s.identity, resumed, s.cipher))
+            self._read_plaintext(s, out)
+            self._flush(s, out)
+            if s.state == ESTABLISHED:
+                self._take_over(s, [dg for p, dg in out.datagrams[first:] if p == s.peer])
+            self._schedule(s, self._now)
+            return
         self._read_plaintext(s, out)
         self._flush(s, out)
         self._schedule(s, self._now)
+
+    def _flush(self, s: _Session, out: Output) -> None:
+        first = len(out.datagrams)
+        super()._flush(s, out)
+        if s.state == HANDSHAKING:     # follow OpenSSL's epoch-1 write sequence numbers
+            for _, dg in out.datagrams[first:]:
+                for r in records.split_records(dg):
+                    if r[3:5] == b"\x00\x01":
+                        s.wseq = max(s.wseq, int.from_bytes(r[5:11], "big"))
+
+    def _take_over(self, s: _Session, final_flight: list[bytes]) -> None:
+        """Replace the OpenSSL object of an established session by our record layer."""
+        if not RecordLayer.supports(s.cipher) or s.wseq < 0:
+            return
+        conn = s.conn
+        rl = RecordLayer(s.cipher, conn.master_key(), conn.client_random(), conn.server_random(), server=True,
+                         write_seq=s.wseq + 1)
+        for seq in s.rseqs:
+            rl.mark(seq)
+        s.rl = rl
+        s.rseqs = []
+        s.last_flight = final_flight or None
+        conn.set_app_data(None)
+        s.conn = None
+
+    def _receive_records(self, s: _Session, datagram: bytes, out: Output) -> None:
+        rl = s.rl
+        for rec in records.split_records(datagram):
+            if rec[3:5] != b"\x00\x01":
+                # epoch 0 after the handshake: the peer is retransmitting its last flight because
+                # ours was lost; send ours again (at most once a second)
+                if rec[0] in (records.CT_HANDSHAKE, records.CT_CHANGE_CIPHER_SPEC):
+                    self._resend_final_flight(s, out)
+                continue
+            opened = rl.open(rec)
+            if opened is None:
+                continue
+            ctype, plaintext = opened
+            if ctype == records.CT_APPLICATION_DATA:
+                s.last_flight = None          # the peer has our Finished
+                out.events.append(ApplicationData(s.peer, plaintext))
+            elif ctype == records.CT_ALERT:
+                if plaintext == CLOSE_NOTIFY:
+                    out.datagrams.append((s.peer, rl.seal(records.CT_ALERT, CLOSE_NOTIFY)))
+                    self._end(s, out, "closed by peer")
+                else:
+                    self._end(s, out, f"alert from peer: {plaintext.hex()}")
+                return
+            elif ctype == records.CT_HANDSHAKE:
+                self._resend_final_flight(s, out)     # a retransmitted Finished
+
+    def _resend_final_flight(self, s: _Session, out: Output) -> None:
+        if s.last_flight and self._now >= s.resend_at:
+            s.resend_at = self._now + 1.0
+            out.datagrams.extend((s.peer, dg) for dg in s.last_flight)
 
     def _fail(self, s: _Session, out: Output, reason: str) -> None:
         self._flush(s, out)        # the alert OpenSSL queued
@@ -448,7 +533,8 @@ class ServerEngine(_Engine):
             out.events.append(SessionClosed(s.peer, reason))
         s.state = CLOSED
         s.deadline = None
-        s.conn.set_app_data(None)
+        if s.conn is not None:
+            s.conn.set_app_data(None)
 
     @staticmethod
     def _drain(conn: SSL.Connection) -> bytes:
