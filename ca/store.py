@@ -53,6 +53,20 @@ class CertificateRecord:
     revocation_reason: str | None = None
 
 
+@dataclass(frozen=True)
+class CertificateLookup:
+    """The registry's current word on one certificate and its device: the hot-path view used on
+    every DTLS handshake (one query, no timestamps)."""
+
+    der: bytes
+    profile: str
+    status: CertStatus
+    fingerprint: str
+    device_serial: str | None
+    device_type: str | None
+    device_state: DeviceState | None
+
+
 class Registry(Protocol):
     """Storage of devices and issued certificates, one transaction per call."""
 
@@ -75,6 +89,9 @@ class Registry(Protocol):
         """
 
     def get_certificate(self, serial: int) -> CertificateRecord | None: ...
+
+    def lookup_certificate(self, serial: int) -> CertificateLookup | None:
+        """The certificate with its device's type and state, in one read."""
 
     def certificates_for_device(self, device_serial: str) -> list[CertificateRecord]: ...
 

@@ -15,8 +15,8 @@ from typing import Callable
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ca.errors import ValidationFailed
-from ca.identity import IdentitySettings
+from ca.errors import CAError, ValidationFailed
+from ca.identity import DeviceIdentity, IdentitySettings
 from ca.store import Registry
 from ca.validation import DeviceVerifier
 
@@ -66,9 +66,8 @@ class DeviceAuthenticator:
         """Re-ask the registry (revocation) for a live session."""
         _, verifier = next(v for v in self._verifiers.values() if v[0] == identity.kind)
         try:
-            from ca.identity import DeviceIdentity
             verifier.check_registry(DeviceIdentity(identity.serial, identity.device_type,
                                                    identity.certificate_serial, identity.fingerprint))
             return True
-        except Exception:
+        except CAError:
             return False

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from ca.errors import DeviceRevoked, DuplicateDevice, SerialCollision
-from ca.store import CertificateRecord, CertStatus, DeviceRecord, DeviceState
+from ca.store import CertificateLookup, CertificateRecord, CertStatus, DeviceRecord, DeviceState
 
 SCHEMA_VERSION = 1
 
@@ -69,7 +69,7 @@ def _ts(t: datetime | None) -> str | None:
 def _dt(s: str | None) -> datetime | None:
     if s is None:
         return None
-    return datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    return datetime.fromisoformat(s)       # 'YYYY-MM-DDTHH:MM:SSZ'; strptime is 10x slower
 
 
 def _hex(serial: int) -> str:
@@ -231,6 +231,17 @@ class SQLiteRegistry:
             row = self._db.execute(f"SELECT {_CERT_COLS} FROM certificates WHERE serial = ?",
                                    (_hex(serial),)).fetchone()
         return _cert(row) if row else None
+
+    def lookup_certificate(self, serial: int) -> CertificateLookup | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT c.der, c.profile, c.status, c.fingerprint, c.device_serial, d.device_type, d.state "
+                "FROM certificates c LEFT JOIN devices d ON d.serial = c.device_serial WHERE c.serial = ?",
+                (_hex(serial),)).fetchone()
+        if row is None:
+            return None
+        return CertificateLookup(bytes(row[0]), row[1], CertStatus(row[2]), row[3], row[4], row[5],
+                                 DeviceState(row[6]) if row[6] else None)
 
     def certificates_for_device(self, device_serial: str) -> list[CertificateRecord]:
         with self._lock:

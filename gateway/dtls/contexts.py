@@ -34,12 +34,13 @@ def _base(method: int, ciphers: bytes) -> SSL.Context:
 
 def server_context(cert: x509.Certificate, chain: Sequence[x509.Certificate], key: ec.EllipticCurvePrivateKey,
                    trust_anchors: Iterable[x509.Certificate], client_cas: Iterable[x509.Certificate],
-                   ciphers: bytes = CIPHERS_CCM8_AND_GCM) -> SSL.Context:
+                   ciphers: bytes = CIPHERS_CCM8_AND_GCM, cookie_exchange: bool = True) -> SSL.Context:
     """`trust_anchors`: the CAs client chains must lead to (the manufacturing CA for factory
     identities, the operational CA for operational ones); `client_cas`: the CA names advertised
     to clients."""
     ctx = _base(SSL.DTLS_SERVER_METHOD, ciphers)
-    ctx.set_options(SSL.OP_COOKIE_EXCHANGE)
+    if cookie_exchange:
+        ctx.set_options(SSL.OP_COOKIE_EXCHANGE)
     ctx.use_certificate(cert)
     for extra in chain:
         ctx.add_extra_chain_cert(extra)

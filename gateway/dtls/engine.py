@@ -246,8 +246,11 @@ class ServerEngine(_Engine):
         return self._cookie(self._secrets[0], conn.get_app_data().peer)
 
     def _cookie_verify(self, conn: SSL.Connection, cookie: bytes) -> bool:
-        peer = conn.get_app_data().peer
-        return any(hmac.compare_digest(cookie, self._cookie(secret, peer)) for secret in self._secrets)
+        return self._cookie_ok(cookie, conn.get_app_data().peer)
+
+    def _cookie_ok(self, cookie: bytes, peer: Peer) -> bool:
+        return bool(cookie) and any(hmac.compare_digest(cookie, self._cookie(secret, peer))
+                                    for secret in self._secrets)
 
     # -- certificate verification (inside the handshake) ----------------------------------------
 
@@ -299,15 +302,25 @@ class ServerEngine(_Engine):
             self.stats.dropped += 1
             return out
         self._rotate()
+        hello = records.parse_client_hello(datagram)
+        if hello is not None and not self._cookie_ok(hello[2], peer):
+            # the common case of a first ClientHello, answered without touching OpenSSL
+            reply = records.hello_verify_request(hello[0], hello[1], self._cookie(self._secrets[0], peer))
+            if len(reply) <= len(datagram):     # never amplify
+                out.datagrams.append((peer, reply))
+                self.stats.cookies_sent += 1
+            else:
+                self.stats.cookies_refused += 1
+            return out
         conn = SSL.Connection(self.ctx, None)
         conn.set_app_data(_Probe(peer))
         conn.set_accept_state()
         try:
             conn.bio_write(datagram)
-            conn.DTLSv1_listen()
+            conn.DTLSv1_listen()          # checks the cookie again (callback), or answers odd hellos
         except SSL.WantReadError:
             reply = self._drain(conn)
-            if reply and len(reply) <= len(datagram):     # never amplify
+            if reply and len(reply) <= len(datagram):
                 out.datagrams.append((peer, reply))
                 self.stats.cookies_sent += 1
             else:

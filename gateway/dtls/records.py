@@ -54,3 +54,40 @@ def is_client_hello(datagram: bytes) -> bool:
 
 def content_types(datagram: bytes) -> list[int]:
     return [r[0] for r in split_records(datagram)]
+
+
+HS_HELLO_VERIFY_REQUEST = 3
+DTLS10 = b"\xfe\xff"
+
+
+def parse_client_hello(datagram: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """(record sequence number, message_seq, cookie) of an unfragmented epoch-0 ClientHello that
+    starts the datagram, or None when it is anything else (fragmented, truncated, malformed)."""
+    if not is_client_hello(datagram) or len(datagram) < HEADER + 12:
+        return None
+    record_end = HEADER + int.from_bytes(datagram[11:13], "big")
+    hs = datagram[HEADER:record_end]
+    length = int.from_bytes(hs[1:4], "big")
+    if hs[6:9] != b"\x00\x00\x00" or int.from_bytes(hs[9:12], "big") != length or len(hs) < 12 + length:
+        return None
+    body = hs[12:12 + length]
+    pos = 2 + 32                                        # client_version, random
+    if len(body) < pos + 1:
+        return None
+    pos += 1 + body[pos]                                # session_id
+    if len(body) < pos + 1:
+        return None
+    cookie_len = body[pos]
+    cookie = body[pos + 1:pos + 1 + cookie_len]
+    if len(cookie) != cookie_len:
+        return None
+    return datagram[5:11], hs[4:6], cookie
+
+
+def hello_verify_request(record_seq: bytes, message_seq: bytes, cookie: bytes) -> bytes:
+    """A HelloVerifyRequest record (RFC 6347 4.2.1): same record sequence number as the
+    ClientHello, server_version DTLS 1.0 as the RFC recommends, the cookie."""
+    body = DTLS10 + bytes([len(cookie)]) + cookie
+    n = len(body).to_bytes(3, "big")
+    hs = bytes([HS_HELLO_VERIFY_REQUEST]) + n + message_seq + b"\x00\x00\x00" + n + body
+    return bytes([CT_HANDSHAKE]) + DTLS10 + b"\x00\x00" + record_seq + len(hs).to_bytes(2, "big") + hs
