@@ -43,11 +43,19 @@ def test_sigkill_during_provisioning_then_rerun(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "DEVID_CA_PASSPHRASE"}
     env["DEVID_DATA"] = str(data_dir)
     kills = 0
-    for delay in (0.9, 1.3, 1.7):
+    for extra_delay in (0.0, 0.15, 0.4):
+        before = {p.name for p in out.iterdir()} if out.exists() else set()
         proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "provision", "--count", "20000",
                                  "--device-type", "t", "--out", str(out), "--quiet"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
+        # kill once the run is under way (its first bundles exist), at a different point each time,
+        # however slow the machine is
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.exists() and len({p.name for p in out.iterdir()} - before) > 0:
+                break
+            time.sleep(0.01)
+        time.sleep(extra_delay)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
