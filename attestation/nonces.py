@@ -106,10 +106,13 @@ class MemoryNonceStore:
 
     def __init__(self) -> None:
         self._nonces: dict[bytes, tuple[NonceRecord, bool]] = {}
+        self._purged: datetime | None = None
 
     def put_nonce(self, record: NonceRecord, *, purge_before: datetime) -> bool:
-        for k in [k for k, (r, _) in self._nonces.items() if r.expires_at < purge_before]:
-            del self._nonces[k]
+        if self._purged is None or purge_before > self._purged:
+            self._purged = purge_before
+            for k in [k for k, (r, _) in self._nonces.items() if r.expires_at < purge_before]:
+                del self._nonces[k]
         if record.value in self._nonces:
             return False
         self._nonces[record.value] = (record, False)

@@ -73,9 +73,17 @@ class DeviceTypePolicy:
     minimum_firmware_version: str | None = None
     firmware: tuple[ReferenceValue, ...] = ()
     _by_digest: dict = field(default_factory=dict, compare=False, repr=False)
+    _below_minimum: set = field(default_factory=set, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self._by_digest.update({rv.key: rv for rv in self.firmware})
+        if self.minimum_firmware_version is not None:
+            minimum = parse_version(self.minimum_firmware_version)
+            self._below_minimum.update(rv.key for rv in self.firmware if parse_version(rv.version) < minimum)
+
+    def below_minimum(self, ref: ReferenceValue) -> bool:
+        """The reference value's version is below the minimum firmware version (precomputed)."""
+        return ref.key in self._below_minimum
 
     def reference(self, fw_key: str) -> ReferenceValue | None:
         return self._by_digest.get(fw_key)

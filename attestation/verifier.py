@@ -26,7 +26,7 @@ from .errors import EvidenceError, NonceError
 from .evidence import (DBG_DISABLED, DBG_ENABLED, MAX_EVIDENCE_SIZE, DBGSTAT_NAMES, Evidence, decode_claims,
                        parse_sign1)
 from .nonces import NonceService
-from .policy import DeviceTypePolicy, Policy, ReferenceValue, Tier, parse_version
+from .policy import DeviceTypePolicy, Policy, ReferenceValue, Tier
 
 # Reasons that describe the device's state (as opposed to a malformed, forged or stale message);
 # only these may trigger automatic revocation when the policy asks for it.
@@ -146,8 +146,7 @@ class Verifier:
             reasons.append(Reason("firmware-claims-mismatch", Tier.CONTRAINDICATED,
                                   f"evidence claims {ev.swname} {ev.swversion} but the digest is "
                                   f"{ref.name} {ref.version}"))
-        if tp.minimum_firmware_version is not None and \
-                parse_version(ref.version) < parse_version(tp.minimum_firmware_version):
+        if tp.below_minimum(ref):
             reasons.append(Reason("firmware-below-minimum", Tier.CONTRAINDICATED,
                                   f"firmware {ref.name} {ref.version} is below the minimum "
                                   f"{tp.minimum_firmware_version}"))
