@@ -18,8 +18,9 @@ from ca.revocation import REASONS, build_crl, revoke_device
 from ca.store import DeviceState
 from ca.validation import DeviceVerifier
 from ca.identity import check_serial
+from attestation.errors import AttestationError
 
-from . import output
+from . import attest_cli, output
 from .datadir import ENV_DATA, DataDir, resolve_data_dir
 from .provisioning import DEFAULT_PREFIX, provision
 from .registry import RegistryError
@@ -349,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the main job on the embedded default: init if needed, provision, issue, list")
     s.add_argument("--count", type=int, default=5, metavar="N", help="devices to provision (default: 5)")
     s.set_defaults(func=cmd_demo)
+
+    attest_cli.add_commands(sub, common)
     return p
 
 
@@ -359,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         args.data = None
     try:
         return args.func(args)
-    except (CAError, CLIError, RegistryError) as exc:
+    except (CAError, CLIError, RegistryError, AttestationError) as exc:
         print(f"devid: error: {exc}", file=sys.stderr)
         return 1
     except sqlite3.Error as exc:

@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Sequence
 from ca.errors import DeviceRevoked, DuplicateDevice, SerialCollision
 from ca.store import CertificateLookup, CertificateRecord, CertStatus, DeviceRecord, DeviceState
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _MIGRATIONS = {
     1: """
@@ -52,6 +52,41 @@ _MIGRATIONS = {
     CREATE INDEX certificates_revoked ON certificates (issuer) WHERE status = 'revoked';
     CREATE TABLE crl_numbers (issuer TEXT PRIMARY KEY, number INTEGER NOT NULL);
     CREATE TABLE serial_sequences (prefix TEXT PRIMARY KEY, next INTEGER NOT NULL);
+    """,
+    # attestation: single-use nonces and the hash-chained attestation log (gateway/attestation_store.py)
+    2: """
+    CREATE TABLE attestation_nonces (
+        nonce             BLOB PRIMARY KEY,
+        device_serial     TEXT NOT NULL,
+        cert_fingerprint  TEXT NOT NULL,
+        session           BLOB,
+        issued_at         TEXT NOT NULL,
+        expires_at        TEXT NOT NULL,
+        consumed_at       TEXT
+    );
+    CREATE INDEX attestation_nonces_expiry ON attestation_nonces (expires_at);
+    CREATE TABLE attestation_log (
+        seq               INTEGER PRIMARY KEY,
+        time              TEXT NOT NULL,
+        device_serial     TEXT NOT NULL,
+        device_type       TEXT NOT NULL,
+        cert_fingerprint  TEXT NOT NULL,
+        tier              TEXT NOT NULL,
+        acceptable        INTEGER NOT NULL,
+        revoke            INTEGER NOT NULL,
+        reasons           TEXT NOT NULL,
+        claims            TEXT,
+        evidence          BLOB NOT NULL,
+        prev_hash         BLOB NOT NULL,
+        hash              BLOB NOT NULL
+    );
+    CREATE INDEX attestation_log_device ON attestation_log (device_serial, seq);
+    CREATE INDEX attestation_log_time ON attestation_log (time);
+    CREATE TABLE attestation_verdict_uses (
+        seq               INTEGER PRIMARY KEY,
+        used_at           TEXT NOT NULL,
+        purpose           TEXT NOT NULL
+    );
     """,
 }
 
@@ -148,6 +183,12 @@ class SQLiteRegistry:
                     if statement.strip():
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version = {v}")
+
+    @contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection, for reads outside a write transaction."""
+        with self._lock:
+            yield self._db
 
     @property
     def schema_version(self) -> int:

@@ -1,0 +1,1 @@
+"""Device attestation: EAT evidence, nonces, policy, verifier, log. No network I/O."""

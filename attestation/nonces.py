@@ -1,0 +1,144 @@
+"""Attestation nonces: random, single-use, bound to the device they were issued to, short-lived.
+
+The gateway issues a nonce to an authenticated device (`issue`), the device puts it in its
+evidence as eat_nonce, and the verifier consumes it (`consume`) exactly once. Consumption is a
+compare-and-swap in the store ("mark used where unused, unexpired and issued to this device"),
+so two gateway processes sharing a database can never both accept the same nonce.
+
+Clock and randomness are passed in; storage is any `NonceStore`.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Callable, Protocol
+
+from .errors import NonceExpired, NonceReplayed, NonceUnknown, NonceWrongDevice
+
+DEFAULT_LIFETIME = timedelta(seconds=60)
+DEFAULT_SIZE = 16          # bytes; RFC 9711 allows 8 to 64, we never issue fewer than 16
+MIN_SIZE, MAX_SIZE = 16, 64
+# consumed and expired nonces are kept this long after expiry, so that a late replay is still
+# reported as a replay (or expiry) rather than as an unknown nonce
+DEFAULT_RETENTION = timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class NonceRecord:
+    value: bytes
+    device_serial: str
+    cert_fingerprint: str           # SHA-256 of the certificate the device authenticated with
+    issued_at: datetime
+    expires_at: datetime
+    session: bytes | None = None    # e.g. the DTLS session or connection id; None: not bound
+
+
+class ConsumeResult(str, enum.Enum):
+    OK = "ok"
+    UNKNOWN = "unknown"
+    REPLAYED = "replayed"
+    EXPIRED = "expired"
+    WRONG_DEVICE = "wrong-device"
+    WRONG_SESSION = "wrong-session"
+
+
+class NonceStore(Protocol):
+    def put_nonce(self, record: NonceRecord, *, purge_before: datetime) -> bool:
+        """Store a new nonce; False if the value already exists. Nonces that expired before
+        `purge_before` may be deleted in the same transaction."""
+
+    def consume_nonce(self, value: bytes, device_serial: str, cert_fingerprint: str, session: bytes | None,
+                      now: datetime) -> ConsumeResult:
+        """Atomically mark the nonce used if it exists, is unused, unexpired at `now` and was
+        issued to this device, certificate (and session, if it was bound to one). Otherwise
+        leave it untouched and say why. Exactly one concurrent caller can get OK."""
+
+
+class NonceService:
+    def __init__(self, store: NonceStore, *, clock: Callable[[], datetime],
+                 rand_bytes: Callable[[int], bytes] = os.urandom, lifetime: timedelta = DEFAULT_LIFETIME,
+                 size: int = DEFAULT_SIZE, retention: timedelta = DEFAULT_RETENTION) -> None:
+        if not MIN_SIZE <= size <= MAX_SIZE:
+            raise ValueError(f"nonce size must be {MIN_SIZE} to {MAX_SIZE} bytes")
+        if lifetime <= timedelta(0):
+            raise ValueError("nonce lifetime must be positive")
+        self.store = store
+        self.clock = clock
+        self.rand_bytes = rand_bytes
+        self.lifetime = lifetime
+        self.size = size
+        self.retention = retention
+
+    def issue(self, device_serial: str, cert_fingerprint: str, session: bytes | None = None) -> NonceRecord:
+        now = self.clock()
+        for _ in range(4):
+            value = self.rand_bytes(self.size)
+            if len(value) != self.size:
+                raise ValueError("the random source returned a short read")
+            record = NonceRecord(value, device_serial, cert_fingerprint, now, now + self.lifetime, session)
+            if self.store.put_nonce(record, purge_before=now - self.retention):
+                return record
+        raise RuntimeError("the random source keeps repeating itself: refusing to issue nonces")
+
+    def consume(self, value: bytes, device_serial: str, cert_fingerprint: str, session: bytes | None = None,
+                now: datetime | None = None) -> None:
+        """Use the nonce once, or raise the named reason it cannot be used."""
+        result = self.store.consume_nonce(value, device_serial, cert_fingerprint, session,
+                                          now if now is not None else self.clock())
+        if result is ConsumeResult.OK:
+            return
+        if result is ConsumeResult.UNKNOWN:
+            raise NonceUnknown("nonce was not issued by this gateway (or is long gone)")
+        if result is ConsumeResult.REPLAYED:
+            raise NonceReplayed("nonce has already been used")
+        if result is ConsumeResult.EXPIRED:
+            raise NonceExpired(f"nonce has expired (lifetime {self.lifetime.total_seconds():g} s)")
+        if result is ConsumeResult.WRONG_SESSION:
+            raise NonceWrongDevice("nonce was issued on another session")
+        raise NonceWrongDevice("nonce was issued to another device or certificate")
+
+
+class MemoryNonceStore:
+    """`NonceStore` in a dict, for one process (tests, simulators)."""
+
+    def __init__(self) -> None:
+        self._nonces: dict[bytes, tuple[NonceRecord, bool]] = {}
+        self._purged: datetime | None = None
+
+    def put_nonce(self, record: NonceRecord, *, purge_before: datetime) -> bool:
+        if self._purged is None or purge_before > self._purged:
+            self._purged = purge_before
+            for k in [k for k, (r, _) in self._nonces.items() if r.expires_at < purge_before]:
+                del self._nonces[k]
+        if record.value in self._nonces:
+            return False
+        self._nonces[record.value] = (record, False)
+        return True
+
+    def consume_nonce(self, value, device_serial, cert_fingerprint, session, now) -> ConsumeResult:
+        entry = self._nonces.get(value)
+        if entry is None:
+            return ConsumeResult.UNKNOWN
+        record, used = entry
+        result = classify(record, used, device_serial, cert_fingerprint, session, now)
+        if result is ConsumeResult.OK:
+            self._nonces[value] = (record, True)
+        return result
+
+
+def classify(record: NonceRecord, used: bool, device_serial: str, cert_fingerprint: str,
+             session: bytes | None, now: datetime) -> ConsumeResult:
+    """Why a nonce can or cannot be used; the order of the checks is part of the contract:
+    wrong device before replay before expiry (a nonce is never consumed for another device)."""
+    if record.device_serial != device_serial or record.cert_fingerprint != cert_fingerprint:
+        return ConsumeResult.WRONG_DEVICE
+    if record.session is not None and record.session != session:
+        return ConsumeResult.WRONG_SESSION
+    if used:
+        return ConsumeResult.REPLAYED
+    if now >= record.expires_at:
+        return ConsumeResult.EXPIRED
+    return ConsumeResult.OK

@@ -1,0 +1,44 @@
+"""What the gateway calls: issue a nonce, evaluate evidence (appraise + log), and take an
+acceptable verdict once for an enrollment. Still no network I/O: the CoAP resources call these."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Callable
+
+from .log import AttestationLog, LogEntry, LogStore
+from .nonces import NonceRecord, NonceService, NonceStore
+from .policy import Policy
+from .verifier import Appraisal, AttestingDevice, Verifier
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    appraisal: Appraisal
+    entry: LogEntry
+
+
+class AttestationService:
+    def __init__(self, policy: Policy, nonce_store: NonceStore, log_store: LogStore, *,
+                 clock: Callable[[], datetime], rand_bytes: Callable[[int], bytes] = os.urandom) -> None:
+        self.policy = policy
+        self.clock = clock
+        self.nonces = NonceService(nonce_store, clock=clock, rand_bytes=rand_bytes, lifetime=policy.nonce_lifetime)
+        self.verifier = Verifier(policy, self.nonces, clock=clock)
+        self.log = AttestationLog(log_store)
+
+    def issue_nonce(self, device_serial: str, cert_fingerprint: str, session: bytes | None = None) -> NonceRecord:
+        return self.nonces.issue(device_serial, cert_fingerprint, session)
+
+    def evaluate(self, token: bytes, device: AttestingDevice) -> Evaluation:
+        """Appraise the evidence and append the result to the log; every evaluation is logged."""
+        appraisal = self.verifier.appraise(token, device, self.clock())
+        return Evaluation(appraisal, self.log.append(appraisal))
+
+    def take_verdict(self, device_serial: str, purpose: str = "enrollment") -> LogEntry | None:
+        """The device's latest verdict within the policy's verdict window, if acceptable and not
+        used before; it is marked used, so one verdict serves one enrollment."""
+        now = self.clock()
+        return self.log.store.take_verdict(device_serial, now - self.policy.verdict_window, now, purpose)

@@ -1,0 +1,179 @@
+"""Appraisal of evidence against the policy: a `Verdict` with a tier and its reasons.
+
+The caller (the gateway) passes the identity the device authenticated with: serial, device type
+and certificate fingerprint from the certificate, and its public key. The verifier never trusts
+the evidence for who the device is: the signature must verify with that certificate's key, the
+nonce must have been issued to that certificate, and the hwmodel must name the certificate's
+device type.
+
+Order of the checks (the first three stop the appraisal, since nothing after them can be trusted):
+1. strict CBOR and COSE_Sign1 structure, ES256 in the protected header;
+2. the signature, with the certificate's key;
+3. the claims' types and sizes;
+4. the nonce: consumed exactly once (only now, so forged evidence cannot burn a device's nonce);
+5. the policy for the certificate's device type: hwmodel, oemid, firmware reference values,
+   minimum version, secure boot, debug state, clock skew.
+All reasons found in 4 and 5 are reported, not just the first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Callable
+
+from .errors import EvidenceError, NonceError
+from .evidence import (DBG_DISABLED, DBG_ENABLED, MAX_EVIDENCE_SIZE, DBGSTAT_NAMES, Evidence, decode_claims,
+                       parse_sign1)
+from .nonces import NonceService
+from .policy import DeviceTypePolicy, Policy, ReferenceValue, Tier
+
+# Reasons that describe the device's state (as opposed to a malformed, forged or stale message);
+# only these may trigger automatic revocation when the policy asks for it.
+STATE_REASONS = frozenset({"hwmodel-mismatch", "oemid-mismatch", "firmware-unknown", "firmware-claims-mismatch",
+                           "firmware-below-minimum", "secure-boot-off", "debug-enabled"})
+
+
+@dataclass(frozen=True)
+class AttestingDevice:
+    """Who the device is, from the certificate it authenticated with (never from the evidence)."""
+
+    serial: str
+    device_type: str
+    cert_fingerprint: str      # SHA-256 of the certificate DER, hex
+    public_key: Any            # the certificate's public key (ECDSA P-256)
+    session: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Reason:
+    code: str
+    tier: Tier
+    message: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"code": self.code, "tier": self.tier.value, "message": self.message}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    tier: Tier
+    reasons: tuple[Reason, ...]
+    acceptable: bool           # the policy accepts this tier for enrollment
+    revoke: bool               # contraindicated state, and the policy asks to revoke
+    firmware: ReferenceValue | None = None
+
+    @property
+    def codes(self) -> tuple[str, ...]:
+        return tuple(r.code for r in self.reasons)
+
+
+@dataclass(frozen=True)
+class Appraisal:
+    device: AttestingDevice
+    evidence: Evidence | None        # None when the token could not be decoded or verified
+    verdict: Verdict
+    token: bytes
+    time: datetime
+
+
+def make_verdict(reasons: list[Reason], tpolicy: DeviceTypePolicy | None,
+                 firmware: ReferenceValue | None = None) -> Verdict:
+    tier = Tier.AFFIRMING
+    for r in reasons:
+        if r.tier.rank > tier.rank:
+            tier = r.tier
+    acceptable = tpolicy is not None and tpolicy.accepts(tier)
+    revoke = (tier is Tier.CONTRAINDICATED and tpolicy is not None and tpolicy.revoke_on_contraindicated
+              and any(r.code in STATE_REASONS and r.tier is Tier.CONTRAINDICATED for r in reasons))
+    return Verdict(tier, tuple(reasons), acceptable, revoke, firmware)
+
+
+class Verifier:
+    def __init__(self, policy: Policy, nonces: NonceService, *, clock: Callable[[], datetime],
+                 max_size: int = MAX_EVIDENCE_SIZE) -> None:
+        self.policy = policy
+        self.nonces = nonces
+        self.clock = clock
+        self.max_size = max_size
+
+    def appraise(self, token: bytes, device: AttestingDevice, now: datetime | None = None) -> Appraisal:
+        now = now if now is not None else self.clock()
+        tpolicy = self.policy.for_type(device.device_type)
+        try:
+            sign1 = parse_sign1(token, max_size=self.max_size)
+            sign1.verify(device.public_key)
+            evidence = decode_claims(sign1.payload, max_size=self.max_size)
+        except EvidenceError as exc:
+            reasons = [Reason(exc.code, Tier.CONTRAINDICATED, str(exc))]
+            if tpolicy is None:
+                reasons.append(_unknown_type(device))
+            return Appraisal(device, None, make_verdict(reasons, tpolicy), token, now)
+
+        reasons: list[Reason] = []
+        try:
+            self.nonces.consume(evidence.nonce, device.serial, device.cert_fingerprint, device.session, now)
+        except NonceError as exc:
+            reasons.append(Reason(exc.code, Tier.CONTRAINDICATED, str(exc)))
+        skew = abs(now.timestamp() - evidence.iat)
+        if skew > self.policy.max_clock_skew.total_seconds():
+            reasons.append(Reason("clock-skew", Tier.WARNING,
+                                  f"iat is {skew:.0f} s away from the gateway's clock "
+                                  f"(allowed {self.policy.max_clock_skew.total_seconds():.0f} s)"))
+        if self.policy.oemid is not None and evidence.oemid != self.policy.oemid:
+            reasons.append(Reason("oemid-mismatch", Tier.CONTRAINDICATED,
+                                  f"oemid {evidence.oemid!r} is not the fleet's ({self.policy.oemid})"))
+        if evidence.hwmodel != device.device_type.encode():
+            reasons.append(Reason("hwmodel-mismatch", Tier.CONTRAINDICATED,
+                                  f"evidence hwmodel {evidence.hwmodel!r} is not the certificate's device type "
+                                  f"{device.device_type!r}"))
+        if tpolicy is None:
+            reasons.append(_unknown_type(device))
+            return Appraisal(device, evidence, make_verdict(reasons, None), token, now)
+        firmware = self._firmware(evidence, tpolicy, reasons)
+        self._boot_and_debug(evidence, tpolicy, reasons)
+        return Appraisal(device, evidence, make_verdict(reasons, tpolicy, firmware), token, now)
+
+    @staticmethod
+    def _firmware(ev: Evidence, tp: DeviceTypePolicy, reasons: list[Reason]) -> ReferenceValue | None:
+        ref = tp.reference(ev.firmware)
+        if ref is None:
+            reasons.append(Reason("firmware-unknown", Tier.CONTRAINDICATED,
+                                  f"firmware digest {ev.firmware[:24]}... ({ev.swname} {ev.swversion}) matches no "
+                                  f"reference value for {tp.device_type}"))
+            return None
+        if ev.swname != ref.name or ev.swversion != ref.version:
+            reasons.append(Reason("firmware-claims-mismatch", Tier.CONTRAINDICATED,
+                                  f"evidence claims {ev.swname} {ev.swversion} but the digest is "
+                                  f"{ref.name} {ref.version}"))
+        if tp.below_minimum(ref):
+            reasons.append(Reason("firmware-below-minimum", Tier.CONTRAINDICATED,
+                                  f"firmware {ref.name} {ref.version} is below the minimum "
+                                  f"{tp.minimum_firmware_version}"))
+        if ref.deprecated:
+            reasons.append(Reason("firmware-deprecated", Tier.WARNING,
+                                  f"firmware {ref.name} {ref.version} is deprecated"))
+        return ref
+
+    @staticmethod
+    def _boot_and_debug(ev: Evidence, tp: DeviceTypePolicy, reasons: list[Reason]) -> None:
+        if not ev.secure_boot:
+            if tp.secure_boot_required:
+                reasons.append(Reason("secure-boot-off", Tier.CONTRAINDICATED,
+                                      "secure boot is off (oemboot false) and the policy requires it"))
+            else:
+                reasons.append(Reason("secure-boot-off", Tier.WARNING, "secure boot is off (oemboot false)"))
+        if ev.dbgstat == DBG_ENABLED:
+            if tp.debug_disabled_required:
+                reasons.append(Reason("debug-enabled", Tier.CONTRAINDICATED,
+                                      "debug is enabled (dbgstat 0) and the policy requires it disabled"))
+            else:
+                reasons.append(Reason("debug-enabled", Tier.WARNING, "debug is enabled (dbgstat 0)"))
+        elif ev.dbgstat == DBG_DISABLED and tp.debug_disabled_required:
+            reasons.append(Reason("debug-not-disabled-since-boot", Tier.WARNING,
+                                  f"dbgstat 1 ({DBGSTAT_NAMES[1]}): debug may have been used since boot"))
+
+
+def _unknown_type(device: AttestingDevice) -> Reason:
+    return Reason("device-type-unknown", Tier.CONTRAINDICATED,
+                  f"the policy has no section for device type {device.device_type!r}")
