@@ -17,8 +17,13 @@ the per-round *paired* ratios, which cancels most of the drift between rounds.
    bare work (P-256 key, factory certificate with the same extensions, the same five files per
    device, no registry). Target: >= 1,000 identities/s.
 
+An informational third side runs issue_operational with the registry stubbed out (a dict lookup
+and no recording), which splits devid's overhead into its CA code and its SQLite recording.
+
 A benchmark, not a test: it checks once that both sides produce equivalent certificates, then
-only measures. `--profile` adds a cProfile breakdown of devid's two code paths.
+only measures. `--profile` adds a cProfile breakdown of devid's two code paths. A file-creation
+probe at start and end flags a slow file system (see fs_create_probe), which would make the
+provisioning figures measure the disk rather than devid. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
+import hashlib
 import io
 import json
 import os
@@ -51,17 +57,25 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:          # run from a checkout without the editable install too
     sys.path.insert(0, str(ROOT))
 
+from ca.authority import CertificateAuthority     # noqa: E402
+from ca.store import DeviceRecord                 # noqa: E402
 from gateway.datadir import DataDir               # noqa: E402
 from gateway.provisioning import provision        # noqa: E402
 
 DEVICE_TYPE = "temperature-sensor"
 ISSUE_OVERHEAD_TARGET = 0.20        # devid time / baseline time - 1
 PROVISION_RATE_TARGET = 1000.0      # identities/s
+SLOW_CREATE_US = 50                 # fs_create_probe above this: the file system weighs on provisioning
+MIN_ROUNDS = 3                      # the provisioning budget never cuts below this
+ISSUE_SLICES = 8                    # interleaved blocks per issuance round
 CSR_POOL = 1000                     # distinct CSR keys, and as many registered devices
 
 
+_T0 = time.perf_counter()
+
+
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    print(f"[{time.perf_counter() - _T0:5.1f} s] {msg}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,6 +109,20 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def code_facts() -> dict:
+    """Which devid was measured: the commit, and the source files changed since it."""
+    import subprocess
+    try:
+        run = lambda *a: subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True,  # noqa: E731
+                                        timeout=10, check=True).stdout.strip()
+        commit = run("rev-parse", "--short", "HEAD")
+        dirty = [line.split(maxsplit=1)[1]
+                 for line in run("status", "--porcelain", "--", "ca", "gateway").splitlines() if line.strip()]
+        return {"devid_commit": commit, "devid_uncommitted": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"devid_commit": "unknown", "devid_uncommitted": []}
+
+
 def machine_facts(workdir: Path) -> dict:
     try:
         from cryptography.hazmat.backends.openssl.backend import backend
@@ -117,6 +145,7 @@ def machine_facts(workdir: Path) -> dict:
         "cpu_count": os.cpu_count(),
         "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "workdir_fs": _fs_type(workdir),
+        **code_facts(),
     }
 
 
@@ -250,16 +279,11 @@ def bare_provision(bare: BareIssuer, *, count: int, device_type: str, out: Path,
             "provisioning": {"lock_configuration": True, "lock_data": True, "enable_hardware_rng": True},
             "certificate": {
                 "serial": format(cert.serial_number, "x"),
-                "sha256_fingerprint": hashes_sha256_hex(der),
+                "sha256_fingerprint": hashlib.sha256(der).hexdigest(),
                 "not_after": cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
             },
         }
         _write(d / "secure-element-config.json", json.dumps(config, indent=2).encode() + b"\n")
-
-
-def hashes_sha256_hex(data: bytes) -> str:
-    import hashlib
-    return hashlib.sha256(data).hexdigest()
 
 
 def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -287,6 +311,20 @@ def make_csr_pool(n: int) -> list[bytes]:
         csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
         pool.append(csr.public_bytes(serialization.Encoding.DER))
     return pool
+
+
+class NullStore:
+    """A registry that knows the benchmark's devices and records nothing: what is left of
+    issue_operational without it is devid's CA code (parsing, policy, building, signing)."""
+
+    def __init__(self, real, serials: list[str]) -> None:
+        self._devices = {s: real.get_device(s) for s in serials}
+
+    def get_device(self, serial: str) -> DeviceRecord | None:
+        return self._devices.get(serial)
+
+    def record_certificate(self, cert, *, supersede_profile=None, new_state=None) -> None:
+        pass
 
 
 def register_devices(ca, n: int, now: datetime, prefix: str = "BENCH") -> list[str]:
@@ -333,22 +371,38 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def interleave(rounds: int, sides: dict[str, Callable[[int], float]]) -> list[dict[str, float]]:
-    """Run each side once per round, order alternating, and return the per-round seconds."""
+def interleave(rounds: int, sides: dict[str, Callable[[int], float]], *, slices: int = 1,
+               budget: float | None = None, min_rounds: int = 1) -> list[dict[str, float]]:
+    """Per round, run every side `slices` times, in short blocks whose order alternates (ABC CBA ...),
+    and return each round's seconds per side, summed over its slices. Fine slicing keeps both sides
+    of a pair within a fraction of a second of each other, so drift on the machine hits both.
+
+    With a budget (seconds), stop after the round that exhausts it, but not before `min_rounds`.
+    Side functions are called with the global slice index (round * slices + slice).
+    """
     names = list(sides)
     out = []
+    started = time.perf_counter()
     for r in range(rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        out.append({name: sides[name](r) for name in order})
+        totals = dict.fromkeys(names, 0.0)
+        for k in range(r * slices, (r + 1) * slices):
+            for name in (names if k % 2 == 0 else names[::-1]):
+                totals[name] += sides[name](k)
+        out.append(totals)
+        elapsed = time.perf_counter() - started
+        if budget is not None and len(out) >= min_rounds and r + 1 < rounds and \
+                elapsed / len(out) * (len(out) + 1) > budget:
+            log(f"stopping after {len(out)} of {rounds} rounds: {elapsed:.0f} s spent, budget {budget:g} s")
+            break
     return out
 
 
-def summarise(per_round: list[dict[str, float]], work: int) -> dict:
+def summarise(per_round: list[dict[str, float]], work: int, devid: str = "devid") -> dict:
     """Median rates of each side, and the median of the paired per-round ratios."""
-    devid_rates = [work / r["devid"] for r in per_round]
+    devid_rates = [work / r[devid] for r in per_round]
     base_rates = [work / r["baseline"] for r in per_round]
-    ratios = [r["baseline"] / r["devid"] for r in per_round]          # devid rate / baseline rate
-    overheads = [r["devid"] / r["baseline"] - 1 for r in per_round]   # devid time / baseline time - 1
+    ratios = [r["baseline"] / r[devid] for r in per_round]          # devid rate / baseline rate
+    overheads = [r[devid] / r["baseline"] - 1 for r in per_round]   # devid time / baseline time - 1
     return {
         "devid_per_s": statistics.median(devid_rates),
         "baseline_per_s": statistics.median(base_rates),
@@ -357,7 +411,7 @@ def summarise(per_round: list[dict[str, float]], work: int) -> dict:
         "overhead_min": min(overheads),
         "overhead_max": max(overheads),
         "work_per_round": work,
-        "rounds": [{"devid_s": r["devid"], "baseline_s": r["baseline"]} for r in per_round],
+        "rounds": [{"devid_s": r[devid], "baseline_s": r["baseline"]} for r in per_round],
     }
 
 
@@ -400,8 +454,8 @@ class Bench:
         n = len(self.csrs)
         return [(self.csrs[(start + i) % n], self.devices[(start + i) % n]) for i in range(count)]
 
-    def devid_issue(self, jobs: list[tuple[bytes, str]]) -> float:
-        issue, now = self.ca.issue_operational, self.now
+    def devid_issue(self, jobs: list[tuple[bytes, str]], ca: CertificateAuthority | None = None) -> float:
+        issue, now = (ca or self.ca).issue_operational, self.now
 
         def run() -> None:
             for csr, serial in jobs:
@@ -416,25 +470,36 @@ class Bench:
                 issue(csr, serial, DEVICE_TYPE, now)
         return timed(run)
 
-    def run_issue(self, seconds: float, rounds: int) -> dict:
-        # warm up both paths and calibrate: each side gets seconds / (2 * rounds) per round
+    def run_issue(self, seconds: float, rounds: int) -> list[dict]:
+        """Three sides per round: the baseline, devid, and devid with its registry stubbed out
+        (informational: splits devid's overhead into CA code and recording)."""
+        stubbed = CertificateAuthority(self.data.issuer, self.ca.profiles, self.ca.settings,
+                                       NullStore(self.ca.store, self.devices))
+        sides = {
+            "baseline": self.bare_issue,
+            "devid": lambda jobs: self.devid_issue(jobs, self.ca),
+            "devid_stubbed": lambda jobs: self.devid_issue(jobs, stubbed),
+        }
+        # warm up every path, then calibrate so that all rounds of all sides take `seconds`
         warm = self._jobs(200, 1)
-        self.bare_issue(warm)
-        self.devid_issue(warm)
-        t_devid = self.devid_issue(warm) / len(warm)
-        count = max(50, int(seconds / (2 * rounds) / t_devid))
-        log(f"issue: {rounds} rounds x {count} certificates per side (~{t_devid * 1e6:.0f} us/cert for devid)")
-        per_round = interleave(rounds, {
-            "baseline": lambda r: self.bare_issue(self._jobs(count, r * count)),
-            "devid": lambda r: self.devid_issue(self._jobs(count, r * count)),
-        })
-        res = summarise(per_round, count)
-        res.update(operation="issue_operational from CSR (1 core)", unit="certs/s",
-                   target=f"overhead <= {ISSUE_OVERHEAD_TARGET:.0%}",
-                   met=res["overhead"] <= ISSUE_OVERHEAD_TARGET)
+        for fn in sides.values():
+            fn(warm)
+        per_cert = {name: fn(warm) / len(warm) for name, fn in sides.items()}
+        per_slice = max(10, int(seconds / rounds / ISSUE_SLICES / sum(per_cert.values())))
+        count = per_slice * ISSUE_SLICES
+        log(f"issue: {rounds} rounds x {count} certificates per side, in {ISSUE_SLICES} interleaved slices "
+            f"(~{per_cert['devid'] * 1e6:.0f} us/cert for devid, ~{per_cert['baseline'] * 1e6:.0f} for the baseline)")
+        per_round = interleave(rounds, {name: (lambda k, fn=fn: fn(self._jobs(per_slice, k * per_slice)))
+                                        for name, fn in sides.items()}, slices=ISSUE_SLICES)
+        res = {"id": "issue", "operation": "issue_operational from CSR (1 core)", "unit": "certs/s",
+               **summarise(per_round, count), "target": f"overhead <= {ISSUE_OVERHEAD_TARGET:.0%}"}
+        res["met"] = res["overhead"] <= ISSUE_OVERHEAD_TARGET
+        info = {"id": "issue_registry_stubbed", "operation": "  same, registry stubbed (CA code only)",
+                "unit": "certs/s",
+                **summarise(per_round, count, devid="devid_stubbed"), "target": "(informational)", "met": None}
         log(f"issue: devid {res['devid_per_s']:,.0f}/s baseline {res['baseline_per_s']:,.0f}/s "
-            f"overhead {res['overhead']:+.1%}")
-        return res
+            f"overhead {res['overhead']:+.1%}; registry stubbed {info['overhead']:+.1%}")
+        return [res, info]
 
     # -- 2. factory provisioning to disk --------------------------------------------------------
 
@@ -461,7 +526,6 @@ class Bench:
         if fa != fb:
             raise SystemExit(f"provision: baseline writes {fb}, devid writes {fa}")
         ca_cert = x509.load_pem_x509_certificate((da / "cert.pem").read_bytes())
-        cb_cert = x509.load_pem_x509_certificate((db / "cert.pem").read_bytes())
         # same key for the comparison: rebuild the baseline certificate on devid's device key
         key = serialization.load_pem_private_key((da / "key.pem").read_bytes(), None)
         bare = self.bare_factory.certificate(key.public_key(), da.name, DEVICE_TYPE, ca_cert.not_valid_before_utc
@@ -471,47 +535,43 @@ class Bench:
         jb = json.loads((db / "secure-element-config.json").read_text())
         if ja.keys() != jb.keys() or ja["certificate"].keys() != jb["certificate"].keys():
             raise SystemExit("provision: secure-element-config.json layouts differ")
-        del cb_cert
-        shutil.rmtree(a)
-        shutil.rmtree(b)
 
-    def run_provision(self, count: int, rounds: int) -> dict:
+    def run_provision(self, count: int, rounds: int, budget: float) -> dict:
+        # Nothing is deleted until the very end: on ext4 without a journal, creating files soon
+        # after deleting many is far slower (see fs_create_probe), which would poison later rounds.
+        # Each side of a round is one whole provision() call of `count` identities, as in production.
         self._check_provision_equivalent()
         warm = max(20, min(200, count // 10))
         self.bare_provision(warm, self.workdir / "warm-bare", prefix="WB")
         self.devid_provision(warm, self.workdir / "warm-devid")
-        self._clean(self.workdir / "warm-bare", self.workdir / "warm-devid")
-        log(f"provision: {rounds} rounds x {count} identities per side")
+        log(f"provision: up to {rounds} rounds x {count} identities per side (budget {budget:g} s, "
+            f"at least {min(rounds, MIN_ROUNDS)} rounds)")
 
         def side(name: str, fn: Callable[[int, Path], float]) -> Callable[[int], float]:
             def run(r: int) -> float:
-                out = self.workdir / f"prov-{name}-{r}"
-                seconds = fn(count, out)
-                self._clean(out)
+                seconds = fn(count, self.workdir / f"prov-{name}-{r}")
+                _sync()     # this round's writeback must not land in the next round
                 return seconds
             return run
 
         per_round = interleave(rounds, {"baseline": side("baseline", self.bare_provision),
-                                        "devid": side("devid", self.devid_provision)})
-        res = summarise(per_round, count)
-        res.update(operation=f"provision {count} identities to disk", unit="identities/s",
-                   target=f">= {PROVISION_RATE_TARGET:,.0f}/s",
-                   met=res["devid_per_s"] >= PROVISION_RATE_TARGET)
+                                        "devid": side("devid", self.devid_provision)},
+                               budget=budget, min_rounds=MIN_ROUNDS)
+        res = {"id": "provision", "operation": f"provision {count} identities to disk", "unit": "identities/s",
+               **summarise(per_round, count), "target": f">= {PROVISION_RATE_TARGET:,.0f}/s"}
+        res["met"] = res["devid_per_s"] >= PROVISION_RATE_TARGET
         log(f"provision: devid {res['devid_per_s']:,.0f}/s baseline {res['baseline_per_s']:,.0f}/s "
             f"overhead {res['overhead']:+.1%}")
         return res
 
-    @staticmethod
-    def _clean(*dirs: Path) -> None:
-        """Remove a round's output and flush it, so its writeback does not land in the next round."""
-        for d in dirs:
-            shutil.rmtree(d, ignore_errors=True)
-        if hasattr(os, "sync"):
-            os.sync()
-
     # -- profiling ------------------------------------------------------------------------------
 
     def profile(self, issue_count: int, provision_count: int, top: int) -> str:
+        """cProfile of devid's two paths: the top functions by own time, and the cumulative time of
+        the devid functions that matter, each as a share of the profiled total.
+
+        cProfile inflates Python-level calls relative to Rust/C ones (it adds a fixed cost per call),
+        so read the shares as a ranking; the benchmark's ratios are the figures."""
         buf = io.StringIO()
         jobs = self._jobs(issue_count, 7)
         for title, fn in (
@@ -523,10 +583,66 @@ class Bench:
             prof.enable()
             fn()
             prof.disable()
-            buf.write(f"\n=== cProfile: devid {title} (sorted by own time) ===\n")
-            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
-        self._clean(self.workdir / "prof-devid")
+            buf.write(format_profile(pstats.Stats(prof), f"devid {title}", top))
         return buf.getvalue()
+
+
+def _func_name(key: tuple) -> str:
+    filename, line, name = key
+    if filename == "~":
+        return name
+    path = Path(filename)
+    try:
+        where = str(path.relative_to(ROOT))
+    except ValueError:
+        where = path.name
+    if "site-packages" in filename:
+        where = filename.split("site-packages/", 1)[1]
+    elif "/lib/python" in filename:
+        where = "stdlib/" + path.name
+    return f"{where}:{line}({name})"
+
+
+def format_profile(stats: pstats.Stats, title: str, top: int) -> str:
+    raw = stats.stats    # {(file, line, func): (cc, ncalls, tottime, cumtime, callers)}
+    total = stats.total_tt or 1e-9
+    out = [f"\n=== cProfile: {title}: {total:.3f} s profiled ===",
+           f"{'own %':>6} {'cum %':>6} {'calls':>8}  function (top {top} by own time)"]
+    for key, (cc, nc, tt, ct, callers) in sorted(raw.items(), key=lambda kv: -kv[1][2])[:top]:
+        out.append(f"{tt / total:6.1%} {ct / total:6.1%} {nc:8d}  {_func_name(key)}")
+    out.append("-- devid functions, cumulative (time inside them, callees included) --")
+    own_code = [(key, v) for key, v in raw.items()
+                if key[0].startswith(str(ROOT)) and "/benchmarks/" not in key[0]]
+    for key, (cc, nc, tt, ct, callers) in sorted(own_code, key=lambda kv: -kv[1][3])[:top]:
+        out.append(f"{tt / total:6.1%} {ct / total:6.1%} {nc:8d}  {_func_name(key)}")
+    return "\n".join(out) + "\n"
+
+
+def _sync() -> None:
+    if hasattr(os, "sync"):
+        os.sync()
+
+
+def fs_create_probe(parent: Path, files: int = 500) -> float:
+    """Microseconds to create, write and close one small file (a new directory every 5 files).
+
+    On ext4 mounted without a journal, the inode allocator skips inodes deleted in the last 60 s
+    (360 s while their inode table block is dirty) by scanning past each of them: right after many
+    deletions (a previous run's cleanup, someone's test suite) file creation can be 10-50x slower.
+    The probe, run at start and end, shows whether that, or any other file system slowness, was
+    in play. Its files are left in place until the final cleanup.
+    """
+    d = Path(tempfile.mkdtemp(prefix="fsprobe-", dir=parent))
+    payload = b"x" * 700
+    t0 = time.perf_counter()
+    for i in range(files):
+        if i % 5 == 0:
+            sub = d / f"d{i}"
+            os.mkdir(sub)
+        fd = os.open(sub / f"f{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, payload)
+        os.close(fd)
+    return (time.perf_counter() - t0) / files * 1e6
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,52 +650,71 @@ class Bench:
 # --------------------------------------------------------------------------------------------
 
 def render_table(results: list[dict], facts: dict, config: dict) -> str:
-    head = ("operation", "devid /s", "baseline /s", "ratio", "overhead (min..max)", "target", "met?")
+    head = ("operation", "devid /s", "baseline /s", "ratio", "overhead (min..max)", "rounds", "target", "met?")
     rows = []
     for r in results:
         rows.append((r["operation"], f"{r['devid_per_s']:,.0f}", f"{r['baseline_per_s']:,.0f}",
                      f"{r['ratio']:.3f}",
                      f"{r['overhead']:+.1%} ({r['overhead_min']:+.1%}..{r['overhead_max']:+.1%})",
-                     r["target"], "yes" if r["met"] else "NO"))
+                     len(r["rounds"]), r["target"], "-" if r["met"] is None else "yes" if r["met"] else "NO"))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)   # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths)))
     out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
     out.append("")
-    out.append("ratio = devid rate / baseline rate; overhead = devid time / baseline time - 1 "
-               f"(medians of {config['rounds']} interleaved paired rounds)")
+    out.append("ratio = devid rate / baseline rate; overhead = devid time / baseline time - 1;")
+    out.append("each a median over interleaved paired rounds (min..max: the spread of the rounds)")
     out.append(f"python {facts['python']} ({facts['python_implementation']}), cryptography {facts['cryptography']}, "
                f"{facts['openssl']}, sqlite {facts['sqlite']}")
+    dirty = facts.get("devid_uncommitted") or []
+    out.append(f"devid {facts.get('devid_commit')}" + (f" + uncommitted {', '.join(dirty)}" if dirty else ""))
     out.append(f"nproc {facts['nproc']} (cpu_count {facts['cpu_count']}), {facts['cpu']}, {facts['platform']}")
     la_s = facts.get("loadavg_start") or []
     la_e = facts.get("loadavg_end") or []
     out.append(f"workdir fs {facts['workdir_fs']}; load average start {' '.join(f'{x:.2f}' for x in la_s)}, "
                f"end {' '.join(f'{x:.2f}' for x in la_e)}; total {config['elapsed_s']:.1f} s")
+    probe = [facts.get("fs_create_us_start"), facts.get("fs_create_us_end")]
+    out.append("file create+write+close: " + " / ".join("-" if v is None else f"{v:.0f} us" for v in probe) +
+               " (start / end)")
+    if any(v is not None and v > SLOW_CREATE_US for v in probe):
+        out.append(f"WARNING: file creation is slow here (> {SLOW_CREATE_US} us/file; an idle local disk takes "
+                   "~10-20 us): the provisioning rates")
+        out.append("measure the file system as much as devid. On ext4 without a journal this follows many recent "
+                   "deletions (a test suite,")
+        out.append("another run's cleanup): wait a minute and rerun, or compare with --dir /dev/shm (no disk).")
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seconds", type=float, default=16.0,
-                   help="total measuring time of the issuance benchmark, both sides, all rounds (default 16)")
+    p.add_argument("--seconds", type=float, default=12.0,
+                   help="total measuring time of the issuance benchmark, all sides, all rounds (default 12)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per benchmark (default 5)")
     p.add_argument("--provision-count", type=int, default=2000, metavar="N",
                    help="identities provisioned per side per round (default 2000)")
+    p.add_argument("--provision-budget", type=float, default=25.0, metavar="S",
+                   help="stop the provisioning rounds early once they would exceed S seconds (a slow file "
+                        f"system), after at least {MIN_ROUNDS} rounds (default 25)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--dir", type=Path, default=None,
                    help="parent of the temporary data directory (default: the system temp dir)")
     p.add_argument("--only", choices=("issue", "provision"), help="run one of the two benchmarks")
     p.add_argument("--profile", action="store_true",
                    help="also print a cProfile breakdown of devid's issue_operational and provision (stderr)")
+    p.add_argument("--cpu", type=int, default=None, metavar="N",
+                   help="pin the process to CPU N (default: let the scheduler choose)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = p.parse_args(argv)
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
     if args.rounds < 1 or args.seconds <= 0 or args.provision_count < 1:
         p.error("--rounds, --seconds and --provision-count must be positive")
 
     started = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="devid-bench-", dir=args.dir))
     facts = machine_facts(workdir)
+    facts["fs_create_us_start"] = fs_create_probe(workdir)
     os.environ.pop("DEVID_CA_PASSPHRASE", None)     # a generated passphrase in the temp dir
     results = []
     try:
@@ -588,9 +723,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.only in (None, "issue"):
                 bench.setup_issue(CSR_POOL)
-                results.append(bench.run_issue(args.seconds, args.rounds))
+                results.extend(bench.run_issue(args.seconds, args.rounds))
             if args.only in (None, "provision"):
-                results.append(bench.run_provision(args.provision_count, args.rounds))
+                results.append(bench.run_provision(args.provision_count, args.rounds, args.provision_budget))
+            facts["fs_create_us_end"] = fs_create_probe(workdir)
             if args.profile:
                 if not bench.csrs:
                     bench.setup_issue(CSR_POOL)
@@ -601,11 +737,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep:
             log(f"kept {workdir}")
         else:
+            log("removing the temporary directory")
             shutil.rmtree(workdir, ignore_errors=True)
+            _sync()     # written-back inode tables shorten ext4's recently-deleted window to 60 s
+            log("done")
 
     facts["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     config = {"seconds": args.seconds, "rounds": args.rounds, "provision_count": args.provision_count,
-              "csr_pool": CSR_POOL, "elapsed_s": time.perf_counter() - started,
+              "provision_budget": args.provision_budget, "cpu": args.cpu, "csr_pool": CSR_POOL,
+              "elapsed_s": time.perf_counter() - started,
               "command": " ".join([Path(sys.executable).name, *sys.argv])}
     if args.json:
         print(json.dumps({"machine": facts, "config": config, "results": results}, indent=2))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime, timezone, timedelta
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -15,7 +15,9 @@ from attestation.policy import parse_policy
 from attestation.service import AttestationService
 from attestation.verifier import AttestingDevice
 
-from .conftest import NOW
+# Attestation tests run on a fixed clock of their own: the documented test vector's iat
+# (docs/evidence.md), 2026-11-28T12:00:00Z. Nothing here touches OpenSSL's clock.
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
 
 IMAGE_CURRENT = b"ts-firmware 2.3.1 image"
 IMAGE_DEPRECATED = b"ts-firmware 2.2.0 image"

@@ -13,8 +13,8 @@ from attestation.service import AttestationService
 from gateway.attest_cli import parse_since
 from gateway.attestation_store import SQLiteAttestationStore
 
-from .attest_util import POLICY, Clock, SimDevice
-from .conftest import NOW, run_devid
+from .attest_util import NOW, POLICY, Clock, SimDevice
+from .conftest import run_devid
 from .test_cli import ok, one_line_error
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "attestation-policy.example.toml"
@@ -42,7 +42,7 @@ def test_log_table(logged):
     lines = text.splitlines()
     assert lines[0].split() == ["seq", "time", "device", "type", "verdict", "accepted", "firmware", "reasons"]
     assert "TS2" in lines[3] and "contraindicated" in lines[3] and "secure-boot-off" in lines[3]
-    assert "ts-firmware 2.3.1" in lines[2] and "2026-11-28T12:00:00Z" in lines[2]
+    assert "ts-firmware 2.3.1" in lines[2] and NOW.strftime("%Y-%m-%dT%H:%M:%SZ") in lines[2]
     assert "debug-not-disabled-since-boot" in lines[4] and "warning" in lines[4]
     assert "cbor-malformed" in lines[6] or "evidence-structure" in lines[6]
     assert lines[-1] == "5 entries shown"
@@ -61,8 +61,8 @@ def test_log_filters_and_json(logged):
     assert seqs("--device", "TS2") == [2, 3]
     assert seqs("--verdict", "contraindicated") == [2, 5]
     assert seqs("--verdict", "affirming", "--limit", "1") == [4]
-    assert seqs("--since", "2026-11-28T14:00:00Z") == [3, 4, 5]
-    assert seqs("--since", "2026-11-29") == []
+    assert seqs("--since", (NOW + timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")) == [3, 4, 5]
+    assert seqs("--since", (NOW + timedelta(days=2)).strftime("%Y-%m-%d")) == []
     assert seqs("--device", "TS1", "--limit", "2") == [4, 5]
 
 
@@ -133,5 +133,5 @@ def test_parse_since():
     assert parse_since("90s", now) == now - timedelta(seconds=90)
     assert parse_since("2h", now) == now - timedelta(hours=2)
     assert parse_since("7d", now) == now - timedelta(days=7)
-    assert parse_since("2026-11-28T13:00:00+01:00") == NOW
-    assert parse_since("2026-11-28T12:00:00") == NOW
+    assert parse_since("2026-11-28T13:00:00+01:00") == now
+    assert parse_since("2026-11-28T12:00:00") == now

@@ -18,7 +18,7 @@ from gateway.attestation_store import SQLiteAttestationStore
 from gateway.registry import SCHEMA_VERSION, SQLiteRegistry
 
 from .attest_util import POLICY, Clock, SimDevice
-from .conftest import NOW
+from .attest_util import NOW
 
 
 @pytest.fixture

@@ -44,15 +44,17 @@ def test_sigkill_during_provisioning_then_rerun(tmp_path):
     env["DEVID_DATA"] = str(data_dir)
     kills = 0
     for extra_delay in (0.0, 0.15, 0.4):
-        before = {p.name for p in out.iterdir()} if out.exists() else set()
+        def finished():
+            return {p.name for p in out.iterdir() if not p.name.startswith(".")} if out.exists() else set()
+        before = finished()
         proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "provision", "--count", "20000",
                                  "--device-type", "t", "--out", str(out), "--quiet"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # kill once the run is under way (its first bundles exist), at a different point each time,
+        # kill once the run is under way (a first batch is committed), at a different point each time,
         # however slow the machine is
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
-            if out.exists() and len({p.name for p in out.iterdir()} - before) > 0:
+            if finished() - before:          # a batch has been committed and renamed into place
                 break
             time.sleep(0.01)
         time.sleep(extra_delay)

@@ -29,7 +29,7 @@ from attestation.service import AttestationService
 from attestation.verifier import AttestingDevice
 
 from .attest_util import SimDevice
-from .conftest import NOW
+from .attest_util import NOW
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 NONCE = bytes(range(16))
