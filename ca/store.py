@@ -101,6 +101,9 @@ class Registry(Protocol):
 
     def revoked_certificates(self, issuer: str) -> Iterable[CertificateRecord]: ...
 
+    def revoked_among(self, serials: Sequence[int]) -> set[int]:
+        """The certificate serials among `serials` that are revoked or whose device is."""
+
     def next_crl_number(self, issuer: str) -> int:
         """Atomically increment and return the CRL number of `issuer`."""
 

@@ -66,13 +66,6 @@ class DeviceVerifier:
         self._check(found)
         return DeviceIdentity(found.device_serial, found.device_type, leaf.serial_number, found.fingerprint)
 
-    def check_registry(self, identity: DeviceIdentity) -> None:
-        """Revocation of a live session: by our registry, not by a CRL fetched long ago."""
-        found = self.store.lookup_certificate(identity.certificate_serial)
-        if found is None or found.fingerprint != identity.fingerprint:
-            raise ValidationFailed("certificate unknown to the registry")
-        self._check(found)
-
     def _check(self, found: CertificateLookup) -> None:
         if found.profile != self.profile or found.device_serial is None:
             raise ValidationFailed(f"not a {self.profile} device certificate")

@@ -15,8 +15,8 @@ from typing import Callable
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ca.errors import CAError, ValidationFailed
-from ca.identity import DeviceIdentity, IdentitySettings
+from ca.errors import ValidationFailed
+from ca.identity import IdentitySettings
 from ca.store import Registry
 from ca.validation import DeviceVerifier
 
@@ -46,6 +46,7 @@ class DeviceAuthenticator:
     def __init__(self, manufacturing: x509.Certificate, operational: x509.Certificate,
                  settings: IdentitySettings, registry: Registry, clock: Callable[[], datetime]) -> None:
         self.clock = clock
+        self.registry = registry
         self._verifiers = {
             manufacturing.subject: (FACTORY, DeviceVerifier(manufacturing, FACTORY, settings, registry)),
             operational.subject: (OPERATIONAL, DeviceVerifier(operational, OPERATIONAL, settings, registry)),
@@ -62,12 +63,9 @@ class DeviceAuthenticator:
             raise ValidationFailed("device key is not an EC key")
         return PeerIdentity(ident.serial, ident.device_type, kind, ident.fingerprint, ident.certificate_serial, key)
 
-    def still_valid(self, identity: PeerIdentity) -> bool:
-        """Re-ask the registry (revocation) for a live session."""
-        _, verifier = next(v for v in self._verifiers.values() if v[0] == identity.kind)
-        try:
-            verifier.check_registry(DeviceIdentity(identity.serial, identity.device_type,
-                                                   identity.certificate_serial, identity.fingerprint))
-            return True
-        except CAError:
-            return False
+    def revoked(self, identities: list[PeerIdentity]) -> list[PeerIdentity]:
+        """The identities of live sessions that the registry now refuses: one query for all."""
+        if not identities:
+            return []
+        gone = self.registry.revoked_among([i.certificate_serial for i in identities])
+        return [i for i in identities if i.certificate_serial in gone]

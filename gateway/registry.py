@@ -308,6 +308,20 @@ class SQLiteRegistry:
                                     "AND status = 'revoked' ORDER BY revoked_at, serial", (issuer,)).fetchall()
         return [_cert(r) for r in rows]
 
+    def revoked_among(self, serials: Sequence[int]) -> set[int]:
+        """Which of these certificate serials are revoked, or belong to a revoked device."""
+        found: set[int] = set()
+        hexes = [_hex(s) for s in serials]
+        with self._lock:
+            for i in range(0, len(hexes), 500):
+                chunk = hexes[i:i + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = self._db.execute(
+                    f"SELECT c.serial FROM certificates c LEFT JOIN devices d ON d.serial = c.device_serial "
+                    f"WHERE c.serial IN ({marks}) AND (c.status = 'revoked' OR d.state = 'revoked')", chunk)
+                found.update(int(r[0], 16) for r in rows)
+        return found
+
     def next_crl_number(self, issuer: str) -> int:
         with self.transaction() as db:
             db.execute("INSERT INTO crl_numbers (issuer, number) VALUES (?, 1) "

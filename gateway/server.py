@@ -81,7 +81,7 @@ class Gateway:
     async def start(self) -> None:
         self.context, self.interface = await server_context(self.site, self.engine, self.config.listen,
                                                             reuse_port=self.config.reuse_port)
-        self.interface.start_revocation_watch(self.authenticator.still_valid,
+        self.interface.start_revocation_watch(self.authenticator.revoked,
                                               self.config.revocation_check_interval)
 
     @property

@@ -164,3 +164,13 @@ def test_serial_blocks_are_disjoint_across_processes(data):
     blocks = sorted(starts)
     assert len(blocks) == 150
     assert all(b - a >= 10 for a, b in zip(blocks, blocks[1:]))
+
+
+def test_revoked_among_answers_for_many_serials_at_once(ca, registry):
+    issued = [register_device(ca, f"SN{i}")[1].cert.serial_number for i in range(6)]
+    registry.revoke_device("SN2", "keyCompromise", NOW)
+    # a device revoked by state alone (its certificates not touched) is caught too
+    registry._db.execute("UPDATE devices SET state = 'revoked' WHERE serial = 'SN4'")
+    unknown = list(range(1, 1200))          # more than one SQL chunk of unrelated serials
+    assert registry.revoked_among(unknown + issued) == {issued[2], issued[4]}
+    assert registry.revoked_among([]) == set()

@@ -238,13 +238,22 @@ class DTLSServerInterface(_DTLSInterface):
 
     # -- live revocation -------------------------------------------------------------------------
 
-    def start_revocation_watch(self, still_valid: Callable[[Any], bool], interval: float) -> None:
-        """Every `interval` seconds, drop the sessions whose identity the registry no longer accepts."""
+    def start_revocation_watch(self, revoked: Callable[[list], list], interval: float) -> None:
+        """Every `interval` seconds, ask the registry (one query) which live sessions' identities
+        were revoked, and close those sessions."""
         async def watch() -> None:
             while True:
                 await asyncio.sleep(interval)
-                for peer, remote in list(self.remotes.items()):
-                    if remote.identity is not None and not still_valid(remote.identity):
+                by_identity = {id(r.identity): peer for peer, r in self.remotes.items() if r.identity is not None}
+                identities = [r.identity for r in self.remotes.values() if r.identity is not None]
+                try:
+                    gone = revoked(identities)
+                except Exception as exc:          # a locked or broken registry must not stop the gateway
+                    log.warning("revocation check failed: %s", exc)
+                    continue
+                for identity in gone:
+                    peer = by_identity.get(id(identity))
+                    if peer is not None:
                         self._process(self.engine.close(peer, self._loop.time(), "certificate or device revoked"))
         self._revocation_task = self._loop.create_task(watch())
 
