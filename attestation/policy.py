@@ -72,6 +72,7 @@ class DeviceTypePolicy:
     debug_disabled_required: bool = True
     minimum_firmware_version: str | None = None
     firmware: tuple[ReferenceValue, ...] = ()
+    reenroll: bool = True                      # an enrolled device may enroll again with its factory identity
     _by_digest: dict = field(default_factory=dict, compare=False, repr=False)
     _below_minimum: set = field(default_factory=set, compare=False, repr=False)
 
@@ -109,7 +110,7 @@ class Policy:
 
 _SETTINGS_KEYS = {"nonce_lifetime_seconds", "verdict_window_seconds", "max_clock_skew_seconds", "oemid"}
 _TYPE_KEYS = {"attestation", "accept", "revoke_on_contraindicated", "secure_boot_required",
-              "debug_disabled_required", "minimum_firmware_version", "firmware"}
+              "debug_disabled_required", "minimum_firmware_version", "firmware", "reenroll"}
 _FW_KEYS = {"name", "version", "digest", "deprecated"}
 
 
@@ -201,6 +202,7 @@ def _device_type(c: _Checker, name: str, t: dict, path: str) -> DeviceTypePolicy
     revoke = c.typed(t, "revoke_on_contraindicated", bool, path, False)
     secure_boot = c.typed(t, "secure_boot_required", bool, path, True)
     debug = c.typed(t, "debug_disabled_required", bool, path, True)
+    reenroll = c.typed(t, "reenroll", bool, path, True)
     minimum = c.typed(t, "minimum_firmware_version", str, path, None)
     if minimum is not None:
         try:
@@ -242,7 +244,7 @@ def _device_type(c: _Checker, name: str, t: dict, path: str) -> DeviceTypePolicy
             raise c.fail(f"{fpath}.digest", f"same digest as firmware[{seen[rv.key]}]")
         seen[rv.key] = i + 1
         refs.append(rv)
-    return DeviceTypePolicy(name, attestation, accept, revoke, secure_boot, debug, minimum, tuple(refs))
+    return DeviceTypePolicy(name, attestation, accept, revoke, secure_boot, debug, minimum, tuple(refs), reenroll)
 
 
 def load_policy(path: Path | str) -> Policy:

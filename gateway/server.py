@@ -19,12 +19,20 @@ import aiocoap
 import aiocoap.resource as resource
 from aiocoap.numbers.contentformat import ContentFormat
 
+from attestation.policy import Policy, load_policy
+from attestation.service import AttestationService
+
+from .attestation_store import SQLiteAttestationStore
+from .configuration import ConfigTemplates
 from .datadir import DataDir
+from .enrollment import EnrollmentService
+from .resources import add_enrollment_resources
 from .dtls import contexts, engine as E
 from .dtls.transport import DTLSServerInterface, server_context
 from .identity import DeviceAuthenticator, PeerIdentity
 
 log = logging.getLogger("devid.gateway")
+POLICY_FILE = "attestation-policy.toml"
 
 
 def utcnow() -> datetime:
@@ -51,6 +59,16 @@ def build_site() -> resource.Site:
     return site
 
 
+def load_gateway_policy(data: DataDir) -> Policy:
+    """DATA/attestation-policy.toml; without one, no device type can enroll (logged once)."""
+    path = data.path / POLICY_FILE
+    if not path.exists():
+        log.warning(json.dumps({"event": "policy", "result": "missing", "path": str(path),
+                                "effect": "no device type can enroll until a policy is written"}))
+        return Policy(device_types={}, source=str(path))
+    return load_policy(path)
+
+
 @dataclass
 class GatewayConfig:
     listen: list[tuple[str, int]] = field(default_factory=lambda: [("0.0.0.0", 5684), ("::", 5684)])
@@ -74,7 +92,15 @@ class Gateway:
                                                    client_cas=[mfg, op], ciphers=self.config.ciphers)
         self.authenticator = DeviceAuthenticator(mfg, op, data.config.identity, self.registry, clock)
         self.engine = E.ServerEngine(self.ssl_context, self.authenticator, self.config.limits)
+        self.policy = load_gateway_policy(data)
+        store = SQLiteAttestationStore(self.registry)
+        self.attestation = AttestationService(self.policy, store, store, clock=clock)
+        self.configs = ConfigTemplates(data.path / "config", data.cert)
+        self.configs.ensure_default()
+        self.enrollment = EnrollmentService(data.authority(self.registry), self.attestation, self.policy,
+                                            self.configs, clock)
         self.site = build_site()
+        add_enrollment_resources(self.site, self.enrollment, data.cert("root"), op)
         self.context: aiocoap.Context | None = None
         self.interface: DTLSServerInterface | None = None
 

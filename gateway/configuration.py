@@ -1,0 +1,104 @@
+"""Operational configuration for enrolled devices, from per-device-type templates.
+
+    DATA/config/<device-type>.toml   (falls back to DATA/config/default.toml)
+
+A template names the operational endpoints, the renewal window and which CA certificates the
+device gets as trust anchors. `GET /config` serves the result as CBOR (text keys; trust anchors
+as DER byte strings).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Callable
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from ca.errors import CAError
+
+DEFAULT_TEMPLATE = """\
+# Operational configuration served to enrolled devices at GET /config (as CBOR).
+# One file per device type: DATA/config/<device-type>.toml; this file serves every other type.
+
+[endpoints]
+# where the device renews its certificate (EST-coaps /sren) and fetches this configuration
+gateway = "coaps://localhost:5684"
+
+[renewal]
+# renew when the operational certificate has less than this many days left
+window_days = 30
+# wait this long before retrying a failed renewal
+retry_seconds = 3600
+
+[trust]
+# CA certificates the device keeps as trust anchors: any of root, operational, manufacturing
+anchors = ["root", "operational"]
+"""
+
+_ANCHORS = ("root", "operational", "manufacturing")
+
+
+class ConfigError(CAError):
+    """A configuration template is missing or invalid."""
+
+
+class ConfigTemplates:
+    def __init__(self, directory: Path, certificate: Callable[[str], x509.Certificate]) -> None:
+        self.directory = Path(directory)
+        self._certificate = certificate
+        self._cache: dict[Path, tuple[float, dict]] = {}
+
+    def ensure_default(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / "default.toml"
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(DEFAULT_TEMPLATE)
+            os.replace(tmp, path)
+
+    def _template(self, device_type: str) -> dict:
+        for path in (self.directory / f"{device_type}.toml", self.directory / "default.toml"):
+            try:
+                mtime = path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            cached = self._cache.get(path)
+            if cached and cached[0] == mtime:
+                return cached[1]
+            try:
+                doc = tomllib.loads(path.read_text())
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"{path}: {exc}") from None
+            self._check(doc, path)
+            self._cache[path] = (mtime, doc)
+            return doc
+        raise ConfigError(f"no configuration template for device type {device_type} in {self.directory}")
+
+    @staticmethod
+    def _check(doc: dict, path: Path) -> None:
+        try:
+            gateway = doc["endpoints"]["gateway"]
+            window = doc["renewal"]["window_days"]
+            anchors = doc["trust"]["anchors"]
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"{path}: missing {exc}") from None
+        if not isinstance(gateway, str) or not gateway.startswith("coaps://"):
+            raise ConfigError(f"{path}: endpoints.gateway must be a coaps:// URI")
+        if not isinstance(window, int) or window <= 0:
+            raise ConfigError(f"{path}: renewal.window_days must be a positive integer")
+        if not isinstance(anchors, list) or not anchors or any(a not in _ANCHORS for a in anchors):
+            raise ConfigError(f"{path}: trust.anchors must list some of {', '.join(_ANCHORS)}")
+
+    def for_device(self, serial: str, device_type: str) -> dict:
+        doc = self._template(device_type)
+        return {
+            "device": serial,
+            "device_type": device_type,
+            "endpoints": dict(doc["endpoints"]),
+            "renewal": dict(doc["renewal"]),
+            "trust_anchors": [self._certificate(name).public_bytes(serialization.Encoding.DER)
+                              for name in doc["trust"]["anchors"]],
+        }

@@ -1,0 +1,80 @@
+"""Domain errors to CoAP responses, in one place (RFC 9290 concise problem details, ct 257).
+
+Devices get a code and a short reason; the details stay in the gateway's log. Anything not
+listed here is unexpected: aiocoap answers 5.00 with an empty body and logs the traceback.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import aiocoap
+import cbor2
+from aiocoap import error
+from aiocoap.numbers import codes
+
+from attestation.errors import AttestationError
+from ca.errors import (CAError, DeviceRevoked, InvalidCSR, InvalidSerial, KeyPolicyViolation, SerialCollision,
+                       UnknownDevice)
+
+from . import enrollment as E
+from .configuration import ConfigError
+
+CT_PROBLEM = 257
+
+# (error class, CoAP code, title); the first matching class wins, so specific before general
+TABLE: list[tuple[type[BaseException], codes.Code, str]] = [
+    (E.NotAuthenticated, codes.UNAUTHORIZED, "device certificate required"),
+    (E.WrongIdentity, codes.FORBIDDEN, "wrong identity for this resource"),
+    (E.DeviceNotAllowed, codes.FORBIDDEN, "device not allowed"),
+    (E.AttestationRequired, codes.FORBIDDEN, "attestation required"),
+    (E.ReenrollmentRefused, codes.FORBIDDEN, "re-enrollment not allowed"),
+    (E.UnknownDeviceType, codes.FORBIDDEN, "device type not enrolled by this gateway"),
+    (DeviceRevoked, codes.FORBIDDEN, "device revoked"),
+    (UnknownDevice, codes.FORBIDDEN, "unknown device"),
+    (InvalidCSR, codes.BAD_REQUEST, "invalid CSR"),
+    (KeyPolicyViolation, codes.BAD_REQUEST, "key not allowed"),
+    (InvalidSerial, codes.BAD_REQUEST, "invalid identifier"),
+    (SerialCollision, codes.SERVICE_UNAVAILABLE, "try again"),
+    (ConfigError, codes.SERVICE_UNAVAILABLE, "configuration unavailable"),
+    (AttestationError, codes.BAD_REQUEST, "attestation error"),
+    (sqlite3.OperationalError, codes.SERVICE_UNAVAILABLE, "registry busy, try again"),
+    (E.EnrollmentError, codes.FORBIDDEN, "refused"),
+    (CAError, codes.BAD_REQUEST, "refused"),
+]
+
+# what the device is told for errors whose text may name internals
+_GENERIC_DETAIL = (sqlite3.OperationalError, ConfigError, SerialCollision)
+
+
+def problem_message(code: codes.Code, title: str, detail: str | None = None, **options) -> aiocoap.Message:
+    body = {-1: title}
+    if detail:
+        body[-2] = detail
+    msg = aiocoap.Message(code=code, payload=cbor2.dumps(body), content_format=CT_PROBLEM)
+    for name, value in options.items():
+        setattr(msg.opt, name, value)
+    return msg
+
+
+def to_response(exc: BaseException) -> aiocoap.Message | None:
+    for cls, code, title in TABLE:
+        if isinstance(exc, cls):
+            detail = None if isinstance(exc, _GENERIC_DETAIL) else (str(exc) or None)
+            options = {"max_age": 1} if code == codes.SERVICE_UNAVAILABLE else {}
+            return problem_message(code, title, detail, **options)
+    return None
+
+
+class Problem(error.ConstructionRenderableError):
+    """A refusal decided in the resource layer (content formats, sizes), rendered as problem details."""
+
+    def __init__(self, code: codes.Code, title: str, detail: str | None = None, **options) -> None:
+        super().__init__(detail or title)
+        self.code = code
+        self._title = title
+        self._detail = detail
+        self._options = options
+
+    def to_message(self) -> aiocoap.Message:
+        return problem_message(self.code, self._title, self._detail, **self._options)

@@ -1,0 +1,206 @@
+"""The gateway's CoAP resources: EST-coaps (RFC 9148), attestation, configuration.
+
+    /.well-known/est/crts     GET         CA certificates: 281 (PKCS#7 certs-only, default) or 287
+    /.well-known/est/sen      POST 286    first operational certificate (factory identity, attested)
+    /.well-known/est/sren     POST 286    renewal (operational identity, same device)
+    /attest/nonce             GET         CBOR {"nonce": bstr, "expires": uint}   (factory identity)
+    /attest/evidence          POST 60     an EAT (docs/evidence.md) -> CBOR verdict   (factory identity)
+    /config                   GET         CBOR operational configuration   (operational identity)
+
+Every request body is capped (Block1 included: 4.13 with Size1 beyond the cap); errors become
+RFC 9290 problem details (`problems.py`).
+"""
+
+from __future__ import annotations
+
+import json
+
+import aiocoap
+import aiocoap.resource as resource
+import cbor2
+from aiocoap.blockwise import Block1Spool
+from aiocoap.numbers import codes
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs7
+
+from attestation.evidence import MAX_EVIDENCE_SIZE
+
+from .enrollment import EnrollmentService
+from .identity import PeerIdentity
+from .problems import Problem, to_response
+
+CT_CBOR = 60
+CT_JSON = 50
+CT_PKCS7_CERTS = 281
+CT_PKCS10 = 286
+CT_PKIX_CERT = 287
+MAX_CSR = 4096
+
+
+class CappedBlock1Spool(Block1Spool):
+    """aiocoap's Block1 reassembly with a cap on the whole body (threat 13)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def feed_and_take(self, req):
+        b1 = req.opt.block1
+        declared = req.opt.size1
+        end = (b1.start if b1 is not None else 0) + len(req.payload)
+        if end > self.limit or (declared is not None and declared > self.limit):
+            raise Problem(codes.REQUEST_ENTITY_TOO_LARGE, "request body too large",
+                          f"at most {self.limit} bytes", size1=self.limit)
+        return super().feed_and_take(req)
+
+
+def identity_of(request) -> PeerIdentity | None:
+    for claim in request.remote.authenticated_claims:
+        if isinstance(claim, PeerIdentity):
+            return claim
+    return None
+
+
+class _Resource(resource.Resource):
+    max_body = MAX_CSR
+
+    def __init__(self, service: EnrollmentService) -> None:
+        super().__init__()
+        self.service = service
+        self._block1 = CappedBlock1Spool(self.max_body)
+
+    async def render(self, request):
+        try:
+            return await super().render(request)
+        except Problem:
+            raise
+        except Exception as exc:
+            response = to_response(exc)
+            if response is None:
+                raise
+            return response
+
+    @staticmethod
+    def require_format(request, *formats: int) -> None:
+        if request.opt.content_format not in formats:
+            raise Problem(codes.UNSUPPORTED_CONTENT_FORMAT, "unsupported content format",
+                          f"expected content format {' or '.join(str(f) for f in formats)}")
+
+    @staticmethod
+    def accepted(request, *formats: int) -> int:
+        """The response format: the request's Accept if we offer it, else 4.06; default the first."""
+        accept = request.opt.accept
+        if accept is None:
+            return formats[0]
+        if int(accept) not in formats:
+            raise Problem(codes.NOT_ACCEPTABLE, "not acceptable",
+                          f"this resource offers content format {' or '.join(str(f) for f in formats)}")
+        return int(accept)
+
+
+def _certificate_response(issued, fmt: int, chain) -> aiocoap.Message:
+    if fmt == CT_PKIX_CERT:
+        payload = issued.cert.public_bytes(serialization.Encoding.DER)
+    else:
+        payload = pkcs7.serialize_certificates([issued.cert, *chain], serialization.Encoding.DER)
+    return aiocoap.Message(code=codes.CHANGED, payload=payload, content_format=fmt)
+
+
+class Crts(_Resource):
+    rt = "ace.est.crts"
+    ct = f"{CT_PKCS7_CERTS} {CT_PKIX_CERT}"
+
+    def __init__(self, service, certs) -> None:
+        super().__init__(service)
+        self.certs = certs     # [root, operational CA]
+
+    async def render_get(self, request):
+        if identity_of(request) is None:
+            raise Problem(codes.UNAUTHORIZED, "device certificate required")
+        fmt = self.accepted(request, CT_PKCS7_CERTS, CT_PKIX_CERT)
+        if fmt == CT_PKIX_CERT:     # one certificate only: the trust anchor
+            payload = self.certs[0].public_bytes(serialization.Encoding.DER)
+        else:
+            payload = pkcs7.serialize_certificates(list(self.certs), serialization.Encoding.DER)
+        return aiocoap.Message(code=codes.CONTENT, payload=payload, content_format=fmt)
+
+
+class SimpleEnroll(_Resource):
+    rt = "ace.est.sen"
+    ct = f"{CT_PKCS10} {CT_PKIX_CERT} {CT_PKCS7_CERTS}"
+
+    def __init__(self, service, chain) -> None:
+        super().__init__(service)
+        self.chain = chain        # certificates after the leaf in a 281 answer: the operational CA
+
+    async def render_post(self, request):
+        self.require_format(request, CT_PKCS10)
+        fmt = self.accepted(request, CT_PKIX_CERT, CT_PKCS7_CERTS)
+        issued = self.service.enroll(identity_of(request), request.payload)
+        return _certificate_response(issued, fmt, self.chain)
+
+
+class SimpleReenroll(SimpleEnroll):
+    rt = "ace.est.sren"
+
+    async def render_post(self, request):
+        self.require_format(request, CT_PKCS10)
+        fmt = self.accepted(request, CT_PKIX_CERT, CT_PKCS7_CERTS)
+        issued = self.service.renew(identity_of(request), request.payload)
+        return _certificate_response(issued, fmt, self.chain)
+
+
+class Nonce(_Resource):
+    rt = "devid.attest.nonce"
+    ct = str(CT_CBOR)
+
+    async def render_get(self, request):
+        self.accepted(request, CT_CBOR)
+        record = self.service.nonce(identity_of(request))
+        body = {"nonce": record.value, "expires": int(record.expires_at.timestamp())}
+        return aiocoap.Message(code=codes.CONTENT, payload=cbor2.dumps(body), content_format=CT_CBOR)
+
+
+class Evidence(_Resource):
+    rt = "devid.attest.evidence"
+    ct = str(CT_CBOR)
+    max_body = MAX_EVIDENCE_SIZE
+
+    async def render_post(self, request):
+        if request.opt.content_format is not None:
+            self.require_format(request, CT_CBOR)
+        self.accepted(request, CT_CBOR)
+        evaluation = self.service.evidence(identity_of(request), request.payload)
+        verdict = evaluation.appraisal.verdict
+        body = {"verdict": verdict.tier.value, "acceptable": verdict.acceptable,
+                "reasons": [r.as_json() for r in verdict.reasons], "log_seq": evaluation.entry.seq,
+                "revoked": verdict.revoke}
+        return aiocoap.Message(code=codes.CHANGED, payload=cbor2.dumps(body), content_format=CT_CBOR)
+
+
+class Config(_Resource):
+    rt = "devid.config"
+    ct = f"{CT_CBOR} {CT_JSON}"
+
+    async def render_get(self, request):
+        fmt = self.accepted(request, CT_CBOR, CT_JSON)
+        config = self.service.configuration(identity_of(request))
+        if fmt == CT_JSON:
+            view = dict(config, trust_anchors=[
+                serialization_pem(der) for der in config["trust_anchors"]])
+            return aiocoap.Message(code=codes.CONTENT, payload=json.dumps(view).encode(), content_format=CT_JSON)
+        return aiocoap.Message(code=codes.CONTENT, payload=cbor2.dumps(config), content_format=CT_CBOR)
+
+
+def serialization_pem(der: bytes) -> str:
+    from cryptography import x509
+    return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def add_enrollment_resources(site: resource.Site, service: EnrollmentService, root, operational_ca) -> None:
+    site.add_resource([".well-known", "est", "crts"], Crts(service, [root, operational_ca]))
+    site.add_resource([".well-known", "est", "sen"], SimpleEnroll(service, [operational_ca]))
+    site.add_resource([".well-known", "est", "sren"], SimpleReenroll(service, [operational_ca]))
+    site.add_resource(["attest", "nonce"], Nonce(service))
+    site.add_resource(["attest", "evidence"], Evidence(service))
+    site.add_resource(["config"], Config(service))
