@@ -1,32 +1,58 @@
 """`devid demo`: the main job on the embedded default, end to end on one machine.
 
-Until the CoAP/DTLS gateway lands, the demo runs the offline half of the life cycle: create the
-CA on first use, provision a handful of factory identities, issue each an operational identity
-from a CSR made with a fresh device key (what enrollment will do over the network), validate
-both identities, revoke one device, publish CRLs, and show the registry.
+Create the CA on first use (and a demo attestation policy if there is none), provision a
+handful of factory identities, start the gateway on loopback, enroll every device over
+CoAP/DTLS exactly as the field engineer's script does (nonce, signed evidence, EST /sen,
+configuration), renew one, revoke one and show that it is refused, then print the device table
+and the attestation log and stop the gateway.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
+import socket
 from datetime import datetime, timezone
-from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
-from ca.hierarchy import CA_NAMES
-from ca.keys import plain_key, write_private_file
-from ca.revocation import build_crl, revoke_device
-from ca.validation import DeviceVerifier
+from ca.revocation import revoke_device
 
 from . import output
+from .attestation_store import SQLiteAttestationStore
 from .datadir import DataDir
+from .device import EnrollFailed, Firmware, renew
 from .provisioning import provision
+from .server import POLICY_FILE, Gateway, GatewayConfig
+from .simulator import simulate
+
+DEVICE_TYPE = "temperature-sensor"
+DEMO_IMAGE = b"devid demo firmware image, version 1.0.0\n"
+DEMO_FIRMWARE = ("demo-sensor-fw", "1.0.0")
+
+DEMO_POLICY = """\
+# Written by `devid demo` because no policy existed. Format: docs/attestation.md.
+version = 1
+
+[device_types.{device_type}]
+attestation = "required"
+accept = "affirming"
+revoke_on_contraindicated = true
+
+[[device_types.{device_type}.firmware]]
+name = "{name}"
+version = "{version}"
+digest = "sha-256:{digest}"
+"""
 
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_demo(data: DataDir, count: int = 5) -> int:
@@ -34,45 +60,76 @@ def run_demo(data: DataDir, count: int = 5) -> int:
         print(f"== no CA in {data.path}: creating one")
         data.init(_now())
     data.require()
+    digest = hashlib.sha256(DEMO_IMAGE).hexdigest()
+    policy_path = data.path / POLICY_FILE
+    if not policy_path.exists():
+        policy_path.write_text(DEMO_POLICY.format(device_type=DEVICE_TYPE, name=DEMO_FIRMWARE[0],
+                                                  version=DEMO_FIRMWARE[1], digest=digest))
+        print(f"== wrote a demo attestation policy to {policy_path}")
     registry = data.open_registry()
-    ca = data.authority(registry)
-    out = data.path / "devices"
-    print(f"== provisioning {count} factory identities into {out}")
-    result = provision(ca, count=count, device_type="temperature-sensor", out=out,
-                       manufacturing_pem=data.cert_pem("manufacturing"), root_pem=data.cert_pem("root"),
-                       serial_prefix="DEMO", now=_now)
-    print(f"   {len(result.serials)} identities in {result.seconds * 1000:.0f} ms")
-    factory = DeviceVerifier(data.cert("manufacturing"), "factory", ca.settings, registry)
-    operational = DeviceVerifier(data.cert("operational"), "operational", ca.settings, registry)
-    print("== each device: validate its factory identity, then get an operational one from a CSR")
-    for serial in result.serials:
-        bundle = out / serial
-        idevid = x509.load_pem_x509_certificate((bundle / "cert.pem").read_bytes())
-        factory.verify(idevid, now=_now())
-        op_key = ec.generate_private_key(ec.SECP256R1())
-        csr = (x509.CertificateSigningRequestBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "ignored by the CA")]))
-               .sign(op_key, hashes.SHA256()))
-        issued = ca.issue_operational(csr.public_bytes(serialization.Encoding.DER), serial, _now())
-        write_private_file(bundle / "op-key.pem", plain_key(op_key), exclusive=False)
-        (bundle / "op-cert.pem").write_bytes(issued.pem)
-        ident = operational.verify(issued.cert, now=_now())
-        print(f"   {serial}: IDevID ok -> LDevID {issued.cert.serial_number:x} "
-              f"(until {output.ts(issued.cert.not_valid_after_utc)}), identity {ident.device_type}")
-    victim = result.serials[-1]
-    revoked = revoke_device(registry, victim, "keyCompromise", _now())
-    print(f"== revoked {victim}: {len(revoked)} certificate(s)")
-    data.crl_dir.mkdir(exist_ok=True)
-    for name in CA_NAMES:
-        info = build_crl(data.issuer(name), registry, _now())
-        (data.crl_dir / f"{name}.crl.pem").write_bytes(info.crl.public_bytes(serialization.Encoding.PEM))
-        print(f"   CRL {name}: number {info.number}, {info.entries} revoked")
-    print("== registry")
-    devices = [registry.get_device(s) for s in result.serials]
+    try:
+        out = data.path / "devices"
+        result = provision(data.authority(registry), count=count, device_type=DEVICE_TYPE, out=out,
+                           manufacturing_pem=data.cert_pem("manufacturing"), root_pem=data.cert_pem("root"),
+                           serial_prefix="DEMO", now=_now)
+        print(f"== provisioned {len(result.serials)} factory identities into {out}")
+        bundles = [out / s for s in result.serials]
+        for b in bundles:      # what the device's firmware would know about itself
+            (b / "firmware.json").write_text(json.dumps({"name": DEMO_FIRMWARE[0], "version": DEMO_FIRMWARE[1],
+                                                         "digest": f"sha-256:{digest}"}) + "\n")
+        code = asyncio.run(_run(data, bundles))
+        _print_registry(registry, result.serials)
+        return code
+    finally:
+        registry.close()
+
+
+async def _run(data: DataDir, bundles) -> int:
+    port = _free_port()
+    gateway = Gateway(data, GatewayConfig(listen=[("127.0.0.1", port)]))
+    await gateway.start()
+    uri = f"coaps://127.0.0.1:{port}"
+    print(f"== gateway listening on {uri}; enrolling over CoAP/DTLS")
+    try:
+        report = await simulate(uri, bundles, lambda b: Firmware.from_options(b, None, None, None, None),
+                                concurrency=4)
+        for r in sorted(report.results, key=lambda r: r.serial):
+            print(f"   {r.serial}: verdict {r.verdict}, operational certificate {r.certificate.serial_number:x} "
+                  f"until {output.ts(r.certificate.not_valid_after_utc)}, {r.seconds * 1000:.0f} ms")
+        for serial, reason in sorted(report.failures.items()):
+            print(f"   {serial}: FAILED {reason}")
+        if report.failures:
+            print(f"== {len(report.failures)} device(s) failed; check {data.path / POLICY_FILE}")
+            return 1
+        first, last = bundles[0], bundles[-1]
+        cert = await renew(first, uri)
+        print(f"== renewed {first.name} through EST /sren: certificate {cert.serial_number:x}")
+        revoked = revoke_device(gateway.registry, last.name, "keyCompromise", _now())
+        print(f"== revoked {last.name} ({len(revoked)} certificates); it tries to renew:")
+        try:
+            await renew(last, uri, timeout=5)
+            print("   UNEXPECTED: the revoked device renewed")
+            return 1
+        except EnrollFailed as exc:
+            print(f"   refused at {exc.step}: {exc.reason}")
+        return 0
+    finally:
+        await gateway.stop()
+        print("== gateway stopped")
+
+
+def _print_registry(registry, serials) -> None:
+    print("== devices")
+    devices = [registry.get_device(s) for s in serials]
     output.table(["serial", "type", "state", "enrolled", "revoked"],
                  [(d.serial, d.device_type, d.state.value, output.ts(d.enrolled_at), output.ts(d.revoked_at))
                   for d in devices])
+    print("== attestation log (this run)")
+    store = SQLiteAttestationStore(registry)
+    entries = [e for e in store.log_entries() if e.device_serial in set(serials)]
+    output.table(["seq", "time", "device", "verdict", "accepted", "firmware", "reasons"],
+                 [(e.seq, e.time, e.device_serial, e.tier.value, "yes" if e.acceptable else "no",
+                   f"{e.claims.get('swname')} {e.claims.get('swversion')}" if e.claims else "-",
+                   ", ".join(e.codes) or "-") for e in entries])
     counts = registry.count_devices()
     print("registry totals: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
-    print(f"data directory: {data.path} (bundles in {out})")
-    return 0

@@ -34,6 +34,7 @@ from attestation.evidence import Evidence, fw_digest_of, sign_evidence
 from ca import keys
 
 from .client import BundleError, device_context, load_bundle
+from .dtls.transport import DTLSHandshakeError
 
 CT_CBOR = 60
 CT_PKCS7_CERTS = 281
@@ -117,6 +118,9 @@ async def _request(ctx, step: str, timeout: float, **kw):
         response = await asyncio.wait_for(ctx.request(aiocoap.Message(**kw)).response, timeout)
     except asyncio.TimeoutError:
         raise EnrollFailed(step, f"no answer from the gateway within {timeout:.0f} s") from None
+    except DTLSHandshakeError as exc:
+        raise EnrollFailed("connect", f"the DTLS handshake failed ({exc}); if the gateway sent an alert, it "
+                                      "refused this device's certificate (revoked, expired or unknown)") from None
     except aiocoap.error.Error as exc:
         raise EnrollFailed(step, str(exc) or exc.__class__.__name__) from None
     if not response.code.is_successful():
