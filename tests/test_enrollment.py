@@ -1,0 +1,426 @@
+"""Zero-touch enrollment end to end over loopback DTLS: the device flow, every authorization rule,
+and threats 1-7 of shared/design/threats.md."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+from pathlib import Path
+
+import aiocoap
+import cbor2
+import pytest
+from aiocoap.numbers import codes
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import pkcs7
+
+from attestation.evidence import Evidence, sign_evidence
+from ca import keys
+from ca.revocation import revoke_device
+from ca.store import CertStatus, DeviceState
+from gateway.attestation_store import SQLiteAttestationStore
+from gateway.client import device_context
+from gateway.device import EnrollFailed, Firmware, enroll, fetch_config, renew
+from gateway.provisioning import provision
+from gateway.server import POLICY_FILE, Gateway, GatewayConfig
+
+from .conftest import NOW, make_csr
+
+IMAGE = b"sensor firmware 3.1.0"
+FW = Firmware("sha-256", hashlib.sha256(IMAGE).digest(), "sensor-fw", "3.1.0")
+POLICY = f"""
+version = 1
+[device_types.temperature-sensor]
+[[device_types.temperature-sensor.firmware]]
+name = "sensor-fw"
+version = "3.1.0"
+digest = "sha-256:{FW.digest.hex()}"
+
+[device_types.meter]
+revoke_on_contraindicated = true
+[[device_types.meter.firmware]]
+name = "sensor-fw"
+version = "3.1.0"
+digest = "sha-256:{FW.digest.hex()}"
+
+[device_types.strict-sensor]
+reenroll = false
+[[device_types.strict-sensor.firmware]]
+name = "sensor-fw"
+version = "3.1.0"
+digest = "sha-256:{FW.digest.hex()}"
+
+[device_types.legacy-sensor]
+attestation = "waived"
+"""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def world(data, ca, tmp_path):
+    (data.path / POLICY_FILE).write_text(POLICY)
+    out = tmp_path / "factory"
+    for dtype, prefix, n in (("temperature-sensor", "TS", 4), ("meter", "MT", 1), ("strict-sensor", "ST", 1),
+                             ("legacy-sensor", "LG", 1), ("unlisted-type", "UN", 1)):
+        provision(ca, count=n, device_type=dtype, out=out, serial_prefix=prefix, now=lambda: NOW,
+                  manufacturing_pem=data.cert_pem("manufacturing"), root_pem=data.cert_pem("root"))
+    return data, out
+
+
+def run_with_gateway(data, body):
+    """Start the real gateway on loopback, run `body(uri, gateway)`, stop the gateway."""
+    async def main():
+        port = free_port()
+        gw = Gateway(data, GatewayConfig(listen=[("127.0.0.1", port)], revocation_check_interval=0.2))
+        await gw.start()
+        try:
+            return await body(f"coaps://127.0.0.1:{port}", gw)
+        finally:
+            await gw.stop()
+    return asyncio.run(main())
+
+
+async def request(ctx, uri, code=codes.GET, **kw):
+    return await asyncio.wait_for(ctx.request(aiocoap.Message(code=code, uri=uri, **kw)).response, 15)
+
+
+def problem(response) -> dict:
+    assert response.opt.content_format == 257, response
+    return cbor2.loads(response.payload)
+
+
+def token_for(bundle: Path, nonce: bytes, **changes) -> bytes:
+    key = keys.load_plain_key(bundle / "key.pem")
+    cert = x509.load_pem_x509_certificate((bundle / "cert.pem").read_bytes())
+    dtype = [e.value.value[2:] for e in cert.extensions if isinstance(e.value, x509.UnrecognizedExtension)][0]
+    fields = dict(nonce=nonce, ueid=b"\x01" + bytes(16), oemid=12345, hwmodel=dtype, swname=FW.name,
+                  swversion=FW.version, fw_alg=FW.alg, fw_digest=FW.digest, secure_boot=True, dbgstat=2,
+                  bootcount=1, iat=int(NOW.timestamp()))
+    signer = changes.pop("signer", key)
+    fields.update(changes)
+    return sign_evidence(Evidence(**fields), signer)
+
+
+# -- the whole life cycle ---------------------------------------------------------------------------
+
+def test_provision_serve_enroll_config_renew_revoke_refused(world):
+    data, out = world
+    dev = out / "TS00000001"
+
+    async def body(uri, gw):
+        steps = []
+        result = await enroll(dev, uri, FW, report=lambda s, t: steps.append(s))
+        assert steps == ["nonce", "evidence", "enroll", "config"] and result.verdict == "affirming"
+        op = x509.load_pem_x509_certificate((dev / "op-cert.pem").read_bytes())
+        chain = x509.load_pem_x509_certificates((dev / "op-chain.pem").read_bytes())
+        assert chain[0] == op and chain[1] == data.cert("operational")
+        assert oct((dev / "op-key.pem").stat().st_mode & 0o777) == "0o600"
+        config = cbor2.loads((dev / "config.cbor").read_bytes())
+        assert config["device"] == "TS00000001" and config["endpoints"]["gateway"].startswith("coaps://")
+        assert config["trust_anchors"][0] == data.cert("root").public_bytes(serialization.Encoding.DER)
+        assert (dev / "config.json").exists()
+        renewed = await renew(dev, uri)
+        assert renewed.serial_number != op.serial_number
+        certs = {c.serial: c.status for c in gw.registry.certificates_for_device("TS00000001")}
+        assert certs[op.serial_number] is CertStatus.SUPERSEDED and certs[renewed.serial_number] is CertStatus.CURRENT
+        assert await fetch_config(dev, uri)            # the renewed identity works
+        revoke_device(gw.registry, "TS00000001", "keyCompromise", NOW)
+        with pytest.raises(EnrollFailed) as refused:
+            await renew(dev, uri, timeout=5)
+        assert refused.value.step == "connect"
+        entries = SQLiteAttestationStore(gw.registry).log_entries(device_serial="TS00000001")
+        assert [e.tier.value for e in entries] == ["affirming"]
+    run_with_gateway(data, body)
+    assert data.open_registry().get_device("TS00000001").state is DeviceState.REVOKED
+
+
+def test_the_enroll_command_end_to_end(world):
+    """`devid enroll` as a field engineer runs it, against `devid serve` as a separate process."""
+    import os
+    import subprocess
+    import sys
+    data, out = world
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "DEVID_CA_PASSPHRASE"}
+    env["DEVID_DATA"] = str(data.path)
+    serve = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{port}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    try:
+        assert "listening" in serve.stdout.readline().decode()
+        image = out / "fw.bin"
+        image.write_bytes(IMAGE)
+        base = ["--gateway", f"coaps://127.0.0.1:{port}", "--device", str(out / "TS00000002")]
+        cmd = [sys.executable, "-m", "gateway.cli", "enroll", *base, "--firmware", str(image),
+               "--firmware-name", FW.name, "--firmware-version", FW.version]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert "[1/4] nonce" in proc.stdout and "[4/4] config" in proc.stdout and "OK: device TS00000002" in proc.stdout
+        again = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)    # safe to rerun
+        assert again.returncode == 0, again.stderr
+        wrong = subprocess.run([sys.executable, "-m", "gateway.cli", "enroll", *base, "--firmware-digest",
+                                "ab" * 32, "--firmware-name", FW.name, "--firmware-version", FW.version],
+                               capture_output=True, text=True, timeout=60, env=env)
+        assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
+        assert wrong.stderr.count("\n") == 1 and "evidence" in wrong.stderr and "firmware-unknown" in wrong.stderr
+        renew_proc = subprocess.run([sys.executable, "-m", "gateway.cli", "renew", *base[:2], "--device",
+                                     str(out / "TS00000002")], capture_output=True, text=True, timeout=60, env=env)
+        assert renew_proc.returncode == 0 and "OK: renewed" in renew_proc.stdout, renew_proc.stderr
+    finally:
+        serve.terminate()
+        serve.wait(15)
+
+
+# -- authorization rules -------------------------------------------------------------------------------
+
+def test_factory_identity_rules(world):
+    data, out = world
+    dev = out / "TS00000003"
+
+    async def body(uri, gw):
+        ctx, _ = await device_context(dev, "127.0.0.1")
+        try:
+            # /sen without a verdict: refused
+            r = await request(ctx, f"{uri}/.well-known/est/sen", codes.POST, payload=make_csr()[0],
+                              content_format=286)
+            assert r.code == codes.FORBIDDEN and problem(r)[-1] == "attestation required"
+            # factory identities may not use /sren or /config
+            for path, code in (("/.well-known/est/sren", codes.POST), ("/config", codes.GET)):
+                r = await request(ctx, uri + path, code, payload=make_csr()[0] if code == codes.POST else b"",
+                                  **({"content_format": 286} if code == codes.POST else {}))
+                assert r.code == codes.FORBIDDEN and problem(r)[-1] == "wrong identity for this resource"
+            # an acceptable verdict allows exactly one enrollment
+            nonce = cbor2.loads((await request(ctx, f"{uri}/attest/nonce")).payload)["nonce"]
+            r = await request(ctx, f"{uri}/attest/evidence", codes.POST, payload=token_for(dev, nonce),
+                              content_format=60)
+            assert r.code == codes.CHANGED and cbor2.loads(r.payload)["verdict"] == "affirming"
+            key = ec.generate_private_key(ec.SECP256R1())
+            r = await request(ctx, f"{uri}/.well-known/est/sen", codes.POST, payload=make_csr(key)[0],
+                              content_format=286)
+            assert r.code == codes.CHANGED and r.opt.content_format == 287
+            cert = x509.load_der_x509_certificate(r.payload)
+            assert cert.public_key() == key.public_key()
+            r = await request(ctx, f"{uri}/.well-known/est/sen", codes.POST, payload=make_csr()[0],
+                              content_format=286)
+            assert r.code == codes.FORBIDDEN and problem(r)[-1] == "attestation required"
+            # wrong content formats and Accept values
+            r = await request(ctx, f"{uri}/.well-known/est/sen", codes.POST, payload=make_csr()[0],
+                              content_format=60)
+            assert r.code == codes.UNSUPPORTED_CONTENT_FORMAT
+            r = await request(ctx, f"{uri}/.well-known/est/crts", accept=60)
+            assert r.code == codes.NOT_ACCEPTABLE
+        finally:
+            await ctx.shutdown()
+    run_with_gateway(data, body)
+
+
+def test_operational_identity_rules(world):
+    data, out = world
+    dev = out / "TS00000004"
+
+    async def body(uri, gw):
+        await enroll(dev, uri, FW)
+        ctx, _ = await device_context(dev, "127.0.0.1", cert_name="op-chain.pem", key_name="op-key.pem")
+        try:
+            for path, code in (("/attest/nonce", codes.GET), ("/.well-known/est/sen", codes.POST)):
+                r = await request(ctx, uri + path, code, payload=make_csr()[0] if code == codes.POST else b"",
+                                  **({"content_format": 286} if code == codes.POST else {}))
+                assert r.code == codes.FORBIDDEN and problem(r)[-1] == "wrong identity for this resource"
+            r = await request(ctx, f"{uri}/config", accept=50)
+            assert r.code == codes.CONTENT and b'"device": "TS00000004"' in r.payload
+            # /sren: the CA fills in this device's identity, whatever the CSR asks
+            evil = [(x509.BasicConstraints(ca=True, path_length=None), True),
+                    (x509.SubjectAlternativeName([x509.DNSName("evil.example"),
+                                                  x509.UniformResourceIdentifier("urn:dev:os:12345-TS00000001")]),
+                     False)]
+            r = await request(ctx, f"{uri}/.well-known/est/sren", codes.POST, accept=281,
+                              payload=make_csr(subject="device-TS00000001", extensions=evil)[0], content_format=286)
+            assert r.code == codes.CHANGED and r.opt.content_format == 281
+            certs = pkcs7.load_der_pkcs7_certificates(r.payload)     # a SET: no order
+            assert len(certs) == 2 and data.cert("operational") in certs
+            (leaf,) = [c for c in certs if c != data.cert("operational")]
+            assert leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            assert san.get_values_for_type(x509.DNSName) == []
+            assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["urn:dev:os:12345-TS00000004"]
+            # threat 4: a CSR whose signature does not verify, a key the profile refuses
+            bad = make_csr(subject="original-subject")[0].replace(b"original-subject", b"origami1-subject")
+            r = await request(ctx, f"{uri}/.well-known/est/sren", codes.POST, payload=bad, content_format=286)
+            assert r.code == codes.BAD_REQUEST and problem(r)[-1] == "invalid CSR"
+            r = await request(ctx, f"{uri}/.well-known/est/sren", codes.POST, content_format=286,
+                              payload=make_csr(ec.generate_private_key(ec.SECP384R1()))[0])
+            assert r.code == codes.BAD_REQUEST and problem(r)[-1] == "key not allowed"
+            r = await request(ctx, f"{uri}/.well-known/est/sren", codes.POST, payload=b"\x30\x00", content_format=286)
+            assert r.code == codes.BAD_REQUEST
+            # threat 13: a body over the cap is refused with 4.13 and Size1, Block1 or not
+            r = await request(ctx, f"{uri}/.well-known/est/sren", codes.POST, payload=b"\x30" * 9000,
+                              content_format=286)
+            assert r.code == codes.REQUEST_ENTITY_TOO_LARGE and r.opt.size1 == 4096
+        finally:
+            await ctx.shutdown()
+    run_with_gateway(data, body)
+
+
+def test_policy_waiver_reenrollment_and_unknown_types(world):
+    data, out = world
+
+    async def body(uri, gw):
+        # waived: enrolls on its certificate alone
+        result = await enroll(out / "LG00000001", uri, None)
+        assert result.verdict is None
+        # re-enrollment allowed by default: the earlier operational certificate is superseded
+        first = await enroll(out / "TS00000001", uri, FW)
+        second = await enroll(out / "TS00000001", uri, FW)
+        statuses = {c.serial: c.status for c in gw.registry.certificates_for_device("TS00000001")}
+        assert statuses[first.certificate.serial_number] is CertStatus.SUPERSEDED
+        assert statuses[second.certificate.serial_number] is CertStatus.CURRENT
+        # reenroll = false
+        await enroll(out / "ST00000001", uri, FW)
+        with pytest.raises(EnrollFailed, match="re-enrollment not allowed"):
+            await enroll(out / "ST00000001", uri, FW)
+        # a device type the policy does not know cannot even get a good verdict
+        with pytest.raises(EnrollFailed) as unknown:
+            await enroll(out / "UN00000001", uri, FW)
+        assert unknown.value.step == "evidence" and "device-type-unknown" in unknown.value.reason
+        with pytest.raises(EnrollFailed, match="device type not enrolled"):
+            await enroll(out / "UN00000001", uri, None)
+    run_with_gateway(data, body)
+
+
+def test_contraindicated_verdict_revokes_when_policy_says_so(world):
+    data, out = world
+
+    async def body(uri, gw):
+        with pytest.raises(EnrollFailed, match="contraindicated"):
+            await enroll(out / "MT00000001", uri, Firmware("sha-256", b"\x01" * 32, "sensor-fw", "3.1.0"))
+        assert gw.registry.get_device("MT00000001").state is DeviceState.REVOKED
+        # a temperature-sensor with the same finding is refused but not revoked (policy default)
+        with pytest.raises(EnrollFailed, match="contraindicated"):
+            await enroll(out / "TS00000002", uri, FW, secure_boot=False)
+        assert gw.registry.get_device("TS00000002").state is DeviceState.MANUFACTURED
+    run_with_gateway(data, body)
+
+
+# -- threats 1-3 ---------------------------------------------------------------------------------------
+
+def test_nonce_replay_staleness_other_device_bad_signature(world):
+    data, out = world
+    a, b = out / "TS00000001", out / "TS00000002"
+
+    async def body(uri, gw):
+        ca_, _ = await device_context(a, "127.0.0.1")
+        cb, _ = await device_context(b, "127.0.0.1")
+        try:
+            async def verdict(ctx, token):
+                r = await request(ctx, f"{uri}/attest/evidence", codes.POST, payload=token, content_format=60)
+                assert r.code == codes.CHANGED
+                body = cbor2.loads(r.payload)
+                return body["verdict"], [x["code"] for x in body["reasons"]]
+
+            nonce = cbor2.loads((await request(ca_, f"{uri}/attest/nonce")).payload)["nonce"]
+            assert len(nonce) >= 16
+            token = token_for(a, nonce)
+            assert await verdict(ca_, token) == ("affirming", [])
+            tier, codes_ = await verdict(ca_, token)                       # replay, new message ID
+            assert tier == "contraindicated" and "nonce-replayed" in codes_
+            # a nonce issued to device A, used by device B
+            nonce_a = cbor2.loads((await request(ca_, f"{uri}/attest/nonce")).payload)["nonce"]
+            tier, codes_ = await verdict(cb, token_for(b, nonce_a))
+            assert tier == "contraindicated" and any(c.startswith("nonce-") for c in codes_)
+            # unknown firmware, bad signature
+            n = cbor2.loads((await request(cb, f"{uri}/attest/nonce")).payload)["nonce"]
+            tier, codes_ = await verdict(cb, token_for(b, n, fw_digest=b"\x02" * 32))
+            assert tier == "contraindicated" and "firmware-unknown" in codes_
+            n = cbor2.loads((await request(cb, f"{uri}/attest/nonce")).payload)["nonce"]
+            tier, codes_ = await verdict(cb, token_for(b, n, signer=ec.generate_private_key(ec.SECP256R1())))
+            assert tier == "contraindicated"
+            # none of these allows an enrollment; all were logged
+            r = await request(cb, f"{uri}/.well-known/est/sen", codes.POST, payload=make_csr()[0], content_format=286)
+            assert r.code == codes.FORBIDDEN
+            assert len(SQLiteAttestationStore(gw.registry).log_entries()) == 5
+        finally:
+            await ca_.shutdown()
+            await cb.shutdown()
+    run_with_gateway(data, body)
+
+
+def test_duplicate_coap_message_gets_the_cached_response(world):
+    """Threat 1, same message ID: the CoAP duplicate is answered from the exchange cache, the
+    evidence is evaluated (and logged) once."""
+    from gateway.dtls import engine as E
+    from .dtls_helpers import client_context_from_bundle
+    data, out = world
+    dev = out / "TS00000003"
+
+    async def body(uri, gw):
+        port = int(uri.rsplit(":", 1)[1])
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        class Proto(asyncio.DatagramProtocol):
+            def datagram_received(self, data_, addr):
+                queue.put_nowait(data_)
+        transport, _ = await loop.create_datagram_endpoint(Proto, remote_addr=("127.0.0.1", port))
+        client = E.ClientEngine(client_context_from_bundle(dev), ("127.0.0.1", port))
+        received = []
+
+        async def pump(out_, until, timeout=10):
+            for _, dg in out_.datagrams:
+                transport.sendto(dg)
+            end = loop.time() + timeout
+            while not until() and loop.time() < end:
+                try:
+                    dg = await asyncio.wait_for(queue.get(), 0.5)
+                except asyncio.TimeoutError:
+                    continue
+                o = client.receive(dg, loop.time())
+                received.extend(e.data for e in o.events if isinstance(e, E.ApplicationData))
+                for _, d in o.datagrams:
+                    transport.sendto(d)
+
+        await pump(client.start(loop.time()), lambda: client.established)
+        def con(mid, token, **kw):
+            m = aiocoap.Message(**kw)
+            m.mtype, m.mid, m.token = aiocoap.CON, mid, token
+            return m.encode()
+        get_nonce = con(0x1001, b"\x01", code=codes.GET, uri_path=["attest", "nonce"])
+        await pump(client.send(get_nonce, loop.time()), lambda: len(received) == 1)
+        nonce = cbor2.loads(aiocoap.Message.decode(received[0]).payload)["nonce"]
+        wire = con(0x1002, b"\x02", code=codes.POST, uri_path=["attest", "evidence"], content_format=60,
+                   payload=token_for(dev, nonce))
+        await pump(client.send(wire, loop.time()), lambda: len(received) == 2)
+        await pump(client.send(wire, loop.time()), lambda: len(received) == 3)
+        first, second = (aiocoap.Message.decode(m) for m in received[1:3])
+        assert first.code == second.code == codes.CHANGED and first.payload == second.payload
+        assert cbor2.loads(first.payload)["verdict"] == "affirming"
+        assert len(SQLiteAttestationStore(gw.registry).log_entries(device_serial="TS00000003")) == 1
+        transport.close()
+    run_with_gateway(data, body)
+
+
+def test_est_crts_and_well_known_core(world):
+    data, out = world
+
+    async def body(uri, gw):
+        ctx, _ = await device_context(out / "TS00000001", "127.0.0.1")
+        try:
+            r = await request(ctx, f"{uri}/.well-known/est/crts")
+            assert r.code == codes.CONTENT and r.opt.content_format == 281
+            got = pkcs7.load_der_pkcs7_certificates(r.payload)
+            assert len(got) == 2 and set(got) == {data.cert("root"), data.cert("operational")}
+            r = await request(ctx, f"{uri}/.well-known/est/crts", accept=287)
+            assert x509.load_der_x509_certificate(r.payload) == data.cert("root")
+            wkc = (await request(ctx, f"{uri}/.well-known/core")).payload.decode()
+            for rt in ("ace.est.crts", "ace.est.sen", "ace.est.sren", "devid.attest.nonce",
+                       "devid.attest.evidence", "devid.config"):
+                assert f'rt="{rt}"' in wkc, wkc
+        finally:
+            await ctx.shutdown()
+    run_with_gateway(data, body)
