@@ -424,3 +424,37 @@ def test_est_crts_and_well_known_core(world):
         finally:
             await ctx.shutdown()
     run_with_gateway(data, body)
+
+
+def test_libcoap_client_gets_crts_and_enrolls_with_a_der_csr(world, tmp_path):
+    """A device built on libcoap, not on our code: coap-client-openssl fetches /crts and enrolls
+    through /sen with a DER CSR (content format 286), for a device type whose policy waives
+    attestation."""
+    import subprocess
+    from .conftest import tool
+    data, out = world
+    dev = out / "LG00000001"
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = tmp_path / "op.csr"
+    csr.write_bytes(make_csr(key)[0])
+
+    async def body(uri, gw):
+        auth = ["-c", str(dev / "chain.pem"), "-j", str(dev / "key.pem"), "-R", str(dev / "ca.pem")]
+        crts = tmp_path / "crts.p7"
+        proc = await asyncio.create_subprocess_exec(
+            tool("coap-client-openssl"), "-m", "get", *auth, "-o", str(crts), "-B", "10",
+            f"{uri}/.well-known/est/crts", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        await proc.communicate()
+        got = pkcs7.load_der_pkcs7_certificates(crts.read_bytes())
+        assert set(got) == {data.cert("root"), data.cert("operational")}
+        cert_file = tmp_path / "op.der"
+        proc = await asyncio.create_subprocess_exec(
+            tool("coap-client-openssl"), "-m", "post", *auth, "-t", "286", "-A", "287", "-f", str(csr),
+            "-o", str(cert_file), "-B", "10", f"{uri}/.well-known/est/sen",
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _, err = await proc.communicate()
+        cert = x509.load_der_x509_certificate(cert_file.read_bytes())
+        assert cert.public_key() == key.public_key(), err
+        assert cert.issuer == data.cert("operational").subject
+        assert gw.registry.get_device("LG00000001").state is DeviceState.ENROLLED
+    run_with_gateway(data, body)
