@@ -256,9 +256,17 @@ def cmd_serve(args) -> int:
     config = GatewayConfig(limits=limits)
     if listen:
         config.listen = listen
+    workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
+    if workers < 1:
+        raise CLIError("--workers must be at least 1")
+    if workers > 1:
+        from .server import serve_workers
+        data.issuer("gateway")          # a wrong passphrase is one clear error here, not N in the workers
+        return serve_workers(data, config, workers, args.log_level)
     configure_logging(args.log_level)
     try:
-        return asyncio.run(serve(data, config))
+        asyncio.run(serve(data, config))
+        return 0
     except OSError as exc:
         raise CLIError(f"cannot listen: {exc.strerror or exc}") from None
 
@@ -420,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--handshake-timeout", type=float, default=30.0, metavar="S")
     s.add_argument("--idle-timeout", type=float, default=600.0, metavar="S")
     s.add_argument("--mtu", type=int, default=1280, help="largest datagram sent (default 1280)")
+    s.add_argument("--workers", type=int, metavar="N",
+                   help="gateway processes sharing the port (SO_REUSEPORT) and the registry (default: one per core)")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     s.set_defaults(func=cmd_serve)
 

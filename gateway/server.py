@@ -14,6 +14,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 import aiocoap
 import aiocoap.resource as resource
@@ -121,29 +122,119 @@ class Gateway:
         self.registry.close()
 
 
-async def serve(data: DataDir, config: GatewayConfig, ready=None) -> int:
+def _addresses(addrs) -> str:
+    return ", ".join(f"coaps://{'[' + h + ']' if ':' in h else h}:{p}" for h, p in addrs)
+
+
+def _stats_line(stats: dict) -> str:
+    return (f"{stats['handshakes']} handshakes, {stats['resumed']} resumed, {stats['failed']} refused, "
+            f"{stats['cookies_sent']} cookies")
+
+
+async def serve(data: DataDir, config: GatewayConfig, ready=None, announce: bool = True) -> dict:
+    """Run one gateway until SIGINT/SIGTERM; returns its DTLS statistics."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     gateway = Gateway(data, config)
     await gateway.start()
-    addrs = ", ".join(f"coaps://{'[' + h + ']' if ':' in h else h}:{p}" for h, p in gateway.addresses)
-    print(f"devid gateway listening on {addrs}", flush=True)
+    if announce:
+        print(f"devid gateway listening on {_addresses(gateway.addresses)}", flush=True)
     if ready is not None:
         ready(gateway)
     await stop.wait()
-    print("devid gateway: shutting down", flush=True)
+    if announce:
+        print("devid gateway: shutting down", flush=True)
     await gateway.stop()
-    s = gateway.engine.stats
-    print(f"devid gateway: stopped ({s.handshakes} handshakes, {s.resumed} resumed, {s.failed} refused, "
-          f"{s.cookies_sent} cookies)", flush=True)
-    return 0
+    stats = vars(gateway.engine.stats).copy()
+    if announce:
+        print(f"devid gateway: stopped ({_stats_line(stats)})", flush=True)
+    return stats
 
 
-def configure_logging(level: str = "INFO") -> None:
+def _worker(path: str, config: GatewayConfig, log_level: str, index: int, queue) -> None:
+    """One worker process of `devid serve --workers N`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)        # the parent turns ^C into SIGTERM for us
+    configure_logging(log_level, worker=index)
+    try:
+        def ready(gateway):
+            queue.put(("ready", index, gateway.addresses))
+        stats = asyncio.run(serve(DataDir(Path(path)), config, ready=ready, announce=False))
+        queue.put(("stopped", index, stats))
+    except Exception as exc:       # reported by the parent as one line
+        queue.put(("error", index, f"{exc.__class__.__name__}: {exc}"))
+
+
+def serve_workers(data: DataDir, config: GatewayConfig, workers: int, log_level: str = "INFO") -> int:
+    """`devid serve --workers N`: N processes on the same UDP ports (SO_REUSEPORT: the kernel keeps
+    each peer address, hence each DTLS session, on one worker), sharing the registry database.
+    Everything all workers must see (nonces, verdicts, revocations) lives in the registry."""
+    import multiprocessing
+    config.reuse_port = True
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(str(data.path), config, log_level, i, queue), daemon=False)
+             for i in range(workers)]
+    stopping = False
+
+    def stop(*_):
+        nonlocal stopping
+        stopping = True
+        for p in procs:
+            if p.is_alive():
+                p.terminate()            # SIGTERM: a clean shutdown in the worker
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for p in procs:
+            p.start()
+        ready = 0
+        addresses = None
+        totals: dict[str, int] = {}
+        failed = False
+        while ready < workers and not failed:
+            kind, index, payload = queue.get()
+            if kind == "ready":
+                ready += 1
+                addresses = payload
+            elif kind == "error":
+                print(f"devid: error: worker {index}: {payload}", file=sys.stderr, flush=True)
+                failed = True
+        if failed:
+            stop()
+        else:
+            print(f"devid gateway listening on {_addresses(addresses)} ({workers} workers, pids "
+                  f"{', '.join(str(p.pid) for p in procs)})", flush=True)
+        for p in procs:
+            while p.is_alive():
+                p.join(0.5)
+        reports = 0 if failed else ready
+        import queue as queue_module
+        while reports > 0:
+            try:
+                kind, index, payload = queue.get(timeout=5)
+            except queue_module.Empty:
+                break
+            reports -= kind in ("stopped", "error")
+            if kind == "stopped":
+                for k, v in payload.items():
+                    totals[k] = totals.get(k, 0) + v
+            elif kind == "error":
+                print(f"devid: error: worker {index}: {payload}", file=sys.stderr, flush=True)
+                failed = True
+        if not failed:
+            print("devid gateway: shutting down", flush=True)
+            print(f"devid gateway: stopped ({_stats_line({k: totals.get(k, 0) for k in ('handshakes', 'resumed', 'failed', 'cookies_sent')})})", flush=True)
+        return 1 if failed else 0
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def configure_logging(level: str = "INFO", worker: int | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    tag = "" if worker is None else f" w{worker}"
+    handler.setFormatter(logging.Formatter(f"%(asctime)s{tag} %(name)s %(message)s"))
     root = logging.getLogger("devid")
     root.addHandler(handler)
     root.setLevel(level)

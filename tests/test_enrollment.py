@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import socket
 from pathlib import Path
 
@@ -458,3 +459,63 @@ def test_libcoap_client_gets_crts_and_enrolls_with_a_der_csr(world, tmp_path):
         assert cert.issuer == data.cert("operational").subject
         assert gw.registry.get_device("LG00000001").state is DeviceState.ENROLLED
     run_with_gateway(data, body)
+
+
+def test_serve_with_two_workers_shares_the_registry(world, tmp_path):
+    """`devid serve --workers 2`: both processes on one port, state only in the registry. Devices
+    enroll through `devid simulate`; attestation (nonce, verdict) and issuance may land on
+    different workers when a device reconnects, and the registry carries it over."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    data, out = world
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "DEVID_CA_PASSPHRASE"}
+    env["DEVID_DATA"] = str(data.path)
+    log = tmp_path / "serve.log"
+    serve = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
+                              "--workers", "2"], stdout=subprocess.PIPE, stderr=open(log, "wb"), env=env)
+    try:
+        first = serve.stdout.readline().decode()
+        assert "listening" in first and "2 workers" in first, first + log.read_text()
+        sub = tmp_path / "ts"
+        sub.mkdir()
+        for b in sorted(out.glob("TS*")):
+            b.rename(sub / b.name)
+            (sub / b.name / "firmware.json").write_text(
+                f'{{"name": "{FW.name}", "version": "{FW.version}", "digest": "sha-256:{FW.digest.hex()}"}}')
+        proc = subprocess.run([sys.executable, "-m", "gateway.cli", "simulate", "--gateway",
+                               f"coaps://127.0.0.1:{port}", "--devices", str(sub), "--concurrency", "4", "--json"],
+                              capture_output=True, text=True, timeout=120, env=env)
+        summary = json.loads(proc.stdout)
+        assert proc.returncode == 0 and summary["enrolled"] == 4 and summary["errors"] == 0, proc.stdout + proc.stderr
+        # a nonce issued on one connection, evidence and enrollment on fresh connections (new
+        # source ports, so possibly other workers): the registry carries the state across
+        async def split_flow():
+            dev = out / "MT00000001"
+            uri = f"coaps://127.0.0.1:{port}"
+
+            async def on_new_connection(path, code=codes.GET, **kw):
+                ctx, _ = await device_context(dev, "127.0.0.1")     # a new source port each time
+                try:
+                    return await request(ctx, uri + path, code, **kw)
+                finally:
+                    await ctx.shutdown()
+            nonce = cbor2.loads((await on_new_connection("/attest/nonce")).payload)["nonce"]
+            r = await on_new_connection("/attest/evidence", codes.POST, payload=token_for(dev, nonce),
+                                        content_format=60)
+            assert cbor2.loads(r.payload)["verdict"] == "affirming"
+            r = await on_new_connection("/.well-known/est/sen", codes.POST, payload=make_csr()[0],
+                                        content_format=286)
+            assert r.code == codes.CHANGED
+        asyncio.run(split_flow())
+        serve.send_signal(signal.SIGTERM)
+        rest = serve.stdout.read().decode()
+        assert serve.wait(30) == 0 and "stopped" in rest
+        text = log.read_text()
+        assert " w0 devid.dtls" in text and " w1 devid.dtls" in text, "only one worker served"
+        assert "Traceback" not in text
+    finally:
+        if serve.poll() is None:
+            serve.kill()
