@@ -326,6 +326,9 @@ class NullStore:
     def record_certificate(self, cert, *, supersede_profile=None, new_state=None) -> None:
         pass
 
+    def record_for_device(self, device_serial, build, *, supersede_profile=None, new_state=None):
+        return build(self._devices[device_serial])      # the device check and build, no recording
+
 
 def register_devices(ca, n: int, now: datetime, prefix: str = "BENCH") -> list[str]:
     """Register n devices (state manufactured, with a factory certificate) without writing bundles."""
