@@ -182,6 +182,10 @@ class SQLiteRegistry:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
+            # Checkpoint the WAL every 4000 pages (~16 MB) instead of 1000: each issuance writes ~6
+            # pages, and a checkpoint copies and fsyncs them into the database file. Measured: COMMIT
+            # 55-63 us instead of 66-69 us per issuance. cache_size above the default (2 MB) did not help.
+            self._db.execute("PRAGMA wal_autocheckpoint=4000")
             self._lock = threading.RLock()
             self._migrate()
         except sqlite3.DatabaseError as exc:
