@@ -17,9 +17,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from .errors import (DeviceRevoked, DuplicateDevice, InvalidCSR, KeyPolicyViolation, SerialCollision,
-                     UnknownDevice)
-from .identity import IdentitySettings, check_device_type, check_serial, fingerprint
+from .errors import DuplicateDevice, InvalidCSR, KeyPolicyViolation, SerialCollision
+from .identity import IdentitySettings, check_device_type, check_serial, fingerprint_der
 from .profiles import Profile, device_subject, extensions_for_device, get_profile
 from .store import CertificateRecord, DeviceRecord, DeviceState, Registry
 
@@ -98,7 +97,7 @@ class CertificateAuthority:
                  settings: IdentitySettings, store: Registry,
                  rand_bytes: Callable[[int], bytes] = os.urandom) -> None:
         self._issuers = issuers
-        self._aki_cache: dict[str, x509.AuthorityKeyIdentifier] = {}
+        self._aki_cache: dict[str, tuple[x509.AuthorityKeyIdentifier, hashes.HashAlgorithm]] = {}
         self.profiles = profiles
         self.settings = settings
         self.store = store
@@ -119,9 +118,10 @@ class CertificateAuthority:
         """Build and sign a device certificate. Pure: records nothing."""
         now = to_utc(now)
         issuer = self._issuers(profile.issuer)
-        aki = self._aki_cache.get(issuer.name)
-        if aki is None:
-            aki = self._aki_cache[issuer.name] = issuer.aki
+        cached = self._aki_cache.get(issuer.name)
+        if cached is None:
+            cached = self._aki_cache[issuer.name] = (issuer.aki, issuer.hash_algorithm)
+        aki, hash_algorithm = cached
         not_before = now - profile.backdate
         not_after = min(now + profile.validity, issuer.cert.not_valid_after_utc)
         builder = (x509.CertificateBuilder()
@@ -134,12 +134,19 @@ class CertificateAuthority:
         ski = x509.SubjectKeyIdentifier.from_public_key(public_key)
         for ext, critical in extensions_for_device(profile, serial, device_type, self.settings, ski, aki):
             builder = builder.add_extension(ext, critical)
-        cert = builder.sign(issuer.key, issuer.hash_algorithm)
+        cert = builder.sign(issuer.key, hash_algorithm)
+        der = cert.public_bytes(serialization.Encoding.DER)     # once: for the record and its fingerprint
         record = CertificateRecord(
             serial=cert.serial_number, issuer=issuer.name, profile=profile.name, device_serial=serial,
-            not_before=not_before, not_after=not_after, fingerprint=fingerprint(cert),
-            der=cert.public_bytes(serialization.Encoding.DER), issued_at=now)
+            not_before=not_before, not_after=not_after, fingerprint=fingerprint_der(der),
+            der=der, issued_at=now)
         return IssuedCertificate(cert, record)
+
+    def with_store(self, store: Registry) -> "CertificateAuthority":
+        """The same CA (issuers, profiles, settings, randomness) recording into another store."""
+        ca = CertificateAuthority(self._issuers, self.profiles, self.settings, store, self._rand)
+        ca._aki_cache = self._aki_cache
+        return ca
 
     # -- issuing and recording ----------------------------------------------------------------
 
@@ -148,22 +155,26 @@ class CertificateAuthority:
         """Issue an operational certificate for a registered, non-revoked device from its CSR.
 
         The device moves to `enrolled`; its previous operational certificates become superseded,
-        in the same transaction.
+        in the same transaction. The registry looks the device up inside that transaction (raising
+        UnknownDevice or DeviceRevoked) and the certificate is signed there, so the device check,
+        the record and the state change cannot interleave with a revocation.
         """
         profile = get_profile(self.profiles, profile_name)
         csr = load_csr(csr_data)
         public_key = self.check_public_key(csr.public_key(), profile)
-        device = self.store.get_device(check_serial(device_serial))
-        if device is None:
-            raise UnknownDevice(f"unknown device {device_serial}")
-        if device.state is DeviceState.REVOKED:
-            raise DeviceRevoked(f"device {device_serial} is revoked")
+        check_serial(device_serial)
+        issued: list[IssuedCertificate] = []
+
+        def build(device: DeviceRecord) -> CertificateRecord:
+            # runs inside the registry's write transaction, after its device check
+            issued.append(self.sign_device_certificate(public_key, profile, device.serial, device.device_type, now))
+            return issued[-1].record
+
         for _ in range(MAX_SERIAL_ATTEMPTS):
-            issued = self.sign_device_certificate(public_key, profile, device.serial, device.device_type, now)
             try:
-                self.store.record_certificate(issued.record, supersede_profile=profile.name,
-                                              new_state=DeviceState.ENROLLED)
-                return issued
+                self.store.record_for_device(device_serial, build, supersede_profile=profile.name,
+                                             new_state=DeviceState.ENROLLED)
+                return issued[-1]
             except DuplicateDevice:
                 raise
             except SerialCollision:

@@ -8,6 +8,8 @@ trailing byte or wrong tag is refused.
 
 from __future__ import annotations
 
+import functools
+
 from cryptography import x509
 
 TAG_OCTET_STRING = 0x04
@@ -31,7 +33,9 @@ def tlv(tag: int, value: bytes) -> bytes:
     return bytes([tag]) + _length(len(value)) + value
 
 
+@functools.lru_cache(maxsize=64)
 def oid_body(oid: x509.ObjectIdentifier) -> bytes:
+    """The content octets of an OBJECT IDENTIFIER (cached: a handful of OIDs, encoded on every certificate)."""
     arcs = [int(a) for a in oid.dotted_string.split(".")]
     out = bytearray()
     for arc in [arcs[0] * 40 + arcs[1], *arcs[2:]]:

@@ -8,6 +8,7 @@ private, non-critical extension whose value is a DER UTF8String.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -21,15 +22,16 @@ from .errors import InvalidSerial
 
 OID_HARDWARE_MODULE_NAME = x509.ObjectIdentifier("1.3.6.1.5.5.7.8.4")  # RFC 4108 id-on-hardwareModuleName
 
-SERIAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# serials go into the subject serialNumber, a PrintableString: no "_" there
+SERIAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,63}$")
 DEVICE_TYPE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$|^$")
+PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,31}$|^$")
 
 
 def check_serial(serial: str) -> str:
     if not isinstance(serial, str) or not SERIAL_RE.match(serial):
         raise InvalidSerial(
-            f"invalid device serial {serial!r}: use 1-64 characters A-Z a-z 0-9 . _ -, starting with a letter or digit")
+            f"invalid device serial {serial!r}: use 1-64 characters A-Z a-z 0-9 . -, starting with a letter or digit")
     return serial
 
 
@@ -49,13 +51,19 @@ class IdentitySettings:
     device_type_oid: str = "1.3.6.1.4.1.12345.1.1"
     hardware_type_oid: str = "1.3.6.1.4.1.12345.1.2"
 
-    @property
+    # Built once per settings object, not per certificate (cached_property writes the instance
+    # __dict__ directly, which a frozen dataclass allows; the fields themselves stay immutable).
+    @functools.cached_property
     def device_type_oid_obj(self) -> x509.ObjectIdentifier:
         return x509.ObjectIdentifier(self.device_type_oid)
 
-    @property
+    @functools.cached_property
     def hardware_type_oid_obj(self) -> x509.ObjectIdentifier:
         return x509.ObjectIdentifier(self.hardware_type_oid)
+
+    @functools.cached_property
+    def organization_rdn(self) -> x509.RelativeDistinguishedName:
+        return x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.ORGANIZATION_NAME, self.organization)])
 
     def device_urn(self, serial: str) -> str:
         return f"urn:dev:os:{self.pen}-{serial}"
@@ -63,7 +71,12 @@ class IdentitySettings:
 
 def fingerprint(cert: x509.Certificate) -> str:
     """SHA-256 over the DER certificate, lower-case hex."""
-    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    return fingerprint_der(cert.public_bytes(serialization.Encoding.DER))
+
+
+def fingerprint_der(der_bytes: bytes) -> str:
+    """`fingerprint` of a certificate already serialised to DER."""
+    return hashlib.sha256(der_bytes).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -43,10 +43,11 @@ def get_profile(profiles: dict[str, Profile], name: str) -> Profile:
 
 
 def device_subject(serial: str, settings: IdentitySettings) -> x509.Name:
+    """O=<organization>, CN=device-<serial>, serialNumber=<serial>: one attribute per RDN."""
     return x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, settings.organization),
-        x509.NameAttribute(NameOID.COMMON_NAME, f"device-{serial}"),
-        x509.NameAttribute(NameOID.SERIAL_NUMBER, serial),
+        settings.organization_rdn,
+        x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.COMMON_NAME, f"device-{serial}")]),
+        x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.SERIAL_NUMBER, serial)]),
     ])
 
 
@@ -58,6 +59,9 @@ def _key_usage(key_agreement: bool) -> x509.KeyUsage:
     return x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
                          data_encipherment=False, key_agreement=key_agreement, key_cert_sign=False,
                          crl_sign=False, encipher_only=False, decipher_only=False)
+
+
+_KEY_USAGE = {True: _key_usage(True), False: _key_usage(False)}   # immutable values, built once
 
 
 def extensions_for_device(profile: Profile, serial: str, device_type: str, settings: IdentitySettings,
@@ -72,7 +76,7 @@ def extensions_for_device(profile: Profile, serial: str, device_type: str, setti
     device_type_ext = x509.UnrecognizedExtension(settings.device_type_oid_obj, der.encode_utf8_string(device_type))
     return [
         (_NOT_CA, True),
-        (_key_usage(profile.key_agreement), True),
+        (_KEY_USAGE[profile.key_agreement], True),
         (_CLIENT_AUTH, False),
         (ski, False),
         (aki, False),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 
 class DeviceState(str, enum.Enum):
@@ -84,6 +84,16 @@ class Registry(Protocol):
                            new_state: DeviceState | None = None) -> None:
         """Store an issued certificate; in the same transaction mark the device's other current
         certificates of `supersede_profile` superseded and move the device to `new_state`.
+
+        Raises SerialCollision if the certificate serial exists.
+        """
+
+    def record_for_device(self, device_serial: str, build: Callable[[DeviceRecord], CertificateRecord], *,
+                          supersede_profile: str | None = None,
+                          new_state: DeviceState | None = None) -> CertificateRecord:
+        """Check and record in one write transaction: read the device (UnknownDevice if absent,
+        DeviceRevoked if revoked), call `build(device)` for the certificate to store, then do what
+        `record_certificate` does. Nothing is stored if any step fails.
 
         Raises SerialCollision if the certificate serial exists.
         """

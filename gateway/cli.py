@@ -231,7 +231,7 @@ def cmd_provision(args) -> int:
     progress = output.Progress("provisioning") if not args.quiet else None
     result = provision(ca, count=args.count, device_type=args.device_type, out=Path(args.out),
                        manufacturing_pem=data.cert_pem("manufacturing"), root_pem=data.cert_pem("root"),
-                       serial_prefix=args.serial_prefix, now=utcnow, progress=progress)
+                       serial_prefix=args.serial_prefix, now=utcnow, progress=progress, workers=args.workers)
     if result.recovered or result.discarded:
         print(f"recovered {result.recovered} and discarded {result.discarded} bundle(s) left by an interrupted run")
     print(f"provisioned {len(result.serials)} factory identities ({result.serials[0]} .. {result.serials[-1]}) "
@@ -417,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, metavar="DIR", help="one bundle directory per device is made here")
     s.add_argument("--serial-prefix", default=DEFAULT_PREFIX, metavar="P",
                    help=f"serials are P followed by a sequence number (default: {DEFAULT_PREFIX})")
+    s.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes building and writing bundles (default: one per CPU)")
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.set_defaults(func=cmd_provision)
 

@@ -13,18 +13,30 @@ one). Each batch's bundles are written under OUT/.partial-<serial>/, then the ba
 certificates are committed in one transaction, then the directories are renamed into place. A
 crash leaves at most partial directories, which the next run finishes (if their device was
 committed) or removes (if it was not).
+
+Several cores: with `workers` > 1, forked worker processes generate keys, sign certificates and
+write the partial bundles of whole batches (the CPU work), and hand the batch's records back. The
+parent, the only process that touches SQLite, commits each batch in one transaction and renames
+its directories, in the order the batches finish. Workers never open the registry: a forked child
+inherits the parent's SQLite state (open file descriptors, the shared-memory WAL index and the
+library's per-file lock bookkeeping), which SQLite does not support using after fork(). Workers
+die with the parent (PR_SET_PDEATHSIG on Linux), so a killed run leaves only partial directories,
+whatever the number of workers.
 """
 
 from __future__ import annotations
 
-import json
+import math
+import multiprocessing
 import os
 import shutil
+import signal
 import time
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -33,11 +45,13 @@ from ca.authority import CertificateAuthority
 from ca.errors import CAError
 from ca.identity import PREFIX_RE, check_device_type, fingerprint
 from ca.keys import plain_key
+from ca.store import CertificateRecord, DeviceRecord
 
 PARTIAL = ".partial-"
 DEFAULT_PREFIX = "SN"
 SERIAL_DIGITS = 8
 BATCH = 500
+BATCHES_PER_WORKER = 4      # smaller batches with several workers: the work evens out, progress moves
 
 
 class ProvisioningError(CAError):
@@ -58,9 +72,49 @@ def secure_element_config(serial: str, device_type: str, cert: x509.Certificate)
         "certificate": {
             "serial": format(cert.serial_number, "x"),
             "sha256_fingerprint": fingerprint(cert),
-            "not_after": cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "not_after": _utc_text(cert.not_valid_after_utc),
         },
     }
+
+
+def _utc_text(t: datetime) -> str:
+    return t.astimezone(timezone.utc).isoformat(timespec="seconds")[:19] + "Z"
+
+
+# The same text as json.dumps(secure_element_config(...), indent=2) + "\n" (a test holds them
+# equal), without the pure-Python encoder that `indent` forces (11 % of provisioning). Every value
+# put in is JSON-safe as is: serial and device type are checked against [A-Za-z0-9.-] and [a-z0-9._-], the
+# certificate serial and fingerprint are hex, the date is digits, '-', ':', 'T' and 'Z'.
+_SE_CONFIG = """{
+  "device_serial": "%s",
+  "device_type": "%s",
+  "secure_element": {
+    "type": "ATECC608A",
+    "i2c_address": "0x60",
+    "key_slots": {
+      "device_private_key": 0,
+      "device_certificate": 10,
+      "ca_certificate": 11
+    }
+  },
+  "provisioning": {
+    "lock_configuration": true,
+    "lock_data": true,
+    "enable_hardware_rng": true
+  },
+  "certificate": {
+    "serial": "%s",
+    "sha256_fingerprint": "%s",
+    "not_after": "%s"
+  }
+}
+"""
+
+
+def secure_element_json(device: DeviceRecord, record: CertificateRecord) -> bytes:
+    """secure-element-config.json for a device (validated serial and type) and its factory certificate."""
+    return (_SE_CONFIG % (device.serial, device.device_type, format(record.serial, "x"), record.fingerprint,
+                          _utc_text(record.not_after))).encode()
 
 
 @dataclass
@@ -111,52 +165,171 @@ def recover_partials(ca: CertificateAuthority, out: Path) -> tuple[int, int]:
     return recovered, discarded
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What every batch needs; handed to forked workers in memory (never pickled: it holds CA keys)."""
+
+    ca: CertificateAuthority
+    device_type: str
+    out: str
+    manufacturing_pem: bytes
+    root_pem: bytes
+    prefix: str
+    now: Callable[[], datetime]
+
+    def write_batch(self, first: int, n: int) -> list[tuple[DeviceRecord, CertificateRecord]]:
+        """Keys, certificates and partial bundles for serials first .. first+n-1; registers nothing.
+        On failure, removes the partial directories it made and re-raises."""
+        ca, device_type, out, prefix = self.ca, self.device_type, self.out, self.prefix
+        chain_tail, root_pem, curve = self.manufacturing_pem, self.root_pem, ec.SECP256R1()
+        t = self.now()
+        pairs: list[tuple[DeviceRecord, CertificateRecord]] = []
+        made: list[str] = []
+        try:
+            for number in range(first, first + n):
+                serial = f"{prefix}{number:0{SERIAL_DIGITS}d}"
+                key = ec.generate_private_key(curve)
+                device, issued = ca.new_factory_identity(key.public_key(), serial, device_type, t)
+                partial = f"{out}/{PARTIAL}{serial}"
+                os.mkdir(partial)
+                made.append(partial)
+                cert_pem = issued.pem
+                _write(f"{partial}/key.pem", plain_key(key), 0o600)
+                _write(f"{partial}/cert.pem", cert_pem)
+                _write(f"{partial}/chain.pem", cert_pem + chain_tail)
+                _write(f"{partial}/ca.pem", root_pem)
+                _write(f"{partial}/secure-element-config.json", secure_element_json(device, issued.record))
+                pairs.append((device, issued.record))
+        except BaseException:
+            for partial in made:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
+        return pairs
+
+    def commit(self, pairs: Sequence[tuple[DeviceRecord, CertificateRecord]]) -> None:
+        """Register a written batch in one transaction, then move its bundles into place. If the
+        registration fails, the batch's partial directories are removed."""
+        try:
+            self.ca.store.register_devices(pairs)
+        except BaseException:
+            self.discard(pairs)
+            raise
+        out = self.out
+        for device, _ in pairs:
+            os.rename(f"{out}/{PARTIAL}{device.serial}", f"{out}/{device.serial}")
+
+    def discard(self, pairs: Sequence[tuple[DeviceRecord, CertificateRecord]]) -> None:
+        for device, _ in pairs:
+            shutil.rmtree(f"{self.out}/{PARTIAL}{device.serial}", ignore_errors=True)
+
+
+def default_workers() -> int:
+    """One worker per CPU this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:          # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def provision(ca: CertificateAuthority, *, count: int, device_type: str, out: Path,
               manufacturing_pem: bytes, root_pem: bytes,
               serial_prefix: str = DEFAULT_PREFIX, now: Callable[[], datetime],
-              progress: Callable[[int, int], None] | None = None, batch: int = BATCH) -> ProvisionResult:
+              progress: Callable[[int, int], None] | None = None, batch: int = BATCH,
+              workers: int | None = None) -> ProvisionResult:
+    """Provision `count` new devices into `out`. `workers` processes (default: one per CPU) build
+    and write the batches; fewer are used when there are fewer batches, and none (all in this
+    process) for one batch or where fork() is not available."""
     if count <= 0:
         raise ProvisioningError("--count must be at least 1")
+    if batch <= 0:
+        raise ProvisioningError("the batch size must be at least 1")
+    if workers is not None and workers <= 0:
+        raise ProvisioningError("--workers must be at least 1")
     check_device_type(device_type)
     if not PREFIX_RE.match(serial_prefix):
-        raise ProvisioningError(f"invalid serial prefix {serial_prefix!r}: use up to 32 characters A-Z a-z 0-9 . _ -")
+        raise ProvisioningError(f"invalid serial prefix {serial_prefix!r}: use up to 32 characters A-Z a-z 0-9 . -")
     out.mkdir(parents=True, exist_ok=True)
     recovered, discarded = recover_partials(ca, out)
     started = time.perf_counter()
     first = ca.store.reserve_serial_block(serial_prefix, count)
-    serials: list[str] = []
-    done = 0
-    for offset in range(0, count, batch):
-        numbers = range(first + offset, first + min(offset + batch, count))
-        pairs = []
-        dirs = []
-        t = now()
-        try:
-            for n in numbers:
-                serial = f"{serial_prefix}{n:0{SERIAL_DIGITS}d}"
-                key = ec.generate_private_key(ec.SECP256R1())
-                device, issued = ca.new_factory_identity(key.public_key(), serial, device_type, t)
-                partial = out / f"{PARTIAL}{serial}"
-                partial.mkdir()
-                dirs.append((partial, out / serial))
-                cert_pem = issued.pem
-                _write(partial / "key.pem", plain_key(key), 0o600)
-                _write(partial / "cert.pem", cert_pem)
-                _write(partial / "chain.pem", cert_pem + manufacturing_pem)
-                _write(partial / "ca.pem", root_pem)
-                _write(partial / "secure-element-config.json",
-                       json.dumps(secure_element_config(serial, device_type, issued.cert), indent=2).encode() + b"\n")
-                pairs.append((device, issued.record))
-            ca.store.register_devices(pairs)
-        except BaseException:
-            for partial, _ in dirs:
-                shutil.rmtree(partial, ignore_errors=True)
-            raise
-        for partial, final in dirs:
-            os.rename(partial, final)
-        serials.extend(d.serial for d, _ in pairs)
-        done += len(pairs)
+    workers = default_workers() if workers is None else workers
+    if "fork" not in multiprocessing.get_all_start_methods():
+        workers = 1
+    if workers > 1:
+        batch = max(1, min(batch, math.ceil(count / (workers * BATCHES_PER_WORKER))))
+    batches = [(first + offset, min(batch, count - offset)) for offset in range(0, count, batch)]
+    workers = min(workers, len(batches))
+    job = _Job(ca, device_type, str(out), manufacturing_pem, root_pem, serial_prefix, now)
+    committed: list[list[tuple[DeviceRecord, CertificateRecord]]] = []
+
+    def done(pairs: list[tuple[DeviceRecord, CertificateRecord]]) -> None:
+        job.commit(pairs)
+        committed.append(pairs)
         if progress:
-            progress(done, count)
+            progress(sum(len(p) for p in committed), count)
+
+    if workers <= 1:
+        for start, n in batches:
+            done(job.write_batch(start, n))
+    else:
+        _run_parallel(job, batches, workers, done)
+    serials = sorted(device.serial for pairs in committed for device, _ in pairs)
     return ProvisionResult(serials, time.perf_counter() - started, recovered, discarded)
 
+
+# -- worker processes -------------------------------------------------------------------------------
+
+_worker_job: _Job | None = None
+
+
+def _worker_init(job: _Job, parent: int) -> None:
+    global _worker_job
+    _worker_job = job
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the parent's to handle: it lets batches end
+    _die_with(parent)
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel kill this process when its parent dies (Linux), so a killed provisioning
+    run leaves no worker behind that could write bundles the next run is recovering."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass                        # elsewhere: a worker finds out at its next result
+    if os.getppid() != parent:      # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _worker_batch(first: int, n: int) -> list[tuple[DeviceRecord, CertificateRecord]]:
+    assert _worker_job is not None
+    return _worker_job.write_batch(first, n)
+
+
+def _run_parallel(job: _Job, batches: list[tuple[int, int]], workers: int,
+                  done: Callable[[list[tuple[DeviceRecord, CertificateRecord]]], None]) -> None:
+    """Workers write batches; this process commits and renames each as it finishes. On the first
+    failure (or Ctrl-C), batches not started are cancelled, the running ones are waited for and
+    their bundles discarded uncommitted, and the error is raised: what was committed stays."""
+    ctx = multiprocessing.get_context("fork")
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(job, os.getpid()))
+    unhandled: set[Future] = set()
+    try:
+        futures = [pool.submit(_worker_batch, start, n) for start, n in batches]
+        unhandled.update(futures)
+        for future in as_completed(futures):
+            unhandled.discard(future)
+            done(future.result())
+    except BaseException:
+        for future in unhandled:
+            future.cancel()
+        for future in unhandled:
+            try:
+                job.discard(future.result())
+            except BaseException:   # cancelled, or failed (it removed its own directories)
+                pass
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

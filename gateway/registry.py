@@ -16,10 +16,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from ca.errors import DeviceRevoked, DuplicateDevice, SerialCollision
+from ca.errors import DeviceRevoked, DuplicateDevice, SerialCollision, UnknownDevice
 from ca.store import CertificateLookup, CertificateRecord, CertStatus, DeviceRecord, DeviceState
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _MIGRATIONS = {
     1: """
@@ -88,6 +88,34 @@ _MIGRATIONS = {
         purpose           TEXT NOT NULL
     );
     """,
+    # certificates.fingerprint without UNIQUE: the serial is the key, nothing looks certificates up
+    # by fingerprint, and its unique index cost a B-tree insert at a random place per certificate.
+    # SQLite cannot drop an inline UNIQUE, so the table is rebuilt (rowids kept: they order
+    # certificates_for_device) and its two indexes are made again.
+    3: """
+    CREATE TABLE certificates_v3 (
+        serial            TEXT PRIMARY KEY,          -- certificate serial, lower-case hex: unique
+        issuer            TEXT NOT NULL,
+        profile           TEXT NOT NULL,
+        device_serial     TEXT REFERENCES devices (serial),
+        not_before        TEXT NOT NULL,
+        not_after         TEXT NOT NULL,
+        status            TEXT NOT NULL CHECK (status IN ('current', 'superseded', 'revoked')),
+        fingerprint       TEXT NOT NULL,             -- SHA-256 of der, hex
+        der               BLOB NOT NULL,
+        issued_at         TEXT NOT NULL,
+        revoked_at        TEXT,
+        revocation_reason TEXT
+    );
+    INSERT INTO certificates_v3 (rowid, serial, issuer, profile, device_serial, not_before, not_after, status,
+                                 fingerprint, der, issued_at, revoked_at, revocation_reason)
+        SELECT rowid, serial, issuer, profile, device_serial, not_before, not_after, status,
+               fingerprint, der, issued_at, revoked_at, revocation_reason FROM certificates;
+    DROP TABLE certificates;
+    ALTER TABLE certificates_v3 RENAME TO certificates;
+    CREATE INDEX certificates_device ON certificates (device_serial, profile, status);
+    CREATE INDEX certificates_revoked ON certificates (issuer) WHERE status = 'revoked';
+    """,
 }
 
 
@@ -96,9 +124,12 @@ class RegistryError(Exception):
 
 
 def _ts(t: datetime | None) -> str | None:
+    """'YYYY-MM-DDTHH:MM:SSZ' in UTC (isoformat is C code; strftime took ~3 % of an issuance)."""
     if t is None:
         return None
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if t.tzinfo is not timezone.utc:
+        t = t.astimezone(timezone.utc)
+    return t.isoformat(timespec="seconds")[:19] + "Z"
 
 
 def _dt(s: str | None) -> datetime | None:
@@ -151,6 +182,10 @@ class SQLiteRegistry:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
+            # Checkpoint the WAL every 4000 pages (~16 MB) instead of 1000: each issuance writes ~6
+            # pages, and a checkpoint copies and fsyncs them into the database file. Measured: COMMIT
+            # 55-63 us instead of 66-69 us per issuance. cache_size above the default (2 MB) did not help.
+            self._db.execute("PRAGMA wal_autocheckpoint=4000")
             self._lock = threading.RLock()
             self._migrate()
         except sqlite3.DatabaseError as exc:
@@ -235,24 +270,52 @@ class SQLiteRegistry:
                            new_state: DeviceState | None = None) -> None:
         try:
             with self.transaction() as db:
-                if supersede_profile is not None and cert.device_serial is not None:
-                    db.execute("UPDATE certificates SET status = 'superseded' "
-                               "WHERE device_serial = ? AND profile = ? AND status = 'current'",
-                               (cert.device_serial, supersede_profile))
-                db.execute(f"INSERT INTO certificates ({_CERT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                           _cert_params(cert))
-                if new_state is not None and cert.device_serial is not None:
-                    now = _ts(cert.issued_at)
-                    cur = db.execute(
-                        "UPDATE devices SET state = ?, updated_at = ?, "
-                        "enrolled_at = CASE WHEN ? = 'enrolled' THEN ? ELSE enrolled_at END "
-                        "WHERE serial = ? AND state != 'revoked'",
-                        (new_state.value, now, new_state.value, now, cert.device_serial))
-                    if cur.rowcount != 1:
-                        # the device was revoked (or removed) between the check and this write
-                        raise DeviceRevoked(f"device {cert.device_serial} is revoked")
+                self._record(db, cert, supersede_profile, new_state)
         except sqlite3.IntegrityError as exc:
             raise _collision(exc) from None
+
+    def record_for_device(self, device_serial: str, build: Callable[[DeviceRecord], CertificateRecord], *,
+                          supersede_profile: str | None = None,
+                          new_state: DeviceState | None = None) -> CertificateRecord:
+        """Device check, `build(device)` and the record, in one BEGIN IMMEDIATE: a revocation
+        cannot slip between the check and the write, and there is no separate read transaction.
+        `build` (the signature, ~0.1 ms) runs under the write lock; readers are not blocked (WAL)."""
+        try:
+            with self.transaction() as db:
+                row = db.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE serial = ?", (device_serial,)).fetchone()
+                if row is None:
+                    raise UnknownDevice(f"unknown device {device_serial}")
+                device = _device(row)
+                if device.state is DeviceState.REVOKED:
+                    raise DeviceRevoked(f"device {device_serial} is revoked")
+                cert = build(device)
+                if cert.device_serial != device_serial:
+                    raise ValueError(f"built a certificate for {cert.device_serial}, not {device_serial}")
+                self._record(db, cert, supersede_profile, new_state)
+                return cert
+        except sqlite3.IntegrityError as exc:
+            raise _collision(exc) from None
+
+    @staticmethod
+    def _record(db: sqlite3.Connection, cert: CertificateRecord, supersede_profile: str | None,
+                new_state: DeviceState | None) -> None:
+        """The writes of one issuance, inside the caller's transaction."""
+        if supersede_profile is not None and cert.device_serial is not None:
+            db.execute("UPDATE certificates SET status = 'superseded' "
+                       "WHERE device_serial = ? AND profile = ? AND status = 'current'",
+                       (cert.device_serial, supersede_profile))
+        db.execute(f"INSERT INTO certificates ({_CERT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                   _cert_params(cert))
+        if new_state is not None and cert.device_serial is not None:
+            now = _ts(cert.issued_at)
+            cur = db.execute(
+                "UPDATE devices SET state = ?, updated_at = ?, "
+                "enrolled_at = CASE WHEN ? = 'enrolled' THEN ? ELSE enrolled_at END "
+                "WHERE serial = ? AND state != 'revoked'",
+                (new_state.value, now, new_state.value, now, cert.device_serial))
+            if cur.rowcount != 1:
+                # the device was revoked (or removed) between the check and this write
+                raise DeviceRevoked(f"device {cert.device_serial} is revoked")
 
     def record_certificates(self, records: Sequence[CertificateRecord], *,
                             before_commit: Callable[[], None] | None = None) -> None:

@@ -41,7 +41,7 @@ def test_migration_from_version_1_keeps_data(tmp_path):
     con.commit()
     con.close()
     reg = SQLiteRegistry(path)
-    assert reg.schema_version == SCHEMA_VERSION == 2
+    assert reg.schema_version == SCHEMA_VERSION      # 1 -> 2 (attestation) -> 3 (certificates rebuilt)
     assert reg.reserve_serial_block("SN", 1) == 42
     s = SQLiteAttestationStore(reg)
     assert s.log_entries() == [] and s.count_nonces() == 0

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from datetime import timedelta
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pyasn1.codec.der.decoder import decode as der_decode
@@ -198,3 +199,43 @@ def test_der_helpers_strict():
     with pytest.raises(der.DERError):
         der.decode_utf8_string(b"\x04\x01a")
     assert der.decode_utf8_string(der.encode_utf8_string("température")) == "température"
+
+
+def test_tbs_bytes_equal_a_plain_cryptography_build(data, registry):
+    """Every byte the CA signs (cached OIDs, RDNs and key usages included) is what a plain
+    `cryptography` builder makes from the same inputs: the certificate format did not change."""
+    from cryptography.x509 import UnrecognizedExtension
+    from ca.authority import random_serial
+    fixed = bytes(range(16))
+    ca = data.authority(registry, rand_bytes=lambda n: fixed[:n])
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    for profile_name in ("factory", "operational"):
+        profile = ca.profiles[profile_name]
+        issued = ca.sign_device_certificate(key, profile, "SN-7.x", "valve", NOW)
+        issuer = data.issuer(profile.issuer)
+        s = ca.settings
+        hw_oid = b"\x06" + bytes([len(der.oid_body(s.hardware_type_oid_obj))]) + der.oid_body(s.hardware_type_oid_obj)
+        hw_body = hw_oid + b"\x04" + bytes([len(b"SN-7.x")]) + b"SN-7.x"
+        hw = b"\x30" + bytes([len(hw_body)]) + hw_body
+        plain = (x509.CertificateBuilder()
+                 .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, s.organization),
+                                          x509.NameAttribute(NameOID.COMMON_NAME, "device-SN-7.x"),
+                                          x509.NameAttribute(NameOID.SERIAL_NUMBER, "SN-7.x")]))
+                 .issuer_name(issuer.cert.subject)
+                 .public_key(key)
+                 .serial_number(random_serial(lambda n: fixed[:n]))
+                 .not_valid_before(NOW - profile.backdate)
+                 .not_valid_after(min(NOW + profile.validity, issuer.cert.not_valid_after_utc))
+                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+                 .add_extension(x509.KeyUsage(True, False, False, False, True, False, False, False, False), True)
+                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+                 .add_extension(x509.SubjectKeyIdentifier.from_public_key(key), False)
+                 .add_extension(issuer.aki, False)
+                 .add_extension(x509.SubjectAlternativeName([
+                     x509.OtherName(OID_HARDWARE_MODULE_NAME, hw),
+                     x509.UniformResourceIdentifier(f"urn:dev:os:{s.pen}-SN-7.x")]), False)
+                 .add_extension(UnrecognizedExtension(s.device_type_oid_obj, b"\x0c\x05valve"), False)
+                 .sign(issuer.key, hashes.SHA256()))
+        assert issued.cert.tbs_certificate_bytes == plain.tbs_certificate_bytes
+        assert issued.record.der == issued.cert.public_bytes(serialization.Encoding.DER)
+        assert issued.record.fingerprint == hashlib.sha256(issued.record.der).hexdigest()

@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ca.errors import DeviceRevoked, DuplicateDevice, SerialCollision
+from ca.errors import DeviceRevoked, DuplicateDevice, SerialCollision, UnknownDevice
 from ca.store import CertStatus, DeviceState
 from gateway.registry import SCHEMA_VERSION, RegistryError, SQLiteRegistry
 
@@ -174,3 +174,151 @@ def test_revoked_among_answers_for_many_serials_at_once(ca, registry):
     unknown = list(range(1, 1200))          # more than one SQL chunk of unrelated serials
     assert registry.revoked_among(unknown + issued) == {issued[2], issued[4]}
     assert registry.revoked_among([]) == set()
+
+# -- migration 3: certificates rebuilt without UNIQUE on fingerprint ---------------------------------
+
+def _old_database(path, version, records):
+    """A registry file as devid wrote it at schema `version` (1 or 2), holding `records`
+    [(DeviceRecord, [CertificateRecord, ...])], written with that schema's own SQL."""
+    from gateway import registry as registry_mod
+    con = sqlite3.connect(path)
+    con.executescript(";".join(registry_mod._MIGRATIONS[v] for v in range(1, version + 1)) +
+                      f"; PRAGMA user_version = {version};")
+    for device, certs in records:
+        con.execute("INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (device.serial, device.device_type, device.state.value, registry_mod._ts(device.created_at),
+                     registry_mod._ts(device.updated_at), None, None, None))
+        for c in certs:
+            con.execute(f"INSERT INTO certificates ({registry_mod._CERT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                        registry_mod._cert_params(c))
+    con.execute("INSERT INTO serial_sequences VALUES ('SN', 42)")
+    con.execute("INSERT INTO crl_numbers VALUES ('operational', 7)")
+    con.commit()
+    con.close()
+
+
+def _fingerprint_is_unique(con) -> bool:
+    for (index,) in con.execute("SELECT name FROM pragma_index_list('certificates') WHERE \"unique\" = 1"):
+        if [r[0] for r in con.execute("SELECT name FROM pragma_index_info(?)", (index,))] == ["fingerprint"]:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_old_schema_migrates_with_its_data(ca, tmp_path, version):
+    devices = []
+    for serial in ("SN1", "SN2"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        device, factory = ca.new_factory_identity(key.public_key(), serial, "temperature-sensor", NOW)
+        op = ca.sign_device_certificate(make_csr_key(), ca.profiles["operational"], serial, "temperature-sensor",
+                                        NOW + timedelta(days=1))
+        superseded = replace(ca.sign_device_certificate(make_csr_key(), ca.profiles["operational"], serial,
+                                                        "temperature-sensor", NOW).record,
+                             status=CertStatus.SUPERSEDED)
+        devices.append((device, [factory.record, superseded, op.record]))
+    path = tmp_path / f"v{version}.sqlite3"
+    _old_database(path, version, devices)
+    con = sqlite3.connect(path)
+    assert _fingerprint_is_unique(con)
+    con.close()
+
+    reg = SQLiteRegistry(path)
+    try:
+        assert reg.schema_version == SCHEMA_VERSION == 3
+        assert not _fingerprint_is_unique(reg._db)
+        assert {r[0] for r in reg._db.execute("SELECT name FROM sqlite_master WHERE type = 'index' "
+                                               "AND tbl_name = 'certificates' AND sql IS NOT NULL")} == \
+            {"certificates_device", "certificates_revoked"}
+        assert reg._db.execute("PRAGMA foreign_key_check").fetchall() == []
+        assert reg._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        # every row, field for field, in the order it was written
+        for device, certs in devices:
+            assert reg.get_device(device.serial) == device
+            assert reg.certificates_for_device(device.serial) == certs
+        assert reg.reserve_serial_block("SN", 1) == 42
+        assert reg.next_crl_number("operational") == 8
+        # the migrated registry works as before: serials unique, fingerprint no longer
+        first = devices[0][1][0]
+        with pytest.raises(SerialCollision):
+            reg.record_certificate(replace(devices[1][1][0], serial=first.serial))
+        twin = replace(first, serial=first.serial + 1)
+        reg.record_certificate(twin)
+        assert reg.get_certificate(twin.serial).fingerprint == first.fingerprint
+        issued = ca.with_store(reg).issue_operational(make_csr()[0], "SN2", NOW + timedelta(days=2))
+        statuses = [c.status for c in reg.certificates_for_device("SN2") if c.profile == "operational"]
+        assert statuses == [CertStatus.SUPERSEDED, CertStatus.SUPERSEDED, CertStatus.CURRENT]
+        assert reg.get_certificate(issued.cert.serial_number).der == issued.record.der
+    finally:
+        reg.close()
+    reopened = SQLiteRegistry(path)        # migrating twice is a no-op
+    assert reopened.schema_version == 3 and len(reopened.certificates_for_device("SN1")) == 4
+    reopened.close()
+
+
+# -- check and record in one transaction ------------------------------------------------------------
+
+def _building(ca, calls):
+    def build(device):
+        calls.append(device)
+        return ca.sign_device_certificate(make_csr_key(), ca.profiles["operational"], device.serial,
+                                          device.device_type, NOW).record
+    return build
+
+
+def test_record_for_device_refuses_a_revoked_device_and_records_nothing(ca, registry):
+    register_device(ca, "SN1")
+    registry.revoke_device("SN1", "keyCompromise", NOW)
+    before = registry.certificates_for_device("SN1")
+    calls = []
+    with pytest.raises(DeviceRevoked):
+        registry.record_for_device("SN1", _building(ca, calls), supersede_profile="operational",
+                                   new_state=DeviceState.ENROLLED)
+    assert calls == []                              # refused before anything was signed
+    with pytest.raises(DeviceRevoked):
+        ca.issue_operational(make_csr()[0], "SN1", NOW)
+    assert registry.certificates_for_device("SN1") == before
+    assert registry.get_device("SN1").state is DeviceState.REVOKED
+    assert registry._db.execute("SELECT COUNT(*) FROM certificates WHERE profile = 'operational'").fetchone()[0] == 0
+
+
+def test_record_for_device_unknown_device(ca, registry):
+    calls = []
+    with pytest.raises(UnknownDevice):
+        registry.record_for_device("SN404", _building(ca, calls))
+    with pytest.raises(UnknownDevice):
+        ca.issue_operational(make_csr()[0], "SN404", NOW)
+    assert calls == [] and registry.certificates_for_device("SN404") == []
+
+
+def test_record_for_device_failure_while_building_records_nothing(ca, registry):
+    register_device(ca, "SN1")
+    first = ca.issue_operational(make_csr()[0], "SN1", NOW)
+
+    def build(device):
+        raise RuntimeError("signing failed")
+    with pytest.raises(RuntimeError):
+        registry.record_for_device("SN1", build, supersede_profile="operational", new_state=DeviceState.ENROLLED)
+    assert [c.serial for c in registry.certificates_for_device("SN1")][-1] == first.cert.serial_number
+    assert registry.get_certificate(first.cert.serial_number).status is CertStatus.CURRENT
+
+
+def test_record_for_device_holds_the_write_lock_from_check_to_commit(ca, registry, data):
+    """A revocation from another connection cannot land between the device check and the record:
+    while the certificate is being built, the database is locked for other writers."""
+    register_device(ca, "SN1")
+    other = SQLiteRegistry(data.db_path, timeout=0.05)
+    seen = []
+
+    def build(device):
+        seen.append(device.state)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.revoke_device("SN1", "keyCompromise", NOW)
+        return _building(ca, [])(device)
+    try:
+        cert = registry.record_for_device("SN1", build, supersede_profile="operational",
+                                          new_state=DeviceState.ENROLLED)
+        assert seen == [DeviceState.MANUFACTURED]
+        assert other.get_device("SN1").state is DeviceState.ENROLLED
+        assert other.get_certificate(cert.serial).status is CertStatus.CURRENT
+    finally:
+        other.close()
