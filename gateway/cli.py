@@ -348,6 +348,18 @@ def cmd_simulate(args) -> int:
     return 0 if not report.failures else 1
 
 
+def cmd_bench(args) -> int:
+    bench_dir = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not (bench_dir / "bench_enroll.py").exists():
+        raise CLIError(f"the benchmarks are not here ({bench_dir}): run devid bench from a source checkout")
+    sys.path.insert(0, str(bench_dir))
+    import bench_enroll
+    forwarded = list(args.bench_args)
+    if args.data:
+        forwarded += ["--data", args.data]
+    return bench_enroll.main(forwarded)
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     return run_demo(_data(args), count=args.count)
@@ -466,6 +478,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_simulate)
 
+    s = sub.add_parser("bench", parents=[common], add_help=False,
+                       help="fleet enrollment benchmark (JSON summary); 'devid bench --help' for its options")
+    s.add_argument("bench_args", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_bench)
+
     s = sub.add_parser("demo", parents=[common],
                        help="the main job on the embedded default: init if needed, provision, issue, list")
     s.add_argument("--count", type=int, default=5, metavar="N", help="devices to provision (default: 5)")
@@ -476,6 +493,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:          # its own option parser (benchmarks/bench_enroll.py)
+        try:
+            return cmd_bench(argparse.Namespace(bench_args=argv[1:], data=None))
+        except CLIError as exc:
+            print(f"devid: error: {exc}", file=sys.stderr)
+            return 1
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "data"):

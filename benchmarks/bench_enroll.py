@@ -1,0 +1,264 @@
+#!/usr/bin/env python3
+"""Fleet enrollment benchmark (`devid bench`): the full zero-touch flow against a real gateway.
+
+    devid bench [--devices 200] [--concurrency 16] [--clients 2] [--workers N] [--renew]
+                [--gateway coaps://HOST:PORT --data DIR] [--baselines/--no-baselines]
+
+Starts `devid serve --workers N` on loopback (or targets --gateway), provisions the devices,
+and runs each through the flow the field engineer's script runs (nonce, signed evidence, EST
+/sen, configuration over a second DTLS session with the operational identity) with C devices in
+flight from client processes separate from the server. Prints one JSON summary:
+
+  enrollments_per_s, latency p50/p95/p99 end to end and per step, server CPU seconds per
+  enrollment (from the server processes' own counters), peak RSS of the server processes,
+  errors (must be 0), and, in the same run, two baselines:
+    libcoap   coap-server-openssl in PKI mode: DTLS handshake + one GET, rate and server CPU
+    crypto    the cryptographic operations one attested enrollment needs on the server
+              (performance-facts.md: 2 ECDSA signs, 5 verifies, 1 key generation, 1 ECDH),
+              timed with `cryptography` alone: the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+IMAGE = b"devid bench firmware 1.0.0\n"
+FW_NAME, FW_VERSION = "bench-fw", "1.0.0"
+DEVICE_TYPE = "bench-sensor"
+POLICY = """version = 1
+[device_types.{t}]
+accept = "affirming"
+[[device_types.{t}.firmware]]
+name = "{name}"
+version = "{version}"
+digest = "sha-256:{digest}"
+"""
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.append(int(entry.name))
+    return kids
+
+
+def _cpu(pids: list[int]) -> float:
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(f[11]) + int(f[12])) / ticks
+        except OSError:
+            pass
+    return total
+
+
+def _hwm_kib(pids: list[int]) -> int:
+    peak = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]))
+        except OSError:
+            pass
+    return peak
+
+
+def _client(gateway: str, bundles: list[str], concurrency: int, renew: bool, q) -> None:
+    from gateway.device import Firmware
+    from gateway.simulator import simulate
+    fw = Firmware("sha-256", hashlib.sha256(IMAGE).digest(), FW_NAME, FW_VERSION)
+    report = asyncio.run(simulate(gateway, [Path(b) for b in bundles], lambda b: fw, concurrency=concurrency,
+                                  renew_only=renew))
+    q.put({"latencies": report.latencies, "failures": report.failures,
+           "steps": [r.steps for r in report.results]})
+
+
+def _pct(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))] * 1000, 1)
+
+
+def crypto_floor(seconds: float = 1.5) -> dict:
+    """Server-side crypto of one attested enrollment, with `cryptography` alone."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    key = ec.generate_private_key(ec.SECP256R1())
+    peer = ec.generate_private_key(ec.SECP256R1()).public_key()
+    sig = key.sign(b"m" * 64, ec.ECDSA(hashes.SHA256()))
+    pub = key.public_key()
+    n = 0
+    t0 = time.process_time()
+    while time.process_time() - t0 < seconds:
+        for _ in range(2):
+            key.sign(b"m" * 64, ec.ECDSA(hashes.SHA256()))
+        for _ in range(5):
+            pub.verify(sig, b"m" * 64, ec.ECDSA(hashes.SHA256()))
+        eph = ec.generate_private_key(ec.SECP256R1())
+        eph.exchange(ec.ECDH(), peer)
+        n += 1
+    per = (time.process_time() - t0) / n
+    return {"ms_per_enrollment": round(per * 1000, 3), "enrollments_per_s_per_core": round(1 / per, 1)}
+
+
+def libcoap_baseline(work: Path, data, seconds: float, inflight: int, clients: int) -> dict:
+    import bench_dtls
+    bundles = sorted(str(p) for p in (work / "factory").iterdir())[:16]
+    port = bench_dtls.free_port()
+    proc = bench_dtls.start_libcoap(work, data, port)
+    try:
+        res = bench_dtls.run_load(bundles, port, proc.pid, seconds, inflight, clients, False)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+    return {"handshake_get_per_s": round(res["ops_per_s"], 1),
+            "server_cpu_ms_per_op": round(res["server_cpu_ms_per_op"], 3), "failed": res["failed"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="devid bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--devices", type=int, default=200, help="devices to enroll (default 200)")
+    ap.add_argument("--concurrency", type=int, default=16, help="devices in flight in all (default 16)")
+    ap.add_argument("--clients", type=int, default=2, help="client processes (default 2)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="gateway processes")
+    ap.add_argument("--renew", action="store_true", help="measure renewals (EST /sren) of enrolled devices")
+    ap.add_argument("--gateway", help="target a running gateway instead (needs --data: its data directory)")
+    ap.add_argument("--data", help="data directory of --gateway")
+    ap.add_argument("--no-baselines", action="store_true", help="skip the libcoap and crypto baselines")
+    ap.add_argument("--baseline-seconds", type=float, default=5.0)
+    args = ap.parse_args(argv)
+    if args.gateway and not args.data:
+        ap.error("--gateway needs --data (to provision devices its CA trusts)")
+
+    from gateway.datadir import DataDir
+    from gateway.provisioning import provision
+    work = Path(tempfile.mkdtemp(prefix="devid-bench-"))
+    serve = None
+    try:
+        data = DataDir(Path(args.data) if args.data else work / "data")
+        now = lambda: datetime.now(timezone.utc)  # noqa: E731
+        if not data.exists():
+            data.init(now())
+        data.require()
+        digest = hashlib.sha256(IMAGE).hexdigest()
+        policy = data.path / "attestation-policy.toml"
+        if not args.gateway:
+            policy.write_text(POLICY.format(t=DEVICE_TYPE, name=FW_NAME, version=FW_VERSION, digest=digest))
+        reg = data.open_registry()
+        provision(data.authority(reg), count=args.devices, device_type=DEVICE_TYPE, out=work / "factory",
+                  manufacturing_pem=data.cert_pem("manufacturing"), root_pem=data.cert_pem("root"),
+                  serial_prefix=f"B{os.getpid()}", now=now)
+        reg.close()
+        bundles = sorted(str(p) for p in (work / "factory").iterdir())
+        gateway = args.gateway
+        pids: list[int] = []
+        if not gateway:
+            import bench_dtls
+            port = bench_dtls.free_port()
+            env = dict(os.environ, DEVID_DATA=str(data.path))
+            serve = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
+                                      "--workers", str(args.workers), "--log-level", "WARNING"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+            line = serve.stdout.readline().decode()
+            if "listening" not in line:
+                raise SystemExit(f"devid serve did not start: {line}")
+            gateway = f"coaps://127.0.0.1:{port}"
+            pids = [serve.pid] + _children(serve.pid) if args.workers > 1 else [serve.pid]
+        ctx = multiprocessing.get_context("spawn")
+
+        def run(renew: bool) -> dict:
+            q = ctx.Queue()
+            shares = [bundles[i::args.clients] for i in range(args.clients)]
+            per = max(1, args.concurrency // args.clients)
+            cpu0 = _cpu(pids)
+            t0 = time.perf_counter()
+            procs = [ctx.Process(target=_client, args=(gateway, s, per, renew, q)) for s in shares if s]
+            for p in procs:
+                p.start()
+            results = [q.get(timeout=3600) for _ in procs]
+            wall = time.perf_counter() - t0
+            cpu1 = _cpu(pids)
+            for p in procs:
+                p.join(30)
+            lat = [x for r in results for x in r["latencies"]]
+            failures = {k: v for r in results for k, v in r["failures"].items()}
+            steps = [s for r in results for s in r["steps"]]
+            done = len(lat)
+            out = {"mode": "renew" if renew else "enroll", "devices": len(bundles), "done": done,
+                   "errors": len(failures), "seconds": round(wall, 2),
+                   "per_s": round(done / wall, 1) if wall else None,
+                   "latency_ms": {"p50": _pct(lat, 50), "p95": _pct(lat, 95), "p99": _pct(lat, 99)},
+                   "server_cpu_ms_per_op": round((cpu1 - cpu0) * 1000 / done, 3) if done and pids else None,
+                   "server_peak_rss_kib": _hwm_kib(pids) if pids else None}
+            if steps:
+                out["step_latency_ms"] = {name: {"p50": _pct([s[name] for s in steps if name in s], 50),
+                                                 "p95": _pct([s[name] for s in steps if name in s], 95),
+                                                 "p99": _pct([s[name] for s in steps if name in s], 99)}
+                                          for name in ("nonce", "evidence", "enroll", "config")}
+            if failures:
+                out["first_failures"] = dict(list(failures.items())[:5])
+            return out
+
+        summary = {"machine": {"python": platform.python_version(), "nproc": os.cpu_count(),
+                               "load": os.getloadavg()},
+                   "settings": {k: v for k, v in vars(args).items()}}
+        summary["enroll"] = run(False)
+        if args.renew:
+            summary["renew"] = run(True)
+        if serve is not None:
+            serve.send_signal(signal.SIGTERM)
+            serve.wait(30)
+            serve = None
+        if not args.no_baselines:
+            summary["crypto_floor"] = crypto_floor()
+            summary["libcoap"] = libcoap_baseline(work, data, args.baseline_seconds, 16, 2)
+            cpu = summary["enroll"]["server_cpu_ms_per_op"]
+            if cpu:
+                summary["ratios"] = {
+                    "server_cpu_vs_crypto_floor": round(cpu / summary["crypto_floor"]["ms_per_enrollment"], 2),
+                    "server_cpu_vs_libcoap_handshake_get": round(cpu / summary["libcoap"]["server_cpu_ms_per_op"], 2)
+                    if summary["libcoap"]["server_cpu_ms_per_op"] == summary["libcoap"]["server_cpu_ms_per_op"] else None}
+        print(json.dumps(summary, indent=2))
+        return 0 if summary["enroll"]["errors"] == 0 and summary.get("renew", {}).get("errors", 0) == 0 else 1
+    finally:
+        if serve is not None:
+            serve.send_signal(signal.SIGTERM)
+            try:
+                serve.wait(30)
+            except subprocess.TimeoutExpired:
+                serve.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
