@@ -519,3 +519,28 @@ def test_serve_with_two_workers_shares_the_registry(world, tmp_path):
     finally:
         if serve.poll() is None:
             serve.kill()
+
+
+def test_concurrent_renewals_leave_exactly_one_current_certificate(world):
+    """Threat 16: renewals of one device racing on separate DTLS sessions are serialised by the
+    registry; afterwards exactly one operational certificate is current, the others superseded."""
+    data, out = world
+    dev = out / "TS00000004"
+
+    async def body(uri, gw):
+        await enroll(dev, uri, FW)
+        contexts = [(await device_context(dev, "127.0.0.1", cert_name="op-chain.pem", key_name="op-key.pem"))[0]
+                    for _ in range(4)]
+        try:
+            responses = await asyncio.gather(*(
+                request(c, f"{uri}/.well-known/est/sren", codes.POST, payload=make_csr()[0], content_format=286)
+                for c in contexts))
+        finally:
+            for c in contexts:
+                await c.shutdown()
+        assert all(r.code == codes.CHANGED for r in responses)
+        ops = [c for c in gw.registry.certificates_for_device("TS00000004") if c.profile == "operational"]
+        assert len(ops) == 5
+        assert sum(c.status is CertStatus.CURRENT for c in ops) == 1
+        assert sum(c.status is CertStatus.SUPERSEDED for c in ops) == 4
+    run_with_gateway(data, body)
