@@ -128,6 +128,7 @@ class Crts(_Resource):
 class SimpleEnroll(_Resource):
     rt = "ace.est.sen"
     ct = f"{CT_PKCS10} {CT_PKIX_CERT} {CT_PKCS7_CERTS}"
+    action = "enroll"           # the EnrollmentService method: enroll (factory identity) or renew
 
     def __init__(self, service, chain) -> None:
         super().__init__(service)
@@ -136,18 +137,13 @@ class SimpleEnroll(_Resource):
     async def render_post(self, request):
         self.require_format(request, CT_PKCS10)
         fmt = self.accepted(request, CT_PKIX_CERT, CT_PKCS7_CERTS)
-        issued = self.service.enroll(identity_of(request), request.payload)
+        issued = getattr(self.service, self.action)(identity_of(request), request.payload)
         return _certificate_response(issued, fmt, self.chain)
 
 
 class SimpleReenroll(SimpleEnroll):
     rt = "ace.est.sren"
-
-    async def render_post(self, request):
-        self.require_format(request, CT_PKCS10)
-        fmt = self.accepted(request, CT_PKIX_CERT, CT_PKCS7_CERTS)
-        issued = self.service.renew(identity_of(request), request.payload)
-        return _certificate_response(issued, fmt, self.chain)
+    action = "renew"
 
 
 class Nonce(_Resource):
