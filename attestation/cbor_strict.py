@@ -101,6 +101,9 @@ def loads(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE, max_depth: int = DEF
             except UnicodeDecodeError:
                 raise MalformedCBOR(f"invalid UTF-8 in text string at byte {i}") from None
         if major == 7:
+            if ai == 24 and arg < 32:
+                # RFC 8949 3.3: a two-byte simple value below 32 is not well-formed
+                raise MalformedCBOR(f"two-byte simple value {arg} at byte {i - 2}")
             if ai < 24 or ai == 24:
                 if arg in _SIMPLE:
                     return _SIMPLE[arg], i

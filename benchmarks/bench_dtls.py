@@ -186,7 +186,7 @@ def start_devid(data: Path, port: int) -> subprocess.Popen:
     env = dict(os.environ, DEVID_DATA=str(data))
     env.pop("DEVID_CA_PASSPHRASE", None)
     proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
-                             "--log-level", "WARNING", "--max-sessions", "50000"],
+                             "--log-level", "WARNING", "--max-sessions", "50000", "--workers", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
     line = proc.stdout.readline().decode()
     if "listening" not in line:

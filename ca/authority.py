@@ -66,8 +66,8 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
             csr = x509.load_pem_x509_csr(data)
         else:
             csr = x509.load_der_x509_csr(data)
-    except ValueError as exc:
-        raise InvalidCSR(f"malformed CSR: {exc}") from None
+    except ValueError:
+        raise InvalidCSR("malformed CSR: not a PKCS#10 request in DER or PEM") from None
     try:
         valid = csr.is_signature_valid
     except (ValueError, UnsupportedAlgorithm) as exc:

@@ -457,19 +457,19 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--firmware-name", metavar="NAME", help="firmware name for the evidence (swname)")
             s.add_argument("--firmware-version", metavar="V", help="firmware version for the evidence (swversion)")
 
-    s = sub.add_parser("enroll", parents=[common], help="enroll a device: attest, get an operational identity "
+    s = sub.add_parser("enroll", help="enroll a device: attest, get an operational identity "
                                                        "and its configuration (field engineer's script)")
     device_flags(s)
     s.add_argument("--device", required=True, metavar="DIR", help="the device's bundle from 'devid provision'")
     s.add_argument("--json", action="store_true", help="print one JSON summary instead of the steps")
     s.set_defaults(func=cmd_enroll)
 
-    s = sub.add_parser("renew", parents=[common], help="renew a device's operational certificate (EST /sren)")
+    s = sub.add_parser("renew", help="renew a device's operational certificate (EST /sren)")
     device_flags(s, firmware=False)
     s.add_argument("--device", required=True, metavar="DIR")
     s.set_defaults(func=cmd_renew)
 
-    s = sub.add_parser("simulate", parents=[common], help="run many simulated devices through enrollment")
+    s = sub.add_parser("simulate", help="run many simulated devices through enrollment")
     device_flags(s)
     s.add_argument("--devices", required=True, metavar="DIR", help="directory of bundles from 'devid provision'")
     s.add_argument("--concurrency", type=int, default=16, metavar="C", help="devices in flight (default 16)")

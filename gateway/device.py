@@ -84,8 +84,9 @@ class Firmware:
                 digest = bytes.fromhex(text)
             except ValueError:
                 raise EnrollFailed("firmware", "the firmware digest is not hex") from None
-            if alg not in DIGEST_ALGS.values() or len(digest) * 2 not in DIGEST_ALGS:
-                raise EnrollFailed("firmware", "the firmware digest must be a sha-256, sha-384 or sha-512 value")
+            if alg not in DIGEST_ALGS.values() or DIGEST_ALGS.get(len(digest) * 2) != alg:
+                raise EnrollFailed("firmware", "the firmware digest must be a sha-256, sha-384 or sha-512 value "
+                                               "(64, 96 or 128 hex digits)")
         else:
             return None
         name = name or meta.get("name")
@@ -119,8 +120,14 @@ async def _request(ctx, step: str, timeout: float, **kw):
     except asyncio.TimeoutError:
         raise EnrollFailed(step, f"no answer from the gateway within {timeout:.0f} s") from None
     except DTLSHandshakeError as exc:
-        raise EnrollFailed("connect", f"the DTLS handshake failed ({exc}); if the gateway sent an alert, it "
-                                      "refused this device's certificate (revoked, expired or unknown)") from None
+        text = str(exc)
+        if text.startswith("server certificate refused"):
+            raise EnrollFailed("connect", f"the gateway's certificate is not acceptable: {text}") from None
+        hint = ("; the gateway refused this device's certificate (revoked, expired or unknown)"
+                if "alert" in text else "")
+        raise EnrollFailed("connect", f"the DTLS handshake failed ({text}){hint}") from None
+    except OSError as exc:          # name resolution, unreachable network
+        raise EnrollFailed("connect", f"cannot reach the gateway: {exc.strerror or exc}") from None
     except aiocoap.error.Error as exc:
         raise EnrollFailed(step, str(exc) or exc.__class__.__name__) from None
     if not response.code.is_successful():

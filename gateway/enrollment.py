@@ -27,7 +27,8 @@ from attestation.nonces import NonceRecord
 from attestation.policy import Policy
 from attestation.service import AttestationService, Evaluation
 from attestation.verifier import AttestingDevice
-from ca.authority import CertificateAuthority, IssuedCertificate
+from ca.authority import CertificateAuthority, IssuedCertificate, load_csr
+from ca.errors import CAError
 from ca.revocation import revoke_device
 from ca.store import DeviceState
 
@@ -93,7 +94,7 @@ class EnrollmentService:
             self._decision(action, None, "refused", reason="no device identity")
             raise NotAuthenticated("a device certificate is required")
         if who.kind != kind:
-            self._decision(action, who, "refused", reason=f"needs a {kind} identity")
+            self._decision(action, who, "refused", reason=f"needs the {kind} identity")
             raise WrongIdentity(f"this needs the device's {kind} identity, not its {who.kind} one")
         device = self.ca.store.get_device(who.serial)
         if device is None or device.state is DeviceState.REVOKED:
@@ -138,6 +139,7 @@ class EnrollmentService:
         if device.state is DeviceState.ENROLLED and not tpolicy.reenroll:
             self._decision("enroll", who, "refused", reason="re-enrollment not allowed")
             raise ReenrollmentRefused("device already enrolled; policy does not allow re-enrollment")
+        self._check_csr("enroll", who, csr)       # a bad CSR must not use up the verdict
         verdict_seq = None
         if tpolicy.attestation != "waived":
             entry = self.attestation.take_verdict(who.serial)
@@ -145,7 +147,7 @@ class EnrollmentService:
                 self._decision("enroll", who, "refused", reason="no acceptable verdict in the window")
                 raise AttestationRequired("send fresh, acceptable attestation evidence first")
             verdict_seq = entry.seq
-        issued = self.ca.issue_operational(csr, who.serial, self.clock())
+        issued = self._issue("enroll", who, csr)
         self._decision("enroll", who, "issued", certificate=format(issued.cert.serial_number, "x"),
                        verdict_seq=verdict_seq, attestation=tpolicy.attestation,
                        reenrollment=device.state is DeviceState.ENROLLED or None)
@@ -154,12 +156,31 @@ class EnrollmentService:
     def renew(self, who: PeerIdentity | None, csr: bytes) -> IssuedCertificate:
         """/sren: a new operational certificate for the device of this operational identity."""
         who = self._require("renew", who, OPERATIONAL)
-        issued = self.ca.issue_operational(csr, who.serial, self.clock())
+        issued = self._issue("renew", who, csr)
         self._decision("renew", who, "issued", certificate=format(issued.cert.serial_number, "x"))
         return issued
 
+    def _check_csr(self, action: str, who: PeerIdentity, csr: bytes) -> None:
+        try:
+            parsed = load_csr(csr)
+            self.ca.check_public_key(parsed.public_key(), self.ca.profiles["operational"])
+        except CAError as exc:
+            self._decision(action, who, "refused", reason=str(exc))
+            raise
+
+    def _issue(self, action: str, who: PeerIdentity, csr: bytes) -> IssuedCertificate:
+        try:
+            return self.ca.issue_operational(csr, who.serial, self.clock())
+        except CAError as exc:
+            self._decision(action, who, "refused", reason=str(exc))
+            raise
+
     def configuration(self, who: PeerIdentity | None) -> dict:
         who = self._require("config", who, OPERATIONAL)
-        config = self.configs.for_device(who.serial, who.device_type)
+        try:
+            config = self.configs.for_device(who.serial, who.device_type)
+        except CAError as exc:
+            self._decision("config", who, "failed", reason=str(exc))
+            raise
         self._decision("config", who, "served", device_type=who.device_type)
         return config

@@ -171,6 +171,20 @@ def serve_workers(data: DataDir, config: GatewayConfig, workers: int, log_level:
     each peer address, hence each DTLS session, on one worker), sharing the registry database.
     Everything all workers must see (nonces, verdicts, revocations) lives in the registry."""
     import multiprocessing
+    import socket as socket_module
+    # Probe each address without SO_REUSEPORT first: a port another program (or another gateway)
+    # holds is an error here, not a silent share; port 0 becomes one concrete port for all workers.
+    resolved = []
+    for host, port in config.listen:
+        family = socket_module.AF_INET6 if ":" in host else socket_module.AF_INET
+        with socket_module.socket(family, socket_module.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                print(f"devid: error: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+                return 1
+            resolved.append((host, probe.getsockname()[1]))
+    config.listen = resolved
     config.reuse_port = True
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()

@@ -149,3 +149,11 @@ def test_arbitrary_bytes_decode_or_raise_a_named_error(data):
         return
     # whatever we accept, cbor2 decodes to the same value
     assert cbor2.loads(data) == value or value != value
+
+
+def test_two_byte_simple_values_below_32_are_not_well_formed():
+    """RFC 8949 3.3: 0xf8 followed by a byte < 0x20 is not well-formed (found by hypothesis:
+    f8 14 was decoded as false)."""
+    for raw in (b"\xf8\x14", b"\xf8\x15", b"\xf8\x16", b"\xf8\x00"):
+        with pytest.raises(MalformedCBOR):
+            cbor_strict.loads(raw)

@@ -19,7 +19,7 @@ D = f"sha-256:{DIGEST_CURRENT.hex()}"
 def test_example_policy_parses_with_the_documented_meaning():
     p = load_policy(EXAMPLE)
     assert p.nonce_lifetime == timedelta(seconds=60) and p.verdict_window == timedelta(seconds=300)
-    assert p.oemid == 32473
+    assert p.oemid is None          # commented out in the example: devices of any PEN
     ts = p.for_type("temperature-sensor")
     assert (ts.attestation, ts.accept, ts.revoke_on_contraindicated, ts.minimum_firmware_version) == \
         ("required", Tier.AFFIRMING, False, "2.1.0")

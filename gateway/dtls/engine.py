@@ -9,8 +9,8 @@ Server side, in order of arrival of a datagram from an unknown address:
 1. Only an epoch-0 ClientHello is looked at; anything else is dropped.
 2. Stateless cookie exchange (RFC 6347 4.2.1): a throw-away OpenSSL object answers with a
    HelloVerifyRequest (never larger than the ClientHello) and is discarded. No per-peer state
-   exists until a ClientHello comes back with a valid cookie (an HMAC of the peer address and a
-   time bucket under a secret that rotates).
+   exists until a ClientHello comes back with a valid cookie (an HMAC of the peer address under
+   a secret that rotates: a cookie lives one to two rotation periods).
 3. Caps: half-open handshakes and sessions; beyond them, a valid ClientHello is dropped.
 4. The peer's certificate chain is validated by OpenSSL against the trust anchors, then by the
    `Authenticator` (cryptography.x509.verification + registry revocation). A refusal fails the

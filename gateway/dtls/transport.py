@@ -191,8 +191,7 @@ class DTLSServerInterface(_DTLSInterface):
             sock = socket.socket(family, socket.SOCK_DGRAM)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
+            if reuse_port:      # workers of one gateway; never SO_REUSEADDR (two gateways on one port)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((host, port))
             _, proto = await loop.create_datagram_endpoint(lambda: _Endpoint(self), sock=sock)
@@ -310,7 +309,10 @@ class DTLSClientInterface(_DTLSInterface):
         self.last_handshake: E.HandshakeComplete | None = None
 
     async def _connect(self, host: str, port: int) -> DTLSRemote:
-        infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        try:
+            infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except socket.gaierror as exc:
+            raise error.ResolutionError(f"cannot resolve {host}: {exc.strerror}") from None
         if not infos:
             raise error.ResolutionError(f"cannot resolve {host}")
         family, _, _, _, sockaddr = infos[0]
@@ -457,9 +459,18 @@ async def client_context(ssl_context: SSL.Context, *, server_check=None, mtu: in
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    """'HOST:PORT', '[V6]:PORT', ':PORT' or 'HOST' -> (host, port); raises ValueError."""
-    host, port = hostportsplit(text) if text and not text.startswith(":") else ("", text[1:] or None)
-    port = int(port) if port else COAPS_PORT
+    """'HOST:PORT', '[V6]:PORT', ':PORT', 'HOST' or a bare IPv6 address -> (host, port); port 0
+    picks a free port. Raises ValueError."""
+    try:
+        ipaddress.ip_address(text)
+        return text, COAPS_PORT                       # a bare address, IPv6 included
+    except ValueError:
+        pass
+    if text.startswith(":"):
+        host, port = "", text[1:]
+    else:
+        host, port = hostportsplit(text)
+    port = COAPS_PORT if port in (None, "") else int(port)
     if not 0 <= port <= 65535:
         raise ValueError(f"port out of range: {port}")
     host = host or "0.0.0.0"
