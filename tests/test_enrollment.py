@@ -202,6 +202,11 @@ def test_factory_identity_rules(world):
             r = await request(ctx, f"{uri}/attest/evidence", codes.POST, payload=token_for(dev, nonce),
                               content_format=60)
             assert r.code == codes.CHANGED and cbor2.loads(r.payload)["verdict"] == "affirming"
+            # a bad CSR is refused before the verdict is used: it stays available
+            r = await request(ctx, f"{uri}/.well-known/est/sen", codes.POST, payload=b"\x30\x03\x02\x01\x00",
+                              content_format=286)
+            assert r.code == codes.BAD_REQUEST and problem(r)[-1] == "invalid CSR"
+            assert "Rust" not in problem(r).get(-2, "") and "ParseError" not in problem(r).get(-2, "")
             key = ec.generate_private_key(ec.SECP256R1())
             r = await request(ctx, f"{uri}/.well-known/est/sen", codes.POST, payload=make_csr(key)[0],
                               content_format=286)
@@ -544,3 +549,20 @@ def test_concurrent_renewals_leave_exactly_one_current_certificate(world):
         assert sum(c.status is CertStatus.CURRENT for c in ops) == 1
         assert sum(c.status is CertStatus.SUPERSEDED for c in ops) == 4
     run_with_gateway(data, body)
+
+
+def test_serve_refuses_a_port_that_is_in_use(world):
+    import os
+    import subprocess
+    import sys
+    data, _ = world
+    env = {k: v for k, v in os.environ.items() if k != "DEVID_CA_PASSPHRASE"}
+    env["DEVID_DATA"] = str(data.path)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+        for workers in ("1", "2"):
+            proc = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
+                                   "--workers", workers], capture_output=True, text=True, timeout=60, env=env)
+            assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+            assert "in use" in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
