@@ -130,12 +130,22 @@ def loads(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE, max_depth: int = DEF
             m: dict = {}
             for _ in range(arg):
                 at = i
-                kmajor = data[i] >> 5 if i < n else -1
-                if kmajor not in (0, 1, 3):
-                    if kmajor == -1:
-                        raise MalformedCBOR(f"truncated at byte {i}")
-                    raise UnsupportedCBOR(f"map key at byte {at} is not an integer or text string")
-                k, i = item(i, depth + 1)
+                kb = data[i] if i < n else -1
+                # inline fast path for the usual keys (CBOR ints -24..23 and 256..65535): one
+                # function call less per map entry, ~4 % of an evidence verification
+                if 0 <= kb < 0x18:
+                    k, i = kb, i + 1
+                elif 0x20 <= kb < 0x38:
+                    k, i = 0x1F - kb, i + 1
+                elif kb == 0x19 and i + 3 <= n:
+                    k, i = (data[i + 1] << 8) | data[i + 2], i + 3
+                else:
+                    kmajor = kb >> 5 if kb >= 0 else -1
+                    if kmajor not in (0, 1, 3):
+                        if kmajor == -1:
+                            raise MalformedCBOR(f"truncated at byte {i}")
+                        raise UnsupportedCBOR(f"map key at byte {at} is not an integer or text string")
+                    k, i = item(i, depth + 1)
                 if k in m:
                     raise DuplicateMapKey(f"duplicate map key {k!r} at byte {at}")
                 m[k], i = item(i, depth + 1)

@@ -192,6 +192,9 @@ class Sign1:
             raise InvalidSignature("evidence signature does not verify with the device certificate's key") from None
 
 
+_ES256_ONLY = b"\xa1\x01\x26"
+
+
 def _bstr_head(n: int) -> bytes:
     if n < 24:
         return bytes([0x40 | n])
@@ -216,7 +219,10 @@ def parse_sign1(token: bytes, *, max_size: int = MAX_EVIDENCE_SIZE) -> Sign1:
         raise InvalidStructure("COSE_Sign1 must be [protected: bstr, unprotected: map, payload, signature: bstr]")
     if not isinstance(payload, bytes):
         raise InvalidStructure("COSE_Sign1 payload must be an attached bstr (not detached, not nil)")
-    headers = cbor_strict.loads(protected, max_size=max_size, max_depth=MAX_DEPTH) if protected else {}
+    if protected == _ES256_ONLY:      # {1: -7}, what every ES256 signer sends: no decoder run needed
+        headers = {COSE_ALG: ES256}
+    else:
+        headers = cbor_strict.loads(protected, max_size=max_size, max_depth=MAX_DEPTH) if protected else {}
     if not isinstance(headers, dict):
         raise InvalidStructure("COSE protected header must be a map")
     if COSE_CRIT in headers:
