@@ -83,6 +83,8 @@ class EnrollmentService:
     # -- helpers -------------------------------------------------------------------------------
 
     def _decision(self, action: str, who: PeerIdentity | None, result: str, **details) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
         line = {"event": action, "result": result}
         if who is not None:
             line.update(serial=who.serial, kind=who.kind, fingerprint=who.fingerprint)

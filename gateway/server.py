@@ -53,8 +53,23 @@ class WhoAmI(resource.Resource):
                                payload=json.dumps(claims[0].as_dict()).encode())
 
 
+class Site(resource.Site):
+    """aiocoap's Site without a copy of every request on the way to a leaf resource.
+
+    aiocoap 0.4.17 deep-copies each request to strip its Uri-Path before handing it to the
+    resource (about 6 % of the gateway's CPU per enrollment, measured with py-spy). devid's
+    resources are all leaves that never read Uri-Path, so an exact match gets the request as it
+    is. Relies on Site._resources, hence the pinned aiocoap version."""
+
+    def _find_child_and_pathstripped_message(self, request):
+        child = self._resources.get(request.opt.uri_path)
+        if child is not None:
+            return child, request
+        return super()._find_child_and_pathstripped_message(request)
+
+
 def build_site() -> resource.Site:
-    site = resource.Site()
+    site = Site()
     site.add_resource([".well-known", "core"], resource.WKCResource(site.get_resources_as_linkheader))
     site.add_resource(["whoami"], WhoAmI())
     return site
