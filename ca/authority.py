@@ -50,6 +50,14 @@ def hash_for(key: ec.EllipticCurvePrivateKey) -> hashes.HashAlgorithm:
 
 
 @dataclass(frozen=True)
+class CheckedKey:
+    """A public key taken from a CSR whose signature verified and whose key the profile allows."""
+
+    public_key: ec.EllipticCurvePublicKey
+    profile: str
+
+
+@dataclass(frozen=True)
 class IssuedCertificate:
     cert: x509.Certificate
     record: CertificateRecord
@@ -150,7 +158,13 @@ class CertificateAuthority:
 
     # -- issuing and recording ----------------------------------------------------------------
 
-    def issue_operational(self, csr_data: bytes, device_serial: str, now: datetime,
+    def checked_csr_key(self, csr_data: bytes, profile_name: str = "operational") -> "CheckedKey":
+        """Parse the CSR, check its signature and its key against the profile: what issuance takes
+        from a CSR. Callers that must refuse a bad CSR early pass the result to issue_operational."""
+        profile = get_profile(self.profiles, profile_name)
+        return CheckedKey(self.check_public_key(load_csr(csr_data).public_key(), profile), profile.name)
+
+    def issue_operational(self, csr_data: "bytes | CheckedKey", device_serial: str, now: datetime,
                           profile_name: str = "operational") -> IssuedCertificate:
         """Issue an operational certificate for a registered, non-revoked device from its CSR.
 
@@ -160,8 +174,12 @@ class CertificateAuthority:
         the record and the state change cannot interleave with a revocation.
         """
         profile = get_profile(self.profiles, profile_name)
-        csr = load_csr(csr_data)
-        public_key = self.check_public_key(csr.public_key(), profile)
+        if isinstance(csr_data, CheckedKey):
+            if csr_data.profile != profile.name:
+                raise KeyPolicyViolation(f"key was checked for profile {csr_data.profile}, not {profile.name}")
+            public_key = csr_data.public_key
+        else:
+            public_key = self.checked_csr_key(csr_data, profile_name).public_key
         check_serial(device_serial)
         issued: list[IssuedCertificate] = []
 

@@ -50,6 +50,7 @@ class ConfigTemplates:
         self.directory = Path(directory)
         self._certificate = certificate
         self._cache: dict[Path, tuple[float, dict]] = {}
+        self._der: dict[str, bytes] = {}
 
     def ensure_default(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -92,6 +93,12 @@ class ConfigTemplates:
         if not isinstance(anchors, list) or not anchors or any(a not in _ANCHORS for a in anchors):
             raise ConfigError(f"{path}: trust.anchors must list some of {', '.join(_ANCHORS)}")
 
+    def _anchor(self, name: str) -> bytes:
+        der = self._der.get(name)
+        if der is None:
+            der = self._der[name] = self._certificate(name).public_bytes(serialization.Encoding.DER)
+        return der
+
     def for_device(self, serial: str, device_type: str) -> dict:
         doc = self._template(device_type)
         return {
@@ -99,6 +106,5 @@ class ConfigTemplates:
             "device_type": device_type,
             "endpoints": dict(doc["endpoints"]),
             "renewal": dict(doc["renewal"]),
-            "trust_anchors": [self._certificate(name).public_bytes(serialization.Encoding.DER)
-                              for name in doc["trust"]["anchors"]],
+            "trust_anchors": [self._anchor(name) for name in doc["trust"]["anchors"]],
         }

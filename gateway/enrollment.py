@@ -27,7 +27,7 @@ from attestation.nonces import NonceRecord
 from attestation.policy import Policy
 from attestation.service import AttestationService, Evaluation
 from attestation.verifier import AttestingDevice
-from ca.authority import CertificateAuthority, IssuedCertificate, load_csr
+from ca.authority import CertificateAuthority, CheckedKey, IssuedCertificate
 from ca.errors import CAError
 from ca.revocation import revoke_device
 from ca.store import DeviceState
@@ -141,7 +141,7 @@ class EnrollmentService:
         if device.state is DeviceState.ENROLLED and not tpolicy.reenroll:
             self._decision("enroll", who, "refused", reason="re-enrollment not allowed")
             raise ReenrollmentRefused("device already enrolled; policy does not allow re-enrollment")
-        self._check_csr("enroll", who, csr)       # a bad CSR must not use up the verdict
+        csr = self._check_csr("enroll", who, csr)       # a bad CSR must not use up the verdict
         verdict_seq = None
         if tpolicy.attestation != "waived":
             entry = self.attestation.take_verdict(who.serial)
@@ -162,15 +162,15 @@ class EnrollmentService:
         self._decision("renew", who, "issued", certificate=format(issued.cert.serial_number, "x"))
         return issued
 
-    def _check_csr(self, action: str, who: PeerIdentity, csr: bytes) -> None:
+    def _check_csr(self, action: str, who: PeerIdentity, csr: bytes) -> CheckedKey:
+        """Parse and check the CSR once; issuance then takes the checked key."""
         try:
-            parsed = load_csr(csr)
-            self.ca.check_public_key(parsed.public_key(), self.ca.profiles["operational"])
+            return self.ca.checked_csr_key(csr)
         except CAError as exc:
             self._decision(action, who, "refused", reason=str(exc))
             raise
 
-    def _issue(self, action: str, who: PeerIdentity, csr: bytes) -> IssuedCertificate:
+    def _issue(self, action: str, who: PeerIdentity, csr: "bytes | CheckedKey") -> IssuedCertificate:
         try:
             return self.ca.issue_operational(csr, who.serial, self.clock())
         except CAError as exc:

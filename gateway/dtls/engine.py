@@ -22,7 +22,6 @@ Note: OpenSSL runs its retransmission timer on its own clock; `now` drives every
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import hmac
 import itertools
@@ -240,7 +239,7 @@ class ServerEngine(_Engine):
             self._secret_epoch = epoch
 
     def _cookie(self, secret: bytes, peer: Peer) -> bytes:
-        return hmac.new(secret, _peer_bytes(peer), hashlib.sha256).digest()[:16]
+        return hmac.digest(secret, _peer_bytes(peer), "sha256")[:16]
 
     def _cookie_generate(self, conn: SSL.Connection) -> bytes:
         return self._cookie(self._secrets[0], conn.get_app_data().peer)

@@ -15,7 +15,6 @@ Only the two AEAD suites devid negotiates are supported; anything else keeps Ope
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 
 from cryptography.exceptions import InvalidTag
@@ -40,8 +39,8 @@ def tls12_prf_sha256(secret: bytes, label: bytes, seed: bytes, length: int) -> b
     out = b""
     a = seed
     while len(out) < length:
-        a = hmac.new(secret, a, hashlib.sha256).digest()
-        out += hmac.new(secret, a + seed, hashlib.sha256).digest()
+        a = hmac.digest(secret, a, "sha256")
+        out += hmac.digest(secret, a + seed, "sha256")
     return out[:length]
 
 
