@@ -169,6 +169,13 @@ def test_ticket_resumption(data, registry, device):
     (done,) = [e for e in net2.server_events if isinstance(e, E.HandshakeComplete)]
     assert done.resumed and done.identity.serial == "SN1"
     assert srv.stats.resumed == 1
+    # the resumed session runs on devid's record layer too, both ways
+    assert srv.sessions[net2.peer].rl is not None
+    net2.from_client(second.send(b"after resumption", net2.now))
+    net2._enqueue("s2c", srv.send(net2.peer, b"answer", net2.now))
+    net2.deliver_all(second)
+    assert E.ApplicationData(net2.peer, b"after resumption") in net2.server_events
+    assert E.ApplicationData(("gw", 5684), b"answer") in net2.client_events
 
 
 def test_resumption_of_a_revoked_device_is_refused(data, registry, device):
