@@ -51,7 +51,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from attestation.evidence import Evidence, decode_claims, fw_digest_of, parse_sign1, sign_evidence  # noqa: E402
-from attestation.log import MemoryLogStore  # noqa: E402
 from attestation.nonces import MemoryNonceStore, NonceRecord, NonceService  # noqa: E402
 from attestation.policy import Tier, parse_policy  # noqa: E402
 from attestation.service import AttestationService  # noqa: E402

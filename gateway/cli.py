@@ -12,8 +12,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from ca.errors import CAError, ValidationFailed
-from ca.hierarchy import CA_NAMES, ISSUING_CAS
+from ca.errors import CAError
+from ca.hierarchy import CA_NAMES
 from ca.revocation import REASONS, build_crl, revoke_device
 from ca.store import DeviceState
 from ca.validation import DeviceVerifier
