@@ -133,3 +133,7 @@ def _print_registry(registry, serials) -> None:
                    ", ".join(e.codes) or "-") for e in entries])
     counts = registry.count_devices()
     print("registry totals: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    where = "" if str(registry.path.parent) == "devid-data" else f" --data {registry.path.parent}"
+    print("next steps (docs/gateway.md, docs/enrollment.md):")
+    for command in ("devices list", "attest log", "serve"):
+        print(f"  .venv/bin/devid {command}{where}")
