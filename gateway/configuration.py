@@ -56,7 +56,9 @@ class ConfigTemplates:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / "default.toml"
         if not path.exists():
-            tmp = path.with_suffix(".tmp")
+            # several gateway workers may get here at once: each writes its own file, and the
+            # atomic replace leaves one complete template whoever wins
+            tmp = path.with_name(f".default.toml.tmp-{os.getpid()}")
             tmp.write_text(DEFAULT_TEMPLATE)
             os.replace(tmp, path)
 

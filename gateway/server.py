@@ -214,46 +214,63 @@ def serve_workers(data: DataDir, config: GatewayConfig, workers: int, log_level:
             if p.is_alive():
                 p.terminate()            # SIGTERM: a clean shutdown in the worker
     old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    import queue as queue_module
+    totals: dict[str, int] = {}
+    failed = False
+
+    def handle(kind: str, index: int, payload) -> None:
+        nonlocal failed
+        if kind == "error":
+            if not failed:      # one line: the other workers usually fail the same way
+                print(f"devid: error: worker {index}: {payload}", file=sys.stderr, flush=True)
+            failed = True
+        elif kind == "stopped":
+            for k, v in payload.items():
+                totals[k] = totals.get(k, 0) + v
+
     try:
         for p in procs:
             p.start()
         ready = 0
         addresses = None
-        totals: dict[str, int] = {}
-        failed = False
+        # wait for every worker to report; a worker that dies without a word is a failure too
         while ready < workers and not failed:
-            kind, index, payload = queue.get()
+            try:
+                kind, index, payload = queue.get(timeout=0.5)
+            except queue_module.Empty:
+                dead = [i for i, p in enumerate(procs) if p.exitcode is not None]
+                if dead and not stopping:
+                    print(f"devid: error: worker {dead[0]} exited during start-up", file=sys.stderr, flush=True)
+                    failed = True
+                elif stopping:
+                    break
+                continue
             if kind == "ready":
                 ready += 1
                 addresses = payload
-            elif kind == "error":
-                print(f"devid: error: worker {index}: {payload}", file=sys.stderr, flush=True)
-                failed = True
+            else:
+                handle(kind, index, payload)
         if failed:
             stop()
-        else:
+        elif not stopping:
             print(f"devid gateway listening on {_addresses(addresses)} ({workers} workers, pids "
                   f"{', '.join(str(p.pid) for p in procs)})", flush=True)
-        for p in procs:
-            while p.is_alive():
-                p.join(0.5)
-        reports = 0 if failed else ready
-        import queue as queue_module
-        while reports > 0:
+        # keep draining the queue while the workers run and stop: a worker exits only after its
+        # messages are read (multiprocessing queues flush on exit)
+        while any(p.is_alive() for p in procs):
             try:
-                kind, index, payload = queue.get(timeout=5)
+                handle(*queue.get(timeout=0.5))
+            except queue_module.Empty:
+                pass
+        while True:
+            try:
+                handle(*queue.get(timeout=0.2))
             except queue_module.Empty:
                 break
-            reports -= kind in ("stopped", "error")
-            if kind == "stopped":
-                for k, v in payload.items():
-                    totals[k] = totals.get(k, 0) + v
-            elif kind == "error":
-                print(f"devid: error: worker {index}: {payload}", file=sys.stderr, flush=True)
-                failed = True
         if not failed:
             print("devid gateway: shutting down", flush=True)
-            print(f"devid gateway: stopped ({_stats_line({k: totals.get(k, 0) for k in ('handshakes', 'resumed', 'failed', 'cookies_sent')})})", flush=True)
+            stats = {k: totals.get(k, 0) for k in ('handshakes', 'resumed', 'failed', 'cookies_sent')}
+            print(f"devid gateway: stopped ({_stats_line(stats)})", flush=True)
         return 1 if failed else 0
     finally:
         for sig, handler in old.items():

@@ -566,3 +566,20 @@ def test_serve_refuses_a_port_that_is_in_use(world):
                                    "--workers", workers], capture_output=True, text=True, timeout=60, env=env)
             assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
             assert "in use" in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def test_serve_with_workers_exits_cleanly_when_workers_fail(world):
+    """A bad policy makes every worker fail at start-up: one error line, exit 1, no hang."""
+    import os
+    import subprocess
+    import sys
+    data, _ = world
+    (data.path / POLICY_FILE).write_text("version = 1\n[device_types.x]\nattestation = 'sometimes'\n")
+    env = {k: v for k, v in os.environ.items() if k != "DEVID_CA_PASSPHRASE"}
+    env["DEVID_DATA"] = str(data.path)
+    proc = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{free_port()}",
+                           "--workers", "2"], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("devid: error:")]
+    assert len(errors) == 1 and "attestation" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
