@@ -8,10 +8,12 @@ registry), the CoAP site, and runs until SIGINT or SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import os
 import json
 import logging
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -171,7 +173,9 @@ async def serve(data: DataDir, config: GatewayConfig, ready=None, announce: bool
 def _worker(path: str, config: GatewayConfig, log_level: str, index: int, queue) -> None:
     """One worker process of `devid serve --workers N`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # the parent turns ^C into SIGTERM for us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)       # until serve() installs its clean shutdown
     configure_logging(log_level, worker=index)
+    code = 0
     try:
         def ready(gateway):
             queue.put(("ready", index, gateway.addresses))
@@ -179,6 +183,15 @@ def _worker(path: str, config: GatewayConfig, log_level: str, index: int, queue)
         queue.put(("stopped", index, stats))
     except Exception as exc:       # reported by the parent as one line
         queue.put(("error", index, f"{exc.__class__.__name__}: {exc}"))
+        code = 1
+    finally:
+        # flush our messages to the parent now, then leave without multiprocessing's exit
+        # handlers (a queue finalizer once hung a worker on its way out)
+        queue.close()
+        queue.join_thread()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def serve_workers(data: DataDir, config: GatewayConfig, workers: int, log_level: str = "INFO") -> int:
@@ -257,16 +270,25 @@ def serve_workers(data: DataDir, config: GatewayConfig, workers: int, log_level:
                   f"{', '.join(str(p.pid) for p in procs)})", flush=True)
         # keep draining the queue while the workers run and stop: a worker exits only after its
         # messages are read (multiprocessing queues flush on exit)
+        grace = None
         while any(p.is_alive() for p in procs):
             try:
                 handle(*queue.get(timeout=0.5))
             except queue_module.Empty:
                 pass
+            if stopping or failed:      # shutting down: bounded, then the stragglers are killed
+                grace = grace or time.monotonic() + 15
+                if time.monotonic() > grace:
+                    break
         while True:
             try:
                 handle(*queue.get(timeout=0.2))
             except queue_module.Empty:
                 break
+        for p in procs:                 # nothing outlives the parent
+            p.join(5)
+            if p.is_alive():
+                p.kill()
         if not failed:
             print("devid gateway: shutting down", flush=True)
             stats = {k: totals.get(k, 0) for k in ('handshakes', 'resumed', 'failed', 'cookies_sent')}
