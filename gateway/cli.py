@@ -7,9 +7,10 @@ import json
 import os
 import sqlite3
 import sys
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ca.errors import CAError
@@ -127,7 +128,6 @@ def cmd_ca_sign_csr(args) -> int:
 
 
 def cmd_ca_verify(args) -> int:
-    from cryptography import x509
     data = _data(args).require()
     pem = _read_input(args.cert, "certificate")
     try:
@@ -165,7 +165,7 @@ def cmd_crl(args) -> int:
     registry = data.open_registry()
     now = utcnow()
     names = [args.ca] if args.ca else list(CA_NAMES)
-    infos = [build_crl(data.issuer(n), registry, now, validity=_days(data.config.crl_days)) for n in names]
+    infos = [build_crl(data.issuer(n), registry, now, validity=timedelta(days=data.config.crl_days)) for n in names]
     data.crl_dir.mkdir(exist_ok=True)
     bundle = b""
     for info in infos:
@@ -179,11 +179,6 @@ def cmd_crl(args) -> int:
     out = sys.stderr if args.out == "-" else sys.stdout
     output.table(["ca", "crl number", "revoked", "this update", "next update", "file"], rows, out)
     return 0
-
-
-def _days(n: int):
-    from datetime import timedelta
-    return timedelta(days=n)
 
 
 def cmd_devices_list(args) -> int:

@@ -31,7 +31,7 @@ from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from attestation.evidence import Evidence, fw_digest_of, sign_evidence
-from ca import keys
+from ca import der, keys
 
 from .client import BundleError, device_context, load_bundle
 from .dtls.transport import DTLSHandshakeError
@@ -274,7 +274,6 @@ async def enroll(directory: Path, gateway_uri: str, firmware: Firmware | None, *
 def _device_type(cert: x509.Certificate) -> str:
     """The device type from the certificate's private extension (the only UTF8String extension
     value devid puts in device certificates)."""
-    from ca import der
     for ext in cert.extensions:
         if isinstance(ext.value, x509.UnrecognizedExtension):
             try:

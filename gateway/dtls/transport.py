@@ -306,7 +306,6 @@ class DTLSClientInterface(_DTLSInterface):
         self.handshake_timeout = handshake_timeout
         self.sessions: dict[tuple, _ClientSession] = {}
         self.tls_sessions: dict[tuple, SSL.Session] = {}      # for resumption
-        self.last_handshake: E.HandshakeComplete | None = None
 
     async def _connect(self, host: str, port: int) -> DTLSRemote:
         try:
@@ -367,7 +366,6 @@ class DTLSClientInterface(_DTLSInterface):
         return min(deadlines) if deadlines else None
 
     def _on_handshake(self, ev: E.HandshakeComplete) -> None:
-        self.last_handshake = ev
         session = self.sessions.get(ev.peer)
         if session is not None:
             self.tls_sessions[ev.peer] = session.engine.session
