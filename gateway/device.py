@@ -1,8 +1,9 @@
 """The device side of zero-touch enrollment, as a field engineer's script runs it.
 
 From a factory bundle (`devid provision`): fetch a nonce, send signed attestation evidence, send a
-CSR for a new operational key to EST /sen, check the certificate, store it, then reconnect with
-the operational identity and fetch the configuration. `renew` does /sren with the operational
+CSR for a new operational key to EST /sen, check the certificate, store it, then fetch the
+configuration, all in one DTLS session with the factory identity (one handshake: the gateway
+serves /config to the factory identity of an enrolled device). `renew` does /sren with the operational
 identity. Each step reports through a callback; every failure is an `EnrollFailed` naming the
 step and the gateway's reason.
 """
@@ -260,12 +261,12 @@ async def enroll(directory: Path, gateway_uri: str, firmware: Firmware | None, *
         mark("enroll", t0)
         report("enroll", f"operational certificate {chain[0].serial_number:x}, valid until "
                          f"{chain[0].not_valid_after_utc:%Y-%m-%d}")
+        _store_operational(directory, op_key, chain)
+        t0 = time.perf_counter()
+        config = await _get_config(ctx, base, directory, timeout)     # same session: one handshake
+        mark("config", t0)
     finally:
         await ctx.shutdown()
-    _store_operational(directory, op_key, chain)
-    t0 = time.perf_counter()
-    config = await fetch_config(directory, gateway_uri, timeout)
-    mark("config", t0)
     report("config", f"configuration for {config.get('device_type')} ({len(config.get('trust_anchors', []))} "
                      "trust anchors)")
     return EnrollResult(serial, chain[0], verdict, config, time.perf_counter() - started, steps)
@@ -291,6 +292,7 @@ def _store_operational(directory: Path, key: ec.EllipticCurvePrivateKey, chain: 
 
 
 async def fetch_config(directory: Path, gateway_uri: str, timeout: float = 30.0) -> dict:
+    """GET /config with the operational identity (a new session)."""
     host, base = _gateway(gateway_uri)
     try:
         ctx, _ = await device_context(directory, host, cert_name="op-chain.pem", key_name="op-key.pem",
@@ -298,9 +300,13 @@ async def fetch_config(directory: Path, gateway_uri: str, timeout: float = 30.0)
     except Exception as exc:
         raise EnrollFailed("config", f"cannot connect with the operational identity: {exc}") from None
     try:
-        r = await _request(ctx, "config", timeout, code=codes.GET, uri=f"{base}/config", accept=CT_CBOR)
+        return await _get_config(ctx, base, directory, timeout)
     finally:
         await ctx.shutdown()
+
+
+async def _get_config(ctx, base: str, directory: Path, timeout: float) -> dict:
+    r = await _request(ctx, "config", timeout, code=codes.GET, uri=f"{base}/config", accept=CT_CBOR)
     try:
         config = cbor2.loads(r.payload)
     except Exception:

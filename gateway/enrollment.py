@@ -91,18 +91,21 @@ class EnrollmentService:
         line.update({k: v for k, v in details.items() if v is not None})
         log.info(json.dumps(line))
 
-    def _require(self, action: str, who: PeerIdentity | None, kind: str) -> PeerIdentity:
+    def _require(self, action: str, who: PeerIdentity | None, kind: str, *, enrolled_factory: bool = False):
+        """The device record of `who` if it may do `action` with its `kind` identity. With
+        `enrolled_factory`, the factory identity of an enrolled device is accepted too."""
         if who is None:
             self._decision(action, None, "refused", reason="no device identity")
             raise NotAuthenticated("a device certificate is required")
-        if who.kind != kind:
+        device = self.ca.store.get_device(who.serial)
+        if who.kind != kind and not (enrolled_factory and who.kind == FACTORY and device is not None
+                                     and device.state is DeviceState.ENROLLED):
             self._decision(action, who, "refused", reason=f"needs the {kind} identity")
             raise WrongIdentity(f"this needs the device's {kind} identity, not its {who.kind} one")
-        device = self.ca.store.get_device(who.serial)
         if device is None or device.state is DeviceState.REVOKED:
             self._decision(action, who, "refused", reason="device unknown or revoked")
             raise DeviceNotAllowed(f"device {who.serial} is not allowed")
-        return who
+        return device
 
     def _attesting(self, who: PeerIdentity) -> AttestingDevice:
         return AttestingDevice(who.serial, who.device_type, who.fingerprint, who.public_key)
@@ -110,13 +113,13 @@ class EnrollmentService:
     # -- attestation ----------------------------------------------------------------------------
 
     def nonce(self, who: PeerIdentity | None) -> NonceRecord:
-        who = self._require("nonce", who, FACTORY)
+        self._require("nonce", who, FACTORY)
         record = self.attestation.issue_nonce(who.serial, who.fingerprint)
         self._decision("nonce", who, "issued", expires=record.expires_at.isoformat())
         return record
 
     def evidence(self, who: PeerIdentity | None, token: bytes) -> Evaluation:
-        who = self._require("evidence", who, FACTORY)
+        self._require("evidence", who, FACTORY)
         evaluation = self.attestation.evaluate(token, self._attesting(who))
         verdict = evaluation.appraisal.verdict
         revoked = False
@@ -132,12 +135,11 @@ class EnrollmentService:
 
     def enroll(self, who: PeerIdentity | None, csr: bytes) -> IssuedCertificate:
         """/sen: a first operational certificate (or a re-enrollment) for a factory identity."""
-        who = self._require("enroll", who, FACTORY)
+        device = self._require("enroll", who, FACTORY)
         tpolicy = self.policy.for_type(who.device_type)
         if tpolicy is None:
             self._decision("enroll", who, "refused", reason="device type not in policy")
             raise UnknownDeviceType(f"device type {who.device_type} is not in the gateway's policy")
-        device = self.ca.store.get_device(who.serial)
         if device.state is DeviceState.ENROLLED and not tpolicy.reenroll:
             self._decision("enroll", who, "refused", reason="re-enrollment not allowed")
             raise ReenrollmentRefused("device already enrolled; policy does not allow re-enrollment")
@@ -157,7 +159,7 @@ class EnrollmentService:
 
     def renew(self, who: PeerIdentity | None, csr: bytes) -> IssuedCertificate:
         """/sren: a new operational certificate for the device of this operational identity."""
-        who = self._require("renew", who, OPERATIONAL)
+        self._require("renew", who, OPERATIONAL)
         issued = self._issue("renew", who, csr)
         self._decision("renew", who, "issued", certificate=format(issued.cert.serial_number, "x"))
         return issued
@@ -178,7 +180,9 @@ class EnrollmentService:
             raise
 
     def configuration(self, who: PeerIdentity | None) -> dict:
-        who = self._require("config", who, OPERATIONAL)
+        # The factory identity of an enrolled device may fetch it too: a device gets its
+        # configuration in the session it enrolled in (one DTLS handshake per enrollment).
+        self._require("config", who, OPERATIONAL, enrolled_factory=True)
         try:
             config = self.configs.for_device(who.serial, who.device_type)
         except CAError as exc:

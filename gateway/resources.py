@@ -5,7 +5,8 @@
     /.well-known/est/sren     POST 286    renewal (operational identity, same device)
     /attest/nonce             GET         CBOR {"nonce": bstr, "expires": uint}   (factory identity)
     /attest/evidence          POST 60     an EAT (docs/evidence.md) -> CBOR verdict   (factory identity)
-    /config                   GET         CBOR operational configuration   (operational identity)
+    /config                   GET         CBOR operational configuration   (operational identity, or the
+                                          factory identity of an enrolled device)
 
 Every request body is capped (Block1 included: 4.13 with Size1 beyond the cap); errors become
 RFC 9290 problem details (`problems.py`).

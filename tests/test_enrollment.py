@@ -192,7 +192,7 @@ def test_factory_identity_rules(world):
             r = await request(ctx, f"{uri}/.well-known/est/sen", codes.POST, payload=make_csr()[0],
                               content_format=286)
             assert r.code == codes.FORBIDDEN and problem(r)[-1] == "attestation required"
-            # factory identities may not use /sren or /config
+            # factory identities may not use /sren, nor /config before the device is enrolled
             for path, code in (("/.well-known/est/sren", codes.POST), ("/config", codes.GET)):
                 r = await request(ctx, uri + path, code, payload=make_csr()[0] if code == codes.POST else b"",
                                   **({"content_format": 286} if code == codes.POST else {}))
@@ -213,6 +213,12 @@ def test_factory_identity_rules(world):
             assert r.code == codes.CHANGED and r.opt.content_format == 287
             cert = x509.load_der_x509_certificate(r.payload)
             assert cert.public_key() == key.public_key()
+            # enrolled now: the same session (factory identity) gets the configuration, not /sren
+            r = await request(ctx, f"{uri}/config", accept=50)
+            assert r.code == codes.CONTENT and b'"device": "TS00000003"' in r.payload
+            r = await request(ctx, f"{uri}/.well-known/est/sren", codes.POST, payload=make_csr()[0],
+                              content_format=286)
+            assert r.code == codes.FORBIDDEN and problem(r)[-1] == "wrong identity for this resource"
             r = await request(ctx, f"{uri}/.well-known/est/sen", codes.POST, payload=make_csr()[0],
                               content_format=286)
             assert r.code == codes.FORBIDDEN and problem(r)[-1] == "attestation required"
