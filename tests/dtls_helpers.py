@@ -106,3 +106,50 @@ class FakeNetwork:
             self.server_events += out.events
             self._enqueue("s2c", out)
         return until()
+
+
+class RawCoapOverDTLS:
+    """A device that speaks raw CoAP bytes over a real DTLS session (the engine's client side on
+    a UDP socket): for tests that need exact message types, IDs and options on the wire."""
+
+    def __init__(self, bundle: Path, port: int) -> None:
+        self.bundle, self.port = bundle, port
+        self.received: list[bytes] = []
+
+    async def __aenter__(self) -> "RawCoapOverDTLS":
+        import asyncio
+        loop = self.loop = asyncio.get_running_loop()
+        queue = self.queue = asyncio.Queue()
+
+        class Proto(asyncio.DatagramProtocol):
+            def datagram_received(self, data_, addr):
+                queue.put_nowait(data_)
+        self.transport, _ = await loop.create_datagram_endpoint(Proto, remote_addr=("127.0.0.1", self.port))
+        self.client = E.ClientEngine(client_context_from_bundle(self.bundle), ("127.0.0.1", self.port))
+        await self._pump(self.client.start(loop.time()), lambda: self.client.established)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.transport.close()
+
+    async def _pump(self, out, until, timeout: float = 10.0) -> None:
+        import asyncio
+        for _, dg in out.datagrams:
+            self.transport.sendto(dg)
+        end = self.loop.time() + timeout
+        while not until() and self.loop.time() < end:
+            try:
+                dg = await asyncio.wait_for(self.queue.get(), 0.2)
+            except asyncio.TimeoutError:
+                continue
+            o = self.client.receive(dg, self.loop.time())
+            self.received.extend(e.data for e in o.events if isinstance(e, E.ApplicationData))
+            for _, d in o.datagrams:
+                self.transport.sendto(d)
+
+    async def exchange(self, wire: bytes, timeout: float = 10.0):
+        """Send one CoAP message; the next message received (decoded), or None after `timeout`."""
+        import aiocoap
+        n = len(self.received)
+        await self._pump(self.client.send(wire, self.loop.time()), lambda: len(self.received) > n, timeout)
+        return aiocoap.Message.decode(self.received[n]) if len(self.received) > n else None

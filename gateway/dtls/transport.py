@@ -1,5 +1,9 @@
 """The DTLS engine on asyncio UDP sockets, as an aiocoap message transport (coaps://).
 
+The client side runs under an aiocoap Context; the gateway side hands decoded messages to
+`gateway.coap.CoapServer`, which answers them (it offers the two calls of aiocoap's message
+manager the interface makes: `dispatch_message`, `dispatch_error`).
+
 aiocoap has no plug-in registry for transports: a Context gets this one the way it gets its
 built-in ones (`Context._append_tokenmanaged_messagemanaged_transport`), which is why aiocoap is
 pinned to the version this was built against (0.4.17). One `DTLSRemote` exists per DTLS session;
@@ -420,22 +424,6 @@ class DTLSHandshakeError(error.NetworkError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "DTLS handshake failed"
-
-
-async def server_context(site, engine: E.ServerEngine, binds: Iterable[tuple[str, int]], *,
-                         reuse_port: bool = False, loggername: str = "devid.coap") -> tuple[Context, DTLSServerInterface]:
-    """An aiocoap server Context serving `site` over coaps:// only."""
-    loop = asyncio.get_running_loop()
-    ctx = Context(loop=loop, serversite=site, loggername=loggername)
-    holder: list[DTLSServerInterface] = []
-
-    async def make(mman):
-        iface = await DTLSServerInterface.create(mman, engine, binds, loop, reuse_port=reuse_port)
-        holder.append(iface)
-        return iface
-
-    await ctx._append_tokenmanaged_messagemanaged_transport(make)
-    return ctx, holder[0]
 
 
 async def client_context(ssl_context: SSL.Context, *, server_check=None, mtu: int = 1280,
