@@ -7,8 +7,8 @@ piggyback timers, and a deduplication cache that keeps every exchange for EXCHAN
 The gateway only ever answers requests, on DTLS sessions it already authenticated, with
 piggybacked responses; that needs much less. So this module does exactly that and keeps
 aiocoap for what it does well and cheaply: the message codec (`Message.decode/encode`), the
-resources (`aiocoap.resource.Resource.render`), `.well-known/core`, and the RFC 7959 helpers
-(`Block1Spool`, `Block2Cache`). aiocoap's Context stays in use on the client side.
+resources (`aiocoap.resource.Resource.render`), `.well-known/core`, and Block1 reassembly
+(`Block1Spool`). aiocoap's Context stays in use on the client side.
 
 Per request: decode (by the transport), deduplicate per DTLS session (a retransmitted CON gets
 the same response again, never a second evaluation; in-flight duplicates are dropped), find the
@@ -26,13 +26,18 @@ import os
 from collections import OrderedDict
 
 from aiocoap import Message, error
-from aiocoap.blockwise import Block1Spool, Block2Cache
+from aiocoap.blockwise import Block1Spool
 from aiocoap.numbers import codes
+from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.numbers.types import Type
+from aiocoap.optiontypes import BlockOption
 
 log = logging.getLogger("devid.coap")
 
 DEDUP_PER_SESSION = 64          # responses kept per DTLS session for retransmitted requests
+BLOCK2_PER_SESSION = 4          # large responses kept per DTLS session for their later blocks
+MAX_SZX = 6                     # 1024-byte blocks (RFC 7959: the largest over UDP)
+BLOCK_KEY_IGNORE = (OptionNumber.BLOCK1, OptionNumber.BLOCK2, OptionNumber.OBSERVE)
 # critical options (odd numbers) the gateway understands: Uri-Host, Uri-Port, Uri-Path,
 # Uri-Query, Accept, Block2, Block1; Proxy-Uri/Proxy-Scheme are answered 5.05
 KNOWN_CRITICAL = frozenset({3, 7, 11, 15, 17, 23, 27})
@@ -48,6 +53,7 @@ class CoapServer:
         self.site = site
         self.interface = None                    # set by the owner once the interface exists
         self._exchanges: dict[object, OrderedDict[int, Message | None]] = {}
+        self._blocks: dict[object, OrderedDict[tuple, Message]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._mids = itertools.count(int.from_bytes(os.urandom(2), "big"))
         self.requests = 0
@@ -83,6 +89,7 @@ class CoapServer:
 
     def dispatch_error(self, exc: Exception, remote) -> None:
         self._exchanges.pop(remote, None)
+        self._blocks.pop(remote, None)
 
     # -- answering ---------------------------------------------------------------------------
 
@@ -118,11 +125,48 @@ class CoapServer:
         block1 = getattr(resource, "_block1", None)
         if block1 is None:
             block1 = resource._block1 = Block1Spool()
-        block2 = getattr(resource, "_block2", None)
-        if block2 is None:
-            block2 = resource._block2 = Block2Cache()
         request = block1.feed_and_take(request)
-        return await block2.extract_or_insert(request, lambda: resource.render(request))
+        return await self._blockwise(request, resource)
+
+    async def _blockwise(self, request: Message, resource) -> Message:
+        """Block2 (RFC 7959): a response larger than one block is rendered once, kept with the
+        session (until it ends; at most BLOCK2_PER_SESSION) and cut into blocks on request.
+        aiocoap's Block2Cache keeps every response for MAX_TRANSMIT_WAIT (93 s) after its
+        session is gone and deep-copies it for every block."""
+        block2 = request.opt.block2
+        szx = min(block2.size_exponent, MAX_SZX) if block2 is not None else MAX_SZX
+        number = block2.block_number if block2 is not None else 0
+        cache = self._blocks.get(request.remote)
+        key = (request.code, request.get_cache_key(BLOCK_KEY_IGNORE))
+        if number == 0:
+            response = await resource.render(request)
+        else:
+            response = cache.get(key) if cache is not None else None
+            if response is None:
+                return Message(code=codes.REQUEST_ENTITY_INCOMPLETE)
+        size = 1 << (szx + 4)
+        payload = response.payload
+        if number == 0 and len(payload) <= size:
+            return response
+        if number == 0:
+            if cache is None:
+                cache = self._blocks[request.remote] = OrderedDict()
+            cache[key] = response
+            cache.move_to_end(key)
+            while len(cache) > BLOCK2_PER_SESSION:
+                cache.popitem(last=False)
+        start = number * size
+        if start >= len(payload):
+            return Message(code=codes.BAD_OPTION)
+        part = Message(code=response.code, payload=payload[start:start + size])
+        for option in response.opt.option_list():
+            if option.number != OptionNumber.BLOCK2:
+                part.opt.add_option(option)
+        more = start + size < len(payload)
+        part.opt.block2 = BlockOption.BlockwiseTuple(number, more, szx)
+        if number == 0:
+            part.opt.size2 = len(payload)
+        return part
 
     def _reset(self, message: Message) -> None:
         rst = Message(code=codes.EMPTY)
@@ -143,3 +187,4 @@ class CoapServer:
             await self.interface.shutdown()
             self.interface = None
         self._exchanges.clear()
+        self._blocks.clear()

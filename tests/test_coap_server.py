@@ -86,6 +86,11 @@ def test_blockwise_response_in_order(world):
     async def body(dev, gw):
         r = await dev.exchange(wire(aiocoap.CON, 0x5001, b"\x01", code=codes.GET, uri_path=["config"], accept=50))
         assert r.code == codes.FORBIDDEN        # factory identity before enrollment
+        # a later block of a response never asked for: 4.08
+        r = await dev.exchange(wire(aiocoap.CON, 0x5000, b"\x09", code=codes.GET,
+                                    uri_path=[".well-known", "est", "crts"],
+                                    block2=BlockOption.BlockwiseTuple(2, False, 4)))
+        assert r.code == codes.REQUEST_ENTITY_INCOMPLETE
         r = await dev.exchange(wire(aiocoap.CON, 0x5002, b"\x02", code=codes.GET,
                                     uri_path=[".well-known", "est", "crts"], block2=(0, False, 4)))
         assert r.code == codes.CONTENT and r.opt.block2 is not None and r.opt.block2.more
@@ -101,4 +106,8 @@ def test_blockwise_response_in_order(world):
         from cryptography.hazmat.primitives.serialization import pkcs7
         certs = pkcs7.load_der_pkcs7_certificates(b"".join(parts))
         assert len(certs) == 2
+        # a block past the end: 4.02
+        r = await dev.exchange(wire(aiocoap.CON, mid, b"\x0a", code=codes.GET, uri_path=[".well-known", "est", "crts"],
+                                    block2=BlockOption.BlockwiseTuple(num + 3, False, 4)))
+        assert r.code == codes.BAD_OPTION
     run(world, body)
