@@ -37,6 +37,8 @@ log = logging.getLogger("devid.coap")
 DEDUP_PER_SESSION = 64          # responses kept per DTLS session for retransmitted requests
 BLOCK2_PER_SESSION = 4          # large responses kept per DTLS session for their later blocks
 MAX_SZX = 6                     # 1024-byte blocks (RFC 7959: the largest over UDP)
+MAX_UNBLOCKED = 1124            # a body up to this size goes in one message unless the client asks
+                                # for blocks (aiocoap's maximum_payload_size: fits a 1280-byte MTU)
 BLOCK_KEY_IGNORE = (OptionNumber.BLOCK1, OptionNumber.BLOCK2, OptionNumber.OBSERVE)
 # critical options (odd numbers) the gateway understands: Uri-Host, Uri-Port, Uri-Path,
 # Uri-Query, Accept, Block2, Block1; Proxy-Uri/Proxy-Scheme are answered 5.05
@@ -146,7 +148,7 @@ class CoapServer:
                 return Message(code=codes.REQUEST_ENTITY_INCOMPLETE)
         size = 1 << (szx + 4)
         payload = response.payload
-        if number == 0 and len(payload) <= size:
+        if number == 0 and len(payload) <= (size if block2 is not None else MAX_UNBLOCKED):
             return response
         if number == 0:
             if cache is None:
