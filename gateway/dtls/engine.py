@@ -567,7 +567,11 @@ class ClientEngine(_Engine):
 
     def __init__(self, context: SSL.Context, peer: Peer, *, mtu: int = 1280,
                  handshake_timeout: float = 30.0, session: SSL.Session | None = None,
-                 server_check: Callable[[x509.Certificate, list[x509.Certificate]], Any] | None = None) -> None:
+                 server_check: Callable[[x509.Certificate, list[x509.Certificate]], Any] | None = None,
+                 certificate: Any = None, private_key: Any = None) -> None:
+        """`certificate` and `private_key` (cryptography or pyOpenSSL objects), when given, are this
+        connection's identity instead of the Context's: one Context then serves many devices whose
+        certificates share the Context's extra chain certificates and trust anchors."""
         self.mtu = mtu
         self.peer = peer
         self.context = context
@@ -577,6 +581,9 @@ class ClientEngine(_Engine):
         conn = SSL.Connection(context, None)
         conn.set_connect_state()
         conn.set_ciphertext_mtu(mtu)
+        if certificate is not None:
+            conn.use_certificate(certificate)
+            conn.use_privatekey(private_key)
         if session is not None:
             conn.set_session(session)
         self._s = _Session(peer, conn, 0.0, 0.0)
