@@ -60,6 +60,8 @@ from cryptography.x509.oid import NameOID  # noqa: E402
 from cryptography.x509.verification import PolicyBuilder, Store  # noqa: E402
 from OpenSSL import SSL, crypto  # noqa: E402
 
+import cwt  # noqa: E402,F401  (sign_evidence imports it on first use: not inside the timed run)
+
 from attestation.evidence import Evidence, sign_evidence  # noqa: E402
 from ca import der  # noqa: E402
 from gateway.client import load_bundle  # noqa: E402
