@@ -70,10 +70,6 @@ from gateway.dtls import contexts  # noqa: E402
 from gateway.dtls.engine import (ApplicationData, ClientEngine, HandshakeComplete, HandshakeFailed,  # noqa: E402
                                  SessionClosed)
 
-# Connections get pyOpenSSL key and certificate objects converted once, before the run (converting
-# from cryptography objects costs ~0.1 ms per connection); pyOpenSSL calls that deprecated.
-warnings.filterwarnings("ignore", message="Passing pyOpenSSL", category=DeprecationWarning)
-
 ACK_TIMEOUT = 2.0           # RFC 7252 4.8 (without the random factor: a load generator wants it plain)
 CT_CBOR, CT_PROBLEM, CT_PKCS7_CERTS, CT_PKCS10, CT_PKIX_CERT = 60, 257, 281, 286, 287
 
@@ -376,8 +372,12 @@ class Session:
     def __init__(self, loop: asyncio.AbstractEventLoop, peer: tuple, family: int, ctx: SSL.Context,
                  device: Device, trust: Trust, timeout: float) -> None:
         self.loop = loop
-        self.engine = ClientEngine(ctx, peer, handshake_timeout=timeout, server_check=trust.check_server,
-                                   certificate=device.x509, private_key=device.pkey)
+        # pyOpenSSL key and certificate objects converted once, before the run (converting from
+        # cryptography objects costs ~0.1 ms per connection); pyOpenSSL calls that deprecated
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.engine = ClientEngine(ctx, peer, handshake_timeout=timeout, server_check=trust.check_server,
+                                       certificate=device.x509, private_key=device.pkey)
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         self.sock.setblocking(False)
         self.sock.connect(peer)
