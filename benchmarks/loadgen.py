@@ -377,7 +377,7 @@ class Session:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             self.engine = ClientEngine(ctx, peer, handshake_timeout=timeout, server_check=trust.check_server,
-                                       certificate=device.x509, private_key=device.pkey)
+                                       certificate=device.x509, private_key=device.pkey, takeover=True)
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         self.sock.setblocking(False)
         self.sock.connect(peer)
