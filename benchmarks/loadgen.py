@@ -280,6 +280,7 @@ class Trust:
         self._server_ok: dict[tuple, tuple[float, str]] = {}
         self._verifier = None
         self._verifier_at = 0.0
+        self._issuers: dict[bytes, list[x509.Certificate]] = {}
         try:
             import ipaddress
             self._subject = x509.IPAddress(ipaddress.ip_address(host.strip("[]")))
@@ -307,6 +308,7 @@ class Trust:
         if not cas:
             raise Failed("trust", "the gateway's /crts holds no CA certificate besides the root")
         self.cas = cas
+        self._issuers.clear()
         self._contexts.clear()
         self._server_ok.clear()
         self._verifier = None
@@ -337,7 +339,12 @@ class Trust:
         return name
 
     def issuers_of(self, cert: x509.Certificate) -> list[x509.Certificate]:
-        return [c for c in self.cas if c.subject == cert.issuer]
+        """The pinned CA certificates named as `cert`'s issuer (for op-chain.pem)."""
+        issuer = cert.issuer.public_bytes()
+        found = self._issuers.get(issuer)
+        if found is None:
+            found = self._issuers[issuer] = [c for c in self.cas if c.subject.public_bytes() == issuer]
+        return found
 
     def check_issued(self, der_cert: bytes, key: ec.EllipticCurvePrivateKey, serial: str) -> x509.Certificate:
         """The certificate from /sen or /sren: for our new key, our serial, valid to the anchors."""
