@@ -135,7 +135,8 @@ def _client_lean(gateway: str, bundles: list[str], concurrency: int, renew: bool
         return
     report.failures.update(failures)
     q.put(("done", {"latencies": [o.seconds for o in report.outcomes], "failures": report.failures,
-                    "steps": [o.steps for o in report.outcomes], "cpu": report.cpu_seconds}))
+                    "steps": [o.steps for o in report.outcomes], "cpu": report.cpu_seconds,
+                    "counters": report.counters}))
     loadgen.save_operational(devices, report)       # after the timed part (for --renew)
 
 
@@ -272,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
                    "server_cpu_ms_per_op": round((cpu1 - cpu0) * 1000 / done, 3) if done and pids else None,
                    "client_cpu_ms_per_op": round(client_cpu * 1000 / done, 3) if done else None,
                    "server_peak_rss_kib": _hwm_kib(pids) if pids else None}
+            counters = [r["counters"] for r in results if "counters" in r]
+            if counters:      # lean client: retransmissions seen (lost datagrams or a slow gateway)
+                out["client_retransmissions"] = {k: sum(c[k] for c in counters) for k in counters[0]}
             if steps:
                 names = ("connect", "renew") if renew else ("connect", "nonce", "evidence", "enroll", "config")
                 out["step_latency_ms"] = {name: {"p50": _pct([s[name] for s in steps if name in s], 50),

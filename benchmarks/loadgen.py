@@ -375,6 +375,9 @@ class Session:
     """One device's DTLS session on its own connected UDP socket, one CoAP request at a time."""
 
     __slots__ = ("loop", "sock", "engine", "timer", "ready", "pending", "mid", "tok", "closed")
+    # of all sessions of this process: DTLS handshake timer expiries (retransmissions) and CoAP
+    # request retransmissions; a sign of lost datagrams or of a gateway slower than the timers
+    counters = {"dtls_timeouts": 0, "coap_retransmissions": 0}
 
     def __init__(self, loop: asyncio.AbstractEventLoop, peer: tuple, family: int, ctx: SSL.Context,
                  device: Device, trust: Trust, timeout: float) -> None:
@@ -451,6 +454,7 @@ class Session:
         self.timer = None
         now = self.loop.time()
         if self.ready is not None and not self.ready.done():
+            Session.counters["dtls_timeouts"] += 1
             self._process(self.engine.handle_timeouts(now))
             return
         ex = self.pending
@@ -460,6 +464,7 @@ class Session:
             ex.future.set_exception(TimeoutError())
             return
         if not ex.acked:                      # CON retransmission with exponential back-off
+            Session.counters["coap_retransmissions"] += 1
             ex.interval *= 2
             self._send(ex.message)
         self._arm(min(ex.deadline, now + ex.interval) if not ex.acked else ex.deadline)
@@ -733,6 +738,7 @@ class Report:
     failures: dict[str, str] = field(default_factory=dict)     # serial -> "step: reason"
     seconds: float = 0.0
     cpu_seconds: float = 0.0          # this process, over the run
+    counters: dict = field(default_factory=dict)   # Session.counters over the run
 
     def summary(self) -> dict:
         lat = [o.seconds for o in self.outcomes]
@@ -744,6 +750,7 @@ class Report:
                                         for p in (50, 95, 99)}
                                     for n in names if any(n in o.steps for o in self.outcomes)},
                 "client_cpu_ms_per_op": round(self.cpu_seconds * 1000 / len(lat), 3) if lat else None,
+                **self.counters,
                 "first_failures": dict(list(self.failures.items())[:5])}
 
 
@@ -782,10 +789,12 @@ async def run(target: Target, devices: list[Device], trust: Trust, *, renew: boo
 
     if started is not None:
         started()
+    before = dict(Session.counters)
     cpu0, t0 = time.process_time(), time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, len(devices))))))
     report.seconds = time.perf_counter() - t0
     report.cpu_seconds = time.process_time() - cpu0
+    report.counters = {k: v - before[k] for k, v in Session.counters.items()}
     return report
 
 
