@@ -767,7 +767,13 @@ async def run(target: Target, devices: list[Device], trust: Trust, *, renew: boo
     """Enroll (or renew) every device, `concurrency` at a time. `started` is called right before
     the timed part (after the trust set-up)."""
     if not trust.cas and devices:
-        await fetch_ca_certs(target, devices[0], trust, timeout)
+        for i, dev in enumerate(devices[:3]):     # a device the gateway refuses must not stop the run
+            try:
+                await fetch_ca_certs(target, dev, trust, timeout)
+                break
+            except Failed:
+                if i == min(2, len(devices) - 1):
+                    raise
     for dev in devices:                    # Contexts built before the timed part
         trust.context(dev)
     fw_of = firmware if callable(firmware) else (lambda dev: firmware)
@@ -856,8 +862,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         import cProfile
         prof = cProfile.Profile()
-    report = asyncio.run(run(target, devices, trust, renew=args.renew, firmware=fw, concurrency=args.concurrency,
-                             timeout=args.timeout, started=prof.enable if prof else None))
+    try:
+        report = asyncio.run(run(target, devices, trust, renew=args.renew, firmware=fw,
+                                 concurrency=args.concurrency, timeout=args.timeout,
+                                 started=prof.enable if prof else None))
+    except Failed as exc:
+        print(json.dumps({"error": f"set-up failed: {exc}"}))
+        return 1
     if prof:
         prof.disable()
         prof.dump_stats(str(args.profile))
