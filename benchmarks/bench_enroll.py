@@ -2,15 +2,20 @@
 """Fleet enrollment benchmark (`devid bench`): the full zero-touch flow against a real gateway.
 
     devid bench [--devices 200] [--concurrency 16] [--clients 2] [--workers N] [--renew]
-                [--gateway coaps://HOST:PORT --data DIR] [--baselines/--no-baselines]
+                [--client lean|script] [--gateway coaps://HOST:PORT --data DIR] [--no-baselines]
 
 Starts `devid serve --workers N` on loopback (or targets --gateway), provisions the devices,
-and runs each through the flow the field engineer's script runs (nonce, signed evidence, EST
-/sen, configuration over a second DTLS session with the operational identity) with C devices in
-flight from client processes separate from the server. Prints one JSON summary:
+and runs each through the zero-touch flow (nonce, signed evidence, EST /sen, configuration, in
+one DTLS session) with C devices in flight from client processes separate from the server.
+`--client lean` (default) is benchmarks/loadgen.py: the same protocol and checks on the
+sans-I/O DTLS engine with a small CoAP codec, so the client costs a few ms of CPU per
+enrollment; `--client script` runs the field engineer's script per device (gateway/simulator.py,
+~25-30 ms of client CPU each, which caps the rate on a small machine). Prints one JSON summary:
 
-  enrollments_per_s, latency p50/p95/p99 end to end and per step, server CPU seconds per
-  enrollment (from the server processes' own counters), peak RSS of the server processes,
+  enrollments/s, latency p50/p95/p99 end to end and per step (connect = the DTLS handshake),
+  server CPU per enrollment (from the server processes' own counters), client CPU per
+  enrollment (process time of the client processes over the timed part), peak RSS of the
+  server processes,
   errors (must be 0), and, in the same run, two baselines:
     libcoap   coap-server-openssl in PKI mode: DTLS handshake + one GET, rate and server CPU
     crypto    the cryptographic operations one attested enrollment needs on the server
@@ -90,14 +95,49 @@ def _hwm_kib(pids: list[int]) -> int:
     return peak
 
 
-def _client(gateway: str, bundles: list[str], concurrency: int, renew: bool, q) -> None:
+def _client(gateway: str, bundles: list[str], concurrency: int, renew: bool, q, go) -> None:
+    """--client script: the field engineer's script per device (gateway/simulator.py)."""
     from gateway.device import Firmware
     from gateway.simulator import simulate
     fw = Firmware("sha-256", hashlib.sha256(IMAGE).digest(), FW_NAME, FW_VERSION)
+    q.put(("ready", None))
+    go.wait()
+    cpu0 = time.process_time()
     report = asyncio.run(simulate(gateway, [Path(b) for b in bundles], lambda b: fw, concurrency=concurrency,
                                   renew_only=renew))
-    q.put({"latencies": report.latencies, "failures": report.failures,
-           "steps": [r.steps for r in report.results]})
+    q.put(("done", {"latencies": report.latencies, "failures": report.failures,
+                    "steps": [r.steps for r in report.results], "cpu": time.process_time() - cpu0}))
+
+
+def _client_lean(gateway: str, bundles: list[str], concurrency: int, renew: bool, q, go) -> None:
+    """--client lean: benchmarks/loadgen.py. Bundles are loaded, the CA certificates fetched and
+    the client Context built before the timed part; the operational identities are saved after it."""
+    import loadgen
+    from gateway.device import Firmware
+    fw = Firmware("sha-256", hashlib.sha256(IMAGE).digest(), FW_NAME, FW_VERSION)
+    target = loadgen.Target.parse(gateway)
+    devices, failures = loadgen.load_devices([Path(b) for b in bundles], operational=renew)
+
+    def started() -> None:
+        q.put(("ready", None))
+        go.wait()
+    if not devices:
+        started()
+        q.put(("done", {"latencies": [], "failures": failures, "steps": [], "cpu": 0.0}))
+        return
+    trust = loadgen.Trust(devices[0].root, target.host)
+    try:
+        report = asyncio.run(loadgen.run(target, devices, trust, renew=renew, firmware=fw, concurrency=concurrency,
+                                         started=started))
+    except loadgen.Failed as exc:             # the set-up (CA certificates) failed: every device fails
+        q.put(("done", {"latencies": [], "failures": {d.serial: str(exc) for d in devices}, "steps": [],
+                        "cpu": 0.0}))
+        return
+    report.failures.update(failures)
+    q.put(("done", {"latencies": [o.seconds for o in report.outcomes], "failures": report.failures,
+                    "steps": [o.steps for o in report.outcomes], "cpu": report.cpu_seconds,
+                    "counters": report.counters}))
+    loadgen.save_operational(devices, report)       # after the timed part (for --renew)
 
 
 def _pct(values: list[float], p: float) -> float | None:
@@ -155,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", help="data directory of --gateway")
     ap.add_argument("--no-baselines", action="store_true", help="skip the libcoap and crypto baselines")
     ap.add_argument("--baseline-seconds", type=float, default=5.0)
+    ap.add_argument("--client", choices=("lean", "script"), default="lean",
+                    help="lean: benchmarks/loadgen.py (default); script: the field engineer's script per "
+                         "device (gateway/simulator.py)")
     args = ap.parse_args(argv)
     if args.gateway and not args.data:
         ap.error("--gateway needs --data (to provision devices its CA trusts)")
@@ -197,33 +240,48 @@ def main(argv: list[str] | None = None) -> int:
 
         def run(renew: bool) -> dict:
             q = ctx.Queue()
+            go = ctx.Event()
             shares = [bundles[i::args.clients] for i in range(args.clients)]
             per = max(1, args.concurrency // args.clients)
-            cpu0 = _cpu(pids)
-            t0 = time.perf_counter()
-            procs = [ctx.Process(target=_client, args=(gateway, s, per, renew, q)) for s in shares if s]
+            target = _client_lean if args.client == "lean" else _client
+            procs = [ctx.Process(target=target, args=(gateway, s, per, renew, q, go)) for s in shares if s]
             for p in procs:
                 p.start()
-            results = [q.get(timeout=3600) for _ in procs]
+            # the timed part starts when every client has loaded what it needs (process start-up,
+            # imports and, for the lean client, bundles and CA certificates are not timed)
+            for _ in procs:
+                kind, _payload = q.get(timeout=600)
+                if kind != "ready":
+                    raise SystemExit(f"a client process failed to start: {kind}")
+            cpu0 = _cpu(pids)
+            t0 = time.perf_counter()
+            go.set()
+            results = [q.get(timeout=3600)[1] for _ in procs]
             wall = time.perf_counter() - t0
             cpu1 = _cpu(pids)
             for p in procs:
-                p.join(30)
+                p.join(300)        # the lean client saves the operational identities before it exits
             lat = [x for r in results for x in r["latencies"]]
             failures = {k: v for r in results for k, v in r["failures"].items()}
             steps = [s for r in results for s in r["steps"]]
+            client_cpu = sum(r["cpu"] for r in results)
             done = len(lat)
-            out = {"mode": "renew" if renew else "enroll", "devices": len(bundles), "done": done,
-                   "errors": len(failures), "seconds": round(wall, 2),
+            out = {"mode": "renew" if renew else "enroll", "client": args.client, "devices": len(bundles),
+                   "done": done, "errors": len(failures), "seconds": round(wall, 2),
                    "per_s": round(done / wall, 1) if wall else None,
                    "latency_ms": {"p50": _pct(lat, 50), "p95": _pct(lat, 95), "p99": _pct(lat, 99)},
                    "server_cpu_ms_per_op": round((cpu1 - cpu0) * 1000 / done, 3) if done and pids else None,
+                   "client_cpu_ms_per_op": round(client_cpu * 1000 / done, 3) if done else None,
                    "server_peak_rss_kib": _hwm_kib(pids) if pids else None}
+            counters = [r["counters"] for r in results if "counters" in r]
+            if counters:      # lean client: retransmissions seen (lost datagrams or a slow gateway)
+                out["client_retransmissions"] = {k: sum(c[k] for c in counters) for k in counters[0]}
             if steps:
+                names = ("connect", "renew") if renew else ("connect", "nonce", "evidence", "enroll", "config")
                 out["step_latency_ms"] = {name: {"p50": _pct([s[name] for s in steps if name in s], 50),
                                                  "p95": _pct([s[name] for s in steps if name in s], 95),
                                                  "p99": _pct([s[name] for s in steps if name in s], 99)}
-                                          for name in ("nonce", "evidence", "enroll", "config")}
+                                          for name in names}
             if failures:
                 out["first_failures"] = dict(list(failures.items())[:5])
             return out

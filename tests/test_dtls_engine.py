@@ -270,6 +270,31 @@ def test_record_layer_interoperates_with_openssl(data, registry, device, suite):
     assert [e.data for e in net.client_events if isinstance(e, E.ApplicationData)] == [b"down %d" % i for i in range(20)]
 
 
+@pytest.mark.parametrize("suite", ["ECDHE-ECDSA-AES128-CCM8", "ECDHE-ECDSA-AES128-GCM-SHA256"])
+def test_client_takeover_both_sides_on_our_record_layer(data, registry, device, suite):
+    """ClientEngine(takeover=True): after the handshake the client's OpenSSL object is out of the
+    path too; messages go both ways, and close_notify ends the server's session."""
+    srv = server_engine(data, registry)
+    net = FakeNetwork(srv)
+    key, cert = device
+    ctx = client_context_for(cert, [data.cert("manufacturing")], key, data.cert("root"), ciphers=suite.encode()
+                             + (b":@SECLEVEL=0" if "CCM8" in suite else b""))
+    client = E.ClientEngine(ctx, ("gw", 5684), takeover=True)
+    assert net.run(client, established(net, client), real_timeout=5)
+    assert client._s.rl is not None and srv.sessions[net.peer].rl is not None
+    for i in range(20):
+        net.from_client(client.send(b"up %d" % i, net.now))
+        net._enqueue("s2c", srv.send(net.peer, b"down %d" % i, net.now))
+    net.deliver_all(client)
+    assert [e.data for e in net.server_events if isinstance(e, E.ApplicationData)] == [b"up %d" % i for i in range(20)]
+    assert [e.data for e in net.client_events if isinstance(e, E.ApplicationData)] == [b"down %d" % i for i in range(20)]
+    with pytest.raises(ValueError):
+        client.send(b"x" * 1280, net.now)
+    net.from_client(client.close(net.now))
+    net.deliver_all(client)
+    assert net.peer not in srv.sessions and client.state == E.CLOSED
+
+
 def test_record_layer_drops_tampered_replayed_and_foreign_records(data, registry, device):
     srv = server_engine(data, registry)
     net = FakeNetwork(srv)

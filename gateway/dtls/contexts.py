@@ -59,16 +59,27 @@ def server_context(cert: x509.Certificate, chain: Sequence[x509.Certificate], ke
     return ctx
 
 
-def client_context(cert: x509.Certificate, chain: Sequence[x509.Certificate], key: ec.EllipticCurvePrivateKey,
-                   root: x509.Certificate, ciphers: bytes = CIPHERS_CCM8_AND_GCM) -> SSL.Context:
+def client_context(cert: x509.Certificate | None, chain: Sequence[x509.Certificate],
+                   key: ec.EllipticCurvePrivateKey | None, root: x509.Certificate | Sequence[x509.Certificate],
+                   ciphers: bytes = CIPHERS_CCM8_AND_GCM) -> SSL.Context:
+    """A device's Context. Without `cert` and `key`, a template for many devices: each connection
+    sets its own (`ClientEngine(certificate=, private_key=)`). `root` may be several anchors; an
+    anchor that is not self-signed ends the chain there (partial chain, as on the server)."""
     from .engine import ClientEngine
     ctx = _base(SSL.DTLS_CLIENT_METHOD, ciphers)
-    ctx.use_certificate(cert)
+    if cert is not None:
+        ctx.use_certificate(cert)
     for extra in chain:
         ctx.add_extra_chain_cert(extra)
-    ctx.use_privatekey(key)
-    ctx.check_privatekey()
-    ctx.get_cert_store().add_cert(crypto.X509.from_cryptography(root))
+    if key is not None:
+        ctx.use_privatekey(key)
+        ctx.check_privatekey()
+    store = ctx.get_cert_store()
+    anchors = [root] if isinstance(root, x509.Certificate) else list(root)
+    if any(a.issuer != a.subject for a in anchors):
+        store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
+    for anchor in anchors:
+        store.add_cert(crypto.X509.from_cryptography(anchor))
     ctx.set_verify(SSL.VERIFY_PEER, ClientEngine.verify_callback)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_CLIENT)
     return ctx

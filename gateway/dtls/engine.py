@@ -570,8 +570,15 @@ class ClientEngine(_Engine):
 
     def __init__(self, context: SSL.Context, peer: Peer, *, mtu: int = 1280,
                  handshake_timeout: float = 30.0, session: SSL.Session | None = None,
-                 server_check: Callable[[x509.Certificate, list[x509.Certificate]], Any] | None = None) -> None:
+                 server_check: Callable[[x509.Certificate, list[x509.Certificate]], Any] | None = None,
+                 certificate: Any = None, private_key: Any = None, takeover: bool = False) -> None:
+        """`certificate` and `private_key` (cryptography or pyOpenSSL objects), when given, are this
+        connection's identity instead of the Context's: one Context then serves many devices whose
+        certificates share the Context's extra chain certificates and trust anchors.
+        `takeover`: once the handshake is complete, application records go through our record
+        layer (recordlayer.py) instead of OpenSSL, as on the server (less CPU per message)."""
         self.mtu = mtu
+        self._takeover = takeover
         self.peer = peer
         self.context = context
         self.handshake_timeout = handshake_timeout
@@ -580,6 +587,9 @@ class ClientEngine(_Engine):
         conn = SSL.Connection(context, None)
         conn.set_connect_state()
         conn.set_ciphertext_mtu(mtu)
+        if certificate is not None:
+            conn.use_certificate(certificate)
+            conn.use_privatekey(private_key)
         if session is not None:
             conn.set_session(session)
         self._s = _Session(peer, conn, 0.0, 0.0)
@@ -634,9 +644,16 @@ class ClientEngine(_Engine):
 
     def receive(self, datagram: bytes, now: float) -> Output:
         out = Output()
-        if self._s.state == CLOSED:
+        s = self._s
+        if s.state == CLOSED:
             return out
-        self._s.last_seen = now
+        s.last_seen = now
+        if s.rl is not None:
+            self._receive_records(s, datagram, out)
+            return out
+        if self._takeover and s.state == HANDSHAKING:
+            s.rseqs.extend(int.from_bytes(r[5:11], "big") for r in records.split_records(datagram)
+                           if r[3:5] == b"\x00\x01")
         try:
             self._s.conn.bio_write(datagram)
         except SSL.Error:
@@ -648,6 +665,10 @@ class ClientEngine(_Engine):
         s = self._s
         if s.state != ESTABLISHED:
             raise ConnectionError("DTLS session not established")
+        if s.rl is not None:
+            if len(data) > self.mtu - s.rl.overhead():
+                raise ValueError(f"message of {len(data)} bytes exceeds the DTLS record payload limit")
+            return Output([(self.peer, s.rl.seal(records.CT_APPLICATION_DATA, data))])
         if len(data) > s.conn.get_cleartext_mtu():
             raise ValueError(f"message of {len(data)} bytes exceeds the DTLS record payload limit")
         out = Output()
@@ -659,11 +680,15 @@ class ClientEngine(_Engine):
         out = Output()
         if self._s.state == CLOSED:
             return out
-        try:
-            self._s.conn.shutdown()
-        except SSL.Error:
-            pass
-        self._flush(self._s, out)
+        if self._s.rl is not None:
+            if self._s.state == ESTABLISHED:
+                out.datagrams.append((self.peer, self._s.rl.seal(records.CT_ALERT, CLOSE_NOTIFY)))
+        else:
+            try:
+                self._s.conn.shutdown()
+            except SSL.Error:
+                pass
+            self._flush(self._s, out)
         self._end(self._s, out, "closed by client")
         return out
 
@@ -715,8 +740,44 @@ class ClientEngine(_Engine):
             s.cipher = s.conn.get_cipher_name()
             out.events.append(HandshakeComplete(self.peer, self.server_identity, bool(s.conn.get_session()
                                                 and not s.chain), s.cipher))
+            self._read_plaintext(s, out)
+            self._flush(s, out)
+            if self._takeover and s.state == ESTABLISHED and RecordLayer.supports(s.cipher) and s.wseq >= 0:
+                conn = s.conn
+                s.rl = RecordLayer(s.cipher, conn.master_key(), conn.client_random(), conn.server_random(),
+                                   server=False, write_seq=s.wseq + 1)
+                for seq in s.rseqs:
+                    s.rl.mark(seq)
+                s.rseqs = []
+            return
         self._read_plaintext(s, out)
         self._flush(s, out)
+
+    def _flush(self, s: _Session, out: Output) -> None:
+        first = len(out.datagrams)
+        super()._flush(s, out)
+        if self._takeover and s.state == HANDSHAKING:     # follow OpenSSL's epoch-1 write sequence numbers
+            for _, dg in out.datagrams[first:]:
+                for r in records.split_records(dg):
+                    if r[3:5] == b"\x00\x01":
+                        s.wseq = max(s.wseq, int.from_bytes(r[5:11], "big"))
+
+    def _receive_records(self, s: _Session, datagram: bytes, out: Output) -> None:
+        """After the takeover: application data and alerts; anything else (a retransmitted
+        handshake flight of the server) needs no answer from a client whose handshake is done."""
+        for rec in records.split_records(datagram):
+            if rec[3:5] != b"\x00\x01":
+                continue
+            opened = s.rl.open(rec)
+            if opened is None:
+                continue
+            ctype, plaintext = opened
+            if ctype == records.CT_APPLICATION_DATA:
+                out.events.append(ApplicationData(self.peer, plaintext))
+            elif ctype == records.CT_ALERT:
+                self._end(s, out, "closed by peer" if plaintext == CLOSE_NOTIFY else
+                          f"alert from peer: {plaintext.hex()}")
+                return
 
     def _end(self, s: _Session, out: Output, reason: str, emit: bool = True) -> None:
         if s.state == ESTABLISHED and emit:
