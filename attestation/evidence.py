@@ -5,7 +5,6 @@ The exact format is specified in docs/evidence.md. This module has three parts:
 
 - `Evidence`: the claims, as a frozen dataclass;
 - `encode_claims` / `sign_evidence`: the device side (used by tests, tools and simulators);
-  signing goes through the `cwt` library;
 - `parse_sign1` / `Sign1.verify` / `decode_claims`: the verifier side, strict. The CBOR is
   decoded by `cbor_strict` (size cap, nesting limit, no duplicate keys, no trailing bytes), the
   structure and every claim's type are checked, and the signature is checked with
@@ -30,7 +29,7 @@ from cbor2 import CBORTag
 from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
 from . import cbor_strict
 from .errors import (InvalidClaim, InvalidSignature, InvalidStructure, MissingClaim, UnsupportedAlgorithm,
@@ -147,19 +146,21 @@ def encode_claims(evidence: Evidence) -> bytes:
 
 def sign_evidence(evidence: Evidence | bytes, private_key: ec.EllipticCurvePrivateKey) -> bytes:
     """COSE_Sign1 (tag 18) with protected header {1: -7}, empty unprotected header, the claims as
-    payload, signed with ES256 by `private_key` (through the cwt library). `evidence` may also be
-    a pre-encoded claims set (for tests of malformed claims)."""
-    from cryptography.hazmat.primitives import serialization
-    from cwt import COSE, COSEKey
+    payload, signed with ES256 by `private_key`. `evidence` may also be a pre-encoded claims set
+    (for tests of malformed claims).
 
+    Built here rather than with `cwt`: cwt takes the key only as PEM/JWK, and importing it costs
+    0.31 ms per token against 0.05 ms for the signature (measured with py-spy on the load
+    generator, where every device signs once). The structure is the one the verifier checks
+    (`Sign1.to_be_signed`); the tests verify our tokens with cwt and cwt's tokens with us."""
     if not isinstance(private_key, ec.EllipticCurvePrivateKey) or not isinstance(private_key.curve,
                                                                                  ec.SECP256R1):
         raise UnsupportedKey("evidence is signed with an ECDSA P-256 key")
     payload = evidence if isinstance(evidence, bytes) else encode_claims(evidence)
-    pem = private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
-    key = COSEKey.from_pem(pem, alg=ES256)
-    return COSE.new().encode(payload, key, protected={COSE_ALG: ES256})
+    tbs = Sign1(_ES256_ONLY, {}, payload, b"").to_be_signed()
+    r, s = decode_dss_signature(private_key.sign(tbs, _ECDSA))
+    return (b"\xd2\x84\x43" + _ES256_ONLY + b"\xa0" + _bstr_head(len(payload)) + payload
+            + b"\x58\x40" + r.to_bytes(32, "big") + s.to_bytes(32, "big"))
 
 
 # -- verifier side -----------------------------------------------------------------------------------

@@ -76,6 +76,17 @@ def test_our_tokens_verify_with_cwt(dev):
     assert cbor2.loads(payload)[10] == NONCE
 
 
+def test_tokens_signed_by_cwt_verify_with_us(dev):
+    from cryptography.hazmat.primitives import serialization
+    pem = dev.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    token = COSE.new().encode(encode_claims(dev.evidence(NONCE)), COSEKey.from_pem(pem, alg=-7),
+                              protected={1: -7})
+    assert decode_evidence(token, dev.key.public_key()).nonce == NONCE
+    ours = dev.token(NONCE)       # same layout as cwt's, byte for byte up to the signature
+    assert ours[:-64] == token[:-64]
+
+
 def test_cwt_tokens_verify_with_us(dev):
     token = _cose_sign(dev.key, encode_claims(dev.evidence(NONCE)), unprotected={4: b"kid-1"})
     assert decode_evidence(token, dev.key.public_key()).nonce == NONCE

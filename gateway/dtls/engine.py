@@ -25,6 +25,7 @@ from __future__ import annotations
 import heapq
 import hmac
 import itertools
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Protocol
@@ -429,7 +430,10 @@ class ServerEngine(_Engine):
             if retransmit is not None:
                 when = min(when, now + retransmit)
         elif s.state == ESTABLISHED:
-            when = s.last_seen + self.limits.idle_timeout
+            # rounded up to a step (1 s, or an eighth of a short idle timeout): the datagrams of a
+            # busy session then leave its deadline, and the timer heap, alone
+            step = min(1.0, self.limits.idle_timeout / 8)
+            when = math.ceil((s.last_seen + self.limits.idle_timeout) / step) * step
         else:
             return
         if s.deadline != when:
