@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Callable, Iterator
 
 from attestation.errors import LogError
@@ -43,13 +43,19 @@ def _entry(row: tuple) -> LogEntry:
 class SQLiteAttestationStore:
     def __init__(self, registry: SQLiteRegistry) -> None:
         self.registry = registry
+        self._purged: datetime | None = None
 
     # -- nonces ----------------------------------------------------------------------------
+
+    PURGE_EVERY = timedelta(seconds=30)
 
     def put_nonce(self, record: NonceRecord, *, purge_before: datetime) -> bool:
         try:
             with self.registry.transaction() as db:
-                db.execute("DELETE FROM attestation_nonces WHERE expires_at < ?", (format_time(purge_before),))
+                # expired nonces go at most every PURGE_EVERY, not with every new nonce
+                if self._purged is None or purge_before >= self._purged + self.PURGE_EVERY:
+                    db.execute("DELETE FROM attestation_nonces WHERE expires_at < ?", (format_time(purge_before),))
+                    self._purged = purge_before
                 db.execute("INSERT INTO attestation_nonces (nonce, device_serial, cert_fingerprint, session, "
                            "issued_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
                            (record.value, record.device_serial, record.cert_fingerprint, record.session,

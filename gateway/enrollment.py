@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Callable
+from typing import Callable, ContextManager
 
 from attestation.nonces import NonceRecord
 from attestation.policy import Policy
@@ -79,6 +80,9 @@ class EnrollmentService:
     policy: Policy
     configs: ConfigTemplates
     clock: Callable[[], datetime]
+    # makes the use of a verdict and the issuance one transaction (the registry's `transaction`):
+    # a verdict is used up exactly when a certificate is issued, and one commit instead of two
+    atomic: Callable[[], ContextManager] = nullcontext
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -145,13 +149,14 @@ class EnrollmentService:
             raise ReenrollmentRefused("device already enrolled; policy does not allow re-enrollment")
         csr = self._check_csr("enroll", who, csr)       # a bad CSR must not use up the verdict
         verdict_seq = None
-        if tpolicy.attestation != "waived":
-            entry = self.attestation.take_verdict(who.serial)
-            if entry is None:
-                self._decision("enroll", who, "refused", reason="no acceptable verdict in the window")
-                raise AttestationRequired("send fresh, acceptable attestation evidence first")
-            verdict_seq = entry.seq
-        issued = self._issue("enroll", who, csr)
+        with self.atomic():         # nor may a failed issuance
+            if tpolicy.attestation != "waived":
+                entry = self.attestation.take_verdict(who.serial)
+                if entry is None:
+                    self._decision("enroll", who, "refused", reason="no acceptable verdict in the window")
+                    raise AttestationRequired("send fresh, acceptable attestation evidence first")
+                verdict_seq = entry.seq
+            issued = self._issue("enroll", who, csr)
         self._decision("enroll", who, "issued", certificate=format(issued.cert.serial_number, "x"),
                        verdict_seq=verdict_seq, attestation=tpolicy.attestation,
                        reenrollment=device.state is DeviceState.ENROLLED or None)

@@ -187,6 +187,7 @@ class SQLiteRegistry:
             # 55-63 us instead of 66-69 us per issuance. cache_size above the default (2 MB) did not help.
             self._db.execute("PRAGMA wal_autocheckpoint=4000")
             self._lock = threading.RLock()
+            self._depth = 0
             self._migrate()
         except sqlite3.DatabaseError as exc:
             raise RegistryError(f"{self.path}: cannot open the registry: {exc}") from None
@@ -196,15 +197,37 @@ class SQLiteRegistry:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT; rolled back on any exception."""
+        """BEGIN IMMEDIATE ... COMMIT; rolled back on any exception.
+
+        Inside another transaction of this registry (a caller making several steps atomic, e.g.
+        using a verdict and issuing the certificate), a SAVEPOINT instead: it is undone alone if
+        its block fails, and its writes become durable with the outer COMMIT."""
         with self._lock:
+            if self._depth:
+                name = f"sp{self._depth}"
+                self._db.execute(f"SAVEPOINT {name}")
+                self._depth += 1
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute(f"ROLLBACK TO {name}")
+                    self._db.execute(f"RELEASE {name}")
+                    raise
+                finally:
+                    self._depth -= 1
+                self._db.execute(f"RELEASE {name}")
+                return
             self._db.execute("BEGIN IMMEDIATE")
+            self._depth = 1
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            finally:
+                self._depth = 0
 
     def _migrate(self) -> None:
         with self.transaction() as db:

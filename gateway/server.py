@@ -104,7 +104,7 @@ class Gateway:
         self.configs = ConfigTemplates(data.path / "config", data.cert)
         self.configs.ensure_default()
         self.enrollment = EnrollmentService(data.authority(self.registry), self.attestation, self.policy,
-                                            self.configs, clock)
+                                            self.configs, clock, atomic=self.registry.transaction)
         self.site = build_site()
         add_enrollment_resources(self.site, self.enrollment, data.cert("root"), op)
         self.coap: CoapServer | None = None

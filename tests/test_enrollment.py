@@ -233,6 +233,37 @@ def test_factory_identity_rules(world):
     run_with_gateway(data, body)
 
 
+def test_failed_issuance_does_not_use_up_the_verdict(world):
+    """The verdict is taken and the certificate recorded in one transaction: when recording fails
+    (an injected failure), the verdict stays available for the next /sen."""
+    data, out = world
+    dev = out / "TS00000002"
+
+    async def body(uri, gw):
+        ctx, _ = await device_context(dev, "127.0.0.1")
+        try:
+            nonce = cbor2.loads((await request(ctx, f"{uri}/attest/nonce")).payload)["nonce"]
+            r = await request(ctx, f"{uri}/attest/evidence", codes.POST, payload=token_for(dev, nonce),
+                              content_format=60)
+            assert cbor2.loads(r.payload)["acceptable"] is True
+            gw.registry._db.execute(
+                "CREATE TEMP TRIGGER inject BEFORE INSERT ON certificates WHEN NEW.device_serial = 'TS00000002' "
+                "BEGIN SELECT RAISE(ABORT, 'injected failure'); END")
+            r = await request(ctx, f"{uri}/.well-known/est/sen", codes.POST, payload=make_csr()[0], content_format=286)
+            assert r.code == codes.INTERNAL_SERVER_ERROR and r.payload == b""
+            assert gw.registry.get_device("TS00000002").state is DeviceState.MANUFACTURED
+            gw.registry._db.execute("DROP TRIGGER inject")
+            r = await request(ctx, f"{uri}/.well-known/est/sen", codes.POST, payload=make_csr()[0], content_format=286)
+            assert r.code == codes.CHANGED
+            assert gw.registry.get_device("TS00000002").state is DeviceState.ENROLLED
+            # and that verdict is now used
+            r = await request(ctx, f"{uri}/.well-known/est/sen", codes.POST, payload=make_csr()[0], content_format=286)
+            assert r.code == codes.FORBIDDEN and problem(r)[-1] == "attestation required"
+        finally:
+            await ctx.shutdown()
+    run_with_gateway(data, body)
+
+
 def test_operational_identity_rules(world):
     data, out = world
     dev = out / "TS00000004"

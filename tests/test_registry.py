@@ -322,3 +322,29 @@ def test_record_for_device_holds_the_write_lock_from_check_to_commit(ca, registr
         assert other.get_certificate(cert.serial).status is CertStatus.CURRENT
     finally:
         other.close()
+
+
+def test_nested_transactions_are_savepoints(registry):
+    """A transaction inside another is a savepoint: its failure undoes only its own writes; the
+    outer one's failure undoes everything; nothing is left open."""
+    registry._db.execute("CREATE TEMP TABLE t (x)")
+    with registry.transaction() as db:
+        db.execute("INSERT INTO t VALUES (1)")
+        with pytest.raises(RuntimeError):
+            with registry.transaction() as inner:
+                inner.execute("INSERT INTO t VALUES (2)")
+                raise RuntimeError("inner fails")
+        with registry.transaction() as inner:
+            inner.execute("INSERT INTO t VALUES (3)")
+    assert [r[0] for r in registry._db.execute("SELECT x FROM t ORDER BY x")] == [1, 3]
+    with pytest.raises(RuntimeError):
+        with registry.transaction() as db:
+            db.execute("INSERT INTO t VALUES (4)")
+            with registry.transaction() as inner:
+                inner.execute("INSERT INTO t VALUES (5)")
+            raise RuntimeError("outer fails")
+    assert [r[0] for r in registry._db.execute("SELECT x FROM t ORDER BY x")] == [1, 3]
+    assert not registry._db.in_transaction and registry._depth == 0
+    with registry.transaction() as db:          # and the next transaction is a real one again
+        db.execute("INSERT INTO t VALUES (6)")
+    assert [r[0] for r in registry._db.execute("SELECT x FROM t ORDER BY x")] == [1, 3, 6]
