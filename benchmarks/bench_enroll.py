@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", help="data directory of --gateway")
     ap.add_argument("--no-baselines", action="store_true", help="skip the libcoap and crypto baselines")
     ap.add_argument("--baseline-seconds", type=float, default=5.0)
+    ap.add_argument("--server-root", type=Path, default=ROOT,
+                    help="run the gateway from this checkout of devid (A/B comparisons: bench_ab.py)")
     ap.add_argument("--client", choices=("lean", "script"), default="lean",
                     help="lean: benchmarks/loadgen.py (default); script: the field engineer's script per "
                          "device (gateway/simulator.py)")
@@ -230,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             env = dict(os.environ, DEVID_DATA=str(data.path))
             serve = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
                                       "--workers", str(args.workers), "--log-level", "WARNING"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+                                     cwd=args.server_root)
             line = serve.stdout.readline().decode()
             if "listening" not in line:
                 raise SystemExit(f"devid serve did not start: {line}")
@@ -288,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
 
         summary = {"machine": {"python": platform.python_version(), "nproc": os.cpu_count(),
                                "load": os.getloadavg()},
-                   "settings": {k: v for k, v in vars(args).items()}}
+                   "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
         summary["enroll"] = run(False)
         if args.renew:
             summary["renew"] = run(True)
