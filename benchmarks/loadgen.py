@@ -53,19 +53,15 @@ if str(ROOT) not in sys.path:
 
 import cbor2  # noqa: E402
 from cryptography import x509  # noqa: E402
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
+from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.hazmat.primitives.serialization import pkcs7  # noqa: E402
-from cryptography.x509.oid import NameOID  # noqa: E402
 from cryptography.x509.verification import PolicyBuilder, Store  # noqa: E402
 from OpenSSL import SSL, crypto  # noqa: E402
 
-import cwt  # noqa: E402,F401  (sign_evidence imports it on first use: not inside the timed run)
-
 from attestation.evidence import Evidence, sign_evidence  # noqa: E402
-from ca import der  # noqa: E402
 from gateway.client import load_bundle  # noqa: E402
-from gateway.device import Firmware  # noqa: E402
+from gateway.device import Firmware, device_csr, device_type_of, pen_of, serial_of  # noqa: E402
 from gateway.dtls import contexts  # noqa: E402
 from gateway.dtls.engine import (ApplicationData, ClientEngine, HandshakeComplete, HandshakeFailed,  # noqa: E402
                                  SessionClosed)
@@ -206,34 +202,6 @@ class Failed(Exception):
         self.step, self.reason = step, reason
 
 
-def _serial_of(cert: x509.Certificate) -> str:
-    attrs = cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)
-    return attrs[0].value if attrs else ""
-
-
-def _device_type(cert: x509.Certificate) -> str:
-    for ext in cert.extensions:
-        if isinstance(ext.value, x509.UnrecognizedExtension):
-            try:
-                return der.decode_utf8_string(ext.value.value)
-            except der.DERError:
-                continue
-    return ""
-
-
-def _pen_of(cert: x509.Certificate) -> int | None:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return None
-    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
-        if uri.startswith("urn:dev:os:"):
-            pen = uri[len("urn:dev:os:"):].split("-", 1)[0]
-            if pen.isdigit():
-                return int(pen)
-    return None
-
-
 @dataclass
 class Device:
     """A device bundle, loaded: what one session needs, converted before the run."""
@@ -259,10 +227,10 @@ def load_device(directory: Path, operational: bool = False) -> Device:
     else:
         leaf, inter, key = factory, f_inter, f_key
     pub = f_key.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
-    return Device(Path(directory), _serial_of(factory), _device_type(factory), key,
+    return Device(Path(directory), serial_of(factory), device_type_of(factory), key,
                   tuple(c.public_bytes(serialization.Encoding.DER) for c in inter), root,
                   crypto.X509.from_cryptography(leaf), crypto.PKey.from_cryptography_key(key),
-                  factory_key=f_key, ueid=b"\x01" + hashlib.sha256(pub).digest()[:16], oemid=_pen_of(factory) or 0)
+                  factory_key=f_key, ueid=b"\x01" + hashlib.sha256(pub).digest()[:16], oemid=pen_of(factory) or 0)
 
 
 # -- trust -----------------------------------------------------------------------------------------
@@ -354,7 +322,7 @@ class Trust:
             raise Failed("certificate", "the gateway's answer is not a DER certificate") from None
         if cert.public_key() != key.public_key():
             raise Failed("certificate", "the certificate is not for the new key")
-        got = _serial_of(cert)
+        got = serial_of(cert)
         if got != serial:
             raise Failed("certificate", f"issued for {got!r}, not {serial!r}")
         now = time.monotonic()
@@ -616,12 +584,6 @@ def _cbor(step: str, r: Response) -> dict:
     return body
 
 
-def _csr(key: ec.EllipticCurvePrivateKey, serial: str) -> bytes:
-    return (x509.CertificateSigningRequestBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"device-{serial}")]))
-            .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
-
-
 CONTENT, CHANGED = 0x45, 0x44
 
 
@@ -668,7 +630,7 @@ async def enroll_device(target: Target, dev: Device, trust: Trust, firmware: Fir
         t, steps["evidence"] = clock(), clock() - t
 
         op_key = ec.generate_private_key(ec.SECP256R1())
-        r = await _call(sess, "enroll", POST, SEN_OPTS, _csr(op_key, dev.serial), timeout, CHANGED)
+        r = await _call(sess, "enroll", POST, SEN_OPTS, device_csr(op_key, dev.serial), timeout, CHANGED)
         if r.content_format != CT_PKIX_CERT:
             raise Failed("enroll", f"content format {r.content_format}, expected {CT_PKIX_CERT}")
         try:
@@ -701,7 +663,7 @@ async def renew_device(target: Target, dev: Device, trust: Trust, timeout: float
         t = clock()
         steps["connect"] = t - started
         key = ec.generate_private_key(ec.SECP256R1())
-        r = await _call(sess, "renew", POST, SREN_OPTS, _csr(key, dev.serial), timeout, CHANGED)
+        r = await _call(sess, "renew", POST, SREN_OPTS, device_csr(key, dev.serial), timeout, CHANGED)
         if r.content_format != CT_PKIX_CERT:
             raise Failed("renew", f"content format {r.content_format}, expected {CT_PKIX_CERT}")
         try:

@@ -50,19 +50,21 @@ class SQLiteAttestationStore:
     PURGE_EVERY = timedelta(seconds=30)
 
     def put_nonce(self, record: NonceRecord, *, purge_before: datetime) -> bool:
+        # expired nonces go at most every PURGE_EVERY, not with every new nonce
+        purge = self._purged is None or purge_before >= self._purged + self.PURGE_EVERY
         try:
             with self.registry.transaction() as db:
-                # expired nonces go at most every PURGE_EVERY, not with every new nonce
-                if self._purged is None or purge_before >= self._purged + self.PURGE_EVERY:
+                if purge:
                     db.execute("DELETE FROM attestation_nonces WHERE expires_at < ?", (format_time(purge_before),))
-                    self._purged = purge_before
                 db.execute("INSERT INTO attestation_nonces (nonce, device_serial, cert_fingerprint, session, "
                            "issued_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
                            (record.value, record.device_serial, record.cert_fingerprint, record.session,
                             format_time(record.issued_at), format_time(record.expires_at)))
-            return True
         except sqlite3.IntegrityError:
             return False
+        if purge:
+            self._purged = purge_before
+        return True
 
     def consume_nonce(self, value: bytes, device_serial: str, cert_fingerprint: str, session: bytes | None,
                       now: datetime) -> ConsumeResult:

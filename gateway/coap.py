@@ -26,16 +26,20 @@ import os
 from collections import OrderedDict
 
 from aiocoap import Message, error
-from aiocoap.blockwise import Block1Spool
 from aiocoap.numbers import codes
 from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.numbers.types import Type
 from aiocoap.optiontypes import BlockOption
 
+from .problems import problem_message
+
 log = logging.getLogger("devid.coap")
 
-DEDUP_PER_SESSION = 64          # responses kept per DTLS session for retransmitted requests
+DEDUP_PER_SESSION = 16          # answers kept per DTLS session for retransmitted requests (a
+                                # client retransmits only what is outstanding: NSTART is 1)
 BLOCK2_PER_SESSION = 4          # large responses kept per DTLS session for their later blocks
+UPLOADS_PER_SESSION = 2         # Block1 uploads in progress per DTLS session
+DEFAULT_MAX_BODY = 1024         # request body cap of a resource that sets no `max_body`
 MAX_SZX = 6                     # 1024-byte blocks (RFC 7959: the largest over UDP)
 MAX_UNBLOCKED = 1124            # a body up to this size goes in one message unless the client asks
                                 # for blocks (aiocoap's maximum_payload_size: fits a 1280-byte MTU)
@@ -56,13 +60,17 @@ class CoapServer:
         self.interface = None                    # set by the owner once the interface exists
         self._exchanges: dict[object, OrderedDict[int, Message | None]] = {}
         self._blocks: dict[object, OrderedDict[tuple, Message]] = {}
+        self._uploads: dict[object, OrderedDict[tuple, Message]] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._accepting = True
         self._mids = itertools.count(int.from_bytes(os.urandom(2), "big"))
         self.requests = 0
 
     # -- from the transport ------------------------------------------------------------------
 
     def dispatch_message(self, message: Message) -> None:
+        if not self._accepting:
+            return
         remote = message.remote
         if message.code is codes.EMPTY or message.mtype in (Type.ACK, Type.RST):
             if message.mtype is Type.CON:          # CoAP ping: answered with a Reset
@@ -71,6 +79,9 @@ class CoapServer:
         if not message.code.is_request():
             if message.mtype is Type.CON:
                 self._reset(message)
+            return
+        if message.mtype is Type.NON and self._unknown_critical(message):
+            self._reset(message)                   # RFC 7252 5.4.1: a NON with one is rejected
             return
         seen = self._exchanges.get(remote)
         if seen is None:
@@ -92,6 +103,7 @@ class CoapServer:
     def dispatch_error(self, exc: Exception, remote) -> None:
         self._exchanges.pop(remote, None)
         self._blocks.pop(remote, None)
+        self._uploads.pop(remote, None)
 
     # -- answering ---------------------------------------------------------------------------
 
@@ -114,6 +126,11 @@ class CoapServer:
             seen[key] = response
         self._send(response, request.remote)
 
+    @staticmethod
+    def _unknown_critical(message: Message) -> bool:
+        return any(int(o.number) & 1 and int(o.number) not in KNOWN_CRITICAL | PROXY_OPTIONS
+                   for o in message.opt.option_list())
+
     async def _render(self, request: Message) -> Message:
         for option in request.opt.option_list():
             number = int(option.number)
@@ -124,35 +141,82 @@ class CoapServer:
         resource = self.site._resources.get(request.opt.uri_path)
         if resource is None:
             return Message(code=codes.NOT_FOUND)
-        block1 = getattr(resource, "_block1", None)
-        if block1 is None:
-            block1 = resource._block1 = Block1Spool()
-        request = block1.feed_and_take(request)
-        return await self._blockwise(request, resource)
+        if not hasattr(resource, f"render_{str(request.code).lower()}"):
+            return Message(code=codes.METHOD_NOT_ALLOWED)       # before any upload is kept
+        for block in (request.opt.block1, request.opt.block2):
+            if block is not None and block.size_exponent > MAX_SZX:
+                return problem_message(codes.BAD_REQUEST, "bad block option", "block size 7 (BERT) is for TCP")
+        block1 = request.opt.block1
+        whole = self._reassemble(request, getattr(resource, "max_body", DEFAULT_MAX_BODY))
+        if not whole.code.is_request():          # an answer to send now
+            return whole
+        response = await self._blockwise(whole, resource)
+        if block1 is not None:          # RFC 7959 2.3: the final answer echoes the last Block1
+            response.opt.block1 = block1
+        return response
+
+    def _reassemble(self, request: Message, limit: int) -> Message:
+        """Block1 (RFC 7959): the whole request, or the answer to send now (2.31 Continue, 4.08,
+        4.13). The body is capped at `limit` (threat 13), declared (Size1) or actual; parts are
+        kept with the session (at most UPLOADS_PER_SESSION uploads) and go when it ends."""
+        b1 = request.opt.block1
+        end = (b1.start if b1 is not None else 0) + len(request.payload)
+        if end > limit or (request.opt.size1 is not None and request.opt.size1 > limit):
+            self._uploads.get(request.remote, {}).pop((request.code, request.get_cache_key(BLOCK_KEY_IGNORE)), None)
+            return problem_message(codes.REQUEST_ENTITY_TOO_LARGE, "request body too large",
+                                   f"at most {limit} bytes", size1=limit)
+        if b1 is None:
+            return request
+        uploads = self._uploads.get(request.remote)
+        if uploads is None:
+            uploads = self._uploads[request.remote] = OrderedDict()
+        key = (request.code, request.get_cache_key(BLOCK_KEY_IGNORE))
+        if b1.block_number == 0:
+            uploads[key] = request
+            uploads.move_to_end(key)
+            while len(uploads) > UPLOADS_PER_SESSION:
+                uploads.popitem(last=False)
+        else:
+            assembled = uploads.get(key)
+            if assembled is None:
+                return Message(code=codes.REQUEST_ENTITY_INCOMPLETE)
+            try:
+                assembled._append_request_block(request)
+            except ValueError:              # a gap or an overlap
+                del uploads[key]
+                return Message(code=codes.REQUEST_ENTITY_INCOMPLETE)
+        if b1.more:
+            cont = Message(code=codes.CONTINUE)
+            cont.opt.block1 = b1
+            return cont
+        return uploads.pop(key)
 
     async def _blockwise(self, request: Message, resource) -> Message:
         """Block2 (RFC 7959): a response larger than one block is rendered once, kept with the
-        session (until it ends; at most BLOCK2_PER_SESSION) and cut into blocks on request.
-        aiocoap's Block2Cache keeps every response for MAX_TRANSMIT_WAIT (93 s) after its
-        session is gone and deep-copies it for every block."""
+        session (until it ends; at most BLOCK2_PER_SESSION, least recently used first out) and cut
+        into blocks on request. aiocoap's Block2Cache keeps every response for MAX_TRANSMIT_WAIT
+        (93 s) after its session is gone and deep-copies it for every block."""
         block2 = request.opt.block2
         szx = min(block2.size_exponent, MAX_SZX) if block2 is not None else MAX_SZX
         number = block2.block_number if block2 is not None else 0
-        cache = self._blocks.get(request.remote)
+        remote = request.remote
         key = (request.code, request.get_cache_key(BLOCK_KEY_IGNORE))
         if number == 0:
             response = await resource.render(request)
         else:
+            cache = self._blocks.get(remote)
             response = cache.get(key) if cache is not None else None
             if response is None:
                 return Message(code=codes.REQUEST_ENTITY_INCOMPLETE)
+            cache.move_to_end(key)
         size = 1 << (szx + 4)
         payload = response.payload
         if number == 0 and len(payload) <= (size if block2 is not None else MAX_UNBLOCKED):
             return response
-        if number == 0:
+        if number == 0 and remote in self._exchanges:       # not if the session ended meanwhile
+            cache = self._blocks.get(remote)
             if cache is None:
-                cache = self._blocks[request.remote] = OrderedDict()
+                cache = self._blocks[remote] = OrderedDict()
             cache[key] = response
             cache.move_to_end(key)
             while len(cache) > BLOCK2_PER_SESSION:
@@ -162,7 +226,7 @@ class CoapServer:
             return Message(code=codes.BAD_OPTION)
         part = Message(code=response.code, payload=payload[start:start + size])
         for option in response.opt.option_list():
-            if option.number != OptionNumber.BLOCK2:
+            if option.number not in (OptionNumber.BLOCK2, OptionNumber.BLOCK1):
                 part.opt.add_option(option)
         more = start + size < len(payload)
         part.opt.block2 = BlockOption.BlockwiseTuple(number, more, szx)
@@ -181,6 +245,7 @@ class CoapServer:
             self.interface.send(message)
 
     async def shutdown(self) -> None:
+        self._accepting = False              # first: no new requests start while we wait
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -190,3 +255,4 @@ class CoapServer:
             self.interface = None
         self._exchanges.clear()
         self._blocks.clear()
+        self._uploads.clear()

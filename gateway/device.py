@@ -147,18 +147,21 @@ def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     os.replace(tmp, path)
 
 
-def _csr(key: ec.EllipticCurvePrivateKey, serial: str) -> bytes:
+def device_csr(key: ec.EllipticCurvePrivateKey, serial: str) -> bytes:
+    """The DER CSR a device sends to /sen or /sren (the CA takes only its key)."""
     return (x509.CertificateSigningRequestBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"device-{serial}")]))
             .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
 
 
-def _serial_of(cert: x509.Certificate) -> str:
+def serial_of(cert: x509.Certificate) -> str:
+    """The device serial in a device certificate's subject (serialNumber), or ''."""
     attrs = cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)
     return attrs[0].value if attrs else ""
 
 
-def _pen_of(cert: x509.Certificate) -> int | None:
+def pen_of(cert: x509.Certificate) -> int | None:
+    """The manufacturer's PEN from the certificate's `urn:dev:os:<PEN>-<serial>` SAN, if any."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -191,8 +194,8 @@ def check_operational(der_or_p7: bytes, key: ec.EllipticCurvePrivateKey, factory
             .build_client_verifier().verify(leaf, chain)
     except Exception as exc:
         raise EnrollFailed("certificate", f"the new certificate does not validate to the root: {exc}") from None
-    if _serial_of(leaf) != _serial_of(factory):
-        raise EnrollFailed("certificate", f"issued for {_serial_of(leaf)!r}, not this device")
+    if serial_of(leaf) != serial_of(factory):
+        raise EnrollFailed("certificate", f"issued for {serial_of(leaf)!r}, not this device")
     return [leaf, *chain]
 
 
@@ -221,7 +224,7 @@ async def enroll(directory: Path, gateway_uri: str, firmware: Firmware | None, *
         factory, _, factory_key, root = load_bundle(directory)
     except (BundleError, keys.KeyFileError) as exc:
         raise EnrollFailed("bundle", str(exc)) from None
-    serial = _serial_of(factory)
+    serial = serial_of(factory)
     t0 = time.perf_counter()
     try:
         ctx, _ = await device_context(directory, host, handshake_timeout=timeout)
@@ -238,8 +241,8 @@ async def enroll(directory: Path, gateway_uri: str, firmware: Firmware | None, *
             pub = factory_key.public_key().public_bytes(serialization.Encoding.X962,
                                                         serialization.PublicFormat.UncompressedPoint)
             evidence = Evidence(nonce=nonce, ueid=b"\x01" + hashlib.sha256(pub).digest()[:16],
-                                oemid=_pen_of(factory) or 0,
-                                hwmodel=_device_type(factory).encode(), swname=firmware.name,
+                                oemid=pen_of(factory) or 0,
+                                hwmodel=device_type_of(factory).encode(), swname=firmware.name,
                                 swversion=firmware.version, fw_alg=firmware.alg, fw_digest=firmware.digest,
                                 secure_boot=secure_boot, dbgstat=dbgstat, bootcount=bootcount,
                                 iat=int(time.time()), swversion_scheme=1)
@@ -256,7 +259,7 @@ async def enroll(directory: Path, gateway_uri: str, firmware: Firmware | None, *
         t0 = time.perf_counter()
         op_key = ec.generate_private_key(ec.SECP256R1())
         r = await _request(ctx, "enroll", timeout, code=codes.POST, uri=f"{base}/.well-known/est/sen",
-                           payload=_csr(op_key, serial), content_format=CT_PKCS10, accept=CT_PKCS7_CERTS)
+                           payload=device_csr(op_key, serial), content_format=CT_PKCS10, accept=CT_PKCS7_CERTS)
         chain = check_operational(r.payload, op_key, factory, root)
         mark("enroll", t0)
         report("enroll", f"operational certificate {chain[0].serial_number:x}, valid until "
@@ -272,7 +275,7 @@ async def enroll(directory: Path, gateway_uri: str, firmware: Firmware | None, *
     return EnrollResult(serial, chain[0], verdict, config, time.perf_counter() - started, steps)
 
 
-def _device_type(cert: x509.Certificate) -> str:
+def device_type_of(cert: x509.Certificate) -> str:
     """The device type from the certificate's private extension (the only UTF8String extension
     value devid puts in device certificates)."""
     for ext in cert.extensions:
@@ -335,7 +338,7 @@ async def renew(directory: Path, gateway_uri: str, *, timeout: float = 30.0,
     try:
         key = ec.generate_private_key(ec.SECP256R1())
         r = await _request(ctx, "renew", timeout, code=codes.POST, uri=f"{base}/.well-known/est/sren",
-                           payload=_csr(key, _serial_of(factory)), content_format=CT_PKCS10, accept=CT_PKCS7_CERTS)
+                           payload=device_csr(key, serial_of(factory)), content_format=CT_PKCS10, accept=CT_PKCS7_CERTS)
         chain = check_operational(r.payload, key, factory, root)
     finally:
         await ctx.shutdown()

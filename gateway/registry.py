@@ -210,8 +210,11 @@ class SQLiteRegistry:
                 try:
                     yield self._db
                 except BaseException:
-                    self._db.execute(f"ROLLBACK TO {name}")
-                    self._db.execute(f"RELEASE {name}")
+                    # SQLite may have rolled the whole transaction back itself (e.g. disk full):
+                    # then there is no savepoint left, and the original error is the one to see
+                    if self._db.in_transaction:
+                        self._db.execute(f"ROLLBACK TO {name}")
+                        self._db.execute(f"RELEASE {name}")
                     raise
                 finally:
                     self._depth -= 1
@@ -221,6 +224,8 @@ class SQLiteRegistry:
             self._depth = 1
             try:
                 yield self._db
+                if not self._db.in_transaction:     # rolled back by SQLite under a caller that went on
+                    raise sqlite3.OperationalError("the transaction was rolled back by SQLite; nothing was committed")
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:

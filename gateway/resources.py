@@ -8,8 +8,8 @@
     /config                   GET         CBOR operational configuration   (operational identity, or the
                                           factory identity of an enrolled device)
 
-Every request body is capped (Block1 included: 4.13 with Size1 beyond the cap); errors become
-RFC 9290 problem details (`problems.py`).
+Every request body is capped by `max_body` (Block1 included, enforced by `coap.py`: 4.13 with
+Size1 beyond the cap); errors become RFC 9290 problem details (`problems.py`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import json
 import aiocoap
 import aiocoap.resource as resource
 import cbor2
-from aiocoap.blockwise import Block1Spool
 from aiocoap.numbers import codes
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
@@ -38,23 +37,6 @@ CT_PKIX_CERT = 287
 MAX_CSR = 4096
 
 
-class CappedBlock1Spool(Block1Spool):
-    """aiocoap's Block1 reassembly with a cap on the whole body (threat 13)."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__()
-        self.limit = limit
-
-    def feed_and_take(self, req):
-        b1 = req.opt.block1
-        declared = req.opt.size1
-        end = (b1.start if b1 is not None else 0) + len(req.payload)
-        if end > self.limit or (declared is not None and declared > self.limit):
-            raise Problem(codes.REQUEST_ENTITY_TOO_LARGE, "request body too large",
-                          f"at most {self.limit} bytes", size1=self.limit)
-        return super().feed_and_take(req)
-
-
 def identity_of(request) -> PeerIdentity | None:
     for claim in request.remote.authenticated_claims:
         if isinstance(claim, PeerIdentity):
@@ -63,12 +45,11 @@ def identity_of(request) -> PeerIdentity | None:
 
 
 class _Resource(resource.Resource):
-    max_body = MAX_CSR
+    max_body = MAX_CSR          # request body cap (Block1 included), enforced by gateway/coap.py
 
     def __init__(self, service: EnrollmentService) -> None:
         super().__init__()
         self.service = service
-        self._block1 = CappedBlock1Spool(self.max_body)
 
     async def render(self, request):
         try:

@@ -244,11 +244,18 @@ def serve_workers(data: DataDir, config: GatewayConfig, workers: int, log_level:
             except queue_module.Empty:
                 dead = [i for i, p in enumerate(procs) if p.exitcode is not None]
                 if dead and not stopping:
-                    print(f"devid: error: worker {dead[0]} exited during start-up", file=sys.stderr, flush=True)
-                    failed = True
+                    # a worker that failed wrote why before it exited: read that first (under
+                    # load, its message and its exit can both land just after our timeout)
+                    try:
+                        kind, index, payload = queue.get(timeout=2.0)
+                    except queue_module.Empty:
+                        print(f"devid: error: worker {dead[0]} exited during start-up", file=sys.stderr, flush=True)
+                        failed = True
+                        continue
                 elif stopping:
                     break
-                continue
+                else:
+                    continue
             if kind == "ready":
                 ready += 1
                 addresses = payload

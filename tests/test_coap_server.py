@@ -111,3 +111,62 @@ def test_blockwise_response_in_order(world):
                                     block2=BlockOption.BlockwiseTuple(num + 3, False, 4)))
         assert r.code == codes.BAD_OPTION
     run(world, body)
+
+
+def test_block1_upload_is_reassembled_capped_and_echoed(world):
+    """A Block1 upload: 2.31 Continue per part, the final answer echoes the last Block1 (RFC 7959
+    2.3); a resource that takes no POST answers 4.05 at once and keeps nothing; at most two
+    uploads per session are kept."""
+    from aiocoap.optiontypes import BlockOption
+    from .test_enrollment import token_for
+    data, out = world
+
+    async def body(dev, gw):
+        r = await dev.exchange(wire(aiocoap.CON, 0x6001, b"\x01", code=codes.GET, uri_path=["attest", "nonce"]))
+        token = token_for(out / "TS00000001", cbor2.loads(r.payload)["nonce"])
+        assert 128 < len(token) <= 256
+        parts = [token[:128], token[128:]]
+        r = await dev.exchange(wire(aiocoap.CON, 0x6002, b"\x02", code=codes.POST, uri_path=["attest", "evidence"],
+                                    content_format=60, payload=parts[0], block1=BlockOption.BlockwiseTuple(0, True, 3)))
+        assert r.code == codes.CONTINUE and r.opt.block1 == (0, True, 3)
+        r = await dev.exchange(wire(aiocoap.CON, 0x6003, b"\x03", code=codes.POST, uri_path=["attest", "evidence"],
+                                    content_format=60, payload=parts[1], block1=BlockOption.BlockwiseTuple(1, False, 3)))
+        assert r.code == codes.CHANGED and r.opt.block1 == (1, False, 3)
+        assert cbor2.loads(r.payload)["verdict"] == "affirming"
+        # a part without its beginning: 4.08
+        r = await dev.exchange(wire(aiocoap.CON, 0x6004, b"\x04", code=codes.POST, uri_path=["attest", "evidence"],
+                                    content_format=60, payload=b"x" * 16, block1=BlockOption.BlockwiseTuple(5, False, 4)))
+        assert r.code == codes.REQUEST_ENTITY_INCOMPLETE
+        # /whoami takes no POST: 4.05 for the first block, nothing kept
+        r = await dev.exchange(wire(aiocoap.CON, 0x6005, b"\x05", code=codes.POST, uri_path=["whoami"],
+                                    payload=b"x" * 1024, block1=BlockOption.BlockwiseTuple(0, True, 6)))
+        assert r.code == codes.METHOD_NOT_ALLOWED
+        # many uploads begun in one session: at most two are kept
+        for i in range(6):
+            r = await dev.exchange(wire(aiocoap.CON, 0x6010 + i, bytes([i]), code=codes.POST,
+                                        uri_path=["attest", "evidence"], uri_query=[f"n={i}"], content_format=60,
+                                        payload=b"x" * 256, block1=BlockOption.BlockwiseTuple(0, True, 4)))
+            assert r.code == codes.CONTINUE
+        (uploads,) = gw.coap._uploads.values()
+        assert len(uploads) == 2
+    run(world, body)
+
+
+def test_malformed_and_odd_messages_are_rejected_not_crashing(world, caplog):
+    async def body(dev, gw):
+        # a CON whose Uri-Path is not UTF-8: a Reset, no traceback, and the session goes on
+        r = await dev.exchange(bytes.fromhex("41011234" "07" "b2fffe"))
+        assert r.mtype == aiocoap.RST and r.mid == 0x1234
+        r = await dev.exchange(wire(aiocoap.CON, 0x7001, b"\x01", code=codes.GET, uri_path=["whoami"]))
+        assert r.code == codes.CONTENT
+        # a NON with an unknown critical option: a Reset (RFC 7252 5.4.1)
+        r = await dev.exchange(wire(aiocoap.NON, 0x7002, b"\x02", code=codes.GET, uri_path=["whoami"],
+                                    extra=[OpaqueOption(65001, b"x")]))
+        assert r.mtype == aiocoap.RST and r.mid == 0x7002
+        # block size 7 (BERT) is for CoAP over TCP: 4.00
+        from aiocoap.optiontypes import BlockOption
+        r = await dev.exchange(wire(aiocoap.CON, 0x7003, b"\x03", code=codes.GET, uri_path=[".well-known", "est", "crts"],
+                                    block2=BlockOption.BlockwiseTuple(0, False, 7)))
+        assert r.code == codes.BAD_REQUEST
+    run(world, body)
+    assert not [rec for rec in caplog.records if rec.exc_info], [rec.getMessage() for rec in caplog.records]

@@ -146,6 +146,19 @@ def test_idle_timeout_closes_the_session(data, registry, device):
     assert out.datagrams and records.content_types(out.datagrams[0][1]) == [records.CT_ALERT]   # close_notify
 
 
+def test_idle_deadline_rounding_never_comes_before_the_timeout(data, registry, device):
+    """Idle deadlines are rounded up to a step (an eighth of a short timeout); the float rounding
+    must not put one a hair before last_seen + idle_timeout, or firing at it would loop forever."""
+    srv = server_engine(data, registry, limits=E.ServerLimits(idle_timeout=0.3))
+    net = FakeNetwork(srv, now=504.9375)          # a last_seen where ceil(x/step)*step < x in floats
+    client = client_for(data, device)
+    assert net.run(client, established(net, client), real_timeout=5)
+    deadline = srv.next_deadline()
+    assert deadline >= 504.9375 + 0.3
+    out = srv.handle_timeouts(deadline)           # returns, and the session is gone
+    assert E.SessionClosed(net.peer, "idle timeout") in out.events and srv.sessions == {}
+
+
 def test_peer_close_notify(data, registry, device):
     srv = server_engine(data, registry)
     net = FakeNetwork(srv)

@@ -433,7 +433,8 @@ class ServerEngine(_Engine):
             # rounded up to a step (1 s, or an eighth of a short idle timeout): the datagrams of a
             # busy session then leave its deadline, and the timer heap, alone
             step = min(1.0, self.limits.idle_timeout / 8)
-            when = math.ceil((s.last_seen + self.limits.idle_timeout) / step) * step
+            exact = s.last_seen + self.limits.idle_timeout
+            when = max(exact, math.ceil(exact / step) * step)      # never before it, despite rounding
         else:
             return
         if s.deadline != when:

@@ -20,6 +20,7 @@ import socket
 from typing import Any, Callable, Iterable
 
 from aiocoap import Context, Message, error, interfaces
+from aiocoap.numbers import EMPTY, RST
 from aiocoap.numbers import COAPS_PORT
 from aiocoap.util import hostportsplit
 from OpenSSL import SSL
@@ -136,7 +137,10 @@ class _ServerSocket:
             except OSError as exc:          # e.g. an ICMP error queued on the socket
                 log.debug("socket error: %s", exc)
                 continue
-            self.owner._datagram(self, data, addr[:2])
+            try:
+                self.owner._datagram(self, data, addr[:2])
+            except Exception:               # one bad datagram must not stop the others
+                log.exception("error handling a datagram from %s", _hostinfo(addr))
 
     def sendto(self, data: bytes, addr: tuple) -> None:
         try:
@@ -197,8 +201,9 @@ class _DTLSInterface(interfaces.MessageInterface):
                 return
             try:
                 message = Message.decode(ev.data, remote=remote)
-            except error.UnparsableMessage:
+            except Exception:       # UnparsableMessage, or e.g. a Uri-Path that is not UTF-8
                 log.info(_event_line(event="unparsable", peer=_hostinfo(ev.peer)))
+                self._unparsable(ev.data, remote)
                 return
             self._mman.dispatch_message(message)
         elif isinstance(ev, E.HandshakeComplete):
@@ -219,6 +224,13 @@ class _DTLSInterface(interfaces.MessageInterface):
             self._on_closed(ev, remote)
             if remote is not None and self._mman is not None:
                 self._mman.dispatch_error(error.RemoteServerShutdown(f"DTLS session ended: {ev.reason}"), remote)
+
+    def _unparsable(self, data: bytes, remote: DTLSRemote) -> None:
+        """A CON that cannot be parsed is rejected with a Reset (RFC 7252 4.2), if its header can."""
+        if len(data) >= 4 and data[0] >> 6 == 1 and (data[0] >> 4) & 3 == 0 and self._mman is not None:
+            rst = Message(code=EMPTY)
+            rst.mtype, rst.mid, rst.remote = RST, int.from_bytes(data[2:4], "big"), remote
+            self.send(rst)
 
     def _on_handshake(self, ev: E.HandshakeComplete) -> None: ...
 
