@@ -8,6 +8,7 @@ registry), the CoAP site, and runs until SIGINT or SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import os
 import json
 import logging
@@ -165,6 +166,7 @@ def _worker(path: str, config: GatewayConfig, log_level: str, index: int, queue)
     """One worker process of `devid serve --workers N`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # the parent turns ^C into SIGTERM for us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)       # until serve() installs its clean shutdown
+    faulthandler.register(signal.SIGUSR1, all_threads=True)   # the parent's "where are you stuck?"
     configure_logging(log_level, worker=index)
     code = 0
     try:
@@ -283,7 +285,11 @@ def serve_workers(data: DataDir, config: GatewayConfig, workers: int, log_level:
                 handle(*queue.get(timeout=0.2))
             except queue_module.Empty:
                 break
-        for p in procs:                 # nothing outlives the parent
+        for i, p in enumerate(procs):   # nothing outlives the parent
+            if p.is_alive() and grace is not None and time.monotonic() > grace:
+                print(f"devid: warning: worker {i} (pid {p.pid}) did not stop; its stack:", file=sys.stderr,
+                      flush=True)
+                os.kill(p.pid, signal.SIGUSR1)      # faulthandler in the worker prints its stack
             p.join(5)
             if p.is_alive():
                 p.kill()
