@@ -246,7 +246,10 @@ def cmd_serve(args) -> int:
             listen.append(parse_listen(item))
         except ValueError as exc:
             raise CLIError(f"--listen {item}: {exc}") from None
+    if args.max_sessions_per_identity < 1:
+        raise CLIError("--max-sessions-per-identity must be at least 1")
     limits = ServerLimits(max_sessions=args.max_sessions, max_half_open=args.max_half_open,
+                          max_sessions_per_identity=args.max_sessions_per_identity,
                           handshake_timeout=args.handshake_timeout, idle_timeout=args.idle_timeout, mtu=args.mtu)
     config = GatewayConfig(limits=limits)
     if listen:
@@ -434,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to listen on (repeatable; default: 0.0.0.0:5684 and [::]:5684)")
     s.add_argument("--max-sessions", type=int, default=20_000, metavar="N", help="cap on DTLS sessions")
     s.add_argument("--max-half-open", type=int, default=1_000, metavar="N", help="cap on handshakes in progress")
+    s.add_argument("--max-sessions-per-identity", type=int, default=8, metavar="N",
+                   help="cap on sessions of one device certificate; a new one closes its oldest (default 8)")
     s.add_argument("--handshake-timeout", type=float, default=30.0, metavar="S")
     s.add_argument("--idle-timeout", type=float, default=600.0, metavar="S")
     s.add_argument("--mtu", type=int, default=1280, help="largest datagram sent (default 1280)")

@@ -104,6 +104,8 @@ class Authenticator(Protocol):
 class ServerLimits:
     max_sessions: int = 20_000
     max_half_open: int = 1_000
+    # established sessions one device identity (certificate) may hold; a new one closes its oldest
+    max_sessions_per_identity: int = 8
     handshake_timeout: float = 30.0
     idle_timeout: float = 600.0
     mtu: int = 1280
@@ -225,6 +227,7 @@ class ServerEngine(_Engine):
         self._heap: list[tuple[float, int, Peer]] = []
         self._tiebreak = itertools.count()
         self._half_open = 0
+        self._by_identity: dict[Any, list[Peer]] = {}      # identity key -> its peers, oldest first
         context.set_cookie_generate_callback(self._cookie_generate)
         context.set_cookie_verify_callback(self._cookie_verify)
         context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
@@ -473,6 +476,7 @@ class ServerEngine(_Engine):
             self.stats.handshakes += 1
             self.stats.resumed += resumed
             out.events.append(HandshakeComplete(s.peer, s.identity, resumed, s.cipher))
+            self._count_identity(s, out)
             self._read_plaintext(s, out)
             self._flush(s, out)
             if s.state == ESTABLISHED:
@@ -544,13 +548,44 @@ class ServerEngine(_Engine):
         out.events.append(HandshakeFailed(s.peer, reason))
         self._end(s, out, reason, emit=False)
 
+    @staticmethod
+    def _identity_key(s: _Session) -> Any:
+        return getattr(s.identity, "fingerprint", None) if s.identity is not None else None
+
+    def _count_identity(self, s: _Session, out: Output) -> None:
+        """One device certificate may hold at most `max_sessions_per_identity` sessions: a stolen
+        or buggy identity cannot fill the gateway's session table (and its per-session caches)
+        from many source ports. The oldest goes first, so a device that lost track of its
+        sessions still gets in."""
+        key = self._identity_key(s)
+        if key is None:
+            return
+        peers = self._by_identity.setdefault(key, [])
+        peers.append(s.peer)
+        while len(peers) > self.limits.max_sessions_per_identity:
+            oldest = peers[0]
+            if oldest in self.sessions:
+                out.extend(self.close(oldest, self._now, "too many sessions for this identity"))
+            if peers and peers[0] == oldest:      # close() normally removed it already
+                peers.pop(0)
+
     def _end(self, s: _Session, out: Output, reason: str, emit: bool = True) -> None:
         if self.sessions.get(s.peer) is s:
             del self.sessions[s.peer]
         if s.state == HANDSHAKING:
             self._half_open -= 1
-        elif s.state == ESTABLISHED and emit:
-            out.events.append(SessionClosed(s.peer, reason))
+        elif s.state == ESTABLISHED:
+            key = self._identity_key(s)
+            peers = self._by_identity.get(key) if key is not None else None
+            if peers is not None:
+                try:
+                    peers.remove(s.peer)
+                except ValueError:
+                    pass
+                if not peers:
+                    del self._by_identity[key]
+            if emit:
+                out.events.append(SessionClosed(s.peer, reason))
         s.state = CLOSED
         s.deadline = None
         if s.conn is not None:
