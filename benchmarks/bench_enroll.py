@@ -10,7 +10,7 @@ one DTLS session) with C devices in flight from client processes separate from t
 `--client lean` (default) is benchmarks/loadgen.py: the same protocol and checks on the
 sans-I/O DTLS engine with a small CoAP codec, so the client costs a few ms of CPU per
 enrollment; `--client script` runs the field engineer's script per device (gateway/simulator.py,
-~25-30 ms of client CPU each, which caps the rate on a small machine). Prints one JSON summary:
+16-30 ms of client CPU each, which caps the rate on a small machine). Prints one JSON summary:
 
   enrollments/s, latency p50/p95/p99 end to end and per step (connect = the DTLS handshake),
   server CPU per enrollment (from the server processes' own counters), client CPU per

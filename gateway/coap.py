@@ -80,7 +80,7 @@ class CoapServer:
             if message.mtype is Type.CON:
                 self._reset(message)
             return
-        if message.mtype is Type.NON and self._unknown_critical(message):
+        if message.mtype is Type.NON and self._option_problem(message) is codes.BAD_OPTION:
             self._reset(message)                   # RFC 7252 5.4.1: a NON with one is rejected
             return
         seen = self._exchanges.get(remote)
@@ -127,17 +127,20 @@ class CoapServer:
         self._send(response, request.remote)
 
     @staticmethod
-    def _unknown_critical(message: Message) -> bool:
-        return any(int(o.number) & 1 and int(o.number) not in KNOWN_CRITICAL | PROXY_OPTIONS
-                   for o in message.opt.option_list())
-
-    async def _render(self, request: Message) -> Message:
-        for option in request.opt.option_list():
+    def _option_problem(message: Message):
+        """5.05 for a proxy option, 4.02 for an unknown critical option, else None."""
+        for option in message.opt.option_list():
             number = int(option.number)
             if number in PROXY_OPTIONS:
-                return Message(code=codes.PROXYING_NOT_SUPPORTED)
+                return codes.PROXYING_NOT_SUPPORTED
             if number & 1 and number not in KNOWN_CRITICAL:
-                return Message(code=codes.BAD_OPTION)
+                return codes.BAD_OPTION
+        return None
+
+    async def _render(self, request: Message) -> Message:
+        problem = self._option_problem(request)
+        if problem is not None:
+            return Message(code=problem)
         resource = self.site._resources.get(request.opt.uri_path)
         if resource is None:
             return Message(code=codes.NOT_FOUND)

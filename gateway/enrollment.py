@@ -31,7 +31,7 @@ from attestation.verifier import AttestingDevice
 from ca.authority import CertificateAuthority, CheckedKey, IssuedCertificate
 from ca.errors import CAError
 from ca.revocation import revoke_device
-from ca.store import DeviceState
+from ca.store import DeviceRecord, DeviceState
 
 from .configuration import ConfigTemplates
 from .identity import FACTORY, OPERATIONAL, PeerIdentity
@@ -95,7 +95,8 @@ class EnrollmentService:
         line.update({k: v for k, v in details.items() if v is not None})
         log.info(json.dumps(line))
 
-    def _require(self, action: str, who: PeerIdentity | None, kind: str, *, enrolled_factory: bool = False):
+    def _require(self, action: str, who: PeerIdentity | None, kind: str, *,
+                 enrolled_factory: bool = False) -> DeviceRecord:
         """The device record of `who` if it may do `action` with its `kind` identity. With
         `enrolled_factory`, the factory identity of an enrolled device is accepted too."""
         if who is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -20,6 +21,13 @@ from gateway.datadir import DataDir
 # at start-up because OpenSSL (DTLS handshakes, `openssl verify`) checks validity on its own clock.
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
 BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A UDP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tool(name: str) -> str:

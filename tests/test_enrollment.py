@@ -28,7 +28,7 @@ from gateway.device import EnrollFailed, Firmware, enroll, fetch_config, renew
 from gateway.provisioning import provision
 from gateway.server import POLICY_FILE, Gateway, GatewayConfig
 
-from .conftest import NOW, make_csr
+from .conftest import NOW, free_port, make_csr
 
 IMAGE = b"sensor firmware 3.1.0"
 FW = Firmware("sha-256", hashlib.sha256(IMAGE).digest(), "sensor-fw", "3.1.0")
@@ -57,12 +57,6 @@ digest = "sha-256:{FW.digest.hex()}"
 [device_types.legacy-sensor]
 attestation = "waived"
 """
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -18,14 +18,8 @@ from gateway.dtls.transport import DTLSHandshakeError
 from gateway.provisioning import provision
 from gateway.server import Gateway, GatewayConfig
 
-from .conftest import NOW
+from .conftest import NOW, free_port
 from .dtls_helpers import client_context_from_bundle
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,15 +21,9 @@ from ca.revocation import revoke_device
 from gateway.datadir import DataDir
 from gateway.provisioning import provision
 
-from .conftest import NOW, make_csr, register_device, tool
+from .conftest import NOW, free_port, make_csr, register_device, tool
 
 COAP_GET_WKC = b"\x40\x01\x12\x34\xbb.well-known\x04core"      # CON GET /.well-known/core, MID 0x1234
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_identity(directory: Path, key, cert, chain, root_pem: bytes) -> Path:

@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -26,7 +25,7 @@ from gateway.device import Firmware, renew
 from gateway.provisioning import provision
 from gateway.server import POLICY_FILE, Gateway, GatewayConfig
 
-from .conftest import NOW
+from .conftest import NOW, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -47,12 +46,6 @@ def fleet(data, ca, tmp_path):
     provision(ca, count=6, device_type=bench_enroll.DEVICE_TYPE, out=out, serial_prefix="LG", now=lambda: NOW,
               manufacturing_pem=data.cert_pem("manufacturing"), root_pem=data.cert_pem("root"))
     return data, sorted(out.iterdir())
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def with_gateway(data, body):

@@ -159,9 +159,11 @@ def _peer_bytes(peer: Peer) -> bytes:
 
 
 class _Engine:
-    """What server and client share: draining the BIO into datagrams, reading plaintext."""
+    """What server and client share: draining the BIO into datagrams, reading plaintext, and the
+    bookkeeping for handing an established session to our record layer."""
 
     mtu: int
+    _takes_over: bool          # does this engine move established sessions to the record layer?
 
     def _flush(self, s: _Session, out: Output) -> None:
         chunks = []
@@ -174,8 +176,32 @@ class _Engine:
                 break
             chunks.append(chunk)
         if chunks:
+            first = len(out.datagrams)
             for datagram in records.pack_datagrams(b"".join(chunks), self.mtu):
                 out.datagrams.append((s.peer, datagram))
+            if self._takes_over and s.state == HANDSHAKING:    # follow OpenSSL's epoch-1 write sequence
+                for _, dg in out.datagrams[first:]:
+                    for r in records.split_records(dg):
+                        if r[3:5] == b"\x00\x01":
+                            s.wseq = max(s.wseq, int.from_bytes(r[5:11], "big"))
+
+    def _note_read_seqs(self, s: _Session, datagram: bytes) -> None:
+        """Epoch-1 records OpenSSL reads during the handshake (the peer's Finished): the record
+        layer's replay window must start with them."""
+        if self._takes_over and s.state == HANDSHAKING:
+            s.rseqs.extend(int.from_bytes(r[5:11], "big") for r in records.split_records(datagram)
+                           if r[3:5] == b"\x00\x01")
+
+    @staticmethod
+    def _record_layer(s: _Session, server: bool) -> RecordLayer:
+        """Our record layer for an established session, continuing OpenSSL's sequence numbers."""
+        conn = s.conn
+        rl = RecordLayer(s.cipher, conn.master_key(), conn.client_random(), conn.server_random(), server=server,
+                         write_seq=s.wseq + 1)
+        for seq in s.rseqs:
+            rl.mark(seq)
+        s.rseqs = []
+        return rl
 
     def _read_plaintext(self, s: _Session, out: Output) -> None:
         while s.state == ESTABLISHED:
@@ -210,6 +236,8 @@ def _ssl_reason(exc: Exception) -> str:
 
 
 class ServerEngine(_Engine):
+    _takes_over = True          # every established session with a supported suite
+
     def __init__(self, context: SSL.Context, authenticator: Authenticator, limits: ServerLimits = ServerLimits(),
                  rand_bytes: Callable[[int], bytes] = os.urandom) -> None:
         """`context` must be a fresh DTLS server Context (see `contexts.server_context`); the engine
@@ -295,9 +323,7 @@ class ServerEngine(_Engine):
                 self._receive_records(s, datagram, out)
                 self._schedule(s, now)
                 return out
-            if s.state == HANDSHAKING:
-                s.rseqs.extend(int.from_bytes(r[5:11], "big") for r in records.split_records(datagram)
-                               if r[3:5] == b"\x00\x01")
+            self._note_read_seqs(s, datagram)
             try:
                 s.conn.bio_write(datagram)
             except SSL.Error:
@@ -487,26 +513,12 @@ class ServerEngine(_Engine):
         self._flush(s, out)
         self._schedule(s, self._now)
 
-    def _flush(self, s: _Session, out: Output) -> None:
-        first = len(out.datagrams)
-        super()._flush(s, out)
-        if s.state == HANDSHAKING:     # follow OpenSSL's epoch-1 write sequence numbers
-            for _, dg in out.datagrams[first:]:
-                for r in records.split_records(dg):
-                    if r[3:5] == b"\x00\x01":
-                        s.wseq = max(s.wseq, int.from_bytes(r[5:11], "big"))
-
     def _take_over(self, s: _Session, final_flight: list[bytes]) -> None:
         """Replace the OpenSSL object of an established session by our record layer."""
         if not RecordLayer.supports(s.cipher) or s.wseq < 0:
             return
         conn = s.conn
-        rl = RecordLayer(s.cipher, conn.master_key(), conn.client_random(), conn.server_random(), server=True,
-                         write_seq=s.wseq + 1)
-        for seq in s.rseqs:
-            rl.mark(seq)
-        s.rl = rl
-        s.rseqs = []
+        s.rl = self._record_layer(s, server=True)
         s.last_flight = final_flight or None
         conn.set_app_data(None)
         s.conn = None
@@ -618,7 +630,7 @@ class ClientEngine(_Engine):
         `takeover`: once the handshake is complete, application records go through our record
         layer (recordlayer.py) instead of OpenSSL, as on the server (less CPU per message)."""
         self.mtu = mtu
-        self._takeover = takeover
+        self._takes_over = takeover
         self.peer = peer
         self.context = context
         self.handshake_timeout = handshake_timeout
@@ -691,9 +703,7 @@ class ClientEngine(_Engine):
         if s.rl is not None:
             self._receive_records(s, datagram, out)
             return out
-        if self._takeover and s.state == HANDSHAKING:
-            s.rseqs.extend(int.from_bytes(r[5:11], "big") for r in records.split_records(datagram)
-                           if r[3:5] == b"\x00\x01")
+        self._note_read_seqs(s, datagram)
         try:
             self._s.conn.bio_write(datagram)
         except SSL.Error:
@@ -782,25 +792,11 @@ class ClientEngine(_Engine):
                                                 and not s.chain), s.cipher))
             self._read_plaintext(s, out)
             self._flush(s, out)
-            if self._takeover and s.state == ESTABLISHED and RecordLayer.supports(s.cipher) and s.wseq >= 0:
-                conn = s.conn
-                s.rl = RecordLayer(s.cipher, conn.master_key(), conn.client_random(), conn.server_random(),
-                                   server=False, write_seq=s.wseq + 1)
-                for seq in s.rseqs:
-                    s.rl.mark(seq)
-                s.rseqs = []
+            if self._takes_over and s.state == ESTABLISHED and RecordLayer.supports(s.cipher) and s.wseq >= 0:
+                s.rl = self._record_layer(s, server=False)
             return
         self._read_plaintext(s, out)
         self._flush(s, out)
-
-    def _flush(self, s: _Session, out: Output) -> None:
-        first = len(out.datagrams)
-        super()._flush(s, out)
-        if self._takeover and s.state == HANDSHAKING:     # follow OpenSSL's epoch-1 write sequence numbers
-            for _, dg in out.datagrams[first:]:
-                for r in records.split_records(dg):
-                    if r[3:5] == b"\x00\x01":
-                        s.wseq = max(s.wseq, int.from_bytes(r[5:11], "big"))
 
     def _receive_records(self, s: _Session, datagram: bytes, out: Output) -> None:
         """After the takeover: application data and alerts; anything else (a retransmitted
