@@ -34,7 +34,10 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     """An ISO 8601 time (UTC unless it has an offset), a date, or a duration back from now: 90s, 15m, 2h, 7d."""
     m = _RELATIVE.match(text.strip())
     if m:
-        return (now or datetime.now(timezone.utc)) - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+        try:
+            return (now or datetime.now(timezone.utc)) - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+        except OverflowError:
+            raise argparse.ArgumentTypeError(f"invalid time {text!r}: too far back") from None
     try:
         t = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
@@ -60,9 +63,9 @@ def _head(text: str) -> tuple[int, str]:
     return int(seq), h.lower()
 
 
-def _store(args) -> SQLiteAttestationStore:
+def _store(args, readonly: bool = True) -> SQLiteAttestationStore:
     data = DataDir(resolve_data_dir(args.data)).require()
-    return SQLiteAttestationStore(data.open_registry())
+    return SQLiteAttestationStore(data.open_registry(readonly=readonly))
 
 
 def cmd_log(args) -> int:

@@ -41,6 +41,17 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
 def _data(args) -> DataDir:
     return DataDir(resolve_data_dir(args.data))
 
@@ -137,7 +148,7 @@ def cmd_ca_verify(args) -> int:
             certs = [x509.load_der_x509_certificate(pem)]
         except ValueError:
             raise CLIError(f"{args.cert}: not a PEM or DER certificate") from None
-    registry = data.open_registry()
+    registry = data.open_registry(readonly=True)
     leaf, intermediates = certs[0], certs[1:]
     anchor = "manufacturing" if args.profile == "factory" else "operational"
     verifier = DeviceVerifier(data.cert(anchor), args.profile, data.config.identity, registry)
@@ -183,7 +194,7 @@ def cmd_crl(args) -> int:
 
 def cmd_devices_list(args) -> int:
     data = _data(args).require()
-    registry = data.open_registry()
+    registry = data.open_registry(readonly=True)
     state = DeviceState(args.state) if args.state else None
     devices = registry.list_devices(state, limit=args.limit)
     if args.json:
@@ -200,7 +211,7 @@ def cmd_devices_list(args) -> int:
 
 def cmd_devices_show(args) -> int:
     data = _data(args).require()
-    registry = data.open_registry()
+    registry = data.open_registry(readonly=True)
     dev = registry.get_device(check_serial(args.serial))
     if dev is None:
         raise CLIError(f"unknown device {args.serial}")
@@ -413,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     dvsub = dv.add_subparsers(dest="devices_command", metavar="ACTION", required=True, parser_class=_Parser)
     s = dvsub.add_parser("list", parents=[common], help="list devices")
     s.add_argument("--state", choices=[st.value for st in DeviceState])
-    s.add_argument("--limit", type=int, metavar="N")
+    s.add_argument("--limit", type=positive_int, metavar="N")
     s.add_argument("--json", action="store_true", help="one JSON object per line")
     s.set_defaults(func=cmd_devices_list)
     s = dvsub.add_parser("show", parents=[common], help="one device with its certificates")
@@ -512,11 +523,15 @@ def main(argv: list[str] | None = None) -> int:
     except sqlite3.Error as exc:
         print(f"devid: error: registry: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        return 0
+    except OSError as exc:        # e.g. --out names a file, a full disk, a directory we may not write
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"devid: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("devid: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
 
 
 if __name__ == "__main__":

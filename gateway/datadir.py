@@ -19,7 +19,7 @@ import tomllib
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -85,26 +85,73 @@ class Config:
 
     @classmethod
     def parse(cls, text: str, where: str) -> "Config":
+        """devid.toml, strictly: an unknown section or key (a typo), a value of the wrong type or
+        out of its range is one error naming the file, the key and the allowed values."""
         try:
             doc = tomllib.loads(text)
-            org = doc.get("organization", {})
-            ident = doc.get("identity", {})
-            prof = doc.get("profiles", {})
-            crl = doc.get("crl", {})
-            identity = IdentitySettings(
-                organization=str(org.get("name", IdentitySettings.organization)),
-                pen=int(org.get("pen", IdentitySettings.pen)),
-                device_type_oid=str(ident.get("device_type_oid", IdentitySettings.device_type_oid)),
-                hardware_type_oid=str(ident.get("hardware_type_oid", IdentitySettings.hardware_type_oid)))
-            x509.ObjectIdentifier(identity.device_type_oid)
-            x509.ObjectIdentifier(identity.hardware_type_oid)
-            config = cls(identity, int(prof.get("factory_validity_days", 7300)),
-                         int(prof.get("operational_validity_days", 90)), int(crl.get("validity_days", 7)))
-        except (tomllib.TOMLDecodeError, ValueError, TypeError, AttributeError) as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-        if min(config.factory_days, config.operational_days, config.crl_days, identity.pen) <= 0:
-            raise ConfigError(f"{where}: validity days and pen must be positive")
-        return config
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+        unknown = sorted(set(doc) - set(_SCHEMA))
+        if unknown:
+            raise ConfigError(f"{where}: unknown section or key [{unknown[0]}] (known: {', '.join(_SCHEMA)})")
+        values: dict[str, object] = {}
+        for section, keys in _SCHEMA.items():
+            table = doc.get(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{where}: [{section}] must be a table")
+            extra = sorted(set(table) - set(keys))
+            if extra:
+                raise ConfigError(f"{where}: unknown key {section}.{extra[0]} (known: {', '.join(keys)})")
+            for key, check in keys.items():
+                if key in table:
+                    try:
+                        values[f"{section}.{key}"] = check(table[key])
+                    except ValueError as exc:
+                        raise ConfigError(f"{where}: {section}.{key}: {exc}") from None
+        defaults = IdentitySettings()
+        identity = IdentitySettings(
+            organization=values.get("organization.name", defaults.organization),
+            pen=values.get("organization.pen", defaults.pen),
+            device_type_oid=values.get("identity.device_type_oid", defaults.device_type_oid),
+            hardware_type_oid=values.get("identity.hardware_type_oid", defaults.hardware_type_oid))
+        return cls(identity, values.get("profiles.factory_validity_days", cls.factory_days),
+                   values.get("profiles.operational_validity_days", cls.operational_days),
+                   values.get("crl.validity_days", cls.crl_days))
+
+
+def _integer(low: int, high: int, what: str = "") -> Callable[[object], int]:
+    def check(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"must be an integer from {low:,} to {high:,}{what} (got {value!r})")
+        return value
+    return check
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"must be a non-empty string (got {value!r})")
+    return value
+
+
+def _oid(value: object) -> str:
+    try:
+        x509.ObjectIdentifier(_text(value))
+    except ValueError:
+        raise ValueError(f"must be a dotted object identifier such as 1.3.6.1.4.1.99999.1 (got {value!r})") from None
+    return value
+
+
+# devid.toml: section -> key -> check (returns the value or raises ValueError saying what is allowed)
+_SCHEMA: dict[str, dict[str, Callable[[object], object]]] = {
+    "organization": {"name": _text, "pen": _integer(1, 2**32 - 1)},
+    "identity": {"device_type_oid": _oid, "hardware_type_oid": _oid},
+    "profiles": {
+        # beyond the issuing CA's own validity (25 years for the intermediates) a certificate ends with its CA
+        "factory_validity_days": _integer(1, 36500),
+        "operational_validity_days": _integer(1, 3650),
+    },
+    "crl": {"validity_days": _integer(1, 366)},
+}
 
 
 class DataDir:
@@ -166,8 +213,11 @@ class DataDir:
             self._config = Config.parse(text, str(self.config_path))
         return self._config
 
-    def open_registry(self) -> SQLiteRegistry:
-        return SQLiteRegistry(self.db_path)
+    def open_registry(self, *, readonly: bool = False) -> SQLiteRegistry:
+        """The registry `devid init` made here: missing or empty is an error naming the file (a
+        new empty registry would re-issue serials already in the field). `readonly`: for commands
+        that only read; works on a read-only data directory."""
+        return SQLiteRegistry(self.db_path, create=False, readonly=readonly)
 
     def passphrase(self) -> bytes:
         if self._passphrase is None:
@@ -249,7 +299,7 @@ class DataDir:
                 except OSError:
                     raise CAExists(f"a CA already exists in {self.path}: refusing to overwrite it") from None
 
-            registry = self.open_registry()
+            registry = SQLiteRegistry(self.db_path, create=True)
             try:
                 registry.record_certificates(hierarchy.records, before_commit=move_into_place)
             finally:

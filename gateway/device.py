@@ -98,7 +98,11 @@ class Firmware:
 
 
 def _gateway(uri: str) -> tuple[str, str]:
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+        parts.port                          # a port that is not a number in 0-65535 raises here
+    except ValueError as exc:
+        raise EnrollFailed("gateway", f"expected coaps://HOST[:PORT], got {uri!r} ({exc})") from None
     if parts.scheme != "coaps" or not parts.hostname:
         raise EnrollFailed("gateway", f"expected coaps://HOST[:PORT], got {uri!r}")
     return parts.hostname, f"coaps://{parts.netloc}"

@@ -9,6 +9,7 @@ never corrupt the file.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from contextlib import contextmanager
@@ -174,13 +175,31 @@ def _collision(exc: sqlite3.IntegrityError) -> SerialCollision:
 class SQLiteRegistry:
     """`ca.store.Registry` on SQLite. Also the home of later stores (nonces, attestation log)."""
 
-    def __init__(self, path: Path | str, *, timeout: float = 30.0) -> None:
+    def __init__(self, path: Path | str, *, timeout: float = 30.0, create: bool = True,
+                 readonly: bool = False) -> None:
+        """Open (and migrate) the registry at `path`.
+
+        `create=False`: the file must exist and hold a registry; a missing or empty file is an
+        error naming it, never a silently new registry that would re-issue serials already in the
+        field (only `devid init` creates one). `readonly=True`: no write, no migration; works on a
+        read-only data directory (see `_connect_readonly`)."""
         self.path = Path(path)
+        self.readonly = readonly
+        if (readonly or not create) and not self.path.is_file():
+            raise RegistryError(f"{self.path}: the registry is missing; only 'devid init' creates one "
+                                "(restore it from a backup if this data directory was in use)")
+        if not create and self.path.stat().st_size == 0:
+            raise RegistryError(f"{self.path}: the registry is empty; only 'devid init' creates one "
+                                "(restore it from a backup if this data directory was in use)")
         try:
-            self._db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None,
-                                       check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            if readonly:
+                self._db = self._connect_readonly(timeout)
+            else:
+                mode = "rwc" if create else "rw"
+                self._db = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode={mode}", uri=True,
+                                           timeout=timeout, isolation_level=None, check_same_thread=False)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             # Checkpoint the WAL every 4000 pages (~16 MB) instead of 1000: each issuance writes ~6
             # pages, and a checkpoint copies and fsyncs them into the database file. Measured: COMMIT
@@ -188,9 +207,36 @@ class SQLiteRegistry:
             self._db.execute("PRAGMA wal_autocheckpoint=4000")
             self._lock = threading.RLock()
             self._depth = 0
-            self._migrate()
+            version = self.schema_version
+            if not create and version == 0:
+                raise RegistryError(f"{self.path}: the registry is empty; only 'devid init' creates one "
+                                    "(restore it from a backup if this data directory was in use)")
+            if readonly:
+                if version != SCHEMA_VERSION:
+                    raise RegistryError(f"{self.path}: schema version {version}, this devid reads {SCHEMA_VERSION}"
+                                        + ("; upgrade devid" if version > SCHEMA_VERSION else
+                                           "; run a command that writes (e.g. 'devid serve') to migrate it"))
+            else:
+                self._migrate()
         except sqlite3.DatabaseError as exc:
             raise RegistryError(f"{self.path}: cannot open the registry: {exc}") from None
+
+    def _connect_readonly(self, timeout: float) -> sqlite3.Connection:
+        """A read-only connection. A WAL database needs its -shm file even to read; in a directory
+        we cannot write, with no -shm left by a writer, SQLite cannot make one: then the file is
+        opened as immutable, which is right because nobody can be writing to it (a writer needs
+        the directory to create its -wal)."""
+        uri = self.path.absolute().as_uri()
+        try:
+            db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=timeout, isolation_level=None,
+                                 check_same_thread=False)
+            db.execute("PRAGMA user_version").fetchone()
+            return db
+        except sqlite3.OperationalError:
+            if os.access(self.path.parent, os.W_OK):
+                raise
+        return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, timeout=timeout, isolation_level=None,
+                               check_same_thread=False)
 
     def close(self) -> None:
         self._db.close()

@@ -129,7 +129,7 @@ def test_validity_never_exceeds_the_issuer(tmp_path):
     from gateway.datadir import DataDir
     d = DataDir(tmp_path / "d")
     d.path.mkdir()
-    d.config_path.write_text("[profiles]\nfactory_validity_days = 40000\n")
+    d.config_path.write_text("[profiles]\nfactory_validity_days = 36500\n")
     d.init(NOW)
     reg = d.open_registry()
     _, issued = register_device(d.authority(reg), "SN1")

@@ -1,0 +1,146 @@
+"""Issue 10, failures 6 and 9: a missing registry is an error, read-only commands work on a
+read-only data directory, and bad input is one error line (never a traceback)."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+
+import pytest
+
+from .conftest import run_devid
+from gateway.datadir import Config, ConfigError
+
+
+def _one_error_line(proc, *fragments: str) -> str:
+    err = proc.stderr.decode()
+    assert proc.returncode != 0, err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("devid"), err
+    for fragment in fragments:
+        assert fragment in lines[0], err
+    return lines[0]
+
+
+@pytest.mark.parametrize("damage", ["removed", "emptied"])
+def test_missing_or_empty_registry_is_an_error_naming_the_file(data, tmp_path, damage):
+    run_devid("provision", "--count", "2", "--device-type", "t", "--out", tmp_path / "f1",
+              "--serial-prefix", "CL", "--quiet", data_dir=data.path, check=True)
+    for suffix in ("", "-wal", "-shm"):
+        path = data.db_path.with_name(data.db_path.name + suffix)
+        if damage == "removed" or suffix:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_bytes(b"")
+    line = _one_error_line(run_devid("devices", "list", data_dir=data.path), str(data.db_path))
+    assert ("missing" if damage == "removed" else "empty") in line
+    # a writing command must not recreate it and re-issue CL00000001
+    _one_error_line(run_devid("provision", "--count", "1", "--device-type", "t", "--out", tmp_path / "f2",
+                              "--serial-prefix", "CL", "--quiet", data_dir=data.path), str(data.db_path))
+    assert not (tmp_path / "f2" / "CL00000001").exists()
+    if damage == "removed":
+        assert not data.db_path.exists()
+    else:
+        assert data.db_path.stat().st_size == 0
+
+
+@contextlib.contextmanager
+def _read_only(path):
+    """A read-only bind mount over `path` (root ignores file modes, not a read-only mount)."""
+    subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], check=True)
+        yield
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_read_only_commands_work_on_a_read_only_data_dir(data, tmp_path):
+    run_devid("provision", "--count", "3", "--device-type", "t", "--out", tmp_path / "f", "--quiet",
+              data_dir=data.path, check=True)
+    for suffix in ("-wal", "-shm"):      # as after a clean shutdown: no -shm for a reader to use
+        assert not data.db_path.with_name(data.db_path.name + suffix).exists()
+    with _read_only(data.path):
+        listed = run_devid("devices", "list", "--json", data_dir=data.path)
+        assert listed.returncode == 0, listed.stderr.decode()
+        assert len(listed.stdout.decode().splitlines()) == 3
+        shown = run_devid("devices", "show", "SN00000002", data_dir=data.path)
+        assert shown.returncode == 0 and b"SN00000002" in shown.stdout, shown.stderr.decode()
+        log = run_devid("attest", "log", data_dir=data.path)
+        assert log.returncode == 0, log.stderr.decode()
+        # a command that writes says why it cannot, in one line
+        _one_error_line(run_devid("provision", "--count", "1", "--device-type", "t", "--out",
+                                  tmp_path / "g", "--quiet", data_dir=data.path))
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["devices", "list", "--limit", "-5"], "--limit"),
+    (["devices", "list", "--limit", "0"], "--limit"),
+    (["attest", "log", "--since", "99999999d"], "too far back"),
+    (["enroll", "--gateway", "coaps://[::1", "--device", "."], "coaps://HOST"),
+    (["enroll", "--gateway", "coaps://gw:99999", "--device", "."], "coaps://HOST"),
+])
+def test_bad_input_is_one_line(data, args, fragment):
+    _one_error_line(run_devid(*args, data_dir=data.path), fragment)
+
+
+def test_provision_out_is_a_file(data, tmp_path):
+    target = tmp_path / "a-file"
+    target.write_text("keep me\n")
+    _one_error_line(run_devid("provision", "--count", "1", "--device-type", "t", "--out", target, "--quiet",
+                              data_dir=data.path), str(target))
+    assert target.read_text() == "keep me\n"
+
+
+def test_provision_on_a_full_disk_is_one_line_and_registers_nothing_unwritten(data, tmp_path):
+    out = tmp_path / "small"
+    out.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(out)], check=True)
+    try:
+        proc = run_devid("provision", "--count", "200", "--device-type", "t", "--out", out, "--quiet",
+                         "--workers", "1", data_dir=data.path)
+        _one_error_line(proc, "No space left on device")
+        bundles = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+    finally:
+        subprocess.run(["umount", str(out)], check=True)
+    registry = data.open_registry(readonly=True)
+    try:
+        registered = {d.serial for d in registry.list_devices()}
+    finally:
+        registry.close()
+    assert bundles <= registered                # every bundle written is a registered device
+    assert len(registered) < 200
+
+
+@pytest.mark.parametrize("toml, fragment", [
+    ("[profiles]\nfactory_validity_days = 99999999999\n", "profiles.factory_validity_days"),
+    ("[profiles]\noperational_validity_days = 0\n", "profiles.operational_validity_days"),
+    ("[profiles]\noperational_validity_days = true\n", "profiles.operational_validity_days"),
+    ("[profiles]\noperational_validity_days = \"90\"\n", "profiles.operational_validity_days"),
+    ("[crl]\nvalidity_days = 1000\n", "crl.validity_days"),
+    ("[organization]\npen = -1\n", "organization.pen"),
+    ("[organization]\nname = \"\"\n", "organization.name"),
+    ("[identity]\ndevice_type_oid = \"not an oid\"\n", "identity.device_type_oid"),
+    ("[profiles]\noperational_validty_days = 30\n", "operational_validty_days"),
+    ("[profile]\n", "[profile]"),
+    ("profiles = 3\n", "[profiles]"),
+    ("[profiles\n", "not valid TOML"),
+])
+def test_bad_devid_toml_values(toml, fragment):
+    with pytest.raises(ConfigError) as info:
+        Config.parse(toml, "devid.toml")
+    assert fragment in str(info.value)
+    assert str(info.value).startswith("devid.toml: ")
+
+
+def test_bad_devid_toml_is_one_line_from_the_cli(data):
+    data.config_path.write_text(data.config_path.read_text().replace("[crl]\nvalidity_days = 7",
+                                                                     "[crl]\nvalidity_days = 99999999999"))
+    _one_error_line(run_devid("crl", data_dir=data.path), "crl.validity_days", "devid.toml")
+
+
+def test_devid_toml_as_written_by_init_parses(data):
+    cfg = Config.parse(data.config_path.read_text(), "devid.toml")
+    assert cfg == Config()
