@@ -144,3 +144,30 @@ def test_bad_devid_toml_is_one_line_from_the_cli(data):
 def test_devid_toml_as_written_by_init_parses(data):
     cfg = Config.parse(data.config_path.read_text(), "devid.toml")
     assert cfg == Config()
+
+
+def _documented_keys() -> dict[str, str]:
+    """key -> default, from the devid.toml table of docs/configuration.md."""
+    from pathlib import Path
+    text = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`") and "." in cells[0]:
+            rows[cells[0].strip("`")] = cells[2].strip("`")
+    return rows
+
+
+def test_docs_list_every_devid_toml_key_with_its_default():
+    from gateway.datadir import _SCHEMA
+    documented = _documented_keys()
+    assert set(documented) == {f"{s}.{k}" for s, keys in _SCHEMA.items() for k in keys}
+    cfg = Config()
+    actual = {"organization.name": cfg.identity.organization, "organization.pen": cfg.identity.pen,
+              "identity.device_type_oid": cfg.identity.device_type_oid,
+              "identity.hardware_type_oid": cfg.identity.hardware_type_oid,
+              "profiles.factory_validity_days": cfg.factory_days,
+              "profiles.operational_validity_days": cfg.operational_days,
+              "crl.validity_days": cfg.crl_days}
+    for key, value in actual.items():
+        assert documented[key] == str(value), key
