@@ -271,3 +271,24 @@ def test_session_cap_counts_the_device_not_its_certificates(data, ca, registry, 
     key3, issued3 = register_device(ca, "SN3", "temperature-sensor")
     connect(srv, client_for(data, (key3, issued3.cert)), peer=("10.0.0.3", 1))
     assert len(srv.sessions) == 4
+
+
+def test_fragmented_client_hello_is_dropped_without_state(data, registry, device):
+    """A ClientHello with a valid cookie, cut into two fragments in two records of one datagram:
+    the cookie is bound to fields the engine must read itself, and OpenSSL 4.0 would accept it and
+    then stall (measured), holding a half-open slot; it is dropped, no state, no answer."""
+    srv = server_engine(data, registry)
+    client = client_for(data, device)
+    hvr = srv.receive(P, client.start(0.0).datagrams[0][1], 0.0).datagrams[0][1]
+    second = client.receive(hvr, 0.0).datagrams[0][1]
+    hs = second[13:]
+    body = hs[12:12 + int.from_bytes(hs[1:4], "big")]
+    half = len(body) // 2
+
+    def fragment(offset, part):
+        h = hs[0:6] + offset.to_bytes(3, "big") + len(part).to_bytes(3, "big") + part
+        return second[0:11] + len(h).to_bytes(2, "big") + h
+    fragmented = fragment(0, body[:half]) + fragment(half, body[half:])
+    assert records.is_client_hello(fragmented) and records.parse_client_hello(fragmented) is None
+    out = srv.receive(P, fragmented, 0.0)
+    assert out.datagrams == [] and srv.sessions == {} and srv.half_open == 0 and srv.stats.dropped == 1
