@@ -313,10 +313,7 @@ class ServerEngine(_Engine):
         out = Output()
         s = self.sessions.get(peer)
         if s is None:
-            if records.is_client_hello(datagram):
-                self._hello(peer, datagram, None, out)
-            else:
-                self.stats.dropped += 1
+            self._hello(peer, datagram, None, out)     # anything but a ClientHello is dropped there
             return out
         if s.state == ESTABLISHED:
             if datagram[:1] == b"\x16" and records.is_client_hello(datagram):
@@ -344,7 +341,8 @@ class ServerEngine(_Engine):
         self._drive(s, out)
 
     def _hello(self, peer: Peer, datagram: bytes, established: _Session | None, out: Output) -> None:
-        """A ClientHello from a peer with no session, or beside its `established` session."""
+        """A datagram from a peer with no session, or a ClientHello beside its `established`
+        session. Only a ClientHello the engine can parse is looked at."""
         hello = records.parse_client_hello(datagram)
         if hello is None:
             self.stats.dropped += 1
