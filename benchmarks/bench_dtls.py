@@ -188,7 +188,7 @@ def start_devid(data: Path, port: int) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
                              "--log-level", "WARNING", "--max-sessions", "50000", "--workers", "1",
                              # the idle-memory run opens thousands of sessions from a few bundles
-                             "--max-sessions-per-identity", "50000"],
+                             "--max-sessions-per-device", "50000"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
     line = proc.stdout.readline().decode()
     if "listening" not in line:

@@ -52,6 +52,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+class _Deprecated(argparse.Action):
+    """A hidden old name of a flag: stores into the new one's dest, with a warning on stderr."""
+
+    def __init__(self, option_strings, dest, new: str, **kw) -> None:
+        super().__init__(option_strings, dest, **kw)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        sys.stderr.write(f"devid: warning: {option_string} is deprecated, use {self.new}\n")
+        setattr(namespace, self.dest, values)
+
+
 def _data(args) -> DataDir:
     return DataDir(resolve_data_dir(args.data))
 
@@ -247,21 +259,25 @@ def cmd_provision(args) -> int:
 
 def cmd_serve(args) -> int:
     import asyncio
-    from .dtls.engine import ServerLimits
+    from .dtls.engine import LimitError, ServerLimits
     from .dtls.transport import parse_listen
     from .server import GatewayConfig, configure_logging, serve
-    data = _data(args).require()
     listen = []
     for item in args.listen or []:
         try:
             listen.append(parse_listen(item))
         except ValueError as exc:
             raise CLIError(f"--listen {item}: {exc}") from None
-    if args.max_sessions_per_identity < 1:
-        raise CLIError("--max-sessions-per-identity must be at least 1")
-    limits = ServerLimits(max_sessions=args.max_sessions, max_half_open=args.max_half_open,
-                          max_sessions_per_identity=args.max_sessions_per_identity,
-                          handshake_timeout=args.handshake_timeout, idle_timeout=args.idle_timeout, mtu=args.mtu)
+    try:
+        limits = ServerLimits(max_sessions=args.max_sessions, max_half_open=args.max_half_open,
+                              max_half_open_per_address=args.max_half_open_per_address,
+                              max_sessions_per_device=args.max_sessions_per_device,
+                              handshake_timeout=args.handshake_timeout, idle_timeout=args.idle_timeout, mtu=args.mtu)
+    except LimitError as exc:
+        flag = "--" + exc.field.replace("_", "-")
+        print(f"devid: error: {flag} must be {exc.allowed} (got {exc.value})", file=sys.stderr)
+        return 2
+    data = _data(args).require()
     config = GatewayConfig(limits=limits)
     if listen:
         config.listen = listen
@@ -448,8 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to listen on (repeatable; default: 0.0.0.0:5684 and [::]:5684)")
     s.add_argument("--max-sessions", type=int, default=20_000, metavar="N", help="cap on DTLS sessions")
     s.add_argument("--max-half-open", type=int, default=1_000, metavar="N", help="cap on handshakes in progress")
-    s.add_argument("--max-sessions-per-identity", type=int, default=8, metavar="N",
-                   help="cap on sessions of one device certificate; a new one closes its oldest (default 8)")
+    s.add_argument("--max-half-open-per-address", type=int, metavar="N",
+                   help="cap on handshakes in progress from one IP address (default 100, at most --max-half-open)")
+    s.add_argument("--max-sessions-per-device", type=int, default=8, metavar="N",
+                   help="cap on sessions of one device, all its certificates together; a new one closes its "
+                        "oldest (default 8)")
+    s.add_argument("--max-sessions-per-identity", type=int, dest="max_sessions_per_device",
+                   action=_Deprecated, new="--max-sessions-per-device", help=argparse.SUPPRESS)
     s.add_argument("--handshake-timeout", type=float, default=30.0, metavar="S")
     s.add_argument("--idle-timeout", type=float, default=600.0, metavar="S")
     s.add_argument("--mtu", type=int, default=1280, help="largest datagram sent (default 1280)")

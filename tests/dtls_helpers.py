@@ -53,6 +53,7 @@ class FakeNetwork:
     seed: int = 1
     now: float = 0.0
     log: list = field(default_factory=list)      # (direction, size)
+    wire: list = field(default_factory=list)     # (direction, datagram): everything sent, lost ones too
     server_events: list = field(default_factory=list)
     client_events: list = field(default_factory=list)
 
@@ -63,6 +64,7 @@ class FakeNetwork:
     def _enqueue(self, direction: str, out: E.Output):
         for _, dg in out.datagrams:
             self.log.append((direction, len(dg)))
+            self.wire.append((direction, dg))
             if self.rng.random() < self.loss:
                 continue
             self.queue.append((direction, dg))
@@ -110,10 +112,11 @@ class FakeNetwork:
 
 class RawCoapOverDTLS:
     """A device that speaks raw CoAP bytes over a real DTLS session (the engine's client side on
-    a UDP socket): for tests that need exact message types, IDs and options on the wire."""
+    a UDP socket): for tests that need exact message types, IDs and options on the wire.
+    `local`: the (address, port) to send from, e.g. ("127.0.0.2", 0)."""
 
-    def __init__(self, bundle: Path, port: int) -> None:
-        self.bundle, self.port = bundle, port
+    def __init__(self, bundle: Path, port: int, local: tuple | None = None) -> None:
+        self.bundle, self.port, self.local = bundle, port, local
         self.received: list[bytes] = []
 
     async def __aenter__(self) -> "RawCoapOverDTLS":
@@ -124,7 +127,8 @@ class RawCoapOverDTLS:
         class Proto(asyncio.DatagramProtocol):
             def datagram_received(self, data_, addr):
                 queue.put_nowait(data_)
-        self.transport, _ = await loop.create_datagram_endpoint(Proto, remote_addr=("127.0.0.1", self.port))
+        self.transport, _ = await loop.create_datagram_endpoint(Proto, local_addr=self.local,
+                                                                remote_addr=("127.0.0.1", self.port))
         self.client = E.ClientEngine(client_context_from_bundle(self.bundle), ("127.0.0.1", self.port))
         await self._pump(self.client.start(loop.time()), lambda: self.client.established)
         return self

@@ -7,15 +7,25 @@ datagrams and sleeps until deadlines; tests drive the same engine over a fake ne
 
 Server side, in order of arrival of a datagram from an unknown address:
 1. Only an epoch-0 ClientHello is looked at; anything else is dropped.
-2. Stateless cookie exchange (RFC 6347 4.2.1): a throw-away OpenSSL object answers with a
-   HelloVerifyRequest (never larger than the ClientHello) and is discarded. No per-peer state
-   exists until a ClientHello comes back with a valid cookie (an HMAC of the peer address under
-   a secret that rotates: a cookie lives one to two rotation periods).
-3. Caps: half-open handshakes and sessions; beyond them, a valid ClientHello is dropped.
+2. Stateless cookie exchange (RFC 6347 4.2.1): the engine answers with a HelloVerifyRequest
+   (never larger than the ClientHello) and keeps nothing. No per-peer state exists until a
+   ClientHello comes back with a valid cookie (cookies.py: an HMAC of the peer address and the
+   ClientHello's parameters under a secret that rotates; a cookie lives one to two rotations).
+   A ClientHello the engine cannot parse (fragmented, malformed) is dropped.
+3. Caps: half-open handshakes in all and per source IP address, and sessions; beyond them, a
+   valid ClientHello is dropped (the client retransmits it later).
 4. The peer's certificate chain is validated by OpenSSL against the trust anchors, then by the
    `Authenticator` (cryptography.x509.verification + registry revocation). A refusal fails the
    handshake inside OpenSSL, which sends the peer an alert.
 5. Timers: handshake timeout, idle timeout, and OpenSSL's retransmission timer.
+
+A ClientHello from an address:port that has an established session (RFC 6347 4.2.8): one that
+repeats the random of the handshake that made the session is a replay and gets no answer at
+all. Any other goes through the cookie exchange, then runs as a *pending* handshake beside the
+session (a half-open handshake like any other): the session's own epoch-1 records still reach
+it, every record it cannot open goes to the pending handshake. Only when the pending handshake
+completes does it replace the session (`SessionClosed(peer, "replaced by a new handshake")`,
+then `HandshakeComplete`); if it fails or times out, the session is untouched.
 
 Note: OpenSSL runs its retransmission timer on its own clock; `now` drives everything else.
 """
@@ -23,7 +33,6 @@ Note: OpenSSL runs its retransmission timer on its own clock; `now` drives every
 from __future__ import annotations
 
 import heapq
-import hmac
 import itertools
 import math
 import os
@@ -34,6 +43,8 @@ from cryptography import x509
 from OpenSSL import SSL
 
 from . import records
+from .cookies import Cookies, bind
+from .limits import LimitError, ServerLimits  # noqa: F401  (part of the engine's API)
 from .recordlayer import RecordLayer
 
 Peer = Hashable          # e.g. ("127.0.0.1", 40000) for UDP
@@ -100,23 +111,14 @@ class Authenticator(Protocol):
         """Return the peer's identity, or raise an exception whose text is the refusal reason."""
 
 
-@dataclass(frozen=True)
-class ServerLimits:
-    max_sessions: int = 20_000
-    max_half_open: int = 1_000
-    # established sessions one device identity (certificate) may hold; a new one closes its oldest
-    max_sessions_per_identity: int = 8
-    handshake_timeout: float = 30.0
-    idle_timeout: float = 600.0
-    mtu: int = 1280
-    cookie_rotation: float = 60.0       # a cookie is valid for one to two rotation periods
-
-
 @dataclass
 class EngineStats:
     cookies_sent: int = 0
     cookies_refused: int = 0
-    dropped: int = 0                    # datagrams dropped before any state (not a ClientHello, caps)
+    dropped: int = 0                    # datagrams dropped before any state (not a ClientHello, global caps)
+    dropped_per_address: int = 0        # valid-cookie ClientHellos dropped by the per-address half-open cap
+    replays: int = 0                    # ClientHellos repeating the random of their peer's session: no answer
+    replaced: int = 0                   # established sessions replaced by a completed handshake of their peer
     handshakes: int = 0
     resumed: int = 0
     failed: int = 0
@@ -124,7 +126,8 @@ class EngineStats:
 
 class _Session:
     __slots__ = ("peer", "conn", "state", "identity", "chain", "failure", "started", "last_seen",
-                 "hs_deadline", "deadline", "cipher", "rl", "wseq", "rseqs", "last_flight", "resend_at")
+                 "hs_deadline", "deadline", "cipher", "rl", "wseq", "rseqs", "last_flight", "resend_at",
+                 "hello_random", "bound", "pending")
 
     def __init__(self, peer: Peer, conn: SSL.Connection, now: float, hs_deadline: float) -> None:
         self.peer = peer
@@ -144,18 +147,25 @@ class _Session:
         self.rseqs: list[int] = []           # epoch-1 sequence numbers fed to OpenSSL
         self.last_flight: list[bytes] | None = None   # our final handshake flight, for retransmission
         self.resend_at = 0.0
+        # server: the ClientHello's random (a replay repeats it), what its cookie was bound to
+        # (until the handshake is done), and a handshake running beside this established session
+        self.hello_random: bytes | None = None
+        self.bound: bytes | None = None
+        self.pending: _Session | None = None
 
 
 class _Probe:
-    """app_data of the throw-away connection used for the cookie exchange."""
-    __slots__ = ("peer",)
+    """app_data of the connection during DTLSv1_listen (its cookie callback needs `bound`)."""
+    __slots__ = ("peer", "bound")
 
-    def __init__(self, peer: Peer) -> None:
+    def __init__(self, peer: Peer, bound: bytes) -> None:
         self.peer = peer
+        self.bound = bound
 
 
-def _peer_bytes(peer: Peer) -> bytes:
-    return repr(peer).encode()
+def _address(peer: Peer) -> Hashable:
+    """The source IP address of a peer (all its ports together)."""
+    return peer[0] if isinstance(peer, tuple) else peer
 
 
 class _Engine:
@@ -246,42 +256,27 @@ class ServerEngine(_Engine):
         self.authenticator = authenticator
         self.limits = limits
         self.mtu = limits.mtu
-        self.sessions: dict[Peer, _Session] = {}
+        self.sessions: dict[Peer, _Session] = {}       # one per peer: established or handshaking
         self.stats = EngineStats()
-        self._rand = rand_bytes
-        self._secrets = [rand_bytes(32), rand_bytes(32)]     # current, previous
-        self._secret_epoch: int | None = None
+        self.cookies = Cookies(limits.cookie_rotation, rand_bytes)
         self._now = 0.0
         self._heap: list[tuple[float, int, Peer]] = []
         self._tiebreak = itertools.count()
         self._half_open = 0
-        self._by_identity: dict[Any, list[Peer]] = {}      # identity key -> its peers, oldest first
+        self._half_open_by_address: dict[Hashable, int] = {}
+        self._by_device: dict[Any, list[_Session]] = {}   # device key -> its established sessions, oldest first
         context.set_cookie_generate_callback(self._cookie_generate)
         context.set_cookie_verify_callback(self._cookie_verify)
         context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
 
-    # -- cookies -------------------------------------------------------------------------------
-
-    def _rotate(self) -> None:
-        epoch = int(self._now // self.limits.cookie_rotation)
-        if self._secret_epoch is None:
-            self._secret_epoch = epoch
-        elif epoch > self._secret_epoch:
-            self._secrets = [self._rand(32), self._secrets[0] if epoch == self._secret_epoch + 1 else self._rand(32)]
-            self._secret_epoch = epoch
-
-    def _cookie(self, secret: bytes, peer: Peer) -> bytes:
-        return hmac.digest(secret, _peer_bytes(peer), "sha256")[:16]
+    # -- cookies: OpenSSL checks them again in DTLSv1_listen and in the handshake ------------------
 
     def _cookie_generate(self, conn: SSL.Connection) -> bytes:
-        return self._cookie(self._secrets[0], conn.get_app_data().peer)
+        return self.cookies.make(getattr(conn.get_app_data(), "bound", None) or b"")
 
     def _cookie_verify(self, conn: SSL.Connection, cookie: bytes) -> bool:
-        return self._cookie_ok(cookie, conn.get_app_data().peer)
-
-    def _cookie_ok(self, cookie: bytes, peer: Peer) -> bool:
-        return bool(cookie) and any(hmac.compare_digest(cookie, self._cookie(secret, peer))
-                                    for secret in self._secrets)
+        bound = getattr(conn.get_app_data(), "bound", None)
+        return bound is not None and self.cookies.check(cookie, bound)
 
     # -- certificate verification (inside the handshake) ----------------------------------------
 
@@ -317,63 +312,126 @@ class ServerEngine(_Engine):
         self._now = now
         out = Output()
         s = self.sessions.get(peer)
-        if s is not None and not (s.state == ESTABLISHED and records.is_client_hello(datagram)):
+        if s is None:
+            self._hello(peer, datagram, None, out)     # anything but a ClientHello is dropped there
+            return out
+        if s.state == ESTABLISHED:
+            if datagram[:1] == b"\x16" and records.is_client_hello(datagram):
+                self._hello(peer, datagram, s, out)
+                return out
+            if s.pending is not None:
+                self._receive_beside(s, datagram, out)
+                return out
             s.last_seen = now
-            if s.rl is not None:
+            if s.rl is not None:                 # the common case: an established session's records
                 self._receive_records(s, datagram, out)
                 self._schedule(s, now)
                 return out
-            self._note_read_seqs(s, datagram)
-            try:
-                s.conn.bio_write(datagram)
-            except SSL.Error:
-                return out
-            self._drive(s, out)
-            return out
-        if not records.is_client_hello(datagram):
-            self.stats.dropped += 1
-            return out
-        self._rotate()
+        else:
+            s.last_seen = now
+        self._to_openssl(s, datagram, out)
+        return out
+
+    def _to_openssl(self, s: _Session, datagram: bytes, out: Output) -> None:
+        self._note_read_seqs(s, datagram)
+        try:
+            s.conn.bio_write(datagram)
+        except SSL.Error:
+            return
+        self._drive(s, out)
+
+    def _hello(self, peer: Peer, datagram: bytes, established: _Session | None, out: Output) -> None:
+        """A datagram from a peer with no session, or a ClientHello beside its `established`
+        session. Only a ClientHello the engine can parse is looked at."""
         hello = records.parse_client_hello(datagram)
-        if hello is not None and not self._cookie_ok(hello[2], peer):
+        if hello is None:
+            self.stats.dropped += 1
+            return
+        if established is not None:
+            if hello.random == established.hello_random:
+                self.stats.replays += 1          # a replay of the ClientHello that made the session
+                return
+            p = established.pending
+            if p is not None and hello.random == p.hello_random:
+                p.last_seen = self._now           # the pending handshake's client retransmits
+                self._to_openssl(p, datagram, out)
+                return
+        self.cookies.rotate(self._now)
+        bound = bind(peer, hello.params)
+        if not self.cookies.check(hello.cookie, bound):
             # the common case of a first ClientHello, answered without touching OpenSSL
-            reply = records.hello_verify_request(hello[0], hello[1], self._cookie(self._secrets[0], peer))
+            reply = records.hello_verify_request(hello.record_seq, hello.message_seq, self.cookies.make(bound))
             if len(reply) <= len(datagram):     # never amplify
                 out.datagrams.append((peer, reply))
                 self.stats.cookies_sent += 1
             else:
                 self.stats.cookies_refused += 1
-            return out
+            return
+        # a valid cookie: the caps, then (only now) state for the peer
+        address = _address(peer)
+        if self._half_open_by_address.get(address, 0) >= self.limits.max_half_open_per_address:
+            self.stats.dropped_per_address += 1
+            return
+        if self._half_open >= self.limits.max_half_open or (
+                established is None and len(self.sessions) >= self.limits.max_sessions):
+            self.stats.dropped += 1
+            return
         conn = SSL.Connection(self.ctx, None)
-        conn.set_app_data(_Probe(peer))
+        conn.set_app_data(_Probe(peer, bound))
         conn.set_accept_state()
         try:
             conn.bio_write(datagram)
-            conn.DTLSv1_listen()          # checks the cookie again (callback), or answers odd hellos
-        except SSL.WantReadError:
+            conn.DTLSv1_listen()          # checks the cookie again (callback)
+        except SSL.WantReadError:         # OpenSSL answered with a cookie of its own
             reply = self._drain(conn)
             if reply and len(reply) <= len(datagram):
                 out.datagrams.append((peer, reply))
                 self.stats.cookies_sent += 1
             else:
                 self.stats.cookies_refused += 1
-            return out
+            return
         except SSL.Error:
             self.stats.dropped += 1
-            return out
-        # a valid cookie: only now does the peer get state
-        if s is not None:          # an established peer starts over (it lost its session)
-            self._end(s, out, "replaced by a new handshake")
-        if self._half_open >= self.limits.max_half_open or len(self.sessions) >= self.limits.max_sessions:
-            self.stats.dropped += 1
-            return out
+            return
         conn.set_ciphertext_mtu(self.mtu)
-        s = _Session(peer, conn, now, now + self.limits.handshake_timeout)
+        s = _Session(peer, conn, self._now, self._now + self.limits.handshake_timeout)
+        s.hello_random = hello.random
+        s.bound = bound
         conn.set_app_data(s)
-        self.sessions[peer] = s
+        if established is None:
+            self.sessions[peer] = s
+        else:                             # beside the session, which it replaces only once complete
+            if established.pending is not None:     # its client gave up on it and started again
+                self.stats.failed += 1
+                out.events.append(HandshakeFailed(peer, "superseded by a newer handshake"))
+                self._end(established.pending, out, "superseded by a newer handshake", emit=False)
+            established.pending = s
         self._half_open += 1
+        self._half_open_by_address[address] = self._half_open_by_address.get(address, 0) + 1
         self._drive(s, out)
-        return out
+
+    def _receive_beside(self, s: _Session, datagram: bytes, out: Output) -> None:
+        """A datagram for a peer with an established session `s` and a handshake pending beside
+        it: the session gets the records it can open, the pending handshake all others."""
+        p = s.pending
+        p.last_seen = self._now
+        if s.rl is not None:
+            rest: list[bytes] = []
+            self._receive_records(s, datagram, out, rest)
+            if s.state == ESTABLISHED:
+                s.last_seen = self._now
+                self._schedule(s, self._now)
+            if rest and p.state == HANDSHAKING:
+                self._to_openssl(p, b"".join(rest), out)
+            return
+        # OpenSSL still holds the session (a suite the record layer lacks): it drops epoch-1
+        # records it cannot open, so those go to both; epoch 0 is the new handshake's alone
+        epoch1 = b"".join(r for r in records.split_records(datagram) if r[3:5] == b"\x00\x01")
+        if epoch1:
+            s.last_seen = self._now
+            self._to_openssl(s, epoch1, out)
+        if p.state == HANDSHAKING:
+            self._to_openssl(p, datagram, out)
 
     def send(self, peer: Peer, data: bytes, now: float) -> Output:
         """Encrypt one application message (one record). Raises KeyError for an unknown peer and
@@ -396,29 +454,22 @@ class ServerEngine(_Engine):
         return out
 
     def close(self, peer: Peer, now: float, reason: str = "closed by server") -> Output:
-        """Send close_notify and forget the session."""
+        """Send close_notify and forget the peer's session (and a handshake pending beside it)."""
         self._now = now
         out = Output()
         s = self.sessions.get(peer)
         if s is None:
             return out
-        if s.rl is not None:
-            if s.state == ESTABLISHED:
-                out.datagrams.append((peer, s.rl.seal(records.CT_ALERT, CLOSE_NOTIFY)))
-        else:
-            try:
-                s.conn.shutdown()
-            except SSL.Error:
-                pass
-            self._flush(s, out)
-        self._end(s, out, reason)
+        if s.pending is not None:
+            self._close(s.pending, out, reason)
+        self._close(s, out, reason)
         return out
 
     def next_deadline(self) -> float | None:
         while self._heap:
             when, _, peer = self._heap[0]
             s = self.sessions.get(peer)
-            if s is not None and s.deadline == when:
+            if s is not None and (s.deadline == when or (s.pending is not None and s.pending.deadline == when)):
                 return when
             heapq.heappop(self._heap)            # stale entry
         return None
@@ -429,26 +480,33 @@ class ServerEngine(_Engine):
         while self._heap and self._heap[0][0] <= now:
             when, _, peer = heapq.heappop(self._heap)
             s = self.sessions.get(peer)
-            if s is None or s.deadline != when:
+            if s is None:
                 continue
-            s.deadline = None
-            if s.state == HANDSHAKING:
-                if now >= s.hs_deadline:
-                    self.stats.failed += 1
-                    out.events.append(HandshakeFailed(peer, "handshake timeout"))
-                    self._end(s, out, "handshake timeout", emit=False)
-                    continue
-                try:
-                    s.conn.DTLSv1_handle_timeout()       # retransmits the last flight if due
-                except SSL.Error as exc:
-                    self._fail(s, out, _ssl_reason(exc))
-                    continue
-                self._flush(s, out)
-            elif s.state == ESTABLISHED and now >= s.last_seen + self.limits.idle_timeout:
-                out.extend(self.close(peer, now, "idle timeout"))
-                continue
-            self._schedule(s, now)
+            p = s.pending
+            if s.deadline == when:
+                self._timeout(s, now, out)
+            if p is not None and p.deadline == when:
+                self._timeout(p, now, out)
         return out
+
+    def _timeout(self, s: _Session, now: float, out: Output) -> None:
+        s.deadline = None
+        if s.state == HANDSHAKING:
+            if now >= s.hs_deadline:
+                self.stats.failed += 1
+                out.events.append(HandshakeFailed(s.peer, "handshake timeout"))
+                self._end(s, out, "handshake timeout", emit=False)
+                return
+            try:
+                s.conn.DTLSv1_handle_timeout()       # retransmits the last flight if due
+            except SSL.Error as exc:
+                self._fail(s, out, _ssl_reason(exc))
+                return
+            self._flush(s, out)
+        elif s.state == ESTABLISHED and now >= s.last_seen + self.limits.idle_timeout:
+            self._close(s, out, "idle timeout")
+            return
+        self._schedule(s, now)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -491,18 +549,26 @@ class ServerEngine(_Engine):
                         raise ValueError("no peer certificate in the resumed session")
                     s.identity = self.authenticator.authenticate(leaf, [])
                 except Exception as exc:
-                    out.extend(self.close(s.peer, self._now, "refused on resumption"))
+                    self._close(s, out, "refused on resumption")
                     self.stats.failed += 1
                     out.events.append(HandshakeFailed(s.peer, f"resumed session refused: {exc}"))
                     return
+            old = self.sessions.get(s.peer)
+            if old is not s and old is not None:
+                # it ran beside an established session: now complete, it replaces it (RFC 6347 4.2.8)
+                old.pending = None
+                self._end(old, out, "replaced by a new handshake")
+                self.sessions[s.peer] = s
+                self.stats.replaced += 1
+            self._leave_half_open(s)
             s.state = ESTABLISHED
             s.cipher = s.conn.get_cipher_name()
             s.chain = []                       # only needed during the handshake
-            self._half_open -= 1
+            s.bound = None
             self.stats.handshakes += 1
             self.stats.resumed += resumed
             out.events.append(HandshakeComplete(s.peer, s.identity, resumed, s.cipher))
-            self._count_identity(s, out)
+            self._count_device(s, out)
             self._read_plaintext(s, out)
             self._flush(s, out)
             if s.state == ESTABLISHED:
@@ -523,17 +589,24 @@ class ServerEngine(_Engine):
         conn.set_app_data(None)
         s.conn = None
 
-    def _receive_records(self, s: _Session, datagram: bytes, out: Output) -> None:
+    def _receive_records(self, s: _Session, datagram: bytes, out: Output, rest: list[bytes] | None = None) -> None:
+        """The records of an established session on our record layer. With `rest` (a handshake
+        is pending beside the session), epoch-0 records and those the session cannot open are
+        put there instead of being dropped."""
         rl = s.rl
         for rec in records.split_records(datagram):
             if rec[3:5] != b"\x00\x01":
+                if rest is not None:
+                    rest.append(rec)
                 # epoch 0 after the handshake: the peer is retransmitting its last flight because
                 # ours was lost; send ours again (at most once a second)
-                if rec[0] in (records.CT_HANDSHAKE, records.CT_CHANGE_CIPHER_SPEC):
+                elif rec[0] in (records.CT_HANDSHAKE, records.CT_CHANGE_CIPHER_SPEC):
                     self._resend_final_flight(s, out)
                 continue
             opened = rl.open(rec)
             if opened is None:
+                if rest is not None:
+                    rest.append(rec)
                 continue
             ctype, plaintext = opened
             if ctype == records.CT_APPLICATION_DATA:
@@ -560,44 +633,80 @@ class ServerEngine(_Engine):
         out.events.append(HandshakeFailed(s.peer, reason))
         self._end(s, out, reason, emit=False)
 
-    @staticmethod
-    def _identity_key(s: _Session) -> Any:
-        return getattr(s.identity, "fingerprint", None) if s.identity is not None else None
+    def _close(self, s: _Session, out: Output, reason: str) -> None:
+        """close_notify (or OpenSSL's shutdown) for one session or handshake, then forget it."""
+        if s.rl is not None:
+            if s.state == ESTABLISHED:
+                out.datagrams.append((s.peer, s.rl.seal(records.CT_ALERT, CLOSE_NOTIFY)))
+        elif s.conn is not None:
+            try:
+                s.conn.shutdown()
+            except SSL.Error:
+                pass
+            self._flush(s, out)
+        self._end(s, out, reason)
 
-    def _count_identity(self, s: _Session, out: Output) -> None:
-        """One device certificate may hold at most `max_sessions_per_identity` sessions: a stolen
-        or buggy identity cannot fill the gateway's session table (and its per-session caches)
-        from many source ports. The oldest goes first, so a device that lost track of its
-        sessions still gets in."""
-        key = self._identity_key(s)
+    def _leave_half_open(self, s: _Session) -> None:
+        self._half_open -= 1
+        address = _address(s.peer)
+        n = self._half_open_by_address[address] - 1
+        if n:
+            self._half_open_by_address[address] = n
+        else:
+            del self._half_open_by_address[address]
+
+    @staticmethod
+    def _device_key(s: _Session) -> Any:
+        """What the session cap counts by: the device (its serial), so that its factory and
+        operational certificates, and every certificate it was ever issued, share one budget;
+        an identity without a serial counts by its certificate fingerprint."""
+        serial = getattr(s.identity, "serial", None)
+        if serial is not None:
+            return ("device", serial)
+        fingerprint = getattr(s.identity, "fingerprint", None)
+        return ("certificate", fingerprint) if fingerprint is not None else None
+
+    def _count_device(self, s: _Session, out: Output) -> None:
+        """One device may hold at most `max_sessions_per_device` established sessions: a stolen
+        or buggy identity, or one device with many certificates, cannot fill the gateway's session
+        table (and its per-session caches) from many source ports. The oldest goes first, so a
+        device that lost track of its sessions still gets in."""
+        key = self._device_key(s)
         if key is None:
             return
-        peers = self._by_identity.setdefault(key, [])
-        peers.append(s.peer)
-        while len(peers) > self.limits.max_sessions_per_identity:
-            oldest = peers[0]
-            if oldest in self.sessions:
-                out.extend(self.close(oldest, self._now, "too many sessions for this identity"))
-            if peers and peers[0] == oldest:      # close() normally removed it already
-                peers.pop(0)
+        mine = self._by_device.setdefault(key, [])
+        mine.append(s)
+        while len(mine) > self.limits.max_sessions_per_device:
+            oldest = mine[0]
+            self._close(oldest, out, "too many sessions for this device")    # removes it from `mine`
+            if mine and mine[0] is oldest:
+                mine.pop(0)
 
     def _end(self, s: _Session, out: Output, reason: str, emit: bool = True) -> None:
-        if self.sessions.get(s.peer) is s:
-            del self.sessions[s.peer]
+        peer = s.peer
+        current = self.sessions.get(peer)
+        if current is s:
+            if s.pending is not None:     # the handshake pending beside it carries on alone
+                self.sessions[peer] = s.pending
+                s.pending = None
+            else:
+                del self.sessions[peer]
+        elif current is not None and current.pending is s:
+            current.pending = None
         if s.state == HANDSHAKING:
-            self._half_open -= 1
+            self._leave_half_open(s)
         elif s.state == ESTABLISHED:
-            key = self._identity_key(s)
-            peers = self._by_identity.get(key) if key is not None else None
-            if peers is not None:
+            key = self._device_key(s)
+            mine = self._by_device.get(key) if key is not None else None
+            if mine is not None:
                 try:
-                    peers.remove(s.peer)
+                    mine.remove(s)
                 except ValueError:
                     pass
-                if not peers:
-                    del self._by_identity[key]
+                if not mine:
+                    del self._by_device[key]
             if emit:
-                out.events.append(SessionClosed(s.peer, reason))
+                out.events.append(SessionClosed(peer, reason))
         s.state = CLOSED
         s.deadline = None
         if s.conn is not None:

@@ -7,6 +7,8 @@ flights are cut at record boundaries and packed greedily into datagrams of at mo
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 HEADER = 13
 CT_CHANGE_CIPHER_SPEC = 20
 CT_ALERT = 21
@@ -60,9 +62,20 @@ HS_HELLO_VERIFY_REQUEST = 3
 DTLS10 = b"\xfe\xff"
 
 
-def parse_client_hello(datagram: bytes) -> tuple[bytes, bytes, bytes] | None:
-    """(record sequence number, message_seq, cookie) of an unfragmented epoch-0 ClientHello that
-    starts the datagram, or None when it is anything else (fragmented, truncated, malformed)."""
+class ClientHello(NamedTuple):
+    """What the gateway reads of an epoch-0 ClientHello before it keeps any state."""
+    record_seq: bytes       # the record sequence number (a HelloVerifyRequest repeats it)
+    message_seq: bytes
+    random: bytes           # 32 bytes
+    cookie: bytes
+    params: bytes           # what the cookie is bound to, as on the wire: client_version, random,
+                            # session_id, cipher_suites, compression_methods (each with its length)
+
+
+def parse_client_hello(datagram: bytes) -> ClientHello | None:
+    """The ClientHello that starts the datagram: unfragmented, epoch 0, its fields up to the
+    compression methods well formed; None for anything else (fragmented, truncated, malformed).
+    OpenSSL does not take fragmented ClientHellos before the cookie exchange either."""
     if not is_client_hello(datagram) or len(datagram) < HEADER + 12:
         return None
     record_end = HEADER + int.from_bytes(datagram[11:13], "big")
@@ -71,17 +84,25 @@ def parse_client_hello(datagram: bytes) -> tuple[bytes, bytes, bytes] | None:
     if hs[6:9] != b"\x00\x00\x00" or int.from_bytes(hs[9:12], "big") != length or len(hs) < 12 + length:
         return None
     body = hs[12:12 + length]
+    n = len(body)
     pos = 2 + 32                                        # client_version, random
-    if len(body) < pos + 1:
+    if n < pos + 1 or body[pos] > 32:
         return None
-    pos += 1 + body[pos]                                # session_id
-    if len(body) < pos + 1:
+    sid_end = pos + 1 + body[pos]                       # session_id<0..32>
+    if n < sid_end + 1:
         return None
-    cookie_len = body[pos]
-    cookie = body[pos + 1:pos + 1 + cookie_len]
-    if len(cookie) != cookie_len:
+    cookie_end = sid_end + 1 + body[sid_end]            # cookie<0..2^8-1>
+    if n < cookie_end + 2:
         return None
-    return datagram[5:11], hs[4:6], cookie
+    suites_len = int.from_bytes(body[cookie_end:cookie_end + 2], "big")
+    suites_end = cookie_end + 2 + suites_len            # cipher_suites<2..2^16-2>
+    if suites_len < 2 or suites_len % 2 or n < suites_end + 1:
+        return None
+    comp_end = suites_end + 1 + body[suites_end]        # compression_methods<1..2^8-1>
+    if body[suites_end] < 1 or n < comp_end:
+        return None
+    return ClientHello(datagram[5:11], hs[4:6], body[2:34], body[sid_end + 1:cookie_end],
+                       body[:sid_end] + body[cookie_end:comp_end])
 
 
 def hello_verify_request(record_seq: bytes, message_seq: bytes, cookie: bytes) -> bytes:

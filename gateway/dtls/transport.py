@@ -303,7 +303,8 @@ class DTLSServerInterface(_DTLSInterface):
     def _on_closed(self, ev: E.SessionClosed, remote: DTLSRemote | None) -> None:
         serial = getattr(remote.identity, "serial", None) if remote else None
         log.info(_event_line(event="session-closed", peer=_hostinfo(ev.peer), serial=serial, reason=ev.reason))
-        self._by_peer_endpoint.pop(ev.peer, None)
+        if ev.peer not in self.engine.sessions:    # a session replaced by a new handshake keeps its socket
+            self._by_peer_endpoint.pop(ev.peer, None)
 
     # -- live revocation -------------------------------------------------------------------------
 
