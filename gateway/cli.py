@@ -257,6 +257,11 @@ def cmd_provision(args) -> int:
     return 0
 
 
+# serve flags that set a ServerLimits field (default: devid.toml [gateway], else the field's default)
+_LIMIT_FLAGS = ("max_sessions", "max_half_open", "max_half_open_per_address", "max_sessions_per_device",
+                "handshake_timeout", "idle_timeout", "mtu")
+
+
 def cmd_serve(args) -> int:
     import asyncio
     from .dtls.engine import LimitError, ServerLimits
@@ -268,16 +273,15 @@ def cmd_serve(args) -> int:
             listen.append(parse_listen(item))
         except ValueError as exc:
             raise CLIError(f"--listen {item}: {exc}") from None
+    data = _data(args)
+    flags = {name: getattr(args, name) for name in _LIMIT_FLAGS if getattr(args, name) is not None}
     try:
-        limits = ServerLimits(max_sessions=args.max_sessions, max_half_open=args.max_half_open,
-                              max_half_open_per_address=args.max_half_open_per_address,
-                              max_sessions_per_device=args.max_sessions_per_device,
-                              handshake_timeout=args.handshake_timeout, idle_timeout=args.idle_timeout, mtu=args.mtu)
+        limits = ServerLimits(**{**data.config.gateway, **flags})     # flags win over devid.toml [gateway]
     except LimitError as exc:
-        flag = "--" + exc.field.replace("_", "-")
-        print(f"devid: error: {flag} must be {exc.allowed} (got {exc.value})", file=sys.stderr)
+        where = ("--" + exc.field.replace("_", "-")) if exc.field in flags else f"{data.config_path}: gateway.{exc.field}"
+        print(f"devid: error: {where} must be {exc.allowed} (got {exc.value})", file=sys.stderr)
         return 2
-    data = _data(args).require()
+    data.require()
     config = GatewayConfig(limits=limits)
     if listen:
         config.listen = listen
@@ -459,22 +463,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.set_defaults(func=cmd_provision)
 
-    s = sub.add_parser("serve", parents=[common], help="run the CoAP/DTLS gateway (coaps://, default port 5684)")
+    s = sub.add_parser("serve", parents=[common], help="run the CoAP/DTLS gateway (coaps://, default port 5684)",
+                       description="Run the gateway. Each limit flag overrides the same key of devid.toml's "
+                                   "[gateway] section (docs/configuration.md).")
     s.add_argument("--listen", action="append", metavar="HOST:PORT",
                    help="address to listen on (repeatable; default: 0.0.0.0:5684 and [::]:5684)")
-    s.add_argument("--max-sessions", type=int, default=20_000, metavar="N", help="cap on DTLS sessions")
-    s.add_argument("--max-half-open", type=int, default=1_000, metavar="N", help="cap on handshakes in progress")
+    s.add_argument("--max-sessions", type=int, metavar="N", help="cap on DTLS sessions (default 20000)")
+    s.add_argument("--max-half-open", type=int, metavar="N", help="cap on handshakes in progress (default 1000)")
     s.add_argument("--max-half-open-per-address", type=int, metavar="N",
                    help="cap on handshakes in progress from one IP address (default 100, at most --max-half-open)")
-    s.add_argument("--max-sessions-per-device", type=int, default=8, metavar="N",
+    s.add_argument("--max-sessions-per-device", type=int, metavar="N",
                    help="cap on sessions of one device, all its certificates together; a new one closes its "
                         "oldest (default 8)")
     s.add_argument("--max-sessions-per-identity", type=int, dest="max_sessions_per_device",
                    action=_Deprecated, new="--max-sessions-per-device", help=argparse.SUPPRESS)
-    s.add_argument("--handshake-timeout", type=float, default=30.0, metavar="S")
-    s.add_argument("--idle-timeout", type=float, default=600.0, metavar="S")
-    s.add_argument("--mtu", type=int, default=1280, help="largest datagram sent (default 1280)")
-    s.add_argument("--workers", type=int, metavar="N",
+    s.add_argument("--handshake-timeout", type=float, metavar="S", help="seconds (default 30)")
+    s.add_argument("--idle-timeout", type=float, metavar="S", help="seconds (default 600)")
+    s.add_argument("--mtu", type=int, help="largest datagram sent (default 1280)")
+    s.add_argument("--workers", type=positive_int, metavar="N",
                    help="gateway processes sharing the port (SO_REUSEPORT) and the registry (default: one per core)")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     s.set_defaults(func=cmd_serve)

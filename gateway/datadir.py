@@ -16,7 +16,7 @@ import os
 import secrets
 import shutil
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterable
@@ -31,6 +31,7 @@ from ca.hierarchy import CA_NAMES, create_hierarchy
 from ca.identity import IdentitySettings
 from ca.profiles import default_profiles
 
+from .dtls.limits import LimitError, ServerLimits
 from .registry import SQLiteRegistry
 
 ENV_DATA = "DEVID_DATA"
@@ -76,6 +77,12 @@ class Config:
     factory_days: int = 7300
     operational_days: int = 90
     crl_days: int = 7
+    # [gateway] as written (checked): the DTLS server's limits; serve flags override them key by key
+    gateway: dict = field(default_factory=dict)
+
+    @property
+    def server_limits(self) -> ServerLimits:
+        return ServerLimits(**self.gateway)
 
     def render(self) -> str:
         s = self.identity
@@ -91,9 +98,10 @@ class Config:
             doc = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{where}: not valid TOML: {exc}") from None
-        unknown = sorted(set(doc) - set(_SCHEMA))
+        known = [*_SCHEMA, *_OBJECT_SECTIONS]
+        unknown = sorted(set(doc) - set(known))
         if unknown:
-            raise ConfigError(f"{where}: unknown section or key [{unknown[0]}] (known: {', '.join(_SCHEMA)})")
+            raise ConfigError(f"{where}: unknown section or key [{unknown[0]}] (known: {', '.join(known)})")
         values: dict[str, object] = {}
         for section, keys in _SCHEMA.items():
             table = doc.get(section, {})
@@ -108,6 +116,12 @@ class Config:
                         values[f"{section}.{key}"] = check(table[key])
                     except ValueError as exc:
                         raise ConfigError(f"{where}: {section}.{key}: {exc}") from None
+        objects = {}
+        for section, (cls_, convert) in _OBJECT_SECTIONS.items():
+            table = doc.get(section)
+            if table is not None:
+                _build(section, cls_, table, where, convert)        # checked now, used later
+                objects[section] = dict(table)
         defaults = IdentitySettings()
         identity = IdentitySettings(
             organization=values.get("organization.name", defaults.organization),
@@ -116,7 +130,8 @@ class Config:
             hardware_type_oid=values.get("identity.hardware_type_oid", defaults.hardware_type_oid))
         return cls(identity, values.get("profiles.factory_validity_days", cls.factory_days),
                    values.get("profiles.operational_validity_days", cls.operational_days),
-                   values.get("crl.validity_days", cls.crl_days))
+                   values.get("crl.validity_days", cls.crl_days),
+                   gateway=objects.get("gateway", {}))
 
 
 def _integer(low: int, high: int, what: str = "") -> Callable[[object], int]:
@@ -140,6 +155,27 @@ def _oid(value: object) -> str:
         raise ValueError(f"must be a dotted object identifier such as 1.3.6.1.4.1.99999.1 (got {value!r})") from None
     return value
 
+
+def _build(section: str, cls_: type, table: object, where: str, convert: Callable[[dict], dict] | None):
+    """A section that is one dataclass (its fields are the keys; the class checks the values)."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: [{section}] must be a table")
+    names = [f.name for f in fields(cls_)]
+    extra = sorted(set(table) - set(names))
+    if extra:
+        raise ConfigError(f"{where}: unknown key {section}.{extra[0]} (known: {', '.join(names)})")
+    try:
+        return cls_(**(convert(table) if convert else table))
+    except LimitError as exc:
+        raise ConfigError(f"{where}: {section}.{exc.field} must be {exc.allowed} (got {exc.value!r})") from None
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: [{section}]: {exc}") from None
+
+
+# devid.toml sections that are one object each: section -> (dataclass, conversion of the TOML table)
+_OBJECT_SECTIONS: dict[str, tuple[type, Callable[[dict], dict] | None]] = {
+    "gateway": (ServerLimits, None),
+}
 
 # devid.toml: section -> key -> check (returns the value or raises ValueError saying what is allowed)
 _SCHEMA: dict[str, dict[str, Callable[[object], object]]] = {

@@ -159,9 +159,9 @@ def _documented_keys() -> dict[str, str]:
 
 
 def test_docs_list_every_devid_toml_key_with_its_default():
-    from gateway.datadir import _SCHEMA
+    import dataclasses
+    from gateway.datadir import _OBJECT_SECTIONS, _SCHEMA
     documented = _documented_keys()
-    assert set(documented) == {f"{s}.{k}" for s, keys in _SCHEMA.items() for k in keys}
     cfg = Config()
     actual = {"organization.name": cfg.identity.organization, "organization.pen": cfg.identity.pen,
               "identity.device_type_oid": cfg.identity.device_type_oid,
@@ -169,5 +169,26 @@ def test_docs_list_every_devid_toml_key_with_its_default():
               "profiles.factory_validity_days": cfg.factory_days,
               "profiles.operational_validity_days": cfg.operational_days,
               "crl.validity_days": cfg.crl_days}
+    assert set(actual) == {f"{s}.{k}" for s, keys in _SCHEMA.items() for k in keys}
+    for section, (cls_, _) in _OBJECT_SECTIONS.items():
+        default = cls_()
+        for f in dataclasses.fields(cls_):
+            actual[f"{section}.{f.name}"] = getattr(default, f.name)
+    assert set(documented) == set(actual)
     for key, value in actual.items():
         assert documented[key] == str(value), key
+
+
+def test_serve_takes_its_limits_from_devid_toml_and_flags_win(data):
+    with data.config_path.open("a") as f:
+        f.write("\n[gateway]\nmax_half_open = 20\n")
+    # the file's max_half_open bounds the flag's per-address cap: the file was read
+    line = _one_error_line(run_devid("serve", "--max-half-open-per-address", "30", data_dir=data.path),
+                           "--max-half-open-per-address", "(20)")
+    assert "devid.toml" not in line
+    # the flag wins over the file's value
+    line = _one_error_line(run_devid("serve", "--max-half-open", "40", "--max-half-open-per-address", "50",
+                                     data_dir=data.path), "--max-half-open-per-address", "(40)")
+    with data.config_path.open("a") as f:
+        f.write("mtu = 100\n")
+    _one_error_line(run_devid("serve", data_dir=data.path), "devid.toml: gateway.mtu must be", "256")

@@ -123,4 +123,4 @@ def test_old_flag_name_still_works_with_a_warning(data, capsys):
     assert b"per-identity" not in run_devid("serve", "--help").stdout
     args = build_parser().parse_args(["serve", "--max-sessions-per-identity", "3"])
     assert args.max_sessions_per_device == 3
-    assert build_parser().parse_args(["serve"]).max_sessions_per_device == 8
+    assert build_parser().parse_args(["serve"]).max_sessions_per_device is None     # devid.toml or the default
