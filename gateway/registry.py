@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Sequence
 from ca.errors import DeviceRevoked, DuplicateDevice, SerialCollision, UnknownDevice
 from ca.store import CertificateLookup, CertificateRecord, CertStatus, DeviceRecord, DeviceState
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 5
 
 _MIGRATIONS = {
     1: """
@@ -115,6 +115,12 @@ _MIGRATIONS = {
     ALTER TABLE certificates_v3 RENAME TO certificates;
     CREATE INDEX certificates_device ON certificates (device_serial, profile, status);
     CREATE INDEX certificates_revoked ON certificates (issuer) WHERE status = 'revoked';
+    """,
+    # (4 is another change's.) A device's unconsumed nonces, newest first: issuing a nonce deletes
+    # the device's oldest ones beyond its cap (gateway/attestation_store.py) through this index
+    5: """
+    CREATE INDEX attestation_nonces_outstanding ON attestation_nonces (device_serial, issued_at)
+        WHERE consumed_at IS NULL;
     """,
 }
 
@@ -241,8 +247,9 @@ class SQLiteRegistry:
                 raise RegistryError(f"{self.path}: schema version {version} is newer than this devid "
                                     f"({SCHEMA_VERSION}); upgrade devid")
             for v in range(version + 1, SCHEMA_VERSION + 1):
-                # statement by statement: executescript() would COMMIT the open transaction
-                for statement in _MIGRATIONS[v].split(";"):
+                # statement by statement: executescript() would COMMIT the open transaction; a
+                # number without statements only moves user_version on
+                for statement in _MIGRATIONS.get(v, "").split(";"):
                     if statement.strip():
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version = {v}")
@@ -365,15 +372,46 @@ class SQLiteRegistry:
         return _cert(row) if row else None
 
     def lookup_certificate(self, serial: int) -> CertificateLookup | None:
+        # a superseded certificate was superseded when the next one of its profile was issued to
+        # its device (the same transaction, gateway.registry._record); the subquery runs only
+        # for superseded rows, on index certificates_device
         with self._lock:
             row = self._db.execute(
-                "SELECT c.der, c.profile, c.status, c.fingerprint, c.device_serial, d.device_type, d.state "
+                "SELECT c.der, c.profile, c.status, c.fingerprint, c.device_serial, d.device_type, d.state, "
+                "CASE WHEN c.status = 'superseded' THEN (SELECT MIN(n.issued_at) FROM certificates n "
+                "  WHERE n.device_serial = c.device_serial AND n.profile = c.profile AND n.rowid > c.rowid) END "
                 "FROM certificates c LEFT JOIN devices d ON d.serial = c.device_serial WHERE c.serial = ?",
                 (_hex(serial),)).fetchone()
         if row is None:
             return None
         return CertificateLookup(bytes(row[0]), row[1], CertStatus(row[2]), row[3], row[4], row[5],
-                                 DeviceState(row[6]) if row[6] else None)
+                                 DeviceState(row[6]) if row[6] else None, _dt(row[7]))
+
+    def certificates_issued_since(self, device_serial: str, profile: str, since: datetime) -> list[datetime]:
+        with self._lock:
+            rows = self._db.execute("SELECT issued_at FROM certificates WHERE device_serial = ? AND profile = ? "
+                                    "AND issued_at >= ? ORDER BY issued_at", (device_serial, profile, _ts(since)))
+            return [_dt(r[0]) for r in rows]
+
+    def certificates_matching(self, hex_prefix: str, limit: int = 10) -> list[CertificateRecord]:
+        prefix = hex_prefix.lower()
+        if not prefix or any(ch not in "0123456789abcdef" for ch in prefix):
+            return []
+        # serials: a range on the primary key; fingerprints have no index (migration 3), so a scan:
+        # this is for an operator's command, not for a request path
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_CERT_COLS} FROM certificates WHERE serial >= ? AND serial < ? "
+                f"UNION SELECT {_CERT_COLS} FROM certificates WHERE substr(fingerprint, 1, ?) = ? LIMIT ?",
+                (prefix, upper, len(prefix), prefix, limit)).fetchall()
+        return [_cert(r) for r in rows]
+
+    def revoke_certificate(self, serial: int, reason: str, now: datetime) -> bool:
+        with self.transaction() as db:
+            cur = db.execute("UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ? "
+                             "WHERE serial = ? AND status != 'revoked'", (_ts(now), reason, _hex(serial)))
+            return cur.rowcount == 1
 
     def certificates_for_device(self, device_serial: str) -> list[CertificateRecord]:
         with self._lock:
