@@ -110,9 +110,11 @@ class Registry(Protocol):
         """Issue times of the device's certificates of `profile` issued at or after `since`, oldest
         first. Inside a write transaction (an issuance), the count cannot change under the caller."""
 
-    def certificates_matching(self, hex_prefix: str, limit: int = 10) -> list[CertificateRecord]:
-        """Certificates whose serial (lower-case hex) or SHA-256 fingerprint starts with
-        `hex_prefix`, at most `limit`."""
+    def certificates_matching(self, serial_prefix: str | None, fingerprint_prefix: str | None,
+                              limit: int = 10) -> list[CertificateRecord]:
+        """Certificates whose serial (lower-case hex, no leading zeros) starts with
+        `serial_prefix` or whose SHA-256 fingerprint (lower-case hex) starts with
+        `fingerprint_prefix`; at most `limit`."""
 
     def revoke_certificate(self, serial: int, reason: str, now: datetime) -> bool:
         """Mark one certificate revoked (its device is left as it is); False if it was revoked already."""

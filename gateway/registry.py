@@ -393,18 +393,23 @@ class SQLiteRegistry:
                                     "AND issued_at >= ? ORDER BY issued_at", (device_serial, profile, _ts(since)))
             return [_dt(r[0]) for r in rows]
 
-    def certificates_matching(self, hex_prefix: str, limit: int = 10) -> list[CertificateRecord]:
-        prefix = hex_prefix.lower()
-        if not prefix or any(ch not in "0123456789abcdef" for ch in prefix):
+    def certificates_matching(self, serial_prefix: str | None, fingerprint_prefix: str | None,
+                              limit: int = 10) -> list[CertificateRecord]:
+        hexdigits = set("0123456789abcdef")
+        parts, params = [], []
+        if serial_prefix and set(serial_prefix) <= hexdigits:
+            # a range on the primary key ('g' sorts after every hex digit, ':' right after '9')
+            upper = serial_prefix[:-1] + chr(ord(serial_prefix[-1]) + 1)
+            parts.append(f"SELECT {_CERT_COLS} FROM certificates WHERE serial >= ? AND serial < ?")
+            params += [serial_prefix, upper]
+        if fingerprint_prefix and set(fingerprint_prefix) <= hexdigits:
+            # fingerprints have no index (migration 3): a scan, for an operator's command only
+            parts.append(f"SELECT {_CERT_COLS} FROM certificates WHERE substr(fingerprint, 1, ?) = ?")
+            params += [len(fingerprint_prefix), fingerprint_prefix]
+        if not parts:
             return []
-        # serials: a range on the primary key; fingerprints have no index (migration 3), so a scan:
-        # this is for an operator's command, not for a request path
-        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
         with self._lock:
-            rows = self._db.execute(
-                f"SELECT {_CERT_COLS} FROM certificates WHERE serial >= ? AND serial < ? "
-                f"UNION SELECT {_CERT_COLS} FROM certificates WHERE substr(fingerprint, 1, ?) = ? LIMIT ?",
-                (prefix, upper, len(prefix), prefix, limit)).fetchall()
+            rows = self._db.execute(" UNION ".join(parts) + " LIMIT ?", (*params, limit)).fetchall()
         return [_cert(r) for r in rows]
 
     def revoke_certificate(self, serial: int, reason: str, now: datetime) -> bool:
