@@ -64,7 +64,7 @@ class Budgets:
     certificate_window: timedelta = timedelta(hours=24)
     # how long a superseded operational certificate may still renew and read /config (0: not at all)
     superseded_grace: timedelta = timedelta(0)
-    # devices whose request rates are remembered (per worker); ~200 bytes each
+    # devices whose request rates are remembered (per worker); about 300 bytes each
     tracked_devices: int = 100_000
     # at most one log line per device per this many seconds about its refused requests
     refusal_log_interval: float = 10.0
