@@ -373,13 +373,14 @@ class SQLiteRegistry:
 
     def lookup_certificate(self, serial: int) -> CertificateLookup | None:
         # a superseded certificate was superseded when the next one of its profile was issued to
-        # its device (the same transaction, gateway.registry._record); the subquery runs only
-        # for superseded rows, on index certificates_device
+        # its device (the same transaction, `_record`): the subquery runs only for superseded
+        # rows, on index certificates_device; rowids order certificates issued in the same second
         with self._lock:
             row = self._db.execute(
                 "SELECT c.der, c.profile, c.status, c.fingerprint, c.device_serial, d.device_type, d.state, "
                 "CASE WHEN c.status = 'superseded' THEN (SELECT MIN(n.issued_at) FROM certificates n "
-                "  WHERE n.device_serial = c.device_serial AND n.profile = c.profile AND n.rowid > c.rowid) END "
+                "  WHERE n.device_serial = c.device_serial AND n.profile = c.profile AND (n.issued_at > c.issued_at "
+                "  OR (n.issued_at = c.issued_at AND n.rowid > c.rowid))) END "
                 "FROM certificates c LEFT JOIN devices d ON d.serial = c.device_serial WHERE c.serial = ?",
                 (_hex(serial),)).fetchone()
         if row is None:
