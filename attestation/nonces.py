@@ -5,6 +5,10 @@ evidence as eat_nonce, and the verifier consumes it (`consume`) exactly once. Co
 compare-and-swap in the store ("mark used where unused, unexpired and issued to this device"),
 so two gateway processes sharing a database can never both accept the same nonce.
 
+A device holds at most `max_outstanding` unconsumed nonces: storing one more deletes its oldest
+unconsumed one in the same transaction, so a device asking for nonces in a loop cannot grow the
+store (a displaced nonce is then unknown, like one never issued).
+
 Clock and randomness are passed in; storage is any `NonceStore`.
 """
 
@@ -24,6 +28,8 @@ MIN_SIZE, MAX_SIZE = 16, 64
 # consumed and expired nonces are kept this long after expiry, so that a late replay is still
 # reported as a replay (or expiry) rather than as an unknown nonce
 DEFAULT_RETENTION = timedelta(hours=1)
+# unconsumed nonces a device may hold; a device needs one per enrollment
+DEFAULT_MAX_OUTSTANDING = 4
 
 
 @dataclass(frozen=True)
@@ -46,9 +52,11 @@ class ConsumeResult(str, enum.Enum):
 
 
 class NonceStore(Protocol):
-    def put_nonce(self, record: NonceRecord, *, purge_before: datetime) -> bool:
+    def put_nonce(self, record: NonceRecord, *, purge_before: datetime, max_outstanding: int | None = None) -> bool:
         """Store a new nonce; False if the value already exists. Nonces that expired before
-        `purge_before` may be deleted in the same transaction."""
+        `purge_before` may be deleted in the same transaction. With `max_outstanding`, the
+        device's oldest unconsumed nonces (by issue time) are deleted in the same transaction
+        until it holds at most that many, the new one included."""
 
     def consume_nonce(self, value: bytes, device_serial: str, cert_fingerprint: str, session: bytes | None,
                       now: datetime) -> ConsumeResult:
@@ -60,17 +68,21 @@ class NonceStore(Protocol):
 class NonceService:
     def __init__(self, store: NonceStore, *, clock: Callable[[], datetime],
                  rand_bytes: Callable[[int], bytes] = os.urandom, lifetime: timedelta = DEFAULT_LIFETIME,
-                 size: int = DEFAULT_SIZE, retention: timedelta = DEFAULT_RETENTION) -> None:
+                 size: int = DEFAULT_SIZE, retention: timedelta = DEFAULT_RETENTION,
+                 max_outstanding: int | None = DEFAULT_MAX_OUTSTANDING) -> None:
         if not MIN_SIZE <= size <= MAX_SIZE:
             raise ValueError(f"nonce size must be {MIN_SIZE} to {MAX_SIZE} bytes")
         if lifetime <= timedelta(0):
             raise ValueError("nonce lifetime must be positive")
+        if max_outstanding is not None and max_outstanding < 1:
+            raise ValueError("max_outstanding must be at least 1 (or None: no cap)")
         self.store = store
         self.clock = clock
         self.rand_bytes = rand_bytes
         self.lifetime = lifetime
         self.size = size
         self.retention = retention
+        self.max_outstanding = max_outstanding
 
     def issue(self, device_serial: str, cert_fingerprint: str, session: bytes | None = None) -> NonceRecord:
         now = self.clock()
@@ -79,7 +91,7 @@ class NonceService:
             if len(value) != self.size:
                 raise ValueError("the random source returned a short read")
             record = NonceRecord(value, device_serial, cert_fingerprint, now, now + self.lifetime, session)
-            if self.store.put_nonce(record, purge_before=now - self.retention):
+            if self.store.put_nonce(record, purge_before=now - self.retention, max_outstanding=self.max_outstanding):
                 return record
         raise RuntimeError("the random source keeps repeating itself: refusing to issue nonces")
 
@@ -106,17 +118,39 @@ class MemoryNonceStore:
 
     def __init__(self) -> None:
         self._nonces: dict[bytes, tuple[NonceRecord, bool]] = {}
+        self._outstanding: dict[str, list[bytes]] = {}     # device -> its unconsumed nonces, oldest first
         self._purged: datetime | None = None
 
-    def put_nonce(self, record: NonceRecord, *, purge_before: datetime) -> bool:
+    def put_nonce(self, record: NonceRecord, *, purge_before: datetime, max_outstanding: int | None = None) -> bool:
         if self._purged is None or purge_before > self._purged:
             self._purged = purge_before
             for k in [k for k, (r, _) in self._nonces.items() if r.expires_at < purge_before]:
-                del self._nonces[k]
+                self._forget(k)
         if record.value in self._nonces:
             return False
         self._nonces[record.value] = (record, False)
+        mine = self._outstanding.setdefault(record.device_serial, [])
+        mine.append(record.value)
+        if max_outstanding is not None:
+            for old in mine[:-max_outstanding]:
+                del self._nonces[old]
+            del mine[:-max_outstanding]
         return True
+
+    def _forget(self, value: bytes) -> None:
+        record, used = self._nonces.pop(value)
+        if not used:
+            self._unlist(record.device_serial, value)
+
+    def _unlist(self, device_serial: str, value: bytes) -> None:
+        mine = self._outstanding.get(device_serial)
+        if mine is not None:
+            mine.remove(value)
+            if not mine:
+                del self._outstanding[device_serial]
+
+    def outstanding(self, device_serial: str) -> int:
+        return len(self._outstanding.get(device_serial, ()))
 
     def consume_nonce(self, value, device_serial, cert_fingerprint, session, now) -> ConsumeResult:
         entry = self._nonces.get(value)
@@ -126,6 +160,7 @@ class MemoryNonceStore:
         result = classify(record, used, device_serial, cert_fingerprint, session, now)
         if result is ConsumeResult.OK:
             self._nonces[value] = (record, True)
+            self._unlist(record.device_serial, value)
         return result
 
 

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Callable
 
 from .log import AttestationLog, LogEntry, LogStore
-from .nonces import NonceRecord, NonceService, NonceStore
+from .nonces import DEFAULT_MAX_OUTSTANDING, NonceRecord, NonceService, NonceStore
 from .policy import Policy
 from .verifier import Appraisal, AttestingDevice, Verifier
 
@@ -22,10 +22,12 @@ class Evaluation:
 
 class AttestationService:
     def __init__(self, policy: Policy, nonce_store: NonceStore, log_store: LogStore, *,
-                 clock: Callable[[], datetime], rand_bytes: Callable[[int], bytes] = os.urandom) -> None:
+                 clock: Callable[[], datetime], rand_bytes: Callable[[int], bytes] = os.urandom,
+                 max_outstanding_nonces: int | None = DEFAULT_MAX_OUTSTANDING) -> None:
         self.policy = policy
         self.clock = clock
-        self.nonces = NonceService(nonce_store, clock=clock, rand_bytes=rand_bytes, lifetime=policy.nonce_lifetime)
+        self.nonces = NonceService(nonce_store, clock=clock, rand_bytes=rand_bytes, lifetime=policy.nonce_lifetime,
+                                   max_outstanding=max_outstanding_nonces)
         self.verifier = Verifier(policy, self.nonces, clock=clock)
         self.log = AttestationLog(log_store)
 

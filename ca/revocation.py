@@ -1,11 +1,13 @@
 """Revocation and CRLs.
 
 Revoking a device marks it and each of its certificates revoked in the registry (one
-transaction). A CRL per CA lists its revoked certificates, with a CRL number that only grows.
+transaction). Revoking one certificate marks only that one; its device stays as it is. A CRL per
+CA lists its revoked certificates, with a CRL number that only grows.
 """
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -32,6 +34,19 @@ class UnknownReason(CAError):
     pass
 
 
+class UnknownCertificate(CAError):
+    """No certificate matches the serial or fingerprint given."""
+
+
+class AmbiguousCertificate(CAError):
+    """A serial or fingerprint prefix that matches more than one certificate."""
+
+
+# shortest prefix of a serial or fingerprint accepted on its own (32 bits)
+MIN_PREFIX = 8
+DEVICE_PROFILES = ("factory", "operational")
+
+
 def check_reason(reason: str) -> str:
     if reason not in REASONS:
         raise UnknownReason(f"unknown revocation reason {reason!r} (known: {', '.join(REASONS)})")
@@ -48,6 +63,68 @@ def revoke_device(store: Registry, serial: str, reason: str, now: datetime) -> l
     if store.get_device(serial) is None:
         raise UnknownDevice(f"unknown device {serial}")
     return store.revoke_device(serial, reason, to_utc(now))
+
+
+def _hex_reference(text: str) -> str:
+    """'5D3E6FF0...', '0x5d3e...', 'AB:CD:...' (openssl -fingerprint) -> lower-case hex."""
+    ref = text.strip().lower().replace(":", "")
+    for prefix in ("0x", "sha256:", "sha-256:"):
+        if ref.startswith(prefix):
+            ref = ref[len(prefix):]
+    if not ref or any(ch not in string.hexdigits for ch in ref):
+        raise UnknownCertificate(f"{text!r} is neither a certificate serial nor a SHA-256 fingerprint (hex digits)")
+    return ref
+
+
+def find_certificate(store: Registry, text: str) -> CertificateRecord:
+    """The one certificate named by `text`: its serial in hex (as `devid devices show` prints
+    it; leading zeros, as openssl prints them, do not matter), its SHA-256 fingerprint in hex, or
+    a prefix of either of at least MIN_PREFIX digits that no other certificate shares. A full
+    serial or fingerprint wins over prefixes."""
+    ref = _hex_reference(text)
+    serial_hex = ref.lstrip("0") or "0"
+    exact = []
+    if len(serial_hex) <= 40:                   # RFC 5280: at most 20 octets
+        found = store.get_certificate(int(serial_hex, 16))
+        if found is not None:
+            exact.append(found)
+    if len(ref) == 64:
+        exact += [c for c in store.certificates_matching(None, ref) if c not in exact]
+    if len(exact) == 1:
+        return exact[0]
+    if exact:
+        candidates = exact
+    elif len(ref) < MIN_PREFIX:
+        raise UnknownCertificate(f"no certificate with serial {text!r} (a prefix needs at least {MIN_PREFIX} "
+                                 "hex digits)")
+    else:
+        candidates = store.certificates_matching(serial_hex, ref, limit=6)
+    if not candidates:
+        raise UnknownCertificate(f"no certificate with serial or SHA-256 fingerprint {text!r}")
+    if len(candidates) > 1:
+        listed = ", ".join(f"{c.serial:x} ({c.profile}, {c.device_serial or c.issuer})" for c in candidates[:5])
+        count = "more than 5" if len(candidates) > 5 else str(len(candidates))
+        raise AmbiguousCertificate(f"{text!r} matches {count} certificates: {listed}; give more digits")
+    return candidates[0]
+
+
+@dataclass(frozen=True)
+class CertificateRevocation:
+    certificate: CertificateRecord     # as it was found, before this revocation
+    newly: bool                        # False: it was revoked already (nothing changed)
+
+
+def revoke_certificate(store: Registry, text: str, reason: str, now: datetime) -> CertificateRevocation:
+    """Revoke the one device certificate `text` names (`find_certificate`); its device and the
+    device's other certificates stay as they are. Revoking a revoked certificate changes nothing."""
+    check_reason(reason)
+    cert = find_certificate(store, text)
+    if cert.profile not in DEVICE_PROFILES or cert.device_serial is None:
+        raise CAError(f"certificate {cert.serial:x} is a {cert.profile} certificate, not a device's: "
+                      "only device certificates are revoked one by one")
+    if cert.status.value == "revoked":
+        return CertificateRevocation(cert, False)
+    return CertificateRevocation(cert, store.revoke_certificate(cert.serial, reason, to_utc(now)))
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,9 @@ class CertificateLookup:
     device_serial: str | None
     device_type: str | None
     device_state: DeviceState | None
+    # when a superseded certificate was superseded: the issue time of the next certificate of its
+    # profile for its device (None unless status is superseded)
+    superseded_at: datetime | None = None
 
 
 class Registry(Protocol):
@@ -101,7 +104,20 @@ class Registry(Protocol):
     def get_certificate(self, serial: int) -> CertificateRecord | None: ...
 
     def lookup_certificate(self, serial: int) -> CertificateLookup | None:
-        """The certificate with its device's type and state, in one read."""
+        """The certificate with its device's type and state (and, if superseded, since when), in one read."""
+
+    def certificates_issued_since(self, device_serial: str, profile: str, since: datetime) -> list[datetime]:
+        """Issue times of the device's certificates of `profile` issued at or after `since`, oldest
+        first. Inside a write transaction (an issuance), the count cannot change under the caller."""
+
+    def certificates_matching(self, serial_prefix: str | None, fingerprint_prefix: str | None,
+                              limit: int = 10) -> list[CertificateRecord]:
+        """Certificates whose serial (lower-case hex, no leading zeros) starts with
+        `serial_prefix` or whose SHA-256 fingerprint (lower-case hex) starts with
+        `fingerprint_prefix`; at most `limit`."""
+
+    def revoke_certificate(self, serial: int, reason: str, now: datetime) -> bool:
+        """Mark one certificate revoked (its device is left as it is); False if it was revoked already."""
 
     def certificates_for_device(self, device_serial: str) -> list[CertificateRecord]: ...
 

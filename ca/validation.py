@@ -2,12 +2,13 @@
 
 Chain building and RFC 5280 checks are `cryptography.x509.verification`'s; this module adds what
 it leaves to us: the certificate must be one we issued (known to the registry), neither it nor
-its device may be revoked, and the device identity it carries must be well formed.
+its device may be revoked, it must not have been superseded by a newer certificate (beyond an
+optional grace period), and the device identity it carries must be well formed.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Sequence
 
 from cryptography import x509
@@ -25,11 +26,12 @@ class DeviceVerifier:
     identities, the operational CA for operational ones)."""
 
     def __init__(self, anchor: x509.Certificate, profile: str, settings: IdentitySettings,
-                 store: Registry, max_chain_depth: int = 2) -> None:
+                 store: Registry, max_chain_depth: int = 2, superseded_grace: timedelta = timedelta(0)) -> None:
         self.anchor = anchor
         self.profile = profile
         self.settings = settings
         self.store = store
+        self.superseded_grace = superseded_grace
         self._store = Store([anchor])
         self._depth = max_chain_depth
         self._verifier_at: tuple[datetime, object] | None = None
@@ -49,13 +51,14 @@ class DeviceVerifier:
             verifier.verify(leaf, list(intermediates))
         except VerificationError as exc:
             raise ValidationFailed(f"certificate path does not validate: {exc}") from None
-        return self.identify(leaf)
+        return self.identify(leaf, now=now)
 
-    def identify(self, leaf: x509.Certificate) -> DeviceIdentity:
+    def identify(self, leaf: x509.Certificate, *, now: datetime) -> DeviceIdentity:
         """The registry's word on a certificate that passed path validation.
 
         It must be byte for byte a certificate we issued and recorded, of this verifier's
-        profile, and neither it nor its device may be revoked. Serial and device type are then
+        profile, neither it nor its device may be revoked, and it may not have been superseded
+        longer than `superseded_grace` before `now`. Serial and device type are then
         read from the registry, which holds that very certificate: the answer
         `read_device_identity` would give for anything the CA issued, without parsing the
         extensions again (about 45 us per handshake, measured).
@@ -63,10 +66,10 @@ class DeviceVerifier:
         found = self.store.lookup_certificate(leaf.serial_number)
         if found is None or found.der != leaf.public_bytes(serialization.Encoding.DER):
             raise ValidationFailed("certificate unknown to the registry")
-        self._check(found)
+        self._check(found, now)
         return DeviceIdentity(found.device_serial, found.device_type, leaf.serial_number, found.fingerprint)
 
-    def _check(self, found: CertificateLookup) -> None:
+    def _check(self, found: CertificateLookup, now: datetime) -> None:
         if found.profile != self.profile or found.device_serial is None:
             raise ValidationFailed(f"not a {self.profile} device certificate")
         if found.status is CertStatus.REVOKED:
@@ -75,3 +78,11 @@ class DeviceVerifier:
             raise ValidationFailed(f"device {found.device_serial} unknown to the registry")
         if found.device_state is DeviceState.REVOKED:
             raise DeviceRevoked(f"device {found.device_serial} is revoked")
+        if found.status is CertStatus.SUPERSEDED and not within_grace(found, now, self.superseded_grace):
+            raise ValidationFailed(f"certificate of device {found.device_serial} was superseded by a newer one")
+
+
+def within_grace(found: CertificateLookup, now: datetime, grace: timedelta) -> bool:
+    """A superseded certificate is still honoured for `grace` after it was superseded (never
+    with grace 0, nor when the registry cannot say when)."""
+    return grace > timedelta(0) and found.superseded_at is not None and to_utc(now) < found.superseded_at + grace

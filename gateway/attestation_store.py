@@ -49,7 +49,7 @@ class SQLiteAttestationStore:
 
     PURGE_EVERY = timedelta(seconds=30)
 
-    def put_nonce(self, record: NonceRecord, *, purge_before: datetime) -> bool:
+    def put_nonce(self, record: NonceRecord, *, purge_before: datetime, max_outstanding: int | None = None) -> bool:
         # expired nonces go at most every PURGE_EVERY, not with every new nonce
         purge = self._purged is None or purge_before >= self._purged + self.PURGE_EVERY
         try:
@@ -60,6 +60,13 @@ class SQLiteAttestationStore:
                            "issued_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
                            (record.value, record.device_serial, record.cert_fingerprint, record.session,
                             format_time(record.issued_at), format_time(record.expires_at)))
+                if max_outstanding is not None:
+                    # the device's unconsumed nonces beyond the newest `max_outstanding` (index
+                    # attestation_nonces_outstanding, migration 5: a few rows, never a table scan)
+                    db.execute("DELETE FROM attestation_nonces WHERE rowid IN (SELECT rowid FROM attestation_nonces "
+                               "WHERE device_serial = ? AND consumed_at IS NULL "
+                               "ORDER BY issued_at DESC, rowid DESC LIMIT -1 OFFSET ?)",
+                               (record.device_serial, max_outstanding))
         except sqlite3.IntegrityError:
             return False
         if purge:
@@ -86,9 +93,16 @@ class SQLiteAttestationStore:
         # the UPDATE refused it, so the SELECT cannot find it usable (same transaction)
         return result if result is not ConsumeResult.OK else ConsumeResult.REPLAYED
 
-    def count_nonces(self) -> int:
+    def count_nonces(self, device_serial: str | None = None, *, outstanding: bool = False) -> int:
+        """All stored nonces, or those of one device; `outstanding`: only unconsumed ones."""
+        sql, params = "SELECT COUNT(*) FROM attestation_nonces WHERE 1", []
+        if device_serial is not None:
+            sql += " AND device_serial = ?"
+            params.append(device_serial)
+        if outstanding:
+            sql += " AND consumed_at IS NULL"
         with self.registry.reading() as db:
-            return db.execute("SELECT COUNT(*) FROM attestation_nonces").fetchone()[0]
+            return db.execute(sql, params).fetchone()[0]
 
     # -- log -------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ca.errors import CAError
 from ca.hierarchy import CA_NAMES
-from ca.revocation import REASONS, build_crl, revoke_device
+from ca.revocation import REASONS, build_crl, revoke_certificate, revoke_device
 from ca.store import DeviceState
 from ca.validation import DeviceVerifier
 from ca.identity import check_serial
@@ -176,6 +176,19 @@ def cmd_ca_verify(args) -> int:
 def cmd_revoke(args) -> int:
     data = _data(args).require()
     registry = data.open_registry()
+    if args.certificate is not None:
+        done = revoke_certificate(registry, args.certificate, args.reason, utcnow())
+        c = done.certificate
+        what = f"certificate {c.serial:x} ({c.profile}, device {c.device_serial})"
+        if not done.newly:
+            print(f"{what} was already revoked"
+                  + (f" on {output.ts(c.revoked_at)} ({c.revocation_reason})" if c.revoked_at else "")
+                  + "; nothing changed")
+            return 0
+        device = registry.get_device(c.device_serial)
+        print(f"{what} revoked ({args.reason}); device {c.device_serial} stays {device.state.value}")
+        print("run 'devid crl' to publish new CRLs")
+        return 0
     revoked = revoke_device(registry, args.serial, args.reason, utcnow())
     print(f"device {args.serial} revoked ({args.reason}); {len(revoked)} certificate(s) newly revoked"
           + ("".join(f"\n  {c.serial:x} {c.profile}" for c in revoked)))
@@ -430,8 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_ca_verify)
 
-    s = sub.add_parser("revoke", parents=[common], help="revoke a device and all its certificates")
-    s.add_argument("serial", metavar="SERIAL")
+    s = sub.add_parser("revoke", parents=[common],
+                       help="revoke a device and all its certificates, or one certificate (--certificate)")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("serial", metavar="SERIAL", nargs="?", help="device serial: the device and all its certificates")
+    g.add_argument("--certificate", metavar="SERIAL_OR_FINGERPRINT",
+                   help="only this certificate: its serial (hex, as 'devid devices show' prints it) or its "
+                        "SHA-256 fingerprint (hex), or a unique prefix of at least 8 digits; the device stays as it is")
     s.add_argument("--reason", default="unspecified", choices=list(REASONS))
     s.set_defaults(func=cmd_revoke)
 

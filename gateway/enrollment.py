@@ -12,15 +12,25 @@ Rules (issue: zero-touch enrollment):
   window, each verdict used once, unless the device type's policy waives attestation;
 - a contraindicated verdict revokes the device when its policy says so;
 - re-enrollment with the factory identity of an already enrolled device: allowed unless the
-  policy says `reenroll = false`; the previous operational certificate becomes superseded.
+  policy says `reenroll = false`; the previous operational certificate becomes superseded;
+- a superseded certificate (one a later issuance replaced) may not renew nor read /config
+  (unless within `Budgets.superseded_grace`), a revoked certificate nothing: the certificate's
+  status is read from the registry on every request, with its device, in one query.
+
+Budgets (`budgets.py`): every request of these five actions first spends from its device's
+token bucket, before any registry read or write or any parsing (4.29 with Max-Age beyond it;
+refusals logged at a bounded rate), and an issuance first counts the device's recent
+operational certificates inside the issuance transaction.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Callable, ContextManager
 
@@ -31,8 +41,10 @@ from attestation.verifier import AttestingDevice
 from ca.authority import CertificateAuthority, CheckedKey, IssuedCertificate
 from ca.errors import CAError
 from ca.revocation import revoke_device
-from ca.store import DeviceRecord, DeviceState
+from ca.store import CertificateLookup, CertStatus, DeviceState
+from ca.validation import within_grace
 
+from .budgets import Budgets, RateLimiter
 from .configuration import ConfigTemplates
 from .identity import FACTORY, OPERATIONAL, PeerIdentity
 
@@ -73,6 +85,34 @@ class UnknownDeviceType(EnrollmentError):
     code = "unknown-device-type"
 
 
+class CertificateRevoked(EnrollmentError):
+    """The certificate of this session was revoked (its device may not be)."""
+
+    code = "certificate-revoked"
+
+
+class CertificateSuperseded(EnrollmentError):
+    """A later issuance replaced the certificate of this session (and its grace, if any, is over)."""
+
+    code = "certificate-superseded"
+
+
+class TooManyRequests(EnrollmentError):
+    """Over a per-device budget; `retry_after` is the seconds until a request would be accepted."""
+
+    code = "too-many-requests"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TooManyCertificates(TooManyRequests):
+    """The device received its allowance of operational certificates within the window."""
+
+    code = "too-many-certificates"
+
+
 @dataclass
 class EnrollmentService:
     ca: CertificateAuthority
@@ -83,34 +123,84 @@ class EnrollmentService:
     # makes the use of a verdict and the issuance one transaction (the registry's `transaction`):
     # a verdict is used up exactly when a certificate is issued, and one commit instead of two
     atomic: Callable[[], ContextManager] = nullcontext
+    budgets: Budgets = field(default_factory=Budgets)
+    # the request-rate clock (seconds, monotonic): apart from `clock`, which is wall time
+    monotonic: Callable[[], float] = time.monotonic
+
+    def __post_init__(self) -> None:
+        self.limiter = RateLimiter(self.budgets, self.monotonic)
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _decision(self, action: str, who: PeerIdentity | None, result: str, **details) -> None:
-        if not log.isEnabledFor(logging.INFO):
+    def _decision(self, action: str, who: PeerIdentity | None, result: str, level: int = logging.INFO,
+                  **details) -> None:
+        if not log.isEnabledFor(level):
             return
         line = {"event": action, "result": result}
         if who is not None:
             line.update(serial=who.serial, kind=who.kind, fingerprint=who.fingerprint)
         line.update({k: v for k, v in details.items() if v is not None})
-        log.info(json.dumps(line))
+        log.log(level, json.dumps(line))
 
     def _require(self, action: str, who: PeerIdentity | None, kind: str, *,
-                 enrolled_factory: bool = False) -> DeviceRecord:
-        """The device record of `who` if it may do `action` with its `kind` identity. With
+                 enrolled_factory: bool = False) -> CertificateLookup:
+        """The registry's word on `who`'s certificate and device, if it may do `action` with its
+        `kind` identity; first its device pays for the request from its budget. With
         `enrolled_factory`, the factory identity of an enrolled device is accepted too."""
         if who is None:
             self._decision(action, None, "refused", reason="no device identity")
             raise NotAuthenticated("a device certificate is required")
-        device = self.ca.store.get_device(who.serial)
-        if who.kind != kind and not (enrolled_factory and who.kind == FACTORY and device is not None
-                                     and device.state is DeviceState.ENROLLED):
+        self._spend(action, who)
+        return self._standing(action, who, kind, enrolled_factory)
+
+    def _spend(self, action: str, who: PeerIdentity) -> None:
+        """One request from the device's token bucket for `action`, or 4.29: nothing but memory
+        is touched before this."""
+        wait = self.limiter.take(who.serial, action)
+        if not wait:
+            return
+        retry = max(1, math.ceil(wait))
+        count = self.limiter.refused(who.serial)
+        if count is not None:       # at most one line per device per refusal_log_interval
+            self._decision(action, who, "rate-limited", logging.WARNING, refused=count, retry_after=retry)
+        raise TooManyRequests(f"too many {action} requests from this device; retry in {retry} s", retry)
+
+    def _standing(self, action: str, who: PeerIdentity, kind: str,
+                  enrolled_factory: bool = False) -> CertificateLookup:
+        """The certificate of this session and its device, in one registry query, checked."""
+        found = self.ca.store.lookup_certificate(who.certificate_serial)
+        allowed = (found is not None and found.device_serial == who.serial
+                   and found.device_state not in (None, DeviceState.REVOKED))
+        if who.kind != kind and not (enrolled_factory and who.kind == FACTORY and allowed
+                                     and found.device_state is DeviceState.ENROLLED):
             self._decision(action, who, "refused", reason=f"needs the {kind} identity")
             raise WrongIdentity(f"this needs the device's {kind} identity, not its {who.kind} one")
-        if device is None or device.state is DeviceState.REVOKED:
+        if not allowed:
             self._decision(action, who, "refused", reason="device unknown or revoked")
             raise DeviceNotAllowed(f"device {who.serial} is not allowed")
-        return device
+        if found.status is CertStatus.REVOKED:
+            self._decision(action, who, "refused", reason="certificate revoked")
+            raise CertificateRevoked(f"certificate {who.certificate_serial:x} is revoked")
+        if found.status is CertStatus.SUPERSEDED and not within_grace(found, self.clock(),
+                                                                      self.budgets.superseded_grace):
+            self._decision(action, who, "refused", reason="certificate superseded")
+            raise CertificateSuperseded(f"certificate {who.certificate_serial:x} was replaced by a newer one: "
+                                        "use that, or enroll again with the factory identity")
+        return found
+
+    def _certificate_quota(self, action: str, who: PeerIdentity) -> None:
+        """At most `certificates_per_window` operational certificates per device in any
+        `certificate_window`. Called inside the issuance transaction: concurrent requests on
+        other workers wait for the registry's write lock, so the count holds everywhere."""
+        now = self.clock()
+        limit, window = self.budgets.certificates_per_window, self.budgets.certificate_window
+        issued = self.ca.store.certificates_issued_since(who.serial, OPERATIONAL, now - window)
+        if len(issued) < limit:
+            return
+        retry = max(1, math.ceil((issued[len(issued) - limit] + window - now).total_seconds()))
+        self._decision(action, who, "refused", reason="certificate quota reached", retry_after=retry)
+        raise TooManyCertificates(f"at most {limit} certificates per {window.total_seconds() / 3600:g} h for one "
+                                  f"device; retry in {retry} s", retry)
 
     def _attesting(self, who: PeerIdentity) -> AttestingDevice:
         return AttestingDevice(who.serial, who.device_type, who.fingerprint, who.public_key)
@@ -140,17 +230,19 @@ class EnrollmentService:
 
     def enroll(self, who: PeerIdentity | None, csr: bytes) -> IssuedCertificate:
         """/sen: a first operational certificate (or a re-enrollment) for a factory identity."""
-        device = self._require("enroll", who, FACTORY)
+        found = self._require("enroll", who, FACTORY)
         tpolicy = self.policy.for_type(who.device_type)
         if tpolicy is None:
             self._decision("enroll", who, "refused", reason="device type not in policy")
             raise UnknownDeviceType(f"device type {who.device_type} is not in the gateway's policy")
-        if device.state is DeviceState.ENROLLED and not tpolicy.reenroll:
+        reenrollment = found.device_state is DeviceState.ENROLLED
+        if reenrollment and not tpolicy.reenroll:
             self._decision("enroll", who, "refused", reason="re-enrollment not allowed")
             raise ReenrollmentRefused("device already enrolled; policy does not allow re-enrollment")
         csr = self._check_csr("enroll", who, csr)       # a bad CSR must not use up the verdict
         verdict_seq = None
         with self.atomic():         # nor may a failed issuance
+            self._certificate_quota("enroll", who)
             if tpolicy.attestation != "waived":
                 entry = self.attestation.take_verdict(who.serial)
                 if entry is None:
@@ -160,13 +252,20 @@ class EnrollmentService:
             issued = self._issue("enroll", who, csr)
         self._decision("enroll", who, "issued", certificate=format(issued.cert.serial_number, "x"),
                        verdict_seq=verdict_seq, attestation=tpolicy.attestation,
-                       reenrollment=device.state is DeviceState.ENROLLED or None)
+                       reenrollment=reenrollment or None)
         return issued
 
     def renew(self, who: PeerIdentity | None, csr: bytes) -> IssuedCertificate:
-        """/sren: a new operational certificate for the device of this operational identity."""
+        """/sren: a new operational certificate for the device of this operational identity,
+        which must be its current one (or superseded within the grace period)."""
         self._require("renew", who, OPERATIONAL)
-        issued = self._issue("renew", who, csr)
+        csr = self._check_csr("renew", who, csr)
+        with self.atomic():
+            # again under the registry's write lock: of renewals racing with one certificate
+            # (on any worker), the first supersedes it and the others are refused here
+            self._standing("renew", who, OPERATIONAL)
+            self._certificate_quota("renew", who)
+            issued = self._issue("renew", who, csr)
         self._decision("renew", who, "issued", certificate=format(issued.cert.serial_number, "x"))
         return issued
 

@@ -9,7 +9,7 @@ the certificate and the device are still good.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Callable
 
 from cryptography import x509
@@ -44,12 +44,16 @@ class DeviceAuthenticator:
     """`engine.Authenticator` for devices: picks the anchor by the leaf's issuer."""
 
     def __init__(self, manufacturing: x509.Certificate, operational: x509.Certificate,
-                 settings: IdentitySettings, registry: Registry, clock: Callable[[], datetime]) -> None:
+                 settings: IdentitySettings, registry: Registry, clock: Callable[[], datetime],
+                 superseded_grace: timedelta = timedelta(0)) -> None:
         self.clock = clock
         self.registry = registry
+        # a superseded operational certificate is refused at the handshake once its grace is over
+        # (docs/certificates.md#lifecycle); factory certificates are never superseded
         self._verifiers = {
             manufacturing.subject: (FACTORY, DeviceVerifier(manufacturing, FACTORY, settings, registry)),
-            operational.subject: (OPERATIONAL, DeviceVerifier(operational, OPERATIONAL, settings, registry)),
+            operational.subject: (OPERATIONAL, DeviceVerifier(operational, OPERATIONAL, settings, registry,
+                                                             superseded_grace=superseded_grace)),
         }
 
     def authenticate(self, leaf: x509.Certificate, intermediates: list[x509.Certificate]) -> PeerIdentity:
@@ -64,7 +68,10 @@ class DeviceAuthenticator:
         return PeerIdentity(ident.serial, ident.device_type, kind, ident.fingerprint, ident.certificate_serial, key)
 
     def revoked(self, identities: list[PeerIdentity]) -> list[PeerIdentity]:
-        """The identities of live sessions that the registry now refuses: one query for all."""
+        """The identities of live sessions whose certificate or device is now revoked: one query
+        for all. Superseded certificates keep their live sessions (a device whose /sren answer was
+        lost gets it again there, from the CoAP deduplication cache); the enrollment service
+        refuses them /sren and /config, and a new handshake refuses them."""
         if not identities:
             return []
         gone = self.registry.revoked_among([i.certificate_serial for i in identities])

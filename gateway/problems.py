@@ -24,9 +24,13 @@ CT_PROBLEM = 257
 
 # (error class, CoAP code, title); the first matching class wins, so specific before general
 TABLE: list[tuple[type[BaseException], codes.Code, str]] = [
+    (E.TooManyCertificates, codes.TOO_MANY_REQUESTS, "too many certificates"),
+    (E.TooManyRequests, codes.TOO_MANY_REQUESTS, "too many requests"),
     (E.NotAuthenticated, codes.UNAUTHORIZED, "device certificate required"),
     (E.WrongIdentity, codes.FORBIDDEN, "wrong identity for this resource"),
     (E.DeviceNotAllowed, codes.FORBIDDEN, "device not allowed"),
+    (E.CertificateRevoked, codes.FORBIDDEN, "certificate revoked"),
+    (E.CertificateSuperseded, codes.FORBIDDEN, "certificate superseded"),
     (E.AttestationRequired, codes.FORBIDDEN, "attestation required"),
     (E.ReenrollmentRefused, codes.FORBIDDEN, "re-enrollment not allowed"),
     (E.UnknownDeviceType, codes.FORBIDDEN, "device type not enrolled by this gateway"),
@@ -61,7 +65,11 @@ def to_response(exc: BaseException) -> aiocoap.Message | None:
     for cls, code, title in TABLE:
         if isinstance(exc, cls):
             detail = None if isinstance(exc, _GENERIC_DETAIL) else (str(exc) or None)
-            options = {"max_age": 1} if code == codes.SERVICE_UNAVAILABLE else {}
+            options = {}
+            if code == codes.SERVICE_UNAVAILABLE:
+                options["max_age"] = 1
+            elif isinstance(exc, E.TooManyRequests):
+                options["max_age"] = exc.retry_after     # RFC 8516: seconds until a request may succeed
             return problem_message(code, title, detail, **options)
     return None
 

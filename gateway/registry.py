@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Sequence
 from ca.errors import DeviceRevoked, DuplicateDevice, SerialCollision, UnknownDevice
 from ca.store import CertificateLookup, CertificateRecord, CertStatus, DeviceRecord, DeviceState
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 5
 
 _MIGRATIONS = {
     1: """
@@ -116,6 +116,12 @@ _MIGRATIONS = {
     ALTER TABLE certificates_v3 RENAME TO certificates;
     CREATE INDEX certificates_device ON certificates (device_serial, profile, status);
     CREATE INDEX certificates_revoked ON certificates (issuer) WHERE status = 'revoked';
+    """,
+    # (4 is another change's.) A device's unconsumed nonces, newest first: issuing a nonce deletes
+    # the device's oldest ones beyond its cap (gateway/attestation_store.py) through this index
+    5: """
+    CREATE INDEX attestation_nonces_outstanding ON attestation_nonces (device_serial, issued_at)
+        WHERE consumed_at IS NULL;
     """,
 }
 
@@ -287,8 +293,9 @@ class SQLiteRegistry:
                 raise RegistryError(f"{self.path}: schema version {version} is newer than this devid "
                                     f"({SCHEMA_VERSION}); upgrade devid")
             for v in range(version + 1, SCHEMA_VERSION + 1):
-                # statement by statement: executescript() would COMMIT the open transaction
-                for statement in _MIGRATIONS[v].split(";"):
+                # statement by statement: executescript() would COMMIT the open transaction; a
+                # number without statements only moves user_version on
+                for statement in _MIGRATIONS.get(v, "").split(";"):
                     if statement.strip():
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version = {v}")
@@ -411,15 +418,52 @@ class SQLiteRegistry:
         return _cert(row) if row else None
 
     def lookup_certificate(self, serial: int) -> CertificateLookup | None:
+        # a superseded certificate was superseded when the next one of its profile was issued to
+        # its device (the same transaction, `_record`): the subquery runs only for superseded
+        # rows, on index certificates_device; rowids order certificates issued in the same second
         with self._lock:
             row = self._db.execute(
-                "SELECT c.der, c.profile, c.status, c.fingerprint, c.device_serial, d.device_type, d.state "
+                "SELECT c.der, c.profile, c.status, c.fingerprint, c.device_serial, d.device_type, d.state, "
+                "CASE WHEN c.status = 'superseded' THEN (SELECT MIN(n.issued_at) FROM certificates n "
+                "  WHERE n.device_serial = c.device_serial AND n.profile = c.profile AND (n.issued_at > c.issued_at "
+                "  OR (n.issued_at = c.issued_at AND n.rowid > c.rowid))) END "
                 "FROM certificates c LEFT JOIN devices d ON d.serial = c.device_serial WHERE c.serial = ?",
                 (_hex(serial),)).fetchone()
         if row is None:
             return None
         return CertificateLookup(bytes(row[0]), row[1], CertStatus(row[2]), row[3], row[4], row[5],
-                                 DeviceState(row[6]) if row[6] else None)
+                                 DeviceState(row[6]) if row[6] else None, _dt(row[7]))
+
+    def certificates_issued_since(self, device_serial: str, profile: str, since: datetime) -> list[datetime]:
+        with self._lock:
+            rows = self._db.execute("SELECT issued_at FROM certificates WHERE device_serial = ? AND profile = ? "
+                                    "AND issued_at >= ? ORDER BY issued_at", (device_serial, profile, _ts(since)))
+            return [_dt(r[0]) for r in rows]
+
+    def certificates_matching(self, serial_prefix: str | None, fingerprint_prefix: str | None,
+                              limit: int = 10) -> list[CertificateRecord]:
+        hexdigits = set("0123456789abcdef")
+        parts, params = [], []
+        if serial_prefix and set(serial_prefix) <= hexdigits:
+            # a range on the primary key ('g' sorts after every hex digit, ':' right after '9')
+            upper = serial_prefix[:-1] + chr(ord(serial_prefix[-1]) + 1)
+            parts.append(f"SELECT {_CERT_COLS} FROM certificates WHERE serial >= ? AND serial < ?")
+            params += [serial_prefix, upper]
+        if fingerprint_prefix and set(fingerprint_prefix) <= hexdigits:
+            # fingerprints have no index (migration 3): a scan, for an operator's command only
+            parts.append(f"SELECT {_CERT_COLS} FROM certificates WHERE substr(fingerprint, 1, ?) = ?")
+            params += [len(fingerprint_prefix), fingerprint_prefix]
+        if not parts:
+            return []
+        with self._lock:
+            rows = self._db.execute(" UNION ".join(parts) + " LIMIT ?", (*params, limit)).fetchall()
+        return [_cert(r) for r in rows]
+
+    def revoke_certificate(self, serial: int, reason: str, now: datetime) -> bool:
+        with self.transaction() as db:
+            cur = db.execute("UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ? "
+                             "WHERE serial = ? AND status != 'revoked'", (_ts(now), reason, _hex(serial)))
+            return cur.rowcount == 1
 
     def certificates_for_device(self, device_serial: str) -> list[CertificateRecord]:
         with self._lock:

@@ -27,6 +27,7 @@ from attestation.policy import Policy, load_policy
 from attestation.service import AttestationService
 
 from .attestation_store import SQLiteAttestationStore
+from .budgets import Budgets
 from .configuration import ConfigTemplates
 from .datadir import DataDir
 from .enrollment import EnrollmentService
@@ -83,6 +84,7 @@ class GatewayConfig:
     ciphers: bytes = contexts.CIPHERS_CCM8_AND_GCM
     revocation_check_interval: float = 5.0
     reuse_port: bool = False
+    budgets: Budgets = field(default_factory=Budgets)     # per-device limits (docs/enrollment.md#budgets)
 
 
 class Gateway:
@@ -97,15 +99,18 @@ class Gateway:
         mfg, op = data.cert("manufacturing"), data.cert("operational")
         self.ssl_context = contexts.server_context(gw.cert, [op], gw.key, trust_anchors=[mfg, op],
                                                    client_cas=[mfg, op], ciphers=self.config.ciphers)
-        self.authenticator = DeviceAuthenticator(mfg, op, data.config.identity, self.registry, clock)
+        budgets = self.config.budgets
+        self.authenticator = DeviceAuthenticator(mfg, op, data.config.identity, self.registry, clock,
+                                                 superseded_grace=budgets.superseded_grace)
         self.engine = E.ServerEngine(self.ssl_context, self.authenticator, self.config.limits)
         self.policy = load_gateway_policy(data)
         store = SQLiteAttestationStore(self.registry)
-        self.attestation = AttestationService(self.policy, store, store, clock=clock)
+        self.attestation = AttestationService(self.policy, store, store, clock=clock,
+                                              max_outstanding_nonces=budgets.outstanding_nonces)
         self.configs = ConfigTemplates(data.path / "config", data.cert)
         self.configs.ensure_default()
         self.enrollment = EnrollmentService(data.authority(self.registry), self.attestation, self.policy,
-                                            self.configs, clock, atomic=self.registry.transaction)
+                                            self.configs, clock, atomic=self.registry.transaction, budgets=budgets)
         self.site = build_site()
         add_enrollment_resources(self.site, self.enrollment, data.cert("root"), op)
         self.coap: CoapServer | None = None

@@ -272,6 +272,19 @@ def test_operational_identity_rules(world):
                 assert r.code == codes.FORBIDDEN and problem(r)[-1] == "wrong identity for this resource"
             r = await request(ctx, f"{uri}/config", accept=50)
             assert r.code == codes.CONTENT and b'"device": "TS00000004"' in r.payload
+            # threat 4: a CSR whose signature does not verify, a key the profile refuses
+            bad = make_csr(subject="original-subject")[0].replace(b"original-subject", b"origami1-subject")
+            r = await request(ctx, f"{uri}/.well-known/est/sren", codes.POST, payload=bad, content_format=286)
+            assert r.code == codes.BAD_REQUEST and problem(r)[-1] == "invalid CSR"
+            r = await request(ctx, f"{uri}/.well-known/est/sren", codes.POST, content_format=286,
+                              payload=make_csr(ec.generate_private_key(ec.SECP384R1()))[0])
+            assert r.code == codes.BAD_REQUEST and problem(r)[-1] == "key not allowed"
+            r = await request(ctx, f"{uri}/.well-known/est/sren", codes.POST, payload=b"\x30\x00", content_format=286)
+            assert r.code == codes.BAD_REQUEST
+            # threat 13: a body over the cap is refused with 4.13 and Size1, Block1 or not
+            r = await request(ctx, f"{uri}/.well-known/est/sren", codes.POST, payload=b"\x30" * 9000,
+                              content_format=286)
+            assert r.code == codes.REQUEST_ENTITY_TOO_LARGE and r.opt.size1 == 4096
             # /sren: the CA fills in this device's identity, whatever the CSR asks
             evil = [(x509.BasicConstraints(ca=True, path_length=None), True),
                     (x509.SubjectAlternativeName([x509.DNSName("evil.example"),
@@ -287,19 +300,12 @@ def test_operational_identity_rules(world):
             san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             assert san.get_values_for_type(x509.DNSName) == []
             assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["urn:dev:os:12345-TS00000004"]
-            # threat 4: a CSR whose signature does not verify, a key the profile refuses
-            bad = make_csr(subject="original-subject")[0].replace(b"original-subject", b"origami1-subject")
-            r = await request(ctx, f"{uri}/.well-known/est/sren", codes.POST, payload=bad, content_format=286)
-            assert r.code == codes.BAD_REQUEST and problem(r)[-1] == "invalid CSR"
-            r = await request(ctx, f"{uri}/.well-known/est/sren", codes.POST, content_format=286,
-                              payload=make_csr(ec.generate_private_key(ec.SECP384R1()))[0])
-            assert r.code == codes.BAD_REQUEST and problem(r)[-1] == "key not allowed"
-            r = await request(ctx, f"{uri}/.well-known/est/sren", codes.POST, payload=b"\x30\x00", content_format=286)
-            assert r.code == codes.BAD_REQUEST
-            # threat 13: a body over the cap is refused with 4.13 and Size1, Block1 or not
-            r = await request(ctx, f"{uri}/.well-known/est/sren", codes.POST, payload=b"\x30" * 9000,
-                              content_format=286)
-            assert r.code == codes.REQUEST_ENTITY_TOO_LARGE and r.opt.size1 == 4096
+            # threat 21: the certificate of this session is superseded now: no second renewal, no
+            # configuration (test_lifecycle.py has the rest)
+            for path, code in (("/.well-known/est/sren", codes.POST), ("/config", codes.GET)):
+                r = await request(ctx, uri + path, code, payload=make_csr()[0] if code == codes.POST else b"",
+                                  **({"content_format": 286} if code == codes.POST else {}))
+                assert r.code == codes.FORBIDDEN and problem(r)[-1] == "certificate superseded"
         finally:
             await ctx.shutdown()
     run_with_gateway(data, body)
@@ -558,8 +564,9 @@ def test_serve_with_two_workers_shares_the_registry(world, tmp_path):
 
 
 def test_concurrent_renewals_leave_exactly_one_current_certificate(world):
-    """Threat 16: renewals of one device racing on separate DTLS sessions are serialised by the
-    registry; afterwards exactly one operational certificate is current, the others superseded."""
+    """Threats 16 and 21: renewals of one device racing on separate DTLS sessions with the same
+    certificate are serialised by the registry; the first supersedes that certificate, so the
+    others are refused, and exactly one operational certificate is current."""
     data, out = world
     dev = out / "TS00000004"
 
@@ -574,11 +581,12 @@ def test_concurrent_renewals_leave_exactly_one_current_certificate(world):
         finally:
             for c in contexts:
                 await c.shutdown()
-        assert all(r.code == codes.CHANGED for r in responses)
+        assert sorted(r.code for r in responses) == [codes.CHANGED] + [codes.FORBIDDEN] * 3
+        assert all(problem(r)[-1] == "certificate superseded" for r in responses if r.code == codes.FORBIDDEN)
         ops = [c for c in gw.registry.certificates_for_device("TS00000004") if c.profile == "operational"]
-        assert len(ops) == 5
+        assert len(ops) == 2
         assert sum(c.status is CertStatus.CURRENT for c in ops) == 1
-        assert sum(c.status is CertStatus.SUPERSEDED for c in ops) == 4
+        assert sum(c.status is CertStatus.SUPERSEDED for c in ops) == 1
     run_with_gateway(data, body)
 
 
