@@ -17,7 +17,7 @@ import secrets
 import shutil
 import tomllib
 from dataclasses import dataclass, field, fields
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -31,6 +31,7 @@ from ca.hierarchy import CA_NAMES, create_hierarchy
 from ca.identity import IdentitySettings
 from ca.profiles import default_profiles
 
+from .budgets import ACTIONS, Budgets, Rate
 from .dtls.limits import LimitError, ServerLimits
 from .registry import SQLiteRegistry
 
@@ -80,9 +81,16 @@ class Config:
     # [gateway] as written (checked): the DTLS server's limits; serve flags override them key by key
     gateway: dict = field(default_factory=dict)
 
+    # [budgets] as written (checked): per-device limits of the enrollment service
+    budgets_table: dict = field(default_factory=dict)
+
     @property
     def server_limits(self) -> ServerLimits:
         return ServerLimits(**self.gateway)
+
+    @property
+    def budgets(self) -> Budgets:
+        return Budgets(**_budgets_from_toml(self.budgets_table))
 
     def render(self) -> str:
         s = self.identity
@@ -131,7 +139,7 @@ class Config:
         return cls(identity, values.get("profiles.factory_validity_days", cls.factory_days),
                    values.get("profiles.operational_validity_days", cls.operational_days),
                    values.get("crl.validity_days", cls.crl_days),
-                   gateway=objects.get("gateway", {}))
+                   gateway=objects.get("gateway", {}), budgets_table=objects.get("budgets", {}))
 
 
 def _integer(low: int, high: int, what: str = "") -> Callable[[object], int]:
@@ -169,12 +177,34 @@ def _build(section: str, cls_: type, table: object, where: str, convert: Callabl
     except LimitError as exc:
         raise ConfigError(f"{where}: {section}.{exc.field} must be {exc.allowed} (got {exc.value!r})") from None
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{where}: [{section}]: {exc}") from None
+        text = str(exc)
+        raise ConfigError(f"{where}: {text}" if text.startswith(f"{section}.") else f"{where}: [{section}]: {text}") \
+            from None
+
+
+def _budgets_from_toml(table: dict) -> dict:
+    """[budgets]: rates as tables {burst, interval}, windows and grace periods in seconds."""
+    out = dict(table)
+    for name, value in table.items():
+        if name in ACTIONS:
+            if not isinstance(value, dict) or set(value) - {"burst", "interval"}:
+                raise ValueError(f"budgets.{name} must be a table {{burst = N, interval = SECONDS}} (got {value!r})")
+            default = Budgets().rate(name)
+            try:
+                out[name] = Rate(value.get("burst", default.burst), value.get("interval", default.interval))
+            except ValueError as exc:
+                raise ValueError(f"budgets.{name}.{exc}") from None
+        elif name in ("certificate_window", "superseded_grace"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"budgets.{name} must be a number of seconds (got {value!r})")
+            out[name] = timedelta(seconds=value)
+    return out
 
 
 # devid.toml sections that are one object each: section -> (dataclass, conversion of the TOML table)
 _OBJECT_SECTIONS: dict[str, tuple[type, Callable[[dict], dict] | None]] = {
     "gateway": (ServerLimits, None),
+    "budgets": (Budgets, _budgets_from_toml),     # docs/enrollment.md#budgets
 }
 
 # devid.toml: section -> key -> check (returns the value or raises ValueError saying what is allowed)

@@ -170,10 +170,19 @@ def test_docs_list_every_devid_toml_key_with_its_default():
               "profiles.operational_validity_days": cfg.operational_days,
               "crl.validity_days": cfg.crl_days}
     assert set(actual) == {f"{s}.{k}" for s, keys in _SCHEMA.items() for k in keys}
+    from datetime import timedelta
+    from gateway.budgets import Rate
+
+    def as_toml(value):
+        if isinstance(value, Rate):
+            return f"{{burst = {value.burst}, interval = {value.interval:g}}}"
+        if isinstance(value, timedelta):
+            return int(value.total_seconds())
+        return value
     for section, (cls_, _) in _OBJECT_SECTIONS.items():
         default = cls_()
         for f in dataclasses.fields(cls_):
-            actual[f"{section}.{f.name}"] = getattr(default, f.name)
+            actual[f"{section}.{f.name}"] = as_toml(getattr(default, f.name))
     assert set(documented) == set(actual)
     for key, value in actual.items():
         assert documented[key] == str(value), key
@@ -192,3 +201,17 @@ def test_serve_takes_its_limits_from_devid_toml_and_flags_win(data):
     with data.config_path.open("a") as f:
         f.write("mtu = 100\n")
     _one_error_line(run_devid("serve", data_dir=data.path), "devid.toml: gateway.mtu must be", "256")
+
+
+def test_budgets_from_devid_toml(data):
+    from datetime import timedelta
+    with data.config_path.open("a") as f:
+        f.write("\n[budgets]\noutstanding_nonces = 2\nrenew = {interval = 30}\nsuperseded_grace = 120\n")
+    data._config = None
+    budgets = data.config.budgets
+    assert budgets.outstanding_nonces == 2
+    assert (budgets.renew.burst, budgets.renew.interval) == (5, 30)
+    assert budgets.superseded_grace == timedelta(seconds=120)
+    with data.config_path.open("a") as f:
+        f.write("nonce = {burst = 0}\n")
+    _one_error_line(run_devid("serve", data_dir=data.path), "budgets.nonce.burst", "devid.toml")
