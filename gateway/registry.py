@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Sequence
 from ca.errors import DeviceRevoked, DuplicateDevice, SerialCollision, UnknownDevice
 from ca.store import CertificateLookup, CertificateRecord, CertStatus, DeviceRecord, DeviceState
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _MIGRATIONS = {
     1: """
@@ -115,6 +115,35 @@ _MIGRATIONS = {
     ALTER TABLE certificates_v3 RENAME TO certificates;
     CREATE INDEX certificates_device ON certificates (device_serial, profile, status);
     CREATE INDEX certificates_revoked ON certificates (issuer) WHERE status = 'revoked';
+    """,
+    # bounded attestation log (gateway/attestation_store.py, gateway/log_rotation.py): summary entries
+    # for refused evidence beyond a device's budget (summary: their JSON; NULL on appraisal entries),
+    # one tally row per device with recent refused evidence, and one anchor row per sealed segment
+    # file the oldest entries were moved into
+    4: """
+    ALTER TABLE attestation_log ADD COLUMN summary TEXT;
+    CREATE TABLE attestation_refused (
+        device_serial     TEXT PRIMARY KEY,
+        window_end        TEXT NOT NULL,
+        logged            INTEGER NOT NULL,
+        suppressed        INTEGER NOT NULL,
+        first_at          TEXT,
+        last_at           TEXT,
+        reason_counts     TEXT NOT NULL,
+        device_type       TEXT NOT NULL,
+        cert_fingerprint  TEXT NOT NULL,
+        tier              TEXT NOT NULL
+    );
+    CREATE TABLE attestation_log_segments (
+        first_seq         INTEGER PRIMARY KEY,
+        last_seq          INTEGER NOT NULL UNIQUE,
+        prev_hash         BLOB NOT NULL,
+        head_hash         BLOB NOT NULL,
+        entries           INTEGER NOT NULL,
+        file_name         TEXT NOT NULL UNIQUE,
+        file_sha256       TEXT NOT NULL,
+        sealed_at         TEXT NOT NULL
+    );
     """,
 }
 

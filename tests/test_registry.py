@@ -224,7 +224,7 @@ def test_old_schema_migrates_with_its_data(ca, tmp_path, version):
 
     reg = SQLiteRegistry(path)
     try:
-        assert reg.schema_version == SCHEMA_VERSION == 3
+        assert reg.schema_version == SCHEMA_VERSION
         assert not _fingerprint_is_unique(reg._db)
         assert {r[0] for r in reg._db.execute("SELECT name FROM sqlite_master WHERE type = 'index' "
                                                "AND tbl_name = 'certificates' AND sql IS NOT NULL")} == \
@@ -251,7 +251,7 @@ def test_old_schema_migrates_with_its_data(ca, tmp_path, version):
     finally:
         reg.close()
     reopened = SQLiteRegistry(path)        # migrating twice is a no-op
-    assert reopened.schema_version == 3 and len(reopened.certificates_for_device("SN1")) == 4
+    assert reopened.schema_version == SCHEMA_VERSION and len(reopened.certificates_for_device("SN1")) == 4
     reopened.close()
 
 
