@@ -170,7 +170,7 @@ class Admission:
     delete the device's row) if `write`."""
 
     append: bool
-    time: str                               # TIME_FORMAT: of the appraisal, and of a summary written now
+    time: str                               # TIME_FORMAT: of the appraisal, and of the summary (if any)
     summarise: RefusedTally | None = None
     tally: RefusedTally | None = None
     write: bool = False
@@ -191,14 +191,13 @@ def canonical_json(obj: Any) -> bytes:
 
 
 def entry_from_appraisal(a: Appraisal, seq: int, prev_hash: bytes) -> LogEntry:
+    # the claims go through JSON once, so that the entry hashes the same before and after storage
+    claims = json.loads(canonical_json(a.evidence.as_json())) if a.evidence is not None else None
     e = LogEntry(seq=seq, time=format_time(a.time), device_serial=a.device.serial, device_type=a.device.device_type,
                  cert_fingerprint=a.device.cert_fingerprint, tier=a.verdict.tier, acceptable=a.verdict.acceptable,
-                 revoke=a.verdict.revoke, reasons=tuple(r.as_json() for r in a.verdict.reasons),
-                 claims=a.evidence.as_json() if a.evidence is not None else None, evidence=a.token,
-                 prev_hash=prev_hash)
-    # the claims go through JSON once, so that the entry hashes the same before and after storage
-    e = LogEntry(**{**e.__dict__, "claims": json.loads(canonical_json(e.claims))})
-    return LogEntry(**{**e.__dict__, "hash": e.compute_hash()})
+                 revoke=a.verdict.revoke, reasons=tuple(r.as_json() for r in a.verdict.reasons), claims=claims,
+                 evidence=a.token, prev_hash=prev_hash)
+    return replace(e, hash=e.compute_hash())
 
 
 class LogStore(Protocol):

@@ -48,12 +48,16 @@ def is_budgeted(appraisal: Appraisal) -> bool:
     return not v.acceptable and not v.revoke
 
 
+# the usual answer, made once: append, no summary, no tally to write (its time is never used)
+_JUST_APPEND = Admission(append=True, time="")
+
+
 def admit(tally: RefusedTally | None, appraisal: Appraisal, budget: LogBudget) -> Admission:
-    now = format_time(appraisal.time)
     budgeted = is_budgeted(appraisal)
+    if tally is None and not budgeted:
+        return _JUST_APPEND                                         # the fast path: nothing more to write
+    now = format_time(appraisal.time)
     if tally is None:
-        if not budgeted:
-            return Admission(append=True, time=now)                 # the fast path: nothing to read or write
         return Admission(append=True, time=now, write=True,
                          tally=RefusedTally(format_time(appraisal.time + budget.window), 1))
     pending = tally if tally.suppressed else None
@@ -62,7 +66,7 @@ def admit(tally: RefusedTally | None, appraisal: Appraisal, budget: LogBudget) -
         if closed:                                                  # summarise what is left, forget the window
             return Admission(append=True, time=now, summarise=pending, tally=None, write=True)
         if pending is None:
-            return Admission(append=True, time=now)
+            return _JUST_APPEND
         return Admission(append=True, time=now, summarise=pending, write=True,
                          tally=RefusedTally(tally.window_end, tally.logged))
     if closed:                                                      # a new window opens with this one

@@ -38,16 +38,17 @@ _TALLY_COLS = ("window_end, logged, suppressed, first_at, last_at, reason_counts
                "tier")
 _ANCHOR_COLS = "first_seq, last_seq, prev_hash, head_hash, entries, file_name, file_sha256, sealed_at"
 # The head of the chain (the last entry; after a rotation that left the registry empty, the last
-# segment's head) in one statement; with the device's tally joined in for a budgeted append.
-_HEAD = ("SELECT l.seq, l.hash, s.last_seq, s.head_hash FROM (SELECT 1) "
-         "LEFT JOIN (SELECT seq, hash FROM attestation_log ORDER BY seq DESC LIMIT 1) l "
-         "LEFT JOIN (SELECT last_seq, head_hash FROM attestation_log_segments ORDER BY first_seq DESC LIMIT 1) s")
+# segment's head), with the device's tally joined in for a budgeted append: one statement, every
+# part a primary-key lookup (~5 us against ~4 us for the head alone; subqueries with ORDER BY ...
+# LIMIT in the FROM clause were materialised and cost ~40 us).
+_HEAD_JOINS = ("FROM (SELECT 1) "
+               "LEFT JOIN attestation_log l ON l.seq = (SELECT MAX(seq) FROM attestation_log) "
+               "LEFT JOIN attestation_log_segments s ON s.first_seq = (SELECT MAX(first_seq) "
+               "FROM attestation_log_segments)")
+_HEAD = "SELECT l.seq, l.hash, s.last_seq, s.head_hash " + _HEAD_JOINS
 _HEAD_AND_TALLY = ("SELECT l.seq, l.hash, s.last_seq, s.head_hash, b.window_end, b.logged, b.suppressed, b.first_at, "
-                   "b.last_at, b.reason_counts, b.device_type, b.cert_fingerprint, b.tier FROM (SELECT 1) "
-                   "LEFT JOIN (SELECT seq, hash FROM attestation_log ORDER BY seq DESC LIMIT 1) l "
-                   "LEFT JOIN (SELECT last_seq, head_hash FROM attestation_log_segments "
-                   "ORDER BY first_seq DESC LIMIT 1) s "
-                   "LEFT JOIN attestation_refused b ON b.device_serial = ?")
+                   "b.last_at, b.reason_counts, b.device_type, b.cert_fingerprint, b.tier " + _HEAD_JOINS +
+                   " LEFT JOIN attestation_refused b ON b.device_serial = ?")
 
 
 def _entry(row: tuple) -> LogEntry:
