@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 from cryptography.hazmat.primitives import serialization
 
 from attestation.errors import LogError
-from attestation.log import GENESIS, format_time
+from attestation.log import GENESIS, format_time, verify_chain
 from attestation.segments import SegmentAnchor, SegmentWriter, check_segment, parse_segment_name, segment_name
 
 from .attestation_store import SQLiteAttestationStore
@@ -155,6 +155,12 @@ def recover(store: SQLiteAttestationStore, directory: Path, trusted: Trusted, re
             check = check_segment(f, path.name, trusted=trusted, start=(start, link))
         if not check.ok or check.seal is None or (check.first_seq, check.last_seq) != (first, last):
             report.ignored.append((path.name, "not recorded in the registry, and does not verify"))
+            continue
+        # the registry's copy must be intact too: recording the file deletes it
+        held = verify_chain(store.iter_log(first, last), start_seq=start, start_hash=link)
+        if not held.ok or held.head_hash != check.head_hash or held.entries != check.entries:
+            report.ignored.append((path.name, f"the registry's entries {first}..{last} do not verify or differ "
+                                              "from the file: run 'devid attest verify-log'"))
             continue
         try:
             store.record_segment(SegmentAnchor(first, last, link, check.head_hash, check.entries, path.name,
