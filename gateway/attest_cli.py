@@ -197,8 +197,11 @@ def cmd_verify_log(args) -> int:
         if args.segments and not d.is_dir():
             raise LogError(f"{d}: not a directory")
     progress = output.Progress("verifying")
-    report = verify_log(store, directories, _trusted(data, store), head=args.head,
-                        require_present=args.require_segments, progress=progress)
+    try:
+        report = verify_log(store, directories, _trusted(data, store), head=args.head,
+                            require_present=args.require_segments, progress=progress)
+    except OSError as exc:
+        raise LogError(f"{exc.filename or directories[0]}: {exc.strerror}") from None
     problems = report.problems
     if args.json:
         print(json.dumps(report.as_json()))

@@ -179,7 +179,9 @@ def rotate(store: SQLiteAttestationStore, directory: Path, signer, trusted: Trus
         raise ValueError("segment_entries must be at least 1")
     report = RotationReport(before=min(before, now - verdict_window))
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        if not directory.is_dir():
+            directory.mkdir(parents=True)
+            _fsync_dir(directory.parent)            # the new directory's entry is durable too
     except OSError as exc:
         raise LogError(f"{directory}: cannot create the segment directory: {exc.strerror}") from None
     with rotation_lock(lock):
