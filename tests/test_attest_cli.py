@@ -213,7 +213,8 @@ def test_rotate_and_verify_log(logged, tmp_path):
     # a segment edited in the archive
     (archive / middle.name).write_bytes((archive / middle.name).read_bytes().replace(b'"TS2"', b'"TS1"', 1))
     proc = run_devid("attest", "verify-log", "--segments", d / "attestation-log", "--segments", archive, data_dir=d)
-    assert proc.returncode == 1 and f"BROKEN: {middle.name}: the file changed after it was sealed" in proc.stdout.decode()
+    assert proc.returncode == 1
+    assert f"BROKEN: {middle.name}: the file changed after it was sealed" in proc.stdout.decode()
     assert proc.stderr.decode().startswith("devid: error: attestation log verification failed:")
     # nothing more to rotate; JSON
     assert "OK: nothing to rotate: no entry older than" in ok(run_devid("attest", "log", "rotate", data_dir=d))
