@@ -1,4 +1,5 @@
-"""The attestation log: every appraisal, appended with a sequence number and a hash chain.
+"""The attestation log: appraisals (refused ones within a per-device budget), appended with a
+sequence number and a hash chain.
 
 Each entry's hash is SHA-256 over a canonical JSON document of the entry (keys sorted, no
 spaces, UTF-8) that includes the previous entry's hash and the SHA-256 of the raw evidence:
