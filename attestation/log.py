@@ -100,7 +100,7 @@ class LogEntry:
             s = self.summary
             return {"v": FORMAT_VERSION, "kind": KIND_SUMMARY, "seq": self.seq, "time": self.time,
                     "device": self.device_serial, "device_type": self.device_type,
-                    "fingerprint": self.cert_fingerprint, "tier": self.tier.value, "acceptable": False,
+                    "fingerprint": self.cert_fingerprint, "tier": self.tier.value, "acceptable": self.acceptable,
                     "count": s.count, "first": s.first, "last": s.last, "reason_counts": s.counts(),
                     "prev": self.prev_hash.hex()}
         return {"v": FORMAT_VERSION, "seq": self.seq, "time": self.time, "device": self.device_serial,

@@ -143,6 +143,20 @@ def test_rotation_writes_pending_summaries_first(log):
     assert log.verify().ok
 
 
+def test_an_edited_summary_entry_is_detected(log):
+    for _ in range(5):
+        log.evaluate(log.devices[0], good=False)
+    [summary] = log.store.flush_refused(log.clock())
+    assert summary.summary.count == 2 and not summary.acceptable
+    for field, value in (("acceptable", True), ("count", 1), ("reason_counts", {"nonce-unknown": 2})):
+        d = summary.as_json()
+        d[field] = value
+        edited = LogEntry.from_json(d)
+        assert edited.compute_hash() != summary.hash, field
+    log.sql("UPDATE attestation_log SET acceptable = 1 WHERE seq = ?", summary.seq)
+    assert messages(log.verify()) == [f"entry {summary.seq} was modified: its hash does not match its content"]
+
+
 @pytest.mark.parametrize("attack", ["edit-line", "reorder-lines", "truncate-file", "delete-anchor", "edit-anchor",
                                     "edit-seal", "foreign-seal"])
 def test_tampering_with_segments_is_detected(log, attack, tmp_path):
