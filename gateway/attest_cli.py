@@ -47,7 +47,10 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     """An ISO 8601 time (UTC unless it has an offset), a date, or a duration back from now: 90s, 15m, 2h, 7d."""
     m = _RELATIVE.match(text.strip())
     if m:
-        return (now or datetime.now(timezone.utc)) - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+        try:
+            return (now or datetime.now(timezone.utc)) - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+        except OverflowError:
+            raise argparse.ArgumentTypeError(f"invalid time {text!r}: too far back") from None
     try:
         t = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:

@@ -235,6 +235,7 @@ def test_rotate_json_and_bad_input(logged, tmp_path):
     one_line_error(run_devid("attest", "verify-log", "--require-segments", data_dir=d), "1 problem")
     (tmp_path / "a-file").write_text("x")
     for args, needle in ((("--before", "yesterday"), "invalid time 'yesterday'"),
+                         (("--before", "99999999d"), "invalid time '99999999d': too far back"),
                          (("--segment-entries", "0"), "must be at least 1"),
                          (("--out", tmp_path / "a-file"), "cannot create the segment directory")):
         one_line_error(run_devid("attest", "log", "rotate", *args, data_dir=d), needle)
