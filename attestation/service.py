@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Callable
 
 from .log import AttestationLog, LogEntry, LogStore
+from .log_budget import LogBudget, admit
 from .nonces import DEFAULT_MAX_OUTSTANDING, NonceRecord, NonceService, NonceStore
 from .policy import Policy
 from .verifier import Appraisal, AttestingDevice, Verifier
@@ -17,14 +18,20 @@ from .verifier import Appraisal, AttestingDevice, Verifier
 @dataclass(frozen=True)
 class Evaluation:
     appraisal: Appraisal
-    entry: LogEntry
+    entry: LogEntry | None          # None: refused beyond the device's log budget, only counted
+
+    @property
+    def log_seq(self) -> int | None:
+        return self.entry.seq if self.entry is not None else None
 
 
 class AttestationService:
     def __init__(self, policy: Policy, nonce_store: NonceStore, log_store: LogStore, *,
                  clock: Callable[[], datetime], rand_bytes: Callable[[int], bytes] = os.urandom,
-                 max_outstanding_nonces: int | None = DEFAULT_MAX_OUTSTANDING) -> None:
+                 max_outstanding_nonces: int | None = DEFAULT_MAX_OUTSTANDING,
+                 log_budget: LogBudget = LogBudget()) -> None:
         self.policy = policy
+        self.log_budget = log_budget
         self.clock = clock
         self.nonces = NonceService(nonce_store, clock=clock, rand_bytes=rand_bytes, lifetime=policy.nonce_lifetime,
                                    max_outstanding=max_outstanding_nonces)
@@ -35,9 +42,12 @@ class AttestationService:
         return self.nonces.issue(device_serial, cert_fingerprint, session)
 
     def evaluate(self, token: bytes, device: AttestingDevice) -> Evaluation:
-        """Appraise the evidence and append the result to the log; every evaluation is logged."""
+        """Appraise the evidence and log the result: acceptable and revoking verdicts always, refused
+        ones within the device's `LogBudget` (beyond it they are counted, and a summary entry
+        stands for them: `entry` is None)."""
         appraisal = self.verifier.appraise(token, device, self.clock())
-        return Evaluation(appraisal, self.log.append(appraisal))
+        budget = self.log_budget
+        return Evaluation(appraisal, self.log.append(appraisal, lambda tally: admit(tally, appraisal, budget)))
 
     def take_verdict(self, device_serial: str, purpose: str = "enrollment") -> LogEntry | None:
         """The device's latest verdict within the policy's verdict window, if acceptable and not

@@ -1,27 +1,40 @@
 """`devid attest ...`: the attestation log and the verification policy, for operators.
 
     devid attest log [--device SERIAL] [--verdict V] [--since TIME] [--limit N] [--json]
-    devid attest verify-log [--head SEQ:HASH] [--json]
+    devid attest log rotate [--before TIME] [--out DIR] [--segment-entries N] [--json]
+    devid attest verify-log [--head SEQ:HASH] [--segments DIR]... [--require-segments] [--json]
     devid attest policy check [FILE]        (default: DATA/attestation-policy.toml)
+
+`attest log` reads the registry only; rotated entries are in the segment files
+(DATA/attestation-log/ by default), which `verify-log` checks with the registry's anchor rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from attestation.errors import LogError
-from attestation.log import verify_chain
+from attestation.log import LogEntry
 from attestation.policy import Tier, load_policy
 
 from . import output
 from .attestation_store import SQLiteAttestationStore
 from .datadir import DataDir, resolve_data_dir
+from .log_rotation import DEFAULT_SEGMENT_ENTRIES, LOCK_FILE, SEGMENT_DIR, rotate
+from .log_verify import ARCHIVED, PENDING, verify_log
 
 POLICY_FILE = "attestation-policy.toml"
+# without a policy file, rotation keeps the longest verdict window a policy may set
+# (settings.verdict_window_seconds is at most 86400)
+MAX_VERDICT_WINDOW = timedelta(seconds=86400)
 _RELATIVE = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
@@ -68,6 +81,12 @@ def _store(args, readonly: bool = True) -> SQLiteAttestationStore:
     return SQLiteAttestationStore(data.open_registry(readonly=readonly))
 
 
+def _summary_text(e: LogEntry) -> str:
+    s = e.summary
+    counts = ", ".join(f"{code} {n}" for code, n in sorted(s.reason_counts, key=lambda p: (-p[1], p[0])))
+    return f"{s.count} more refused between {s.first[:19]}Z and {s.last[:19]}Z ({counts or 'no reasons'})"
+
+
 def cmd_log(args) -> int:
     store = _store(args)
     tier = Tier(args.verdict) if args.verdict else None
@@ -78,31 +97,126 @@ def cmd_log(args) -> int:
         return 0
     rows = []
     for e in entries:
+        if e.summary is not None:
+            rows.append((e.seq, e.time[:19] + "Z", e.device_serial, e.device_type, e.tier.value, "no", "-",
+                         _summary_text(e)))
+            continue
         c = e.claims or {}
         firmware = f"{c['swname']} {c['swversion']}" if c else "-"
         rows.append((e.seq, e.time[:19] + "Z", e.device_serial, e.device_type, e.tier.value,
                      "yes" if e.acceptable else "no", firmware, ", ".join(e.codes) or "-"))
     output.table(["seq", "time", "device", "type", "verdict", "accepted", "firmware", "reasons"], rows)
     print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} shown")
+    pending = {serial: t for serial, t in store.refused_tallies().items()
+               if t.suppressed and (args.device is None or serial == args.device)}
+    if pending:
+        n = sum(t.suppressed for t in pending.values())
+        print(f"note: {n} more refused evidence message(s) from {len(pending)} device(s) are counted but not yet "
+              "summarised (a summary entry comes before the device's next entry, or with the next rotation)")
+    segments = store.segments()
+    if segments:
+        print(f"note: entries {segments[0].first_seq}..{segments[-1].last_seq} were rotated into "
+              f"{len(segments)} sealed segment(s); this command reads only the registry "
+              "('devid attest verify-log' checks the segments)")
+    return 0
+
+
+def _trusted(data: DataDir, store: SQLiteAttestationStore):
+    """The certificates that may seal segments: the gateway's, as the registry and DATA/ca have them."""
+    ders = store.gateway_certificates()
+    if data.cert_path("gateway").exists():
+        ders.append(data.cert("gateway").public_bytes(serialization.Encoding.DER))
+    keys = {hashlib.sha256(d).digest(): d for d in ders}
+
+    def trusted(der: bytes):
+        known = keys.get(hashlib.sha256(der).digest())
+        return x509.load_der_x509_certificate(known).public_key() if known is not None else None
+    return trusted
+
+
+def _verdict_window(data: DataDir) -> tuple[timedelta, str]:
+    path = policy_path(data)
+    if not path.exists():
+        return MAX_VERDICT_WINDOW, f"no {path.name}: keeping the longest verdict window a policy may set"
+    return load_policy(path).verdict_window, f"verdict window of {path.name}"
+
+
+def _registry_json(kept):
+    return None if kept is None else {"first_seq": kept[0], "last_seq": kept[1], "entries": kept[2]}
+
+
+def cmd_rotate(args) -> int:
+    data = DataDir(resolve_data_dir(args.data)).require()
+    store = SQLiteAttestationStore(data.open_registry())
+    window, why = _verdict_window(data)
+    now = datetime.now(timezone.utc)
+    before = args.before if args.before is not None else now
+    directory = Path(args.out) if args.out else data.path / SEGMENT_DIR
+    signer = data.issuer("gateway")
+    progress = output.Progress("rotating") if not args.json else None
+    try:
+        report = rotate(store, directory, signer, _trusted(data, store), before=before, now=now,
+                        verdict_window=window, lock=data.path / LOCK_FILE, segment_entries=args.segment_entries,
+                        progress=progress)
+    except OSError as exc:
+        raise LogError(f"{exc.filename or directory}: {exc.strerror}") from None
+    if args.json:
+        print(json.dumps({
+            "ok": True, "before": report.before.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "directory": str(directory),
+            "segments": [{"file": a.file_name, "first_seq": a.first_seq, "last_seq": a.last_seq, "entries": a.entries,
+                          "head_hash": a.head_hash.hex(), "sha256": a.file_sha256} for a in report.segments],
+            "summaries": report.summaries, "recovered": report.recovered,
+            "removed_temporary": report.removed_temporary,
+            "ignored": [{"file": f, "reason": r} for f, r in report.ignored], "registry": _registry_json(report.kept)}))
+        return 0
+    for name in report.removed_temporary:
+        print(f"removed {name}: left by a rotation that stopped while writing it")
+    for name in report.recovered:
+        print(f"recovered {name}: sealed by a rotation that stopped before recording it; now recorded")
+    for name, reason in report.ignored:
+        print(f"warning: left {name} alone: {reason}")
+    if report.summaries:
+        print(f"wrote {report.summaries} summary entr{'y' if report.summaries == 1 else 'ies'} for refused evidence "
+              "counted since the last one")
+    for a in report.segments:
+        print(f"sealed {a.file_name}: entries {a.first_seq}..{a.last_seq} ({a.entries}), SHA-256 {a.file_sha256}")
+    when = report.before.strftime("%Y-%m-%dT%H:%M:%SZ")
+    kept = (f"the registry keeps entries {report.kept[0]}..{report.kept[1]} ({report.kept[2]})" if report.kept
+            else "the registry keeps no entries")
+    if report.segments:
+        moved = sum(a.entries for a in report.segments)
+        print(f"OK: rotated {moved} entries older than {when} into {len(report.segments)} segment(s) in "
+              f"{directory}; {kept}")
+    else:
+        print(f"OK: nothing to rotate: no entry older than {when} ({why}); {kept}")
     return 0
 
 
 def cmd_verify_log(args) -> int:
-    store = _store(args)
-    report = verify_chain(store.iter_log())
-    problems = list(report.problems)
-    if args.head is not None:
-        seq, want = args.head
-        entry = store.entry(seq)
-        if entry is None:
-            problems.append((seq, f"recorded head entry {seq} is no longer in the log (truncated?)"))
-        elif entry.hash.hex() != want:
-            problems.append((seq, f"entry {seq} has hash {entry.hash.hex()}, not the recorded {want}"))
+    data = DataDir(resolve_data_dir(args.data)).require()
+    store = SQLiteAttestationStore(data.open_registry(readonly=True))
+    directories = [Path(d) for d in args.segments] if args.segments else [data.path / SEGMENT_DIR]
+    for d in directories:
+        if args.segments and not d.is_dir():
+            raise LogError(f"{d}: not a directory")
+    progress = output.Progress("verifying")
+    try:
+        report = verify_log(store, directories, _trusted(data, store), head=args.head,
+                            require_present=args.require_segments, progress=progress)
+    except OSError as exc:
+        raise LogError(f"{exc.filename or directories[0]}: {exc.strerror}") from None
+    problems = report.problems
     if args.json:
-        print(json.dumps({"ok": not problems, "entries": report.entries, "head_seq": report.head_seq,
-                          "head_hash": report.head_hash.hex(),
-                          "problems": [{"seq": s, "message": m} for s, m in problems]}))
+        print(json.dumps(report.as_json()))
     else:
+        for seg in report.segments:
+            span = f"entries {seg.first_seq}..{seg.last_seq} ({seg.entries})"
+            if seg.status == ARCHIVED:
+                print(f"segment {seg.file}: {span}: archived, not present (continuity checked through its anchor)")
+            elif seg.status != PENDING:
+                print(f"segment {seg.file}: {span}: {seg.status}")
+        for note in report.notes:
+            print(f"note: {note}")
         for _, message in problems:
             print(f"BROKEN: {message}")
         if not problems:
@@ -144,7 +258,8 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     at = sub.add_parser("attest", parents=[common], help="the attestation log and verification policy")
     atsub = at.add_subparsers(dest="attest_command", metavar="ACTION", required=True, parser_class=type(at))
 
-    s = atsub.add_parser("log", parents=[common], help="show attestation decisions, oldest first")
+    s = atsub.add_parser("log", parents=[common],
+                         help="show attestation decisions in the registry, oldest first; 'log rotate' seals old ones")
     s.add_argument("--device", metavar="SERIAL", help="only this device")
     s.add_argument("--verdict", choices=[t.value for t in Tier], help="only this verdict tier")
     s.add_argument("--since", type=parse_since, metavar="TIME",
@@ -152,11 +267,27 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--limit", type=_positive, metavar="N", help="only the newest N matching entries")
     s.add_argument("--json", action="store_true", help="one JSON object per line, with claims and evidence")
     s.set_defaults(func=cmd_log)
+    logsub = s.add_subparsers(dest="log_command", metavar="ACTION", required=False, parser_class=type(s))
+    r = logsub.add_parser("rotate", parents=[common],
+                          help="move old entries out of the registry into sealed, signed segment files")
+    r.add_argument("--before", type=parse_since, metavar="TIME",
+                   help="only entries older than TIME (2026-11-28, ..., or 90s / 15m / 2h / 7d ago); never an entry "
+                        "inside the policy's verdict window (default: everything older than that window)")
+    r.add_argument("--out", metavar="DIR", help=f"segment directory (default: DATA/{SEGMENT_DIR})")
+    r.add_argument("--segment-entries", type=_positive, default=DEFAULT_SEGMENT_ENTRIES, metavar="N",
+                   help=f"at most N entries per segment file (default {DEFAULT_SEGMENT_ENTRIES})")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_rotate)
 
     s = atsub.add_parser("verify-log", parents=[common],
-                         help="check the log's sequence numbers and hash chain; exit 1 if anything was changed")
+                         help="check the log's hash chain through its sealed segments and the registry; "
+                              "exit 1 if anything was changed")
     s.add_argument("--head", type=_head, metavar="SEQ:HASH",
                    help="a head printed by an earlier verify-log: also check it is still in the log")
+    s.add_argument("--segments", action="append", metavar="DIR",
+                   help=f"look for segment files here instead of DATA/{SEGMENT_DIR} (repeatable: e.g. an archive)")
+    s.add_argument("--require-segments", action="store_true",
+                   help="fail if a recorded segment file is not present (default: reported as archived)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_verify_log)
 

@@ -222,7 +222,7 @@ class EnrollmentService:
             revoke_device(self.ca.store, who.serial, "keyCompromise", self.clock())
             revoked = True
         self._decision("evidence", who, verdict.tier.value, acceptable=verdict.acceptable,
-                       reasons=list(verdict.codes) or None, log_seq=evaluation.entry.seq,
+                       reasons=list(verdict.codes) or None, log_seq=evaluation.log_seq,
                        revoked=revoked or None)
         return evaluation
 

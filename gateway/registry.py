@@ -117,7 +117,36 @@ _MIGRATIONS = {
     CREATE INDEX certificates_device ON certificates (device_serial, profile, status);
     CREATE INDEX certificates_revoked ON certificates (issuer) WHERE status = 'revoked';
     """,
-    # (4 is another change's.) A device's unconsumed nonces, newest first: issuing a nonce deletes
+    # bounded attestation log (gateway/attestation_store.py, gateway/log_rotation.py): summary entries
+    # for refused evidence beyond a device's budget (summary: their JSON; NULL on appraisal entries),
+    # one tally row per device with recent refused evidence, and one anchor row per sealed segment
+    # file the oldest entries were moved into
+    4: """
+    ALTER TABLE attestation_log ADD COLUMN summary TEXT;
+    CREATE TABLE attestation_refused (
+        device_serial     TEXT PRIMARY KEY,
+        window_end        TEXT NOT NULL,
+        logged            INTEGER NOT NULL,
+        suppressed        INTEGER NOT NULL,
+        first_at          TEXT,
+        last_at           TEXT,
+        reason_counts     TEXT NOT NULL,
+        device_type       TEXT NOT NULL,
+        cert_fingerprint  TEXT NOT NULL,
+        tier              TEXT NOT NULL
+    );
+    CREATE TABLE attestation_log_segments (
+        first_seq         INTEGER PRIMARY KEY,
+        last_seq          INTEGER NOT NULL UNIQUE,
+        prev_hash         BLOB NOT NULL,
+        head_hash         BLOB NOT NULL,
+        entries           INTEGER NOT NULL,
+        file_name         TEXT NOT NULL UNIQUE,
+        file_sha256       TEXT NOT NULL,
+        sealed_at         TEXT NOT NULL
+    );
+    """,
+    # A device's unconsumed nonces, newest first: issuing a nonce deletes
     # the device's oldest ones beyond its cap (gateway/attestation_store.py) through this index
     5: """
     CREATE INDEX attestation_nonces_outstanding ON attestation_nonces (device_serial, issued_at)
@@ -293,9 +322,8 @@ class SQLiteRegistry:
                 raise RegistryError(f"{self.path}: schema version {version} is newer than this devid "
                                     f"({SCHEMA_VERSION}); upgrade devid")
             for v in range(version + 1, SCHEMA_VERSION + 1):
-                # statement by statement: executescript() would COMMIT the open transaction; a
-                # number without statements only moves user_version on
-                for statement in _MIGRATIONS.get(v, "").split(";"):
+                # statement by statement: executescript() would COMMIT the open transaction
+                for statement in _MIGRATIONS[v].split(";"):
                     if statement.strip():
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version = {v}")

@@ -151,7 +151,7 @@ class Evidence(_Resource):
         evaluation = self.service.evidence(identity_of(request), request.payload)
         verdict = evaluation.appraisal.verdict
         body = {"verdict": verdict.tier.value, "acceptable": verdict.acceptable,
-                "reasons": [r.as_json() for r in verdict.reasons], "log_seq": evaluation.entry.seq,
+                "reasons": [r.as_json() for r in verdict.reasons], "log_seq": evaluation.log_seq,
                 "revoked": verdict.revoke}
         return aiocoap.Message(code=codes.CHANGED, payload=cbor2.dumps(body), content_format=CT_CBOR)
 

@@ -135,3 +135,111 @@ def test_parse_since():
     assert parse_since("7d", now) == now - timedelta(days=7)
     assert parse_since("2026-11-28T13:00:00+01:00") == now
     assert parse_since("2026-11-28T12:00:00") == now
+
+
+# -- the refused-evidence budget and rotation ---------------------------------------------------------
+
+@pytest.fixture
+def flooded(data):
+    """TS3 sends 10 junk evidence messages with a budget of 2, then acceptable evidence, then 3 more junk."""
+    from attestation.log_budget import LogBudget
+    reg = data.open_registry()
+    store = SQLiteAttestationStore(reg)
+    clock = Clock()
+    svc = AttestationService(POLICY, store, store, clock=clock, log_budget=LogBudget(refused_per_window=2))
+    dev = SimDevice(serial="TS3")
+    for _ in range(10):
+        svc.evaluate(b"\xd2\x84garbage", dev.identity)
+        clock.advance(1)
+    nonce = svc.issue_nonce(dev.serial, dev.fingerprint).value
+    svc.evaluate(dev.token(nonce), dev.identity)
+    for _ in range(3):
+        svc.evaluate(b"\xd2\x84garbage", dev.identity)
+    reg.close()
+    return data
+
+
+def test_log_shows_summary_entries(flooded):
+    d = flooded.path
+    lines = ok(run_devid("attest", "log", data_dir=d)).splitlines()
+    assert "8 more refused between 2026-11-28T12:00:02Z and 2026-11-28T12:00:09Z (cbor-malformed 8)" in lines[4]
+    assert lines[4].split()[:6] == ["3", "2026-11-28T12:00:10Z", "TS3", "temperature-sensor", "contraindicated", "no"]
+    assert "affirming" in lines[5] and lines[6] == "4 entries shown"
+    assert lines[7] == ("note: 3 more refused evidence message(s) from 1 device(s) are counted but not yet summarised "
+                        "(a summary entry comes before the device's next entry, or with the next rotation)")
+    rows = [json.loads(x) for x in ok(run_devid("attest", "log", "--json", data_dir=d)).splitlines()]
+    assert [r["kind"] for r in rows] == ["appraisal", "appraisal", "refused-summary", "appraisal"]
+    s = rows[2]
+    assert (s["count"], s["first"], s["last"], s["reason_counts"]) == \
+        (8, "2026-11-28T12:00:02.000000Z", "2026-11-28T12:00:09.000000Z", {"cbor-malformed": 8})
+    assert s["prev"] == rows[1]["hash"] and rows[3]["prev"] == s["hash"] and "evidence" not in s
+    seqs = [json.loads(x)["seq"] for x in ok(run_devid("attest", "log", "--json", "--verdict", "contraindicated",
+                                                        data_dir=d)).splitlines()]
+    assert seqs == [1, 2, 3]
+    assert ok(run_devid("attest", "verify-log", data_dir=d)).startswith("OK: 4 entries, chain intact; head 4:")
+
+
+def test_rotate_and_verify_log(logged, tmp_path):
+    d = logged.path
+    text = ok(run_devid("attest", "log", "rotate", "--segment-entries", "2", data_dir=d))
+    lines = text.splitlines()
+    assert lines[:3] == [f"sealed attestation-log-{a:012d}-{b:012d}.jsonl: entries {a}..{b} ({b - a + 1}), SHA-256 "
+                         + line.rsplit(" ", 1)[1] for (a, b), line in zip(((1, 2), (3, 4), (5, 5)), lines)]
+    assert lines[-1].startswith("OK: rotated 5 entries older than ")
+    assert lines[-1].endswith(f"into 3 segment(s) in {d / 'attestation-log'}; the registry keeps no entries")
+    out = ok(run_devid("attest", "log", data_dir=d)).splitlines()
+    assert out[-2:] == ["0 entries shown", "note: entries 1..5 were rotated into 3 sealed segment(s); this command "
+                        "reads only the registry ('devid attest verify-log' checks the segments)"]
+    text = ok(run_devid("attest", "verify-log", data_dir=d))
+    assert text.splitlines()[0] == "segment attestation-log-000000000001-000000000002.jsonl: entries 1..2 (2): verified"
+    assert text.splitlines()[-1].startswith("OK: 5 entries, chain intact; head 5:")
+    head = text.split("head ")[1].strip()
+    ok(run_devid("attest", "verify-log", "--head", head, data_dir=d))
+    report = json.loads(ok(run_devid("attest", "verify-log", "--json", data_dir=d)))
+    assert report["ok"] and [s["status"] for s in report["segments"]] == ["verified"] * 3 and report["entries"] == 5
+    # an operator archives the middle segment: reported, continuity still checked through its anchor
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    middle = d / "attestation-log" / "attestation-log-000000000003-000000000004.jsonl"
+    shutil.move(middle, archive / middle.name)
+    text = ok(run_devid("attest", "verify-log", data_dir=d))
+    assert (f"segment {middle.name}: entries 3..4 (2): archived, not present (continuity checked through its "
+            "anchor)") in text.splitlines()
+    assert text.splitlines()[-1].startswith("OK: 3 entries, chain intact; head 5:")
+    one_line_error(run_devid("attest", "verify-log", "--require-segments", data_dir=d), "1 problem")
+    text = ok(run_devid("attest", "verify-log", "--segments", d / "attestation-log", "--segments", archive,
+                        data_dir=d))
+    assert text.count(": verified") == 3
+    # a segment edited in the archive
+    (archive / middle.name).write_bytes((archive / middle.name).read_bytes().replace(b'"TS2"', b'"TS1"', 1))
+    proc = run_devid("attest", "verify-log", "--segments", d / "attestation-log", "--segments", archive, data_dir=d)
+    assert proc.returncode == 1
+    assert f"BROKEN: {middle.name}: the file changed after it was sealed" in proc.stdout.decode()
+    assert proc.stderr.decode().startswith("devid: error: attestation log verification failed:")
+    # nothing more to rotate; JSON
+    assert "OK: nothing to rotate: no entry older than" in ok(run_devid("attest", "log", "rotate", data_dir=d))
+    j = json.loads(ok(run_devid("attest", "log", "rotate", "--json", data_dir=d)))
+    assert j["ok"] and j["segments"] == [] and j["registry"] is None
+
+
+def test_rotate_json_and_bad_input(logged, tmp_path):
+    d = logged.path
+    j = json.loads(ok(run_devid("attest", "log", "rotate", "--before", "2026-11-28T14:30:00Z", "--out",
+                                tmp_path / "segs", "--json", data_dir=d)))
+    assert [(s["first_seq"], s["last_seq"]) for s in j["segments"]] == [(1, 3)]
+    assert j["registry"] == {"first_seq": 4, "last_seq": 5, "entries": 2} and j["directory"] == str(tmp_path / "segs")
+    assert (tmp_path / "segs" / j["segments"][0]["file"]).exists()
+    ok(run_devid("attest", "verify-log", "--segments", tmp_path / "segs", data_dir=d))
+    # elsewhere than DATA/attestation-log: found with --segments, else reported as archived
+    assert "archived, not present" in ok(run_devid("attest", "verify-log", data_dir=d))
+    one_line_error(run_devid("attest", "verify-log", "--require-segments", data_dir=d), "1 problem")
+    (tmp_path / "a-file").write_text("x")
+    for args, needle in ((("--before", "yesterday"), "invalid time 'yesterday'"),
+                         (("--before", "99999999d"), "invalid time '99999999d': too far back"),
+                         (("--segment-entries", "0"), "must be at least 1"),
+                         (("--out", tmp_path / "a-file"), "cannot create the segment directory")):
+        one_line_error(run_devid("attest", "log", "rotate", *args, data_dir=d), needle)
+    one_line_error(run_devid("attest", "verify-log", "--segments", tmp_path / "nowhere", data_dir=d),
+                   "nowhere: not a directory")
+    proc = run_devid("attest", "log", "rotate", "--help")
+    assert proc.returncode == 0 and b"--segment-entries" in proc.stdout
