@@ -295,7 +295,7 @@ def cmd_serve(args) -> int:
         print(f"devid: error: {where} must be {exc.allowed} (got {exc.value})", file=sys.stderr)
         return 2
     data.require()
-    config = GatewayConfig(limits=limits, budgets=data.config.budgets)
+    config = GatewayConfig(limits=limits)        # budgets from devid.toml
     if listen:
         config.listen = listen
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)

@@ -24,6 +24,7 @@ from typing import Callable, Iterable
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from attestation.log_budget import LogBudget
 from ca import keys
 from ca.authority import CertificateAuthority, Issuer
 from ca.errors import CAError, CAExists, CANotInitialised
@@ -88,9 +89,16 @@ class Config:
     def server_limits(self) -> ServerLimits:
         return ServerLimits(**self.gateway)
 
+    # [attestation_log] as written (checked): refused evidence logged in full per device
+    log_table: dict = field(default_factory=dict)
+
     @property
     def budgets(self) -> Budgets:
         return Budgets(**_budgets_from_toml(self.budgets_table))
+
+    @property
+    def log_budget(self) -> LogBudget:
+        return LogBudget(**_log_budget_from_toml(self.log_table))
 
     def render(self) -> str:
         s = self.identity
@@ -139,7 +147,8 @@ class Config:
         return cls(identity, values.get("profiles.factory_validity_days", cls.factory_days),
                    values.get("profiles.operational_validity_days", cls.operational_days),
                    values.get("crl.validity_days", cls.crl_days),
-                   gateway=objects.get("gateway", {}), budgets_table=objects.get("budgets", {}))
+                   gateway=objects.get("gateway", {}), budgets_table=objects.get("budgets", {}),
+                   log_table=objects.get("attestation_log", {}))
 
 
 def _integer(low: int, high: int, what: str = "") -> Callable[[object], int]:
@@ -201,10 +210,25 @@ def _budgets_from_toml(table: dict) -> dict:
     return out
 
 
+def _log_budget_from_toml(table: dict) -> dict:
+    """[attestation_log]: the window in seconds (at least a minute, at most a week)."""
+    out = dict(table)
+    if "window" in table:
+        value = table["window"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 60 <= value <= 7 * 86400:
+            raise ValueError(f"attestation_log.window must be 60 to 604800 seconds (got {value!r})")
+        out["window"] = timedelta(seconds=value)
+    value = table.get("refused_per_window", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100_000:
+        raise ValueError(f"attestation_log.refused_per_window must be an integer from 1 to 100,000 (got {value!r})")
+    return out
+
+
 # devid.toml sections that are one object each: section -> (dataclass, conversion of the TOML table)
 _OBJECT_SECTIONS: dict[str, tuple[type, Callable[[dict], dict] | None]] = {
     "gateway": (ServerLimits, None),
     "budgets": (Budgets, _budgets_from_toml),     # docs/enrollment.md#budgets
+    "attestation_log": (LogBudget, _log_budget_from_toml),    # docs/attestation.md
 }
 
 # devid.toml: section -> key -> check (returns the value or raises ValueError saying what is allowed)

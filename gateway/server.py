@@ -27,6 +27,8 @@ from attestation.policy import Policy, load_policy
 from attestation.service import AttestationService
 
 from .attestation_store import SQLiteAttestationStore
+from attestation.log_budget import LogBudget
+
 from .budgets import Budgets
 from .configuration import ConfigTemplates
 from .datadir import DataDir
@@ -80,11 +82,13 @@ def load_gateway_policy(data: DataDir) -> Policy:
 @dataclass
 class GatewayConfig:
     listen: list[tuple[str, int]] = field(default_factory=lambda: [("0.0.0.0", 5684), ("::", 5684)])
-    limits: E.ServerLimits = field(default_factory=E.ServerLimits)
+    # None: from devid.toml ([gateway], [budgets], [attestation_log]; docs/configuration.md), else the defaults
+    limits: E.ServerLimits | None = None
     ciphers: bytes = contexts.CIPHERS_CCM8_AND_GCM
     revocation_check_interval: float = 5.0
     reuse_port: bool = False
-    budgets: Budgets = field(default_factory=Budgets)     # per-device limits (docs/enrollment.md#budgets)
+    budgets: Budgets | None = None              # per-device limits (docs/enrollment.md#budgets)
+    log_budget: LogBudget | None = None         # refused evidence logged per device (docs/attestation.md)
 
 
 class Gateway:
@@ -99,14 +103,17 @@ class Gateway:
         mfg, op = data.cert("manufacturing"), data.cert("operational")
         self.ssl_context = contexts.server_context(gw.cert, [op], gw.key, trust_anchors=[mfg, op],
                                                    client_cas=[mfg, op], ciphers=self.config.ciphers)
-        budgets = self.config.budgets
+        settings = data.config
+        budgets = self.config.budgets or settings.budgets
         self.authenticator = DeviceAuthenticator(mfg, op, data.config.identity, self.registry, clock,
                                                  superseded_grace=budgets.superseded_grace)
-        self.engine = E.ServerEngine(self.ssl_context, self.authenticator, self.config.limits)
+        self.engine = E.ServerEngine(self.ssl_context, self.authenticator,
+                                     self.config.limits or settings.server_limits)
         self.policy = load_gateway_policy(data)
         store = SQLiteAttestationStore(self.registry)
         self.attestation = AttestationService(self.policy, store, store, clock=clock,
-                                              max_outstanding_nonces=budgets.outstanding_nonces)
+                                              max_outstanding_nonces=budgets.outstanding_nonces,
+                                              log_budget=self.config.log_budget or settings.log_budget)
         self.configs = ConfigTemplates(data.path / "config", data.cert)
         self.configs.ensure_default()
         self.enrollment = EnrollmentService(data.authority(self.registry), self.attestation, self.policy,

@@ -216,3 +216,19 @@ def test_budgets_from_devid_toml(data):
     with data.config_path.open("a") as f:
         f.write("nonce = {burst = 0}\n")
     _one_error_line(run_devid("serve", data_dir=data.path), "budgets.nonce.burst", "devid.toml")
+
+
+def test_the_gateway_applies_devid_toml(data):
+    from datetime import timedelta
+    from gateway.server import Gateway, GatewayConfig
+    with data.config_path.open("a") as f:
+        f.write("\n[gateway]\nmtu = 1000\n\n[budgets]\nnonce = {burst = 2}\n\n"
+                "[attestation_log]\nrefused_per_window = 7\nwindow = 600\n")
+    gw = Gateway(data, GatewayConfig(listen=[("127.0.0.1", 0)]))
+    try:
+        assert gw.engine.limits.mtu == 1000
+        assert gw.enrollment.budgets.nonce.burst == 2
+        assert (gw.attestation.log_budget.refused_per_window, gw.attestation.log_budget.window) == \
+            (7, timedelta(seconds=600))
+    finally:
+        gw.registry.close()
