@@ -224,6 +224,7 @@ def test_the_gateway_applies_devid_toml(data):
     with data.config_path.open("a") as f:
         f.write("\n[gateway]\nmtu = 1000\n\n[budgets]\nnonce = {burst = 2}\n\n"
                 "[attestation_log]\nrefused_per_window = 7\nwindow = 600\n")
+    data._config = None             # read again, as a new process would
     gw = Gateway(data, GatewayConfig(listen=[("127.0.0.1", 0)]))
     try:
         assert gw.engine.limits.mtu == 1000
