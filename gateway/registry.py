@@ -2,22 +2,21 @@
 
 One connection per Registry object (one per process or thread). Every write runs in a
 `BEGIN IMMEDIATE` transaction, so concurrent writers from several processes serialise on the
-database lock instead of failing half-way. `synchronous=NORMAL` in WAL mode survives a killed
-process (kill -9) without losing a committed transaction; a power cut may lose the last ones,
-never corrupt the file.
+database lock instead of failing half-way.
+
+Durability (what survives a power cut): `gateway/database.py`.
 """
 
 from __future__ import annotations
 
 import sqlite3
-import threading
-from contextlib import contextmanager
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 from ca.errors import DeviceRevoked, DuplicateDevice, SerialCollision, UnknownDevice
 from ca.store import CertificateLookup, CertificateRecord, CertStatus, DeviceRecord, DeviceState
+
+from .database import Database, RegistryError  # noqa: F401  (RegistryError: re-exported)
 
 SCHEMA_VERSION = 3
 
@@ -119,10 +118,6 @@ _MIGRATIONS = {
 }
 
 
-class RegistryError(Exception):
-    """The database cannot be opened or is of a newer schema than this code."""
-
-
 def _ts(t: datetime | None) -> str | None:
     """'YYYY-MM-DDTHH:MM:SSZ' in UTC (isoformat is C code; strftime took ~3 % of an issuance)."""
     if t is None:
@@ -171,68 +166,9 @@ def _collision(exc: sqlite3.IntegrityError) -> SerialCollision:
     raise exc
 
 
-class SQLiteRegistry:
-    """`ca.store.Registry` on SQLite. Also the home of later stores (nonces, attestation log)."""
-
-    def __init__(self, path: Path | str, *, timeout: float = 30.0) -> None:
-        self.path = Path(path)
-        try:
-            self._db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None,
-                                       check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            # Checkpoint the WAL every 4000 pages (~16 MB) instead of 1000: each issuance writes ~6
-            # pages, and a checkpoint copies and fsyncs them into the database file. Measured: COMMIT
-            # 55-63 us instead of 66-69 us per issuance. cache_size above the default (2 MB) did not help.
-            self._db.execute("PRAGMA wal_autocheckpoint=4000")
-            self._lock = threading.RLock()
-            self._depth = 0
-            self._migrate()
-        except sqlite3.DatabaseError as exc:
-            raise RegistryError(f"{self.path}: cannot open the registry: {exc}") from None
-
-    def close(self) -> None:
-        self._db.close()
-
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT; rolled back on any exception.
-
-        Inside another transaction of this registry (a caller making several steps atomic, e.g.
-        using a verdict and issuing the certificate), a SAVEPOINT instead: it is undone alone if
-        its block fails, and its writes become durable with the outer COMMIT."""
-        with self._lock:
-            if self._depth:
-                name = f"sp{self._depth}"
-                self._db.execute(f"SAVEPOINT {name}")
-                self._depth += 1
-                try:
-                    yield self._db
-                except BaseException:
-                    # SQLite may have rolled the whole transaction back itself (e.g. disk full):
-                    # then there is no savepoint left, and the original error is the one to see
-                    if self._db.in_transaction:
-                        self._db.execute(f"ROLLBACK TO {name}")
-                        self._db.execute(f"RELEASE {name}")
-                    raise
-                finally:
-                    self._depth -= 1
-                self._db.execute(f"RELEASE {name}")
-                return
-            self._db.execute("BEGIN IMMEDIATE")
-            self._depth = 1
-            try:
-                yield self._db
-                if not self._db.in_transaction:     # rolled back by SQLite under a caller that went on
-                    raise sqlite3.OperationalError("the transaction was rolled back by SQLite; nothing was committed")
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
-            finally:
-                self._depth = 0
+class SQLiteRegistry(Database):
+    """`ca.store.Registry` on SQLite. Also the home of later stores (nonces, attestation log).
+    Connection set-up and transactions: `gateway/database.py`."""
 
     def _migrate(self) -> None:
         with self.transaction() as db:
@@ -246,16 +182,6 @@ class SQLiteRegistry:
                     if statement.strip():
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version = {v}")
-
-    @contextmanager
-    def reading(self) -> Iterator[sqlite3.Connection]:
-        """The connection, for reads outside a write transaction."""
-        with self._lock:
-            yield self._db
-
-    @property
-    def schema_version(self) -> int:
-        return self._db.execute("PRAGMA user_version").fetchone()[0]
 
     # -- devices -----------------------------------------------------------------------------
 
@@ -283,7 +209,7 @@ class SQLiteRegistry:
 
     def register_devices(self, pairs: Sequence[tuple[DeviceRecord, CertificateRecord]]) -> None:
         try:
-            with self.transaction() as db:
+            with self.transaction(durable=True) as db:
                 db.executemany(f"INSERT INTO devices ({_DEVICE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                [(d.serial, d.device_type, d.state.value, _ts(d.created_at), _ts(d.updated_at),
                                  _ts(d.enrolled_at), _ts(d.revoked_at), d.revocation_reason) for d, _ in pairs])
@@ -297,7 +223,7 @@ class SQLiteRegistry:
     def record_certificate(self, cert: CertificateRecord, *, supersede_profile: str | None = None,
                            new_state: DeviceState | None = None) -> None:
         try:
-            with self.transaction() as db:
+            with self.transaction(durable=True) as db:
                 self._record(db, cert, supersede_profile, new_state)
         except sqlite3.IntegrityError as exc:
             raise _collision(exc) from None
@@ -309,7 +235,7 @@ class SQLiteRegistry:
         cannot slip between the check and the write, and there is no separate read transaction.
         `build` (the signature, ~0.1 ms) runs under the write lock; readers are not blocked (WAL)."""
         try:
-            with self.transaction() as db:
+            with self.transaction(durable=True) as db:
                 row = db.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE serial = ?", (device_serial,)).fetchone()
                 if row is None:
                     raise UnknownDevice(f"unknown device {device_serial}")
@@ -350,7 +276,7 @@ class SQLiteRegistry:
         """Insert certificate records (CA and gateway certificates) in one transaction;
         `before_commit` runs inside it, so its failure rolls the records back."""
         try:
-            with self.transaction() as db:
+            with self.transaction(durable=True) as db:
                 db.executemany(f"INSERT INTO certificates ({_CERT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                                [_cert_params(c) for c in records])
                 if before_commit is not None:
@@ -383,7 +309,7 @@ class SQLiteRegistry:
 
     def revoke_device(self, serial: str, reason: str, now: datetime) -> list[CertificateRecord]:
         t = _ts(now)
-        with self.transaction() as db:
+        with self.transaction(durable=True) as db:
             rows = db.execute(f"SELECT {_CERT_COLS} FROM certificates WHERE device_serial = ? "
                               "AND status != 'revoked'", (serial,)).fetchall()
             db.execute("UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ? "
@@ -414,13 +340,13 @@ class SQLiteRegistry:
         return found
 
     def next_crl_number(self, issuer: str) -> int:
-        with self.transaction() as db:
+        with self.transaction(durable=True) as db:
             db.execute("INSERT INTO crl_numbers (issuer, number) VALUES (?, 1) "
                        "ON CONFLICT (issuer) DO UPDATE SET number = number + 1", (issuer,))
             return db.execute("SELECT number FROM crl_numbers WHERE issuer = ?", (issuer,)).fetchone()[0]
 
     def reserve_serial_block(self, prefix: str, count: int) -> int:
-        with self.transaction() as db:
+        with self.transaction(durable=True) as db:
             row = db.execute("SELECT next FROM serial_sequences WHERE prefix = ?", (prefix,)).fetchone()
             start = row[0] if row else 1
             db.execute("INSERT INTO serial_sequences (prefix, next) VALUES (?, ?) "
