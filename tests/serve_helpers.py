@@ -96,6 +96,14 @@ def serve(data_dir: Path, log: Path, *, port: int | None = None, prefix: list[st
     return Served(proc, port, log)
 
 
+def evidence_token(dev: loadgen.Device, nonce: bytes) -> bytes:
+    """Acceptable evidence (the bench firmware) for `nonce`, signed with the factory key."""
+    ev = Evidence(nonce=nonce, ueid=dev.ueid, oemid=dev.oemid, hwmodel=dev.device_type.encode(), swname=FW.name,
+                  swversion=FW.version, fw_alg=FW.alg, fw_digest=FW.digest, secure_boot=True, dbgstat=2,
+                  bootcount=1, iat=int(time.time()), swversion_scheme=1)
+    return sign_evidence(ev, dev.factory_key)
+
+
 class Device:
     """One device's DTLS session, driven one request at a time."""
 
@@ -118,10 +126,7 @@ class Device:
         return await self.request(loadgen.GET, loadgen.NONCE_OPTS)
 
     async def evidence(self, nonce: bytes):
-        ev = Evidence(nonce=nonce, ueid=self.dev.ueid, oemid=self.dev.oemid, hwmodel=self.dev.device_type.encode(),
-                      swname=FW.name, swversion=FW.version, fw_alg=FW.alg, fw_digest=FW.digest, secure_boot=True,
-                      dbgstat=2, bootcount=1, iat=int(time.time()), swversion_scheme=1)
-        return await self.request(loadgen.POST, loadgen.EVIDENCE_OPTS, sign_evidence(ev, self.dev.factory_key))
+        return await self.request(loadgen.POST, loadgen.EVIDENCE_OPTS, evidence_token(self.dev, nonce))
 
     async def enroll(self, key):
         return await self.request(loadgen.POST, loadgen.SEN_OPTS, device_csr(key, self.dev.serial))

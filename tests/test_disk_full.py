@@ -25,13 +25,13 @@ from aiocoap.numbers import codes
 
 from gateway.client import device_context
 from gateway.datadir import DataDir
-from gateway.device import enroll
+from gateway.device import enroll, fetch_config
 from gateway.problems import to_response
 from gateway.registry import SQLiteRegistry
 from gateway.storage import StorageHealth
 
 from . import serve_helpers as H
-from .conftest import NOW
+from .conftest import NOW, make_csr
 
 
 @pytest.fixture
@@ -85,41 +85,45 @@ def test_a_full_disk_is_reported_as_such_and_the_gateway_recovers(small_fs, tmp_
     data.init(NOW)
     bundles = H.fleet(data, tmp_path / "factory", 2)
     served = H.serve(data.path, tmp_path / "serve.log")
+    uri = served.uri
     try:
-        async def first():
-            await enroll(bundles[0], served.uri, H.FW)       # all is well before the disk fills
-        asyncio.run(first())
-        filler = fill(small_fs)
-
-        async def refused():
+        async def scenario():
+            await enroll(bundles[0], uri, H.FW)              # all is well before the disk fills
+            # the second device attests, then the disk fills before it asks for its certificate
             ctx, _ = await device_context(bundles[1], "127.0.0.1")
             try:
-                answers = []
-                for _ in range(6):
-                    r = await asyncio.wait_for(ctx.request(aiocoap.Message(
-                        code=codes.GET, uri=f"{served.uri}/attest/nonce")).response, 30)
-                    answers.append(r)
-                return answers
+                async def ask(code, path, **kw):
+                    return await asyncio.wait_for(ctx.request(aiocoap.Message(code=code, uri=uri + path, **kw))
+                                                  .response, 30)
+                nonce = cbor2.loads((await ask(codes.GET, "/attest/nonce")).payload)["nonce"]
+                r = await ask(codes.POST, "/attest/evidence", payload=H.evidence_token(H.loadgen.load_device(bundles[1]), nonce), content_format=60)
+                assert cbor2.loads(r.payload)["acceptable"] is True
+                filler = fill(small_fs)
+                csr = make_csr()[0]
+                refused = [await ask(codes.POST, "/.well-known/est/sen", payload=csr, content_format=286)]
+                refused += [await ask(codes.GET, "/attest/nonce") for _ in range(5)]
+                for r in refused:
+                    assert r.code == codes.SERVICE_UNAVAILABLE, r
+                    assert _problem(r) == ("5.03 Service Unavailable", "storage full, try again later", 60)
+                # reading still works: the enrolled device gets its configuration
+                config = await fetch_config(bundles[0], uri)
+                assert config["device"] == bundles[0].name
+                lines = _storage_lines(served.log)
+                assert len(lines) == 1, lines                # one line for the burst, not one per request
+                assert lines[0]["result"] == "full" and lines[0]["path"] == str(data.db_path)
+                # space returns: the same session gets its certificate with the verdict it had
+                # (the refused issuance used nothing up), without a restart of the gateway
+                filler.unlink()
+                r = await ask(codes.POST, "/.well-known/est/sen", payload=csr, content_format=286)
+                assert r.code == codes.CHANGED, r.payload
             finally:
                 await ctx.shutdown()
-        answers = asyncio.run(refused())
-        for r in answers:
-            assert r.code == codes.SERVICE_UNAVAILABLE, r
-            assert _problem(r) == ("5.03 Service Unavailable", "storage full, try again later", 60)
-        lines = _storage_lines(served.log)
-        assert len(lines) == 1, lines                       # one line for the burst, not one per request
-        assert lines[0]["result"] == "full" and lines[0]["path"] == str(data.db_path)
-        assert "registry busy" not in served.log.read_text()
-        # space returns: the next device enrolls, with no restart
-        filler.unlink()
-
-        async def second():
-            return await enroll(bundles[1], served.uri, H.FW)
-        result = asyncio.run(second())
-        assert result.serial == bundles[1].name
+            await enroll(bundles[1], uri, H.FW)              # and a whole enrollment works again
+        asyncio.run(scenario())
         lines = _storage_lines(served.log)
         assert [line["result"] for line in lines] == ["full", "recovered"], lines
         assert lines[1]["refused"] >= 6
+        assert "registry busy" not in served.log.read_text()
     finally:
         assert served.stop() == 0
     assert "Traceback" not in served.log.read_text()
