@@ -16,7 +16,7 @@ power cut may lose the last of them, never corrupt the file, and the next durabl
 every earlier one durable too (the WAL is one sequential file). `PRAGMA synchronous` cannot
 change inside a transaction, so a durable write nested in another transaction needs that outer
 transaction to be durable (checked). Why per transaction rather than FULL for the connection,
-measured: benchmarks/README.md (`devid bench --sync-modes`).
+measured: benchmarks/README.md (`devid bench --durability`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Iterator
 
 from .storage import StorageHealth, storage_kind
 
-# For benchmarks only (`devid bench --sync-modes` measures the cost of durable commits): "normal"
+# For benchmarks only (`devid bench --durability` measures the cost of durable commits): "normal"
 # makes durable transactions not durable (the baseline), "full" makes every transaction durable
 # (the alternative that was measured and not chosen). Unset or anything else: the default.
 SYNC_ENV = "DEVID_BENCH_SYNCHRONOUS"
