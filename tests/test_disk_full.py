@@ -96,7 +96,8 @@ def test_a_full_disk_is_reported_as_such_and_the_gateway_recovers(small_fs, tmp_
                     return await asyncio.wait_for(ctx.request(aiocoap.Message(code=code, uri=uri + path, **kw))
                                                   .response, 30)
                 nonce = cbor2.loads((await ask(codes.GET, "/attest/nonce")).payload)["nonce"]
-                r = await ask(codes.POST, "/attest/evidence", payload=H.evidence_token(H.loadgen.load_device(bundles[1]), nonce), content_format=60)
+                token = H.evidence_token(H.loadgen.load_device(bundles[1]), nonce)
+                r = await ask(codes.POST, "/attest/evidence", payload=token, content_format=60)
                 assert cbor2.loads(r.payload)["acceptable"] is True
                 filler = fill(small_fs)
                 csr = make_csr()[0]
@@ -160,9 +161,11 @@ def test_storage_errors_map_to_their_own_answers(small_fs, tmp_path):
     for exc, title, max_age in ((full.value, "storage full, try again later", 60),
                                 (read_only.value, "storage read-only, try again later", 60),
                                 (busy.value, "registry busy, try again", 1),
-                                (OSError(errno.ENOSPC, "No space left on device"), "storage full, try again later", 60)):
+                                (OSError(errno.ENOSPC, "No space left on device"), "storage full, try again later",
+                                 60)):
         m = to_response(exc)
-        assert (m.code, cbor2.loads(m.payload), m.opt.max_age) == (codes.SERVICE_UNAVAILABLE, {-1: title}, max_age), exc
+        assert (m.code, cbor2.loads(m.payload), m.opt.max_age) == (codes.SERVICE_UNAVAILABLE, {-1: title}, max_age), \
+            exc
 
 
 def test_the_registry_logs_one_line_per_burst(small_fs, caplog):
