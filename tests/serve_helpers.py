@@ -69,13 +69,19 @@ class Served:
         raise AssertionError("the gateway under strace is gone")
 
     def stop(self) -> int:
-        """SIGTERM to the gateway (under strace: strace ends with it); its exit status."""
+        """SIGTERM to the gateway (under strace: strace ends with it); its exit status. One that
+        does not stop within a minute is killed, under strace too (not only strace)."""
         if self.proc.poll() is None:
-            os.kill(self.gateway_pid(), signal.SIGTERM)
+            pid = self.gateway_pid()
+            os.kill(pid, signal.SIGTERM)
             try:
                 return self.proc.wait(60)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                for victim in {pid, self.proc.pid}:
+                    try:
+                        os.kill(victim, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
         return self.proc.wait(30)
 
 
