@@ -3,6 +3,8 @@
 
     devid bench [--devices 200] [--concurrency 16] [--clients 2] [--workers N] [--renew]
                 [--client lean|script] [--gateway coaps://HOST:PORT --data DIR] [--no-baselines]
+    devid bench --durability [--rounds 2] [--devices N ...]    the cost of durable commits
+    devid bench --flood [--rounds 2] [--devices N ...]         enrollment latency under a nonce flood
 
 Starts `devid serve --workers N` on loopback (or targets --gateway), provisions the devices,
 and runs each through the zero-touch flow (nonce, signed evidence, EST /sen, configuration, in
@@ -21,6 +23,11 @@ enrollment; `--client script` runs the field engineer's script per device (gatew
     crypto    the cryptographic operations one attested enrollment needs on the server
               (performance-facts.md: 2 ECDSA signs, 5 verifies, 1 key generation, 1 ECDH),
               timed with `cryptography` alone: the floor.
+
+`--durability` and `--flood` replace the plain run with the two measurements of issue 10
+(benchmarks/bench_hardening.py): server CPU per enrollment with and without durable commits,
+and the p95 of well-behaved enrollments with and without another identity flooding nonce
+requests, each side by side in alternating rounds of one run.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -171,7 +179,7 @@ def crypto_floor(seconds: float = 1.5) -> dict:
 
 def libcoap_baseline(work: Path, data, seconds: float, inflight: int, clients: int) -> dict:
     import bench_dtls
-    bundles = sorted(str(p) for p in (work / "factory").iterdir())[:16]
+    bundles = bundle_dirs(work / "factory")[:16]
     port = bench_dtls.free_port()
     proc = bench_dtls.start_libcoap(work, data, port)
     try:
@@ -183,10 +191,103 @@ def libcoap_baseline(work: Path, data, seconds: float, inflight: int, clients: i
             "server_cpu_ms_per_op": round(res["server_cpu_ms_per_op"], 3), "failed": res["failed"]}
 
 
+@dataclass
+class Served:
+    """A `devid serve` started by the benchmark: its process, its URI, the pids whose CPU counts."""
+
+    proc: subprocess.Popen
+    uri: str
+    pids: list[int]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+
+
+def start_gateway(data_path: Path, workers: int, server_root: Path, env: dict | None = None) -> Served:
+    import bench_dtls
+    port = bench_dtls.free_port()
+    e = dict(os.environ, DEVID_DATA=str(data_path))
+    e.update(env or {})
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
+                             "--workers", str(workers), "--log-level", "WARNING"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=e, cwd=server_root)
+    line = proc.stdout.readline().decode()
+    if "listening" not in line:
+        proc.kill()
+        raise SystemExit(f"devid serve did not start: {line}")
+    pids = [proc.pid] + _children(proc.pid) if workers > 1 else [proc.pid]
+    return Served(proc, f"coaps://127.0.0.1:{port}", pids)
+
+
+def bundle_dirs(directory: Path) -> list[str]:
+    """The device bundles in a provisioning output directory (not its hidden entries)."""
+    return sorted(str(p) for p in directory.iterdir() if not p.name.startswith(".") and p.is_dir())
+
+
+def run_clients(gateway: str, bundles: list[str], pids: list[int], *, clients: int, concurrency: int,
+                client: str = "lean", renew: bool = False) -> dict:
+    """Enroll (or renew) `bundles` from `clients` processes; the JSON summary of one mode."""
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    go = ctx.Event()
+    shares = [bundles[i::clients] for i in range(clients)]
+    per = max(1, concurrency // clients)
+    target = _client_lean if client == "lean" else _client
+    procs = [ctx.Process(target=target, args=(gateway, s, per, renew, q, go)) for s in shares if s]
+    for p in procs:
+        p.start()
+    # the timed part starts when every client has loaded what it needs (process start-up,
+    # imports and, for the lean client, bundles and CA certificates are not timed)
+    for _ in procs:
+        kind, _payload = q.get(timeout=600)
+        if kind != "ready":
+            raise SystemExit(f"a client process failed to start: {kind}")
+    cpu0 = _cpu(pids)
+    t0 = time.perf_counter()
+    go.set()
+    results = [q.get(timeout=3600)[1] for _ in procs]
+    wall = time.perf_counter() - t0
+    cpu1 = _cpu(pids)
+    for p in procs:
+        p.join(300)        # the lean client saves the operational identities before it exits
+    lat = [x for r in results for x in r["latencies"]]
+    failures = {k: v for r in results for k, v in r["failures"].items()}
+    steps = [s for r in results for s in r["steps"]]
+    client_cpu = sum(r["cpu"] for r in results)
+    done = len(lat)
+    out = {"mode": "renew" if renew else "enroll", "client": client, "devices": len(bundles),
+           "done": done, "errors": len(failures), "seconds": round(wall, 2),
+           "per_s": round(done / wall, 1) if wall else None,
+           "latency_ms": {"p50": _pct(lat, 50), "p95": _pct(lat, 95), "p99": _pct(lat, 99)},
+           "server_cpu_ms_per_op": round((cpu1 - cpu0) * 1000 / done, 3) if done and pids else None,
+           "client_cpu_ms_per_op": round(client_cpu * 1000 / done, 3) if done else None,
+           "server_peak_rss_kib": _hwm_kib(pids) if pids else None}
+    counters = [r["counters"] for r in results if "counters" in r]
+    if counters:      # lean client: retransmissions seen (lost datagrams or a slow gateway)
+        out["client_retransmissions"] = {k: sum(c[k] for c in counters) for k in counters[0]}
+    if steps:
+        names = ("connect", "renew") if renew else ("connect", "nonce", "evidence", "enroll", "config")
+        out["step_latency_ms"] = {name: {"p50": _pct([s[name] for s in steps if name in s], 50),
+                                         "p95": _pct([s[name] for s in steps if name in s], 95),
+                                         "p99": _pct([s[name] for s in steps if name in s], 99)}
+                                  for name in names}
+    if failures:
+        out["first_failures"] = dict(list(failures.items())[:5])
+    out["_latencies"] = lat          # for pooled figures across rounds; removed before printing
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="devid bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--devices", type=int, default=200, help="devices to enroll (default 200)")
+    ap.add_argument("--devices", type=int, default=200, help="devices to enroll (default 200; with --durability "
+                                                             "or --flood: per mode and round)")
     ap.add_argument("--concurrency", type=int, default=16, help="devices in flight in all (default 16)")
     ap.add_argument("--clients", type=int, default=2, help="client processes (default 2)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="gateway processes")
@@ -200,14 +301,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--client", choices=("lean", "script"), default="lean",
                     help="lean: benchmarks/loadgen.py (default); script: the field engineer's script per "
                          "device (gateway/simulator.py)")
+    ap.add_argument("--durability", action="store_true",
+                    help="instead of the plain run: the cost of durable commits (gateway with and without "
+                         "synchronous=FULL, alternating rounds; benchmarks/bench_hardening.py)")
+    ap.add_argument("--flood", action="store_true",
+                    help="instead of the plain run: enrollment latency while another identity floods nonce "
+                         "requests, against quiet rounds (benchmarks/bench_hardening.py)")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of --durability and --flood (default 2)")
+    ap.add_argument("--flood-sessions", type=int, default=4, help="DTLS sessions of the flooding identity")
+    ap.add_argument("--flood-window", type=int, default=16, help="nonce requests in flight per flooding session")
     args = ap.parse_args(argv)
     if args.gateway and not args.data:
         ap.error("--gateway needs --data (to provision devices its CA trusts)")
+    if args.gateway and (args.durability or args.flood):
+        ap.error("--durability and --flood start their own gateways: leave out --gateway")
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
 
     from gateway.datadir import DataDir
     from gateway.provisioning import provision
     work = Path(tempfile.mkdtemp(prefix="devid-bench-"))
-    serve = None
+    served: Served | None = None
     try:
         data = DataDir(Path(args.data) if args.data else work / "data")
         now = lambda: datetime.now(timezone.utc)  # noqa: E731
@@ -218,87 +332,48 @@ def main(argv: list[str] | None = None) -> int:
         policy = data.path / "attestation-policy.toml"
         if not args.gateway:
             policy.write_text(POLICY.format(t=DEVICE_TYPE, name=FW_NAME, version=FW_VERSION, digest=digest))
+        count = args.devices
+        if args.durability:
+            import bench_hardening
+            count = args.devices * len(bench_hardening.SYNC_MODES) * args.rounds
+        elif args.flood:
+            count = args.devices * 2 * args.rounds + 1          # and one identity to flood with
         reg = data.open_registry()
-        provision(data.authority(reg), count=args.devices, device_type=DEVICE_TYPE, out=work / "factory",
+        provision(data.authority(reg), count=count, device_type=DEVICE_TYPE, out=work / "factory",
                   manufacturing_pem=data.cert_pem("manufacturing"), root_pem=data.cert_pem("root"),
                   serial_prefix=f"B{os.getpid()}", now=now)
         reg.close()
-        bundles = sorted(str(p) for p in (work / "factory").iterdir())
-        gateway = args.gateway
-        pids: list[int] = []
-        if not gateway:
-            import bench_dtls
-            port = bench_dtls.free_port()
-            env = dict(os.environ, DEVID_DATA=str(data.path))
-            serve = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
-                                      "--workers", str(args.workers), "--log-level", "WARNING"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
-                                     cwd=args.server_root)
-            line = serve.stdout.readline().decode()
-            if "listening" not in line:
-                raise SystemExit(f"devid serve did not start: {line}")
-            gateway = f"coaps://127.0.0.1:{port}"
-            pids = [serve.pid] + _children(serve.pid) if args.workers > 1 else [serve.pid]
-        ctx = multiprocessing.get_context("spawn")
-
-        def run(renew: bool) -> dict:
-            q = ctx.Queue()
-            go = ctx.Event()
-            shares = [bundles[i::args.clients] for i in range(args.clients)]
-            per = max(1, args.concurrency // args.clients)
-            target = _client_lean if args.client == "lean" else _client
-            procs = [ctx.Process(target=target, args=(gateway, s, per, renew, q, go)) for s in shares if s]
-            for p in procs:
-                p.start()
-            # the timed part starts when every client has loaded what it needs (process start-up,
-            # imports and, for the lean client, bundles and CA certificates are not timed)
-            for _ in procs:
-                kind, _payload = q.get(timeout=600)
-                if kind != "ready":
-                    raise SystemExit(f"a client process failed to start: {kind}")
-            cpu0 = _cpu(pids)
-            t0 = time.perf_counter()
-            go.set()
-            results = [q.get(timeout=3600)[1] for _ in procs]
-            wall = time.perf_counter() - t0
-            cpu1 = _cpu(pids)
-            for p in procs:
-                p.join(300)        # the lean client saves the operational identities before it exits
-            lat = [x for r in results for x in r["latencies"]]
-            failures = {k: v for r in results for k, v in r["failures"].items()}
-            steps = [s for r in results for s in r["steps"]]
-            client_cpu = sum(r["cpu"] for r in results)
-            done = len(lat)
-            out = {"mode": "renew" if renew else "enroll", "client": args.client, "devices": len(bundles),
-                   "done": done, "errors": len(failures), "seconds": round(wall, 2),
-                   "per_s": round(done / wall, 1) if wall else None,
-                   "latency_ms": {"p50": _pct(lat, 50), "p95": _pct(lat, 95), "p99": _pct(lat, 99)},
-                   "server_cpu_ms_per_op": round((cpu1 - cpu0) * 1000 / done, 3) if done and pids else None,
-                   "client_cpu_ms_per_op": round(client_cpu * 1000 / done, 3) if done else None,
-                   "server_peak_rss_kib": _hwm_kib(pids) if pids else None}
-            counters = [r["counters"] for r in results if "counters" in r]
-            if counters:      # lean client: retransmissions seen (lost datagrams or a slow gateway)
-                out["client_retransmissions"] = {k: sum(c[k] for c in counters) for k in counters[0]}
-            if steps:
-                names = ("connect", "renew") if renew else ("connect", "nonce", "evidence", "enroll", "config")
-                out["step_latency_ms"] = {name: {"p50": _pct([s[name] for s in steps if name in s], 50),
-                                                 "p95": _pct([s[name] for s in steps if name in s], 95),
-                                                 "p99": _pct([s[name] for s in steps if name in s], 99)}
-                                          for name in names}
-            if failures:
-                out["first_failures"] = dict(list(failures.items())[:5])
-            return out
-
+        bundles = bundle_dirs(work / "factory")
         summary = {"machine": {"python": platform.python_version(), "nproc": os.cpu_count(),
                                "load": os.getloadavg()},
                    "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+        if args.durability or args.flood:
+            import bench_hardening
+            if args.durability:
+                summary["durability"] = bench_hardening.durability(args, data, bundles, work)
+            else:
+                summary["flood"] = bench_hardening.flood(args, data, bundles)
+            print(json.dumps(summary, indent=2))
+            section = summary.get("durability") or summary.get("flood")
+            return 0 if section["errors"] == 0 else 1
+        gateway = args.gateway
+        pids: list[int] = []
+        if not gateway:
+            served = start_gateway(data.path, args.workers, args.server_root)
+            gateway, pids = served.uri, served.pids
+
+        def run(renew: bool) -> dict:
+            out = run_clients(gateway, bundles, pids, clients=args.clients, concurrency=args.concurrency,
+                              client=args.client, renew=renew)
+            out.pop("_latencies")
+            return out
+
         summary["enroll"] = run(False)
         if args.renew:
             summary["renew"] = run(True)
-        if serve is not None:
-            serve.send_signal(signal.SIGTERM)
-            serve.wait(30)
-            serve = None
+        if served is not None:
+            served.stop()
+            served = None
         if not args.no_baselines:
             summary["crypto_floor"] = crypto_floor()
             summary["libcoap"] = libcoap_baseline(work, data, args.baseline_seconds, 16, 2)
@@ -311,12 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=2))
         return 0 if summary["enroll"]["errors"] == 0 and summary.get("renew", {}).get("errors", 0) == 0 else 1
     finally:
-        if serve is not None:
-            serve.send_signal(signal.SIGTERM)
-            try:
-                serve.wait(30)
-            except subprocess.TimeoutExpired:
-                serve.kill()
+        if served is not None:
+            served.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -34,12 +34,14 @@ from ca.profiles import default_profiles
 
 from .budgets import ACTIONS, Budgets, Rate
 from .dtls.limits import LimitError, ServerLimits
+from .fs import DirectoryBusy, directory_lock, fsync_path, write_synced
 from .registry import SQLiteRegistry
 
 ENV_DATA = "DEVID_DATA"
 ENV_PASSPHRASE = "DEVID_CA_PASSPHRASE"
 DEFAULT_DATA = "devid-data"
 CERT_NAMES = (*CA_NAMES, "gateway")
+INIT_WAIT = 30.0        # s a second `devid init` waits for the first one's lock on the data directory
 
 
 class ConfigError(CAError):
@@ -354,17 +356,34 @@ class DataDir:
         """Create the CA hierarchy, the config and the registry. Never overwrites an existing CA.
 
         Everything is built in a private temporary directory, recorded in the registry, then
-        renamed into place in one step: a crash leaves either no CA or a complete one.
+        renamed into place in one step: a crash leaves either no CA or a complete one. The files
+        are fsynced before the rename and the data directory after it, so the same holds after
+        a power cut. Two inits at once: the second waits (up to INIT_WAIT s, an init takes about
+        a second) for the lock the first holds on the data directory, then finds its CA and
+        refuses; waiting rather than refusing at once gives the true answer, "a CA already
+        exists", instead of a transient one.
         """
         if self.exists() or self.ca_dir.exists():
             raise CAExists(f"a CA already exists in {self.path}: refusing to overwrite it")
         self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            with directory_lock(self.path, wait=INIT_WAIT):
+                self._init_locked(now, hostnames, organization, rand_bytes)
+        except DirectoryBusy as exc:
+            who = f"pid {exc.pid}" if exc.pid else "another process"
+            raise CAExists(f"another devid init ({who}) is still running in {self.path}") from None
+
+    def _init_locked(self, now: datetime, hostnames: Iterable[str], organization: str | None,
+                     rand_bytes) -> None:
+        if self.exists() or self.ca_dir.exists():
+            raise CAExists(f"a CA already exists in {self.path}: refusing to overwrite it")
         if not self.config_path.exists():
             cfg = Config()
             if organization:
                 cfg = Config(IdentitySettings(organization=organization))
             tmp = self.config_path.with_suffix(".toml.tmp")
-            tmp.write_text(cfg.render())
+            tmp.unlink(missing_ok=True)             # left by an init that was killed
+            write_synced(tmp, cfg.render().encode())
             os.replace(tmp, self.config_path)
         cfg = self.config
         hierarchy = create_hierarchy(cfg.identity, hostnames, now, rand_bytes)
@@ -382,12 +401,16 @@ class DataDir:
             (staging / "gateway.chain.pem").write_bytes(
                 b"".join(hierarchy.certs[n].public_bytes(serialization.Encoding.PEM)
                          for n in ("gateway", "operational")))
+            for entry in staging.iterdir():         # on disk before the CA is recorded and renamed
+                fsync_path(entry)
+            fsync_path(staging)
 
             def move_into_place() -> None:
                 try:
                     os.rename(staging, self.ca_dir)   # atomic; fails if another init won the race
                 except OSError:
                     raise CAExists(f"a CA already exists in {self.path}: refusing to overwrite it") from None
+                fsync_path(self.path)
 
             registry = SQLiteRegistry(self.db_path, create=True)
             try:

@@ -35,6 +35,7 @@ from attestation.log import GENESIS, format_time, verify_chain
 from attestation.segments import SegmentAnchor, SegmentWriter, check_segment, parse_segment_name, segment_name
 
 from .attestation_store import SQLiteAttestationStore
+from .fs import fsync_path
 
 SEGMENT_DIR = "attestation-log"
 DEFAULT_SEGMENT_ENTRIES = 50_000
@@ -76,14 +77,6 @@ def temporary_files(directory: Path) -> list[Path]:
                   and parse_segment_name(p.name[len(TEMP_PREFIX):-len(TEMP_SUFFIX)]) is not None)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def rotation_lock(path: Path) -> Iterator[None]:
     with open(path, "a") as f:
@@ -120,7 +113,7 @@ def write_segment(store: SQLiteAttestationStore, directory: Path, first_seq: int
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, final)
-        _fsync_dir(directory)
+        fsync_path(directory)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -181,7 +174,7 @@ def rotate(store: SQLiteAttestationStore, directory: Path, signer, trusted: Trus
     try:
         if not directory.is_dir():
             directory.mkdir(parents=True)
-            _fsync_dir(directory.parent)            # the new directory's entry is durable too
+            fsync_path(directory.parent)            # the new directory's entry is durable too
     except OSError as exc:
         raise LogError(f"{directory}: cannot create the segment directory: {exc.strerror}") from None
     with rotation_lock(lock):

@@ -19,6 +19,7 @@ from ca.errors import (CAError, DeviceRevoked, InvalidCSR, InvalidSerial, KeyPol
 
 from . import enrollment as E
 from .configuration import ConfigError
+from .storage import BUSY, FAILED, FULL, READ_ONLY, storage_kind
 
 CT_PROBLEM = 257
 
@@ -42,13 +43,24 @@ TABLE: list[tuple[type[BaseException], codes.Code, str]] = [
     (SerialCollision, codes.SERVICE_UNAVAILABLE, "try again"),
     (ConfigError, codes.SERVICE_UNAVAILABLE, "configuration unavailable"),
     (AttestationError, codes.BAD_REQUEST, "attestation error"),
-    (sqlite3.OperationalError, codes.SERVICE_UNAVAILABLE, "registry busy, try again"),
+    (sqlite3.OperationalError, codes.SERVICE_UNAVAILABLE, "registry unavailable, try again"),
     (E.EnrollmentError, codes.FORBIDDEN, "refused"),
     (CAError, codes.BAD_REQUEST, "refused"),
 ]
 
 # what the device is told for errors whose text may name internals
 _GENERIC_DETAIL = (sqlite3.OperationalError, ConfigError, SerialCollision)
+
+
+# storage errors (gateway/storage.py), told apart by their SQLite result code or errno rather than
+# their class: a busy database is worth a retry in a second; a full disk, a read-only database or
+# an I/O error needs the operator, so devices are told to wait longer
+STORAGE: dict[str, tuple[str, int]] = {
+    BUSY: ("registry busy, try again", 1),
+    FULL: ("storage full, try again later", 60),
+    READ_ONLY: ("storage read-only, try again later", 60),
+    FAILED: ("storage unavailable, try again later", 60),
+}
 
 
 def problem_message(code: codes.Code, title: str, detail: str | None = None, **options) -> aiocoap.Message:
@@ -62,6 +74,10 @@ def problem_message(code: codes.Code, title: str, detail: str | None = None, **o
 
 
 def to_response(exc: BaseException) -> aiocoap.Message | None:
+    kind = storage_kind(exc)
+    if kind is not None:
+        title, max_age = STORAGE[kind]
+        return problem_message(codes.SERVICE_UNAVAILABLE, title, None, max_age=max_age)
     for cls, code, title in TABLE:
         if isinstance(exc, cls):
             detail = None if isinstance(exc, _GENERIC_DETAIL) else (str(exc) or None)

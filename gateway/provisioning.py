@@ -14,14 +14,27 @@ certificates are committed in one transaction, then the directories are renamed 
 crash leaves at most partial directories, which the next run finishes (if their device was
 committed) or removes (if it was not).
 
+Power cuts: every bundle file is fsynced when written, then each partial directory and OUT
+(so the partial directories' names are on disk), then the batch is committed durably (the
+registry's WAL is fsynced: gateway/database.py), then the directories are renamed and OUT is
+fsynced again. So after a power cut every bundle in its final place is in the registry with
+all its files, and every registered device has its bundle, final or partial (which the next run
+finishes).
+
+One run at a time per output directory: a run holds an advisory lock on OUT (gateway/fs.py) from
+before its recovery of partial directories to its end, and a second run refuses at once, naming
+the first one's pid. (Waiting was the alternative: a provisioning run lasts minutes, so a second
+run would sit silently for that long, and the usual cause is a mistake, e.g. two factory
+stations given one directory; serial numbers stay unique across output directories anyway.)
+
 Several cores: with `workers` > 1, forked worker processes generate keys, sign certificates and
 write the partial bundles of whole batches (the CPU work), and hand the batch's records back. The
 parent, the only process that touches SQLite, commits each batch in one transaction and renames
 its directories, in the order the batches finish. Workers never open the registry: a forked child
 inherits the parent's SQLite state (open file descriptors, the shared-memory WAL index and the
 library's per-file lock bookkeeping), which SQLite does not support using after fork(). Workers
-die with the parent (PR_SET_PDEATHSIG on Linux), so a killed run leaves only partial directories,
-whatever the number of workers.
+die with the parent (gateway/lifeline.py: PR_SET_PDEATHSIG, and a watch on getppid() if that
+fails), so a killed run leaves only partial directories, whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -46,6 +59,9 @@ from ca.errors import CAError
 from ca.identity import PREFIX_RE, check_device_type, fingerprint
 from ca.keys import plain_key
 from ca.store import CertificateRecord, DeviceRecord
+
+from .fs import DirectoryBusy, directory_lock, fsync_path, write_synced
+from .lifeline import die_with_parent
 
 PARTIAL = ".partial-"
 DEFAULT_PREFIX = "SN"
@@ -129,14 +145,6 @@ class ProvisionResult:
         return len(self.serials) / self.seconds if self.seconds > 0 else float("inf")
 
 
-def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
 def recover_partials(ca: CertificateAuthority, out: Path) -> tuple[int, int]:
     """Finish what a crashed run left: keep bundles whose device was committed, drop the rest."""
     recovered = discarded = 0
@@ -162,6 +170,8 @@ def recover_partials(ca: CertificateAuthority, out: Path) -> tuple[int, int]:
         else:
             shutil.rmtree(entry, ignore_errors=True)
             discarded += 1
+    if recovered or discarded:
+        fsync_path(out)
     return recovered, discarded
 
 
@@ -194,12 +204,14 @@ class _Job:
                 os.mkdir(partial)
                 made.append(partial)
                 cert_pem = issued.pem
-                _write(f"{partial}/key.pem", plain_key(key), 0o600)
-                _write(f"{partial}/cert.pem", cert_pem)
-                _write(f"{partial}/chain.pem", cert_pem + chain_tail)
-                _write(f"{partial}/ca.pem", root_pem)
-                _write(f"{partial}/secure-element-config.json", secure_element_json(device, issued.record))
+                write_synced(f"{partial}/key.pem", plain_key(key), 0o600)
+                write_synced(f"{partial}/cert.pem", cert_pem)
+                write_synced(f"{partial}/chain.pem", cert_pem + chain_tail)
+                write_synced(f"{partial}/ca.pem", root_pem)
+                write_synced(f"{partial}/secure-element-config.json", secure_element_json(device, issued.record))
+                fsync_path(partial)
                 pairs.append((device, issued.record))
+            fsync_path(out)             # the partial directories' names, before the commit
         except BaseException:
             for partial in made:
                 shutil.rmtree(partial, ignore_errors=True)
@@ -207,8 +219,8 @@ class _Job:
         return pairs
 
     def commit(self, pairs: Sequence[tuple[DeviceRecord, CertificateRecord]]) -> None:
-        """Register a written batch in one transaction, then move its bundles into place. If the
-        registration fails, the batch's partial directories are removed."""
+        """Register a written batch in one durable transaction, then move its bundles into place.
+        If the registration fails, the batch's partial directories are removed."""
         try:
             self.ca.store.register_devices(pairs)
         except BaseException:
@@ -217,6 +229,7 @@ class _Job:
         out = self.out
         for device, _ in pairs:
             os.rename(f"{out}/{PARTIAL}{device.serial}", f"{out}/{device.serial}")
+        fsync_path(out)
 
     def discard(self, pairs: Sequence[tuple[DeviceRecord, CertificateRecord]]) -> None:
         for device, _ in pairs:
@@ -249,6 +262,19 @@ def provision(ca: CertificateAuthority, *, count: int, device_type: str, out: Pa
     if not PREFIX_RE.match(serial_prefix):
         raise ProvisioningError(f"invalid serial prefix {serial_prefix!r}: use up to 32 characters A-Z a-z 0-9 . -")
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        with directory_lock(out):
+            return _provision(ca, count, device_type, out, manufacturing_pem, root_pem, serial_prefix, now,
+                              progress, batch, workers)
+    except DirectoryBusy as exc:
+        who = f"pid {exc.pid}" if exc.pid else "another process"
+        raise ProvisioningError(f"another devid provision ({who}) is writing to {out}: wait for it to end, "
+                                f"or use another --out directory") from None
+
+
+def _provision(ca: CertificateAuthority, count: int, device_type: str, out: Path, manufacturing_pem: bytes,
+               root_pem: bytes, serial_prefix: str, now: Callable[[], datetime],
+               progress: Callable[[int, int], None] | None, batch: int, workers: int | None) -> ProvisionResult:
     recovered, discarded = recover_partials(ca, out)
     started = time.perf_counter()
     first = ca.store.reserve_serial_block(serial_prefix, count)
@@ -286,21 +312,9 @@ def _worker_init(job: _Job, parent: int) -> None:
     global _worker_job
     _worker_job = job
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the parent's to handle: it lets batches end
-    _die_with(parent)
-
-
-def _die_with(parent: int) -> None:
-    """Have the kernel kill this process when its parent dies (Linux), so a killed provisioning
-    run leaves no worker behind that could write bundles the next run is recovering."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass                        # elsewhere: a worker finds out at its next result
-    if os.getppid() != parent:      # the parent died before prctl took effect
-        os._exit(1)
+    # a killed provisioning run leaves no worker behind that could write bundles the next run is
+    # recovering (the workers also hold the run's lock on OUT until they are gone)
+    die_with_parent(parent, signal.SIGKILL)
 
 
 def _worker_batch(first: int, n: int) -> list[tuple[DeviceRecord, CertificateRecord]]:

@@ -2,23 +2,22 @@
 
 One connection per Registry object (one per process or thread). Every write runs in a
 `BEGIN IMMEDIATE` transaction, so concurrent writers from several processes serialise on the
-database lock instead of failing half-way. `synchronous=NORMAL` in WAL mode survives a killed
-process (kill -9) without losing a committed transaction; a power cut may lose the last ones,
-never corrupt the file.
+database lock instead of failing half-way.
+
+Durability (what survives a power cut): `gateway/database.py`.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
-import threading
-from contextlib import contextmanager
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 from ca.errors import DeviceRevoked, DuplicateDevice, SerialCollision, UnknownDevice
 from ca.store import CertificateLookup, CertificateRecord, CertStatus, DeviceRecord, DeviceState
+
+from .database import Database, RegistryError  # noqa: F401  (RegistryError: re-exported)
 
 SCHEMA_VERSION = 5
 
@@ -155,10 +154,6 @@ _MIGRATIONS = {
 }
 
 
-class RegistryError(Exception):
-    """The database cannot be opened or is of a newer schema than this code."""
-
-
 def _ts(t: datetime | None) -> str | None:
     """'YYYY-MM-DDTHH:MM:SSZ' in UTC (isoformat is C code; strftime took ~3 % of an issuance)."""
     if t is None:
@@ -207,113 +202,22 @@ def _collision(exc: sqlite3.IntegrityError) -> SerialCollision:
     raise exc
 
 
-class SQLiteRegistry:
-    """`ca.store.Registry` on SQLite. Also the home of later stores (nonces, attestation log)."""
+class SQLiteRegistry(Database):
+    """`ca.store.Registry` on SQLite. Also the home of later stores (nonces, attestation log).
+    Connection set-up and transactions: `gateway/database.py`."""
 
-    def __init__(self, path: Path | str, *, timeout: float = 30.0, create: bool = True,
-                 readonly: bool = False) -> None:
-        """Open (and migrate) the registry at `path`.
-
-        `create=False`: the file must exist and hold a registry; a missing or empty file is an
-        error naming it, never a silently new registry that would re-issue serials already in the
-        field (only `devid init` creates one). `readonly=True`: no write, no migration; works on a
-        read-only data directory (see `_connect_readonly`)."""
-        self.path = Path(path)
-        self.readonly = readonly
-        if (readonly or not create) and not self.path.is_file():
-            raise RegistryError(f"{self.path}: the registry is missing; only 'devid init' creates one "
-                                "(restore it from a backup if this data directory was in use)")
-        if not create and self.path.stat().st_size == 0:
+    def _open_schema(self, create: bool, readonly: bool) -> None:
+        version = self.schema_version
+        if not create and version == 0:
             raise RegistryError(f"{self.path}: the registry is empty; only 'devid init' creates one "
                                 "(restore it from a backup if this data directory was in use)")
-        try:
-            if readonly:
-                self._db = self._connect_readonly(timeout)
-            else:
-                mode = "rwc" if create else "rw"
-                self._db = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode={mode}", uri=True,
-                                           timeout=timeout, isolation_level=None, check_same_thread=False)
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            # Checkpoint the WAL every 4000 pages (~16 MB) instead of 1000: each issuance writes ~6
-            # pages, and a checkpoint copies and fsyncs them into the database file. Measured: COMMIT
-            # 55-63 us instead of 66-69 us per issuance. cache_size above the default (2 MB) did not help.
-            self._db.execute("PRAGMA wal_autocheckpoint=4000")
-            self._lock = threading.RLock()
-            self._depth = 0
-            version = self.schema_version
-            if not create and version == 0:
-                raise RegistryError(f"{self.path}: the registry is empty; only 'devid init' creates one "
-                                    "(restore it from a backup if this data directory was in use)")
-            if readonly:
-                if version != SCHEMA_VERSION:
-                    raise RegistryError(f"{self.path}: schema version {version}, this devid reads {SCHEMA_VERSION}"
-                                        + ("; upgrade devid" if version > SCHEMA_VERSION else
-                                           "; run a command that writes (e.g. 'devid serve') to migrate it"))
-            else:
-                self._migrate()
-        except sqlite3.DatabaseError as exc:
-            raise RegistryError(f"{self.path}: cannot open the registry: {exc}") from None
-
-    def _connect_readonly(self, timeout: float) -> sqlite3.Connection:
-        """A read-only connection. A WAL database needs its -shm file even to read; in a directory
-        we cannot write, with no -shm left by a writer, SQLite cannot make one: then the file is
-        opened as immutable, which is right because nobody can be writing to it (a writer needs
-        the directory to create its -wal)."""
-        uri = self.path.absolute().as_uri()
-        try:
-            db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=timeout, isolation_level=None,
-                                 check_same_thread=False)
-            db.execute("PRAGMA user_version").fetchone()
-            return db
-        except sqlite3.OperationalError:
-            if os.access(self.path.parent, os.W_OK):
-                raise
-        return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, timeout=timeout, isolation_level=None,
-                               check_same_thread=False)
-
-    def close(self) -> None:
-        self._db.close()
-
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT; rolled back on any exception.
-
-        Inside another transaction of this registry (a caller making several steps atomic, e.g.
-        using a verdict and issuing the certificate), a SAVEPOINT instead: it is undone alone if
-        its block fails, and its writes become durable with the outer COMMIT."""
-        with self._lock:
-            if self._depth:
-                name = f"sp{self._depth}"
-                self._db.execute(f"SAVEPOINT {name}")
-                self._depth += 1
-                try:
-                    yield self._db
-                except BaseException:
-                    # SQLite may have rolled the whole transaction back itself (e.g. disk full):
-                    # then there is no savepoint left, and the original error is the one to see
-                    if self._db.in_transaction:
-                        self._db.execute(f"ROLLBACK TO {name}")
-                        self._db.execute(f"RELEASE {name}")
-                    raise
-                finally:
-                    self._depth -= 1
-                self._db.execute(f"RELEASE {name}")
-                return
-            self._db.execute("BEGIN IMMEDIATE")
-            self._depth = 1
-            try:
-                yield self._db
-                if not self._db.in_transaction:     # rolled back by SQLite under a caller that went on
-                    raise sqlite3.OperationalError("the transaction was rolled back by SQLite; nothing was committed")
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
-            finally:
-                self._depth = 0
+        if readonly:
+            if version != SCHEMA_VERSION:
+                raise RegistryError(f"{self.path}: schema version {version}, this devid reads {SCHEMA_VERSION}"
+                                    + ("; upgrade devid" if version > SCHEMA_VERSION else
+                                       "; run a command that writes (e.g. 'devid serve') to migrate it"))
+        else:
+            self._migrate()
 
     def _migrate(self) -> None:
         with self.transaction() as db:
@@ -327,16 +231,6 @@ class SQLiteRegistry:
                     if statement.strip():
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version = {v}")
-
-    @contextmanager
-    def reading(self) -> Iterator[sqlite3.Connection]:
-        """The connection, for reads outside a write transaction."""
-        with self._lock:
-            yield self._db
-
-    @property
-    def schema_version(self) -> int:
-        return self._db.execute("PRAGMA user_version").fetchone()[0]
 
     # -- devices -----------------------------------------------------------------------------
 
@@ -364,7 +258,7 @@ class SQLiteRegistry:
 
     def register_devices(self, pairs: Sequence[tuple[DeviceRecord, CertificateRecord]]) -> None:
         try:
-            with self.transaction() as db:
+            with self.transaction(durable=True) as db:
                 db.executemany(f"INSERT INTO devices ({_DEVICE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                [(d.serial, d.device_type, d.state.value, _ts(d.created_at), _ts(d.updated_at),
                                  _ts(d.enrolled_at), _ts(d.revoked_at), d.revocation_reason) for d, _ in pairs])
@@ -378,7 +272,7 @@ class SQLiteRegistry:
     def record_certificate(self, cert: CertificateRecord, *, supersede_profile: str | None = None,
                            new_state: DeviceState | None = None) -> None:
         try:
-            with self.transaction() as db:
+            with self.transaction(durable=True) as db:
                 self._record(db, cert, supersede_profile, new_state)
         except sqlite3.IntegrityError as exc:
             raise _collision(exc) from None
@@ -390,7 +284,7 @@ class SQLiteRegistry:
         cannot slip between the check and the write, and there is no separate read transaction.
         `build` (the signature, ~0.1 ms) runs under the write lock; readers are not blocked (WAL)."""
         try:
-            with self.transaction() as db:
+            with self.transaction(durable=True) as db:
                 row = db.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE serial = ?", (device_serial,)).fetchone()
                 if row is None:
                     raise UnknownDevice(f"unknown device {device_serial}")
@@ -431,7 +325,7 @@ class SQLiteRegistry:
         """Insert certificate records (CA and gateway certificates) in one transaction;
         `before_commit` runs inside it, so its failure rolls the records back."""
         try:
-            with self.transaction() as db:
+            with self.transaction(durable=True) as db:
                 db.executemany(f"INSERT INTO certificates ({_CERT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                                [_cert_params(c) for c in records])
                 if before_commit is not None:
@@ -488,7 +382,7 @@ class SQLiteRegistry:
         return [_cert(r) for r in rows]
 
     def revoke_certificate(self, serial: int, reason: str, now: datetime) -> bool:
-        with self.transaction() as db:
+        with self.transaction(durable=True) as db:
             cur = db.execute("UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ? "
                              "WHERE serial = ? AND status != 'revoked'", (_ts(now), reason, _hex(serial)))
             return cur.rowcount == 1
@@ -501,7 +395,7 @@ class SQLiteRegistry:
 
     def revoke_device(self, serial: str, reason: str, now: datetime) -> list[CertificateRecord]:
         t = _ts(now)
-        with self.transaction() as db:
+        with self.transaction(durable=True) as db:
             rows = db.execute(f"SELECT {_CERT_COLS} FROM certificates WHERE device_serial = ? "
                               "AND status != 'revoked'", (serial,)).fetchall()
             db.execute("UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ? "
@@ -532,13 +426,13 @@ class SQLiteRegistry:
         return found
 
     def next_crl_number(self, issuer: str) -> int:
-        with self.transaction() as db:
+        with self.transaction(durable=True) as db:
             db.execute("INSERT INTO crl_numbers (issuer, number) VALUES (?, 1) "
                        "ON CONFLICT (issuer) DO UPDATE SET number = number + 1", (issuer,))
             return db.execute("SELECT number FROM crl_numbers WHERE issuer = ?", (issuer,)).fetchone()[0]
 
     def reserve_serial_block(self, prefix: str, count: int) -> int:
-        with self.transaction() as db:
+        with self.transaction(durable=True) as db:
             row = db.execute("SELECT next FROM serial_sequences WHERE prefix = ?", (prefix,)).fetchone()
             start = row[0] if row else 1
             db.execute("INSERT INTO serial_sequences (prefix, next) VALUES (?, ?) "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import functools
 import os
 import json
 import logging
@@ -38,6 +39,8 @@ from .dtls import contexts, engine as E
 from .coap import CoapServer
 from .dtls.transport import DTLSServerInterface
 from .identity import DeviceAuthenticator, PeerIdentity
+from .lifeline import die_with_parent
+from .storage import StorageHealth
 
 log = logging.getLogger("devid.gateway")
 POLICY_FILE = "attestation-policy.toml"
@@ -99,6 +102,7 @@ class Gateway:
         self.config = config or GatewayConfig()
         self.clock = clock
         self.registry = data.open_registry()
+        self.registry.health = StorageHealth(log, str(self.registry.path))
         gw = data.issuer("gateway")
         mfg, op = data.cert("manufacturing"), data.cert("operational")
         self.ssl_context = contexts.server_context(gw.cert, [op], gw.key, trust_anchors=[mfg, op],
@@ -116,8 +120,11 @@ class Gateway:
                                               log_budget=self.config.log_budget or settings.log_budget)
         self.configs = ConfigTemplates(data.path / "config", data.cert)
         self.configs.ensure_default()
+        # the verdict's use and the issuance in one durable transaction: the certificate is on
+        # disk before the answer carrying it is sent
         self.enrollment = EnrollmentService(data.authority(self.registry), self.attestation, self.policy,
-                                            self.configs, clock, atomic=self.registry.transaction, budgets=budgets)
+                                            self.configs, clock, budgets=budgets,
+                                            atomic=functools.partial(self.registry.transaction, durable=True))
         self.site = build_site()
         add_enrollment_resources(self.site, self.enrollment, data.cert("root"), op)
         self.coap: CoapServer | None = None
@@ -174,10 +181,16 @@ async def serve(data: DataDir, config: GatewayConfig, ready=None, announce: bool
     return stats
 
 
-def _worker(path: str, config: GatewayConfig, log_level: str, index: int, queue) -> None:
+WORKER_GRACE = 10.0     # s after the parent's death before a worker that has not stopped is ended
+
+
+def _worker(path: str, config: GatewayConfig, log_level: str, index: int, queue, parent: int) -> None:
     """One worker process of `devid serve --workers N`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # the parent turns ^C into SIGTERM for us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)       # until serve() installs its clean shutdown
+    # if the parent dies (even by kill -9), SIGTERM: a clean shutdown that frees the port;
+    # ended after WORKER_GRACE if that does not finish
+    die_with_parent(parent, signal.SIGTERM, grace=WORKER_GRACE)
     faulthandler.register(signal.SIGUSR1, all_threads=True)   # the parent's "where are you stuck?"
     configure_logging(log_level, worker=index)
     code = 0
@@ -221,8 +234,8 @@ def serve_workers(data: DataDir, config: GatewayConfig, workers: int, log_level:
     config.reuse_port = True
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(str(data.path), config, log_level, i, queue), daemon=False)
-             for i in range(workers)]
+    procs = [ctx.Process(target=_worker, args=(str(data.path), config, log_level, i, queue, os.getpid()),
+                         daemon=False) for i in range(workers)]
     stopping = False
 
     def stop(*_):

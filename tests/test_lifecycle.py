@@ -5,6 +5,7 @@ On the real gateway over loopback DTLS, the real CLI as a subprocess, real SQLit
 from __future__ import annotations
 
 import asyncio
+import functools
 import multiprocessing
 import os
 import shutil
@@ -247,7 +248,7 @@ def _worker(path: str, action: str, who: dict, limit: int, barrier, q) -> None:
         policy = parse_policy(POLICY, "test")
         now = lambda: datetime.now(timezone.utc)        # noqa: E731
         svc = EnrollmentService(data.authority(reg), AttestationService(policy, store, store, clock=now), policy,
-                                None, now, atomic=reg.transaction, budgets=Budgets(certificates_per_window=limit))
+                                None, now, atomic=functools.partial(reg.transaction, durable=True), budgets=Budgets(certificates_per_window=limit))
         key = serialization.load_pem_public_key(who.pop("public_key"))
         identity = PeerIdentity(public_key=key, **who)
         barrier.wait(30)

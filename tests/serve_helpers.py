@@ -1,0 +1,202 @@
+"""`devid serve` as a subprocess (optionally under strace) and a device that enrolls step by step
+with the lean client of benchmarks/loadgen.py, for the durability and disk-full tests."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_enroll  # noqa: E402
+import loadgen  # noqa: E402
+from attestation.evidence import Evidence, sign_evidence  # noqa: E402
+from gateway.device import Firmware, device_csr  # noqa: E402
+from gateway.provisioning import provision  # noqa: E402
+from gateway.server import POLICY_FILE  # noqa: E402
+
+from .conftest import NOW, free_port  # noqa: E402
+
+FW = Firmware("sha-256", hashlib.sha256(bench_enroll.IMAGE).digest(), bench_enroll.FW_NAME, bench_enroll.FW_VERSION)
+
+
+def fleet(data, out: Path, count: int, prefix: str = "DU") -> list[Path]:
+    """A policy that accepts the bench firmware, and `count` provisioned devices."""
+    (data.path / POLICY_FILE).write_text(bench_enroll.POLICY.format(
+        t=bench_enroll.DEVICE_TYPE, name=FW.name, version=FW.version, digest=FW.digest.hex()))
+    reg = data.open_registry()
+    try:
+        provision(data.authority(reg), count=count, device_type=bench_enroll.DEVICE_TYPE, out=out,
+                  serial_prefix=prefix, now=lambda: NOW, manufacturing_pem=data.cert_pem("manufacturing"),
+                  root_pem=data.cert_pem("root"), workers=1)
+    finally:
+        reg.close()
+    return sorted(p for p in out.iterdir() if p.name.startswith(prefix))
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen
+    port: int
+    log: Path
+
+    @property
+    def uri(self) -> str:
+        return f"coaps://127.0.0.1:{self.port}"
+
+    def gateway_pid(self) -> int:
+        """The gateway's pid: the process started, or its child when it runs under strace."""
+        if os.path.basename(self.proc.args[0]) != "strace":
+            return self.proc.pid
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        if int(f.read().rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                            return int(entry)
+                except OSError:
+                    continue
+        raise AssertionError("the gateway under strace is gone")
+
+    def stop(self) -> int:
+        """SIGTERM to the gateway (under strace: strace ends with it); its exit status. One that
+        does not stop within a minute is killed, under strace too (not only strace)."""
+        if self.proc.poll() is None:
+            pid = self.gateway_pid()
+            os.kill(pid, signal.SIGTERM)
+            try:
+                return self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                for victim in {pid, self.proc.pid}:
+                    try:
+                        os.kill(victim, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+        return self.proc.wait(30)
+
+
+def serve(data_dir: Path, log: Path, *, port: int | None = None, prefix: list[str] = (),
+          workers: int = 1, env: dict | None = None) -> Served:
+    """Start `devid serve` (behind `prefix`, e.g. strace) and wait for its "listening" line."""
+    port = port or free_port()
+    e = {k: v for k, v in os.environ.items() if k != "DEVID_CA_PASSPHRASE"}
+    e["DEVID_DATA"] = str(data_dir)
+    e.update(env or {})
+    proc = subprocess.Popen([*prefix, sys.executable, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
+                             "--workers", str(workers)], stdout=subprocess.PIPE, stderr=open(log, "ab"), env=e,
+                            cwd=ROOT)
+    line = proc.stdout.readline().decode()
+    if "listening" not in line:
+        proc.kill()
+        raise AssertionError(f"devid serve did not start: {line!r}\n{log.read_text()}")
+    return Served(proc, port, log)
+
+
+def evidence_token(dev: loadgen.Device, nonce: bytes) -> bytes:
+    """Acceptable evidence (the bench firmware) for `nonce`, signed with the factory key."""
+    ev = Evidence(nonce=nonce, ueid=dev.ueid, oemid=dev.oemid, hwmodel=dev.device_type.encode(), swname=FW.name,
+                  swversion=FW.version, fw_alg=FW.alg, fw_digest=FW.digest, secure_boot=True, dbgstat=2,
+                  bootcount=1, iat=int(time.time()), swversion_scheme=1)
+    return sign_evidence(ev, dev.factory_key)
+
+
+class Device:
+    """One device's DTLS session, driven one request at a time."""
+
+    def __init__(self, bundle: Path, uri: str) -> None:
+        self.dev = loadgen.load_device(bundle)
+        self.target = loadgen.Target.parse(uri)
+        self.trust = loadgen.Trust(self.dev.root, self.target.host, full_chain=True)
+        self.session: loadgen.Session | None = None
+
+    async def connect(self, timeout: float = 30.0) -> None:
+        loop = asyncio.get_running_loop()
+        self.session = loadgen.Session(loop, self.target.peer, self.target.family, self.trust.context(self.dev),
+                                       self.dev, self.trust, timeout)
+        await self.session.connect(timeout)
+
+    async def request(self, code: int, options: list, payload: bytes = b"", timeout: float = 30.0):
+        return await self.session.request(code, options, payload, timeout)
+
+    async def nonce(self):
+        return await self.request(loadgen.GET, loadgen.NONCE_OPTS)
+
+    async def evidence(self, nonce: bytes):
+        return await self.request(loadgen.POST, loadgen.EVIDENCE_OPTS, evidence_token(self.dev, nonce))
+
+    async def enroll(self, key):
+        return await self.request(loadgen.POST, loadgen.SEN_OPTS, device_csr(key, self.dev.serial))
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+
+def problem(response) -> dict:
+    import cbor2
+    assert response.content_format == loadgen.CT_PROBLEM, response.code_text
+    return cbor2.loads(response.payload)
+
+
+# -- strace ------------------------------------------------------------------------------------------
+
+@dataclass
+class Call:
+    index: int          # line where the call completed (its "resumed" line if it was interrupted)
+    start: int          # line where it started
+    pid: int
+    time: float         # at its start
+    name: str
+    args: str
+    result: str
+
+    @property
+    def fd_path(self) -> str | None:
+        """The path strace -y shows for a call's first (file descriptor) argument."""
+        m = re.match(r"\d+<(.*?)>", self.args)
+        return m.group(1) if m else None
+
+    @property
+    def strings(self) -> list[str]:
+        return re.findall(r'"((?:[^"\\]|\\.)*)"', self.args)
+
+
+_LINE = re.compile(r"(\d+)\s+(\d+\.\d+)\s+(.*)$")
+_FULL = re.compile(r"(\w+)\((.*)\)\s+=\s+(.*)$")
+_UNFINISHED = re.compile(r"(\w+)\((.*) <unfinished \.\.\.>$")
+_RESUMED = re.compile(r"<\.\.\. (\w+) resumed>(.*)\)\s+=\s+(.*)$")
+
+
+def strace_prefix(trace: Path, calls: str) -> list[str]:
+    from .conftest import tool
+    return [tool("strace"), "-f", "-y", "-qq", "-ttt", "-s", "4096", "-e", "signal=none", "-e", f"trace={calls}",
+            "-o", str(trace)]
+
+
+def parse_strace(trace: Path) -> list[Call]:
+    pending: dict[int, tuple[int, float, str, str]] = {}
+    calls: list[Call] = []
+    for i, line in enumerate(trace.read_text(errors="replace").splitlines()):
+        m = _LINE.match(line)
+        if not m:
+            continue
+        pid, t, rest = int(m.group(1)), float(m.group(2)), m.group(3)
+        if (r := _RESUMED.match(rest)) and pid in pending:
+            start, t0, name, args = pending.pop(pid)
+            calls.append(Call(i, start, pid, t0, name, args + r.group(2), r.group(3)))
+        elif u := _UNFINISHED.match(rest):
+            pending[pid] = (i, t, u.group(1), u.group(2))
+        elif f := _FULL.match(rest):
+            calls.append(Call(i, i, pid, t, f.group(1), f.group(2), f.group(3)))
+    return sorted(calls, key=lambda c: c.index)
