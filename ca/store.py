@@ -130,6 +130,9 @@ class Registry(Protocol):
     def revoked_among(self, serials: Sequence[int]) -> set[int]:
         """The certificate serials among `serials` that are revoked or whose device is."""
 
+    def superseded_among(self, serials: Sequence[int], before: datetime) -> set[int]:
+        """The certificate serials among `serials` superseded by a later issuance before `before`."""
+
     def next_crl_number(self, issuer: str) -> int:
         """Atomically increment and return the CRL number of `issuer`."""
 

@@ -20,6 +20,8 @@ from ca.identity import IdentitySettings
 from ca.store import Registry
 from ca.validation import DeviceVerifier
 
+SUPERSEDED_SESSION_GRACE = timedelta(seconds=247)
+
 FACTORY = "factory"
 OPERATIONAL = "operational"
 
@@ -48,6 +50,10 @@ class DeviceAuthenticator:
                  superseded_grace: timedelta = timedelta(0)) -> None:
         self.clock = clock
         self.registry = registry
+        # live sessions of a superseded certificate end this long after the supersession: the CoAP
+        # exchange lifetime, so a device whose /sren answer was lost still gets it from the
+        # deduplication cache (RFC 7252 EXCHANGE_LIFETIME, 247 s), or the grace period if longer
+        self.session_grace = max(superseded_grace, SUPERSEDED_SESSION_GRACE)
         # a superseded operational certificate is refused at the handshake once its grace is over
         # (docs/certificates.md#lifecycle); factory certificates are never superseded
         self._verifiers = {
@@ -69,10 +75,22 @@ class DeviceAuthenticator:
 
     def revoked(self, identities: list[PeerIdentity]) -> list[PeerIdentity]:
         """The identities of live sessions whose certificate or device is now revoked: one query
-        for all. Superseded certificates keep their live sessions (a device whose /sren answer was
-        lost gets it again there, from the CoAP deduplication cache); the enrollment service
-        refuses them /sren and /config, and a new handshake refuses them."""
+        for all."""
         if not identities:
             return []
         gone = self.registry.revoked_among([i.certificate_serial for i in identities])
         return [i for i in identities if i.certificate_serial in gone]
+
+    def ended(self, identities: list[PeerIdentity]) -> list[tuple[PeerIdentity, str]]:
+        """The live sessions' identities that may no longer be served, with why: revoked (or its
+        device), or superseded for longer than `session_grace`. A superseded certificate's session
+        is refused /sren and /config meanwhile; ending it stops it from spending its device's
+        request budgets (which a stolen, superseded key could otherwise keep empty)."""
+        out = [(i, "certificate or device revoked") for i in self.revoked(identities)]
+        done = {id(i) for i, _ in out}
+        rest = [i for i in identities if id(i) not in done and i.kind == OPERATIONAL]
+        if rest:
+            old = self.registry.superseded_among([i.certificate_serial for i in rest],
+                                                 self.clock() - self.session_grace)
+            out.extend((i, "certificate superseded") for i in rest if i.certificate_serial in old)
+        return out

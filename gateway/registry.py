@@ -425,6 +425,23 @@ class SQLiteRegistry(Database):
                 found.update(int(r[0], 16) for r in rows)
         return found
 
+    def superseded_among(self, serials: Sequence[int], before: datetime) -> set[int]:
+        """Which of these certificate serials were superseded before `before` (by the issue of
+        the next certificate of their profile to their device, as in `lookup_certificate`)."""
+        found: set[int] = set()
+        hexes = [_hex(s) for s in serials]
+        with self._lock:
+            for i in range(0, len(hexes), 500):
+                chunk = hexes[i:i + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = self._db.execute(
+                    f"SELECT c.serial FROM certificates c WHERE c.serial IN ({marks}) AND c.status = 'superseded' "
+                    "AND (SELECT MIN(n.issued_at) FROM certificates n WHERE n.device_serial = c.device_serial "
+                    "  AND n.profile = c.profile AND (n.issued_at > c.issued_at "
+                    "  OR (n.issued_at = c.issued_at AND n.rowid > c.rowid))) < ?", (*chunk, _ts(before)))
+                found.update(int(r[0], 16) for r in rows)
+        return found
+
     def next_crl_number(self, issuer: str) -> int:
         with self.transaction(durable=True) as db:
             db.execute("INSERT INTO crl_numbers (issuer, number) VALUES (?, 1) "

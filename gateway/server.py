@@ -136,7 +136,7 @@ class Gateway:
                                                           asyncio.get_running_loop(),
                                                           reuse_port=self.config.reuse_port)
         self.coap.interface = self.interface
-        self.interface.start_revocation_watch(self.authenticator.revoked,
+        self.interface.start_revocation_watch(self.authenticator.ended,
                                               self.config.revocation_check_interval)
 
     @property

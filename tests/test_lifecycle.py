@@ -94,9 +94,11 @@ def test_a_superseded_certificate_cannot_renew_read_config_or_connect(world, tmp
             for r in (await sren(ctx_a, uri), await request(ctx_a, f"{uri}/config")):
                 assert r.code == codes.FORBIDDEN and problem(r)[-1] == "certificate superseded"
             assert len(statuses(gw, "TS00000001")) == 3     # factory, A, B: nothing was issued
-            # ... which the revocation sweep leaves open (superseded is not revoked)
+            # ... which the revocation sweep leaves open for the CoAP exchange lifetime (a lost /sren
+            # answer is served again from the deduplication cache; next test)
             (session,) = [s for s in gw.engine.sessions.values() if s.identity.certificate_serial == a]
             assert gw.authenticator.revoked([session.identity]) == []
+            assert gw.authenticator.ended([session.identity]) == []
             # A cannot open a new session at all
             failed = gw.engine.stats.failed
             with pytest.raises(EnrollFailed):
@@ -109,6 +111,38 @@ def test_a_superseded_certificate_cannot_renew_read_config_or_connect(world, tmp
             await ctx_a.shutdown()
             await factory.shutdown()
     run_gateway(data, body)
+
+
+def test_a_superseded_certificates_session_ends_after_the_exchange_lifetime(world, tmp_path):
+    """A session of a superseded certificate (a stolen key's, say) must not live on: it would keep
+    spending its device's request budgets (keyed by device) and lock the device out of /config
+    and /sren. The sweep ends it once the CoAP exchange lifetime (247 s) since the supersession
+    has passed."""
+    data, out = world
+    dev, old = out / "TS00000003", tmp_path / "old"
+    clock = WallClock()
+
+    async def body(uri, gw):
+        await enroll(dev, uri, FW)
+        shutil.copytree(dev, old)
+        a = op_serial(dev)
+        ctx_a, _ = await device_context(old, "127.0.0.1", **OP)
+        try:
+            assert (await request(ctx_a, f"{uri}/config")).code == codes.CONTENT
+            await renew(dev, uri)
+            (session,) = [s for s in gw.engine.sessions.values() if s.identity.certificate_serial == a]
+            assert gw.authenticator.ended([session.identity]) == []
+            clock.offset = timedelta(seconds=248)
+            assert gw.authenticator.ended([session.identity]) == [(session.identity, "certificate superseded")]
+            deadline = time.monotonic() + 10
+            while any(s.identity is not None and s.identity.certificate_serial == a for s in gw.engine.sessions.values()):
+                assert time.monotonic() < deadline, "the sweep did not end the superseded certificate's session"
+                await asyncio.sleep(0.05)
+            # the device's current identity is served, with its budgets intact
+            assert (await fetch_config(dev, uri))["device"] == "TS00000003"
+        finally:
+            await ctx_a.shutdown()
+    run_gateway(data, body, clock=clock)
 
 
 def test_a_lost_sren_answer_comes_again_from_the_coap_deduplication_cache(world):

@@ -308,23 +308,23 @@ class DTLSServerInterface(_DTLSInterface):
 
     # -- live revocation -------------------------------------------------------------------------
 
-    def start_revocation_watch(self, revoked: Callable[[list], list], interval: float) -> None:
-        """Every `interval` seconds, ask the registry (one query) which live sessions' identities
-        were revoked, and close those sessions."""
+    def start_revocation_watch(self, ended: Callable[[list], list], interval: float) -> None:
+        """Every `interval` seconds, ask the registry which live sessions' identities may no longer
+        be served (`ended` returns (identity, reason) pairs), and close those sessions."""
         async def watch() -> None:
             while True:
                 await asyncio.sleep(interval)
                 by_identity = {id(r.identity): peer for peer, r in self.remotes.items() if r.identity is not None}
                 identities = [r.identity for r in self.remotes.values() if r.identity is not None]
                 try:
-                    gone = revoked(identities)
+                    gone = ended(identities)
                 except Exception as exc:          # a locked or broken registry must not stop the gateway
                     log.warning("revocation check failed: %s", exc)
                     continue
-                for identity in gone:
+                for identity, reason in gone:
                     peer = by_identity.get(id(identity))
                     if peer is not None:
-                        self._process(self.engine.close(peer, self._loop.time(), "certificate or device revoked"))
+                        self._process(self.engine.close(peer, self._loop.time(), reason))
         self._revocation_task = self._loop.create_task(watch())
 
     # -- MessageInterface ----------------------------------------------------------------------
