@@ -36,10 +36,11 @@ class LogBudget:
     window: timedelta = timedelta(hours=1)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.refused_per_window, int) or self.refused_per_window < 1:
-            raise ValueError("refused_per_window must be an integer of at least 1")
-        if self.window <= timedelta(0):
-            raise ValueError("the budget window must be positive")
+        n = self.refused_per_window
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 100_000:
+            raise ValueError(f"attestation_log.refused_per_window must be an integer from 1 to 100,000 (got {n!r})")
+        if not isinstance(self.window, timedelta) or not timedelta(minutes=1) <= self.window <= timedelta(days=7):
+            raise ValueError(f"attestation_log.window must be 60 to 604,800 seconds (got {self.window!r})")
 
 
 def is_budgeted(appraisal: Appraisal) -> bool:

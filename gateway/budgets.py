@@ -39,7 +39,8 @@ class Rate:
     def __post_init__(self) -> None:
         if isinstance(self.burst, bool) or not isinstance(self.burst, int) or not 1 <= self.burst <= 10_000:
             raise ValueError(f"burst must be an integer from 1 to 10000, not {self.burst!r}")
-        if not isinstance(self.interval, (int, float)) or not 0.001 <= self.interval <= 86_400:
+        if isinstance(self.interval, bool) or not isinstance(self.interval, (int, float)) \
+                or not 0.001 <= self.interval <= 86_400:
             raise ValueError(f"interval must be 0.001 to 86400 seconds, not {self.interval!r}")
 
 
@@ -89,6 +90,7 @@ class Budgets:
         check("tracked_devices", integer(self.tracked_devices) and 16 <= self.tracked_devices <= 10_000_000,
               "16..10000000")
         check("refusal_log_interval", isinstance(self.refusal_log_interval, (int, float))
+              and not isinstance(self.refusal_log_interval, bool)
               and 0 <= self.refusal_log_interval <= 3600, "0..3600 seconds")
 
     def rate(self, action: str) -> Rate:

@@ -89,9 +89,11 @@ class Database:
 
     def _connect_readonly(self, timeout: float) -> sqlite3.Connection:
         """A read-only connection. A WAL database needs its -shm file even to read; in a directory
-        we cannot write, with no -shm left by a writer, SQLite cannot make one: then the file is
-        opened as immutable, which is right because nobody can be writing to it (a writer needs
-        the directory to create its -wal)."""
+        we cannot write, with no -shm left by a writer, SQLite cannot make one. Then, if there is
+        no -wal with committed transactions in it (a clean shutdown removes it), the file alone is
+        the whole database and is opened as immutable; with a non-empty -wal (a copy taken while
+        the gateway ran, or a writer of another user), immutable would silently ignore committed
+        transactions: that is an error naming the file instead."""
         uri = self.path.absolute().as_uri()
         try:
             db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=timeout, isolation_level=None,
@@ -101,6 +103,11 @@ class Database:
         except sqlite3.OperationalError:
             if os.access(self.path.parent, os.W_OK):
                 raise
+        wal = self.path.with_name(self.path.name + "-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            raise RegistryError(f"{self.path}: cannot read it in a read-only directory while {wal.name} holds "
+                                "transactions not yet in the database file (copy the directory, or open it "
+                                "where it can be written, to let SQLite fold them in)")
         return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, timeout=timeout, isolation_level=None,
                                check_same_thread=False)
 

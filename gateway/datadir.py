@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import shutil
@@ -206,24 +207,26 @@ def _budgets_from_toml(table: dict) -> dict:
             except ValueError as exc:
                 raise ValueError(f"budgets.{name}.{exc}") from None
         elif name in ("certificate_window", "superseded_grace"):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"budgets.{name} must be a number of seconds (got {value!r})")
-            out[name] = timedelta(seconds=value)
+            out[name] = _seconds(f"budgets.{name}", value)
     return out
 
 
 def _log_budget_from_toml(table: dict) -> dict:
-    """[attestation_log]: the window in seconds (at least a minute, at most a week)."""
+    """[attestation_log]: the window in seconds (LogBudget checks the ranges)."""
     out = dict(table)
     if "window" in table:
-        value = table["window"]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 60 <= value <= 7 * 86400:
-            raise ValueError(f"attestation_log.window must be 60 to 604800 seconds (got {value!r})")
-        out["window"] = timedelta(seconds=value)
-    value = table.get("refused_per_window", 1)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100_000:
-        raise ValueError(f"attestation_log.refused_per_window must be an integer from 1 to 100,000 (got {value!r})")
+        out["window"] = _seconds("attestation_log.window", table["window"])
     return out
+
+
+def _seconds(key: str, value: object) -> timedelta:
+    """A TOML number of seconds as a timedelta (its range is the dataclass's to check)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{key} must be a finite number of seconds (got {value!r})")
+    try:
+        return timedelta(seconds=value)
+    except OverflowError:
+        raise ValueError(f"{key} must be a number of seconds of at most a few years (got {value!r})") from None
 
 
 # devid.toml sections that are one object each: section -> (dataclass, conversion of the TOML table)
@@ -281,7 +284,8 @@ class DataDir:
     # -- opening -----------------------------------------------------------------------------
 
     def require(self) -> "DataDir":
-        """Check that a CA exists here and that no secret file is readable by others."""
+        """Check that a CA exists here, that no secret file is readable by others and that
+        devid.toml is valid (every command that uses the data directory stops on a bad value)."""
         if not self.path.is_dir():
             raise CANotInitialised(f"data directory {self.path} does not exist: run 'devid init --data {self.path}'")
         if not self.exists():
@@ -290,6 +294,7 @@ class DataDir:
             keys.check_private_file(self.key_path(name))
         if self.secret_path.exists():
             keys.check_private_file(self.secret_path)
+        self.config
         return self
 
     @property

@@ -128,6 +128,16 @@ def test_provision_on_a_full_disk_is_one_line_and_registers_nothing_unwritten(da
     ("[profile]\n", "[profile]"),
     ("profiles = 3\n", "[profiles]"),
     ("[profiles\n", "not valid TOML"),
+    ("[budgets]\ncertificate_window = 1e300\n", "budgets.certificate_window"),
+    ("[budgets]\ncertificate_window = inf\n", "budgets.certificate_window"),
+    ("[budgets]\nsuperseded_grace = nan\n", "budgets.superseded_grace"),
+    ("[budgets]\nsuperseded_grace = 7200\n", "budgets.superseded_grace"),
+    ("[budgets]\nnonce = {interval = true}\n", "budgets.nonce.interval"),
+    ("[budgets]\nrefusal_log_interval = true\n", "budgets.refusal_log_interval"),
+    ("[attestation_log]\nwindow = 1e300\n", "attestation_log.window"),
+    ("[attestation_log]\nwindow = 30\n", "attestation_log.window"),
+    ("[attestation_log]\nrefused_per_window = 0\n", "attestation_log.refused_per_window"),
+    ("[gateway]\nidle_timeout = nan\n", "gateway.idle_timeout"),
 ])
 def test_bad_devid_toml_values(toml, fragment):
     with pytest.raises(ConfigError) as info:
@@ -139,7 +149,8 @@ def test_bad_devid_toml_values(toml, fragment):
 def test_bad_devid_toml_is_one_line_from_the_cli(data):
     data.config_path.write_text(data.config_path.read_text().replace("[crl]\nvalidity_days = 7",
                                                                      "[crl]\nvalidity_days = 99999999999"))
-    _one_error_line(run_devid("crl", data_dir=data.path), "crl.validity_days", "devid.toml")
+    for command in (["crl"], ["devices", "list"], ["attest", "log"], ["attest", "verify-log"]):
+        _one_error_line(run_devid(*command, data_dir=data.path), "crl.validity_days", "devid.toml")
 
 
 def test_devid_toml_as_written_by_init_parses(data):
@@ -233,3 +244,21 @@ def test_the_gateway_applies_devid_toml(data):
             (7, timedelta(seconds=600))
     finally:
         gw.registry.close()
+
+
+def test_read_only_copy_with_pending_wal_is_an_error_not_stale_data(data, tmp_path):
+    """A copy taken while a writer ran (its -wal holds committed transactions, no -shm), on a
+    read-only mount: reading it as immutable would silently show stale data; it is an error."""
+    import shutil
+    writer = data.open_registry()
+    try:
+        run_devid("provision", "--count", "2", "--device-type", "t", "--out", tmp_path / "f", "--quiet",
+                  data_dir=data.path, check=True)
+        wal = data.db_path.with_name(data.db_path.name + "-wal")
+        assert wal.stat().st_size > 0            # the writer keeps the WAL: the devices are only there
+        copy = tmp_path / "copy"
+        shutil.copytree(data.path, copy, ignore=shutil.ignore_patterns("*-shm"))
+    finally:
+        writer.close()
+    with _read_only(copy):
+        _one_error_line(run_devid("devices", "list", data_dir=copy), "registry.sqlite3-wal")
