@@ -67,10 +67,12 @@ def revoke_device(store: Registry, serial: str, reason: str, now: datetime) -> l
 
 def _hex_reference(text: str) -> str:
     """'5D3E6FF0...', '0x5d3e...', 'AB:CD:...' (openssl -fingerprint) -> lower-case hex."""
-    ref = text.strip().lower().replace(":", "")
-    for prefix in ("0x", "sha256:", "sha-256:"):
+    ref = text.strip().lower()
+    for prefix in ("0x", "sha256:", "sha-256:", "sha256=", "sha256 fingerprint="):
         if ref.startswith(prefix):
             ref = ref[len(prefix):]
+            break
+    ref = ref.replace(":", "")
     if not ref or any(ch not in string.hexdigits for ch in ref):
         raise UnknownCertificate(f"{text!r} is neither a certificate serial nor a SHA-256 fingerprint (hex digits)")
     return ref

@@ -242,6 +242,11 @@ class EnrollmentService:
         csr = self._check_csr("enroll", who, csr)       # a bad CSR must not use up the verdict
         verdict_seq = None
         with self.atomic():         # nor may a failed issuance
+            if not tpolicy.reenroll and self._standing("enroll", who, FACTORY).device_state is DeviceState.ENROLLED:
+                # again under the registry's write lock: of first enrollments racing on several
+                # workers, the first makes the device enrolled and the others are refused here
+                self._decision("enroll", who, "refused", reason="re-enrollment not allowed")
+                raise ReenrollmentRefused("device already enrolled; policy does not allow re-enrollment")
             self._certificate_quota("enroll", who)
             if tpolicy.attestation != "waived":
                 entry = self.attestation.take_verdict(who.serial)

@@ -279,10 +279,11 @@ def _worker(path: str, action: str, who: dict, limit: int, barrier, q) -> None:
     reg = data.open_registry()
     try:
         store = SQLiteAttestationStore(reg)
-        policy = parse_policy(POLICY, "test")
+        policy = parse_policy((data.path / "attestation-policy.toml").read_text(), "test")
         now = lambda: datetime.now(timezone.utc)        # noqa: E731
         svc = EnrollmentService(data.authority(reg), AttestationService(policy, store, store, clock=now), policy,
-                                None, now, atomic=functools.partial(reg.transaction, durable=True), budgets=Budgets(certificates_per_window=limit))
+                                None, now, atomic=functools.partial(reg.transaction, durable=True),
+                                budgets=Budgets(certificates_per_window=limit))
         key = serialization.load_pem_public_key(who.pop("public_key"))
         identity = PeerIdentity(public_key=key, **who)
         barrier.wait(30)
@@ -334,6 +335,17 @@ def test_racing_workers_keep_the_lifecycle_and_the_cap(data, ca, registry):
     assert len(ops) == 4 and sum(c.status is CertStatus.CURRENT for c in ops) == 1
 
 
+def test_racing_first_enrollments_with_reenroll_false_issue_once(data, ca, registry):
+    """reenroll = false holds across workers: the device state is checked again under the
+    registry's write lock, so of first enrollments racing on six processes one is issued."""
+    _, factory = register_device(ca, "ST1", "strict-legacy")
+    (data.path / "attestation-policy.toml").write_text(
+        POLICY + '\n[device_types.strict-legacy]\nattestation = "waived"\nreenroll = false\n')
+    results = _race(data, "enroll", _identity("ST1", "strict-legacy", "factory", factory.record), limit=100)
+    assert results == ["issued"] + ["reenrollment-refused"] * 5
+    assert len([c for c in registry.certificates_for_device("ST1") if c.profile == "operational"]) == 1
+
+
 # -- devid revoke --certificate --------------------------------------------------------------------------
 
 def _colons(fingerprint: str) -> str:
@@ -358,6 +370,9 @@ def test_revoke_one_certificate_from_the_command_line(data, ca, registry):
     # by fingerprint, as openssl prints it: already revoked, nothing changes
     text = ok(run_devid("revoke", "--certificate", _colons(a.record.fingerprint), data_dir=ddir))
     assert "was already revoked" in text and "(keyCompromise)" in text
+    for spelled in (f"sha256:{_colons(a.record.fingerprint)}", f"SHA256:{a.record.fingerprint}",
+                    f"sha256 Fingerprint={_colons(a.record.fingerprint)}"):
+        assert "was already revoked" in ok(run_devid("revoke", "--certificate", spelled, data_dir=ddir))
     # the CRL lists it, and only it
     ok(run_devid("crl", "--ca", "operational", data_dir=ddir))
     crl = x509.load_pem_x509_crl((ddir / "crl" / "operational.crl.pem").read_bytes())
