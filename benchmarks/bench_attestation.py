@@ -164,7 +164,7 @@ class Sides:
         from gateway.attestation_store import SQLiteAttestationStore
         from gateway.registry import SQLiteRegistry
         self._round += 1
-        reg = SQLiteRegistry(self.workdir / f"r{self._round}.sqlite3")
+        reg = SQLiteRegistry(self.workdir / f"r{self._round}.sqlite3", create=True)
         try:
             store = SQLiteAttestationStore(reg)
             for nonce, _ in self.tokens:

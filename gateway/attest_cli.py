@@ -201,8 +201,9 @@ def cmd_verify_log(args) -> int:
             raise LogError(f"{d}: not a directory")
     progress = output.Progress("verifying")
     try:
-        report = verify_log(store, directories, _trusted(data, store), head=args.head,
-                            require_present=args.require_segments, progress=progress)
+        with store.registry.snapshot():     # anchors and entries from one state, whatever rotates meanwhile
+            report = verify_log(store, directories, _trusted(data, store), head=args.head,
+                                require_present=args.require_segments, progress=progress)
     except OSError as exc:
         raise LogError(f"{exc.filename or directories[0]}: {exc.strerror}") from None
     problems = report.problems

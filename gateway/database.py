@@ -43,7 +43,7 @@ class RegistryError(Exception):
 class Database:
     """The connection and its transactions; subclasses define `_open_schema` (run at open)."""
 
-    def __init__(self, path: Path | str, *, timeout: float = 30.0, create: bool = True,
+    def __init__(self, path: Path | str, *, timeout: float = 30.0, create: bool = False,
                  readonly: bool = False) -> None:
         """Open the database at `path` (and bring its schema up to date: `_open_schema`).
 
@@ -184,6 +184,17 @@ class Database:
             kind = storage_kind(exc)
             if kind is not None:
                 self.health.failed(kind, exc)
+
+    @contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Connection]:
+        """Reads that all see one state of the database (a deferred read transaction): e.g.
+        `verify-log` reading segment anchors, then entries, while a rotation commits."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield self._db
+            finally:
+                self._db.execute("ROLLBACK")           # nothing was written
 
     @contextmanager
     def reading(self) -> Iterator[sqlite3.Connection]:

@@ -23,7 +23,7 @@ from .attest_util import NOW
 
 @pytest.fixture
 def store(tmp_path):
-    reg = SQLiteRegistry(tmp_path / "r.sqlite3")
+    reg = SQLiteRegistry(tmp_path / "r.sqlite3", create=True)
     yield SQLiteAttestationStore(reg)
     reg.close()
 
@@ -40,7 +40,7 @@ def test_migration_from_version_1_keeps_data(tmp_path):
     con.execute("INSERT INTO serial_sequences VALUES ('SN', 42)")
     con.commit()
     con.close()
-    reg = SQLiteRegistry(path)
+    reg = SQLiteRegistry(path, create=True)
     assert reg.schema_version == SCHEMA_VERSION      # 1 -> 2 (attestation) -> 3 (certificates rebuilt)
     assert reg.reserve_serial_block("SN", 1) == 42
     s = SQLiteAttestationStore(reg)
@@ -93,7 +93,7 @@ def test_nonce_randomness_is_injected_and_collisions_retried(store):
 
 
 def _consume(db_path, value, q):
-    reg = SQLiteRegistry(db_path)
+    reg = SQLiteRegistry(db_path, create=True)
     try:
         q.put(SQLiteAttestationStore(reg).consume_nonce(value, "D1", "fp", None, NOW).value)
     finally:
@@ -102,7 +102,7 @@ def _consume(db_path, value, q):
 
 def test_exactly_one_process_consumes_a_nonce(tmp_path):
     path = tmp_path / "r.sqlite3"
-    reg = SQLiteRegistry(path)
+    reg = SQLiteRegistry(path, create=True)
     store = SQLiteAttestationStore(reg)
     ctx = multiprocessing.get_context("spawn")
     for round_ in range(3):
@@ -124,7 +124,7 @@ def test_exactly_one_process_consumes_a_nonce(tmp_path):
 # -- the log ------------------------------------------------------------------------------------------
 
 def _append(db_path, count, serial, q):
-    reg = SQLiteRegistry(db_path)
+    reg = SQLiteRegistry(db_path, create=True)
     try:
         svc = AttestationService(POLICY, SQLiteAttestationStore(reg), SQLiteAttestationStore(reg), clock=Clock())
         dev = SimDevice(serial=serial)
@@ -138,7 +138,7 @@ def _append(db_path, count, serial, q):
 
 def test_concurrent_appends_from_processes_keep_one_valid_chain(tmp_path):
     path = tmp_path / "r.sqlite3"
-    SQLiteRegistry(path).close()
+    SQLiteRegistry(path, create=True).close()
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_append, args=(path, 25, f"P{i}", q)) for i in range(4)]
@@ -148,7 +148,7 @@ def test_concurrent_appends_from_processes_keep_one_valid_chain(tmp_path):
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
-    reg = SQLiteRegistry(path)
+    reg = SQLiteRegistry(path, create=True)
     store = SQLiteAttestationStore(reg)
     entries = list(store.iter_log())
     assert [e.seq for e in entries] == list(range(1, 101))

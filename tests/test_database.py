@@ -16,7 +16,7 @@ def _level(db) -> int:
 
 def test_durable_transactions_run_with_synchronous_full_and_the_others_do_not(tmp_path, monkeypatch):
     monkeypatch.delenv(SYNC_ENV, raising=False)
-    reg = SQLiteRegistry(tmp_path / "r.sqlite3")
+    reg = SQLiteRegistry(tmp_path / "r.sqlite3", create=True)
     try:
         with reg.transaction() as db:
             assert _level(db) == NORMAL
@@ -52,11 +52,27 @@ def test_the_benchmark_switch(tmp_path, monkeypatch, mode, plain, durable):
     """DEVID_BENCH_SYNCHRONOUS, for `devid bench --durability` only: no durable commits at all
     (the baseline), or every commit durable (the alternative that was measured)."""
     monkeypatch.setenv(SYNC_ENV, mode)
-    reg = SQLiteRegistry(tmp_path / "r.sqlite3")
+    reg = SQLiteRegistry(tmp_path / "r.sqlite3", create=True)
     try:
         with reg.transaction() as db:
             assert _level(db) == plain
         with reg.transaction(durable=True) as db:
             assert _level(db) == durable
     finally:
+        reg.close()
+
+
+def test_a_snapshot_sees_one_state_while_another_connection_commits(tmp_path):
+    path = tmp_path / "r.sqlite3"
+    reg = SQLiteRegistry(path, create=True)
+    other = SQLiteRegistry(path, create=True)
+    try:
+        with reg.snapshot() as db:
+            before = db.execute("SELECT COUNT(*) FROM crl_numbers").fetchone()[0]
+            other.next_crl_number("root")                  # committed by another connection
+            assert db.execute("SELECT COUNT(*) FROM crl_numbers").fetchone()[0] == before
+        with reg.reading() as db:                          # after the snapshot: the new state
+            assert db.execute("SELECT COUNT(*) FROM crl_numbers").fetchone()[0] == before + 1
+    finally:
+        other.close()
         reg.close()

@@ -169,7 +169,7 @@ def test_storage_errors_map_to_their_own_answers(small_fs, tmp_path):
 
 
 def test_the_registry_logs_one_line_per_burst(small_fs, caplog):
-    reg = SQLiteRegistry(small_fs / "registry.sqlite3")
+    reg = SQLiteRegistry(small_fs / "registry.sqlite3", create=True)
     log = logging.getLogger("devid.test-storage")
     reg.health = StorageHealth(log, str(reg.path))
     filler = fill(small_fs)

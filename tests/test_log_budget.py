@@ -33,7 +33,7 @@ def stores(request, tmp_path):
     if request.param == "memory":
         yield MemoryNonceStore(), MemoryLogStore()
         return
-    reg = SQLiteRegistry(tmp_path / "r.sqlite3")
+    reg = SQLiteRegistry(tmp_path / "r.sqlite3", create=True)
     store = SQLiteAttestationStore(reg)
     yield store, store
     reg.close()
@@ -169,7 +169,7 @@ def test_budget_values_are_checked():
 
 
 def _flood(path, count, q):
-    reg = SQLiteRegistry(path)
+    reg = SQLiteRegistry(path, create=True)
     try:
         store = SQLiteAttestationStore(reg)
         svc = AttestationService(POLICY, store, store, clock=Clock(), log_budget=LogBudget(refused_per_window=20))
@@ -181,7 +181,7 @@ def _flood(path, count, q):
 
 def test_flood_from_several_worker_processes_shares_one_budget(tmp_path):
     path = tmp_path / "r.sqlite3"
-    SQLiteRegistry(path).close()
+    SQLiteRegistry(path, create=True).close()
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_flood, args=(path, 150, q)) for _ in range(3)]
@@ -191,7 +191,7 @@ def test_flood_from_several_worker_processes_shares_one_budget(tmp_path):
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
-    reg = SQLiteRegistry(path)
+    reg = SQLiteRegistry(path, create=True)
     store = SQLiteAttestationStore(reg)
     assert len(list(store.iter_log())) == 20 and store.refused_tallies()["FLOOD1"].suppressed == 430
     [summary] = store.flush_refused(Clock()())

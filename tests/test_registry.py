@@ -24,20 +24,20 @@ def test_schema_is_versioned_and_wal(registry):
 
 def test_newer_schema_is_refused(tmp_path):
     path = tmp_path / "r.sqlite3"
-    SQLiteRegistry(path).close()
+    SQLiteRegistry(path, create=True).close()
     con = sqlite3.connect(path)
     con.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     con.commit()
     con.close()
     with pytest.raises(RegistryError, match="newer"):
-        SQLiteRegistry(path)
+        SQLiteRegistry(path, create=True)
 
 
 def test_not_a_database_is_a_clear_error(tmp_path):
     path = tmp_path / "r.sqlite3"
     path.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(RegistryError, match="cannot open"):
-        SQLiteRegistry(path)
+        SQLiteRegistry(path, create=True)
 
 
 def test_duplicate_device_serial_is_refused_and_nothing_is_stored(ca, registry):
@@ -147,7 +147,7 @@ def test_crl_numbers_only_grow(registry):
 
 
 def _reserve(path, n, q):
-    reg = SQLiteRegistry(path)
+    reg = SQLiteRegistry(path, create=True)
     q.put([reg.reserve_serial_block("SN", 10) for _ in range(n)])
     reg.close()
 
@@ -222,7 +222,7 @@ def test_old_schema_migrates_with_its_data(ca, tmp_path, version):
     assert _fingerprint_is_unique(con)
     con.close()
 
-    reg = SQLiteRegistry(path)
+    reg = SQLiteRegistry(path, create=True)
     try:
         assert reg.schema_version == SCHEMA_VERSION == 5
         assert reg._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' "
@@ -252,7 +252,7 @@ def test_old_schema_migrates_with_its_data(ca, tmp_path, version):
         assert reg.get_certificate(issued.cert.serial_number).der == issued.record.der
     finally:
         reg.close()
-    reopened = SQLiteRegistry(path)        # migrating twice is a no-op
+    reopened = SQLiteRegistry(path, create=True)        # migrating twice is a no-op
     assert reopened.schema_version == SCHEMA_VERSION and len(reopened.certificates_for_device("SN1")) == 4
     reopened.close()
 
@@ -308,7 +308,7 @@ def test_record_for_device_holds_the_write_lock_from_check_to_commit(ca, registr
     """A revocation from another connection cannot land between the device check and the record:
     while the certificate is being built, the database is locked for other writers."""
     register_device(ca, "SN1")
-    other = SQLiteRegistry(data.db_path, timeout=0.05)
+    other = SQLiteRegistry(data.db_path, timeout=0.05, create=True)
     seen = []
 
     def build(device):
