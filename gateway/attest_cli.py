@@ -59,16 +59,6 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return n
-
-
 def _head(text: str) -> tuple[int, str]:
     seq, sep, h = text.partition(":")
     if not sep or not seq.isdigit() or not re.fullmatch(r"[0-9a-f]{64}", h.lower()):
@@ -265,7 +255,7 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--verdict", choices=[t.value for t in Tier], help="only this verdict tier")
     s.add_argument("--since", type=parse_since, metavar="TIME",
                    help="only at or after TIME: 2026-11-28, 2026-11-28T12:00:00Z, or 90s / 15m / 2h / 7d ago")
-    s.add_argument("--limit", type=_positive, metavar="N", help="only the newest N matching entries")
+    s.add_argument("--limit", type=output.positive_int, metavar="N", help="only the newest N matching entries")
     s.add_argument("--json", action="store_true", help="one JSON object per line, with claims and evidence")
     s.set_defaults(func=cmd_log)
     logsub = s.add_subparsers(dest="log_command", metavar="ACTION", required=False, parser_class=type(s))
@@ -275,7 +265,7 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
                    help="only entries older than TIME (2026-11-28, ..., or 90s / 15m / 2h / 7d ago); never an entry "
                         "inside the policy's verdict window (default: everything older than that window)")
     r.add_argument("--out", metavar="DIR", help=f"segment directory (default: DATA/{SEGMENT_DIR})")
-    r.add_argument("--segment-entries", type=_positive, default=DEFAULT_SEGMENT_ENTRIES, metavar="N",
+    r.add_argument("--segment-entries", type=output.positive_int, default=DEFAULT_SEGMENT_ENTRIES, metavar="N",
                    help=f"at most N entries per segment file (default {DEFAULT_SEGMENT_ENTRIES})")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_rotate)

@@ -41,17 +41,6 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
-    return value
-
-
 class _Deprecated(argparse.Action):
     """A hidden old name of a flag: stores into the new one's dest, with a warning on stderr."""
 
@@ -462,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     dvsub = dv.add_subparsers(dest="devices_command", metavar="ACTION", required=True, parser_class=_Parser)
     s = dvsub.add_parser("list", parents=[common], help="list devices")
     s.add_argument("--state", choices=[st.value for st in DeviceState])
-    s.add_argument("--limit", type=positive_int, metavar="N")
+    s.add_argument("--limit", type=output.positive_int, metavar="N")
     s.add_argument("--json", action="store_true", help="one JSON object per line")
     s.set_defaults(func=cmd_devices_list)
     s = dvsub.add_parser("show", parents=[common], help="one device with its certificates")
@@ -498,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--handshake-timeout", type=float, metavar="S", help="seconds (default 30)")
     s.add_argument("--idle-timeout", type=float, metavar="S", help="seconds (default 600)")
     s.add_argument("--mtu", type=int, help="largest datagram sent (default 1280)")
-    s.add_argument("--workers", type=positive_int, metavar="N",
+    s.add_argument("--workers", type=output.positive_int, metavar="N",
                    help="gateway processes sharing the port (SO_REUSEPORT) and the registry (default: one per core)")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     s.set_defaults(func=cmd_serve)

@@ -78,10 +78,12 @@ def lock_holder(path: str | Path) -> int | None:
 
 @contextmanager
 def directory_lock(path: str | Path, *, wait: float = 0.0, poll: float = 0.05) -> Iterator[None]:
-    """Hold an exclusive advisory lock on the directory `path` for the block. If another process
-    holds it, wait up to `wait` seconds for it, then raise DirectoryBusy naming that process."""
+    """Hold an exclusive advisory lock on `path` for the block: a directory, or a lock file
+    (created, mode 0600, if missing). If another process holds it, wait up to `wait` seconds for
+    it, then raise DirectoryBusy naming that process."""
     path = Path(path)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    flags = os.O_DIRECTORY if path.is_dir() else os.O_CREAT
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags, 0o600)
     try:
         deadline = time.monotonic() + wait
         while True:

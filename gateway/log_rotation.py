@@ -20,7 +20,6 @@ a lock file in the data directory.
 
 from __future__ import annotations
 
-import fcntl
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from attestation.log import GENESIS, format_time, verify_chain
 from attestation.segments import SegmentAnchor, SegmentWriter, check_segment, parse_segment_name, segment_name
 
 from .attestation_store import SQLiteAttestationStore
-from .fs import fsync_path
+from .fs import DirectoryBusy, directory_lock, fsync_path
 
 SEGMENT_DIR = "attestation-log"
 DEFAULT_SEGMENT_ENTRIES = 50_000
@@ -79,15 +78,14 @@ def temporary_files(directory: Path) -> list[Path]:
 
 @contextmanager
 def rotation_lock(path: Path) -> Iterator[None]:
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LogError(f"another 'devid attest log rotate' is running (lock {path})") from None
-        try:
+    """One rotation at a time per registry (the lock file is in the data directory, whatever
+    --out says): a second one is refused at once."""
+    try:
+        with directory_lock(path):
             yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    except DirectoryBusy as exc:
+        raise LogError(f"another 'devid attest log rotate' is running (process {exc.pid or '?'}, lock {path})") \
+            from None
 
 
 def write_segment(store: SQLiteAttestationStore, directory: Path, first_seq: int, last_seq: int, prev_hash: bytes,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from datetime import datetime
@@ -49,3 +50,14 @@ class Progress:
             self._last = now
             self.stream.write(f"{self.label}: {done}/{total} ({rate:,.0f}/s)\n")
             self.stream.flush()
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (one clear error line otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
