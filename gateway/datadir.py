@@ -122,14 +122,14 @@ class Config:
         if unknown:
             raise ConfigError(f"{where}: unknown section or key [{unknown[0]}] (known: {', '.join(known)})")
         values: dict[str, object] = {}
-        for section, keys in _SCHEMA.items():
+        for section, checks in _SCHEMA.items():
             table = doc.get(section, {})
             if not isinstance(table, dict):
                 raise ConfigError(f"{where}: [{section}] must be a table")
-            extra = sorted(set(table) - set(keys))
+            extra = sorted(set(table) - set(checks))
             if extra:
-                raise ConfigError(f"{where}: unknown key {section}.{extra[0]} (known: {', '.join(keys)})")
-            for key, check in keys.items():
+                raise ConfigError(f"{where}: unknown key {section}.{extra[0]} (known: {', '.join(checks)})")
+            for key, check in checks.items():
                 if key in table:
                     try:
                         values[f"{section}.{key}"] = check(table[key])
@@ -360,10 +360,10 @@ class DataDir:
              rand_bytes=os.urandom) -> None:
         """Create the CA hierarchy, the config and the registry. Never overwrites an existing CA.
 
-        Everything is built in a private temporary directory, recorded in the registry, then
-        renamed into place in one step: a crash leaves either no CA or a complete one. The files
-        are fsynced before the rename and the data directory after it, so the same holds after
-        a power cut. Two inits at once: the second waits (up to INIT_WAIT s, an init takes about
+        Everything is built in a private temporary directory, recorded in the registry (a durable
+        commit), then renamed into place in one step: a crash leaves either no CA or a complete
+        one, recorded. The files are fsynced before the rename and the data directory after it,
+        so the same holds after a power cut. Two inits at once: the second waits (up to INIT_WAIT s, an init takes about
         a second) for the lock the first holds on the data directory, then finds its CA and
         refuses; waiting rather than refusing at once gives the true answer, "a CA already
         exists", instead of a transient one.
@@ -417,11 +417,14 @@ class DataDir:
                     raise CAExists(f"a CA already exists in {self.path}: refusing to overwrite it") from None
                 fsync_path(self.path)
 
+            # recorded (durably) first, renamed into place second: a crash between the two leaves no
+            # CA here (only certificate rows of a CA nobody has, which a new init does not mind)
             registry = SQLiteRegistry(self.db_path, create=True)
             try:
-                registry.record_certificates(hierarchy.records, before_commit=move_into_place)
+                registry.record_certificates(hierarchy.records)
             finally:
                 registry.close()
+            move_into_place()
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

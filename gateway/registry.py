@@ -9,7 +9,6 @@ Durability (what survives a power cut): `gateway/database.py`.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from datetime import datetime, timezone
 from typing import Callable, Sequence
@@ -320,16 +319,12 @@ class SQLiteRegistry(Database):
                 # the device was revoked (or removed) between the check and this write
                 raise DeviceRevoked(f"device {cert.device_serial} is revoked")
 
-    def record_certificates(self, records: Sequence[CertificateRecord], *,
-                            before_commit: Callable[[], None] | None = None) -> None:
-        """Insert certificate records (CA and gateway certificates) in one transaction;
-        `before_commit` runs inside it, so its failure rolls the records back."""
+    def record_certificates(self, records: Sequence[CertificateRecord]) -> None:
+        """Insert certificate records (CA and gateway certificates) in one durable transaction."""
         try:
             with self.transaction(durable=True) as db:
                 db.executemany(f"INSERT INTO certificates ({_CERT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                                [_cert_params(c) for c in records])
-                if before_commit is not None:
-                    before_commit()
         except sqlite3.IntegrityError as exc:
             raise _collision(exc) from None
 

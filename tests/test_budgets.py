@@ -10,11 +10,10 @@ import time
 from datetime import timedelta
 
 import aiocoap
-import cbor2
 import pytest
 from aiocoap.numbers import codes
 
-from attestation.nonces import MemoryNonceStore, NonceRecord, NonceService
+from attestation.nonces import MemoryNonceStore, NonceService
 from attestation.errors import NonceUnknown
 from gateway.attestation_store import SQLiteAttestationStore
 from gateway.budgets import ACTIONS, Budgets, Rate, RateLimiter
@@ -24,7 +23,7 @@ from gateway.server import Gateway, GatewayConfig
 
 from .attest_util import Clock
 from .conftest import free_port, make_csr
-from .test_enrollment import FW, problem, request, token_for, world  # noqa: F401  (world: a fixture)
+from .test_enrollment import FW, problem, request, world  # noqa: F401  (world: a fixture)
 
 
 class Ticks:

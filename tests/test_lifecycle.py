@@ -14,7 +14,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import aiocoap
-import cbor2
 import pytest
 from aiocoap.numbers import codes
 from cryptography import x509
