@@ -408,33 +408,27 @@ class SQLiteRegistry(Database):
 
     def revoked_among(self, serials: Sequence[int]) -> set[int]:
         """Which of these certificate serials are revoked, or belong to a revoked device."""
-        found: set[int] = set()
-        hexes = [_hex(s) for s in serials]
-        with self._lock:
-            for i in range(0, len(hexes), 500):
-                chunk = hexes[i:i + 500]
-                marks = ",".join("?" * len(chunk))
-                rows = self._db.execute(
-                    f"SELECT c.serial FROM certificates c LEFT JOIN devices d ON d.serial = c.device_serial "
-                    f"WHERE c.serial IN ({marks}) AND (c.status = 'revoked' OR d.state = 'revoked')", chunk)
-                found.update(int(r[0], 16) for r in rows)
-        return found
+        return self._serials_where(serials, "FROM certificates c LEFT JOIN devices d ON d.serial = c.device_serial "
+                                            "WHERE c.serial IN ({marks}) AND (c.status = 'revoked' OR d.state = 'revoked')")
 
     def superseded_among(self, serials: Sequence[int], before: datetime) -> set[int]:
         """Which of these certificate serials were superseded before `before` (by the issue of
         the next certificate of their profile to their device, as in `lookup_certificate`)."""
+        return self._serials_where(
+            serials, "FROM certificates c WHERE c.serial IN ({marks}) AND c.status = 'superseded' "
+                     "AND (SELECT MIN(n.issued_at) FROM certificates n WHERE n.device_serial = c.device_serial "
+                     "  AND n.profile = c.profile AND (n.issued_at > c.issued_at "
+                     "  OR (n.issued_at = c.issued_at AND n.rowid > c.rowid))) < ?", _ts(before))
+
+    def _serials_where(self, serials: Sequence[int], sql: str, *params) -> set[int]:
+        """`SELECT c.serial <sql>` over the serials, 500 at a time (SQLite's parameter limit)."""
         found: set[int] = set()
         hexes = [_hex(s) for s in serials]
         with self._lock:
             for i in range(0, len(hexes), 500):
                 chunk = hexes[i:i + 500]
-                marks = ",".join("?" * len(chunk))
-                rows = self._db.execute(
-                    f"SELECT c.serial FROM certificates c WHERE c.serial IN ({marks}) AND c.status = 'superseded' "
-                    "AND (SELECT MIN(n.issued_at) FROM certificates n WHERE n.device_serial = c.device_serial "
-                    "  AND n.profile = c.profile AND (n.issued_at > c.issued_at "
-                    "  OR (n.issued_at = c.issued_at AND n.rowid > c.rowid))) < ?", (*chunk, _ts(before)))
-                found.update(int(r[0], 16) for r in rows)
+                query = "SELECT c.serial " + sql.format(marks=",".join("?" * len(chunk)))
+                found.update(int(r[0], 16) for r in self._db.execute(query, (*chunk, *params)))
         return found
 
     def next_crl_number(self, issuer: str) -> int:
