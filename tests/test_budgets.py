@@ -19,11 +19,10 @@ from gateway.attestation_store import SQLiteAttestationStore
 from gateway.budgets import ACTIONS, Budgets, Rate, RateLimiter
 from gateway.client import device_context
 from gateway.device import enroll
-from gateway.server import Gateway, GatewayConfig
 
 from .attest_util import Clock
-from .conftest import free_port, make_csr
-from .test_enrollment import FW, problem, request, world  # noqa: F401  (world: a fixture)
+from .conftest import make_csr
+from .test_enrollment import FW, run_with_gateway, problem, request, world  # noqa: F401  (world: a fixture)
 
 
 class Ticks:
@@ -146,16 +145,6 @@ def test_the_nonce_cap_uses_its_index(registry):
 
 # -- a flood from one identity, on the real gateway ------------------------------------------------------
 
-def run_gateway(data, body, **config):
-    async def main():
-        port = free_port()
-        gw = Gateway(data, GatewayConfig(listen=[("127.0.0.1", port)], revocation_check_interval=0.2, **config))
-        await gw.start()
-        try:
-            return await body(f"coaps://127.0.0.1:{port}", gw)
-        finally:
-            await gw.stop()
-    return asyncio.run(main())
 
 
 async def flood(ctx, uri: str, count: int, **kw) -> list:
@@ -205,7 +194,7 @@ def test_a_flood_of_nonces_and_junk_evidence_from_one_identity(world, caplog):
         return elapsed
 
     with caplog.at_level(logging.INFO, logger="devid.enrollment"):
-        elapsed = run_gateway(data, body)
+        elapsed = run_with_gateway(data, body)
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "devid.enrollment"]
     limited = [line for line in lines if line["result"] == "rate-limited"]
     assert limited and all(line["serial"] == "TS00000001" and line["retry_after"] >= 1 for line in limited)
@@ -244,4 +233,4 @@ def test_factory_and_operational_identities_share_the_devices_budget(world):
             await factory.shutdown()
             await op.shutdown()
 
-    run_gateway(data, body, budgets=budgets)
+    run_with_gateway(data, body, budgets=budgets)

@@ -70,11 +70,13 @@ def world(data, ca, tmp_path):
     return data, out
 
 
-def run_with_gateway(data, body):
-    """Start the real gateway on loopback, run `body(uri, gateway)`, stop the gateway."""
+def run_with_gateway(data, body, clock=None, **config):
+    """Start the real gateway on loopback (GatewayConfig fields in `config`, the gateway's clock
+    if given), run `body(uri, gateway)`, stop the gateway."""
     async def main():
         port = free_port()
-        gw = Gateway(data, GatewayConfig(listen=[("127.0.0.1", port)], revocation_check_interval=0.2))
+        kw = {"clock": clock} if clock is not None else {}
+        gw = Gateway(data, GatewayConfig(listen=[("127.0.0.1", port)], revocation_check_interval=0.2, **config), **kw)
         await gw.start()
         try:
             return await body(f"coaps://127.0.0.1:{port}", gw)

@@ -25,11 +25,10 @@ from gateway.budgets import Budgets, Rate
 from gateway.client import device_context
 from gateway.device import EnrollFailed, enroll, fetch_config, renew
 from gateway.dtls import engine as E
-from gateway.server import Gateway, GatewayConfig
 
-from .conftest import NOW, free_port, make_csr, register_device, run_devid
+from .conftest import NOW, make_csr, register_device, run_devid
 from .dtls_helpers import client_context_for
-from .test_enrollment import FW, POLICY, problem, request, world  # noqa: F401  (world: a fixture)
+from .test_enrollment import FW, run_with_gateway, POLICY, problem, request, world  # noqa: F401  (world: a fixture)
 from .test_cli import one_line_error, ok
 
 OP = dict(cert_name="op-chain.pem", key_name="op-key.pem")
@@ -47,17 +46,6 @@ class WallClock:
         return datetime.now(timezone.utc) + self.offset
 
 
-def run_gateway(data, body, clock=None, **config):
-    async def main():
-        port = free_port()
-        kw = {"clock": clock} if clock is not None else {}
-        gw = Gateway(data, GatewayConfig(listen=[("127.0.0.1", port)], revocation_check_interval=0.2, **config), **kw)
-        await gw.start()
-        try:
-            return await body(f"coaps://127.0.0.1:{port}", gw)
-        finally:
-            await gw.stop()
-    return asyncio.run(main())
 
 
 def op_serial(bundle: Path) -> int:
@@ -109,7 +97,7 @@ def test_a_superseded_certificate_cannot_renew_read_config_or_connect(world, tmp
         finally:
             await ctx_a.shutdown()
             await factory.shutdown()
-    run_gateway(data, body)
+    run_with_gateway(data, body)
 
 
 def test_a_superseded_certificates_session_ends_after_the_exchange_lifetime(world, tmp_path):
@@ -141,7 +129,7 @@ def test_a_superseded_certificates_session_ends_after_the_exchange_lifetime(worl
             assert (await fetch_config(dev, uri))["device"] == "TS00000003"
         finally:
             await ctx_a.shutdown()
-    run_gateway(data, body, clock=clock)
+    run_with_gateway(data, body, clock=clock)
 
 
 def test_a_lost_sren_answer_comes_again_from_the_coap_deduplication_cache(world):
@@ -194,7 +182,7 @@ def test_a_lost_sren_answer_comes_again_from_the_coap_deduplication_cache(world)
         assert first.code == again.code == codes.CHANGED and first.payload == again.payload
         assert statuses(gw, "TS00000002")[chain[0].serial_number] is CertStatus.SUPERSEDED
         assert len(statuses(gw, "TS00000002")) == 3          # factory, old, new: issued once
-    run_gateway(data, body)
+    run_with_gateway(data, body)
 
 
 def test_grace_period_for_superseded_certificates(world, tmp_path):
@@ -225,7 +213,7 @@ def test_grace_period_for_superseded_certificates(world, tmp_path):
         clock.offset = timedelta(minutes=16)
         with pytest.raises(EnrollFailed):
             await fetch_config(dev, uri, timeout=5)
-    run_gateway(data, body, clock=clock, budgets=Budgets(superseded_grace=timedelta(minutes=10)))
+    run_with_gateway(data, body, clock=clock, budgets=Budgets(superseded_grace=timedelta(minutes=10)))
 
 
 # -- certificates per device and window ---------------------------------------------------------------
@@ -262,8 +250,8 @@ def test_operational_certificates_per_device_are_capped_across_restarts(world):
         ops = [c for c in gw.registry.certificates_for_device("LG00000001") if c.profile == "operational"]
         assert len(ops) == 3
 
-    run_gateway(data, first, budgets=budgets)
-    run_gateway(data, after_restart, budgets=budgets)
+    run_with_gateway(data, first, budgets=budgets)
+    run_with_gateway(data, after_restart, budgets=budgets)
 
 
 def _worker(path: str, action: str, who: dict, limit: int, barrier, q) -> None:
@@ -449,4 +437,4 @@ def test_revoking_one_certificate_closes_its_sessions_only(world):
         result = await enroll(dev, uri, FW)
         assert statuses(gw, "TS00000002")[result.certificate.serial_number] is CertStatus.CURRENT
         assert statuses(gw, "TS00000002")[serial] is CertStatus.REVOKED
-    run_gateway(data, body)
+    run_with_gateway(data, body)
