@@ -84,7 +84,7 @@ def run_devid(engine, client_ctx, n, resume):
 
 def _devid_one(engine, client_ctx, session, i):
     client = E.ClientEngine(client_ctx, "gw", session=session)
-    peer = ("10.0.0.1", 10000 + i)
+    peer = (f"10.0.{(i >> 8) & 255}.{i & 255}", 10000 + i)   # a fleet: one address per device
     pending = [dg for _, dg in client.start(0.0).datagrams]
     spent = 0.0
     while pending:
