@@ -201,6 +201,19 @@ def test_rate_is_a_token_bucket():
     assert [rate.admit("a", 100.0) for _ in range(4)] == [True, True, True, False]
 
 
+@pytest.mark.parametrize("per_second,burst", [(20.0, 200), (3.0, 7), (1 / 3, 5), (7.0, 1000)])
+@pytest.mark.parametrize("start", [0.0, 12345.678, 1e6 + 0.1, 3e7 + 0.3])
+def test_rate_gives_the_whole_burst_at_any_clock_reading(per_second, burst, start):
+    """The burst-th token at one instant is not lost to the rounding of float sums (it was: 199 of
+    200 at some clock readings), and exactly one comes back after one interval."""
+    rate = HandshakeRate(per_second, burst)
+    admitted = 0
+    while rate.admit("a", start):
+        admitted += 1
+    later = start + 1 / per_second
+    assert admitted == burst and [rate.admit("a", later), rate.admit("a", later)] == [True, False]
+
+
 def test_dropped_client_hellos_get_no_answer_on_the_wire(data, registry, device):
     """What a rate-limited address sees: a HelloVerifyRequest for each first ClientHello (as
     anyone), nothing for a ClientHello-with-cookie beyond the rate; never more bytes than it sent."""
