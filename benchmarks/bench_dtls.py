@@ -188,7 +188,9 @@ def start_devid(data: Path, port: int) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
                              "--log-level", "WARNING", "--max-sessions", "50000", "--workers", "1",
                              # the idle-memory run opens thousands of sessions from a few bundles
-                             "--max-sessions-per-device", "50000"],
+                             "--max-sessions-per-device", "50000",
+                             # every client is at 127.0.0.1: one address doing a fleet's handshakes
+                             "--handshake-burst-per-address", "1000000", "--handshake-rate-per-address", "1000000"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
     line = proc.stdout.readline().decode()
     if "listening" not in line:

@@ -214,8 +214,13 @@ def start_gateway(data_path: Path, workers: int, server_root: Path, env: dict | 
     port = bench_dtls.free_port()
     e = dict(os.environ, DEVID_DATA=str(data_path))
     e.update(env or {})
+    flags = []
+    if "handshake_rate_per_address" in (server_root / "gateway" / "cli.py").read_text():
+        # every client is at 127.0.0.1: one address doing a fleet's handshakes (an older
+        # --server-root has no per-address rate, and no such flag)
+        flags = ["--handshake-burst-per-address", "1000000", "--handshake-rate-per-address", "1000000"]
     proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
-                             "--workers", str(workers), "--log-level", "WARNING"],
+                             "--workers", str(workers), "--log-level", "WARNING", *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=e, cwd=server_root)
     line = proc.stdout.readline().decode()
     if "listening" not in line:

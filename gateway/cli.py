@@ -261,7 +261,8 @@ def cmd_provision(args) -> int:
 
 # serve flags that set a ServerLimits field (default: devid.toml [gateway], else the field's default)
 _LIMIT_FLAGS = ("max_sessions", "max_half_open", "max_half_open_per_address", "max_sessions_per_device",
-                "handshake_timeout", "idle_timeout", "mtu")
+                "handshake_timeout", "idle_timeout", "mtu", "ipv6_prefix_length", "handshake_burst_per_address",
+                "handshake_rate_per_address")
 
 
 def cmd_serve(args) -> int:
@@ -487,6 +488,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--handshake-timeout", type=float, metavar="S", help="seconds (default 30)")
     s.add_argument("--idle-timeout", type=float, metavar="S", help="seconds (default 600)")
     s.add_argument("--mtu", type=int, help="largest datagram sent (default 1280)")
+    s.add_argument("--ipv6-prefix-length", type=int, metavar="BITS",
+                   help="IPv6 peers in one prefix of this length count as one address (default 64)")
+    s.add_argument("--handshake-burst-per-address", type=int, metavar="N",
+                   help="new handshakes one address may start at once (default 200)")
+    s.add_argument("--handshake-rate-per-address", type=float, metavar="R",
+                   help="new handshakes per second one address may start after its burst (default 20)")
     s.add_argument("--workers", type=output.positive_int, metavar="N",
                    help="gateway processes sharing the port (SO_REUSEPORT) and the registry (default: one per core)")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

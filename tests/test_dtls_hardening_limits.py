@@ -37,6 +37,16 @@ from .dtls_helpers import FakeNetwork, client_context_for, server_engine
     ("mtu", MIN_MTU - 1, f"a whole number of bytes from {MIN_MTU} to {MAX_MTU}"),
     ("mtu", MAX_MTU + 1, f"a whole number of bytes from {MIN_MTU} to {MAX_MTU}"),
     ("idle_timeout", "600", "a finite number of seconds > 0 and at most 604800"),
+    ("ipv6_prefix_length", 31, "a whole number of bits from 32 to 128"),
+    ("ipv6_prefix_length", 129, "a whole number of bits from 32 to 128"),
+    ("ipv6_prefix_length", 64.0, "a whole number of bits from 32 to 128"),
+    ("handshake_burst_per_address", 0, "a whole number from 1 to 1000000"),
+    ("handshake_burst_per_address", 1_000_001, "a whole number from 1 to 1000000"),
+    ("handshake_rate_per_address", 0, "a finite number of handshakes a second from 0.001 to 1000000"),
+    ("handshake_rate_per_address", math.nan, "a finite number of handshakes a second from 0.001 to 1000000"),
+    ("handshake_rate_per_address", math.inf, "a finite number of handshakes a second from 0.001 to 1000000"),
+    ("handshake_rate_per_address", 2e6, "a finite number of handshakes a second from 0.001 to 1000000"),
+    ("handshake_rate_per_address", "20", "a finite number of handshakes a second from 0.001 to 1000000"),
 ])
 def test_limit_out_of_range_is_refused(field, value, allowed):
     with pytest.raises(E.LimitError) as info:
@@ -53,6 +63,11 @@ def test_limits_at_the_edges_are_accepted():
                    idle_timeout=0.001, mtu=MIN_MTU, cookie_rotation=1)
     E.ServerLimits(handshake_timeout=600, idle_timeout=7 * 86400, mtu=MAX_MTU, cookie_rotation=3600,
                    max_half_open=50, max_half_open_per_address=50)
+    E.ServerLimits(ipv6_prefix_length=32, handshake_burst_per_address=1, handshake_rate_per_address=0.001)
+    E.ServerLimits(ipv6_prefix_length=128, handshake_burst_per_address=1_000_000, handshake_rate_per_address=1e6)
+    defaults = E.ServerLimits()
+    assert (defaults.ipv6_prefix_length, defaults.handshake_burst_per_address,
+            defaults.handshake_rate_per_address) == (64, 200, 20.0)
 
 
 def test_smallest_mtu_completes_a_handshake(data, ca, registry):
@@ -97,6 +112,13 @@ def test_smallest_mtu_completes_a_handshake(data, ca, registry):
     ("--max-half-open-per-address", "5000",
      "--max-half-open-per-address must be a whole number from 1 to the half-open cap (1000) (got 5000)"),
     ("--max-sessions-per-device", "0", "--max-sessions-per-device must be a whole number >= 1 (got 0)"),
+    ("--ipv6-prefix-length", "16", "--ipv6-prefix-length must be a whole number of bits from 32 to 128 (got 16)"),
+    ("--handshake-burst-per-address", "0",
+     "--handshake-burst-per-address must be a whole number from 1 to 1000000 (got 0)"),
+    ("--handshake-rate-per-address", "0",
+     "--handshake-rate-per-address must be a finite number of handshakes a second from 0.001 to 1000000 (got 0.0)"),
+    ("--handshake-rate-per-address", "nan",
+     "--handshake-rate-per-address must be a finite number of handshakes a second from 0.001 to 1000000 (got nan)"),
 ])
 def test_bad_serve_flag_is_one_line_naming_the_flag(data, flag, value, message):
     proc = run_devid("serve", "--listen", f"127.0.0.1:{free_port()}", "--workers", "1", f"{flag}={value}",

@@ -1,7 +1,8 @@
 """Hardening of the DTLS gateway on loopback (issue 10): the real gateway, real sockets, real
-clients. One address cannot hold every half-open slot; a replayed ClientHello-with-cookie from
-the session's own address and port gets no answer and leaves the session working; a device that
-lost its session reconnects from the same address and port."""
+clients. One address cannot hold every half-open slot, nor start handshakes beyond its rate; a
+replayed ClientHello-with-cookie from the session's own address and port gets no answer and
+leaves the session working; a device that lost its session reconnects from the same address and
+port."""
 
 from __future__ import annotations
 
@@ -97,6 +98,53 @@ def test_one_address_cannot_hold_every_half_open_slot(data, bundles):
             assert engine.half_open == 5           # the attacker's handshakes were still held meanwhile
         finally:
             for s in socks:
+                s.close()
+            await gw.stop()
+    asyncio.run(main())
+
+
+def test_one_address_cannot_start_handshakes_beyond_its_rate(data, bundles):
+    """6 ClientHellos with valid cookies from 6 ports of 127.0.0.1 against a gateway allowing one
+    address a burst of 2 new handshakes (and then one every 1,000 s): 2 get the gateway's flight,
+    4 get nothing at all and are counted; a real device from 127.0.0.2 is served meanwhile."""
+    limits = E.ServerLimits(handshake_burst_per_address=2, handshake_rate_per_address=0.001)
+    ctx = client_context_from_bundle(bundles / "SN00000003")
+
+    async def main():
+        gw, port = await start_gateway(data, limits)
+        attackers = []
+        try:
+            for _ in range(6):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                s.setblocking(False)
+                s.bind(("127.0.0.1", 0))
+                client = E.ClientEngine(ctx, ("127.0.0.1", port))
+                s.sendto(client.start(0.0).datagrams[0][1], ("127.0.0.1", port))
+                attackers.append([s, client, []])
+
+            def received():
+                for attacker in attackers:
+                    try:
+                        attacker[2].append(attacker[0].recv(2048))
+                    except BlockingIOError:
+                        pass
+                return attackers
+            assert await until(lambda: all(a[2] for a in received()))
+            for s, client, got in attackers:
+                (hvr,) = got
+                assert records.split_records(hvr)[0][13] == 3                     # HelloVerifyRequest
+                s.sendto(client.receive(hvr, 0.0).datagrams[0][1], ("127.0.0.1", port))
+            engine = gw.engine
+            assert await until(lambda: engine.half_open + engine.stats.rate_limited == 6)
+            assert engine.half_open == 2 and engine.stats.rate_limited == 4
+            async with RawCoapOverDTLS(bundles / "SN00000001", port, local=("127.0.0.2", 0)) as dev:
+                answer = await dev.exchange(WHOAMI)
+            assert answer.code == aiocoap.CONTENT and json.loads(answer.payload)["serial"] == "SN00000001"
+            # by now the two admitted have their flight; the four others were sent nothing
+            assert await until(lambda: sum(len(a[2]) > 1 for a in received()) == 2)
+            assert sorted(len(a[2]) > 1 for a in received()) == [False] * 4 + [True] * 2
+        finally:
+            for s, _, _ in attackers:
                 s.close()
             await gw.stop()
     asyncio.run(main())

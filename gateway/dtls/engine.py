@@ -12,19 +12,23 @@ Server side, in order of arrival of a datagram from an unknown address:
    ClientHello comes back with a valid cookie (cookies.py: an HMAC of the peer address and the
    ClientHello's parameters under a secret that rotates; a cookie lives one to two rotations).
    A ClientHello the engine cannot parse (fragmented, malformed) is dropped.
-3. Caps: half-open handshakes in all and per source IP address, and sessions; beyond them, a
-   valid ClientHello is dropped (the client retransmits it later).
-4. The peer's certificate chain is validated by OpenSSL against the trust anchors, then by the
+3. A valid cookie whose ClientHello (peer and random) already opened a handshake is a replay:
+   dropped, no answer (cookies.py remembers them as long as their cookie can be valid).
+4. Caps: half-open handshakes in all and per source address, sessions, and a rate of new
+   handshakes per source address; beyond them, a valid ClientHello is dropped (the client
+   retransmits it later). "Address" is an IPv4 address or an IPv6 prefix (limits.address_key).
+5. The peer's certificate chain is validated by OpenSSL against the trust anchors, then by the
    `Authenticator` (cryptography.x509.verification + registry revocation). A refusal fails the
    handshake inside OpenSSL, which sends the peer an alert.
-5. Timers: handshake timeout, idle timeout, and OpenSSL's retransmission timer.
+6. Timers: handshake timeout, idle timeout, and OpenSSL's retransmission timer.
 
 A ClientHello from an address:port that has an established session (RFC 6347 4.2.8): one that
 repeats the random of the handshake that made the session is a replay and gets no answer at
-all. Any other goes through the cookie exchange, then runs as a *pending* handshake beside the
-session (a half-open handshake like any other): the session's own epoch-1 records still reach
-it, every record it cannot open goes to the pending handshake. Only when the pending handshake
-completes does it replace the session (`SessionClosed(peer, "replaced by a new handshake")`,
+all. Any other goes through the cookie exchange (and 3. and 4.), then runs as a *pending*
+handshake beside the session (a half-open handshake like any other): the session's own epoch-1
+records still reach it, every record it cannot open goes to the pending handshake, and a
+retransmission of the pending handshake's own ClientHello goes to it (OpenSSL answers it with
+its flight again). Only when the pending handshake completes does it replace the session (`SessionClosed(peer, "replaced by a new handshake")`,
 then `HandshakeComplete`); if it fails or times out, the session is untouched.
 
 Note: OpenSSL runs its retransmission timer on its own clock; `now` drives everything else.
@@ -43,8 +47,8 @@ from cryptography import x509
 from OpenSSL import SSL
 
 from . import records
-from .cookies import Cookies, bind
-from .limits import LimitError, ServerLimits  # noqa: F401  (part of the engine's API)
+from .cookies import Cookies, bind, hello_key
+from .limits import HandshakeRate, LimitError, ServerLimits, address_key  # noqa: F401  (LimitError: API)
 from .recordlayer import RecordLayer
 
 Peer = Hashable          # e.g. ("127.0.0.1", 40000) for UDP
@@ -117,7 +121,9 @@ class EngineStats:
     cookies_refused: int = 0
     dropped: int = 0                    # datagrams dropped before any state (not a ClientHello, global caps)
     dropped_per_address: int = 0        # valid-cookie ClientHellos dropped by the per-address half-open cap
-    replays: int = 0                    # ClientHellos repeating the random of their peer's session: no answer
+    rate_limited: int = 0               # valid-cookie ClientHellos dropped by the per-address handshake rate
+    replays: int = 0                    # ClientHellos repeating the random of their peer's session, or
+                                        # with a valid cookie that already opened a handshake: no answer
     replaced: int = 0                   # established sessions replaced by a completed handshake of their peer
     handshakes: int = 0
     resumed: int = 0
@@ -127,7 +133,7 @@ class EngineStats:
 class _Session:
     __slots__ = ("peer", "conn", "state", "identity", "chain", "failure", "started", "last_seen",
                  "hs_deadline", "deadline", "cipher", "rl", "wseq", "rseqs", "last_flight", "resend_at",
-                 "hello_random", "bound", "pending")
+                 "hello_random", "bound", "pending", "address")
 
     def __init__(self, peer: Peer, conn: SSL.Connection, now: float, hs_deadline: float) -> None:
         self.peer = peer
@@ -152,6 +158,7 @@ class _Session:
         self.hello_random: bytes | None = None
         self.bound: bytes | None = None
         self.pending: _Session | None = None
+        self.address: Hashable = None        # server: what the per-address half-open cap counts it by
 
 
 class _Probe:
@@ -161,11 +168,6 @@ class _Probe:
     def __init__(self, peer: Peer, bound: bytes) -> None:
         self.peer = peer
         self.bound = bound
-
-
-def _address(peer: Peer) -> Hashable:
-    """The source IP address of a peer (all its ports together)."""
-    return peer[0] if isinstance(peer, tuple) else peer
 
 
 class _Engine:
@@ -264,6 +266,7 @@ class ServerEngine(_Engine):
         self._tiebreak = itertools.count()
         self._half_open = 0
         self._half_open_by_address: dict[Hashable, int] = {}
+        self._rate = HandshakeRate(limits.handshake_rate_per_address, limits.handshake_burst_per_address)
         self._by_device: dict[Any, list[_Session]] = {}   # device key -> its established sessions, oldest first
         context.set_cookie_generate_callback(self._cookie_generate)
         context.set_cookie_verify_callback(self._cookie_verify)
@@ -367,14 +370,23 @@ class ServerEngine(_Engine):
             else:
                 self.stats.cookies_refused += 1
             return
-        # a valid cookie: the caps, then (only now) state for the peer
-        address = _address(peer)
+        # a valid cookie: not a replay of one that opened a handshake already (its retransmission
+        # by a client whose handshake is in progress went to that handshake above, or never came
+        # here), then the caps and the rate, then (only now) state for the peer
+        seen = hello_key(peer, hello.random)
+        if self.cookies.seen(seen):
+            self.stats.replays += 1
+            return
+        address = address_key(peer, self.limits.ipv6_prefix_length)
         if self._half_open_by_address.get(address, 0) >= self.limits.max_half_open_per_address:
             self.stats.dropped_per_address += 1
             return
         if self._half_open >= self.limits.max_half_open or (
                 established is None and len(self.sessions) >= self.limits.max_sessions):
             self.stats.dropped += 1
+            return
+        if not self._rate.admit(address, self._now):
+            self.stats.rate_limited += 1
             return
         conn = SSL.Connection(self.ctx, None)
         conn.set_app_data(_Probe(peer, bound))
@@ -397,6 +409,7 @@ class ServerEngine(_Engine):
         s = _Session(peer, conn, self._now, self._now + self.limits.handshake_timeout)
         s.hello_random = hello.random
         s.bound = bound
+        s.address = address
         conn.set_app_data(s)
         if established is None:
             self.sessions[peer] = s
@@ -409,6 +422,9 @@ class ServerEngine(_Engine):
         self._half_open += 1
         self._half_open_by_address[address] = self._half_open_by_address.get(address, 0) + 1
         self._drive(s, out)
+        # only now: remembering may rotate the secrets early, and OpenSSL checks the cookie again
+        # when the handshake reads the ClientHello (in the _drive above)
+        self.cookies.remember(seen)
 
     def _receive_beside(self, s: _Session, datagram: bytes, out: Output) -> None:
         """A datagram for a peer with an established session `s` and a handshake pending beside
@@ -648,7 +664,7 @@ class ServerEngine(_Engine):
 
     def _leave_half_open(self, s: _Session) -> None:
         self._half_open -= 1
-        address = _address(s.peer)
+        address = s.address
         n = self._half_open_by_address[address] - 1
         if n:
             self._half_open_by_address[address] = n
