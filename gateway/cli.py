@@ -491,9 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ipv6-prefix-length", type=int, metavar="BITS",
                    help="IPv6 peers in one prefix of this length count as one address (default 64)")
     s.add_argument("--handshake-burst-per-address", type=int, metavar="N",
-                   help="new handshakes one address may start at once (default 200)")
+                   help="new handshakes one address may start at once (default 1000)")
     s.add_argument("--handshake-rate-per-address", type=float, metavar="R",
-                   help="new handshakes per second one address may start after its burst (default 20)")
+                   help="new handshakes per second one address may start after its burst (default 100)")
     s.add_argument("--workers", type=output.positive_int, metavar="N",
                    help="gateway processes sharing the port (SO_REUSEPORT) and the registry (default: one per core)")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

@@ -67,7 +67,7 @@ def test_limits_at_the_edges_are_accepted():
     E.ServerLimits(ipv6_prefix_length=128, handshake_burst_per_address=1_000_000, handshake_rate_per_address=1e6)
     defaults = E.ServerLimits()
     assert (defaults.ipv6_prefix_length, defaults.handshake_burst_per_address,
-            defaults.handshake_rate_per_address) == (64, 200, 20.0)
+            defaults.handshake_rate_per_address) == (64, 1000, 100.0)
 
 
 def test_smallest_mtu_completes_a_handshake(data, ca, registry):
