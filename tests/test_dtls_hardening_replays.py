@@ -180,7 +180,7 @@ def test_a_cookie_that_checks_is_always_of_a_remembered_hello():
         if cookies.check(cookie, bound):
             key = hello_key(bound, b"")
             if not cookies.seen(key):
-                cookies.remember(key)
+                cookies.remember(key, now)
                 remembered.append((bound, cookie, key))
         assert max(len(s) for s in cookies._seen) <= 5
         for bound, cookie, key in remembered[-40:]:
@@ -204,3 +204,21 @@ def test_early_rotation_does_not_fail_the_handshake_that_caused_it(data, registr
     assert srv.cookies.early_rotations == 1 and out.datagrams and srv.stats.failed == 0
     events = shuttle(srv, late, [d for _, d in out.datagrams], now=61.0)
     assert [type(e) for e in events] == [E.HandshakeComplete] and late.established
+
+
+def test_a_timed_rotation_never_follows_an_early_one_at_once():
+    """A cookie made just before an early rotation stays valid until the next rotation, which
+    is a full period later, not the next multiple of the period (that once came 0.1 s after)."""
+    counter = itertools.count()
+    cookies = Cookies(60.0, lambda n: next(counter).to_bytes(n, "big"), capacity=1)
+    cookies.rotate(0.0)
+    cookies.remember(b"a" * 16, 59.8)                    # fills the set
+    bound = bind(("10.0.0.1", 1), b"hello")
+    cookie = cookies.make(bound)                         # sent at 59.85 s
+    cookies.remember(b"b" * 16, 59.9)                    # full: early rotation at 59.9 s
+    assert cookies.early_rotations == 1
+    for now in (60.05, 100.0, 119.8):                    # no timed rotation before 119.9 s
+        cookies.rotate(now)
+        assert cookies.check(cookie, bound), now
+    cookies.rotate(119.95)                               # one timed rotation: the cookie's secret is gone
+    assert not cookies.check(cookie, bound)

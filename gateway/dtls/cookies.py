@@ -10,8 +10,8 @@ The extensions and the cookie itself are not covered. A cookie therefore only op
 handshake for the ClientHello it was made for, from the address it was sent to: a client must
 repeat those fields unchanged in its second ClientHello, as the RFC requires.
 
-The 32-byte secret rotates every `rotation` seconds and the previous one is still accepted, so
-a cookie is valid for one to two rotation periods. Within that time a verbatim replay of a
+The 32-byte secret rotates every `rotation` seconds (counted from the previous rotation) and the
+previous one is still accepted, so a cookie is valid for one to two rotation periods. Within that time a verbatim replay of a
 ClientHello-with-cookie would pass the check again; so the engine `remember`s every one that
 opened a handshake (by peer and random, `hello_key`) and drops one `seen` before. The memory is
 two sets that rotate with the secrets: see `remember` for why that is enough, and its bound.
@@ -56,23 +56,26 @@ class Cookies:
         self._rand = rand_bytes
         self._secrets = [rand_bytes(32), rand_bytes(32)]     # current, previous
         self._seen: list[set[bytes]] = [set(), set()]        # remembered under each of them
-        self._epoch: int | None = None
+        # when the current secret became current. Rotations are at least `rotation` apart counted
+        # from the last one, early ones included, so a timed rotation never follows an early one
+        # at once: a cookie lives at least one period unless the memory fills again within it
+        self._since: float | None = None
 
     def rotate(self, now: float) -> None:
-        epoch = int(now // self.rotation)
-        if self._epoch is None:
-            self._epoch = epoch
-        elif epoch > self._epoch:
-            if epoch == self._epoch + 1:
-                self._advance()
-            else:           # more than a period without a look: no cookie of either secret is valid
-                self._secrets = [self._rand(32), self._rand(32)]
-                self._seen = [set(), set()]
-            self._epoch = epoch
+        if self._since is None:
+            self._since = now
+        elif now - self._since >= 2 * self.rotation:
+            # two periods without a look: no cookie of either secret may still be valid
+            self._secrets = [self._rand(32), self._rand(32)]
+            self._seen = [set(), set()]
+            self._since = now
+        elif now - self._since >= self.rotation:
+            self._advance(now)
 
-    def _advance(self) -> None:
+    def _advance(self, now: float) -> None:
         self._secrets = [self._rand(32), self._secrets[0]]
         self._seen = [set(), self._seen[0]]
+        self._since = now
 
     def make(self, bound: bytes) -> bytes:
         return hmac.digest(self._secrets[0], bound, "sha256")[:COOKIE_BYTES]
@@ -85,7 +88,7 @@ class Cookies:
     def seen(self, key: bytes) -> bool:
         return key in self._seen[0] or key in self._seen[1]
 
-    def remember(self, key: bytes) -> None:
+    def remember(self, key: bytes, now: float) -> None:
         """Remember a ClientHello whose valid cookie opened a handshake, in the set of the secret
         current now.
 
@@ -100,9 +103,10 @@ class Cookies:
         The bound: when the current set is full, the secrets rotate early (a new current secret,
         the current one becomes the previous, the previous one and its set are dropped). That is
         one more step of the same sequence, so the argument above holds unchanged; it only
-        shortens the life of the cookies made under the dropped secret. Each set holds at most
-        `capacity` entries: a new one goes into the current set only, after the early rotation."""
+        shortens the life of the cookies made under the dropped secret, and the next timed rotation is
+        a full period after this one. Each set holds at most `capacity` entries: a new one goes into
+        the current set only, after the early rotation."""
         if len(self._seen[0]) >= self.capacity:
-            self._advance()
+            self._advance(now)
             self.early_rotations += 1
         self._seen[0].add(key)

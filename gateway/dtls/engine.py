@@ -424,7 +424,7 @@ class ServerEngine(_Engine):
         self._drive(s, out)
         # only now: remembering may rotate the secrets early, and OpenSSL checks the cookie again
         # when the handshake reads the ClientHello (in the _drive above)
-        self.cookies.remember(seen)
+        self.cookies.remember(seen, self._now)
 
     def _receive_beside(self, s: _Session, datagram: bytes, out: Output) -> None:
         """A datagram for a peer with an established session `s` and a handshake pending beside
