@@ -73,7 +73,9 @@ class Budgets:
     def __post_init__(self) -> None:
         def check(name: str, ok: bool, allowed: str) -> None:
             if not ok:
-                raise ValueError(f"budgets.{name}: {getattr(self, name)!r} is outside {allowed}")
+                value = getattr(self, name)
+                shown = f"{value.total_seconds():g} s" if isinstance(value, timedelta) else repr(value)
+                raise ValueError(f"budgets.{name}: {shown} is outside {allowed}")
 
         def integer(v) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)

@@ -188,7 +188,7 @@ def _build(section: str, cls_: type, table: object, where: str, convert: Callabl
         return cls_(**(convert(table) if convert else table))
     except LimitError as exc:
         raise ConfigError(f"{where}: {section}.{exc.field} must be {exc.allowed} (got {exc.value!r})") from None
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError) as exc:
         text = str(exc)
         raise ConfigError(f"{where}: {text}" if text.startswith(f"{section}.") else f"{where}: [{section}]: {text}") \
             from None
@@ -221,7 +221,8 @@ def _log_budget_from_toml(table: dict) -> dict:
 
 def _seconds(key: str, value: object) -> timedelta:
     """A TOML number of seconds as a timedelta (its range is the dataclass's to check)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (isinstance(value, float) and not math.isfinite(value)):
         raise ValueError(f"{key} must be a finite number of seconds (got {value!r})")
     try:
         return timedelta(seconds=value)

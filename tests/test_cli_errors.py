@@ -138,6 +138,12 @@ def test_provision_on_a_full_disk_is_one_line_and_registers_nothing_unwritten(da
     ("[attestation_log]\nwindow = 30\n", "attestation_log.window"),
     ("[attestation_log]\nrefused_per_window = 0\n", "attestation_log.refused_per_window"),
     ("[gateway]\nidle_timeout = nan\n", "gateway.idle_timeout"),
+    ("[gateway]\nidle_timeout = 1" + "0" * 400 + "\n", "gateway.idle_timeout"),
+    ("[gateway]\nhandshake_rate_per_address = 1" + "0" * 400 + "\n", "gateway.handshake_rate_per_address"),
+    ("[budgets]\ncertificate_window = 1" + "0" * 400 + "\n", "budgets.certificate_window"),
+    ("[budgets]\nrenew = {interval = 1" + "0" * 400 + "}\n", "budgets.renew"),
+    ("[attestation_log]\nrefused_per_window = 1" + "0" * 400 + "\n", "attestation_log.refused_per_window"),
+    ("[profiles]\noperational_validity_days = 1" + "0" * 400 + "\n", "profiles.operational_validity_days"),
 ])
 def test_bad_devid_toml_values(toml, fragment):
     with pytest.raises(ConfigError) as info:

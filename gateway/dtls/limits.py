@@ -119,11 +119,16 @@ class ServerLimits:
         _count("handshake_burst_per_address", self.handshake_burst_per_address, 1, MAX_HANDSHAKE_BURST,
                f"a whole number from 1 to {MAX_HANDSHAKE_BURST}")
         rate = self.handshake_rate_per_address
-        if not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and math.isfinite(rate)
+        if not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and _finite(rate)
                 and MIN_HANDSHAKE_RATE <= rate <= MAX_HANDSHAKE_RATE):
             raise LimitError("handshake_rate_per_address",
                              f"a finite number of handshakes a second from {MIN_HANDSHAKE_RATE:g} to "
                              f"{MAX_HANDSHAKE_RATE:.0f}", rate)
+
+
+def _finite(value: int | float) -> bool:
+    """math.isfinite, but an int of any size (TOML allows them) is finite, not an OverflowError."""
+    return isinstance(value, int) or math.isfinite(value)
 
 
 def _count(name: str, value: object, low: int, high: int | None, allowed: str) -> None:
@@ -134,7 +139,7 @@ def _count(name: str, value: object, low: int, high: int | None, allowed: str) -
 def _seconds(name: str, value: object, low: float, high: float) -> None:
     allowed = (f"a finite number of seconds > 0 and at most {high:g}" if low == 0 else
                f"a finite number of seconds from {low:g} to {high:g}")
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value)
     if not ok or not (value > low if low == 0 else value >= low) or value > high:
         raise LimitError(name, allowed, value)
 
