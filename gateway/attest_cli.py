@@ -19,6 +19,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from attestation.errors import LogError
@@ -112,11 +113,21 @@ def cmd_log(args) -> int:
 
 
 def _trusted(data: DataDir, store: SQLiteAttestationStore):
-    """The certificates that may seal segments: the gateway's, as the registry and DATA/ca have them."""
+    """The certificates that may seal segments: the gateway's, as the registry and DATA/ca have
+    them, and only those issued by this data directory's operational CA (the registry may also
+    hold rows of a CA an interrupted `devid init` made and never put in place)."""
     ders = store.gateway_certificates()
     if data.cert_path("gateway").exists():
         ders.append(data.cert("gateway").public_bytes(serialization.Encoding.DER))
-    keys = {hashlib.sha256(d).digest(): d for d in ders}
+    issuer = data.cert("operational")
+
+    def ours(der: bytes) -> bool:
+        try:
+            x509.load_der_x509_certificate(der).verify_directly_issued_by(issuer)
+            return True
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+    keys = {hashlib.sha256(d).digest(): d for d in ders if ours(d)}
 
     def trusted(der: bytes):
         known = keys.get(hashlib.sha256(der).digest())

@@ -105,7 +105,7 @@ class Database:
                 raise
         wal = self.path.with_name(self.path.name + "-wal")
         if wal.exists() and wal.stat().st_size > 0:
-            raise RegistryError(f"{self.path}: cannot read it in a read-only directory while {wal.name} holds "
+            raise RegistryError(f"{self.path}: cannot read it in a read-only directory while {wal.name} may hold "
                                 "transactions not yet in the database file (copy the directory, or open it "
                                 "where it can be written, to let SQLite fold them in)")
         return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, timeout=timeout, isolation_level=None,

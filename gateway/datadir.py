@@ -391,6 +391,8 @@ class DataDir:
             tmp.unlink(missing_ok=True)             # left by an init that was killed
             write_synced(tmp, cfg.render().encode())
             os.replace(tmp, self.config_path)
+        for stale in self.path.glob(".ca-init-*"):    # keys of an init that was killed (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         cfg = self.config
         hierarchy = create_hierarchy(cfg.identity, hostnames, now, rand_bytes)
         staging = self.path / f".ca-init-{os.getpid()}-{secrets.token_hex(4)}"

@@ -268,3 +268,41 @@ def test_read_only_copy_with_pending_wal_is_an_error_not_stale_data(data, tmp_pa
         writer.close()
     with _read_only(copy):
         _one_error_line(run_devid("devices", "list", data_dir=copy), "registry.sqlite3-wal")
+
+
+def test_init_removes_the_keys_an_interrupted_init_left(tmp_path):
+    from gateway.datadir import DataDir
+    from .conftest import NOW
+    d = DataDir(tmp_path / "d")
+    stale = d.path / ".ca-init-4242-deadbeef"
+    stale.mkdir(parents=True)
+    (stale / "passphrase").write_text("left by a killed init\n")
+    d.init(NOW)
+    assert not stale.exists() and list(d.path.glob(".ca-init-*")) == []
+
+
+def test_only_this_ca_s_gateway_certificates_may_seal_log_segments(data, registry, tmp_path):
+    """A registry row of another CA's gateway certificate (as an interrupted init leaves) does not
+    make that certificate's key one that may seal attestation log segments."""
+    import sqlite3
+    from cryptography.hazmat.primitives import serialization
+    from gateway.attest_cli import _trusted
+    from gateway.attestation_store import SQLiteAttestationStore
+    from gateway.datadir import DataDir
+    from .conftest import NOW
+    other = DataDir(tmp_path / "other")
+    other.init(NOW)
+    src = sqlite3.connect(other.db_path)
+    try:
+        row = src.execute("SELECT * FROM certificates WHERE profile = 'gateway'").fetchone()
+    finally:
+        src.close()
+    with registry.transaction() as db:
+        db.execute(f"INSERT INTO certificates VALUES ({','.join('?' * len(row))})", row)
+    store = SQLiteAttestationStore(registry)
+    theirs = other.cert("gateway").public_bytes(serialization.Encoding.DER)
+    ours = data.cert("gateway").public_bytes(serialization.Encoding.DER)
+    assert theirs in store.gateway_certificates()
+    trusted = _trusted(data, store)
+    assert trusted(ours) is not None
+    assert trusted(theirs) is None
