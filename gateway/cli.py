@@ -261,7 +261,8 @@ def cmd_provision(args) -> int:
 
 # serve flags that set a ServerLimits field (default: devid.toml [gateway], else the field's default)
 _LIMIT_FLAGS = ("max_sessions", "max_half_open", "max_half_open_per_address", "max_sessions_per_device",
-                "handshake_timeout", "idle_timeout", "mtu", "ipv6_prefix_length", "handshake_burst_per_address",
+                "handshake_timeout", "idle_timeout", "mtu", "ipv6_prefix_length", "max_half_open_per_ipv6_network",
+                "ipv6_network_prefix_length", "handshake_burst_per_address",
                 "handshake_rate_per_address")
 
 
@@ -490,6 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mtu", type=int, help="largest datagram sent (default 1280)")
     s.add_argument("--ipv6-prefix-length", type=int, metavar="BITS",
                    help="IPv6 peers in one prefix of this length count as one address (default 64)")
+    s.add_argument("--max-half-open-per-ipv6-network", type=int, metavar="N",
+                   help="cap on handshakes in progress from one IPv6 network, all its /64s together (default 300)")
+    s.add_argument("--ipv6-network-prefix-length", type=int, metavar="BITS",
+                   help="the IPv6 network of that cap (default 48)")
     s.add_argument("--handshake-burst-per-address", type=int, metavar="N",
                    help="new handshakes one address may start at once (default 1000)")
     s.add_argument("--handshake-rate-per-address", type=float, metavar="R",

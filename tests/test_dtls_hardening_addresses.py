@@ -55,7 +55,7 @@ def test_one_ipv6_prefix_cannot_hold_every_half_open_slot(data, registry, device
     for i in range(1, 16):
         half_open_from(srv, data, device, v6(f"2001:db8:0:1::{i:x}"))
     assert srv.half_open == 4 and srv.stats.dropped_per_address == 11 and srv.stats.dropped == 0
-    assert srv._half_open_by_address == {"2001:db8:0:1::/64": 4}
+    assert srv._half_open_by_address == {"2001:db8:0:1::/64": 4, "2001:db8::/48": 4}
     connect(srv, client_for(data, device), peer=v6("2001:db8:0:2::1"))
     srv.handle_timeouts(5.0)
     assert srv.half_open == 0 and srv._half_open_by_address == {}
@@ -65,6 +65,26 @@ def test_one_ipv6_prefix_cannot_hold_every_half_open_slot(data, registry, device
     for i in range(1, 6):
         half_open_from(per_address, data, device, v6(f"2001:db8:0:1::{i:x}"))
     assert per_address.half_open == 5 and per_address.stats.dropped_per_address == 0
+
+
+def test_one_ipv6_network_cannot_hold_every_half_open_slot(data, registry, device):
+    """A customer given a /56 or a /48 has hundreds of /64s: all the /64s of one /48 together get
+    `max_half_open_per_ipv6_network` handshakes in progress, and another network still gets in.
+    (Before: ten /64s of one /56 filled the global cap.)"""
+    limits = E.ServerLimits(max_half_open=10, max_half_open_per_address=4, max_half_open_per_ipv6_network=6,
+                            handshake_timeout=5.0)
+    srv = server_engine(data, registry, limits=limits)
+    for i in range(1, 16):                           # 15 /64s of 2001:db8:0::/48, two addresses each
+        for host in (1, 2):
+            half_open_from(srv, data, device, v6(f"2001:db8:0:{i:x}::{host}"))
+    assert srv.half_open == 6 and srv.stats.dropped_per_address == 24 and srv.stats.dropped == 0
+    assert srv._half_open_by_address["2001:db8::/48"] == 6
+    connect(srv, client_for(data, device), peer=v6("2001:db8:1:1::1"))     # another /48
+    srv.handle_timeouts(5.0)
+    assert srv.half_open == 0 and srv._half_open_by_address == {}
+    defaults = E.ServerLimits()
+    assert (defaults.max_half_open_per_ipv6_network, defaults.ipv6_network_prefix_length) == (300, 48)
+    assert E.ServerLimits(max_half_open=50).max_half_open_per_ipv6_network == 50
 
 
 def test_ipv4_mapped_peers_count_with_their_ipv4_address(data, registry, device):

@@ -120,7 +120,7 @@ class EngineStats:
     cookies_sent: int = 0
     cookies_refused: int = 0
     dropped: int = 0                    # datagrams dropped before any state (not a ClientHello, global caps)
-    dropped_per_address: int = 0        # valid-cookie ClientHellos dropped by the per-address half-open cap
+    dropped_per_address: int = 0        # valid-cookie ClientHellos dropped by a per-address (or IPv6 network) cap
     rate_limited: int = 0               # valid-cookie ClientHellos dropped by the per-address handshake rate
     replays: int = 0                    # ClientHellos repeating the random of their peer's session, or
                                         # with a valid cookie that already opened a handshake: no answer
@@ -133,7 +133,7 @@ class EngineStats:
 class _Session:
     __slots__ = ("peer", "conn", "state", "identity", "chain", "failure", "started", "last_seen",
                  "hs_deadline", "deadline", "cipher", "rl", "wseq", "rseqs", "last_flight", "resend_at",
-                 "hello_random", "bound", "pending", "address")
+                 "hello_random", "bound", "pending", "address", "network")
 
     def __init__(self, peer: Peer, conn: SSL.Connection, now: float, hs_deadline: float) -> None:
         self.peer = peer
@@ -159,6 +159,7 @@ class _Session:
         self.bound: bytes | None = None
         self.pending: _Session | None = None
         self.address: Hashable = None        # server: what the per-address half-open cap counts it by
+        self.network: Hashable = None        # server: its IPv6 network (None for IPv4), counted too
 
 
 class _Probe:
@@ -381,6 +382,12 @@ class ServerEngine(_Engine):
         if self._half_open_by_address.get(address, 0) >= self.limits.max_half_open_per_address:
             self.stats.dropped_per_address += 1
             return
+        network = None                    # an IPv6 prefix: its network's /64s share a cap too
+        if isinstance(address, str) and "/" in address:
+            network = address_key(peer, min(self.limits.ipv6_network_prefix_length, self.limits.ipv6_prefix_length))
+            if self._half_open_by_address.get(network, 0) >= self.limits.max_half_open_per_ipv6_network:
+                self.stats.dropped_per_address += 1
+                return
         if self._half_open >= self.limits.max_half_open or (
                 established is None and len(self.sessions) >= self.limits.max_sessions):
             self.stats.dropped += 1
@@ -410,6 +417,7 @@ class ServerEngine(_Engine):
         s.hello_random = hello.random
         s.bound = bound
         s.address = address
+        s.network = network
         conn.set_app_data(s)
         if established is None:
             self.sessions[peer] = s
@@ -420,7 +428,10 @@ class ServerEngine(_Engine):
                 self._end(established.pending, out, "superseded by a newer handshake", emit=False)
             established.pending = s
         self._half_open += 1
-        self._half_open_by_address[address] = self._half_open_by_address.get(address, 0) + 1
+        counts = self._half_open_by_address
+        counts[address] = counts.get(address, 0) + 1
+        if network is not None and network != address:
+            counts[network] = counts.get(network, 0) + 1
         self._drive(s, out)
         # only now: remembering may rotate the secrets early, and OpenSSL checks the cookie again
         # when the handshake reads the ClientHello (in the _drive above)
@@ -664,12 +675,14 @@ class ServerEngine(_Engine):
 
     def _leave_half_open(self, s: _Session) -> None:
         self._half_open -= 1
-        address = s.address
-        n = self._half_open_by_address[address] - 1
-        if n:
-            self._half_open_by_address[address] = n
-        else:
-            del self._half_open_by_address[address]
+        counts = self._half_open_by_address
+        keys = (s.address,) if s.network is None or s.network == s.address else (s.address, s.network)
+        for key in keys:
+            n = counts[key] - 1
+            if n:
+                counts[key] = n
+            else:
+                del counts[key]
 
     @staticmethod
     def _device_key(s: _Session) -> Any:

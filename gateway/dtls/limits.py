@@ -30,6 +30,13 @@ DEFAULT_HALF_OPEN_PER_ADDRESS = 100
 DEFAULT_IPV6_PREFIX_LENGTH = 64
 MIN_IPV6_PREFIX_LENGTH = 32         # a whole ISP allocation; shorter would lump strangers together
 
+# IPv6 networks: a customer or site is usually given a /56 or a /48 (256 or 65,536 /64s), so
+# counting /64s alone would let one of them hold every half-open slot with ten /64s. All the /64s
+# of one /48 together get at most 300 handshakes in progress: three /64 shares, so a site with a
+# few busy LANs still gets in, and it takes four /48s to fill the global cap.
+DEFAULT_IPV6_NETWORK_PREFIX_LENGTH = 48
+DEFAULT_HALF_OPEN_PER_IPV6_NETWORK = 300
+
 # New handshakes per address: a token bucket (GCRA) of DEFAULT_HANDSHAKE_BURST handshakes,
 # refilled at DEFAULT_HANDSHAKE_RATE a second. Only cookie-validated ClientHellos that would
 # start a handshake take a token: each costs the server an ECDHE and a signature before any
@@ -94,6 +101,10 @@ class ServerLimits:
     cookie_rotation: float = 60.0       # a cookie is valid for one to two rotation periods
     # IPv6 peers in one prefix of this length count as one address (per-address cap and rate)
     ipv6_prefix_length: int = DEFAULT_IPV6_PREFIX_LENGTH
+    # handshakes in progress from all the IPv6 addresses of one network of `ipv6_network_prefix_length`
+    # bits together; None: DEFAULT_HALF_OPEN_PER_IPV6_NETWORK, or max_half_open when that is lower
+    max_half_open_per_ipv6_network: int | None = None
+    ipv6_network_prefix_length: int = DEFAULT_IPV6_NETWORK_PREFIX_LENGTH
     # new handshakes from one address: at most `handshake_burst_per_address` at once, refilled at
     # `handshake_rate_per_address` a second
     handshake_burst_per_address: int = DEFAULT_HANDSHAKE_BURST
@@ -116,6 +127,15 @@ class ServerLimits:
         _count("mtu", self.mtu, MIN_MTU, MAX_MTU, f"a whole number of bytes from {MIN_MTU} to {MAX_MTU}")
         _count("ipv6_prefix_length", self.ipv6_prefix_length, MIN_IPV6_PREFIX_LENGTH, 128,
                f"a whole number of bits from {MIN_IPV6_PREFIX_LENGTH} to 128")
+        # (a network prefix longer than ipv6_prefix_length counts as that prefix: the cap per address)
+        _count("ipv6_network_prefix_length", self.ipv6_network_prefix_length, MIN_IPV6_PREFIX_LENGTH, 128,
+               f"a whole number of bits from {MIN_IPV6_PREFIX_LENGTH} to 128")
+        if self.max_half_open_per_ipv6_network is None:
+            object.__setattr__(self, "max_half_open_per_ipv6_network",
+                               min(DEFAULT_HALF_OPEN_PER_IPV6_NETWORK, self.max_half_open))
+        else:
+            _count("max_half_open_per_ipv6_network", self.max_half_open_per_ipv6_network, 1, self.max_half_open,
+                   f"a whole number from 1 to the half-open cap ({self.max_half_open})")
         _count("handshake_burst_per_address", self.handshake_burst_per_address, 1, MAX_HANDSHAKE_BURST,
                f"a whole number from 1 to {MAX_HANDSHAKE_BURST}")
         rate = self.handshake_rate_per_address
