@@ -172,13 +172,15 @@ def test_replays_and_capped_hellos_take_no_token(data, registry, device):
     assert srv.stats.rate_limited == 1
 
 
-def test_the_rate_counts_ipv6_by_prefix(data, registry, device):
+def test_the_rate_counts_ipv6_by_network(data, registry, device):
+    """IPv6 handshakes are rated per network (a /48 by default), not per /64: a customer's
+    hundreds of /64s share one bucket; another network has its own."""
     limits = E.ServerLimits(handshake_burst_per_address=2, handshake_rate_per_address=0.001)
     srv = server_engine(data, registry, limits=limits)
-    started = [bool(start_and_abort(srv, client_for(data, device), v6(f"2001:db8:0:1::{i:x}"), 0.0)[0].datagrams)
+    started = [bool(start_and_abort(srv, client_for(data, device), v6(f"2001:db8:0:{i:x}::1"), 0.0)[0].datagrams)
                for i in range(1, 6)]
     assert started == [True, True, False, False, False] and srv.stats.rate_limited == 3
-    assert start_and_abort(srv, client_for(data, device), v6("2001:db8:0:2::1"), 0.0)[0].datagrams
+    assert start_and_abort(srv, client_for(data, device), v6("2001:db8:1:1::1"), 0.0)[0].datagrams
 
 
 # -- the rate table's memory --------------------------------------------------------------------------

@@ -392,7 +392,7 @@ class ServerEngine(_Engine):
                 established is None and len(self.sessions) >= self.limits.max_sessions):
             self.stats.dropped += 1
             return
-        if not self._rate.admit(address, self._now):
+        if not self._rate.admit(network or address, self._now):       # IPv6: per network
             self.stats.rate_limited += 1
             return
         conn = SSL.Connection(self.ctx, None)
