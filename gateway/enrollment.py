@@ -4,8 +4,9 @@ No CoAP here: the resources (`resources.py`) turn requests into calls on this se
 domain errors into CoAP responses (`problems.py`). Every decision is logged as one structured
 line on the `devid.enrollment` logger.
 
-Rules (issue: zero-touch enrollment):
-- factory identity (IDevID): nonce, evidence, /sen;
+Who may do what is a table, `authorization.RULES`, checked by `authorization.authorize` on every
+request (with the registry's word on the session's certificate and device, one query):
+- factory identity (IDevID): nonce, evidence, /sen; /config too once its device is enrolled;
 - operational identity (LDevID): /sren (its own device only), configuration;
 - an unknown or revoked device: nothing (the DTLS layer already refuses it; checked again here);
 - /sen issues only after an acceptable verdict for the same device within the policy's verdict
@@ -41,12 +42,12 @@ from attestation.verifier import AttestingDevice
 from ca.authority import CertificateAuthority, CheckedKey, IssuedCertificate
 from ca.errors import CAError
 from ca.revocation import revoke_device
-from ca.store import CertificateLookup, CertStatus, DeviceState
-from ca.validation import within_grace
+from ca.store import CertificateLookup, DeviceState
 
+from .authorization import RULES, authorize
 from .budgets import Budgets, RateLimiter
 from .configuration import ConfigTemplates
-from .identity import FACTORY, OPERATIONAL, PeerIdentity
+from .identity import OPERATIONAL, PeerIdentity
 
 log = logging.getLogger("devid.enrollment")
 
@@ -142,16 +143,14 @@ class EnrollmentService:
         line.update({k: v for k, v in details.items() if v is not None})
         log.log(level, json.dumps(line))
 
-    def _require(self, action: str, who: PeerIdentity | None, kind: str, *,
-                 enrolled_factory: bool = False) -> CertificateLookup:
-        """The registry's word on `who`'s certificate and device, if it may do `action` with its
-        `kind` identity; first its device pays for the request from its budget. With
-        `enrolled_factory`, the factory identity of an enrolled device is accepted too."""
+    def _require(self, action: str, who: PeerIdentity | None) -> CertificateLookup:
+        """The registry's word on `who`'s certificate and device, if it may do `action`
+        (authorization.RULES); first its device pays for the request from its budget."""
         if who is None:
             self._decision(action, None, "refused", reason="no device identity")
             raise NotAuthenticated("a device certificate is required")
         self._spend(action, who)
-        return self._standing(action, who, kind, enrolled_factory)
+        return self._standing(action, who)
 
     def _spend(self, action: str, who: PeerIdentity) -> None:
         """One request from the device's token bucket for `action`, or 4.29: nothing but memory
@@ -165,28 +164,21 @@ class EnrollmentService:
             self._decision(action, who, "rate-limited", logging.WARNING, refused=count, retry_after=retry)
         raise TooManyRequests(f"too many {action} requests from this device; retry in {retry} s", retry)
 
-    def _standing(self, action: str, who: PeerIdentity, kind: str,
-                  enrolled_factory: bool = False) -> CertificateLookup:
-        """The certificate of this session and its device, in one registry query, checked."""
+    def _standing(self, action: str, who: PeerIdentity) -> CertificateLookup:
+        """The certificate of this session and its device, in one registry query, authorized."""
         found = self.ca.store.lookup_certificate(who.certificate_serial)
-        allowed = (found is not None and found.device_serial == who.serial
-                   and found.device_state not in (None, DeviceState.REVOKED))
-        if who.kind != kind and not (enrolled_factory and who.kind == FACTORY and allowed
-                                     and found.device_state is DeviceState.ENROLLED):
-            self._decision(action, who, "refused", reason=f"needs the {kind} identity")
-            raise WrongIdentity(f"this needs the device's {kind} identity, not its {who.kind} one")
-        if not allowed:
-            self._decision(action, who, "refused", reason="device unknown or revoked")
+        refusal = authorize(action, who, found, self.clock(), self.budgets.superseded_grace)
+        if refusal is None:
+            return found
+        self._decision(action, who, "refused", reason=refusal.reason)
+        if refusal.code == "wrong-identity":
+            raise WrongIdentity(f"this needs the device's {RULES[action][0].kind} identity, not its {who.kind} one")
+        if refusal.code == "device-not-allowed":
             raise DeviceNotAllowed(f"device {who.serial} is not allowed")
-        if found.status is CertStatus.REVOKED:
-            self._decision(action, who, "refused", reason="certificate revoked")
+        if refusal.code == "certificate-revoked":
             raise CertificateRevoked(f"certificate {who.certificate_serial:x} is revoked")
-        if found.status is CertStatus.SUPERSEDED and not within_grace(found, self.clock(),
-                                                                      self.budgets.superseded_grace):
-            self._decision(action, who, "refused", reason="certificate superseded")
-            raise CertificateSuperseded(f"certificate {who.certificate_serial:x} was replaced by a newer one: "
-                                        "use that, or enroll again with the factory identity")
-        return found
+        raise CertificateSuperseded(f"certificate {who.certificate_serial:x} was replaced by a newer one: "
+                                    "use that, or enroll again with the factory identity")
 
     def _certificate_quota(self, action: str, who: PeerIdentity) -> None:
         """At most `certificates_per_window` operational certificates per device in any
@@ -208,13 +200,13 @@ class EnrollmentService:
     # -- attestation ----------------------------------------------------------------------------
 
     def nonce(self, who: PeerIdentity | None) -> NonceRecord:
-        self._require("nonce", who, FACTORY)
+        self._require("nonce", who)
         record = self.attestation.issue_nonce(who.serial, who.fingerprint)
         self._decision("nonce", who, "issued", expires=record.expires_at.isoformat())
         return record
 
     def evidence(self, who: PeerIdentity | None, token: bytes) -> Evaluation:
-        self._require("evidence", who, FACTORY)
+        self._require("evidence", who)
         evaluation = self.attestation.evaluate(token, self._attesting(who))
         verdict = evaluation.appraisal.verdict
         revoked = False
@@ -230,7 +222,7 @@ class EnrollmentService:
 
     def enroll(self, who: PeerIdentity | None, csr: bytes) -> IssuedCertificate:
         """/sen: a first operational certificate (or a re-enrollment) for a factory identity."""
-        found = self._require("enroll", who, FACTORY)
+        found = self._require("enroll", who)
         tpolicy = self.policy.for_type(who.device_type)
         if tpolicy is None:
             self._decision("enroll", who, "refused", reason="device type not in policy")
@@ -242,7 +234,7 @@ class EnrollmentService:
         csr = self._check_csr("enroll", who, csr)       # a bad CSR must not use up the verdict
         verdict_seq = None
         with self.atomic():         # nor may a failed issuance
-            if not tpolicy.reenroll and self._standing("enroll", who, FACTORY).device_state is DeviceState.ENROLLED:
+            if not tpolicy.reenroll and self._standing("enroll", who).device_state is DeviceState.ENROLLED:
                 # again under the registry's write lock: of first enrollments racing on several
                 # workers, the first makes the device enrolled and the others are refused here
                 self._decision("enroll", who, "refused", reason="re-enrollment not allowed")
@@ -263,12 +255,12 @@ class EnrollmentService:
     def renew(self, who: PeerIdentity | None, csr: bytes) -> IssuedCertificate:
         """/sren: a new operational certificate for the device of this operational identity,
         which must be its current one (or superseded within the grace period)."""
-        self._require("renew", who, OPERATIONAL)
+        self._require("renew", who)
         csr = self._check_csr("renew", who, csr)
         with self.atomic():
             # again under the registry's write lock: of renewals racing with one certificate
             # (on any worker), the first supersedes it and the others are refused here
-            self._standing("renew", who, OPERATIONAL)
+            self._standing("renew", who)
             self._certificate_quota("renew", who)
             issued = self._issue("renew", who, csr)
         self._decision("renew", who, "issued", certificate=format(issued.cert.serial_number, "x"))
@@ -292,7 +284,7 @@ class EnrollmentService:
     def configuration(self, who: PeerIdentity | None) -> dict:
         # The factory identity of an enrolled device may fetch it too: a device gets its
         # configuration in the session it enrolled in (one DTLS handshake per enrollment).
-        self._require("config", who, OPERATIONAL, enrolled_factory=True)
+        self._require("config", who)
         try:
             config = self.configs.for_device(who.serial, who.device_type)
         except CAError as exc:
