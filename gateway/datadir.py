@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Callable, Iterable
 
+import tomli_w
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -57,7 +58,7 @@ CONFIG_TEMPLATE = """\
 # devid configuration, written by `devid init`. Names and OIDs here end up in every certificate.
 
 [organization]
-name = {organization!r}
+{organization_line}
 # IANA Private Enterprise Number: used in device URNs (urn:dev:os:<pen>-<serial>)
 pen = {pen}
 
@@ -105,9 +106,13 @@ class Config:
 
     def render(self) -> str:
         s = self.identity
-        return CONFIG_TEMPLATE.format(organization=s.organization, pen=s.pen, device_type_oid=s.device_type_oid,
-                                      hardware_type_oid=s.hardware_type_oid, factory_days=self.factory_days,
-                                      operational_days=self.operational_days, crl_days=self.crl_days)
+        # values are written by tomli-w (quotes and backslashes in a name escaped as TOML wants), the
+        # comments around them by the template
+        organization_line = tomli_w.dumps({"name": s.organization}).strip()
+        return CONFIG_TEMPLATE.format(organization_line=organization_line, pen=s.pen,
+                                      device_type_oid=s.device_type_oid, hardware_type_oid=s.hardware_type_oid,
+                                      factory_days=self.factory_days, operational_days=self.operational_days,
+                                      crl_days=self.crl_days)
 
     @classmethod
     def parse(cls, text: str, where: str) -> "Config":

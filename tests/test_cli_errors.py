@@ -306,3 +306,17 @@ def test_only_this_ca_s_gateway_certificates_may_seal_log_segments(data, registr
     trusted = _trusted(data, store)
     assert trusted(ours) is not None
     assert trusted(theirs) is None
+
+
+@pytest.mark.parametrize("org", ['Bob\'s "Best" Devices', "C:\\Temp Org", "Zürich Ünits"])
+def test_init_writes_any_organisation_name_as_valid_toml(tmp_path, org):
+    """devid.toml is written with tomli-w: quotes and backslashes survive, once, into every subject."""
+    from cryptography.x509.oid import NameOID
+    from gateway.datadir import DataDir
+    from .conftest import NOW
+    d = DataDir(tmp_path / "d")
+    d.init(NOW, organization=org)
+    assert Config.parse(d.config_path.read_text(), "devid.toml").identity.organization == org
+    for name in ("root", "manufacturing", "operational", "gateway"):
+        (attr,) = d.cert(name).subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+        assert attr.value == org
