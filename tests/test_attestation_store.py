@@ -36,7 +36,7 @@ def test_migration_from_version_1_keeps_data(tmp_path):
     path = tmp_path / "old.sqlite3"
     from gateway import registry as registry_mod
     con = sqlite3.connect(path)
-    con.executescript(registry_mod._MIGRATIONS[1] + "; PRAGMA user_version = 1;")
+    con.executescript(";".join(registry_mod._MIGRATIONS[1]) + "; PRAGMA user_version = 1;")
     con.execute("INSERT INTO serial_sequences VALUES ('SN', 42)")
     con.commit()
     con.close()

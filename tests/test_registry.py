@@ -182,7 +182,7 @@ def _old_database(path, version, records):
     [(DeviceRecord, [CertificateRecord, ...])], written with that schema's own SQL."""
     from gateway import registry as registry_mod
     con = sqlite3.connect(path)
-    con.executescript(";".join(registry_mod._MIGRATIONS[v] for v in range(1, version + 1)) +
+    con.executescript(";".join(s for v in range(1, version + 1) for s in registry_mod._MIGRATIONS[v]) +
                       f"; PRAGMA user_version = {version};")
     for device, certs in records:
         con.execute("INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
