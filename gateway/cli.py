@@ -23,6 +23,7 @@ from attestation.errors import AttestationError
 
 from . import attest_cli, output
 from .datadir import ENV_DATA, DataDir, resolve_data_dir
+from .fs import write_atomic
 from .provisioning import DEFAULT_PREFIX, provision
 from .registry import RegistryError
 
@@ -71,12 +72,9 @@ def _write_output(path: str | None, data: bytes) -> None:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
         return
-    tmp = Path(f"{path}.tmp-{os.getpid()}")
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_atomic(path, data)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise CLIError(f"cannot write {path}: {exc.strerror}") from None
 
 

@@ -9,7 +9,6 @@ as DER byte strings).
 
 from __future__ import annotations
 
-import os
 import tomllib
 from pathlib import Path
 from typing import Callable
@@ -18,6 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ca.errors import CAError
+
+from .fs import write_atomic
 
 DEFAULT_TEMPLATE = """\
 # Operational configuration served to enrolled devices at GET /config (as CBOR).
@@ -58,9 +59,7 @@ class ConfigTemplates:
         if not path.exists():
             # several gateway workers may get here at once: each writes its own file, and the
             # atomic replace leaves one complete template whoever wins
-            tmp = path.with_name(f".default.toml.tmp-{os.getpid()}")
-            tmp.write_text(DEFAULT_TEMPLATE)
-            os.replace(tmp, path)
+            write_atomic(path, DEFAULT_TEMPLATE.encode())
 
     def _template(self, device_type: str) -> dict:
         for path in (self.directory / f"{device_type}.toml", self.directory / "default.toml"):

@@ -36,7 +36,7 @@ from ca.profiles import default_profiles
 
 from .budgets import ACTIONS, Budgets, Rate
 from .dtls.limits import LimitError, ServerLimits
-from .fs import DirectoryBusy, directory_lock, fsync_path, write_synced
+from .fs import DirectoryBusy, directory_lock, fsync_path, write_atomic
 from .registry import SQLiteRegistry
 
 ENV_DATA = "DEVID_DATA"
@@ -392,10 +392,7 @@ class DataDir:
             cfg = Config()
             if organization:
                 cfg = Config(IdentitySettings(organization=organization))
-            tmp = self.config_path.with_suffix(".toml.tmp")
-            tmp.unlink(missing_ok=True)             # left by an init that was killed
-            write_synced(tmp, cfg.render().encode())
-            os.replace(tmp, self.config_path)
+            write_atomic(self.config_path, cfg.render().encode())
         for stale in self.path.glob(".ca-init-*"):    # keys of an init that was killed (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
         cfg = self.config

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -36,6 +35,7 @@ from ca import der, keys
 
 from .client import BundleError, device_context, load_bundle
 from .dtls.transport import DTLSHandshakeError
+from .fs import write_atomic
 
 CT_CBOR = 60
 CT_PKCS7_CERTS = 281
@@ -138,17 +138,6 @@ async def _request(ctx, step: str, timeout: float, **kw):
     if not response.code.is_successful():
         raise EnrollFailed(step, _problem(response))
     return response
-
-
-def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def device_csr(key: ec.EllipticCurvePrivateKey, serial: str) -> bytes:
@@ -293,9 +282,9 @@ def device_type_of(cert: x509.Certificate) -> str:
 
 def _store_operational(directory: Path, key: ec.EllipticCurvePrivateKey, chain: list[x509.Certificate]) -> None:
     pem = [c.public_bytes(serialization.Encoding.PEM) for c in chain]
-    _write_atomic(directory / "op-key.pem", keys.plain_key(key), 0o600)
-    _write_atomic(directory / "op-cert.pem", pem[0])
-    _write_atomic(directory / "op-chain.pem", b"".join(pem))
+    write_atomic(directory / "op-key.pem", keys.plain_key(key), 0o600)
+    write_atomic(directory / "op-cert.pem", pem[0])
+    write_atomic(directory / "op-chain.pem", b"".join(pem))
 
 
 async def fetch_config(directory: Path, gateway_uri: str, timeout: float = 30.0) -> dict:
@@ -318,10 +307,10 @@ async def _get_config(ctx, base: str, directory: Path, timeout: float) -> dict:
         config = cbor2.loads(r.payload)
     except Exception:
         raise EnrollFailed("config", "the configuration is not CBOR") from None
-    _write_atomic(directory / "config.cbor", r.payload)
+    write_atomic(directory / "config.cbor", r.payload)
     view = dict(config, trust_anchors=[x509.load_der_x509_certificate(d).public_bytes(
         serialization.Encoding.PEM).decode() for d in config.get("trust_anchors", [])])
-    _write_atomic(directory / "config.json", (json.dumps(view, indent=2) + "\n").encode())
+    write_atomic(directory / "config.json", (json.dumps(view, indent=2) + "\n").encode())
     return config
 
 

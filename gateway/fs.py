@@ -37,6 +37,28 @@ def write_synced(path: str | Path, data: bytes, mode: int = 0o644) -> None:
         os.close(fd)
 
 
+def write_atomic(path: str | Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace `path` with `data` all at once: a temporary file beside it (this process's own),
+    written and fsynced, renamed over it, then the directory fsynced. A reader (or a crash, or a
+    power cut) sees the old content or the new, never a part; on failure the temporary is gone."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
 def fsync_path(path: str | Path) -> None:
     """fsync a file or a directory by name (a directory: the names in it, renames included)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
