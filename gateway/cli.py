@@ -270,7 +270,8 @@ def cmd_serve(args) -> int:
     import asyncio
     from .dtls.engine import LimitError, ServerLimits
     from .dtls.transport import parse_listen
-    from .server import GatewayConfig, configure_logging, serve
+    from .logs import configure_logging
+    from .server import GatewayConfig, serve
     listen = []
     for item in args.listen or []:
         try:

@@ -40,7 +40,7 @@ from .coap import CoapServer
 from .dtls.transport import DTLSServerInterface
 from .identity import DeviceAuthenticator, PeerIdentity
 from .lifeline import die_with_parent
-from .logs import configure_logging  # noqa: F401  (re-exported: `devid serve` and tests import it from here)
+from .logs import configure_logging
 from .storage import StorageHealth
 
 log = logging.getLogger("devid.gateway")
