@@ -268,7 +268,8 @@ def cmd_serve(args) -> int:
     import asyncio
     from .dtls.engine import LimitError, ServerLimits
     from .dtls.transport import parse_listen
-    from .server import GatewayConfig, configure_logging, serve
+    from .logs import configure_logging
+    from .server import GatewayConfig, serve
     listen = []
     for item in args.listen or []:
         try:
@@ -290,11 +291,16 @@ def cmd_serve(args) -> int:
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
     if workers < 1:
         raise CLIError("--workers must be at least 1")
+    if args.log_file is not None:
+        try:
+            open(args.log_file, "a").close()        # one clear error here, not a traceback per worker
+        except OSError as exc:
+            raise CLIError(f"--log-file {args.log_file}: {exc.strerror}") from None
     if workers > 1:
         from .server import serve_workers
         data.issuer("gateway")          # a wrong passphrase is one clear error here, not N in the workers
-        return serve_workers(data, config, workers, args.log_level)
-    configure_logging(args.log_level)
+        return serve_workers(data, config, workers, args.log_level, args.log_file)
+    configure_logging(args.log_level, log_file=args.log_file)
     try:
         asyncio.run(serve(data, config))
         return 0
@@ -500,6 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=output.positive_int, metavar="N",
                    help="gateway processes sharing the port (SO_REUSEPORT) and the registry (default: one per core)")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    s.add_argument("--log-file", metavar="PATH",
+                   help="append the log lines (one JSON object each) to PATH instead of stderr")
     s.set_defaults(func=cmd_serve)
 
     def device_flags(s, firmware=True):

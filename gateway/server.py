@@ -40,6 +40,7 @@ from .coap import CoapServer
 from .dtls.transport import DTLSServerInterface
 from .identity import DeviceAuthenticator, PeerIdentity
 from .lifeline import die_with_parent
+from .logs import configure_logging
 from .storage import StorageHealth
 
 log = logging.getLogger("devid.gateway")
@@ -76,8 +77,8 @@ def load_gateway_policy(data: DataDir) -> Policy:
     """DATA/attestation-policy.toml; without one, no device type can enroll (logged once)."""
     path = data.path / POLICY_FILE
     if not path.exists():
-        log.warning(json.dumps({"event": "policy", "result": "missing", "path": str(path),
-                                "effect": "no device type can enroll until a policy is written"}))
+        log.warning("policy", extra={"result": "missing", "path": str(path),
+                                     "effect": "no device type can enroll until a policy is written"})
         return Policy(device_types={}, source=str(path))
     return load_policy(path)
 
@@ -184,7 +185,8 @@ async def serve(data: DataDir, config: GatewayConfig, ready=None, announce: bool
 WORKER_GRACE = 10.0     # s after the parent's death before a worker that has not stopped is ended
 
 
-def _worker(path: str, config: GatewayConfig, log_level: str, index: int, queue, parent: int) -> None:
+def _worker(path: str, config: GatewayConfig, log_level: str, index: int, queue, parent: int,
+            log_file: str | None = None) -> None:
     """One worker process of `devid serve --workers N`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # the parent turns ^C into SIGTERM for us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)       # until serve() installs its clean shutdown
@@ -192,7 +194,7 @@ def _worker(path: str, config: GatewayConfig, log_level: str, index: int, queue,
     # ended after WORKER_GRACE if that does not finish
     die_with_parent(parent, signal.SIGTERM, grace=WORKER_GRACE)
     faulthandler.register(signal.SIGUSR1, all_threads=True)   # the parent's "where are you stuck?"
-    configure_logging(log_level, worker=index)
+    configure_logging(log_level, worker=index, log_file=log_file)
     code = 0
     try:
         def ready(gateway):
@@ -212,7 +214,8 @@ def _worker(path: str, config: GatewayConfig, log_level: str, index: int, queue,
         os._exit(code)
 
 
-def serve_workers(data: DataDir, config: GatewayConfig, workers: int, log_level: str = "INFO") -> int:
+def serve_workers(data: DataDir, config: GatewayConfig, workers: int, log_level: str = "INFO",
+                  log_file: str | None = None) -> int:
     """`devid serve --workers N`: N processes on the same UDP ports (SO_REUSEPORT: the kernel keeps
     each peer address, hence each DTLS session, on one worker), sharing the registry database.
     Everything all workers must see (nonces, verdicts, revocations) lives in the registry."""
@@ -234,7 +237,7 @@ def serve_workers(data: DataDir, config: GatewayConfig, workers: int, log_level:
     config.reuse_port = True
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(str(data.path), config, log_level, i, queue, os.getpid()),
+    procs = [ctx.Process(target=_worker, args=(str(data.path), config, log_level, i, queue, os.getpid(), log_file),
                          daemon=False) for i in range(workers)]
     stopping = False
 
@@ -326,14 +329,3 @@ def serve_workers(data: DataDir, config: GatewayConfig, workers: int, log_level:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
-
-
-def configure_logging(level: str = "INFO", worker: int | None = None) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    tag = "" if worker is None else f" w{worker}"
-    handler.setFormatter(logging.Formatter(f"%(asctime)s{tag} %(name)s %(message)s"))
-    root = logging.getLogger("devid")
-    root.addHandler(handler)
-    root.setLevel(level)
-    logging.getLogger("coap-server").setLevel(logging.WARNING)
-    logging.getLogger("devid.coap").setLevel(logging.WARNING)

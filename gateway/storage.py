@@ -11,7 +11,6 @@ space returns simply succeeds (SQLite rolls the failed transaction back).
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import sqlite3
 import time
@@ -57,14 +56,14 @@ class StorageHealth:
             return
         if kind != self.failing:
             self.failing, self.refused, self.since = kind, 0, self.clock()
-            self.log.warning(json.dumps({"event": "storage", "result": kind, "path": self.path, "error": str(exc),
-                                         "effect": "requests that write are answered 5.03 until this clears"}))
+            self.log.warning("storage", extra={"result": kind, "path": self.path, "error": str(exc),
+                                               "effect": "requests that write are answered 5.03 until this clears"})
         self.refused += 1
 
     def succeeded(self) -> None:
         if self.failing is None:
             return
-        self.log.warning(json.dumps({"event": "storage", "result": "recovered", "path": self.path,
-                                     "after": self.failing, "refused": self.refused,
-                                     "seconds": round(self.clock() - self.since, 1)}))
+        self.log.warning("storage", extra={"result": "recovered", "path": self.path,
+                                           "after": self.failing, "refused": self.refused,
+                                           "seconds": round(self.clock() - self.since, 1)})
         self.failing = None

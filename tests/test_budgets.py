@@ -4,7 +4,6 @@ both nonce stores, and a flood from one identity against the real gateway on loo
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from datetime import timedelta
@@ -19,6 +18,7 @@ from gateway.attestation_store import SQLiteAttestationStore
 from gateway.budgets import ACTIONS, Budgets, Rate, RateLimiter
 from gateway.client import device_context
 from gateway.device import enroll
+from gateway.logs import fields_of
 
 from .attest_util import Clock
 from .conftest import make_csr
@@ -195,7 +195,7 @@ def test_a_flood_of_nonces_and_junk_evidence_from_one_identity(world, caplog):
 
     with caplog.at_level(logging.INFO, logger="devid.enrollment"):
         elapsed = run_with_gateway(data, body)
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "devid.enrollment"]
+    lines = [fields_of(r) for r in caplog.records if r.name == "devid.enrollment"]
     limited = [line for line in lines if line["result"] == "rate-limited"]
     assert limited and all(line["serial"] == "TS00000001" and line["retry_after"] >= 1 for line in limited)
     # at most one line per device per 10 s, counting every refusal up to its line

@@ -28,6 +28,7 @@ from gateway.datadir import DataDir
 from gateway.device import enroll, fetch_config
 from gateway.problems import to_response
 from gateway.registry import SQLiteRegistry
+from gateway.logs import fields_of
 from gateway.storage import StorageHealth
 
 from . import serve_helpers as H
@@ -73,9 +74,11 @@ def _problem(response) -> tuple[str, str, int | None]:
 
 def _storage_lines(log: Path) -> list[dict]:
     lines = []
-    for line in log.read_text().splitlines():
-        if "devid.gateway" in line and '"event": "storage"' in line:
-            lines.append(json.loads(line[line.index("{"):]))
+    text = log.read_text()
+    for line in text[:text.rfind("\n") + 1].splitlines():     # complete lines only: the gateway is writing
+        obj = json.loads(line)          # every log line is one JSON object (docs/gateway.md#logs)
+        if obj["logger"] == "devid.gateway" and obj["event"] == "storage":
+            lines.append(obj)
     return lines
 
 
@@ -177,11 +180,11 @@ def test_the_registry_logs_one_line_per_burst(small_fs, caplog):
     for _ in range(5):
         with pytest.raises(sqlite3.OperationalError):
             reg.reserve_serial_block("P" + "x" * 3000, 1)      # a row bigger than what is left
-    assert [json.loads(r.message)["result"] for r in caplog.records] == ["full"]
+    assert [fields_of(r)["result"] for r in caplog.records] == ["full"]
     filler.unlink()
     assert reg.reserve_serial_block("P", 1) == 1
     assert reg.reserve_serial_block("P", 1) == 2
-    results = [json.loads(r.message) for r in caplog.records]
+    results = [fields_of(r) for r in caplog.records]
     assert [r["result"] for r in results] == ["full", "recovered"]
     assert results[1]["refused"] == 5
     reg.close()

@@ -17,6 +17,7 @@ import pytest
 from gateway.client import device_context
 from gateway.dtls import engine as E
 from gateway.dtls import records
+from gateway.logs import fields_of
 from gateway.provisioning import provision
 from gateway.server import Gateway, GatewayConfig
 
@@ -264,6 +265,5 @@ def test_device_that_lost_its_session_reconnects_from_the_same_address(data, bun
             relay.close()
             await gw.stop()
     asyncio.run(main())
-    closed = [json.loads(r.getMessage()) for r in caplog.records
-              if r.name == "devid.dtls" and '"session-closed"' in r.getMessage()]
+    closed = [fields_of(r) for r in caplog.records if r.name == "devid.dtls" and r.getMessage() == "session-closed"]
     assert closed[0]["reason"] == "replaced by a new handshake" and closed[0]["serial"] == "SN00000002"

@@ -558,7 +558,8 @@ def test_serve_with_two_workers_shares_the_registry(world, tmp_path):
         rest = serve.stdout.read().decode()
         assert serve.wait(30) == 0 and "stopped" in rest
         text = log.read_text()
-        assert " w0 devid.dtls" in text and " w1 devid.dtls" in text, "only one worker served"
+        served = {(obj.get("worker"), obj["logger"]) for obj in map(json.loads, text.splitlines())}
+        assert {(0, "devid.dtls"), (1, "devid.dtls")} <= served, "only one worker served"
         assert "Traceback" not in text
     finally:
         if serve.poll() is None:

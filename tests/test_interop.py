@@ -83,9 +83,11 @@ def world(tmp_path_factory):
 
 def log_events(world, since: int = 0) -> list[dict]:
     events = []
-    for line in world["log"].read_text().splitlines()[since:]:
-        if " devid.dtls {" in line:
-            events.append(json.loads(line.split(" devid.dtls ", 1)[1]))
+    text = world["log"].read_text()
+    for line in text[:text.rfind("\n") + 1].splitlines()[since:]:    # complete lines only
+        obj = json.loads(line)          # every log line is one JSON object (docs/gateway.md#logs)
+        if obj["logger"] == "devid.dtls":
+            events.append(obj)
     return events
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import logging
 import socket
 from typing import Any, Callable, Iterable
@@ -38,8 +37,9 @@ def _hostinfo(addr: tuple) -> str:
     return f"{host}:{port}"
 
 
-def _event_line(**fields: Any) -> str:
-    return json.dumps({k: v for k, v in fields.items() if v is not None}, sort_keys=False)
+def _event(name: str, **fields: Any) -> None:
+    """One `devid.dtls` event line (gateway/logs.py: None fields are left out)."""
+    log.info(name, extra=fields)
 
 
 class DTLSRemote(interfaces.EndpointAddress):
@@ -202,7 +202,7 @@ class _DTLSInterface(interfaces.MessageInterface):
             try:
                 message = Message.decode(ev.data, remote=remote)
             except Exception:       # UnparsableMessage, or e.g. a Uri-Path that is not UTF-8
-                log.info(_event_line(event="unparsable", peer=_hostinfo(ev.peer)))
+                _event("unparsable", peer=_hostinfo(ev.peer))
                 self._unparsable(ev.data, remote)
                 return
             self._mman.dispatch_message(message)
@@ -293,16 +293,15 @@ class DTLSServerInterface(_DTLSInterface):
 
     def _on_handshake(self, ev: E.HandshakeComplete) -> None:
         ident = ev.identity.as_dict() if hasattr(ev.identity, "as_dict") else {}
-        log.info(_event_line(event="handshake", result="ok", peer=_hostinfo(ev.peer), resumed=ev.resumed,
-                             cipher=ev.cipher, **{k: ident.get(k) for k in ("serial", "device_type", "kind",
-                                                                            "fingerprint")}))
+        _event("handshake", result="ok", peer=_hostinfo(ev.peer), resumed=ev.resumed, cipher=ev.cipher,
+               **{k: ident.get(k) for k in ("serial", "device_type", "kind", "fingerprint")})
 
     def _on_handshake_failed(self, ev: E.HandshakeFailed) -> None:
-        log.info(_event_line(event="handshake", result="refused", peer=_hostinfo(ev.peer), reason=ev.reason))
+        _event("handshake", result="refused", peer=_hostinfo(ev.peer), reason=ev.reason)
 
     def _on_closed(self, ev: E.SessionClosed, remote: DTLSRemote | None) -> None:
         serial = getattr(remote.identity, "serial", None) if remote else None
-        log.info(_event_line(event="session-closed", peer=_hostinfo(ev.peer), serial=serial, reason=ev.reason))
+        _event("session-closed", peer=_hostinfo(ev.peer), serial=serial, reason=ev.reason)
         if ev.peer not in self.engine.sessions:    # a session replaced by a new handshake keeps its socket
             self._by_peer_endpoint.pop(ev.peer, None)
 
