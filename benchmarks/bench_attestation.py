@@ -50,11 +50,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from attestation.evidence import Evidence, decode_claims, fw_digest_of, parse_sign1, sign_evidence  # noqa: E402
-from attestation.nonces import MemoryNonceStore, NonceRecord, NonceService  # noqa: E402
-from attestation.policy import Tier, parse_policy  # noqa: E402
-from attestation.service import AttestationService  # noqa: E402
-from attestation.verifier import AttestingDevice, Verifier  # noqa: E402
+from devid.attestation.evidence import Evidence, decode_claims, fw_digest_of, parse_sign1, sign_evidence  # noqa: E402
+from devid.attestation.nonces import MemoryNonceStore, NonceRecord, NonceService  # noqa: E402
+from devid.attestation.policy import Tier, parse_policy  # noqa: E402
+from devid.attestation.service import AttestationService  # noqa: E402
+from devid.attestation.verifier import AttestingDevice, Verifier  # noqa: E402
 
 TARGET = 8000.0
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
@@ -161,8 +161,8 @@ class Sides:
         return self._timed(run)
 
     def devid_sqlite(self) -> float:
-        from gateway.attestation_store import SQLiteAttestationStore
-        from gateway.registry import SQLiteRegistry
+        from devid.gateway.attestation_store import SQLiteAttestationStore
+        from devid.gateway.registry import SQLiteRegistry
         self._round += 1
         reg = SQLiteRegistry(self.workdir / f"r{self._round}.sqlite3", create=True)
         try:

@@ -43,10 +43,10 @@ sys.path.insert(0, str(ROOT))
 
 from cryptography import x509  # noqa: E402
 
-from ca import keys  # noqa: E402
-from gateway.datadir import DataDir  # noqa: E402
-from gateway.dtls import contexts, engine as E  # noqa: E402
-from gateway.provisioning import provision  # noqa: E402
+from devid.ca import keys  # noqa: E402
+from devid.gateway.datadir import DataDir  # noqa: E402
+from devid.gateway.dtls import contexts, engine as E  # noqa: E402
+from devid.gateway.provisioning import provision  # noqa: E402
 
 COAP_GET_WKC = b"\x40\x01\x00\x00\xbb.well-known\x04core"
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -185,7 +185,7 @@ def idle_worker(bundles: list[str], port: int, sessions: int, inflight: int, q, 
 def start_devid(data: Path, port: int) -> subprocess.Popen:
     env = dict(os.environ, DEVID_DATA=str(data))
     env.pop("DEVID_CA_PASSPHRASE", None)
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
+    proc = subprocess.Popen([sys.executable, "-m", "devid.gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
                              "--log-level", "WARNING", "--max-sessions", "50000", "--workers", "1",
                              # the idle-memory run opens thousands of sessions from a few bundles
                              "--max-sessions-per-device", "50000",

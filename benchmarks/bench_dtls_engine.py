@@ -44,11 +44,11 @@ sys.path.insert(0, str(ROOT))
 from cryptography import x509  # noqa: E402
 from OpenSSL import SSL  # noqa: E402
 
-from ca import keys  # noqa: E402
-from gateway.datadir import DataDir  # noqa: E402
-from gateway.dtls import contexts, engine as E  # noqa: E402
-from gateway.identity import DeviceAuthenticator  # noqa: E402
-from gateway.provisioning import provision  # noqa: E402
+from devid.ca import keys  # noqa: E402
+from devid.gateway.datadir import DataDir  # noqa: E402
+from devid.gateway.dtls import contexts, engine as E  # noqa: E402
+from devid.gateway.identity import DeviceAuthenticator  # noqa: E402
+from devid.gateway.provisioning import provision  # noqa: E402
 
 
 def setup(work: Path):

@@ -105,8 +105,8 @@ def _hwm_kib(pids: list[int]) -> int:
 
 def _client(gateway: str, bundles: list[str], concurrency: int, renew: bool, q, go) -> None:
     """--client script: the field engineer's script per device (gateway/simulator.py)."""
-    from gateway.device import Firmware
-    from gateway.simulator import simulate
+    from devid.gateway.device import Firmware
+    from devid.gateway.simulator import simulate
     fw = Firmware("sha-256", hashlib.sha256(IMAGE).digest(), FW_NAME, FW_VERSION)
     q.put(("ready", None))
     go.wait()
@@ -121,7 +121,7 @@ def _client_lean(gateway: str, bundles: list[str], concurrency: int, renew: bool
     """--client lean: benchmarks/loadgen.py. Bundles are loaded, the CA certificates fetched and
     the client Context built before the timed part; the operational identities are saved after it."""
     import loadgen
-    from gateway.device import Firmware
+    from devid.gateway.device import Firmware
     fw = Firmware("sha-256", hashlib.sha256(IMAGE).digest(), FW_NAME, FW_VERSION)
     target = loadgen.Target.parse(gateway)
     devices, failures = loadgen.load_devices([Path(b) for b in bundles], operational=renew)
@@ -209,6 +209,21 @@ class Served:
                 self.proc.wait(30)
 
 
+def checkout_module(root: Path) -> tuple[str, str | None]:
+    """How to run the CLI of the checkout at `root` (for `--server-root`, A/B runs against another
+    checkout): the module, and a PYTHONPATH that makes it that checkout's. A checkout with the
+    `devid` import root (its folders install as devid.gateway, devid.ca, devid.attestation) is
+    reached through a directory `devid/` of links to its folders, which comes before this venv's
+    editable install; an older one by its top-level `gateway` package, from its own directory."""
+    if '"devid.gateway"' not in (root / "pyproject.toml").read_text():
+        return "gateway.cli", None
+    shim = Path(tempfile.mkdtemp(prefix="devid-checkout-")) / "devid"
+    shim.mkdir()
+    for name in ("gateway", "ca", "attestation"):
+        (shim / name).symlink_to(root.resolve() / name, target_is_directory=True)
+    return "devid.gateway.cli", str(shim.parent)
+
+
 def start_gateway(data_path: Path, workers: int, server_root: Path, env: dict | None = None) -> Served:
     import bench_dtls
     port = bench_dtls.free_port()
@@ -219,7 +234,10 @@ def start_gateway(data_path: Path, workers: int, server_root: Path, env: dict | 
         # every client is at 127.0.0.1: one address doing a fleet's handshakes (an older
         # --server-root has no per-address rate, and no such flag)
         flags = ["--handshake-burst-per-address", "1000000", "--handshake-rate-per-address", "1000000"]
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
+    module, path = checkout_module(server_root)
+    if path is not None:
+        e["PYTHONPATH"] = path
+    proc = subprocess.Popen([sys.executable, "-m", module, "serve", "--listen", f"127.0.0.1:{port}",
                              "--workers", str(workers), "--log-level", "WARNING", *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=e, cwd=server_root)
     line = proc.stdout.readline().decode()
@@ -323,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
 
-    from gateway.datadir import DataDir
-    from gateway.provisioning import provision
+    from devid.gateway.datadir import DataDir
+    from devid.gateway.provisioning import provision
     work = Path(tempfile.mkdtemp(prefix="devid-bench-"))
     served: Served | None = None
     try:

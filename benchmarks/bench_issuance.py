@@ -58,10 +58,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:          # run from a checkout without the editable install too
     sys.path.insert(0, str(ROOT))
 
-from ca.authority import CertificateAuthority     # noqa: E402
-from ca.store import DeviceRecord                 # noqa: E402
-from gateway.datadir import DataDir               # noqa: E402
-from gateway.provisioning import default_workers, provision   # noqa: E402
+from devid.ca.authority import CertificateAuthority     # noqa: E402
+from devid.ca.store import DeviceRecord                 # noqa: E402
+from devid.gateway.datadir import DataDir               # noqa: E402
+from devid.gateway.provisioning import default_workers, provision   # noqa: E402
 
 DEVICE_TYPE = "temperature-sensor"
 ISSUE_OVERHEAD_TARGET = 0.20        # devid time / baseline time - 1

@@ -59,11 +59,11 @@ from cryptography.hazmat.primitives.serialization import pkcs7  # noqa: E402
 from cryptography.x509.verification import PolicyBuilder, Store  # noqa: E402
 from OpenSSL import SSL, crypto  # noqa: E402
 
-from attestation.evidence import Evidence, sign_evidence  # noqa: E402
-from gateway.client import load_bundle  # noqa: E402
-from gateway.device import Firmware, device_csr, device_type_of, pen_of, serial_of  # noqa: E402
-from gateway.dtls import contexts  # noqa: E402
-from gateway.dtls.engine import (ApplicationData, ClientEngine, HandshakeComplete, HandshakeFailed,  # noqa: E402
+from devid.attestation.evidence import Evidence, sign_evidence  # noqa: E402
+from devid.gateway.client import load_bundle  # noqa: E402
+from devid.gateway.device import Firmware, device_csr, device_type_of, pen_of, serial_of  # noqa: E402
+from devid.gateway.dtls import contexts  # noqa: E402
+from devid.gateway.dtls.engine import (ApplicationData, ClientEngine, HandshakeComplete, HandshakeFailed,  # noqa: E402
                                  SessionClosed)
 
 ACK_TIMEOUT = 2.0           # RFC 7252 4.8 (without the random factor: a load generator wants it plain)

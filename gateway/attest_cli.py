@@ -22,9 +22,9 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from attestation.errors import LogError
-from attestation.log import LogEntry
-from attestation.policy import Tier, load_policy
+from devid.attestation.errors import LogError
+from devid.attestation.log import LogEntry
+from devid.attestation.policy import Tier, load_policy
 
 from . import output
 from .attestation_store import SQLiteAttestationStore

@@ -23,12 +23,12 @@ import sqlite3
 from datetime import datetime, timedelta
 from typing import Callable, Iterator
 
-from attestation.errors import LogError
-from attestation.log import (GENESIS, Admission, LogEntry, RefusedSummary, RefusedTally, format_time, parse_time,
+from devid.attestation.errors import LogError
+from devid.attestation.log import (GENESIS, Admission, LogEntry, RefusedSummary, RefusedTally, format_time, parse_time,
                              summary_entry)
-from attestation.nonces import ConsumeResult, NonceRecord, classify
-from attestation.policy import Tier
-from attestation.segments import SegmentAnchor
+from devid.attestation.nonces import ConsumeResult, NonceRecord, classify
+from devid.attestation.policy import Tier
+from devid.attestation.segments import SegmentAnchor
 
 from .registry import SQLiteRegistry
 

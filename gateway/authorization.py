@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from ca.store import CertificateLookup, CertStatus, DeviceState
-from ca.validation import within_grace
+from devid.ca.store import CertificateLookup, CertStatus, DeviceState
+from devid.ca.validation import within_grace
 
 from .identity import FACTORY, OPERATIONAL, PeerIdentity
 

@@ -13,13 +13,13 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ca.errors import CAError
-from ca.hierarchy import CA_NAMES
-from ca.revocation import REASONS, build_crl, revoke_certificate, revoke_device
-from ca.store import DeviceState
-from ca.validation import DeviceVerifier
-from ca.identity import check_serial
-from attestation.errors import AttestationError
+from devid.ca.errors import CAError
+from devid.ca.hierarchy import CA_NAMES
+from devid.ca.revocation import REASONS, build_crl, revoke_certificate, revoke_device
+from devid.ca.store import DeviceState
+from devid.ca.validation import DeviceVerifier
+from devid.ca.identity import check_serial
+from devid.attestation.errors import AttestationError
 
 from . import attest_cli, output
 from .datadir import ENV_DATA, DataDir, resolve_data_dir

@@ -13,8 +13,8 @@ from typing import Callable
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from ca import keys
-from ca.errors import CAError
+from devid.ca import keys
+from devid.ca.errors import CAError
 
 from .dtls import contexts
 from .dtls.transport import client_context

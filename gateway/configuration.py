@@ -16,7 +16,7 @@ from typing import Callable
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ca.errors import CAError
+from devid.ca.errors import CAError
 
 from .fs import write_atomic
 

@@ -26,13 +26,13 @@ import tomli_w
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from attestation.log_budget import LogBudget
-from ca import keys
-from ca.authority import CertificateAuthority, Issuer
-from ca.errors import CAError, CAExists, CANotInitialised
-from ca.hierarchy import CA_NAMES, create_hierarchy
-from ca.identity import IdentitySettings
-from ca.profiles import default_profiles
+from devid.attestation.log_budget import LogBudget
+from devid.ca import keys
+from devid.ca.authority import CertificateAuthority, Issuer
+from devid.ca.errors import CAError, CAExists, CANotInitialised
+from devid.ca.hierarchy import CA_NAMES, create_hierarchy
+from devid.ca.identity import IdentitySettings
+from devid.ca.profiles import default_profiles
 
 from .budgets import ACTIONS, Budgets, Rate
 from .dtls.limits import LimitError, ServerLimits

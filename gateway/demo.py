@@ -15,7 +15,7 @@ import json
 import socket
 from datetime import datetime, timezone
 
-from ca.revocation import revoke_device
+from devid.ca.revocation import revoke_device
 
 from . import output
 from .attestation_store import SQLiteAttestationStore

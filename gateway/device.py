@@ -30,8 +30,8 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from attestation.evidence import Evidence, fw_digest_of, sign_evidence
-from ca import der, keys
+from devid.attestation.evidence import Evidence, fw_digest_of, sign_evidence
+from devid.ca import der, keys
 
 from .client import BundleError, device_context, load_bundle
 from .dtls.transport import DTLSHandshakeError

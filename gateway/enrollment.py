@@ -34,14 +34,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Callable, ContextManager
 
-from attestation.nonces import NonceRecord
-from attestation.policy import Policy
-from attestation.service import AttestationService, Evaluation
-from attestation.verifier import AttestingDevice
-from ca.authority import CertificateAuthority, CheckedKey, IssuedCertificate
-from ca.errors import CAError
-from ca.revocation import revoke_device
-from ca.store import CertificateLookup, DeviceState
+from devid.attestation.nonces import NonceRecord
+from devid.attestation.policy import Policy
+from devid.attestation.service import AttestationService, Evaluation
+from devid.attestation.verifier import AttestingDevice
+from devid.ca.authority import CertificateAuthority, CheckedKey, IssuedCertificate
+from devid.ca.errors import CAError
+from devid.ca.revocation import revoke_device
+from devid.ca.store import CertificateLookup, DeviceState
 
 from .authorization import RULES, authorize
 from .budgets import Budgets, RateLimiter

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ca.errors import CAError
+from devid.ca.errors import CAError
 
 
 def write_synced(path: str | Path, data: bytes, mode: int = 0o644) -> None:

@@ -15,10 +15,10 @@ from typing import Callable
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ca.errors import ValidationFailed
-from ca.identity import IdentitySettings
-from ca.store import Registry
-from ca.validation import DeviceVerifier
+from devid.ca.errors import ValidationFailed
+from devid.ca.identity import IdentitySettings
+from devid.ca.store import Registry
+from devid.ca.validation import DeviceVerifier
 
 SUPERSEDED_SESSION_GRACE = timedelta(seconds=247)
 

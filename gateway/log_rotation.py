@@ -29,9 +29,9 @@ from typing import Callable, Iterator
 
 from cryptography.hazmat.primitives import serialization
 
-from attestation.errors import LogError
-from attestation.log import GENESIS, format_time, verify_chain
-from attestation.segments import SegmentAnchor, SegmentWriter, check_segment, parse_segment_name, segment_name
+from devid.attestation.errors import LogError
+from devid.attestation.log import GENESIS, format_time, verify_chain
+from devid.attestation.segments import SegmentAnchor, SegmentWriter, check_segment, parse_segment_name, segment_name
 
 from .attestation_store import SQLiteAttestationStore
 from .fs import DirectoryBusy, directory_lock, fsync_path

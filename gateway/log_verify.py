@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from attestation.log import GENESIS, verify_chain
-from attestation.segments import SegmentAnchor, check_segment, parse_segment_name
+from devid.attestation.log import GENESIS, verify_chain
+from devid.attestation.segments import SegmentAnchor, check_segment, parse_segment_name
 
 from .attestation_store import SQLiteAttestationStore
 from .log_rotation import is_segment_file, temporary_files

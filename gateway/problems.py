@@ -13,8 +13,8 @@ import cbor2
 from aiocoap import error
 from aiocoap.numbers import codes
 
-from attestation.errors import AttestationError
-from ca.errors import (CAError, DeviceRevoked, InvalidCSR, InvalidSerial, KeyPolicyViolation, SerialCollision,
+from devid.attestation.errors import AttestationError
+from devid.ca.errors import (CAError, DeviceRevoked, InvalidCSR, InvalidSerial, KeyPolicyViolation, SerialCollision,
                        UnknownDevice)
 
 from . import enrollment as E

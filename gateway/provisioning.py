@@ -54,11 +54,11 @@ from typing import Callable, Sequence
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ca.authority import CertificateAuthority
-from ca.errors import CAError
-from ca.identity import PREFIX_RE, check_device_type, fingerprint
-from ca.keys import plain_key
-from ca.store import CertificateRecord, DeviceRecord
+from devid.ca.authority import CertificateAuthority
+from devid.ca.errors import CAError
+from devid.ca.identity import PREFIX_RE, check_device_type, fingerprint
+from devid.ca.keys import plain_key
+from devid.ca.store import CertificateRecord, DeviceRecord
 
 from .fs import DirectoryBusy, directory_lock, fsync_path, write_synced
 from .lifeline import die_with_parent

@@ -13,8 +13,8 @@ import sqlite3
 from datetime import datetime, timezone
 from typing import Callable, Sequence
 
-from ca.errors import DeviceRevoked, DuplicateDevice, SerialCollision, UnknownDevice
-from ca.store import CertificateLookup, CertificateRecord, CertStatus, DeviceRecord, DeviceState
+from devid.ca.errors import DeviceRevoked, DuplicateDevice, SerialCollision, UnknownDevice
+from devid.ca.store import CertificateLookup, CertificateRecord, CertStatus, DeviceRecord, DeviceState
 
 from .database import Database, RegistryError  # noqa: F401  (RegistryError: re-exported)
 

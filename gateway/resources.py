@@ -23,7 +23,7 @@ from aiocoap.numbers import codes
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
-from attestation.evidence import MAX_EVIDENCE_SIZE
+from devid.attestation.evidence import MAX_EVIDENCE_SIZE
 
 from .enrollment import EnrollmentService
 from .identity import PeerIdentity

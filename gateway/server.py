@@ -24,11 +24,11 @@ import aiocoap
 import aiocoap.resource as resource
 from aiocoap.numbers.contentformat import ContentFormat
 
-from attestation.policy import Policy, load_policy
-from attestation.service import AttestationService
+from devid.attestation.policy import Policy, load_policy
+from devid.attestation.service import AttestationService
 
 from .attestation_store import SQLiteAttestationStore
-from attestation.log_budget import LogBudget
+from devid.attestation.log_budget import LogBudget
 
 from .budgets import Budgets
 from .configuration import ConfigTemplates

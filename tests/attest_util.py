@@ -8,12 +8,12 @@ from datetime import datetime, timezone, timedelta
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from attestation.evidence import Evidence, fw_digest_of, sign_evidence
-from attestation.log import MemoryLogStore
-from attestation.nonces import MemoryNonceStore
-from attestation.policy import parse_policy
-from attestation.service import AttestationService
-from attestation.verifier import AttestingDevice
+from devid.attestation.evidence import Evidence, fw_digest_of, sign_evidence
+from devid.attestation.log import MemoryLogStore
+from devid.attestation.nonces import MemoryNonceStore
+from devid.attestation.policy import parse_policy
+from devid.attestation.service import AttestationService
+from devid.attestation.verifier import AttestingDevice
 
 # Attestation tests run on a fixed clock of their own: the documented test vector's iat
 # (docs/evidence.md), 2026-11-28T12:00:00Z. Nothing here touches OpenSSL's clock.

@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.datadir import DataDir
+from devid.gateway.datadir import DataDir
 
 # One fixed instant per test run, passed to everything that takes a clock. It is the real time
 # at start-up because OpenSSL (DTLS handshakes, `openssl verify`) checks validity on its own clock.
@@ -85,7 +85,7 @@ def run_devid(*args, data_dir=None, env=None, input=None, check=False):
     e.update(env or {})
     if data_dir is not None:
         e["DEVID_DATA"] = str(data_dir)
-    proc = subprocess.run([sys.executable, "-m", "gateway.cli", *map(str, args)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "devid.gateway.cli", *map(str, args)], capture_output=True,
                           env=e, input=input, timeout=120)
     if check and proc.returncode != 0:
         raise AssertionError(f"devid {' '.join(map(str, args))} failed: {proc.stderr.decode()}")

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from cryptography import x509
 
-from ca import keys
-from gateway.datadir import DataDir
-from gateway.dtls import contexts, engine as E
-from gateway.identity import DeviceAuthenticator
+from devid.ca import keys
+from devid.gateway.datadir import DataDir
+from devid.gateway.dtls import contexts, engine as E
+from devid.gateway.identity import DeviceAuthenticator
 
 from .conftest import NOW
 

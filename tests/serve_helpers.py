@@ -20,10 +20,10 @@ if str(ROOT / "benchmarks") not in sys.path:
 
 import bench_enroll  # noqa: E402
 import loadgen  # noqa: E402
-from attestation.evidence import Evidence, sign_evidence  # noqa: E402
-from gateway.device import Firmware, device_csr  # noqa: E402
-from gateway.provisioning import provision  # noqa: E402
-from gateway.server import POLICY_FILE  # noqa: E402
+from devid.attestation.evidence import Evidence, sign_evidence  # noqa: E402
+from devid.gateway.device import Firmware, device_csr  # noqa: E402
+from devid.gateway.provisioning import provision  # noqa: E402
+from devid.gateway.server import POLICY_FILE  # noqa: E402
 
 from .conftest import NOW, free_port  # noqa: E402
 
@@ -92,7 +92,7 @@ def serve(data_dir: Path, log: Path, *, port: int | None = None, prefix: list[st
     e = {k: v for k, v in os.environ.items() if k != "DEVID_CA_PASSPHRASE"}
     e["DEVID_DATA"] = str(data_dir)
     e.update(env or {})
-    proc = subprocess.Popen([*prefix, sys.executable, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
+    proc = subprocess.Popen([*prefix, sys.executable, "-m", "devid.gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
                              "--workers", str(workers)], stdout=subprocess.PIPE, stderr=open(log, "ab"), env=e,
                             cwd=ROOT)
     line = proc.stdout.readline().decode()

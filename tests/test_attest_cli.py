@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from attestation.service import AttestationService
-from gateway.attest_cli import parse_since
-from gateway.attestation_store import SQLiteAttestationStore
+from devid.attestation.service import AttestationService
+from devid.gateway.attest_cli import parse_since
+from devid.gateway.attestation_store import SQLiteAttestationStore
 
 from .attest_util import NOW, POLICY, Clock, SimDevice
 from .conftest import run_devid
@@ -142,7 +142,7 @@ def test_parse_since():
 @pytest.fixture
 def flooded(data):
     """TS3 sends 10 junk evidence messages with a budget of 2, then acceptable evidence, then 3 more junk."""
-    from attestation.log_budget import LogBudget
+    from devid.attestation.log_budget import LogBudget
     reg = data.open_registry()
     store = SQLiteAttestationStore(reg)
     clock = Clock()

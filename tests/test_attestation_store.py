@@ -9,13 +9,13 @@ from datetime import timedelta
 
 import pytest
 
-from attestation.errors import NonceExpired, NonceReplayed, NonceUnknown, NonceWrongDevice
-from attestation.log import GENESIS, verify_chain
-from attestation.nonces import ConsumeResult, MemoryNonceStore, NonceRecord, NonceService
-from attestation.policy import Tier
-from attestation.service import AttestationService
-from gateway.attestation_store import SQLiteAttestationStore
-from gateway.registry import SCHEMA_VERSION, SQLiteRegistry
+from devid.attestation.errors import NonceExpired, NonceReplayed, NonceUnknown, NonceWrongDevice
+from devid.attestation.log import GENESIS, verify_chain
+from devid.attestation.nonces import ConsumeResult, MemoryNonceStore, NonceRecord, NonceService
+from devid.attestation.policy import Tier
+from devid.attestation.service import AttestationService
+from devid.gateway.attestation_store import SQLiteAttestationStore
+from devid.gateway.registry import SCHEMA_VERSION, SQLiteRegistry
 
 from .attest_util import POLICY, Clock, SimDevice
 from .attest_util import NOW
@@ -34,7 +34,7 @@ def sqlite_service(store, clock=None) -> AttestationService:
 
 def test_migration_from_version_1_keeps_data(tmp_path):
     path = tmp_path / "old.sqlite3"
-    from gateway import registry as registry_mod
+    from devid.gateway import registry as registry_mod
     con = sqlite3.connect(path)
     con.executescript(";".join(registry_mod._MIGRATIONS[1]) + "; PRAGMA user_version = 1;")
     con.execute("INSERT INTO serial_sequences VALUES ('SN', 42)")
@@ -194,7 +194,7 @@ def test_edited_evidence_or_claims_is_detected(filled):
 def test_rehashed_edit_breaks_the_next_link(filled):
     """An attacker who edits an entry and recomputes its hash still breaks the link to it."""
     e = filled.entry(3)
-    from attestation.log import LogEntry
+    from devid.attestation.log import LogEntry
     forged = LogEntry(**{**e.__dict__, "tier": Tier.AFFIRMING, "acceptable": True, "hash": b""})
     _sql(filled, "UPDATE attestation_log SET tier = 'affirming', acceptable = 1, hash = ? WHERE seq = 3",
          forged.compute_hash())

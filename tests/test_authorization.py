@@ -10,9 +10,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ca.store import CertificateLookup, CertStatus, DeviceState
-from gateway.authorization import RULES, authorize
-from gateway.identity import FACTORY, OPERATIONAL, PeerIdentity
+from devid.ca.store import CertificateLookup, CertStatus, DeviceState
+from devid.gateway.authorization import RULES, authorize
+from devid.gateway.identity import FACTORY, OPERATIONAL, PeerIdentity
 
 NOW = datetime(2026, 11, 30, tzinfo=timezone.utc)
 GRACE = timedelta(minutes=10)

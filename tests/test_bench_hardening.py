@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _bench(tmp_path, *args) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "gateway.cli", "bench", "--devices", "6", "--rounds", "1",
+    proc = subprocess.run([sys.executable, "-m", "devid.gateway.cli", "bench", "--devices", "6", "--rounds", "1",
                            "--concurrency", "4", "--workers", "2", *args], capture_output=True, timeout=600, cwd=ROOT,
                           env={**{k: v for k, v in os.environ.items() if not k.startswith("DEVID_")},
                                "TMPDIR": str(tmp_path)})

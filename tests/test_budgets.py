@@ -12,13 +12,13 @@ import aiocoap
 import pytest
 from aiocoap.numbers import codes
 
-from attestation.nonces import MemoryNonceStore, NonceService
-from attestation.errors import NonceUnknown
-from gateway.attestation_store import SQLiteAttestationStore
-from gateway.budgets import ACTIONS, Budgets, Rate, RateLimiter
-from gateway.client import device_context
-from gateway.device import enroll
-from gateway.logs import fields_of
+from devid.attestation.nonces import MemoryNonceStore, NonceService
+from devid.attestation.errors import NonceUnknown
+from devid.gateway.attestation_store import SQLiteAttestationStore
+from devid.gateway.budgets import ACTIONS, Budgets, Rate, RateLimiter
+from devid.gateway.client import device_context
+from devid.gateway.device import enroll
+from devid.gateway.logs import fields_of
 
 from .attest_util import Clock
 from .conftest import make_csr

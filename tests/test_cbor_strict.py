@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attestation import cbor_strict
-from attestation.errors import (DuplicateMapKey, EvidenceTooLarge, IndefiniteLength, MalformedCBOR, NestingTooDeep,
+from devid.attestation import cbor_strict
+from devid.attestation.errors import (DuplicateMapKey, EvidenceTooLarge, IndefiniteLength, MalformedCBOR, NestingTooDeep,
                                 TrailingBytes, UnsupportedCBOR)
 
 VECTORS = {

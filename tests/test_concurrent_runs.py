@@ -13,9 +13,9 @@ import time
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ca import keys
-from ca.identity import fingerprint
-from gateway.datadir import DataDir
+from devid.ca import keys
+from devid.ca.identity import fingerprint
+from devid.gateway.datadir import DataDir
 
 from .conftest import run_devid
 
@@ -30,7 +30,7 @@ def _env(data_dir) -> dict:
 
 # a devid command through the CLI's own entry point, started on a signal: Python's start-up and
 # imports take longer than the racy steps, so processes merely started together barely overlap
-ON_GO = ("import sys; import gateway.cli as cli; print('ready', flush=True); sys.stdin.read(1); "
+ON_GO = ("import sys; import devid.gateway.cli as cli; print('ready', flush=True); sys.stdin.read(1); "
          "sys.exit(cli.main({args!r}))")
 
 
@@ -43,7 +43,7 @@ def _go(procs) -> None:
 
 
 def _provision(data_dir, out, count: int, prefix: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "gateway.cli", "provision", "--count", str(count),
+    return subprocess.Popen([sys.executable, "-m", "devid.gateway.cli", "provision", "--count", str(count),
                              "--workers", "2", "--device-type", "t", "--serial-prefix", prefix, "--out", str(out),
                              "--quiet"], env=_env(data_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 

@@ -11,8 +11,8 @@ import time
 
 from cryptography import x509
 
-from ca.identity import fingerprint
-from gateway.datadir import DataDir
+from devid.ca.identity import fingerprint
+from devid.gateway.datadir import DataDir
 
 from .conftest import run_devid
 
@@ -47,7 +47,7 @@ def test_sigkill_during_provisioning_then_rerun(tmp_path):
         def finished():
             return {p.name for p in out.iterdir() if not p.name.startswith(".")} if out.exists() else set()
         before = finished()
-        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "provision", "--count", "20000",
+        proc = subprocess.Popen([sys.executable, "-m", "devid.gateway.cli", "provision", "--count", "20000",
                                  "--device-type", "t", "--out", str(out), "--quiet"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # kill once the run is under way (a first batch is committed), at a different point each time,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.database import SYNC_ENV
-from gateway.registry import SQLiteRegistry
+from devid.gateway.database import SYNC_ENV
+from devid.gateway.registry import SQLiteRegistry
 
 NORMAL, FULL = 1, 2        # PRAGMA synchronous
 

@@ -23,13 +23,13 @@ import cbor2
 import pytest
 from aiocoap.numbers import codes
 
-from gateway.client import device_context
-from gateway.datadir import DataDir
-from gateway.device import enroll, fetch_config
-from gateway.problems import to_response
-from gateway.registry import SQLiteRegistry
-from gateway.logs import fields_of
-from gateway.storage import StorageHealth
+from devid.gateway.client import device_context
+from devid.gateway.datadir import DataDir
+from devid.gateway.device import enroll, fetch_config
+from devid.gateway.problems import to_response
+from devid.gateway.registry import SQLiteRegistry
+from devid.gateway.logs import fields_of
+from devid.gateway.storage import StorageHealth
 
 from . import serve_helpers as H
 from .conftest import NOW, make_csr

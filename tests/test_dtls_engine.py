@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ca.revocation import revoke_device
-from gateway.dtls import engine as E
-from gateway.dtls import records
+from devid.ca.revocation import revoke_device
+from devid.gateway.dtls import engine as E
+from devid.gateway.dtls import records
 
 from .conftest import NOW, make_csr, register_device
 from .dtls_helpers import FakeNetwork, client_context_for, server_engine
@@ -251,7 +251,7 @@ def test_refused_expired_certificate(data, ca, registry):
 
 
 def test_refused_other_ca(tmp_path, data, registry):
-    from gateway.datadir import DataDir
+    from devid.gateway.datadir import DataDir
     other = DataDir(tmp_path / "other")
     other.init(NOW)
     reg = other.open_registry()
@@ -267,7 +267,7 @@ def test_refused_gateway_certificate_as_client(data, registry):
 
 def test_refused_without_client_certificate(data, registry):
     from OpenSSL import SSL
-    from gateway.dtls import contexts
+    from devid.gateway.dtls import contexts
     srv = server_engine(data, registry)
     net = FakeNetwork(srv)
     ctx = contexts._base(SSL.DTLS_CLIENT_METHOD, contexts.CIPHERS_CCM8_AND_GCM)
@@ -279,7 +279,7 @@ def test_refused_without_client_certificate(data, registry):
 
 # -- the record layer that replaces OpenSSL once the handshake is done ------------------------------
 
-from gateway.dtls.recordlayer import RecordLayer  # noqa: E402
+from devid.gateway.dtls.recordlayer import RecordLayer  # noqa: E402
 
 
 @pytest.mark.parametrize("takeover", [False, True], ids=["openssl-client", "client-takeover"])

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from ca.revocation import revoke_device
-from gateway.dtls import engine as E
-from gateway.dtls import records
+from devid.ca.revocation import revoke_device
+from devid.gateway.dtls import engine as E
+from devid.gateway.dtls import records
 
 from .conftest import NOW, make_csr, register_device
 from .dtls_helpers import FakeNetwork, client_context_for, server_engine

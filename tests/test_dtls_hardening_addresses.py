@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.dtls import engine as E
-from gateway.dtls import records
-from gateway.dtls.limits import HandshakeRate, address_key
+from devid.gateway.dtls import engine as E
+from devid.gateway.dtls import records
+from devid.gateway.dtls.limits import HandshakeRate, address_key
 
 from .conftest import register_device
 from .dtls_helpers import server_engine

@@ -8,9 +8,9 @@ import math
 
 import pytest
 
-from gateway.cli import build_parser
-from gateway.dtls import engine as E
-from gateway.dtls.limits import MAX_MTU, MIN_MTU
+from devid.gateway.cli import build_parser
+from devid.gateway.dtls import engine as E
+from devid.gateway.dtls.limits import MAX_MTU, MIN_MTU
 
 from .conftest import free_port, register_device, run_devid
 from .dtls_helpers import FakeNetwork, client_context_for, server_engine

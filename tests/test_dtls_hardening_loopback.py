@@ -14,12 +14,12 @@ import time
 import aiocoap
 import pytest
 
-from gateway.client import device_context
-from gateway.dtls import engine as E
-from gateway.dtls import records
-from gateway.logs import fields_of
-from gateway.provisioning import provision
-from gateway.server import Gateway, GatewayConfig
+from devid.gateway.client import device_context
+from devid.gateway.dtls import engine as E
+from devid.gateway.dtls import records
+from devid.gateway.logs import fields_of
+from devid.gateway.provisioning import provision
+from devid.gateway.server import Gateway, GatewayConfig
 
 from .conftest import NOW, free_port
 from .dtls_helpers import RawCoapOverDTLS, client_context_from_bundle

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from gateway.dtls import engine as E
-from gateway.dtls import records
-from gateway.dtls.cookies import Cookies, bind, hello_key
+from devid.gateway.dtls import engine as E
+from devid.gateway.dtls import records
+from devid.gateway.dtls.cookies import Cookies, bind, hello_key
 
 from .conftest import register_device
 from .dtls_helpers import server_engine

@@ -22,8 +22,8 @@ import cbor2
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ca.identity import fingerprint
-from gateway.datadir import DataDir
+from devid.ca.identity import fingerprint
+from devid.gateway.datadir import DataDir
 
 from . import serve_helpers as H
 from .conftest import free_port, run_devid
@@ -42,7 +42,7 @@ def test_provisioning_syncs_files_then_registry_then_renames(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "DEVID_CA_PASSPHRASE"}
     env["DEVID_DATA"] = str(data_dir)
     proc = subprocess.run([*H.strace_prefix(trace, "fsync,fdatasync,rename,renameat,renameat2"), sys.executable,
-                           "-m", "gateway.cli", "provision", "--count", "24", "--workers", "2", "--device-type", "t",
+                           "-m", "devid.gateway.cli", "provision", "--count", "24", "--workers", "2", "--device-type", "t",
                            "--out", str(out), "--quiet"], env=env, capture_output=True, timeout=300)
     assert proc.returncode == 0, proc.stderr.decode()
     out = Path(os.path.realpath(out))

@@ -18,15 +18,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs7
 
-from attestation.evidence import Evidence, sign_evidence
-from ca import keys
-from ca.revocation import revoke_device
-from ca.store import CertStatus, DeviceState
-from gateway.attestation_store import SQLiteAttestationStore
-from gateway.client import device_context
-from gateway.device import EnrollFailed, Firmware, enroll, fetch_config, renew
-from gateway.provisioning import provision
-from gateway.server import POLICY_FILE, Gateway, GatewayConfig
+from devid.attestation.evidence import Evidence, sign_evidence
+from devid.ca import keys
+from devid.ca.revocation import revoke_device
+from devid.ca.store import CertStatus, DeviceState
+from devid.gateway.attestation_store import SQLiteAttestationStore
+from devid.gateway.client import device_context
+from devid.gateway.device import EnrollFailed, Firmware, enroll, fetch_config, renew
+from devid.gateway.provisioning import provision
+from devid.gateway.server import POLICY_FILE, Gateway, GatewayConfig
 
 from .conftest import NOW, free_port, make_csr
 
@@ -148,26 +148,26 @@ def test_the_enroll_command_end_to_end(world):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "DEVID_CA_PASSPHRASE"}
     env["DEVID_DATA"] = str(data.path)
-    serve = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{port}"],
+    serve = subprocess.Popen([sys.executable, "-m", "devid.gateway.cli", "serve", "--listen", f"127.0.0.1:{port}"],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
     try:
         assert "listening" in serve.stdout.readline().decode()
         image = out / "fw.bin"
         image.write_bytes(IMAGE)
         base = ["--gateway", f"coaps://127.0.0.1:{port}", "--device", str(out / "TS00000002")]
-        cmd = [sys.executable, "-m", "gateway.cli", "enroll", *base, "--firmware", str(image),
+        cmd = [sys.executable, "-m", "devid.gateway.cli", "enroll", *base, "--firmware", str(image),
                "--firmware-name", FW.name, "--firmware-version", FW.version]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
         assert proc.returncode == 0, proc.stderr
         assert "[1/4] nonce" in proc.stdout and "[4/4] config" in proc.stdout and "OK: device TS00000002" in proc.stdout
         again = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)    # safe to rerun
         assert again.returncode == 0, again.stderr
-        wrong = subprocess.run([sys.executable, "-m", "gateway.cli", "enroll", *base, "--firmware-digest",
+        wrong = subprocess.run([sys.executable, "-m", "devid.gateway.cli", "enroll", *base, "--firmware-digest",
                                 "ab" * 32, "--firmware-name", FW.name, "--firmware-version", FW.version],
                                capture_output=True, text=True, timeout=60, env=env)
         assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
         assert wrong.stderr.count("\n") == 1 and "evidence" in wrong.stderr and "firmware-unknown" in wrong.stderr
-        renew_proc = subprocess.run([sys.executable, "-m", "gateway.cli", "renew", *base[:2], "--device",
+        renew_proc = subprocess.run([sys.executable, "-m", "devid.gateway.cli", "renew", *base[:2], "--device",
                                      str(out / "TS00000002")], capture_output=True, text=True, timeout=60, env=env)
         assert renew_proc.returncode == 0 and "OK: renewed" in renew_proc.stdout, renew_proc.stderr
     finally:
@@ -399,7 +399,7 @@ def test_nonce_replay_staleness_other_device_bad_signature(world):
 def test_duplicate_coap_message_gets_the_cached_response(world):
     """Threat 1, same message ID: the CoAP duplicate is answered from the exchange cache, the
     evidence is evaluated (and logged) once."""
-    from gateway.dtls import engine as E
+    from devid.gateway.dtls import engine as E
     from .dtls_helpers import client_context_from_bundle
     data, out = world
     dev = out / "TS00000003"
@@ -518,7 +518,7 @@ def test_serve_with_two_workers_shares_the_registry(world, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "DEVID_CA_PASSPHRASE"}
     env["DEVID_DATA"] = str(data.path)
     log = tmp_path / "serve.log"
-    serve = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
+    serve = subprocess.Popen([sys.executable, "-m", "devid.gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
                               "--workers", "2"], stdout=subprocess.PIPE, stderr=open(log, "wb"), env=env)
     try:
         first = serve.stdout.readline().decode()
@@ -529,7 +529,7 @@ def test_serve_with_two_workers_shares_the_registry(world, tmp_path):
             b.rename(sub / b.name)
             (sub / b.name / "firmware.json").write_text(
                 f'{{"name": "{FW.name}", "version": "{FW.version}", "digest": "sha-256:{FW.digest.hex()}"}}')
-        proc = subprocess.run([sys.executable, "-m", "gateway.cli", "simulate", "--gateway",
+        proc = subprocess.run([sys.executable, "-m", "devid.gateway.cli", "simulate", "--gateway",
                                f"coaps://127.0.0.1:{port}", "--devices", str(sub), "--concurrency", "4", "--json"],
                               capture_output=True, text=True, timeout=120, env=env)
         summary = json.loads(proc.stdout)
@@ -607,7 +607,7 @@ def test_serve_refuses_a_port_that_is_in_use(world):
         holder.bind(("127.0.0.1", 0))
         port = holder.getsockname()[1]
         for workers in ("1", "2"):
-            proc = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
+            proc = subprocess.run([sys.executable, "-m", "devid.gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
                                    "--workers", workers], capture_output=True, text=True, timeout=60, env=env)
             assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
             assert "in use" in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
@@ -622,7 +622,7 @@ def test_serve_with_workers_exits_cleanly_when_workers_fail(world):
     (data.path / POLICY_FILE).write_text("version = 1\n[device_types.x]\nattestation = 'sometimes'\n")
     env = {k: v for k, v in os.environ.items() if k != "DEVID_CA_PASSPHRASE"}
     env["DEVID_DATA"] = str(data.path)
-    proc = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{free_port()}",
+    proc = subprocess.run([sys.executable, "-m", "devid.gateway.cli", "serve", "--listen", f"127.0.0.1:{free_port()}",
                            "--workers", "2"], capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("devid: error:")]

@@ -16,17 +16,17 @@ from cwt import COSE, COSEKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attestation import evidence as ev_mod
-from attestation.errors import (DuplicateMapKey, EvidenceError, EvidenceTooLarge, IndefiniteLength, InvalidClaim,
+from devid.attestation import evidence as ev_mod
+from devid.attestation.errors import (DuplicateMapKey, EvidenceError, EvidenceTooLarge, IndefiniteLength, InvalidClaim,
                                 InvalidSignature, InvalidStructure, MalformedCBOR, MissingClaim, NestingTooDeep,
                                 TrailingBytes, UnsupportedAlgorithm, UnsupportedCBOR, UnsupportedKey)
-from attestation.evidence import (Evidence, decode_claims, decode_evidence, encode_claims, parse_sign1,
+from devid.attestation.evidence import (Evidence, decode_claims, decode_evidence, encode_claims, parse_sign1,
                                   sign_evidence)
-from attestation.log import MemoryLogStore
-from attestation.nonces import MemoryNonceStore, NonceRecord
-from attestation.policy import Tier, load_policy
-from attestation.service import AttestationService
-from attestation.verifier import AttestingDevice
+from devid.attestation.log import MemoryLogStore
+from devid.attestation.nonces import MemoryNonceStore, NonceRecord
+from devid.attestation.policy import Tier, load_policy
+from devid.attestation.service import AttestationService
+from devid.attestation.verifier import AttestingDevice
 
 from .attest_util import SimDevice
 from .attest_util import NOW

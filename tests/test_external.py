@@ -9,8 +9,8 @@ import subprocess
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from ca.hierarchy import CA_NAMES
-from ca.revocation import build_crl, revoke_device
+from devid.ca.hierarchy import CA_NAMES
+from devid.ca.revocation import build_crl, revoke_device
 
 from .conftest import NOW, make_csr, register_device, tool
 

@@ -10,13 +10,13 @@ import time
 import aiocoap
 import pytest
 
-from ca.revocation import revoke_device
-from gateway.client import device_context
-from gateway.dtls import engine as E
-from gateway.dtls import records
-from gateway.dtls.transport import DTLSHandshakeError
-from gateway.provisioning import provision
-from gateway.server import Gateway, GatewayConfig
+from devid.ca.revocation import revoke_device
+from devid.gateway.client import device_context
+from devid.gateway.dtls import engine as E
+from devid.gateway.dtls import records
+from devid.gateway.dtls.transport import DTLSHandshakeError
+from devid.gateway.provisioning import provision
+from devid.gateway.server import Gateway, GatewayConfig
 
 from .conftest import NOW, free_port
 from .dtls_helpers import client_context_from_bundle

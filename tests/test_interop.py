@@ -16,10 +16,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ca.keys import plain_key
-from ca.revocation import revoke_device
-from gateway.datadir import DataDir
-from gateway.provisioning import provision
+from devid.ca.keys import plain_key
+from devid.ca.revocation import revoke_device
+from devid.gateway.datadir import DataDir
+from devid.gateway.provisioning import provision
 
 from .conftest import NOW, free_port, make_csr, register_device, tool
 
@@ -71,7 +71,7 @@ def world(tmp_path_factory):
     log = base / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "DEVID_CA_PASSPHRASE"}
     env["DEVID_DATA"] = str(data.path)
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
+    proc = subprocess.Popen([sys.executable, "-m", "devid.gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
                              "--listen", f"[::1]:{port}"], stdout=subprocess.PIPE, stderr=open(log, "wb"), env=env)
     line = proc.stdout.readline().decode()
     assert "listening on" in line, line + log.read_text()
@@ -186,7 +186,7 @@ def test_sigint_shuts_down_cleanly(world, tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "DEVID_CA_PASSPHRASE"}
     env["DEVID_DATA"] = str(world["data"].path)
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{port}"],
+    proc = subprocess.Popen([sys.executable, "-m", "devid.gateway.cli", "serve", "--listen", f"127.0.0.1:{port}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     assert "listening" in proc.stdout.readline().decode()
     proc.send_signal(signal.SIGINT)

@@ -14,11 +14,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pyasn1.codec.der.decoder import decode as der_decode
 from pyasn1_alt_modules import rfc4108
 
-from ca import der
-from ca.errors import DeviceRevoked, InvalidCSR, KeyPolicyViolation, UnknownDevice, UnknownProfile
-from ca.identity import OID_HARDWARE_MODULE_NAME, read_device_identity
-from ca.revocation import revoke_device
-from ca.store import CertStatus, DeviceState
+from devid.ca import der
+from devid.ca.errors import DeviceRevoked, InvalidCSR, KeyPolicyViolation, UnknownDevice, UnknownProfile
+from devid.ca.identity import OID_HARDWARE_MODULE_NAME, read_device_identity
+from devid.ca.revocation import revoke_device
+from devid.ca.store import CertStatus, DeviceState
 
 from .conftest import NOW, make_csr, register_device
 
@@ -112,7 +112,7 @@ def test_operational_issuance_enrolls_and_supersedes(ca, registry):
 
 
 def test_operational_validity_is_configurable(tmp_path):
-    from gateway.datadir import DataDir
+    from devid.gateway.datadir import DataDir
     d = DataDir(tmp_path / "d")
     d.path.mkdir()
     d.config_path.write_text("[profiles]\noperational_validity_days = 30\nfactory_validity_days = 365\n")
@@ -126,7 +126,7 @@ def test_operational_validity_is_configurable(tmp_path):
 
 
 def test_validity_never_exceeds_the_issuer(tmp_path):
-    from gateway.datadir import DataDir
+    from devid.gateway.datadir import DataDir
     d = DataDir(tmp_path / "d")
     d.path.mkdir()
     d.config_path.write_text("[profiles]\nfactory_validity_days = 36500\n")
@@ -205,7 +205,7 @@ def test_tbs_bytes_equal_a_plain_cryptography_build(data, registry):
     """Every byte the CA signs (cached OIDs, RDNs and key usages included) is what a plain
     `cryptography` builder makes from the same inputs: the certificate format did not change."""
     from cryptography.x509 import UnrecognizedExtension
-    from ca.authority import random_serial
+    from devid.ca.authority import random_serial
     fixed = bytes(range(16))
     ca = data.authority(registry, rand_bytes=lambda n: fixed[:n])
     key = ec.generate_private_key(ec.SECP256R1()).public_key()

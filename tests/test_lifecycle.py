@@ -19,12 +19,12 @@ from aiocoap.numbers import codes
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ca.authority import CertificateAuthority
-from ca.store import CertStatus, DeviceState
-from gateway.budgets import Budgets, Rate
-from gateway.client import device_context
-from gateway.device import EnrollFailed, enroll, fetch_config, renew
-from gateway.dtls import engine as E
+from devid.ca.authority import CertificateAuthority
+from devid.ca.store import CertStatus, DeviceState
+from devid.gateway.budgets import Budgets, Rate
+from devid.gateway.client import device_context
+from devid.gateway.device import EnrollFailed, enroll, fetch_config, renew
+from devid.gateway.dtls import engine as E
 
 from .conftest import NOW, make_csr, register_device, run_devid
 from .dtls_helpers import client_context_for
@@ -256,12 +256,12 @@ def test_operational_certificates_per_device_are_capped_across_restarts(world):
 
 def _worker(path: str, action: str, who: dict, limit: int, barrier, q) -> None:
     """One gateway worker's enrollment service on the shared registry, racing the others."""
-    from attestation.policy import parse_policy
-    from attestation.service import AttestationService
-    from gateway.attestation_store import SQLiteAttestationStore
-    from gateway.datadir import DataDir
-    from gateway.enrollment import EnrollmentError, EnrollmentService
-    from gateway.identity import PeerIdentity
+    from devid.attestation.policy import parse_policy
+    from devid.attestation.service import AttestationService
+    from devid.gateway.attestation_store import SQLiteAttestationStore
+    from devid.gateway.datadir import DataDir
+    from devid.gateway.enrollment import EnrollmentError, EnrollmentService
+    from devid.gateway.identity import PeerIdentity
     data = DataDir(Path(path))
     reg = data.open_registry()
     try:

@@ -20,10 +20,10 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from ca.store import CertStatus, DeviceState
-from gateway.device import Firmware, renew
-from gateway.provisioning import provision
-from gateway.server import POLICY_FILE, Gateway, GatewayConfig
+from devid.ca.store import CertStatus, DeviceState
+from devid.gateway.device import Firmware, renew
+from devid.gateway.provisioning import provision
+from devid.gateway.server import POLICY_FILE, Gateway, GatewayConfig
 
 from .conftest import NOW, free_port
 
@@ -146,7 +146,7 @@ def test_renew_with_the_saved_operational_identities(fleet):
 
 def test_a_device_the_gateway_refuses_fails_at_connect(fleet):
     data, bundles = fleet
-    from ca.revocation import revoke_device
+    from devid.ca.revocation import revoke_device
     devices, _ = loadgen.load_devices(bundles[:2])
     reg = data.open_registry()
     revoke_device(reg, devices[1].serial, "keyCompromise", datetime.now(timezone.utc))
@@ -186,7 +186,7 @@ def test_coap_codec_against_aiocoap():
 
 
 def test_devid_bench_with_the_lean_client(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "gateway.cli", "bench", "--devices", "20", "--no-baselines",
+    proc = subprocess.run([sys.executable, "-m", "devid.gateway.cli", "bench", "--devices", "20", "--no-baselines",
                            "--client", "lean", "--renew"],
                           capture_output=True, timeout=300, cwd=ROOT,
                           env={**{k: v for k, v in os.environ.items() if not k.startswith("DEVID_")},

@@ -12,15 +12,15 @@ import cbor2
 import pytest
 from aiocoap.numbers import codes
 
-from attestation.evidence import fw_digest_of
-from attestation.log import KIND_SUMMARY, MemoryLogStore, format_time, verify_chain
-from attestation.log_budget import LogBudget
-from attestation.nonces import MemoryNonceStore
-from attestation.policy import Tier
-from attestation.service import AttestationService
-from gateway.attestation_store import SQLiteAttestationStore
-from gateway.client import device_context
-from gateway.registry import SQLiteRegistry
+from devid.attestation.evidence import fw_digest_of
+from devid.attestation.log import KIND_SUMMARY, MemoryLogStore, format_time, verify_chain
+from devid.attestation.log_budget import LogBudget
+from devid.attestation.nonces import MemoryNonceStore
+from devid.attestation.policy import Tier
+from devid.attestation.service import AttestationService
+from devid.gateway.attestation_store import SQLiteAttestationStore
+from devid.gateway.client import device_context
+from devid.gateway.registry import SQLiteRegistry
 
 from .attest_util import IMAGE_OLD, POLICY, Clock, SimDevice
 from .test_enrollment import request, run_with_gateway, token_for, world  # noqa: F401 (world: a fixture)

@@ -20,14 +20,14 @@ import aiocoap
 import pytest
 from aiocoap.numbers import codes
 
-from ca.revocation import revoke_device
-from gateway.budgets import Budgets, Rate
-from gateway.client import device_context
-from gateway.device import Firmware, enroll, fetch_config, renew
-from gateway.logs import LineFormatter
-from gateway.provisioning import provision
-from gateway.server import POLICY_FILE, Gateway, GatewayConfig
-from gateway.storage import StorageHealth
+from devid.ca.revocation import revoke_device
+from devid.gateway.budgets import Budgets, Rate
+from devid.gateway.client import device_context
+from devid.gateway.device import Firmware, enroll, fetch_config, renew
+from devid.gateway.logs import LineFormatter
+from devid.gateway.provisioning import provision
+from devid.gateway.server import POLICY_FILE, Gateway, GatewayConfig
+from devid.gateway.storage import StorageHealth
 
 from .conftest import NOW, free_port, make_csr
 
@@ -169,7 +169,7 @@ def test_serve_writes_json_lines_to_the_log_file_with_the_worker(data, tmp_path)
     log.write_text("")          # appended to, not replaced
     env = {k: v for k, v in os.environ.items() if k != "DEVID_CA_PASSPHRASE"}
     env["DEVID_DATA"] = str(data.path)
-    serve = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{free_port()}",
+    serve = subprocess.Popen([sys.executable, "-m", "devid.gateway.cli", "serve", "--listen", f"127.0.0.1:{free_port()}",
                               "--workers", "2", "--log-file", str(log)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
@@ -191,6 +191,6 @@ def test_serve_writes_json_lines_to_the_log_file_with_the_worker(data, tmp_path)
 def test_an_unwritable_log_file_is_one_error_line(data, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "DEVID_CA_PASSPHRASE"}
     env["DEVID_DATA"] = str(data.path)
-    proc = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--log-file", str(tmp_path / "no" / "x.log")],
+    proc = subprocess.run([sys.executable, "-m", "devid.gateway.cli", "serve", "--log-file", str(tmp_path / "no" / "x.log")],
                           capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode != 0 and proc.stderr.count("\n") == 1 and "--log-file" in proc.stderr, proc.stderr

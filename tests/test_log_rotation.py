@@ -13,15 +13,15 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from attestation.errors import LogError
-from attestation.log import GENESIS, KIND_SUMMARY, LogEntry, canonical_json, verify_chain
-from attestation.log_budget import LogBudget
-from attestation.segments import check_segment, parse_segment_name
-from attestation.service import AttestationService
-from gateway.attest_cli import _trusted
-from gateway.attestation_store import SQLiteAttestationStore
-from gateway.log_rotation import LOCK_FILE, SEGMENT_DIR, rotate, rotation_lock, write_segment
-from gateway.log_verify import ARCHIVED, PENDING, VERIFIED, verify_log
+from devid.attestation.errors import LogError
+from devid.attestation.log import GENESIS, KIND_SUMMARY, LogEntry, canonical_json, verify_chain
+from devid.attestation.log_budget import LogBudget
+from devid.attestation.segments import check_segment, parse_segment_name
+from devid.attestation.service import AttestationService
+from devid.gateway.attest_cli import _trusted
+from devid.gateway.attestation_store import SQLiteAttestationStore
+from devid.gateway.log_rotation import LOCK_FILE, SEGMENT_DIR, rotate, rotation_lock, write_segment
+from devid.gateway.log_verify import ARCHIVED, PENDING, VERIFIED, verify_log
 
 from .attest_util import POLICY, Clock, SimDevice
 from .conftest import tool
@@ -188,7 +188,7 @@ def test_tampering_with_segments_is_detected(log, attack, tmp_path):
     elif attack == "foreign-seal":
         # re-sealed with another certificate and key, everything else consistent
         from cryptography.hazmat.primitives.asymmetric import ec
-        from attestation.segments import SegmentWriter
+        from devid.attestation.segments import SegmentWriter
         other = ec.generate_private_key(ec.SECP256R1())
         cert = log.data.cert("root").public_bytes(serialization.Encoding.DER)
         with open(middle, "wb") as f:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from attestation.errors import PolicyError
-from attestation.policy import Tier, load_policy, parse_policy, parse_version
+from devid.attestation.errors import PolicyError
+from devid.attestation.policy import Tier, load_policy, parse_policy, parse_version
 
 from .attest_util import DIGEST_CURRENT, POLICY_TEXT
 

@@ -25,9 +25,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ca import keys
-from ca.identity import fingerprint
-from gateway.datadir import DataDir
+from devid.ca import keys
+from devid.ca.identity import fingerprint
+from devid.gateway.datadir import DataDir
 
 from . import serve_helpers as H
 from .conftest import NOW
@@ -103,7 +103,7 @@ def test_power_cut_during_provisioning(disk, tmp_path):
     data_dir, out = disk.mount / "data", disk.mount / "factory"
     DataDir(data_dir).init(NOW)
     disk.sync()
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "provision", "--count", "20000", "--workers", "2",
+    proc = subprocess.Popen([sys.executable, "-m", "devid.gateway.cli", "provision", "--count", "20000", "--workers", "2",
                              "--device-type", "t", "--out", str(out), "--quiet"], env=_env(data_dir),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -136,7 +136,7 @@ def test_power_cut_during_provisioning(disk, tmp_path):
         bundle = entries.get(serial) or entries.get(f".partial-{serial}")
         assert bundle is not None and _complete(bundle, certs[0]), f"{serial}: registered, bundle lost"
     # and the next run into that directory finishes what was cut off, losing nothing
-    rerun = subprocess.run([sys.executable, "-m", "gateway.cli", "provision", "--count", "3", "--device-type", "t",
+    rerun = subprocess.run([sys.executable, "-m", "devid.gateway.cli", "provision", "--count", "3", "--device-type", "t",
                             "--out", str(snap_out), "--quiet"], env=_env(snap_data), capture_output=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr.decode()
     reg = DataDir(snap_data).open_registry()

@@ -15,10 +15,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ca.errors import DuplicateDevice
-from ca.identity import fingerprint
-from gateway.datadir import DataDir
-from gateway.provisioning import provision, secure_element_config, secure_element_json
+from devid.ca.errors import DuplicateDevice
+from devid.ca.identity import fingerprint
+from devid.gateway.datadir import DataDir
+from devid.gateway.provisioning import provision, secure_element_config, secure_element_json
 
 from .conftest import NOW, register_device, run_devid
 from .test_crash import check_consistent
@@ -134,7 +134,7 @@ def test_sigkill_with_workers_leaves_no_worker_and_the_rerun_recovers(tmp_path):
     assert run_devid("init", data_dir=data_dir).returncode == 0
     env = {k: v for k, v in os.environ.items() if k != "DEVID_CA_PASSPHRASE"}
     env["DEVID_DATA"] = str(data_dir)
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "provision", "--count", "20000",
+    proc = subprocess.Popen([sys.executable, "-m", "devid.gateway.cli", "provision", "--count", "20000",
                              "--workers", "2", "--device-type", "t", "--out", str(out), "--quiet"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120

@@ -8,10 +8,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from ca.errors import DeviceRevoked, ValidationFailed
-from ca.revocation import revoke_device
-from ca.validation import DeviceVerifier
-from gateway.datadir import DataDir
+from devid.ca.errors import DeviceRevoked, ValidationFailed
+from devid.ca.revocation import revoke_device
+from devid.ca.validation import DeviceVerifier
+from devid.gateway.datadir import DataDir
 
 from .conftest import NOW, make_csr, register_device
 
@@ -97,8 +97,8 @@ def test_chain_too_long_is_refused(data, ca, registry):
 def test_read_identity_refuses_inconsistent_serials(ca):
     """A certificate whose subject serial disagrees with its hardwareModuleName is not an identity."""
     from cryptography.hazmat.primitives.asymmetric import ec
-    from ca.identity import read_device_identity
-    from ca.errors import InvalidSerial
+    from devid.ca.identity import read_device_identity
+    from devid.ca.errors import InvalidSerial
     key = ec.generate_private_key(ec.SECP256R1())
     good = ca.sign_device_certificate(key.public_key(), ca.profiles["factory"], "SN1", "t", NOW).cert
     builder = (x509.CertificateBuilder().subject_name(

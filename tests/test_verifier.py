@@ -7,9 +7,9 @@ from datetime import timedelta
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from attestation.evidence import fw_digest_of
-from attestation.policy import Tier, parse_policy
-from attestation.verifier import STATE_REASONS
+from devid.attestation.evidence import fw_digest_of
+from devid.attestation.policy import Tier, parse_policy
+from devid.attestation.verifier import STATE_REASONS
 
 from .attest_util import IMAGE_DEPRECATED, IMAGE_OLD, POLICY_TEXT, Clock, SimDevice, memory_service
 
@@ -128,7 +128,7 @@ def test_malformed_evidence_is_contraindicated_and_logged(svc, dev, token, code)
 
 def test_missing_claim_is_contraindicated(svc, dev):
     import cbor2
-    from attestation.evidence import sign_evidence
+    from devid.attestation.evidence import sign_evidence
     c = dev.evidence(b"n" * 16).claims()
     del c[263]
     r = svc.evaluate(sign_evidence(cbor2.dumps(c), dev.key), dev.identity)

@@ -48,7 +48,7 @@ def test_kill_9_of_the_serve_parent_leaves_no_worker_and_frees_the_port(tmp_path
     env["DEVID_DATA"] = str(data_dir)
     port = free_port()
     log = tmp_path / "serve.log"
-    serve = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
+    serve = subprocess.Popen([sys.executable, "-m", "devid.gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
                               "--workers", "2"], stdout=subprocess.PIPE, stderr=open(log, "wb"), env=env)
     workers: list[int] = []
     try:
@@ -66,7 +66,7 @@ def test_kill_9_of_the_serve_parent_leaves_no_worker_and_frees_the_port(tmp_path
             time.sleep(0.05)
         assert _bindable(port), "the port is still taken after the workers ended"
         # and a new gateway starts on it
-        again = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
+        again = subprocess.Popen([sys.executable, "-m", "devid.gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
                                   "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         try:
             line = again.stdout.readline().decode()
@@ -90,7 +90,7 @@ PARENT = textwrap.dedent("""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        from gateway.lifeline import die_with_parent
+        from devid.gateway.lifeline import die_with_parent
         die_with_parent(os.getppid(), signal.{sig}, grace={grace}, poll=0.1, pdeathsig=False)
         {child_setup}
         os.write(w, b"ready\\n")
