@@ -25,11 +25,7 @@ from . import attest_cli, output
 from .datadir import ENV_DATA, DataDir, resolve_data_dir
 from .fs import write_atomic
 from .provisioning import DEFAULT_PREFIX, provision
-from .registry import RegistryError
-
-
-class CLIError(Exception):
-    """Bad input detected by the command line itself."""
+from .errors import CLIError, GatewayError
 
 
 def utcnow() -> datetime:
@@ -569,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         args.data = None
     try:
         return args.func(args)
-    except (CAError, CLIError, RegistryError, AttestationError) as exc:
+    except (CAError, GatewayError, AttestationError) as exc:
         print(f"devid: error: {exc}", file=sys.stderr)
         return 1
     except sqlite3.Error as exc:

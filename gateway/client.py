@@ -14,14 +14,10 @@ from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from devid.ca import keys
-from devid.ca.errors import CAError
+from .errors import BundleError
 
 from .dtls import contexts
 from .dtls.transport import client_context
-
-
-class BundleError(CAError):
-    """A device bundle directory is missing a file or holds something unreadable."""
 
 
 def _read(path: Path) -> bytes:

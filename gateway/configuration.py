@@ -16,7 +16,8 @@ from typing import Callable
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from devid.ca.errors import CAError
+
+from .errors import ConfigError
 
 from .fs import write_atomic
 
@@ -40,10 +41,6 @@ anchors = ["root", "operational"]
 """
 
 _ANCHORS = ("root", "operational", "manufacturing")
-
-
-class ConfigError(CAError):
-    """A configuration template is missing or invalid."""
 
 
 class ConfigTemplates:

@@ -28,16 +28,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .errors import RegistryError
 from .storage import StorageHealth, storage_kind
 
 # For benchmarks only (`devid bench --durability` measures the cost of durable commits): "normal"
 # makes durable transactions not durable (the baseline), "full" makes every transaction durable
 # (the alternative that was measured and not chosen). Unset or anything else: the default.
 SYNC_ENV = "DEVID_BENCH_SYNCHRONOUS"
-
-
-class RegistryError(Exception):
-    """The database cannot be opened or is of a newer schema than this code."""
 
 
 class Database:

@@ -36,7 +36,8 @@ from devid.ca.profiles import default_profiles
 
 from .budgets import ACTIONS, Budgets, Rate
 from .dtls.limits import LimitError, ServerLimits
-from .fs import DirectoryBusy, directory_lock, fsync_path, write_atomic
+from .errors import ConfigError, DirectoryBusy
+from .fs import directory_lock, fsync_path, write_atomic
 from .registry import SQLiteRegistry
 
 ENV_DATA = "DEVID_DATA"
@@ -44,10 +45,6 @@ ENV_PASSPHRASE = "DEVID_CA_PASSPHRASE"
 DEFAULT_DATA = "devid-data"
 CERT_NAMES = (*CA_NAMES, "gateway")
 INIT_WAIT = 30.0        # s a second `devid init` waits for the first one's lock on the data directory
-
-
-class ConfigError(CAError):
-    """devid.toml is missing, malformed or has a bad value."""
 
 
 def resolve_data_dir(arg: str | None) -> Path:

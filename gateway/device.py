@@ -33,7 +33,8 @@ from cryptography.x509.verification import PolicyBuilder, Store
 from devid.attestation.evidence import Evidence, fw_digest_of, sign_evidence
 from devid.ca import der, keys
 
-from .client import BundleError, device_context, load_bundle
+from .client import device_context, load_bundle
+from .errors import BundleError
 from .dtls.transport import DTLSHandshakeError
 from .fs import write_atomic
 

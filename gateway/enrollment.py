@@ -46,12 +46,13 @@ from devid.ca.store import CertificateLookup, DeviceState
 from .authorization import RULES, authorize
 from .budgets import Budgets, RateLimiter
 from .configuration import ConfigTemplates
+from .errors import ConfigError, GatewayError
 from .identity import OPERATIONAL, PeerIdentity
 
 log = logging.getLogger("devid.enrollment")
 
 
-class EnrollmentError(Exception):
+class EnrollmentError(GatewayError):
     """A refusal the device is told about (short reason); `problems.py` maps it to a CoAP code."""
 
     code = "refused"
@@ -286,7 +287,7 @@ class EnrollmentService:
         self._require("config", who)
         try:
             config = self.configs.for_device(who.serial, who.device_type)
-        except CAError as exc:
+        except (CAError, ConfigError) as exc:
             self._decision("config", who, "failed", reason=str(exc))
             raise
         self._decision("config", who, "served", device_type=who.device_type)

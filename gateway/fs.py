@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from devid.ca.errors import CAError
+from .errors import DirectoryBusy
 
 
 def write_synced(path: str | Path, data: bytes, mode: int = 0o644) -> None:
@@ -66,15 +66,6 @@ def fsync_path(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-class DirectoryBusy(CAError):
-    """Another process holds the lock on this directory."""
-
-    def __init__(self, path: Path, pid: int | None) -> None:
-        super().__init__(f"{path} is locked by {'process ' + str(pid) if pid else 'another process'}")
-        self.path = path
-        self.pid = pid
 
 
 def lock_holder(path: str | Path) -> int | None:

@@ -18,7 +18,7 @@ from devid.ca.errors import (CAError, DeviceRevoked, InvalidCSR, InvalidSerial, 
                        UnknownDevice)
 
 from . import enrollment as E
-from .configuration import ConfigError
+from .errors import ConfigError
 from .storage import BUSY, FAILED, FULL, READ_ONLY, storage_kind
 
 CT_PROBLEM = 257

@@ -55,12 +55,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from devid.ca.authority import CertificateAuthority
-from devid.ca.errors import CAError
 from devid.ca.identity import PREFIX_RE, check_device_type, fingerprint
 from devid.ca.keys import plain_key
 from devid.ca.store import CertificateRecord, DeviceRecord
 
-from .fs import DirectoryBusy, directory_lock, fsync_path, write_synced
+from .errors import DirectoryBusy, ProvisioningError
+from .fs import directory_lock, fsync_path, write_synced
 from .lifeline import die_with_parent
 
 PARTIAL = ".partial-"
@@ -68,10 +68,6 @@ DEFAULT_PREFIX = "SN"
 SERIAL_DIGITS = 8
 BATCH = 500
 BATCHES_PER_WORKER = 4      # smaller batches with several workers: the work evens out, progress moves
-
-
-class ProvisioningError(CAError):
-    pass
 
 
 def secure_element_config(serial: str, device_type: str, cert: x509.Certificate) -> dict:

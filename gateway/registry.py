@@ -16,7 +16,8 @@ from typing import Callable, Sequence
 from devid.ca.errors import DeviceRevoked, DuplicateDevice, SerialCollision, UnknownDevice
 from devid.ca.store import CertificateLookup, CertificateRecord, CertStatus, DeviceRecord, DeviceState
 
-from .database import Database, RegistryError  # noqa: F401  (RegistryError: re-exported)
+from .database import Database
+from .errors import RegistryError  # noqa: F401  (re-exported for callers of the registry)
 
 SCHEMA_VERSION = 5
 

@@ -49,3 +49,15 @@ def test_ca_and_attestation_stay_below_the_gateway(folder, forbidden):
     for path in (ROOT / folder).rglob("*.py"):
         for name in _imports(path):
             assert not name.startswith(forbidden), f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_one_exception_hierarchy_per_package():
+    """The gateway's errors derive from GatewayError, never from the CA's; one ConfigError."""
+    import inspect
+    from devid.ca.errors import CAError
+    from devid.gateway import configuration, datadir, errors
+    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass) if c.__module__ == errors.__name__]
+    assert len(classes) >= 6
+    for cls in classes:
+        assert issubclass(cls, errors.GatewayError) and not issubclass(cls, CAError), cls
+    assert datadir.ConfigError is configuration.ConfigError is errors.ConfigError
