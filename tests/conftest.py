@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from devid.ca.identity import fingerprint
 from devid.gateway.datadir import DataDir
 
 # One fixed instant per test run, passed to everything that takes a clock. It is the real time
@@ -90,3 +91,51 @@ def run_devid(*args, data_dir=None, env=None, input=None, check=False):
     if check and proc.returncode != 0:
         raise AssertionError(f"devid {' '.join(map(str, args))} failed: {proc.stderr.decode()}")
     return proc
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout.decode()
+
+
+def one_line_error(proc, *needles):
+    err = proc.stderr.decode()
+    assert proc.returncode != 0
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def check_consistent(data: DataDir, out):
+    """Registry and bundles agree one to one; each device has exactly one factory certificate."""
+    reg = data.open_registry()
+    try:
+        devices = {d.serial: d for d in reg.list_devices()}
+        bundles = {p.name for p in out.iterdir() if not p.name.startswith(".")} if out.exists() else set()
+        assert bundles == set(devices), (sorted(bundles - set(devices))[:5], sorted(set(devices) - bundles)[:5])
+        for serial in devices:
+            certs = reg.certificates_for_device(serial)
+            assert [c.profile for c in certs] == ["factory"]
+            on_disk = x509.load_pem_x509_certificate((out / serial / "cert.pem").read_bytes())
+            assert fingerprint(on_disk) == certs[0].fingerprint
+            assert (out / serial / "key.pem").stat().st_size > 0
+        return devices
+    finally:
+        reg.close()
+
+
+@pytest.fixture
+def world(data, ca, tmp_path):
+    """A data directory with the test policy and devices of every policy case, provisioned."""
+    from devid.gateway.provisioning import provision
+    from devid.gateway.server import POLICY_FILE
+    from .gateway_helpers import POLICY
+    (data.path / POLICY_FILE).write_text(POLICY)
+    out = tmp_path / "factory"
+    for dtype, prefix, n in (("temperature-sensor", "TS", 4), ("meter", "MT", 1), ("strict-sensor", "ST", 1),
+                             ("legacy-sensor", "LG", 1), ("unlisted-type", "UN", 1)):
+        provision(ca, count=n, device_type=dtype, out=out, serial_prefix=prefix, now=lambda: NOW,
+                  manufacturing_pem=data.cert_pem("manufacturing"), root_pem=data.cert_pem("root"))
+    return data, out

@@ -11,7 +11,7 @@ from cryptography import x509
 
 from devid.ca import keys
 from devid.gateway.datadir import DataDir
-from devid.gateway.dtls import contexts, engine as E
+from devid.gateway.dtls import contexts, engine as E, records
 from devid.gateway.identity import DeviceAuthenticator
 
 from .conftest import NOW
@@ -157,3 +157,65 @@ class RawCoapOverDTLS:
         n = len(self.received)
         await self._pump(self.client.send(wire, self.loop.time()), lambda: len(self.received) > n, timeout)
         return aiocoap.Message.decode(self.received[n]) if len(self.received) > n else None
+
+
+# -- the server engine against one client over the fake network (tests of issue 10's hardening) -----
+
+P = ("10.0.0.1", 40000)
+
+
+def client_for(data, device, chain=None, **kw):
+    key, cert = device
+    ctx = client_context_for(cert, chain or [data.cert("manufacturing")], key, data.cert("root"))
+    return E.ClientEngine(ctx, ("gw", 5684), **kw)
+
+
+def connect(srv, client, peer=P, now=0.0):
+    net = FakeNetwork(srv, peer=peer, now=now)
+    assert net.run(client, lambda: client.established and any(
+        isinstance(e, E.HandshakeComplete) for e in net.server_events), real_timeout=5), client.closed_reason
+    return net
+
+
+def hellos(net):
+    """The ClientHellos the client sent: without, then with the cookie."""
+    return [dg for d, dg in net.wire if d == "c2s" and records.parse_client_hello(dg) is not None]
+
+
+def works(srv, net, client, text=b"ping"):
+    """The session answers both ways."""
+    events = srv.receive(net.peer, client.send(text, net.now).datagrams[0][1], net.now).events
+    if E.ApplicationData(net.peer, text) not in events:
+        return False
+    got = client.receive(srv.send(net.peer, b"re:" + text, net.now).datagrams[0][1], net.now).events
+    return E.ApplicationData(("gw", 5684), b"re:" + text) in got
+
+
+def start_pending(srv, client, peer=P, now=0.0):
+    """Cookie exchange and second ClientHello of `client` from `peer`; returns the server's flight."""
+    ch1 = client.start(now).datagrams[0][1]
+    (hvr,) = srv.receive(peer, ch1, now).datagrams
+    (ch2,) = client.receive(hvr[1], now).datagrams
+    flight = srv.receive(peer, ch2[1], now)
+    assert flight.datagrams and not flight.events
+    return [dg for _, dg in flight.datagrams]
+
+
+def shuttle(srv, client, datagrams, peer=P, now=0.0):
+    """Deliver server datagrams to the client, the client's answers to the server, and so on until
+    quiet; returns the server's events."""
+    events = []
+    while datagrams:
+        c2s = [dg for s2c in datagrams for _, dg in client.receive(s2c, now).datagrams]
+        datagrams = []
+        for dg in c2s:
+            out = srv.receive(peer, dg, now)
+            events += out.events
+            datagrams += [d for _, d in out.datagrams]
+    return events
+
+
+def half_open_from(srv, data, device, peer):
+    client = client_for(data, device)
+    reply = srv.receive(peer, client.start(0.0).datagrams[0][1], 0.0).datagrams[0][1]
+    return srv.receive(peer, client.receive(reply, 0.0).datagrams[0][1], 0.0)

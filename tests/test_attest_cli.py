@@ -15,7 +15,7 @@ from devid.gateway.attestation_store import SQLiteAttestationStore
 
 from .attest_util import NOW, POLICY, Clock, SimDevice
 from .conftest import run_devid
-from .test_cli import ok, one_line_error
+from .conftest import ok, one_line_error
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "attestation-policy.example.toml"
 

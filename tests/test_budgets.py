@@ -22,7 +22,7 @@ from devid.gateway.logs import fields_of
 
 from .attest_util import Clock
 from .conftest import make_csr
-from .test_enrollment import FW, run_with_gateway, problem, request, world  # noqa: F401  (world: a fixture)
+from .gateway_helpers import FW, problem, request, run_with_gateway
 
 
 class Ticks:

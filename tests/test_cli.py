@@ -9,22 +9,7 @@ import stat
 import pytest
 from cryptography import x509
 
-from .conftest import make_csr, run_devid
-
-
-def ok(proc):
-    assert proc.returncode == 0, proc.stderr.decode()
-    return proc.stdout.decode()
-
-
-def one_line_error(proc, *needles):
-    err = proc.stderr.decode()
-    assert proc.returncode != 0
-    assert "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1, err
-    for needle in needles:
-        assert needle in err, err
-    return err
+from .conftest import make_csr, ok, one_line_error, run_devid
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from aiocoap.numbers import codes
 from aiocoap.optiontypes import OpaqueOption, StringOption
 
 from .dtls_helpers import RawCoapOverDTLS
-from .test_enrollment import run_with_gateway, world  # noqa: F401  (fixture)
+from .gateway_helpers import run_with_gateway, token_for
 
 
 def wire(mtype, mid: int, token: bytes = b"", extra=(), **kw) -> bytes:
@@ -118,7 +118,6 @@ def test_block1_upload_is_reassembled_capped_and_echoed(world):
     2.3); a resource that takes no POST answers 4.05 at once and keeps nothing; at most two
     uploads per session are kept."""
     from aiocoap.optiontypes import BlockOption
-    from .test_enrollment import token_for
     data, out = world
 
     async def body(dev, gw):

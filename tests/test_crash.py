@@ -9,30 +9,10 @@ import subprocess
 import sys
 import time
 
-from cryptography import x509
 
-from devid.ca.identity import fingerprint
 from devid.gateway.datadir import DataDir
 
-from .conftest import run_devid
-
-
-def check_consistent(data: DataDir, out):
-    """Registry and bundles agree one to one; each device has exactly one factory certificate."""
-    reg = data.open_registry()
-    try:
-        devices = {d.serial: d for d in reg.list_devices()}
-        bundles = {p.name for p in out.iterdir() if not p.name.startswith(".")} if out.exists() else set()
-        assert bundles == set(devices), (sorted(bundles - set(devices))[:5], sorted(set(devices) - bundles)[:5])
-        for serial in devices:
-            certs = reg.certificates_for_device(serial)
-            assert [c.profile for c in certs] == ["factory"]
-            on_disk = x509.load_pem_x509_certificate((out / serial / "cert.pem").read_bytes())
-            assert fingerprint(on_disk) == certs[0].fingerprint
-            assert (out / serial / "key.pem").stat().st_size > 0
-        return devices
-    finally:
-        reg.close()
+from .conftest import check_consistent, run_devid
 
 
 def test_sigkill_during_provisioning_then_rerun(tmp_path):

@@ -11,9 +11,9 @@ from devid.gateway.dtls import engine as E
 from devid.gateway.dtls import records
 
 from .conftest import NOW, make_csr, register_device
-from .dtls_helpers import FakeNetwork, client_context_for, server_engine
+from .dtls_helpers import (P, FakeNetwork, client_for, connect, half_open_from, hellos,
+                           server_engine, shuttle, start_pending, works)
 
-P = ("10.0.0.1", 40000)
 
 
 @pytest.fixture
@@ -22,55 +22,6 @@ def device(ca):
     return key, issued.cert
 
 
-def client_for(data, device, chain=None, **kw):
-    key, cert = device
-    ctx = client_context_for(cert, chain or [data.cert("manufacturing")], key, data.cert("root"))
-    return E.ClientEngine(ctx, ("gw", 5684), **kw)
-
-
-def connect(srv, client, peer=P, now=0.0):
-    net = FakeNetwork(srv, peer=peer, now=now)
-    assert net.run(client, lambda: client.established and any(
-        isinstance(e, E.HandshakeComplete) for e in net.server_events), real_timeout=5), client.closed_reason
-    return net
-
-
-def hellos(net):
-    """The ClientHellos the client sent: without, then with the cookie."""
-    return [dg for d, dg in net.wire if d == "c2s" and records.parse_client_hello(dg) is not None]
-
-
-def works(srv, net, client, text=b"ping"):
-    """The session answers both ways."""
-    events = srv.receive(net.peer, client.send(text, net.now).datagrams[0][1], net.now).events
-    if E.ApplicationData(net.peer, text) not in events:
-        return False
-    got = client.receive(srv.send(net.peer, b"re:" + text, net.now).datagrams[0][1], net.now).events
-    return E.ApplicationData(("gw", 5684), b"re:" + text) in got
-
-
-def start_pending(srv, client, peer=P, now=0.0):
-    """Cookie exchange and second ClientHello of `client` from `peer`; returns the server's flight."""
-    ch1 = client.start(now).datagrams[0][1]
-    (hvr,) = srv.receive(peer, ch1, now).datagrams
-    (ch2,) = client.receive(hvr[1], now).datagrams
-    flight = srv.receive(peer, ch2[1], now)
-    assert flight.datagrams and not flight.events
-    return [dg for _, dg in flight.datagrams]
-
-
-def shuttle(srv, client, datagrams, peer=P, now=0.0):
-    """Deliver server datagrams to the client, the client's answers to the server, and so on until
-    quiet; returns the server's events."""
-    events = []
-    while datagrams:
-        c2s = [dg for s2c in datagrams for _, dg in client.receive(s2c, now).datagrams]
-        datagrams = []
-        for dg in c2s:
-            out = srv.receive(peer, dg, now)
-            events += out.events
-            datagrams += [d for _, d in out.datagrams]
-    return events
 
 
 # -- replays ------------------------------------------------------------------------------------------
@@ -205,12 +156,6 @@ def test_close_ends_the_session_and_the_handshake_beside_it(data, registry, devi
 
 
 # -- caps ---------------------------------------------------------------------------------------------
-
-def half_open_from(srv, data, device, peer):
-    client = client_for(data, device)
-    reply = srv.receive(peer, client.start(0.0).datagrams[0][1], 0.0).datagrams[0][1]
-    return srv.receive(peer, client.receive(reply, 0.0).datagrams[0][1], 0.0)
-
 
 def test_one_address_cannot_hold_every_half_open_slot(data, registry, device):
     """Valid-cookie ClientHellos from many ports of one address fill only that address's share

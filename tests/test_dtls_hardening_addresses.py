@@ -13,8 +13,7 @@ from devid.gateway.dtls import records
 from devid.gateway.dtls.limits import HandshakeRate, address_key
 
 from .conftest import register_device
-from .dtls_helpers import server_engine
-from .test_dtls_hardening import client_for, connect, half_open_from, shuttle
+from .dtls_helpers import client_for, connect, half_open_from, server_engine, shuttle
 
 FATAL_ALERT = b"\x15\xfe\xfd\x00\x00" + b"\x00\x00\x00\x00\x00\x05" + b"\x00\x02" + b"\x02\x28"   # handshake_failure
 

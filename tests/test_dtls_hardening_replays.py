@@ -17,8 +17,7 @@ from devid.gateway.dtls import records
 from devid.gateway.dtls.cookies import Cookies, bind, hello_key
 
 from .conftest import register_device
-from .dtls_helpers import server_engine
-from .test_dtls_hardening import P, client_for, connect, hellos, shuttle, start_pending, works
+from .dtls_helpers import P, client_for, connect, hellos, server_engine, shuttle, start_pending, works
 
 
 @pytest.fixture

@@ -4,10 +4,8 @@ and threats 1-7 of shared/design/threats.md."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import socket
-from pathlib import Path
 
 import aiocoap
 import cbor2
@@ -18,92 +16,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs7
 
-from devid.attestation.evidence import Evidence, sign_evidence
-from devid.ca import keys
 from devid.ca.revocation import revoke_device
 from devid.ca.store import CertStatus, DeviceState
 from devid.gateway.attestation_store import SQLiteAttestationStore
 from devid.gateway.client import device_context
 from devid.gateway.device import EnrollFailed, Firmware, enroll, fetch_config, renew
-from devid.gateway.provisioning import provision
-from devid.gateway.server import POLICY_FILE, Gateway, GatewayConfig
+from devid.gateway.server import POLICY_FILE
 
 from .conftest import NOW, free_port, make_csr
 
-IMAGE = b"sensor firmware 3.1.0"
-FW = Firmware("sha-256", hashlib.sha256(IMAGE).digest(), "sensor-fw", "3.1.0")
-POLICY = f"""
-version = 1
-[device_types.temperature-sensor]
-[[device_types.temperature-sensor.firmware]]
-name = "sensor-fw"
-version = "3.1.0"
-digest = "sha-256:{FW.digest.hex()}"
-
-[device_types.meter]
-revoke_on_contraindicated = true
-[[device_types.meter.firmware]]
-name = "sensor-fw"
-version = "3.1.0"
-digest = "sha-256:{FW.digest.hex()}"
-
-[device_types.strict-sensor]
-reenroll = false
-[[device_types.strict-sensor.firmware]]
-name = "sensor-fw"
-version = "3.1.0"
-digest = "sha-256:{FW.digest.hex()}"
-
-[device_types.legacy-sensor]
-attestation = "waived"
-"""
-
-
-@pytest.fixture
-def world(data, ca, tmp_path):
-    (data.path / POLICY_FILE).write_text(POLICY)
-    out = tmp_path / "factory"
-    for dtype, prefix, n in (("temperature-sensor", "TS", 4), ("meter", "MT", 1), ("strict-sensor", "ST", 1),
-                             ("legacy-sensor", "LG", 1), ("unlisted-type", "UN", 1)):
-        provision(ca, count=n, device_type=dtype, out=out, serial_prefix=prefix, now=lambda: NOW,
-                  manufacturing_pem=data.cert_pem("manufacturing"), root_pem=data.cert_pem("root"))
-    return data, out
-
-
-def run_with_gateway(data, body, clock=None, **config):
-    """Start the real gateway on loopback (GatewayConfig fields in `config`, the gateway's clock
-    if given), run `body(uri, gateway)`, stop the gateway."""
-    async def main():
-        port = free_port()
-        kw = {"clock": clock} if clock is not None else {}
-        gw = Gateway(data, GatewayConfig(listen=[("127.0.0.1", port)], revocation_check_interval=0.2, **config), **kw)
-        await gw.start()
-        try:
-            return await body(f"coaps://127.0.0.1:{port}", gw)
-        finally:
-            await gw.stop()
-    return asyncio.run(main())
-
-
-async def request(ctx, uri, code=codes.GET, **kw):
-    return await asyncio.wait_for(ctx.request(aiocoap.Message(code=code, uri=uri, **kw)).response, 15)
-
-
-def problem(response) -> dict:
-    assert response.opt.content_format == 257, response
-    return cbor2.loads(response.payload)
-
-
-def token_for(bundle: Path, nonce: bytes, **changes) -> bytes:
-    key = keys.load_plain_key(bundle / "key.pem")
-    cert = x509.load_pem_x509_certificate((bundle / "cert.pem").read_bytes())
-    dtype = [e.value.value[2:] for e in cert.extensions if isinstance(e.value, x509.UnrecognizedExtension)][0]
-    fields = dict(nonce=nonce, ueid=b"\x01" + bytes(16), oemid=12345, hwmodel=dtype, swname=FW.name,
-                  swversion=FW.version, fw_alg=FW.alg, fw_digest=FW.digest, secure_boot=True, dbgstat=2,
-                  bootcount=1, iat=int(NOW.timestamp()))
-    signer = changes.pop("signer", key)
-    fields.update(changes)
-    return sign_evidence(Evidence(**fields), signer)
+from .gateway_helpers import FW, IMAGE, problem, request, run_with_gateway, token_for
 
 
 # -- the whole life cycle ---------------------------------------------------------------------------

@@ -61,3 +61,12 @@ def test_one_exception_hierarchy_per_package():
     for cls in classes:
         assert issubclass(cls, errors.GatewayError) and not issubclass(cls, CAError), cls
     assert datadir.ConfigError is configuration.ConfigError is errors.ConfigError
+
+
+def test_no_test_module_imports_another():
+    """Shared fixtures live in conftest.py, shared helpers in *_helpers.py modules."""
+    for path in (ROOT / "tests").glob("test_*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and (node.module or "").startswith("test_"):
+                pytest.fail(f"{path.name} imports .{node.module}")

@@ -28,8 +28,8 @@ from devid.gateway.dtls import engine as E
 
 from .conftest import NOW, make_csr, register_device, run_devid
 from .dtls_helpers import client_context_for
-from .test_enrollment import FW, run_with_gateway, POLICY, problem, request, world  # noqa: F401  (world: a fixture)
-from .test_cli import one_line_error, ok
+from .conftest import ok, one_line_error
+from .gateway_helpers import FW, POLICY, problem, request, run_with_gateway
 
 OP = dict(cert_name="op-chain.pem", key_name="op-key.pem")
 SREN = ".well-known/est/sren"

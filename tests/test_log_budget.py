@@ -23,7 +23,7 @@ from devid.gateway.client import device_context
 from devid.gateway.registry import SQLiteRegistry
 
 from .attest_util import IMAGE_OLD, POLICY, Clock, SimDevice
-from .test_enrollment import request, run_with_gateway, token_for, world  # noqa: F401 (world: a fixture)
+from .gateway_helpers import request, run_with_gateway, token_for
 
 JUNK = b"\xd2\x84garbage"
 

@@ -21,7 +21,7 @@ from devid.gateway.datadir import DataDir
 from devid.gateway.provisioning import provision, secure_element_config, secure_element_json
 
 from .conftest import NOW, register_device, run_devid
-from .test_crash import check_consistent
+from .conftest import check_consistent
 
 
 def _provision(data, registry, out, **kw):
