@@ -25,9 +25,10 @@ from typing import Iterator
 from .errors import DirectoryBusy
 
 
-def write_synced(path: str | Path, data: bytes, mode: int = 0o644) -> None:
-    """Create `path` (it must not exist), write `data` and fsync it before closing."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+def write_synced(path: str | Path, data: bytes, mode: int = 0o644, *, exclusive: bool = True) -> None:
+    """Write `data` to `path` and fsync it before closing; `exclusive`: the file must not exist."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, mode)
     try:
         view = memoryview(data)
         while view:
@@ -44,14 +45,7 @@ def write_atomic(path: str | Path, data: bytes, mode: int = 0o644) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_synced(tmp, data, mode, exclusive=False)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

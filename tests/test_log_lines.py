@@ -5,7 +5,6 @@ docs' example line (same logger, level, event, result and the same fields)."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import json
 import logging
@@ -23,24 +22,16 @@ from aiocoap.numbers import codes
 from devid.ca.revocation import revoke_device
 from devid.gateway.budgets import Budgets, Rate
 from devid.gateway.client import device_context
-from devid.gateway.device import Firmware, enroll, fetch_config, renew
+from devid.gateway.device import enroll, fetch_config, renew
 from devid.gateway.logs import LineFormatter
 from devid.gateway.provisioning import provision
 from devid.gateway.server import POLICY_FILE, Gateway, GatewayConfig
 from devid.gateway.storage import StorageHealth
 
 from .conftest import NOW, free_port, make_csr
+from .gateway_helpers import FW, POLICY
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "gateway.md"
-FW = Firmware("sha-256", hashlib.sha256(b"sensor firmware 3.1.0").digest(), "sensor-fw", "3.1.0")
-POLICY = f"""
-version = 1
-[device_types.temperature-sensor]
-[[device_types.temperature-sensor.firmware]]
-name = "sensor-fw"
-version = "3.1.0"
-digest = "sha-256:{FW.digest.hex()}"
-"""
 HEAD = ("time", "level", "logger", "event")
 
 
