@@ -139,3 +139,13 @@ def world(data, ca, tmp_path):
         provision(ca, count=n, device_type=dtype, out=out, serial_prefix=prefix, now=lambda: NOW,
                   manufacturing_pem=data.cert_pem("manufacturing"), root_pem=data.cert_pem("root"))
     return data, out
+
+
+@pytest.fixture
+def bundles(data, ca, tmp_path):
+    """Three provisioned temperature sensors (factory bundles), no policy."""
+    from devid.gateway.provisioning import provision
+    out = tmp_path / "factory"
+    provision(ca, count=3, device_type="temperature-sensor", out=out, manufacturing_pem=data.cert_pem("manufacturing"),
+              root_pem=data.cert_pem("root"), now=lambda: NOW)
+    return out

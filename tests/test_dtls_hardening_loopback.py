@@ -12,27 +12,17 @@ import socket
 import time
 
 import aiocoap
-import pytest
 
 from devid.gateway.client import device_context
 from devid.gateway.dtls import engine as E
 from devid.gateway.dtls import records
 from devid.gateway.logs import fields_of
-from devid.gateway.provisioning import provision
 from devid.gateway.server import Gateway, GatewayConfig
 
-from .conftest import NOW, free_port
+from .conftest import free_port
 from .dtls_helpers import RawCoapOverDTLS, client_context_from_bundle
 
 WHOAMI = b"\x40\x01\x12\x35\xb6whoami"          # CON GET /whoami, message ID 0x1235
-
-
-@pytest.fixture
-def bundles(data, ca, tmp_path):
-    out = tmp_path / "factory"
-    provision(ca, count=3, device_type="temperature-sensor", out=out, manufacturing_pem=data.cert_pem("manufacturing"),
-              root_pem=data.cert_pem("root"), now=lambda: NOW)
-    return out
 
 
 async def start_gateway(data, limits=None):

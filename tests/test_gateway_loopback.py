@@ -15,19 +15,10 @@ from devid.gateway.client import device_context
 from devid.gateway.dtls import engine as E
 from devid.gateway.dtls import records
 from devid.gateway.dtls.transport import DTLSHandshakeError
-from devid.gateway.provisioning import provision
 from devid.gateway.server import Gateway, GatewayConfig
 
 from .conftest import NOW, free_port
 from .dtls_helpers import client_context_from_bundle
-
-
-@pytest.fixture
-def bundles(data, ca, tmp_path):
-    out = tmp_path / "factory"
-    provision(ca, count=3, device_type="temperature-sensor", out=out, manufacturing_pem=data.cert_pem("manufacturing"),
-              root_pem=data.cert_pem("root"), now=lambda: NOW)
-    return out
 
 
 async def start_gateway(data, **config):

@@ -25,11 +25,11 @@ from devid.gateway.client import device_context
 from devid.gateway.device import enroll, fetch_config, renew
 from devid.gateway.logs import LineFormatter
 from devid.gateway.provisioning import provision
-from devid.gateway.server import POLICY_FILE, Gateway, GatewayConfig
+from devid.gateway.server import POLICY_FILE
 from devid.gateway.storage import StorageHealth
 
 from .conftest import NOW, free_port, make_csr
-from .gateway_helpers import FW, POLICY
+from .gateway_helpers import FW, POLICY, run_with_gateway
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "gateway.md"
 HEAD = ("time", "level", "logger", "event")
@@ -82,21 +82,9 @@ async def _with(directory: Path, uri: str, *requests, op: bool = False) -> list:
         await ctx.shutdown()
 
 
-def _run(data, body, **config):
-    async def main():
-        port = free_port()
-        gw = Gateway(data, GatewayConfig(listen=[("127.0.0.1", port)], revocation_check_interval=0.2, **config))
-        await gw.start()
-        try:
-            return await body(f"coaps://127.0.0.1:{port}", gw)
-        finally:
-            await gw.stop()
-    return asyncio.run(main())
-
-
 def trigger_every_event(data, ca, tmp_path) -> None:
     """Each event of docs/gateway.md#logs, once at least, against the real gateway."""
-    _run(data, lambda uri, gw: asyncio.sleep(0))            # no policy yet: "policy" "missing"
+    run_with_gateway(data, lambda uri, gw: asyncio.sleep(0))            # no policy yet: "policy" "missing"
     (data.path / POLICY_FILE).write_text(POLICY)
     out = tmp_path / "factory"
     provision(ca, count=4, device_type="temperature-sensor", out=out, serial_prefix="TS", now=lambda: NOW,
@@ -120,7 +108,7 @@ def trigger_every_event(data, ca, tmp_path) -> None:
         with pytest.raises(Exception):      # handshake refused (the device is revoked): the client gives up
             await _with(four, uri, ("/attest/nonce", codes.GET, {}))
     # nonces: TS00000001 spends one enrolling, one refused with its operational identity
-    _run(data, body, budgets=Budgets(nonce=Rate(2, 600.0)))
+    run_with_gateway(data, body, budgets=Budgets(nonce=Rate(2, 600.0)))
     # storage: the registry's health tracker on the gateway's logger (the real disk-full path runs in
     # tests/test_disk_full.py, which reads these lines from `devid serve`'s log)
     health = StorageHealth(logging.getLogger("devid.gateway"), str(data.path / "registry.sqlite3"))
