@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     args, passthrough = ap.parse_known_args(argv)
-    if not (args.baseline / "gateway" / "cli.py").exists():
+    if not (args.baseline / "gateway").is_dir():
         ap.error(f"{args.baseline} is not a devid checkout")
     sides = {"candidate": ROOT, "baseline": args.baseline.resolve()}
     rounds = []

@@ -161,8 +161,8 @@ class Sides:
         return self._timed(run)
 
     def devid_sqlite(self) -> float:
-        from devid.gateway.attestation_store import SQLiteAttestationStore
-        from devid.gateway.registry import SQLiteRegistry
+        from devid.gateway.store.attestation_store import SQLiteAttestationStore
+        from devid.gateway.store.registry import SQLiteRegistry
         self._round += 1
         reg = SQLiteRegistry(self.workdir / f"r{self._round}.sqlite3", create=True)
         try:

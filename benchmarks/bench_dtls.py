@@ -44,9 +44,9 @@ sys.path.insert(0, str(ROOT))
 from cryptography import x509  # noqa: E402
 
 from devid.ca import keys  # noqa: E402
-from devid.gateway.datadir import DataDir  # noqa: E402
+from devid.gateway.app.datadir import DataDir  # noqa: E402
 from devid.gateway.dtls import contexts, engine as E  # noqa: E402
-from devid.gateway.provisioning import provision  # noqa: E402
+from devid.gateway.factory.provisioning import provision  # noqa: E402
 
 COAP_GET_WKC = b"\x40\x01\x00\x00\xbb.well-known\x04core"
 TICKS = os.sysconf("SC_CLK_TCK")

@@ -45,10 +45,10 @@ from cryptography import x509  # noqa: E402
 from OpenSSL import SSL  # noqa: E402
 
 from devid.ca import keys  # noqa: E402
-from devid.gateway.datadir import DataDir  # noqa: E402
+from devid.gateway.app.datadir import DataDir  # noqa: E402
 from devid.gateway.dtls import contexts, engine as E  # noqa: E402
-from devid.gateway.identity import DeviceAuthenticator  # noqa: E402
-from devid.gateway.provisioning import provision  # noqa: E402
+from devid.gateway.service.identity import DeviceAuthenticator  # noqa: E402
+from devid.gateway.factory.provisioning import provision  # noqa: E402
 
 
 def setup(work: Path):

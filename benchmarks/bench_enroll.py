@@ -11,7 +11,7 @@ and runs each through the zero-touch flow (nonce, signed evidence, EST /sen, con
 one DTLS session) with C devices in flight from client processes separate from the server.
 `--client lean` (default) is benchmarks/loadgen.py: the same protocol and checks on the
 sans-I/O DTLS engine with a small CoAP codec, so the client costs a few ms of CPU per
-enrollment; `--client script` runs the field engineer's script per device (gateway/simulator.py,
+enrollment; `--client script` runs the field engineer's script per device (gateway/device/simulator.py,
 16-30 ms of client CPU each, which caps the rate on a small machine). Prints one JSON summary:
 
   enrollments/s, latency p50/p95/p99 end to end and per step (connect = the DTLS handshake),
@@ -104,9 +104,9 @@ def _hwm_kib(pids: list[int]) -> int:
 
 
 def _client(gateway: str, bundles: list[str], concurrency: int, renew: bool, q, go) -> None:
-    """--client script: the field engineer's script per device (gateway/simulator.py)."""
-    from devid.gateway.device import Firmware
-    from devid.gateway.simulator import simulate
+    """--client script: the field engineer's script per device (gateway/device/simulator.py)."""
+    from devid.gateway.device.enroll import Firmware
+    from devid.gateway.device.simulator import simulate
     fw = Firmware("sha-256", hashlib.sha256(IMAGE).digest(), FW_NAME, FW_VERSION)
     q.put(("ready", None))
     go.wait()
@@ -121,7 +121,7 @@ def _client_lean(gateway: str, bundles: list[str], concurrency: int, renew: bool
     """--client lean: benchmarks/loadgen.py. Bundles are loaded, the CA certificates fetched and
     the client Context built before the timed part; the operational identities are saved after it."""
     import loadgen
-    from devid.gateway.device import Firmware
+    from devid.gateway.device.enroll import Firmware
     fw = Firmware("sha-256", hashlib.sha256(IMAGE).digest(), FW_NAME, FW_VERSION)
     target = loadgen.Target.parse(gateway)
     devices, failures = loadgen.load_devices([Path(b) for b in bundles], operational=renew)
@@ -230,7 +230,8 @@ def start_gateway(data_path: Path, workers: int, server_root: Path, env: dict | 
     e = dict(os.environ, DEVID_DATA=str(data_path))
     e.update(env or {})
     flags = []
-    if "handshake_rate_per_address" in (server_root / "gateway" / "cli.py").read_text():
+    cli = next(p for p in (server_root / "gateway" / "cli" / "dispatch.py", server_root / "gateway" / "cli.py") if p.exists())
+    if "handshake_rate_per_address" in cli.read_text():
         # every client is at 127.0.0.1: one address doing a fleet's handshakes (an older
         # --server-root has no per-address rate, and no such flag)
         flags = ["--handshake-burst-per-address", "1000000", "--handshake-rate-per-address", "1000000"]
@@ -323,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="run the gateway from this checkout of devid (A/B comparisons: bench_ab.py)")
     ap.add_argument("--client", choices=("lean", "script"), default="lean",
                     help="lean: benchmarks/loadgen.py (default); script: the field engineer's script per "
-                         "device (gateway/simulator.py)")
+                         "device (gateway/device/simulator.py)")
     ap.add_argument("--durability", action="store_true",
                     help="instead of the plain run: the cost of durable commits (gateway with and without "
                          "synchronous=FULL, alternating rounds; benchmarks/bench_hardening.py)")
@@ -341,8 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
 
-    from devid.gateway.datadir import DataDir
-    from devid.gateway.provisioning import provision
+    from devid.gateway.app.datadir import DataDir
+    from devid.gateway.factory.provisioning import provision
     work = Path(tempfile.mkdtemp(prefix="devid-bench-"))
     served: Served | None = None
     try:

@@ -60,8 +60,8 @@ if str(ROOT) not in sys.path:          # run from a checkout without the editabl
 
 from devid.ca.authority import CertificateAuthority     # noqa: E402
 from devid.ca.store import DeviceRecord                 # noqa: E402
-from devid.gateway.datadir import DataDir               # noqa: E402
-from devid.gateway.provisioning import default_workers, provision   # noqa: E402
+from devid.gateway.app.datadir import DataDir               # noqa: E402
+from devid.gateway.factory.provisioning import default_workers, provision   # noqa: E402
 
 DEVICE_TYPE = "temperature-sensor"
 ISSUE_OVERHEAD_TARGET = 0.20        # devid time / baseline time - 1

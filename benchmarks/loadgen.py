@@ -4,7 +4,7 @@
     python benchmarks/loadgen.py --gateway coaps://127.0.0.1:PORT --bundles DIR [--concurrency C] [--renew]
 
 Per device, ONE DTLS 1.2 session (mutual X.509 authentication, the gateway's certificate
-checked) and, over it, the same protocol as the field engineer's script (`gateway/device.py`):
+checked) and, over it, the same protocol as the field engineer's script (`gateway/device/enroll.py`):
 
     enroll   factory identity:  GET /attest/nonce, POST /attest/evidence (an EAT signed with the
              factory key by `attestation.evidence.sign_evidence`), POST /.well-known/est/sen (a DER
@@ -15,7 +15,7 @@ Every answer is checked: response codes, the nonce, an acceptable verdict, the i
 certificate (for the new key, the device's serial, validated to the operational CA) and the
 configuration (CBOR, for this device).
 
-What makes it lean, compared with the script (gateway/simulator.py):
+What makes it lean, compared with the script (gateway/device/simulator.py):
 - the sans-I/O `ClientEngine` on one non-blocking UDP socket per session, no aiocoap Context;
   CoAP requests and responses through the small codec below (CON requests with piggybacked or
   separate responses, Block2 for large answers, retransmission after ACK_TIMEOUT);
@@ -60,8 +60,8 @@ from cryptography.x509.verification import PolicyBuilder, Store  # noqa: E402
 from OpenSSL import SSL, crypto  # noqa: E402
 
 from devid.attestation.evidence import Evidence, sign_evidence  # noqa: E402
-from devid.gateway.client import load_bundle  # noqa: E402
-from devid.gateway.device import Firmware, device_csr, device_type_of, pen_of, serial_of  # noqa: E402
+from devid.gateway.device.client import load_bundle  # noqa: E402
+from devid.gateway.device.enroll import Firmware, device_csr, device_type_of, pen_of, serial_of  # noqa: E402
 from devid.gateway.dtls import contexts  # noqa: E402
 from devid.gateway.dtls.engine import (ApplicationData, ClientEngine, HandshakeComplete, HandshakeFailed,  # noqa: E402
                                  SessionClosed)

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from devid.ca.identity import fingerprint
-from devid.gateway.datadir import DataDir
+from devid.gateway.app.datadir import DataDir
 
 # One fixed instant per test run, passed to everything that takes a clock. It is the real time
 # at start-up because OpenSSL (DTLS handshakes, `openssl verify`) checks validity on its own clock.
@@ -129,8 +129,8 @@ def check_consistent(data: DataDir, out):
 @pytest.fixture
 def world(data, ca, tmp_path):
     """A data directory with the test policy and devices of every policy case, provisioned."""
-    from devid.gateway.provisioning import provision
-    from devid.gateway.server import POLICY_FILE
+    from devid.gateway.factory.provisioning import provision
+    from devid.gateway.app.server import POLICY_FILE
     from .gateway_helpers import POLICY
     (data.path / POLICY_FILE).write_text(POLICY)
     out = tmp_path / "factory"
@@ -144,7 +144,7 @@ def world(data, ca, tmp_path):
 @pytest.fixture
 def bundles(data, ca, tmp_path):
     """Three provisioned temperature sensors (factory bundles), no policy."""
-    from devid.gateway.provisioning import provision
+    from devid.gateway.factory.provisioning import provision
     out = tmp_path / "factory"
     provision(ca, count=3, device_type="temperature-sensor", out=out, manufacturing_pem=data.cert_pem("manufacturing"),
               root_pem=data.cert_pem("root"), now=lambda: NOW)

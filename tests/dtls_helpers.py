@@ -10,9 +10,9 @@ from pathlib import Path
 from cryptography import x509
 
 from devid.ca import keys
-from devid.gateway.datadir import DataDir
+from devid.gateway.app.datadir import DataDir
 from devid.gateway.dtls import contexts, engine as E, records
-from devid.gateway.identity import DeviceAuthenticator
+from devid.gateway.service.identity import DeviceAuthenticator
 
 from .conftest import NOW
 

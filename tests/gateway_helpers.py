@@ -15,8 +15,8 @@ from cryptography import x509
 
 from devid.attestation.evidence import Evidence, sign_evidence
 from devid.ca import keys
-from devid.gateway.device import Firmware
-from devid.gateway.server import Gateway, GatewayConfig
+from devid.gateway.device.enroll import Firmware
+from devid.gateway.app.server import Gateway, GatewayConfig
 
 from .conftest import NOW, free_port
 

@@ -21,9 +21,9 @@ if str(ROOT / "benchmarks") not in sys.path:
 import bench_enroll  # noqa: E402
 import loadgen  # noqa: E402
 from devid.attestation.evidence import Evidence, sign_evidence  # noqa: E402
-from devid.gateway.device import Firmware, device_csr  # noqa: E402
-from devid.gateway.provisioning import provision  # noqa: E402
-from devid.gateway.server import POLICY_FILE  # noqa: E402
+from devid.gateway.device.enroll import Firmware, device_csr  # noqa: E402
+from devid.gateway.factory.provisioning import provision  # noqa: E402
+from devid.gateway.app.server import POLICY_FILE  # noqa: E402
 
 from .conftest import NOW, free_port  # noqa: E402
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from devid.attestation.service import AttestationService
-from devid.gateway.attest_cli import parse_since
-from devid.gateway.attestation_store import SQLiteAttestationStore
+from devid.gateway.cli.attest import parse_since
+from devid.gateway.store.attestation_store import SQLiteAttestationStore
 
 from .attest_util import NOW, POLICY, Clock, SimDevice
 from .conftest import run_devid

@@ -1,4 +1,4 @@
-"""The authorization table (gateway/authorization.py), over every combination of action,
+"""The authorization table (gateway/service/authorization.py), over every combination of action,
 identity kind, device state and certificate status: exactly the listed combinations are
 allowed, and every other one is refused with the reason a device is told."""
 
@@ -11,8 +11,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from devid.ca.store import CertificateLookup, CertStatus, DeviceState
-from devid.gateway.authorization import RULES, authorize
-from devid.gateway.identity import FACTORY, OPERATIONAL, PeerIdentity
+from devid.gateway.service.authorization import RULES, authorize
+from devid.gateway.service.identity import FACTORY, OPERATIONAL, PeerIdentity
 
 NOW = datetime(2026, 11, 30, tzinfo=timezone.utc)
 GRACE = timedelta(minutes=10)

@@ -14,11 +14,11 @@ from aiocoap.numbers import codes
 
 from devid.attestation.nonces import MemoryNonceStore, NonceService
 from devid.attestation.errors import NonceUnknown
-from devid.gateway.attestation_store import SQLiteAttestationStore
-from devid.gateway.budgets import ACTIONS, Budgets, Rate, RateLimiter
-from devid.gateway.client import device_context
-from devid.gateway.device import enroll
-from devid.gateway.logs import fields_of
+from devid.gateway.store.attestation_store import SQLiteAttestationStore
+from devid.gateway.service.budgets import ACTIONS, Budgets, Rate, RateLimiter
+from devid.gateway.device.client import device_context
+from devid.gateway.device.enroll import enroll
+from devid.gateway.system.logs import fields_of
 
 from .attest_util import Clock
 from .conftest import make_csr

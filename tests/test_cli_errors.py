@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from .conftest import run_devid
-from devid.gateway.datadir import Config, ConfigError
+from devid.gateway.app.datadir import Config, ConfigError
 
 
 def _one_error_line(proc, *fragments: str) -> str:
@@ -178,7 +178,7 @@ def _documented_keys() -> dict[str, str]:
 
 def test_docs_list_every_devid_toml_key_with_its_default():
     import dataclasses
-    from devid.gateway.datadir import _OBJECT_SECTIONS, _SCHEMA
+    from devid.gateway.app.datadir import _OBJECT_SECTIONS, _SCHEMA
     documented = _documented_keys()
     cfg = Config()
     actual = {"organization.name": cfg.identity.organization, "organization.pen": cfg.identity.pen,
@@ -189,7 +189,7 @@ def test_docs_list_every_devid_toml_key_with_its_default():
               "crl.validity_days": cfg.crl_days}
     assert set(actual) == {f"{s}.{k}" for s, keys in _SCHEMA.items() for k in keys}
     from datetime import timedelta
-    from devid.gateway.budgets import Rate
+    from devid.gateway.service.budgets import Rate
 
     def as_toml(value):
         if isinstance(value, Rate):
@@ -237,7 +237,7 @@ def test_budgets_from_devid_toml(data):
 
 def test_the_gateway_applies_devid_toml(data):
     from datetime import timedelta
-    from devid.gateway.server import Gateway, GatewayConfig
+    from devid.gateway.app.server import Gateway, GatewayConfig
     with data.config_path.open("a") as f:
         f.write("\n[gateway]\nmtu = 1000\n\n[budgets]\nnonce = {burst = 2}\n\n"
                 "[attestation_log]\nrefused_per_window = 7\nwindow = 600\n")
@@ -271,7 +271,7 @@ def test_read_only_copy_with_pending_wal_is_an_error_not_stale_data(data, tmp_pa
 
 
 def test_init_removes_the_keys_an_interrupted_init_left(tmp_path):
-    from devid.gateway.datadir import DataDir
+    from devid.gateway.app.datadir import DataDir
     from .conftest import NOW
     d = DataDir(tmp_path / "d")
     stale = d.path / ".ca-init-4242-deadbeef"
@@ -286,9 +286,9 @@ def test_only_this_ca_s_gateway_certificates_may_seal_log_segments(data, registr
     make that certificate's key one that may seal attestation log segments."""
     import sqlite3
     from cryptography.hazmat.primitives import serialization
-    from devid.gateway.attest_cli import _trusted
-    from devid.gateway.attestation_store import SQLiteAttestationStore
-    from devid.gateway.datadir import DataDir
+    from devid.gateway.cli.attest import _trusted
+    from devid.gateway.store.attestation_store import SQLiteAttestationStore
+    from devid.gateway.app.datadir import DataDir
     from .conftest import NOW
     other = DataDir(tmp_path / "other")
     other.init(NOW)
@@ -312,7 +312,7 @@ def test_only_this_ca_s_gateway_certificates_may_seal_log_segments(data, registr
 def test_init_writes_any_organisation_name_as_valid_toml(tmp_path, org):
     """devid.toml is written with tomli-w: quotes and backslashes survive, once, into every subject."""
     from cryptography.x509.oid import NameOID
-    from devid.gateway.datadir import DataDir
+    from devid.gateway.app.datadir import DataDir
     from .conftest import NOW
     d = DataDir(tmp_path / "d")
     d.init(NOW, organization=org)

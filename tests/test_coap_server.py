@@ -1,4 +1,4 @@
-"""The gateway's CoAP server core (gateway/coap.py) on the wire: message types and IDs,
+"""The gateway's CoAP server core (gateway/coap/server.py) on the wire: message types and IDs,
 deduplication, options it must refuse, routing errors. Real gateway, real DTLS on loopback."""
 
 from __future__ import annotations

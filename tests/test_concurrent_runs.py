@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 
 from devid.ca import keys
 from devid.ca.identity import fingerprint
-from devid.gateway.datadir import DataDir
+from devid.gateway.app.datadir import DataDir
 
 from .conftest import run_devid
 
@@ -30,7 +30,7 @@ def _env(data_dir) -> dict:
 
 # a devid command through the CLI's own entry point, started on a signal: Python's start-up and
 # imports take longer than the racy steps, so processes merely started together barely overlap
-ON_GO = ("import sys; import devid.gateway.cli as cli; print('ready', flush=True); sys.stdin.read(1); "
+ON_GO = ("import sys; import devid.gateway.cli.dispatch as cli; print('ready', flush=True); sys.stdin.read(1); "
          "sys.exit(cli.main({args!r}))")
 
 

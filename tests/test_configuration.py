@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 
-from devid.gateway.configuration import DEFAULT_TEMPLATE, ConfigTemplates
+from devid.gateway.store.configuration import DEFAULT_TEMPLATE, ConfigTemplates
 
 
 def _ensure(directory, barrier, q):

@@ -10,7 +10,7 @@ import sys
 import time
 
 
-from devid.gateway.datadir import DataDir
+from devid.gateway.app.datadir import DataDir
 
 from .conftest import check_consistent, run_devid
 

@@ -1,11 +1,11 @@
-"""The registry connection's durability levels (gateway/database.py), read back from SQLite."""
+"""The registry connection's durability levels (gateway/store/database.py), read back from SQLite."""
 
 from __future__ import annotations
 
 import pytest
 
-from devid.gateway.database import SYNC_ENV
-from devid.gateway.registry import SQLiteRegistry
+from devid.gateway.store.database import SYNC_ENV
+from devid.gateway.store.registry import SQLiteRegistry
 
 NORMAL, FULL = 1, 2        # PRAGMA synchronous
 

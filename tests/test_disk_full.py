@@ -23,13 +23,13 @@ import cbor2
 import pytest
 from aiocoap.numbers import codes
 
-from devid.gateway.client import device_context
-from devid.gateway.datadir import DataDir
-from devid.gateway.device import enroll, fetch_config
-from devid.gateway.problems import to_response
-from devid.gateway.registry import SQLiteRegistry
-from devid.gateway.logs import fields_of
-from devid.gateway.storage import StorageHealth
+from devid.gateway.device.client import device_context
+from devid.gateway.app.datadir import DataDir
+from devid.gateway.device.enroll import enroll, fetch_config
+from devid.gateway.service.problems import to_response
+from devid.gateway.store.registry import SQLiteRegistry
+from devid.gateway.system.logs import fields_of
+from devid.gateway.store.storage import StorageHealth
 
 from . import serve_helpers as H
 from .conftest import NOW, make_csr

@@ -251,7 +251,7 @@ def test_refused_expired_certificate(data, ca, registry):
 
 
 def test_refused_other_ca(tmp_path, data, registry):
-    from devid.gateway.datadir import DataDir
+    from devid.gateway.app.datadir import DataDir
     other = DataDir(tmp_path / "other")
     other.init(NOW)
     reg = other.open_registry()

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from devid.gateway.cli import build_parser
+from devid.gateway.cli.dispatch import build_parser
 from devid.gateway.dtls import engine as E
 from devid.gateway.dtls.limits import MAX_MTU, MIN_MTU
 

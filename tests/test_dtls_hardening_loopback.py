@@ -13,11 +13,11 @@ import time
 
 import aiocoap
 
-from devid.gateway.client import device_context
+from devid.gateway.device.client import device_context
 from devid.gateway.dtls import engine as E
 from devid.gateway.dtls import records
-from devid.gateway.logs import fields_of
-from devid.gateway.server import Gateway, GatewayConfig
+from devid.gateway.system.logs import fields_of
+from devid.gateway.app.server import Gateway, GatewayConfig
 
 from .conftest import free_port
 from .dtls_helpers import RawCoapOverDTLS, client_context_from_bundle

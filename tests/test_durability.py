@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from devid.ca.identity import fingerprint
-from devid.gateway.datadir import DataDir
+from devid.gateway.app.datadir import DataDir
 
 from . import serve_helpers as H
 from .conftest import free_port, run_devid

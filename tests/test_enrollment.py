@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 
 from devid.ca.revocation import revoke_device
 from devid.ca.store import CertStatus, DeviceState
-from devid.gateway.attestation_store import SQLiteAttestationStore
-from devid.gateway.client import device_context
-from devid.gateway.device import EnrollFailed, Firmware, enroll, fetch_config, renew
-from devid.gateway.server import POLICY_FILE
+from devid.gateway.store.attestation_store import SQLiteAttestationStore
+from devid.gateway.device.client import device_context
+from devid.gateway.device.enroll import EnrollFailed, Firmware, enroll, fetch_config, renew
+from devid.gateway.app.server import POLICY_FILE
 
 from .conftest import NOW, free_port, make_csr
 

@@ -11,11 +11,11 @@ import aiocoap
 import pytest
 
 from devid.ca.revocation import revoke_device
-from devid.gateway.client import device_context
+from devid.gateway.device.client import device_context
 from devid.gateway.dtls import engine as E
 from devid.gateway.dtls import records
-from devid.gateway.dtls.transport import DTLSHandshakeError
-from devid.gateway.server import Gateway, GatewayConfig
+from devid.gateway.coap.transport import DTLSHandshakeError
+from devid.gateway.app.server import Gateway, GatewayConfig
 
 from .conftest import NOW, free_port
 from .dtls_helpers import client_context_from_bundle

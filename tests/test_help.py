@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from devid.gateway.cli import build_parser
+from devid.gateway.cli.dispatch import build_parser
 
 from .conftest import run_devid
 

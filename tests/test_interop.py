@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from devid.ca.keys import plain_key
 from devid.ca.revocation import revoke_device
-from devid.gateway.datadir import DataDir
-from devid.gateway.provisioning import provision
+from devid.gateway.app.datadir import DataDir
+from devid.gateway.factory.provisioning import provision
 
 from .conftest import NOW, free_port, make_csr, register_device, tool
 

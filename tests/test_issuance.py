@@ -112,7 +112,7 @@ def test_operational_issuance_enrolls_and_supersedes(ca, registry):
 
 
 def test_operational_validity_is_configurable(tmp_path):
-    from devid.gateway.datadir import DataDir
+    from devid.gateway.app.datadir import DataDir
     d = DataDir(tmp_path / "d")
     d.path.mkdir()
     d.config_path.write_text("[profiles]\noperational_validity_days = 30\nfactory_validity_days = 365\n")
@@ -126,7 +126,7 @@ def test_operational_validity_is_configurable(tmp_path):
 
 
 def test_validity_never_exceeds_the_issuer(tmp_path):
-    from devid.gateway.datadir import DataDir
+    from devid.gateway.app.datadir import DataDir
     d = DataDir(tmp_path / "d")
     d.path.mkdir()
     d.config_path.write_text("[profiles]\nfactory_validity_days = 36500\n")

@@ -55,7 +55,9 @@ def test_one_exception_hierarchy_per_package():
     """The gateway's errors derive from GatewayError, never from the CA's; one ConfigError."""
     import inspect
     from devid.ca.errors import CAError
-    from devid.gateway import configuration, datadir, errors
+    from devid.gateway import errors
+    from devid.gateway.app import datadir
+    from devid.gateway.store import configuration
     classes = [c for _, c in inspect.getmembers(errors, inspect.isclass) if c.__module__ == errors.__name__]
     assert len(classes) >= 6
     for cls in classes:
@@ -70,3 +72,67 @@ def test_no_test_module_imports_another():
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.level == 1 and (node.module or "").startswith("test_"):
                 pytest.fail(f"{path.name} imports .{node.module}")
+
+
+# The rooms of gateway/, from the ground floor up: a room may import the rooms below it, never one above
+# (docs/architecture.md draws the same house).
+ROOMS = ("errors", "system", "dtls", "coap", "store", "service", "factory", "device", "app", "cli")
+
+
+def _room(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[:2] != ["devid", "gateway"] or len(parts) < 3:
+        return None
+    return parts[2]
+
+
+def _gateway_imports(path: Path) -> list[str]:
+    """Absolute devid.gateway imports, with `from devid.gateway.X import Y` taken as module X.Y when Y is one."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.extend(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path.relative_to(ROOT)}: relative import (one import root: devid.)"
+            names.extend(f"{node.module}.{a.name}" for a in node.names)
+    return [n for n in names if n.startswith("devid.gateway.")]
+
+
+def test_gateway_is_in_rooms():
+    on_the_floor = sorted(p.name for p in (ROOT / "gateway").glob("*.py"))
+    assert on_the_floor == ["__init__.py", "errors.py"]
+    rooms = sorted(p.name for p in (ROOT / "gateway").iterdir() if p.is_dir() and p.name != "__pycache__")
+    assert rooms == sorted(r for r in ROOMS if r != "errors")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "gateway").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_rooms_import_only_downward(path):
+    rel = path.relative_to(ROOT / "gateway")
+    own = rel.parts[0] if len(rel.parts) > 1 else rel.stem
+    if own == "__init__":
+        return
+    for name in _gateway_imports(path):
+        room = _room(name)
+        assert room in ROOMS, f"{rel} imports {name}: not in a room"
+        assert ROOMS.index(room) <= ROOMS.index(own), f"{rel} (room {own}) imports {name} from the floor above ({room})"
+
+
+AIOCOAP_INTERNALS = ("aiocoap.interfaces", "aiocoap.util", "aiocoap.transports", "aiocoap.messagemanager",
+                     "aiocoap.tokenmanager", "aiocoap.protocol", "aiocoap.optiontypes", "aiocoap.numbers.types",
+                     "aiocoap.numbers.optionnumbers", "aiocoap.blockwise", "aiocoap.pipe")
+
+
+def test_only_the_coap_room_touches_aiocoap_internals():
+    for path in (ROOT / "gateway").rglob("*.py"):
+        rel = path.relative_to(ROOT / "gateway")
+        if rel.parts[0] == "coap":
+            continue
+        text = path.read_text()
+        named = {n for n in _imports(path) if n.startswith("aiocoap")}
+        named |= {m for m in AIOCOAP_INTERNALS if m in text}
+        named |= {f"aiocoap.{n}" for node in ast.walk(ast.parse(text)) if isinstance(node, ast.ImportFrom)
+                  and node.module == "aiocoap" for n in (a.name for a in node.names)}
+        internal = [n for n in named if n.startswith(AIOCOAP_INTERNALS) or n in ("aiocoap.interfaces", "aiocoap.util")]
+        assert not internal, f"{rel} uses {internal}: aiocoap internals belong in gateway/coap/"
+    for path in (ROOT / "gateway" / "dtls").rglob("*.py"):
+        assert not [n for n in _imports(path) if n.startswith("aiocoap")], f"{path.name}: dtls/ knows no aiocoap"

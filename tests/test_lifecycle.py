@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives import serialization
 
 from devid.ca.authority import CertificateAuthority
 from devid.ca.store import CertStatus, DeviceState
-from devid.gateway.budgets import Budgets, Rate
-from devid.gateway.client import device_context
-from devid.gateway.device import EnrollFailed, enroll, fetch_config, renew
+from devid.gateway.service.budgets import Budgets, Rate
+from devid.gateway.device.client import device_context
+from devid.gateway.device.enroll import EnrollFailed, enroll, fetch_config, renew
 from devid.gateway.dtls import engine as E
 
 from .conftest import NOW, make_csr, register_device, run_devid
@@ -258,10 +258,10 @@ def _worker(path: str, action: str, who: dict, limit: int, barrier, q) -> None:
     """One gateway worker's enrollment service on the shared registry, racing the others."""
     from devid.attestation.policy import parse_policy
     from devid.attestation.service import AttestationService
-    from devid.gateway.attestation_store import SQLiteAttestationStore
-    from devid.gateway.datadir import DataDir
-    from devid.gateway.enrollment import EnrollmentError, EnrollmentService
-    from devid.gateway.identity import PeerIdentity
+    from devid.gateway.store.attestation_store import SQLiteAttestationStore
+    from devid.gateway.app.datadir import DataDir
+    from devid.gateway.service.enrollment import EnrollmentError, EnrollmentService
+    from devid.gateway.service.identity import PeerIdentity
     data = DataDir(Path(path))
     reg = data.open_registry()
     try:

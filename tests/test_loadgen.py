@@ -21,9 +21,9 @@ from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from devid.ca.store import CertStatus, DeviceState
-from devid.gateway.device import Firmware, renew
-from devid.gateway.provisioning import provision
-from devid.gateway.server import POLICY_FILE, Gateway, GatewayConfig
+from devid.gateway.device.enroll import Firmware, renew
+from devid.gateway.factory.provisioning import provision
+from devid.gateway.app.server import POLICY_FILE, Gateway, GatewayConfig
 
 from .conftest import NOW, free_port
 

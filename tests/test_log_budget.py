@@ -18,9 +18,9 @@ from devid.attestation.log_budget import LogBudget
 from devid.attestation.nonces import MemoryNonceStore
 from devid.attestation.policy import Tier
 from devid.attestation.service import AttestationService
-from devid.gateway.attestation_store import SQLiteAttestationStore
-from devid.gateway.client import device_context
-from devid.gateway.registry import SQLiteRegistry
+from devid.gateway.store.attestation_store import SQLiteAttestationStore
+from devid.gateway.device.client import device_context
+from devid.gateway.store.registry import SQLiteRegistry
 
 from .attest_util import IMAGE_OLD, POLICY, Clock, SimDevice
 from .gateway_helpers import request, run_with_gateway, token_for

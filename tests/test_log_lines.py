@@ -20,13 +20,13 @@ import pytest
 from aiocoap.numbers import codes
 
 from devid.ca.revocation import revoke_device
-from devid.gateway.budgets import Budgets, Rate
-from devid.gateway.client import device_context
-from devid.gateway.device import enroll, fetch_config, renew
-from devid.gateway.logs import LineFormatter
-from devid.gateway.provisioning import provision
-from devid.gateway.server import POLICY_FILE
-from devid.gateway.storage import StorageHealth
+from devid.gateway.service.budgets import Budgets, Rate
+from devid.gateway.device.client import device_context
+from devid.gateway.device.enroll import enroll, fetch_config, renew
+from devid.gateway.system.logs import LineFormatter
+from devid.gateway.factory.provisioning import provision
+from devid.gateway.app.server import POLICY_FILE
+from devid.gateway.store.storage import StorageHealth
 
 from .conftest import NOW, free_port, make_csr
 from .gateway_helpers import FW, POLICY, run_with_gateway

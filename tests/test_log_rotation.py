@@ -18,10 +18,10 @@ from devid.attestation.log import GENESIS, KIND_SUMMARY, LogEntry, canonical_jso
 from devid.attestation.log_budget import LogBudget
 from devid.attestation.segments import check_segment, parse_segment_name
 from devid.attestation.service import AttestationService
-from devid.gateway.attest_cli import _trusted
-from devid.gateway.attestation_store import SQLiteAttestationStore
-from devid.gateway.log_rotation import LOCK_FILE, SEGMENT_DIR, rotate, rotation_lock, write_segment
-from devid.gateway.log_verify import ARCHIVED, PENDING, VERIFIED, verify_log
+from devid.gateway.cli.attest import _trusted
+from devid.gateway.store.attestation_store import SQLiteAttestationStore
+from devid.gateway.store.log_rotation import LOCK_FILE, SEGMENT_DIR, rotate, rotation_lock, write_segment
+from devid.gateway.store.log_verify import ARCHIVED, PENDING, VERIFIED, verify_log
 
 from .attest_util import POLICY, Clock, SimDevice
 from .conftest import tool

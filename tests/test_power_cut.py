@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from devid.ca import keys
 from devid.ca.identity import fingerprint
-from devid.gateway.datadir import DataDir
+from devid.gateway.app.datadir import DataDir
 
 from . import serve_helpers as H
 from .conftest import NOW

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from devid.ca.errors import DuplicateDevice
 from devid.ca.identity import fingerprint
-from devid.gateway.datadir import DataDir
-from devid.gateway.provisioning import provision, secure_element_config, secure_element_json
+from devid.gateway.app.datadir import DataDir
+from devid.gateway.factory.provisioning import provision, secure_element_config, secure_element_json
 
 from .conftest import NOW, register_device, run_devid
 from .conftest import check_consistent

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from devid.ca.errors import DeviceRevoked, DuplicateDevice, SerialCollision, UnknownDevice
 from devid.ca.store import CertStatus, DeviceState
-from devid.gateway.registry import SCHEMA_VERSION, RegistryError, SQLiteRegistry
+from devid.gateway.store.registry import SCHEMA_VERSION, RegistryError, SQLiteRegistry
 
 from .conftest import NOW, make_csr, register_device
 
@@ -180,7 +180,7 @@ def test_revoked_among_answers_for_many_serials_at_once(ca, registry):
 def _old_database(path, version, records):
     """A registry file as devid wrote it at schema `version` (1 or 2), holding `records`
     [(DeviceRecord, [CertificateRecord, ...])], written with that schema's own SQL."""
-    from devid.gateway import registry as registry_mod
+    from devid.gateway.store import registry as registry_mod
     con = sqlite3.connect(path)
     con.executescript(";".join(s for v in range(1, version + 1) for s in registry_mod._MIGRATIONS[v]) +
                       f"; PRAGMA user_version = {version};")

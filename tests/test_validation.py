@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes
 from devid.ca.errors import DeviceRevoked, ValidationFailed
 from devid.ca.revocation import revoke_device
 from devid.ca.validation import DeviceVerifier
-from devid.gateway.datadir import DataDir
+from devid.gateway.app.datadir import DataDir
 
 from .conftest import NOW, make_csr, register_device
 

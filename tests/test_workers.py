@@ -1,5 +1,5 @@
 """Failure 5 of issue 10: `kill -9` of the `devid serve --workers N` parent must not leave its
-workers serving on the port. Both lines of gateway/lifeline.py are tested: the whole gateway
+workers serving on the port. Both lines of gateway/system/lifeline.py are tested: the whole gateway
 with PR_SET_PDEATHSIG, and the getppid() watch alone in a process where the prctl is left out."""
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ PARENT = textwrap.dedent("""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        from devid.gateway.lifeline import die_with_parent
+        from devid.gateway.system.lifeline import die_with_parent
         die_with_parent(os.getppid(), signal.{sig}, grace={grace}, poll=0.1, pdeathsig=False)
         {child_setup}
         os.write(w, b"ready\\n")

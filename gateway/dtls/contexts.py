@@ -65,7 +65,7 @@ def client_context(cert: x509.Certificate | None, chain: Sequence[x509.Certifica
     """A device's Context. Without `cert` and `key`, a template for many devices: each connection
     sets its own (`ClientEngine(certificate=, private_key=)`). `root` may be several anchors; an
     anchor that is not self-signed ends the chain there (partial chain, as on the server)."""
-    from .engine import ClientEngine
+    from devid.gateway.dtls.engine import ClientEngine
     ctx = _base(SSL.DTLS_CLIENT_METHOD, ciphers)
     if cert is not None:
         ctx.use_certificate(cert)

@@ -46,10 +46,10 @@ from typing import Any, Callable, Hashable, Protocol
 from cryptography import x509
 from OpenSSL import SSL
 
-from . import records
-from .cookies import Cookies, bind, hello_key
-from .limits import HandshakeRate, LimitError, ServerLimits, address_key  # noqa: F401  (LimitError: API)
-from .recordlayer import RecordLayer
+from devid.gateway.dtls import records
+from devid.gateway.dtls.cookies import Cookies, bind, hello_key
+from devid.gateway.dtls.limits import HandshakeRate, LimitError, ServerLimits, address_key  # noqa: F401  (LimitError: API)
+from devid.gateway.dtls.recordlayer import RecordLayer
 
 Peer = Hashable          # e.g. ("127.0.0.1", 40000) for UDP
 CLOSE_NOTIFY = b"\x01\x00"   # alert level warning, description close_notify

@@ -20,7 +20,7 @@ import hmac
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM
 
-from . import records
+from devid.gateway.dtls import records
 
 DTLS12 = b"\xfe\xfd"
 EXPLICIT_NONCE = 8

@@ -4,7 +4,7 @@ One connection per Registry object (one per process or thread). Every write runs
 `BEGIN IMMEDIATE` transaction, so concurrent writers from several processes serialise on the
 database lock instead of failing half-way.
 
-Durability (what survives a power cut): `gateway/database.py`.
+Durability (what survives a power cut): `gateway/store/database.py`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Callable, Sequence
 from devid.ca.errors import DeviceRevoked, DuplicateDevice, SerialCollision, UnknownDevice
 from devid.ca.store import CertificateLookup, CertificateRecord, CertStatus, DeviceRecord, DeviceState
 
-from .database import Database
-from .errors import RegistryError  # noqa: F401  (re-exported for callers of the registry)
+from devid.gateway.store.database import Database
+from devid.gateway.errors import RegistryError  # noqa: F401  (re-exported for callers of the registry)
 
 SCHEMA_VERSION = 5
 
@@ -53,7 +53,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {  # version -> its statements, run in
         "CREATE TABLE crl_numbers (issuer TEXT PRIMARY KEY, number INTEGER NOT NULL)",
         "CREATE TABLE serial_sequences (prefix TEXT PRIMARY KEY, next INTEGER NOT NULL)",
     ),
-    # attestation: single-use nonces and the hash-chained attestation log (gateway/attestation_store.py)
+    # attestation: single-use nonces and the hash-chained attestation log (gateway/store/attestation_store.py)
     2: (
         """CREATE TABLE attestation_nonces (
                 nonce             BLOB PRIMARY KEY,
@@ -116,7 +116,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {  # version -> its statements, run in
         "CREATE INDEX certificates_device ON certificates (device_serial, profile, status)",
         "CREATE INDEX certificates_revoked ON certificates (issuer) WHERE status = 'revoked'",
     ),
-    # bounded attestation log (gateway/attestation_store.py, gateway/log_rotation.py): summary entries
+    # bounded attestation log (gateway/store/attestation_store.py, gateway/store/log_rotation.py): summary entries
     # for refused evidence beyond a device's budget (summary: their JSON; NULL on appraisal entries),
     # one tally row per device with recent refused evidence, and one anchor row per sealed segment
     # file the oldest entries were moved into
@@ -146,7 +146,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {  # version -> its statements, run in
             )""",
     ),
     # A device's unconsumed nonces, newest first: issuing a nonce deletes
-    # the device's oldest ones beyond its cap (gateway/attestation_store.py) through this index
+    # the device's oldest ones beyond its cap (gateway/store/attestation_store.py) through this index
     5: (
         """CREATE INDEX attestation_nonces_outstanding ON attestation_nonces (device_serial, issued_at)
                 WHERE consumed_at IS NULL""",
@@ -204,7 +204,7 @@ def _collision(exc: sqlite3.IntegrityError) -> SerialCollision:
 
 class SQLiteRegistry(Database):
     """`ca.store.Registry` on SQLite. Also the home of later stores (nonces, attestation log).
-    Connection set-up and transactions: `gateway/database.py`."""
+    Connection set-up and transactions: `gateway/store/database.py`."""
 
     def _open_schema(self, create: bool, readonly: bool) -> None:
         version = self.schema_version

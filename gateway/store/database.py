@@ -28,8 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import RegistryError
-from .storage import StorageHealth, storage_kind
+from devid.gateway.errors import RegistryError
+from devid.gateway.store.storage import StorageHealth, storage_kind
 
 # For benchmarks only (`devid bench --durability` measures the cost of durable commits): "normal"
 # makes durable transactions not durable (the baseline), "full" makes every transaction durable
@@ -51,7 +51,7 @@ class Database:
         self.path = Path(path)
         self.readonly = readonly
         # set by the gateway: one log line when writes start failing for a storage reason, one
-        # when they work again (gateway/storage.py)
+        # when they work again (gateway/store/storage.py)
         self.health: StorageHealth | None = None
         mode = os.environ.get(SYNC_ENV, "")
         self._sync_plain = "FULL" if mode == "full" else "NORMAL"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .device import EnrollFailed, EnrollResult, Firmware, enroll, renew
+from devid.gateway.device.enroll import EnrollFailed, EnrollResult, Firmware, enroll, renew
 
 
 @dataclass

@@ -17,9 +17,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 
-from .errors import ConfigError
+from devid.gateway.errors import ConfigError
 
-from .fs import write_atomic
+from devid.gateway.system.fs import write_atomic
 
 DEFAULT_TEMPLATE = """\
 # Operational configuration served to enrolled devices at GET /config (as CBOR).

@@ -31,7 +31,7 @@ from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.numbers.types import Type
 from aiocoap.optiontypes import BlockOption
 
-from .problems import problem_message
+from devid.gateway.coap.problems import problem_message
 
 log = logging.getLogger("devid.coap")
 

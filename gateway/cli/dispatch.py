@@ -21,11 +21,12 @@ from devid.ca.validation import DeviceVerifier
 from devid.ca.identity import check_serial
 from devid.attestation.errors import AttestationError
 
-from . import attest_cli, output
-from .datadir import ENV_DATA, DataDir, resolve_data_dir
-from .fs import write_atomic
-from .provisioning import DEFAULT_PREFIX, provision
-from .errors import CLIError, GatewayError
+from devid.gateway.cli import attest as attest_cli
+from devid.gateway.cli import output
+from devid.gateway.app.datadir import ENV_DATA, DataDir, resolve_data_dir
+from devid.gateway.system.fs import write_atomic
+from devid.gateway.factory.provisioning import DEFAULT_PREFIX, provision
+from devid.gateway.errors import CLIError, GatewayError
 
 
 def utcnow() -> datetime:
@@ -262,10 +263,10 @@ _LIMIT_FLAGS = ("max_sessions", "max_half_open", "max_half_open_per_address", "m
 
 def cmd_serve(args) -> int:
     import asyncio
-    from .dtls.engine import LimitError, ServerLimits
-    from .dtls.transport import parse_listen
-    from .logs import configure_logging
-    from .server import GatewayConfig, serve
+    from devid.gateway.dtls.engine import LimitError, ServerLimits
+    from devid.gateway.coap.transport import parse_listen
+    from devid.gateway.system.logs import configure_logging
+    from devid.gateway.app.server import GatewayConfig, serve
     listen = []
     for item in args.listen or []:
         try:
@@ -293,7 +294,7 @@ def cmd_serve(args) -> int:
         except OSError as exc:
             raise CLIError(f"--log-file {args.log_file}: {exc.strerror}") from None
     if workers > 1:
-        from .server import serve_workers
+        from devid.gateway.app.server import serve_workers
         data.issuer("gateway")          # a wrong passphrase is one clear error here, not N in the workers
         return serve_workers(data, config, workers, args.log_level, args.log_file)
     configure_logging(args.log_level, log_file=args.log_file)
@@ -305,14 +306,14 @@ def cmd_serve(args) -> int:
 
 
 def _firmware(args, directory):
-    from .device import Firmware
+    from devid.gateway.device.enroll import Firmware
     return Firmware.from_options(Path(directory), Path(args.firmware) if args.firmware else None,
                                  args.firmware_digest, args.firmware_name, args.firmware_version)
 
 
 def cmd_enroll(args) -> int:
     import asyncio
-    from .device import EnrollFailed, enroll
+    from devid.gateway.device.enroll import EnrollFailed, enroll
     steps = ["nonce", "evidence", "enroll", "config"]
 
     def report(step, text):
@@ -341,7 +342,7 @@ def cmd_enroll(args) -> int:
 
 def cmd_renew(args) -> int:
     import asyncio
-    from .device import EnrollFailed, renew
+    from devid.gateway.device.enroll import EnrollFailed, renew
     try:
         cert = asyncio.run(renew(Path(args.device), args.gateway, timeout=args.timeout,
                                  report=lambda step, text: print(f"{step}: {text}", flush=True)))
@@ -353,8 +354,8 @@ def cmd_renew(args) -> int:
 
 def cmd_simulate(args) -> int:
     import asyncio
-    from .device import EnrollFailed
-    from .simulator import simulate
+    from devid.gateway.device.enroll import EnrollFailed
+    from devid.gateway.device.simulator import simulate
     root = Path(args.devices)
     bundles = sorted(p for p in root.iterdir() if (p / "cert.pem").exists()) if root.is_dir() else []
     if not bundles:
@@ -382,7 +383,7 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    bench_dir = Path(__file__).resolve().parent.parent / "benchmarks"
+    bench_dir = Path(__file__).resolve().parents[2] / "benchmarks"
     if not (bench_dir / "bench_enroll.py").exists():
         raise CLIError(f"the benchmarks are not here ({bench_dir}): run devid bench from a source checkout")
     sys.path.insert(0, str(bench_dir))
@@ -394,7 +395,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from devid.gateway.cli.demo import run_demo
     return run_demo(_data(args), count=args.count)
 
 

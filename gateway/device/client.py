@@ -14,10 +14,10 @@ from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from devid.ca import keys
-from .errors import BundleError
+from devid.gateway.errors import BundleError
 
-from .dtls import contexts
-from .dtls.transport import client_context
+from devid.gateway.dtls import contexts
+from devid.gateway.coap.transport import client_context
 
 
 def _read(path: Path) -> bytes:

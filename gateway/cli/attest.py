@@ -26,11 +26,11 @@ from devid.attestation.errors import LogError
 from devid.attestation.log import LogEntry
 from devid.attestation.policy import Tier, load_policy
 
-from . import output
-from .attestation_store import SQLiteAttestationStore
-from .datadir import DataDir, resolve_data_dir
-from .log_rotation import DEFAULT_SEGMENT_ENTRIES, LOCK_FILE, SEGMENT_DIR, rotate
-from .log_verify import ARCHIVED, PENDING, verify_log
+from devid.gateway.cli import output
+from devid.gateway.store.attestation_store import SQLiteAttestationStore
+from devid.gateway.app.datadir import DataDir, resolve_data_dir
+from devid.gateway.store.log_rotation import DEFAULT_SEGMENT_ENTRIES, LOCK_FILE, SEGMENT_DIR, rotate
+from devid.gateway.store.log_verify import ARCHIVED, PENDING, verify_log
 
 POLICY_FILE = "attestation-policy.toml"
 # without a policy file, rotation keeps the longest verdict window a policy may set

@@ -27,21 +27,21 @@ from aiocoap.numbers.contentformat import ContentFormat
 from devid.attestation.policy import Policy, load_policy
 from devid.attestation.service import AttestationService
 
-from .attestation_store import SQLiteAttestationStore
+from devid.gateway.store.attestation_store import SQLiteAttestationStore
 from devid.attestation.log_budget import LogBudget
 
-from .budgets import Budgets
-from .configuration import ConfigTemplates
-from .datadir import DataDir
-from .enrollment import EnrollmentService
-from .resources import add_enrollment_resources
-from .dtls import contexts, engine as E
-from .coap import CoapServer
-from .dtls.transport import DTLSServerInterface
-from .identity import DeviceAuthenticator, PeerIdentity
-from .lifeline import die_with_parent
-from .logs import configure_logging
-from .storage import StorageHealth
+from devid.gateway.service.budgets import Budgets
+from devid.gateway.store.configuration import ConfigTemplates
+from devid.gateway.app.datadir import DataDir
+from devid.gateway.service.enrollment import EnrollmentService
+from devid.gateway.service.resources import add_enrollment_resources
+from devid.gateway.dtls import contexts, engine as E
+from devid.gateway.coap.server import CoapServer
+from devid.gateway.coap.transport import DTLSServerInterface
+from devid.gateway.service.identity import DeviceAuthenticator, PeerIdentity
+from devid.gateway.system.lifeline import die_with_parent
+from devid.gateway.system.logs import configure_logging
+from devid.gateway.store.storage import StorageHealth
 
 log = logging.getLogger("devid.gateway")
 POLICY_FILE = "attestation-policy.toml"

@@ -16,12 +16,12 @@ committed) or removes (if it was not).
 
 Power cuts: every bundle file is fsynced when written, then each partial directory and OUT
 (so the partial directories' names are on disk), then the batch is committed durably (the
-registry's WAL is fsynced: gateway/database.py), then the directories are renamed and OUT is
+registry's WAL is fsynced: gateway/store/database.py), then the directories are renamed and OUT is
 fsynced again. So after a power cut every bundle in its final place is in the registry with
 all its files, and every registered device has its bundle, final or partial (which the next run
 finishes).
 
-One run at a time per output directory: a run holds an advisory lock on OUT (gateway/fs.py) from
+One run at a time per output directory: a run holds an advisory lock on OUT (gateway/system/fs.py) from
 before its recovery of partial directories to its end, and a second run refuses at once, naming
 the first one's pid. (Waiting was the alternative: a provisioning run lasts minutes, so a second
 run would sit silently for that long, and the usual cause is a mistake, e.g. two factory
@@ -33,7 +33,7 @@ parent, the only process that touches SQLite, commits each batch in one transact
 its directories, in the order the batches finish. Workers never open the registry: a forked child
 inherits the parent's SQLite state (open file descriptors, the shared-memory WAL index and the
 library's per-file lock bookkeeping), which SQLite does not support using after fork(). Workers
-die with the parent (gateway/lifeline.py: PR_SET_PDEATHSIG, and a watch on getppid() if that
+die with the parent (gateway/system/lifeline.py: PR_SET_PDEATHSIG, and a watch on getppid() if that
 fails), so a killed run leaves only partial directories, whatever the number of workers.
 """
 
@@ -59,9 +59,9 @@ from devid.ca.identity import PREFIX_RE, check_device_type, fingerprint
 from devid.ca.keys import plain_key
 from devid.ca.store import CertificateRecord, DeviceRecord
 
-from .errors import DirectoryBusy, ProvisioningError
-from .fs import directory_lock, fsync_path, write_synced
-from .lifeline import die_with_parent
+from devid.gateway.errors import DirectoryBusy, ProvisioningError
+from devid.gateway.system.fs import directory_lock, fsync_path, write_synced
+from devid.gateway.system.lifeline import die_with_parent
 
 PARTIAL = ".partial-"
 DEFAULT_PREFIX = "SN"

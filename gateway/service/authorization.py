@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from devid.ca.store import CertificateLookup, CertStatus, DeviceState
 from devid.ca.validation import within_grace
 
-from .identity import FACTORY, OPERATIONAL, PeerIdentity
+from devid.gateway.service.identity import FACTORY, OPERATIONAL, PeerIdentity
 
 MANUFACTURED, ENROLLED = DeviceState.MANUFACTURED, DeviceState.ENROLLED
 

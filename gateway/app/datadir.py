@@ -34,11 +34,11 @@ from devid.ca.hierarchy import CA_NAMES, create_hierarchy
 from devid.ca.identity import IdentitySettings
 from devid.ca.profiles import default_profiles
 
-from .budgets import ACTIONS, Budgets, Rate
-from .dtls.limits import LimitError, ServerLimits
-from .errors import ConfigError, DirectoryBusy
-from .fs import directory_lock, fsync_path, write_atomic
-from .registry import SQLiteRegistry
+from devid.gateway.service.budgets import ACTIONS, Budgets, Rate
+from devid.gateway.dtls.limits import LimitError, ServerLimits
+from devid.gateway.errors import ConfigError, DirectoryBusy
+from devid.gateway.system.fs import directory_lock, fsync_path, write_atomic
+from devid.gateway.store.registry import SQLiteRegistry
 
 ENV_DATA = "DEVID_DATA"
 ENV_PASSPHRASE = "DEVID_CA_PASSPHRASE"

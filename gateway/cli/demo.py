@@ -17,13 +17,13 @@ from datetime import datetime, timezone
 
 from devid.ca.revocation import revoke_device
 
-from . import output
-from .attestation_store import SQLiteAttestationStore
-from .datadir import DataDir
-from .device import EnrollFailed, Firmware, renew
-from .provisioning import provision
-from .server import POLICY_FILE, Gateway, GatewayConfig
-from .simulator import simulate
+from devid.gateway.cli import output
+from devid.gateway.store.attestation_store import SQLiteAttestationStore
+from devid.gateway.app.datadir import DataDir
+from devid.gateway.device.enroll import EnrollFailed, Firmware, renew
+from devid.gateway.factory.provisioning import provision
+from devid.gateway.app.server import POLICY_FILE, Gateway, GatewayConfig
+from devid.gateway.device.simulator import simulate
 
 DEVICE_TYPE = "temperature-sensor"
 DEMO_IMAGE = b"devid demo firmware image, version 1.0.0\n"

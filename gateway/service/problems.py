@@ -9,7 +9,6 @@ from __future__ import annotations
 import sqlite3
 
 import aiocoap
-import cbor2
 from aiocoap import error
 from aiocoap.numbers import codes
 
@@ -17,11 +16,10 @@ from devid.attestation.errors import AttestationError
 from devid.ca.errors import (CAError, DeviceRevoked, InvalidCSR, InvalidSerial, KeyPolicyViolation, SerialCollision,
                        UnknownDevice)
 
-from . import enrollment as E
-from .errors import ConfigError
-from .storage import BUSY, FAILED, FULL, READ_ONLY, storage_kind
-
-CT_PROBLEM = 257
+from devid.gateway.service import enrollment as E
+from devid.gateway.coap.problems import problem_message
+from devid.gateway.errors import ConfigError
+from devid.gateway.store.storage import BUSY, FAILED, FULL, READ_ONLY, storage_kind
 
 # (error class, CoAP code, title); the first matching class wins, so specific before general
 TABLE: list[tuple[type[BaseException], codes.Code, str]] = [
@@ -52,7 +50,7 @@ TABLE: list[tuple[type[BaseException], codes.Code, str]] = [
 _GENERIC_DETAIL = (sqlite3.OperationalError, ConfigError, SerialCollision)
 
 
-# storage errors (gateway/storage.py), told apart by their SQLite result code or errno rather than
+# storage errors (gateway/store/storage.py), told apart by their SQLite result code or errno rather than
 # their class: a busy database is worth a retry in a second; a full disk, a read-only database or
 # an I/O error needs the operator, so devices are told to wait longer
 STORAGE: dict[str, tuple[str, int]] = {
@@ -61,16 +59,6 @@ STORAGE: dict[str, tuple[str, int]] = {
     READ_ONLY: ("storage read-only, try again later", 60),
     FAILED: ("storage unavailable, try again later", 60),
 }
-
-
-def problem_message(code: codes.Code, title: str, detail: str | None = None, **options) -> aiocoap.Message:
-    body = {-1: title}
-    if detail:
-        body[-2] = detail
-    msg = aiocoap.Message(code=code, payload=cbor2.dumps(body), content_format=CT_PROBLEM)
-    for name, value in options.items():
-        setattr(msg.opt, name, value)
-    return msg
 
 
 def to_response(exc: BaseException) -> aiocoap.Message | None:

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import DirectoryBusy
+from devid.gateway.errors import DirectoryBusy
 
 
 def write_synced(path: str | Path, data: bytes, mode: int = 0o644, *, exclusive: bool = True) -> None:

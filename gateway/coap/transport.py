@@ -24,7 +24,7 @@ from aiocoap.numbers import COAPS_PORT
 from aiocoap.util import hostportsplit
 from OpenSSL import SSL
 
-from . import engine as E
+from devid.gateway.dtls import engine as E
 
 log = logging.getLogger("devid.dtls")
 RCVBUF = 4 * 1024 * 1024       # bursts of close_notify or ClientHellos overflow the default buffer
@@ -38,7 +38,7 @@ def _hostinfo(addr: tuple) -> str:
 
 
 def _event(name: str, **fields: Any) -> None:
-    """One `devid.dtls` event line (gateway/logs.py: None fields are left out)."""
+    """One `devid.dtls` event line (gateway/system/logs.py: None fields are left out)."""
     log.info(name, extra=fields)
 
 

@@ -1,5 +1,5 @@
 """`attestation.NonceStore` and `attestation.LogStore` on the registry's SQLite database
-(tables of schema migration 2 in gateway/registry.py).
+(tables of schema migration 2 in gateway/store/registry.py).
 
 Both use the registry's connection and its `BEGIN IMMEDIATE` transactions, so they are atomic
 across every gateway process that shares the database file:
@@ -12,7 +12,7 @@ across every gateway process that shares the database file:
   attestation_refused, migration 4) is written only when refused evidence is involved;
 - taking a verdict for an enrollment inserts its sequence number into a table where it is the
   primary key, in the same transaction as the lookup;
-- rotation (gateway/log_rotation.py) records a segment's anchor row and deletes its entries in
+- rotation (gateway/store/log_rotation.py) records a segment's anchor row and deletes its entries in
   one transaction, after checking that the registry still holds exactly what the file holds.
 """
 
@@ -30,7 +30,7 @@ from devid.attestation.nonces import ConsumeResult, NonceRecord, classify
 from devid.attestation.policy import Tier
 from devid.attestation.segments import SegmentAnchor
 
-from .registry import SQLiteRegistry
+from devid.gateway.store.registry import SQLiteRegistry
 
 _LOG_COLS = ("seq, time, device_serial, device_type, cert_fingerprint, tier, acceptable, revoke, reasons, claims, "
              "evidence, prev_hash, hash, summary")
@@ -272,7 +272,7 @@ class SQLiteAttestationStore:
                 return None
         return _entry(row[:14])
 
-    # -- segments (gateway/log_rotation.py) --------------------------------------------------
+    # -- segments (gateway/store/log_rotation.py) --------------------------------------------------
 
     def log_span(self) -> tuple[int, int, int] | None:
         """(first seq, last seq, number of entries) of the log in the registry; None if empty."""

@@ -33,9 +33,9 @@ from devid.attestation.errors import LogError
 from devid.attestation.log import GENESIS, format_time, verify_chain
 from devid.attestation.segments import SegmentAnchor, SegmentWriter, check_segment, parse_segment_name, segment_name
 
-from .attestation_store import SQLiteAttestationStore
-from .errors import DirectoryBusy
-from .fs import directory_lock, fsync_path
+from devid.gateway.store.attestation_store import SQLiteAttestationStore
+from devid.gateway.errors import DirectoryBusy
+from devid.gateway.system.fs import directory_lock, fsync_path
 
 SEGMENT_DIR = "attestation-log"
 DEFAULT_SEGMENT_ENTRIES = 50_000

@@ -25,9 +25,9 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 
 from devid.attestation.evidence import MAX_EVIDENCE_SIZE
 
-from .enrollment import EnrollmentService
-from .identity import PeerIdentity
-from .problems import Problem, to_response
+from devid.gateway.service.enrollment import EnrollmentService
+from devid.gateway.service.identity import PeerIdentity
+from devid.gateway.service.problems import Problem, to_response
 
 CT_CBOR = 60
 CT_JSON = 50
@@ -45,7 +45,7 @@ def identity_of(request) -> PeerIdentity | None:
 
 
 class _Resource(resource.Resource):
-    max_body = MAX_CSR          # request body cap (Block1 included), enforced by gateway/coap.py
+    max_body = MAX_CSR          # request body cap (Block1 included), enforced by gateway/coap/server.py
 
     def __init__(self, service: EnrollmentService) -> None:
         super().__init__()

@@ -33,10 +33,10 @@ from cryptography.x509.verification import PolicyBuilder, Store
 from devid.attestation.evidence import Evidence, fw_digest_of, sign_evidence
 from devid.ca import der, keys
 
-from .client import device_context, load_bundle
-from .errors import BundleError
-from .dtls.transport import DTLSHandshakeError
-from .fs import write_atomic
+from devid.gateway.device.client import device_context, load_bundle
+from devid.gateway.errors import BundleError
+from devid.gateway.coap.transport import DTLSHandshakeError
+from devid.gateway.system.fs import write_atomic
 
 CT_CBOR = 60
 CT_PKCS7_CERTS = 281

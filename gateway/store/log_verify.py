@@ -21,8 +21,8 @@ from typing import Callable
 from devid.attestation.log import GENESIS, verify_chain
 from devid.attestation.segments import SegmentAnchor, check_segment, parse_segment_name
 
-from .attestation_store import SQLiteAttestationStore
-from .log_rotation import is_segment_file, temporary_files
+from devid.gateway.store.attestation_store import SQLiteAttestationStore
+from devid.gateway.store.log_rotation import is_segment_file, temporary_files
 
 VERIFIED, BROKEN, ARCHIVED, PENDING, UNRECORDED = "verified", "broken", "archived-not-present", "pending", "unrecorded"
 

@@ -43,11 +43,11 @@ from devid.ca.errors import CAError
 from devid.ca.revocation import revoke_device
 from devid.ca.store import CertificateLookup, DeviceState
 
-from .authorization import RULES, authorize
-from .budgets import Budgets, RateLimiter
-from .configuration import ConfigTemplates
-from .errors import ConfigError, GatewayError
-from .identity import OPERATIONAL, PeerIdentity
+from devid.gateway.service.authorization import RULES, authorize
+from devid.gateway.service.budgets import Budgets, RateLimiter
+from devid.gateway.store.configuration import ConfigTemplates
+from devid.gateway.errors import ConfigError, GatewayError
+from devid.gateway.service.identity import OPERATIONAL, PeerIdentity
 
 log = logging.getLogger("devid.enrollment")
 
@@ -141,7 +141,7 @@ class EnrollmentService:
         if who is not None:
             line.update(serial=who.serial, kind=who.kind, fingerprint=who.fingerprint)
         line.update(details)
-        log.log(level, action, extra=line)      # one JSON line (gateway/logs.py); None fields left out
+        log.log(level, action, extra=line)      # one JSON line (gateway/system/logs.py); None fields left out
 
     def _require(self, action: str, who: PeerIdentity | None) -> CertificateLookup:
         """The registry's word on `who`'s certificate and device, if it may do `action`

@@ -1,0 +1,7 @@
+"""`python -m devid.gateway.cli`."""
+
+import sys
+
+from devid.gateway.cli.dispatch import main
+
+sys.exit(main())

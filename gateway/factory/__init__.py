@@ -1,0 +1,1 @@
+"""Factory provisioning: devices with keys, factory certificates (IDevID) and secure-element layouts."""
