@@ -12,6 +12,7 @@ import functools
 
 from cryptography import x509
 
+TAG_INTEGER = 0x02
 TAG_OCTET_STRING = 0x04
 TAG_OID = 0x06
 TAG_UTF8_STRING = 0x0C
@@ -46,6 +47,21 @@ def oid_body(oid: x509.ObjectIdentifier) -> bytes:
             arc >>= 7
         out.extend(reversed(chunk))
     return bytes(out)
+
+
+def encode_integer(n: int) -> bytes:
+    """A non-negative INTEGER (minimal two's-complement content octets)."""
+    if n < 0:
+        raise DERError("negative INTEGER")
+    return tlv(TAG_INTEGER, n.to_bytes(n.bit_length() // 8 + 1, "big"))
+
+
+def encode_oid(oid: x509.ObjectIdentifier) -> bytes:
+    return tlv(TAG_OID, oid_body(oid))
+
+
+def sequence(*items: bytes) -> bytes:
+    return tlv(TAG_SEQUENCE, b"".join(items))
 
 
 def encode_utf8_string(text: str) -> bytes:

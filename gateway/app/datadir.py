@@ -398,11 +398,12 @@ class DataDir:
         staging.mkdir(mode=0o700)
         try:
             passphrase = os.environ.get(ENV_PASSPHRASE, "").encode()
-            if not passphrase:
+            chosen = bool(passphrase)           # a person's passphrase is stretched (ca/keys.py)
+            if not chosen:
                 passphrase = secrets.token_urlsafe(32).encode()
                 keys.write_private_file(staging / "passphrase", passphrase + b"\n")
             for name, key in hierarchy.keys.items():
-                keys.write_private_file(staging / f"{name}.key.pem", keys.encrypt_key(key, passphrase))
+                keys.write_private_file(staging / f"{name}.key.pem", keys.encrypt_key(key, passphrase, stretch=chosen))
                 (staging / f"{name}.cert.pem").write_bytes(
                     hierarchy.certs[name].public_bytes(serialization.Encoding.PEM))
             (staging / "gateway.chain.pem").write_bytes(
