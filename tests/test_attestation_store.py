@@ -15,7 +15,8 @@ from devid.attestation.nonces import ConsumeResult, MemoryNonceStore, NonceRecor
 from devid.attestation.policy import Tier
 from devid.attestation.service import AttestationService
 from devid.gateway.store.attestation_store import SQLiteAttestationStore
-from devid.gateway.store.registry import SCHEMA_VERSION, SQLiteRegistry
+from devid.gateway.store.registry import SQLiteRegistry
+from devid.gateway.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 from .attest_util import POLICY, Clock, SimDevice
 from .attest_util import NOW
@@ -34,9 +35,8 @@ def sqlite_service(store, clock=None) -> AttestationService:
 
 def test_migration_from_version_1_keeps_data(tmp_path):
     path = tmp_path / "old.sqlite3"
-    from devid.gateway.store import registry as registry_mod
     con = sqlite3.connect(path)
-    con.executescript(";".join(registry_mod._MIGRATIONS[1]) + "; PRAGMA user_version = 1;")
+    con.executescript(";".join(MIGRATIONS[1]) + "; PRAGMA user_version = 1;")
     con.execute("INSERT INTO serial_sequences VALUES ('SN', 42)")
     con.commit()
     con.close()

@@ -178,7 +178,7 @@ def _documented_keys() -> dict[str, str]:
 
 def test_docs_list_every_devid_toml_key_with_its_default():
     import dataclasses
-    from devid.gateway.app.datadir import _OBJECT_SECTIONS, _SCHEMA
+    from devid.gateway.app.settings import _OBJECT_SECTIONS, _SCHEMA
     documented = _documented_keys()
     cfg = Config()
     actual = {"organization.name": cfg.identity.organization, "organization.pen": cfg.identity.pen,

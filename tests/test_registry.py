@@ -12,7 +12,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from devid.ca.errors import DeviceRevoked, DuplicateDevice, SerialCollision, UnknownDevice
 from devid.ca.store import CertStatus, DeviceState
-from devid.gateway.store.registry import SCHEMA_VERSION, RegistryError, SQLiteRegistry
+from devid.gateway.store.registry import RegistryError, SQLiteRegistry
+from devid.gateway.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 from .conftest import NOW, make_csr, register_device
 
@@ -182,7 +183,7 @@ def _old_database(path, version, records):
     [(DeviceRecord, [CertificateRecord, ...])], written with that schema's own SQL."""
     from devid.gateway.store import registry as registry_mod
     con = sqlite3.connect(path)
-    con.executescript(";".join(s for v in range(1, version + 1) for s in registry_mod._MIGRATIONS[v]) +
+    con.executescript(";".join(s for v in range(1, version + 1) for s in MIGRATIONS[v]) +
                       f"; PRAGMA user_version = {version};")
     for device, certs in records:
         con.execute("INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

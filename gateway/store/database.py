@@ -1,5 +1,5 @@
-"""The registry's SQLite connection: set-up, transactions, durability (`registry.py` holds the
-schema and the queries).
+"""The registry's SQLite connection: set-up, transactions, durability (`schema.py` holds the
+schema, `registry.py` the queries).
 
 One connection per object (one per process or thread), WAL mode. Every write runs in a
 `BEGIN IMMEDIATE` transaction, so concurrent writers from several processes serialise on the

@@ -1,0 +1,225 @@
+"""devid.toml: its schema, its strict parsing and the Config it becomes.
+
+An unknown section or key (a typo), a value of the wrong type or out of its range is one
+ConfigError naming the file, the key and the allowed values. Scalar sections are checked key
+by key (`_SCHEMA`); the sections that are one object each ([gateway], [budgets],
+[attestation_log]) are checked by building their dataclass (`_OBJECT_SECTIONS`).
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from datetime import timedelta
+from typing import Callable
+
+import tomli_w
+from cryptography import x509
+
+from devid.attestation.log_budget import LogBudget
+from devid.ca.identity import IdentitySettings
+
+from devid.gateway.service.budgets import ACTIONS, Budgets, Rate
+from devid.gateway.dtls.limits import LimitError, ServerLimits
+from devid.gateway.errors import ConfigError
+
+CONFIG_TEMPLATE = """\
+# devid configuration, written by `devid init`. Names and OIDs here end up in every certificate.
+
+[organization]
+{organization_line}
+# IANA Private Enterprise Number: used in device URNs (urn:dev:os:<pen>-<serial>)
+pen = {pen}
+
+[identity]
+# private extension carrying the device type (UTF8String, non-critical)
+device_type_oid = "{device_type_oid}"
+# hwType of the RFC 4108 hardwareModuleName in each device certificate's SubjectAltName
+hardware_type_oid = "{hardware_type_oid}"
+
+[profiles]
+factory_validity_days = {factory_days}
+operational_validity_days = {operational_days}
+
+[crl]
+validity_days = {crl_days}
+"""
+
+
+@dataclass(frozen=True)
+class Config:
+    identity: IdentitySettings = field(default_factory=IdentitySettings)
+    factory_days: int = 7300
+    operational_days: int = 90
+    crl_days: int = 7
+    # [gateway] as written (checked): the DTLS server's limits; serve flags override them key by key
+    gateway: dict = field(default_factory=dict)
+
+    # [budgets] as written (checked): per-device limits of the enrollment service
+    budgets_table: dict = field(default_factory=dict)
+
+    @property
+    def server_limits(self) -> ServerLimits:
+        return ServerLimits(**self.gateway)
+
+    # [attestation_log] as written (checked): refused evidence logged in full per device
+    log_table: dict = field(default_factory=dict)
+
+    @property
+    def budgets(self) -> Budgets:
+        return Budgets(**_budgets_from_toml(self.budgets_table))
+
+    @property
+    def log_budget(self) -> LogBudget:
+        return LogBudget(**_log_budget_from_toml(self.log_table))
+
+    def render(self) -> str:
+        s = self.identity
+        # values are written by tomli-w (quotes and backslashes in a name escaped as TOML wants), the
+        # comments around them by the template
+        organization_line = tomli_w.dumps({"name": s.organization}).strip()
+        return CONFIG_TEMPLATE.format(organization_line=organization_line, pen=s.pen,
+                                      device_type_oid=s.device_type_oid, hardware_type_oid=s.hardware_type_oid,
+                                      factory_days=self.factory_days, operational_days=self.operational_days,
+                                      crl_days=self.crl_days)
+
+    @classmethod
+    def parse(cls, text: str, where: str) -> "Config":
+        """devid.toml, strictly: an unknown section or key (a typo), a value of the wrong type or
+        out of its range is one error naming the file, the key and the allowed values."""
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+        known = [*_SCHEMA, *_OBJECT_SECTIONS]
+        unknown = sorted(set(doc) - set(known))
+        if unknown:
+            raise ConfigError(f"{where}: unknown section or key [{unknown[0]}] (known: {', '.join(known)})")
+        values: dict[str, object] = {}
+        for section, checks in _SCHEMA.items():
+            table = doc.get(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{where}: [{section}] must be a table")
+            extra = sorted(set(table) - set(checks))
+            if extra:
+                raise ConfigError(f"{where}: unknown key {section}.{extra[0]} (known: {', '.join(checks)})")
+            for key, check in checks.items():
+                if key in table:
+                    try:
+                        values[f"{section}.{key}"] = check(table[key])
+                    except ValueError as exc:
+                        raise ConfigError(f"{where}: {section}.{key}: {exc}") from None
+        objects = {}
+        for section, (cls_, convert) in _OBJECT_SECTIONS.items():
+            table = doc.get(section)
+            if table is not None:
+                _build(section, cls_, table, where, convert)        # checked now, used later
+                objects[section] = dict(table)
+        defaults = IdentitySettings()
+        identity = IdentitySettings(
+            organization=values.get("organization.name", defaults.organization),
+            pen=values.get("organization.pen", defaults.pen),
+            device_type_oid=values.get("identity.device_type_oid", defaults.device_type_oid),
+            hardware_type_oid=values.get("identity.hardware_type_oid", defaults.hardware_type_oid))
+        return cls(identity, values.get("profiles.factory_validity_days", cls.factory_days),
+                   values.get("profiles.operational_validity_days", cls.operational_days),
+                   values.get("crl.validity_days", cls.crl_days),
+                   gateway=objects.get("gateway", {}), budgets_table=objects.get("budgets", {}),
+                   log_table=objects.get("attestation_log", {}))
+
+
+def _integer(low: int, high: int, what: str = "") -> Callable[[object], int]:
+    def check(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"must be an integer from {low:,} to {high:,}{what} (got {value!r})")
+        return value
+    return check
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"must be a non-empty string (got {value!r})")
+    return value
+
+
+def _oid(value: object) -> str:
+    try:
+        x509.ObjectIdentifier(_text(value))
+    except ValueError:
+        raise ValueError(f"must be a dotted object identifier such as 1.3.6.1.4.1.99999.1 (got {value!r})") from None
+    return value
+
+
+def _build(section: str, cls_: type, table: object, where: str, convert: Callable[[dict], dict] | None):
+    """A section that is one dataclass (its fields are the keys; the class checks the values)."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: [{section}] must be a table")
+    names = [f.name for f in fields(cls_)]
+    extra = sorted(set(table) - set(names))
+    if extra:
+        raise ConfigError(f"{where}: unknown key {section}.{extra[0]} (known: {', '.join(names)})")
+    try:
+        return cls_(**(convert(table) if convert else table))
+    except LimitError as exc:
+        raise ConfigError(f"{where}: {section}.{exc.field} must be {exc.allowed} (got {exc.value!r})") from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        text = str(exc)
+        raise ConfigError(f"{where}: {text}" if text.startswith(f"{section}.") else f"{where}: [{section}]: {text}") \
+            from None
+
+
+def _budgets_from_toml(table: dict) -> dict:
+    """[budgets]: rates as tables {burst, interval}, windows and grace periods in seconds."""
+    out = dict(table)
+    for name, value in table.items():
+        if name in ACTIONS:
+            if not isinstance(value, dict) or set(value) - {"burst", "interval"}:
+                raise ValueError(f"budgets.{name} must be a table {{burst = N, interval = SECONDS}} (got {value!r})")
+            default = Budgets().rate(name)
+            try:
+                out[name] = Rate(value.get("burst", default.burst), value.get("interval", default.interval))
+            except ValueError as exc:
+                raise ValueError(f"budgets.{name}.{exc}") from None
+        elif name in ("certificate_window", "superseded_grace"):
+            out[name] = _seconds(f"budgets.{name}", value)
+    return out
+
+
+def _log_budget_from_toml(table: dict) -> dict:
+    """[attestation_log]: the window in seconds (LogBudget checks the ranges)."""
+    out = dict(table)
+    if "window" in table:
+        out["window"] = _seconds("attestation_log.window", table["window"])
+    return out
+
+
+def _seconds(key: str, value: object) -> timedelta:
+    """A TOML number of seconds as a timedelta (its range is the dataclass's to check)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (isinstance(value, float) and not math.isfinite(value)):
+        raise ValueError(f"{key} must be a finite number of seconds (got {value!r})")
+    try:
+        return timedelta(seconds=value)
+    except OverflowError:
+        raise ValueError(f"{key} must be a number of seconds of at most a few years (got {value!r})") from None
+
+
+# devid.toml sections that are one object each: section -> (dataclass, conversion of the TOML table)
+_OBJECT_SECTIONS: dict[str, tuple[type, Callable[[dict], dict] | None]] = {
+    "gateway": (ServerLimits, None),
+    "budgets": (Budgets, _budgets_from_toml),     # docs/enrollment.md#budgets
+    "attestation_log": (LogBudget, _log_budget_from_toml),    # docs/attestation.md
+}
+
+# devid.toml: section -> key -> check (returns the value or raises ValueError saying what is allowed)
+_SCHEMA: dict[str, dict[str, Callable[[object], object]]] = {
+    "organization": {"name": _text, "pen": _integer(1, 2**32 - 1)},
+    "identity": {"device_type_oid": _oid, "hardware_type_oid": _oid},
+    "profiles": {
+        # beyond the issuing CA's own validity (25 years for the intermediates) a certificate ends with its CA
+        "factory_validity_days": _integer(1, 36500),
+        "operational_validity_days": _integer(1, 3650),
+    },
+    "crl": {"validity_days": _integer(1, 366)},
+}

@@ -1,0 +1,124 @@
+"""`devid enroll`, `devid renew` and `devid simulate`: the device side, through the device client
+(gateway/device/), imported when a command runs so the other commands start without aiocoap."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from devid.gateway.cli import output
+from devid.gateway.errors import CLIError
+
+
+def _firmware(args, directory):
+    from devid.gateway.device.enroll import Firmware
+    return Firmware.from_options(Path(directory), Path(args.firmware) if args.firmware else None,
+                                 args.firmware_digest, args.firmware_name, args.firmware_version)
+
+
+def cmd_enroll(args) -> int:
+    import asyncio
+    from devid.gateway.device.enroll import EnrollFailed, enroll
+    steps = ["nonce", "evidence", "enroll", "config"]
+
+    def report(step, text):
+        if not args.json:
+            print(f"[{steps.index(step) + 1}/{len(steps)}] {step:<9} {text}", flush=True)
+    try:
+        firmware = _firmware(args, args.device)
+        if firmware is None and not args.json:
+            print("no firmware given: enrolling without attestation evidence (only for device types whose "
+                  "policy waives it)", flush=True)
+        result = asyncio.run(enroll(Path(args.device), args.gateway, firmware, timeout=args.timeout,
+                                    report=report))
+    except EnrollFailed as exc:
+        raise CLIError(f"enrollment failed at step {exc.step}: {exc.reason}") from None
+    if args.json:
+        print(json.dumps({"serial": result.serial, "certificate_serial": format(result.certificate.serial_number, "x"),
+                          "not_after": output.ts(result.certificate.not_valid_after_utc), "verdict": result.verdict,
+                          "seconds": round(result.seconds, 3),
+                          "steps_ms": {k: round(v * 1000, 1) for k, v in result.steps.items()}}))
+    else:
+        print(f"OK: device {result.serial} holds operational certificate {result.certificate.serial_number:x} "
+              f"(op-key.pem, op-cert.pem, op-chain.pem, config.cbor, config.json in {args.device}) "
+              f"in {result.seconds:.2f} s")
+    return 0
+
+
+def cmd_renew(args) -> int:
+    import asyncio
+    from devid.gateway.device.enroll import EnrollFailed, renew
+    try:
+        cert = asyncio.run(renew(Path(args.device), args.gateway, timeout=args.timeout,
+                                 report=lambda step, text: print(f"{step}: {text}", flush=True)))
+    except EnrollFailed as exc:
+        raise CLIError(f"renewal failed at step {exc.step}: {exc.reason}") from None
+    print(f"OK: renewed; operational certificate {cert.serial_number:x} until {output.ts(cert.not_valid_after_utc)}")
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    import asyncio
+    from devid.gateway.device.enroll import EnrollFailed
+    from devid.gateway.device.simulator import simulate
+    root = Path(args.devices)
+    bundles = sorted(p for p in root.iterdir() if (p / "cert.pem").exists()) if root.is_dir() else []
+    if not bundles:
+        raise CLIError(f"no device bundles in {root} (make some with 'devid provision')")
+    if args.limit:
+        bundles = bundles[:args.limit]
+    try:
+        firmware = {b: _firmware(args, b) for b in bundles}
+    except EnrollFailed as exc:
+        raise CLIError(f"{exc.step}: {exc.reason}") from None
+    progress = output.Progress("simulating") if not args.json else None
+    report = asyncio.run(simulate(args.gateway, bundles, firmware.get, concurrency=args.concurrency,
+                                  timeout=args.timeout, renew_only=args.renew, progress=progress))
+    summary = report.summary()
+    if args.json:
+        print(json.dumps(dict(summary, failures=report.failures)))
+    else:
+        print(f"{report.enrolled}/{report.devices} devices {'renewed' if args.renew else 'enrolled'} in "
+              f"{report.seconds:.2f} s ({summary['enrollments_per_s']}/s); latency p50 "
+              f"{summary['latency_ms']['p50']} ms, p95 {summary['latency_ms']['p95']} ms, "
+              f"p99 {summary['latency_ms']['p99']} ms; {len(report.failures)} failed")
+        for serial, reason in list(report.failures.items())[:10]:
+            print(f"  {serial}: {reason}")
+    return 0 if not report.failures else 1
+
+
+def _device_flags(s, firmware=True):
+    """The flags every device command takes: its gateway, the per-step timeout, and the firmware it runs."""
+    s.add_argument("--gateway", required=True, metavar="coaps://HOST[:PORT]", help="the gateway to talk to")
+    s.add_argument("--timeout", type=float, default=30.0, metavar="S", help="per step (default 30)")
+    if firmware:
+        g = s.add_mutually_exclusive_group()
+        g.add_argument("--firmware", metavar="FILE", help="the running firmware image (hashed with SHA-256)")
+        g.add_argument("--firmware-digest", metavar="HEX", help="its digest, hex (sha-256/384/512 by length)")
+        s.add_argument("--firmware-name", metavar="NAME", help="firmware name for the evidence (swname)")
+        s.add_argument("--firmware-version", metavar="V", help="firmware version for the evidence (swversion)")
+
+
+def add_commands(sub, common: argparse.ArgumentParser) -> None:
+    # the device commands take no --data: a device knows its bundle and its gateway, not the CA
+    s = sub.add_parser("enroll", help="enroll a device: attest, get an operational identity "
+                                      "and its configuration (field engineer's script)")
+    _device_flags(s)
+    s.add_argument("--device", required=True, metavar="DIR", help="the device's bundle from 'devid provision'")
+    s.add_argument("--json", action="store_true", help="print one JSON summary instead of the steps")
+    s.set_defaults(func=cmd_enroll)
+
+    s = sub.add_parser("renew", help="renew a device's operational certificate (EST /sren)")
+    _device_flags(s, firmware=False)
+    s.add_argument("--device", required=True, metavar="DIR")
+    s.set_defaults(func=cmd_renew)
+
+    s = sub.add_parser("simulate", help="run many simulated devices through enrollment")
+    _device_flags(s)
+    s.add_argument("--devices", required=True, metavar="DIR", help="directory of bundles from 'devid provision'")
+    s.add_argument("--concurrency", type=int, default=16, metavar="C", help="devices in flight (default 16)")
+    s.add_argument("--limit", type=int, metavar="N", help="only the first N devices")
+    s.add_argument("--renew", action="store_true", help="renew enrolled devices instead of enrolling")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_simulate)
