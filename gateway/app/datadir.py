@@ -6,7 +6,8 @@
         <name>.cert.pem          root, manufacturing, operational, gateway
         <name>.key.pem           encrypted PKCS#8, mode 0600
         gateway.chain.pem        gateway certificate + operational CA
-        passphrase               generated CA passphrase, mode 0600 (only without DEVID_CA_PASSPHRASE)
+        passphrase               generated CA passphrase, mode 0600 (only without DEVID_CA_PASSPHRASE
+                                 or [ca] passphrase_file, devid init --passphrase-file)
     DATA/crl/<ca>.crl.pem        the latest CRLs written by `devid crl`
 
 devid.toml's schema and parsing are in gateway/app/settings.py.
@@ -70,7 +71,9 @@ class DataDir:
 
     @property
     def secret_path(self) -> Path:
-        return self.ca_dir / "passphrase"
+        """Where the CA passphrase is kept: [ca] passphrase_file, or DATA/ca/passphrase."""
+        configured = self.config.passphrase_file
+        return Path(configured) if configured else self.ca_dir / "passphrase"
 
     @property
     def gateway_chain_path(self) -> Path:
@@ -121,7 +124,10 @@ class DataDir:
                 self._passphrase = env.encode()
             elif self.secret_path.exists():
                 keys.check_private_file(self.secret_path)
-                self._passphrase = self.secret_path.read_bytes().strip()
+                try:
+                    self._passphrase = self.secret_path.read_bytes().strip()
+                except OSError as exc:
+                    raise keys.KeyFileError(f"{self.secret_path}: {exc.strerror}") from None
             else:
                 raise keys.KeyFileError(f"no CA passphrase: set {ENV_PASSPHRASE} (no {self.secret_path})")
         return self._passphrase
@@ -155,12 +161,14 @@ class DataDir:
     # -- init --------------------------------------------------------------------------------
 
     def init(self, now: datetime, hostnames: Iterable[str] = (), organization: str | None = None,
-             rand_bytes=os.urandom) -> None:
+             rand_bytes=os.urandom, passphrase_file: Path | None = None) -> None:
         """Create the CA hierarchy, the config and the registry. Never overwrites an existing CA.
 
         Everything is built in a private temporary directory, recorded in the registry (a durable
         commit), then renamed into place in one step: a crash leaves either no CA or a complete
-        one, recorded. The files are fsynced before the rename and the data directory after it,
+        one, recorded. `passphrase_file`: the CA passphrase is kept there, outside the data
+        directory (read if it exists: a person's passphrase; else generated into it), and devid.toml
+        says so. The files are fsynced before the rename and the data directory after it,
         so the same holds after a power cut. Two inits at once: the second waits (up to INIT_WAIT s, an init takes about
         a second) for the lock the first holds on the data directory, then finds its CA and
         refuses; waiting rather than refusing at once gives the true answer, "a CA already
@@ -171,20 +179,27 @@ class DataDir:
         self.path.mkdir(parents=True, exist_ok=True)
         try:
             with directory_lock(self.path, wait=INIT_WAIT):
-                self._init_locked(now, hostnames, organization, rand_bytes)
+                self._init_locked(now, hostnames, organization, rand_bytes, passphrase_file)
         except DirectoryBusy as exc:
             who = f"pid {exc.pid}" if exc.pid else "another process"
             raise CAExists(f"another devid init ({who}) is still running in {self.path}") from None
 
     def _init_locked(self, now: datetime, hostnames: Iterable[str], organization: str | None,
-                     rand_bytes) -> None:
+                     rand_bytes, passphrase_file: Path | None) -> None:
         if self.exists() or self.ca_dir.exists():
             raise CAExists(f"a CA already exists in {self.path}: refusing to overwrite it")
+        if passphrase_file is not None:
+            passphrase_file = Path(os.path.abspath(passphrase_file))
+            if self.path.resolve() in passphrase_file.resolve().parents:
+                raise ConfigError(f"--passphrase-file {passphrase_file}: keep it outside the data directory "
+                                  f"(without the flag it is generated into {self.ca_dir / 'passphrase'})")
         if not self.config_path.exists():
-            cfg = Config()
-            if organization:
-                cfg = Config(IdentitySettings(organization=organization))
+            cfg = Config(IdentitySettings(organization=organization) if organization else IdentitySettings(),
+                         passphrase_file=str(passphrase_file) if passphrase_file else None)
             write_atomic(self.config_path, cfg.render().encode())
+        elif passphrase_file is not None and self.config.passphrase_file != str(passphrase_file):
+            raise ConfigError(f"{self.config_path} exists: set [ca] passphrase_file = \"{passphrase_file}\" "
+                              f"there to keep the passphrase in that file")
         for stale in self.path.glob(".ca-init-*"):    # keys of an init that was killed (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
         cfg = self.config
@@ -193,10 +208,15 @@ class DataDir:
         staging.mkdir(mode=0o700)
         try:
             passphrase = os.environ.get(ENV_PASSPHRASE, "").encode()
+            outside = self.config.passphrase_file
+            if not passphrase and outside and Path(outside).exists():
+                passphrase = self.passphrase()
+                if not passphrase:
+                    raise keys.KeyFileError(f"{outside}: empty passphrase file")
             chosen = bool(passphrase)           # a person's passphrase is stretched (ca/keys.py)
             if not chosen:
                 passphrase = secrets.token_urlsafe(32).encode()
-                keys.write_private_file(staging / "passphrase", passphrase + b"\n")
+                keys.write_private_file(Path(outside) if outside else staging / "passphrase", passphrase + b"\n")
             for name, key in hierarchy.keys.items():
                 keys.write_private_file(staging / f"{name}.key.pem", keys.encrypt_key(key, passphrase, stretch=chosen))
                 (staging / f"{name}.cert.pem").write_bytes(

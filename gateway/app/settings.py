@@ -44,7 +44,7 @@ operational_validity_days = {operational_days}
 
 [crl]
 validity_days = {crl_days}
-"""
+{ca_section}"""
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,8 @@ class Config:
     factory_days: int = 7300
     operational_days: int = 90
     crl_days: int = 7
+    # [ca] passphrase_file: where the CA passphrase is kept, when not in DATA/ca/passphrase
+    passphrase_file: str | None = None
     # [gateway] as written (checked): the DTLS server's limits; serve flags override them key by key
     gateway: dict = field(default_factory=dict)
 
@@ -79,7 +81,11 @@ class Config:
         # values are written by tomli-w (quotes and backslashes in a name escaped as TOML wants), the
         # comments around them by the template
         organization_line = tomli_w.dumps({"name": s.organization}).strip()
-        return CONFIG_TEMPLATE.format(organization_line=organization_line, pen=s.pen,
+        ca_section = ""
+        if self.passphrase_file:
+            ca_section = ("\n[ca]\n# the CA passphrase, mode 0600 (devid init --passphrase-file)\n"
+                          + tomli_w.dumps({"passphrase_file": self.passphrase_file}))
+        return CONFIG_TEMPLATE.format(organization_line=organization_line, pen=s.pen, ca_section=ca_section,
                                       device_type_oid=s.device_type_oid, hardware_type_oid=s.hardware_type_oid,
                                       factory_days=self.factory_days, operational_days=self.operational_days,
                                       crl_days=self.crl_days)
@@ -125,6 +131,7 @@ class Config:
         return cls(identity, values.get("profiles.factory_validity_days", cls.factory_days),
                    values.get("profiles.operational_validity_days", cls.operational_days),
                    values.get("crl.validity_days", cls.crl_days),
+                   passphrase_file=values.get("ca.passphrase_file"),
                    gateway=objects.get("gateway", {}), budgets_table=objects.get("budgets", {}),
                    log_table=objects.get("attestation_log", {}))
 
@@ -140,6 +147,12 @@ def _integer(low: int, high: int, what: str = "") -> Callable[[object], int]:
 def _text(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"must be a non-empty string (got {value!r})")
+    return value
+
+
+def _absolute_path(value: object) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError(f"must be an absolute path (got {value!r})")
     return value
 
 
@@ -222,4 +235,5 @@ _SCHEMA: dict[str, dict[str, Callable[[object], object]]] = {
         "operational_validity_days": _integer(1, 3650),
     },
     "crl": {"validity_days": _integer(1, 366)},
+    "ca": {"passphrase_file": _absolute_path},
 }

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 from cryptography import x509
 
 from devid.ca.hierarchy import CA_NAMES
 from devid.ca.validation import DeviceVerifier
 
+from devid.gateway.app.datadir import ENV_PASSPHRASE
 from devid.gateway.cli import output
 from devid.gateway.cli.base import Parser, data_dir, read_input, utcnow, write_output
 from devid.gateway.errors import CLIError
@@ -18,16 +21,19 @@ from devid.gateway.errors import CLIError
 
 def cmd_init(args) -> int:
     data = data_dir(args)
-    data.init(utcnow(), hostnames=args.hostname or (), organization=args.org)
+    generated = not (args.passphrase_file and Path(args.passphrase_file).exists())
+    data.init(utcnow(), hostnames=args.hostname or (), organization=args.org, passphrase_file=args.passphrase_file)
     data.require()
     print(f"created CA in {data.path}")
     for name in (*CA_NAMES, "gateway"):
         cert = data.cert(name)
         print(f"  {name:<14} {cert.subject.rfc4514_string():<48} until {output.ts(cert.not_valid_after_utc)}")
-    if data.secret_path.exists():
-        print(f"  CA keys are encrypted with the generated passphrase in {data.secret_path} (mode 0600)")
+    if os.environ.get(ENV_PASSPHRASE):
+        print(f"  CA keys are encrypted with ${ENV_PASSPHRASE} (scrypt)")
+    elif args.passphrase_file and data.secret_path.exists() and not generated:
+        print(f"  CA keys are encrypted with the passphrase in {data.secret_path} (scrypt)")
     else:
-        print("  CA keys are encrypted with $DEVID_CA_PASSPHRASE")
+        print(f"  CA keys are encrypted with the generated passphrase in {data.secret_path} (mode 0600)")
     return 0
 
 
@@ -85,6 +91,10 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--hostname", action="append", metavar="NAME",
                    help="extra DNS name or IP address for the gateway certificate (repeatable)")
     s.add_argument("--org", metavar="NAME", help="organisation name in every subject (default: devid Example Org)")
+    s.add_argument("--passphrase-file", metavar="FILE", type=Path,
+                   help="keep the CA passphrase in FILE, outside the data directory (mode 0600): read from it if it "
+                        "exists (your passphrase, stretched with scrypt), else a generated one is written there "
+                        "(default: DATA/ca/passphrase, or $DEVID_CA_PASSPHRASE)")
     s.set_defaults(func=cmd_init)
 
     ca = sub.add_parser("ca", parents=[common], help="CA certificates and offline issuance")
