@@ -299,7 +299,8 @@ class EnrollmentService:
         try:
             config = self.configs.for_device(who.serial, who.device_type)
         except (CAError, ConfigError) as exc:
-            self._decision("config", who, "failed", reason=str(exc))
+            # the operator's template, not the device, is at fault: a warning naming the file
+            self._decision("config", who, "failed", logging.WARNING, reason=str(exc))
             raise
         self._decision("config", who, "served", device_type=who.device_type)
         return config
