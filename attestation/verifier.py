@@ -14,6 +14,11 @@ Order of the checks (the first three stop the appraisal, since nothing after the
 5. the policy for the certificate's device type: hwmodel, oemid, firmware reference values,
    minimum version, secure boot, debug state, clock skew.
 All reasons found in 4 and 5 are reported, not just the first.
+
+Only fresh, authentic evidence may change a device's state: a verdict revokes only when the
+signature verified (2) and this appraisal consumed the nonce (4). Evidence with an expired,
+replayed, unknown or foreign nonce still has its state reasons reported, but never revokes: a
+stale retransmission, or a recording of the device's old evidence, must not brick it.
 """
 
 from __future__ import annotations
@@ -60,8 +65,9 @@ class Verdict:
     tier: Tier
     reasons: tuple[Reason, ...]
     acceptable: bool           # the policy accepts this tier for enrollment
-    revoke: bool               # contraindicated state, and the policy asks to revoke
+    revoke: bool               # fresh, authentic, contraindicated state, and the policy asks to revoke
     firmware: ReferenceValue | None = None
+    fresh: bool = False        # signature verified and the nonce consumed by this appraisal
 
     @property
     def codes(self) -> tuple[str, ...]:
@@ -78,15 +84,17 @@ class Appraisal:
 
 
 def make_verdict(reasons: list[Reason], tpolicy: DeviceTypePolicy | None,
-                 firmware: ReferenceValue | None = None) -> Verdict:
+                 firmware: ReferenceValue | None = None, *, fresh: bool = False) -> Verdict:
+    """The verdict of `reasons` under the device type's policy. `fresh`: the evidence's signature
+    verified and its nonce was consumed by this appraisal; without it nothing revokes."""
     tier = Tier.AFFIRMING
     for r in reasons:
         if r.tier.rank > tier.rank:
             tier = r.tier
     acceptable = tpolicy is not None and tpolicy.accepts(tier)
-    revoke = (tier is Tier.CONTRAINDICATED and tpolicy is not None and tpolicy.revoke_on_contraindicated
+    revoke = (fresh and tier is Tier.CONTRAINDICATED and tpolicy is not None and tpolicy.revoke_on_contraindicated
               and any(r.code in STATE_REASONS and r.tier is Tier.CONTRAINDICATED for r in reasons))
-    return Verdict(tier, tuple(reasons), acceptable, revoke, firmware)
+    return Verdict(tier, tuple(reasons), acceptable, revoke, firmware, fresh)
 
 
 class Verifier:
@@ -111,8 +119,10 @@ class Verifier:
             return Appraisal(device, None, make_verdict(reasons, tpolicy), token, now)
 
         reasons: list[Reason] = []
+        fresh = False           # only a nonce consumed here makes the evidence fresh
         try:
             self.nonces.consume(evidence.nonce, device.serial, device.cert_fingerprint, device.session, now)
+            fresh = True
         except NonceError as exc:
             reasons.append(Reason(exc.code, Tier.CONTRAINDICATED, str(exc)))
         skew = abs(now.timestamp() - evidence.iat)
@@ -129,10 +139,10 @@ class Verifier:
                                   f"{device.device_type!r}"))
         if tpolicy is None:
             reasons.append(_unknown_type(device))
-            return Appraisal(device, evidence, make_verdict(reasons, None), token, now)
+            return Appraisal(device, evidence, make_verdict(reasons, None, fresh=fresh), token, now)
         firmware = self._firmware(evidence, tpolicy, reasons)
         self._boot_and_debug(evidence, tpolicy, reasons)
-        return Appraisal(device, evidence, make_verdict(reasons, tpolicy, firmware), token, now)
+        return Appraisal(device, evidence, make_verdict(reasons, tpolicy, firmware, fresh=fresh), token, now)
 
     @staticmethod
     def _firmware(ev: Evidence, tp: DeviceTypePolicy, reasons: list[Reason]) -> ReferenceValue | None:

@@ -67,8 +67,29 @@ class IssuedCertificate:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
 
+# the hashes a CSR may be signed with; SHA-1 (and MD5, SHA-224...) are refused by name, before
+# the signature is checked, so the device learns why (OpenSSL would only say it does not verify)
+CSR_HASHES = {"sha256": "SHA-256", "sha384": "SHA-384", "sha512": "SHA-512"}
+_HASH_NAMES = {"sha1": "SHA-1", "sha224": "SHA-224", **CSR_HASHES}
+
+
+def _check_csr_hash(csr: x509.CertificateSigningRequest) -> None:
+    try:
+        algorithm = csr.signature_hash_algorithm
+    except UnsupportedAlgorithm:
+        raise InvalidCSR(f"CSR signature algorithm {csr.signature_algorithm_oid.dotted_string} is not "
+                         f"supported (sign with ECDSA and {', '.join(CSR_HASHES.values())})") from None
+    if algorithm is None:       # Ed25519/Ed448: no separate hash; the key check refuses the key
+        return
+    if algorithm.name not in CSR_HASHES:
+        name = _HASH_NAMES.get(algorithm.name, algorithm.name.upper())
+        raise InvalidCSR(f"CSR is signed with {name}, a hash the CA refuses "
+                         f"(sign with {', '.join(CSR_HASHES.values())})")
+
+
 def load_csr(data: bytes) -> x509.CertificateSigningRequest:
-    """Parse a PEM or DER CSR and check its self-signature (load_*_csr alone does not)."""
+    """Parse a PEM or DER CSR, check that its signature hash is one the CA accepts
+    (`CSR_HASHES`), and check its self-signature (load_*_csr alone does not)."""
     try:
         if data.lstrip().startswith(b"-----BEGIN"):
             csr = x509.load_pem_x509_csr(data)
@@ -76,6 +97,7 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
             csr = x509.load_der_x509_csr(data)
     except ValueError:
         raise InvalidCSR("malformed CSR: not a PKCS#10 request in DER or PEM") from None
+    _check_csr_hash(csr)
     try:
         valid = csr.is_signature_valid
     except (ValueError, UnsupportedAlgorithm) as exc:

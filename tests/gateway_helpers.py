@@ -80,7 +80,9 @@ def token_for(bundle: Path, nonce: bytes, **changes) -> bytes:
     dtype = [e.value.value[2:] for e in cert.extensions if isinstance(e.value, x509.UnrecognizedExtension)][0]
     fields = dict(nonce=nonce, ueid=b"\x01" + bytes(16), oemid=12345, hwmodel=dtype, swname=FW.name,
                   swversion=FW.version, fw_alg=FW.alg, fw_digest=FW.digest, secure_boot=True, dbgstat=2,
-                  bootcount=1, iat=int(time.time()))   # the gateway runs on the real clock
+                  bootcount=1, iat=int(time.time()))
+    # iat: now, as the device would say; the gateway's clock is real time, and conftest.NOW (the
+    # start of the run) can be more than max_clock_skew (300 s) behind it late in a long run
     signer = changes.pop("signer", key)
     fields.update(changes)
     return sign_evidence(Evidence(**fields), signer)

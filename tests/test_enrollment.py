@@ -128,9 +128,11 @@ def test_factory_identity_rules(world):
             key = ec.generate_private_key(ec.SECP256R1())
             r = await request(ctx, f"{uri}/.well-known/est/sen", codes.POST, payload=make_csr(key)[0],
                               content_format=286)
-            assert r.code == codes.CHANGED and r.opt.content_format == 287
-            cert = x509.load_der_x509_certificate(r.payload)
-            assert cert.public_key() == key.public_key()
+            # no Accept: 281 (RFC 9148 4.3), the new certificate and the operational CA, in any order
+            assert r.code == codes.CHANGED and r.opt.content_format == 281
+            certs = pkcs7.load_der_pkcs7_certificates(r.payload)
+            [cert] = [c for c in certs if c.public_key() == key.public_key()]
+            assert [c for c in certs if c is not cert] == [data.cert("operational")]
             # enrolled now: the same session (factory identity) gets the configuration, not /sren
             r = await request(ctx, f"{uri}/config", accept=50)
             assert r.code == codes.CONTENT and b'"device": "TS00000003"' in r.payload

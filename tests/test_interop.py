@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,15 +14,19 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import pkcs7
 
 from devid.ca.keys import plain_key
 from devid.ca.revocation import revoke_device
 from devid.gateway.app.datadir import DataDir
+from devid.gateway.app.server import POLICY_FILE
 from devid.gateway.factory.provisioning import provision
 
 from .conftest import NOW, free_port, make_csr, register_device, tool
+from .gateway_helpers import POLICY
 
 COAP_GET_WKC = b"\x40\x01\x12\x34\xbb.well-known\x04core"      # CON GET /.well-known/core, MID 0x1234
 
@@ -48,6 +53,11 @@ def world(tmp_path_factory):
     provision(ca, count=4, device_type="temperature-sensor", out=base / "factory",
               manufacturing_pem=data.cert_pem("manufacturing"), root_pem=root_pem, now=lambda: NOW)
     ids = {f"dev{i}": base / "factory" / f"SN0000000{i}" for i in range(1, 4)}
+    # a device type whose policy waives attestation: libcoap clients enroll it with /sen alone
+    (data.path / POLICY_FILE).write_text(POLICY)
+    provision(ca, count=1, device_type="legacy-sensor", out=base / "factory", serial_prefix="LG",
+              manufacturing_pem=data.cert_pem("manufacturing"), root_pem=root_pem, now=lambda: NOW)
+    ids["legacy"] = base / "factory" / "LG00000001"
     revoke_device(reg, "SN00000004", "keyCompromise", NOW)
     ids["revoked"] = base / "factory" / "SN00000004"
     # an operational identity that expired
@@ -150,6 +160,63 @@ def test_libcoap_clients_get_well_known_core(world, client, host):
     assert b"</whoami>" in proc.stdout, (proc.stdout + proc.stderr).decode()[-2000:]
     ev = wait_for_event(world, since, lambda e: e.get("result") == "ok")
     assert ev["serial"] == "SN00000003"
+    # ct names what each resource returns (RFC 7252 7.2.1), the default first
+    ct = dict(re.findall(r'<([^>]+)>[^,]*?;ct="([^"]+)"', proc.stdout.decode()))
+    assert ct == {"/.well-known/core": "40", "/whoami": "50", "/.well-known/est/crts": "281 287",
+                  "/.well-known/est/sen": "281 287", "/.well-known/est/sren": "281 287", "/attest/nonce": "60",
+                  "/attest/evidence": "60", "/config": "60 50"}, proc.stdout.decode()
+
+
+def coap_client(world, client: str, ident: Path, path: str, *args: str) -> tuple[str, str, str]:
+    """Run a libcoap client at verbosity 7 (it prints every PDU); the response's code and options
+    as it shows them, and everything it printed."""
+    proc = subprocess.run([tool(client), "-c", str(ident / "chain.pem"), "-j", str(ident / "key.pem"),
+                           "-R", str(ident / "ca.pem"), "-B", "10", "-v", "7", *args,
+                           f"coaps://127.0.0.1:{world['port']}{path}"], capture_output=True, timeout=30)
+    text = (proc.stdout + proc.stderr).decode(errors="replace")
+    # v:1 t:ACK c:2.04 i:87b3 {01} [ Content-Format:281, Block2:1/_/1024 ] :: ...
+    answers = re.findall(r"t:(?:ACK|CON|NON) c:([2-5]\.\d\d) i:\w+ \{\w*\} \[ ?(.*?) ?\]", text)
+    assert answers, text[-3000:]
+    code, options = answers[-1]
+    return code, options, text
+
+
+CLIENTS = pytest.mark.parametrize("client", ["coap-client-openssl", "coap-client-gnutls"])
+
+
+@CLIENTS
+def test_libcoap_sen_without_accept_gets_281_and_287_on_request(world, client, tmp_path):
+    """RFC 9148 4.3: no Accept, 281 (the certificate and the operational CA); -A 287: the certificate."""
+    ident = world["ids"]["legacy"]
+    op_ca = world["data"].cert("operational")
+    for accept, fmt in (((), "281"), (("-A", "287"), "287")):
+        key = ec.generate_private_key(ec.SECP256R1())
+        (tmp_path / "op.csr").write_bytes(make_csr(key)[0])
+        out = tmp_path / f"op.{fmt}"
+        code, options, text = coap_client(world, client, ident, "/.well-known/est/sen", "-m", "post", "-t", "286",
+                                           "-f", str(tmp_path / "op.csr"), "-o", str(out), *accept)
+        assert code == "2.04" and f"Content-Format:{fmt}" in options, text[-3000:]
+        if fmt == "281":
+            certs = pkcs7.load_der_pkcs7_certificates(out.read_bytes())
+            [cert] = [c for c in certs if c.public_key() == key.public_key()]
+            assert [c for c in certs if c is not cert] == [op_ca]
+        else:
+            assert x509.load_der_x509_certificate(out.read_bytes()).public_key() == key.public_key()
+
+
+@CLIENTS
+def test_libcoap_whoami_with_accept_cbor_gets_406(world, client):
+    code, options, text = coap_client(world, client, world["ids"]["dev1"], "/whoami", "-A", "60")
+    assert code == "4.06" and "Content-Format:257" in options, text[-3000:]
+    assert "this resource offers content format 50" in text
+    code, options, text = coap_client(world, client, world["ids"]["dev1"], "/whoami", "-A", "50")
+    assert code == "2.05" and '"serial": "SN00000001"' in text, text[-3000:]
+
+
+@CLIENTS
+def test_libcoap_nonce_has_max_age_0(world, client):
+    code, options, text = coap_client(world, client, world["ids"]["dev2"], "/attest/nonce")
+    assert code == "2.05" and "Max-Age:0" in options.split(", "), text[-3000:]
 
 
 @pytest.mark.parametrize("which,reason", [

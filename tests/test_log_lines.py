@@ -28,7 +28,8 @@ from devid.gateway.factory.provisioning import provision
 from devid.gateway.app.server import POLICY_FILE
 from devid.gateway.store.storage import StorageHealth
 
-from .conftest import NOW, free_port, make_csr
+from .conftest import NOW, free_port, make_csr, tool
+from .dtls_helpers import RawCoapOverDTLS
 from .gateway_helpers import FW, POLICY, run_with_gateway
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "gateway.md"
@@ -82,6 +83,19 @@ async def _with(directory: Path, uri: str, *requests, op: bool = False) -> list:
         await ctx.shutdown()
 
 
+def sha1_csr(tmp_path: Path) -> bytes:
+    """A DER CSR signed with SHA-1, by openssl (cryptography refuses to make one)."""
+    key = tmp_path / "sha1-key.pem"
+    subprocess.run([tool("openssl"), "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key)],
+                   check=True, capture_output=True, timeout=30)
+    proc = subprocess.run([tool("openssl"), "req", "-new", "-sha1", "-key", str(key), "-subj", "/CN=x",
+                           "-outform", "DER"], check=True, capture_output=True, timeout=30)
+    return proc.stdout
+
+
+SHA1_REFUSED = "CSR is signed with SHA-1, a hash the CA refuses (sign with SHA-256, SHA-384, SHA-512)"
+
+
 def trigger_every_event(data, ca, tmp_path) -> None:
     """Each event of docs/gateway.md#logs, once at least, against the real gateway."""
     run_with_gateway(data, lambda uri, gw: asyncio.sleep(0))            # no policy yet: "policy" "missing"
@@ -89,13 +103,27 @@ def trigger_every_event(data, ca, tmp_path) -> None:
     out = tmp_path / "factory"
     provision(ca, count=4, device_type="temperature-sensor", out=out, serial_prefix="TS", now=lambda: NOW,
               manufacturing_pem=data.cert_pem("manufacturing"), root_pem=data.cert_pem("root"))
-    one, two, four = (out / f"TS0000000{i}" for i in (1, 2, 4))
+    one, two, three, four = (out / f"TS0000000{i}" for i in (1, 2, 3, 4))
     csr = {"payload": make_csr()[0], "content_format": 286}
+    refused_csr = {"payload": sha1_csr(tmp_path), "content_format": 286}
+    template = data.path / "config" / "temperature-sensor.toml"
 
     async def body(uri, gw):
         await enroll(one, uri, FW)          # handshake ok, nonce, evidence, enroll, config; session-closed
         await renew(one, uri)               # renew issued
         await fetch_config(one, uri)
+        # a broken configuration template: 5.03 to the device, "config" "failed" in the log
+        template.write_text("[endpoints\n")
+        answers = await _with(one, uri, ("/config", codes.GET, {}), op=True)
+        assert [a.code for a in answers] == [codes.SERVICE_UNAVAILABLE]
+        template.unlink()
+        # a CSR the CA refuses (signed with SHA-1): 4.00, and an "enroll" "refused" line with the CA's reason
+        answers = await _with(two, uri, ("/.well-known/est/sen", codes.POST, refused_csr))
+        assert [a.code for a in answers] == [codes.BAD_REQUEST]
+        # a DTLS record whose plaintext is not CoAP (option delta 15 is reserved): "unparsable", and a Reset
+        async with RawCoapOverDTLS(three, int(uri.rsplit(":", 1)[1])) as raw:
+            reset = await raw.exchange(b"\x40\x01\x12\x36\xf1x")
+            assert reset is not None and reset.mtype == aiocoap.RST and reset.mid == 0x1236
         # refusals: each action with the wrong identity
         answers = await _with(two, uri, ("/.well-known/est/sen", codes.POST, csr),       # no verdict
                               ("/.well-known/est/sren", codes.POST, csr), ("/config", codes.GET, {}),
@@ -131,6 +159,10 @@ def test_every_documented_event_is_one_json_line_with_the_documented_fields(data
         assert set(example) <= seen[_key(example)] | {"worker"}, (example, seen[_key(example)])
     text = "\n".join(json.dumps(line) for line in lines)
     assert "PRIVATE KEY" not in text and "Traceback" not in text
+    # the CSR refusal the docs show is the CA's own message, as logged
+    logged = {line.get("reason") for line in lines if _key(line)[2:] == ("enroll", "refused")}
+    shown = {ex.get("reason") for ex in documented_lines() if _key(ex)[2:] == ("enroll", "refused")}
+    assert SHA1_REFUSED in logged and SHA1_REFUSED in shown
 
 
 def test_the_docs_name_exactly_the_events_the_gateway_logs(data, ca, tmp_path, captured):

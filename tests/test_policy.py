@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -28,6 +29,30 @@ def test_example_policy_parses_with_the_documented_meaning():
     assert p.for_type("gateway-node").attestation == "waived" and p.for_type("nope") is None
     assert ts.accepts(Tier.AFFIRMING) and not ts.accepts(Tier.WARNING)
     assert p.for_type("meter").accepts(Tier.WARNING) and not p.for_type("meter").accepts(Tier.CONTRAINDICATED)
+
+
+def test_the_example_policys_oemid_is_the_pen_devices_are_issued_with_and_the_docs_agree(ca):
+    """Issue 12 item 8: the oemid commented out in the example policy is devid's default
+    organization.pen, the PEN `devid enroll` puts in evidence (from the certificate's URN); the
+    docs name the same number, and the demo's policy leaves oemid unset like the example."""
+    from devid.ca.identity import IdentitySettings
+    from devid.gateway.cli.demo import DEMO_POLICY
+    from devid.gateway.device.enroll import pen_of
+
+    from .conftest import register_device
+
+    text = EXAMPLE.read_text()
+    [commented] = re.findall(r"^# oemid = (\d+)", text, re.M)
+    pen = int(commented)
+    assert pen == IdentitySettings().pen
+    assert parse_policy(text.replace("# oemid =", "oemid =", 1)).oemid == pen     # uncommented, it parses
+    _, issued = register_device(ca, "PEN1")
+    assert pen_of(issued.cert) == pen
+    docs = (EXAMPLE.parent / "enrollment.md").read_text()
+    assert f"default PEN\n{pen}" in docs or f"default PEN {pen}" in docs
+    assert not re.search(r"example policy has \d+", docs)
+    demo = parse_policy(DEMO_POLICY.format(device_type="t", name="f", version="1", digest="00" * 32))
+    assert demo.oemid is None
 
 
 def test_defaults():

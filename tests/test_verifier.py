@@ -180,6 +180,45 @@ def test_unknown_nonce(svc, dev):
     assert codes(svc.evaluate(dev.token(b"z" * 16), dev.identity)) == {"nonce-unknown": "contraindicated"}
 
 
+# -- only fresh, authentic evidence may revoke (issue 12 item 1) ------------------------------------
+
+STATE_FINDINGS = [{"fw_digest": fw_digest_of(b"evil image")}, {"secure_boot": False}, {"dbgstat": 0},
+                  {"hwmodel": b"meter"}, {"oemid": 1234}]
+
+
+@pytest.mark.parametrize("finding", STATE_FINDINGS)
+def test_a_state_finding_in_stale_evidence_never_revokes(svc, dev, clock, finding):
+    """revoke_on_contraindicated is on for this type: evidence that is not fresh (replayed,
+    expired, unknown or another device's nonce) reports its state findings but revokes nothing,
+    and is a refused verdict like any other (logged within the refused-evidence budget)."""
+    used = svc.issue_nonce(dev.serial, dev.fingerprint).value
+    assert svc.evaluate(dev.token(used), dev.identity).appraisal.verdict.fresh
+    expired = svc.issue_nonce(dev.serial, dev.fingerprint).value
+    clock.advance(61)
+    other = SimDevice(serial="TS00000002")
+    foreign = svc.issue_nonce(other.serial, other.fingerprint).value
+    for nonce, code in ((used, "nonce-replayed"), (expired, "nonce-expired"), (b"z" * 16, "nonce-unknown"),
+                        (foreign, "nonce-wrong-device")):
+        r = svc.evaluate(dev.token(nonce, iat=1795867200 + 61, **finding), dev.identity)
+        v = r.appraisal.verdict
+        assert code in codes(r) and len(codes(r)) == 2 and v.tier is Tier.CONTRAINDICATED, codes(r)
+        assert not v.fresh and not v.revoke and not r.entry.revoke
+    # the same finding with a fresh nonce revokes
+    r = evaluate(svc, dev, iat=1795867200 + 61, **finding)
+    assert r.appraisal.verdict.fresh and r.appraisal.verdict.revoke and r.entry.revoke
+
+
+def test_forged_evidence_with_a_state_finding_never_revokes(svc, dev):
+    nonce = svc.issue_nonce(dev.serial, dev.fingerprint).value
+    forged = dev.token(nonce, key=ec.generate_private_key(ec.SECP256R1()), fw_digest=fw_digest_of(b"evil image"))
+    v = svc.evaluate(forged, dev.identity).appraisal.verdict
+    assert codes_of(v) == {"signature-invalid"} and not v.fresh and not v.revoke
+
+
+def codes_of(verdict) -> set[str]:
+    return {r.code for r in verdict.reasons}
+
+
 # -- enrollment hand-off: one verdict, one enrollment ------------------------------------------------
 
 def test_take_verdict_once_within_the_window(svc, dev, clock):

@@ -11,7 +11,6 @@ import asyncio
 import faulthandler
 import functools
 import os
-import json
 import logging
 import signal
 import sys
@@ -20,9 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import aiocoap
 import aiocoap.resource as resource
-from aiocoap.numbers.contentformat import ContentFormat
 
 from devid.attestation.policy import Policy, load_policy
 from devid.attestation.service import AttestationService
@@ -34,11 +31,11 @@ from devid.gateway.service.budgets import Budgets
 from devid.gateway.store.configuration import ConfigTemplates
 from devid.gateway.app.datadir import DataDir
 from devid.gateway.service.enrollment import EnrollmentService
-from devid.gateway.service.resources import add_enrollment_resources
+from devid.gateway.service.resources import WhoAmI, add_enrollment_resources
 from devid.gateway.dtls import contexts, engine as E
 from devid.gateway.coap.server import CoapServer
 from devid.gateway.coap.transport import DTLSServerInterface
-from devid.gateway.service.identity import DeviceAuthenticator, PeerIdentity
+from devid.gateway.service.identity import DeviceAuthenticator
 from devid.gateway.system.lifeline import die_with_parent
 from devid.gateway.system.logs import configure_logging
 from devid.gateway.store.storage import StorageHealth
@@ -49,19 +46,6 @@ POLICY_FILE = "attestation-policy.toml"
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-class WhoAmI(resource.Resource):
-    """GET: the identity the gateway authenticated for this DTLS session (JSON)."""
-
-    rt = "devid.whoami"
-
-    async def render_get(self, request):
-        claims = [c for c in request.remote.authenticated_claims if isinstance(c, PeerIdentity)]
-        if not claims:
-            return aiocoap.Message(code=aiocoap.UNAUTHORIZED, payload=b"no device identity")
-        return aiocoap.Message(code=aiocoap.CONTENT, content_format=ContentFormat.JSON,
-                               payload=json.dumps(claims[0].as_dict()).encode())
 
 
 def build_site() -> resource.Site:

@@ -11,7 +11,8 @@ request (with the registry's word on the session's certificate and device, one q
 - an unknown or revoked device: nothing (the DTLS layer already refuses it; checked again here);
 - /sen issues only after an acceptable verdict for the same device within the policy's verdict
   window, each verdict used once, unless the device type's policy waives attestation;
-- a contraindicated verdict revokes the device when its policy says so;
+- a contraindicated verdict of fresh, authentic evidence (signature verified, nonce consumed by
+  this request) revokes the device when its policy says so; stale or forged evidence never does;
 - re-enrollment with the factory identity of an already enrolled device: allowed unless the
   policy says `reenroll = false`; the previous operational certificate becomes superseded;
 - a superseded certificate (one a later issuance replaced) may not renew nor read /config
@@ -114,6 +115,14 @@ class TooManyCertificates(TooManyRequests):
     code = "too-many-certificates"
 
 
+@dataclass(frozen=True)
+class EvidenceOutcome:
+    """What `EnrollmentService.evidence` did: the appraisal (logged), and whether it revoked the device."""
+
+    evaluation: Evaluation
+    revoked: bool
+
+
 @dataclass
 class EnrollmentService:
     ca: CertificateAuthority
@@ -205,18 +214,20 @@ class EnrollmentService:
         self._decision("nonce", who, "issued", expires=record.expires_at.isoformat())
         return record
 
-    def evidence(self, who: PeerIdentity | None, token: bytes) -> Evaluation:
+    def evidence(self, who: PeerIdentity | None, token: bytes) -> EvidenceOutcome:
         self._require("evidence", who)
         evaluation = self.attestation.evaluate(token, self._attesting(who))
         verdict = evaluation.appraisal.verdict
-        revoked = False
-        if verdict.revoke:
+        # Only fresh, authentic evidence changes the device's state: the verifier sets `revoke`
+        # only when the signature verified with this certificate's key and this request consumed
+        # the nonce (`fresh`); both are checked here again, before anything is written.
+        revoked = verdict.revoke and verdict.fresh
+        if revoked:
             revoke_device(self.ca.store, who.serial, "keyCompromise", self.clock())
-            revoked = True
         self._decision("evidence", who, verdict.tier.value, acceptable=verdict.acceptable,
                        reasons=list(verdict.codes) or None, log_seq=evaluation.log_seq,
                        revoked=revoked or None)
-        return evaluation
+        return EvidenceOutcome(evaluation, revoked)
 
     # -- EST ----------------------------------------------------------------------------------
 
@@ -288,7 +299,8 @@ class EnrollmentService:
         try:
             config = self.configs.for_device(who.serial, who.device_type)
         except (CAError, ConfigError) as exc:
-            self._decision("config", who, "failed", reason=str(exc))
+            # the operator's template, not the device, is at fault: a warning naming the file
+            self._decision("config", who, "failed", logging.WARNING, reason=str(exc))
             raise
         self._decision("config", who, "served", device_type=who.device_type)
         return config

@@ -1,15 +1,19 @@
-"""The gateway's CoAP resources: EST-coaps (RFC 9148), attestation, configuration.
+"""The gateway's CoAP resources: EST-coaps (RFC 9148), attestation, configuration, whoami.
 
+    /whoami                   GET         JSON: the session's device identity (any identity)
     /.well-known/est/crts     GET         CA certificates: 281 (PKCS#7 certs-only, default) or 287
-    /.well-known/est/sen      POST 286    first operational certificate (factory identity, attested)
-    /.well-known/est/sren     POST 286    renewal (operational identity, same device)
-    /attest/nonce             GET         CBOR {"nonce": bstr, "expires": uint}   (factory identity)
+    /.well-known/est/sen      POST 286    first operational certificate (factory identity, attested):
+                                          281 (default, RFC 9148 4.3) or 287
+    /.well-known/est/sren     POST 286    renewal (operational identity, same device): 281 or 287
+    /attest/nonce             GET         CBOR {"nonce": bstr, "expires": uint}, Max-Age 0 (factory identity)
     /attest/evidence          POST 60     an EAT (docs/evidence.md) -> CBOR verdict   (factory identity)
     /config                   GET         CBOR operational configuration   (operational identity, or the
                                           factory identity of an enrolled device)
 
-Every request body is capped by `max_body` (Block1 included, enforced by `coap.py`: 4.13 with
-Size1 beyond the cap); errors become RFC 9290 problem details (`problems.py`).
+Each resource's `ct` (in /.well-known/core) lists what it returns, the default first (RFC 7252
+7.2.1): an Accept naming anything else gets 4.06 (RFC 7252 5.10.4). Every request body is capped
+by `max_body` (Block1 included, enforced by `coap.py`: 4.13 with Size1 beyond the cap); errors
+become RFC 9290 problem details (`problems.py`).
 """
 
 from __future__ import annotations
@@ -44,8 +48,41 @@ def identity_of(request) -> PeerIdentity | None:
     return None
 
 
+def require_format(request, *formats: int) -> None:
+    if request.opt.content_format not in formats:
+        raise Problem(codes.UNSUPPORTED_CONTENT_FORMAT, "unsupported content format",
+                      f"expected content format {' or '.join(str(f) for f in formats)}")
+
+
+def accepted(request, *formats: int) -> int:
+    """The response format: the request's Accept if we offer it, else 4.06; default the first."""
+    accept = request.opt.accept
+    if accept is None:
+        return formats[0]
+    if int(accept) not in formats:
+        raise Problem(codes.NOT_ACCEPTABLE, "not acceptable",
+                      f"this resource offers content format {' or '.join(str(f) for f in formats)}")
+    return int(accept)
+
+
+class WhoAmI(resource.Resource):
+    """GET: the identity the gateway authenticated for this DTLS session (JSON, the only format)."""
+
+    rt = "devid.whoami"
+    ct = str(CT_JSON)
+
+    async def render_get(self, request):
+        who = identity_of(request)
+        if who is None:
+            raise Problem(codes.UNAUTHORIZED, "device certificate required")
+        accepted(request, CT_JSON)
+        return aiocoap.Message(code=codes.CONTENT, content_format=CT_JSON, payload=json.dumps(who.as_dict()).encode())
+
+
 class _Resource(resource.Resource):
     max_body = MAX_CSR          # request body cap (Block1 included), enforced by gateway/coap/server.py
+    require_format = staticmethod(require_format)
+    accepted = staticmethod(accepted)
 
     def __init__(self, service: EnrollmentService) -> None:
         super().__init__()
@@ -61,23 +98,6 @@ class _Resource(resource.Resource):
             if response is None:
                 raise
             return response
-
-    @staticmethod
-    def require_format(request, *formats: int) -> None:
-        if request.opt.content_format not in formats:
-            raise Problem(codes.UNSUPPORTED_CONTENT_FORMAT, "unsupported content format",
-                          f"expected content format {' or '.join(str(f) for f in formats)}")
-
-    @staticmethod
-    def accepted(request, *formats: int) -> int:
-        """The response format: the request's Accept if we offer it, else 4.06; default the first."""
-        accept = request.opt.accept
-        if accept is None:
-            return formats[0]
-        if int(accept) not in formats:
-            raise Problem(codes.NOT_ACCEPTABLE, "not acceptable",
-                          f"this resource offers content format {' or '.join(str(f) for f in formats)}")
-        return int(accept)
 
 
 def _certificate_response(issued, fmt: int, chain) -> aiocoap.Message:
@@ -108,8 +128,12 @@ class Crts(_Resource):
 
 
 class SimpleEnroll(_Resource):
+    """RFC 9148 4.3: with no Accept, the answer is 281 (the certificate and the operational CA);
+    Accept 287 gives the certificate alone. The request is 286 (not listed in `ct`, which names
+    what the resource returns)."""
+
     rt = "ace.est.sen"
-    ct = f"{CT_PKCS10} {CT_PKIX_CERT} {CT_PKCS7_CERTS}"
+    ct = f"{CT_PKCS7_CERTS} {CT_PKIX_CERT}"
     action = "enroll"           # the EnrollmentService method: enroll (factory identity) or renew
 
     def __init__(self, service, chain) -> None:
@@ -118,7 +142,7 @@ class SimpleEnroll(_Resource):
 
     async def render_post(self, request):
         self.require_format(request, CT_PKCS10)
-        fmt = self.accepted(request, CT_PKIX_CERT, CT_PKCS7_CERTS)
+        fmt = self.accepted(request, CT_PKCS7_CERTS, CT_PKIX_CERT)
         issued = getattr(self.service, self.action)(identity_of(request), request.payload)
         return _certificate_response(issued, fmt, self.chain)
 
@@ -136,7 +160,8 @@ class Nonce(_Resource):
         self.accepted(request, CT_CBOR)
         record = self.service.nonce(identity_of(request))
         body = {"nonce": record.value, "expires": int(record.expires_at.timestamp())}
-        return aiocoap.Message(code=codes.CONTENT, payload=cbor2.dumps(body), content_format=CT_CBOR)
+        # Max-Age 0: a single-use nonce must not be served from a cache (the default is 60 s)
+        return aiocoap.Message(code=codes.CONTENT, payload=cbor2.dumps(body), content_format=CT_CBOR, max_age=0)
 
 
 class Evidence(_Resource):
@@ -148,11 +173,11 @@ class Evidence(_Resource):
         if request.opt.content_format is not None:
             self.require_format(request, CT_CBOR)
         self.accepted(request, CT_CBOR)
-        evaluation = self.service.evidence(identity_of(request), request.payload)
-        verdict = evaluation.appraisal.verdict
+        outcome = self.service.evidence(identity_of(request), request.payload)
+        verdict = outcome.evaluation.appraisal.verdict
         body = {"verdict": verdict.tier.value, "acceptable": verdict.acceptable,
-                "reasons": [r.as_json() for r in verdict.reasons], "log_seq": evaluation.log_seq,
-                "revoked": verdict.revoke}
+                "reasons": [r.as_json() for r in verdict.reasons], "log_seq": outcome.evaluation.log_seq,
+                "revoked": outcome.revoked}
         return aiocoap.Message(code=codes.CHANGED, payload=cbor2.dumps(body), content_format=CT_CBOR)
 
 
