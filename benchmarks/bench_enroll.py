@@ -9,10 +9,11 @@
 Starts `devid serve --workers N` on loopback (or targets --gateway), provisions the devices,
 and runs each through the zero-touch flow (nonce, signed evidence, EST /sen, configuration, in
 one DTLS session) with C devices in flight from client processes separate from the server.
-`--client lean` (default) is benchmarks/loadgen.py: the same protocol and checks on the
-sans-I/O DTLS engine with a small CoAP codec, so the client costs a few ms of CPU per
-enrollment; `--client script` runs the field engineer's script per device (gateway/device/simulator.py,
-16-30 ms of client CPU each, which caps the rate on a small machine). Prints one JSON summary:
+Both clients run the device client's flows (gateway/device/flow.py). `--client lean` (default) is
+benchmarks/loadgen.py: the flows on the sans-I/O DTLS engine with a small CoAP codec, so the
+client costs a few ms of CPU per enrollment; `--client script` runs the field engineer's script per
+device (gateway/device/simulator.py, 16-30 ms of client CPU each, which caps the rate on a small
+machine); the client processes are benchmarks/bench_clients.py. Prints one JSON summary:
 
   enrollments/s, latency p50/p95/p99 end to end and per step (connect = the DTLS handshake),
   server CPU per enrollment (from the server processes' own counters), client CPU per

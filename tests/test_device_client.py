@@ -158,11 +158,12 @@ def test_real_refusals_read_the_same_over_both_transports(world):
             async with over(out / "TS00000002", uri) as exchange:
                 sen = Request(SEN[CT_PKCS7_CERTS], device_csr(new_p256_key(), identity.serial))   # no evidence
                 replies = [await exchange(sen), await exchange(Request(not_offered))]
-                try:
-                    await drive(enroll_flow(identity, bad_fw, root_verifier(root)), exchange)
-                except EnrollFailed as exc:
-                    verdict = exc
-            got[name] = replies, verdict
+                seen: list[Done] = []
+                with pytest.raises(EnrollFailed) as refused:
+                    await drive(enroll_flow(identity, bad_fw, root_verifier(root)), exchange, seen.append)
+                # the verdict is handed over before the flow stops (devid enroll prints it)
+                assert [d.step for d in seen] == ["nonce", "evidence"] and not seen[-1].value.acceptable
+            got[name] = replies, refused.value
         return got
 
     got = run_with_gateway(data, body)

@@ -1,7 +1,7 @@
 """The zero-touch flows, once, as sans-I/O generators (the h11 manner): a flow yields a `Request`
-and is sent the `Reply` to it, or yields a `Done` when a step has succeeded (its value: the nonce,
-the verdict, the issued certificate, the configuration) and is sent None; it returns its result
-or raises `EnrollFailed(step, reason)`.
+and is sent the `Reply` to it, or yields a `Done` when a step's answer has been accepted (its
+value: the nonce, the verdict, the issued certificate, the configuration) and is sent None; it
+returns its result or raises `EnrollFailed(step, reason)`.
 
     enroll_flow    GET /attest/nonce, POST /attest/evidence, POST /.well-known/est/sen, GET /config
                    (one session, factory identity; nonce and evidence only with firmware to claim)
@@ -35,7 +35,8 @@ Verify = Callable[[x509.Certificate, list[x509.Certificate]], Any]
 
 @dataclass(frozen=True)
 class Done:
-    """A step that succeeded, and what it gave."""
+    """A step whose answer was accepted, and what it gave (an unacceptable verdict is given too,
+    then the flow raises)."""
 
     step: str
     value: Any
@@ -160,9 +161,9 @@ def enroll_flow(identity: DeviceIdentity, firmware: Firmware | None, verify: Ver
         token = identity.evidence(nonce, firmware, iat=int(clock()), secure_boot=secure_boot, dbgstat=dbgstat,
                                   bootcount=bootcount)
         verdict = read_verdict((yield from ask(EVIDENCE, token)))
+        yield Done("evidence", verdict)          # reported even when it refuses: the device learns why
         if not verdict.acceptable:
             raise EnrollFailed("evidence", f"verdict {verdict.tier}: {verdict.reasons_text}")
-        yield Done("evidence", verdict)
     issued = yield from _issue(SEN[cert_format], identity.serial, verify, new_key)
     yield Done("enroll", issued)
     config = read_config((yield from ask(CONFIG)), identity.serial, identity.device_type)
