@@ -9,10 +9,11 @@
 Starts `devid serve --workers N` on loopback (or targets --gateway), provisions the devices,
 and runs each through the zero-touch flow (nonce, signed evidence, EST /sen, configuration, in
 one DTLS session) with C devices in flight from client processes separate from the server.
-`--client lean` (default) is benchmarks/loadgen.py: the same protocol and checks on the
-sans-I/O DTLS engine with a small CoAP codec, so the client costs a few ms of CPU per
-enrollment; `--client script` runs the field engineer's script per device (gateway/device/simulator.py,
-16-30 ms of client CPU each, which caps the rate on a small machine). Prints one JSON summary:
+Both clients run the device client's flows (gateway/device/flow.py). `--client lean` (default) is
+benchmarks/loadgen.py: the flows on the sans-I/O DTLS engine with a small CoAP codec, so the
+client costs a few ms of CPU per enrollment; `--client script` runs the field engineer's script per
+device (gateway/device/simulator.py, 16-30 ms of client CPU each, which caps the rate on a small
+machine); the client processes are benchmarks/bench_clients.py. Prints one JSON summary:
 
   enrollments/s, latency p50/p95/p99 end to end and per step (connect = the DTLS handshake),
   server CPU per enrollment (from the server processes' own counters), client CPU per
@@ -33,19 +34,14 @@ requests, each side by side in alternating rounds of one run.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import hashlib
 import json
-import multiprocessing
 import os
 import platform
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -53,106 +49,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-IMAGE = b"devid bench firmware 1.0.0\n"
-FW_NAME, FW_VERSION = "bench-fw", "1.0.0"
-DEVICE_TYPE = "bench-sensor"
-POLICY = """version = 1
-[device_types.{t}]
-accept = "affirming"
-[[device_types.{t}.firmware]]
-name = "{name}"
-version = "{version}"
-digest = "sha-256:{digest}"
-"""
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                kids.append(int(entry.name))
-    return kids
-
-
-def _cpu(pids: list[int]) -> float:
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in pids:
-        try:
-            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(f[11]) + int(f[12])) / ticks
-        except OSError:
-            pass
-    return total
-
-
-def _hwm_kib(pids: list[int]) -> int:
-    peak = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peak = max(peak, int(line.split()[1]))
-        except OSError:
-            pass
-    return peak
-
-
-def _client(gateway: str, bundles: list[str], concurrency: int, renew: bool, q, go) -> None:
-    """--client script: the field engineer's script per device (gateway/device/simulator.py)."""
-    from devid.gateway.device.enroll import Firmware
-    from devid.gateway.device.simulator import simulate
-    fw = Firmware("sha-256", hashlib.sha256(IMAGE).digest(), FW_NAME, FW_VERSION)
-    q.put(("ready", None))
-    go.wait()
-    cpu0 = time.process_time()
-    report = asyncio.run(simulate(gateway, [Path(b) for b in bundles], lambda b: fw, concurrency=concurrency,
-                                  renew_only=renew))
-    q.put(("done", {"latencies": report.latencies, "failures": report.failures,
-                    "steps": [r.steps for r in report.results], "cpu": time.process_time() - cpu0}))
-
-
-def _client_lean(gateway: str, bundles: list[str], concurrency: int, renew: bool, q, go) -> None:
-    """--client lean: benchmarks/loadgen.py. Bundles are loaded, the CA certificates fetched and
-    the client Context built before the timed part; the operational identities are saved after it."""
-    import loadgen
-    from devid.gateway.device.enroll import Firmware
-    fw = Firmware("sha-256", hashlib.sha256(IMAGE).digest(), FW_NAME, FW_VERSION)
-    target = loadgen.Target.parse(gateway)
-    devices, failures = loadgen.load_devices([Path(b) for b in bundles], operational=renew)
-
-    def started() -> None:
-        q.put(("ready", None))
-        go.wait()
-    if not devices:
-        started()
-        q.put(("done", {"latencies": [], "failures": failures, "steps": [], "cpu": 0.0}))
-        return
-    trust = loadgen.Trust(devices[0].root, target.host)
-    try:
-        report = asyncio.run(loadgen.run(target, devices, trust, renew=renew, firmware=fw, concurrency=concurrency,
-                                         started=started))
-    except loadgen.Failed as exc:             # the set-up (CA certificates) failed: every device fails
-        q.put(("done", {"latencies": [], "failures": {d.serial: str(exc) for d in devices}, "steps": [],
-                        "cpu": 0.0}))
-        return
-    report.failures.update(failures)
-    q.put(("done", {"latencies": [o.seconds for o in report.outcomes], "failures": report.failures,
-                    "steps": [o.steps for o in report.outcomes], "cpu": report.cpu_seconds,
-                    "counters": report.counters}))
-    loadgen.save_operational(devices, report)       # after the timed part (for --renew)
-
-
-def _pct(values: list[float], p: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))] * 1000, 1)
+# shared with the other fleet benchmarks and the tests (bench_common is below every one of them)
+from bench_common import (DEVICE_TYPE, FW_NAME, FW_VERSION, IMAGE, POLICY, Served, bench_policy,  # noqa: E402,F401
+                          bundle_dirs, checkout_module, start_gateway)
+from bench_clients import run_clients  # noqa: E402
 
 
 def crypto_floor(seconds: float = 1.5) -> dict:
@@ -189,122 +89,6 @@ def libcoap_baseline(work: Path, data, seconds: float, inflight: int, clients: i
         proc.wait(10)
     return {"handshake_get_per_s": round(res["ops_per_s"], 1),
             "server_cpu_ms_per_op": round(res["server_cpu_ms_per_op"], 3), "failed": res["failed"]}
-
-
-@dataclass
-class Served:
-    """A `devid serve` started by the benchmark: its process, its URI, the pids whose CPU counts."""
-
-    proc: subprocess.Popen
-    uri: str
-    pids: list[int]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-
-
-def checkout_module(root: Path) -> tuple[str, str | None]:
-    """How to run the CLI of the checkout at `root` (for `--server-root`, A/B runs against another
-    checkout): the module, and a PYTHONPATH that makes it that checkout's. A checkout with the
-    `devid` import root (its folders install as devid.gateway, devid.ca, devid.attestation) is
-    reached through a directory `devid/` of links to its folders, which comes before this venv's
-    editable install; an older one by its top-level `gateway` package, from its own directory."""
-    if '"devid.gateway"' not in (root / "pyproject.toml").read_text():
-        return "gateway.cli", None
-    shim = Path(tempfile.mkdtemp(prefix="devid-checkout-")) / "devid"
-    shim.mkdir()
-    for name in ("gateway", "ca", "attestation"):
-        (shim / name).symlink_to(root.resolve() / name, target_is_directory=True)
-    return "devid.gateway.cli", str(shim.parent)
-
-
-def start_gateway(data_path: Path, workers: int, server_root: Path, env: dict | None = None) -> Served:
-    import bench_dtls
-    port = bench_dtls.free_port()
-    e = dict(os.environ, DEVID_DATA=str(data_path))
-    e.update(env or {})
-    flags = []
-    cli = next(p for p in (server_root / "gateway" / "cli" / "dispatch.py", server_root / "gateway" / "cli.py") if p.exists())
-    if "handshake_rate_per_address" in cli.read_text():
-        # every client is at 127.0.0.1: one address doing a fleet's handshakes (an older
-        # --server-root has no per-address rate, and no such flag)
-        flags = ["--handshake-burst-per-address", "1000000", "--handshake-rate-per-address", "1000000"]
-    module, path = checkout_module(server_root)
-    if path is not None:
-        e["PYTHONPATH"] = path
-    proc = subprocess.Popen([sys.executable, "-m", module, "serve", "--listen", f"127.0.0.1:{port}",
-                             "--workers", str(workers), "--log-level", "WARNING", *flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=e, cwd=server_root)
-    line = proc.stdout.readline().decode()
-    if "listening" not in line:
-        proc.kill()
-        raise SystemExit(f"devid serve did not start: {line}")
-    pids = [proc.pid] + _children(proc.pid) if workers > 1 else [proc.pid]
-    return Served(proc, f"coaps://127.0.0.1:{port}", pids)
-
-
-def bundle_dirs(directory: Path) -> list[str]:
-    """The device bundles in a provisioning output directory (not its hidden entries)."""
-    return sorted(str(p) for p in directory.iterdir() if not p.name.startswith(".") and p.is_dir())
-
-
-def run_clients(gateway: str, bundles: list[str], pids: list[int], *, clients: int, concurrency: int,
-                client: str = "lean", renew: bool = False) -> dict:
-    """Enroll (or renew) `bundles` from `clients` processes; the JSON summary of one mode."""
-    ctx = multiprocessing.get_context("spawn")
-    q = ctx.Queue()
-    go = ctx.Event()
-    shares = [bundles[i::clients] for i in range(clients)]
-    per = max(1, concurrency // clients)
-    target = _client_lean if client == "lean" else _client
-    procs = [ctx.Process(target=target, args=(gateway, s, per, renew, q, go)) for s in shares if s]
-    for p in procs:
-        p.start()
-    # the timed part starts when every client has loaded what it needs (process start-up,
-    # imports and, for the lean client, bundles and CA certificates are not timed)
-    for _ in procs:
-        kind, _payload = q.get(timeout=600)
-        if kind != "ready":
-            raise SystemExit(f"a client process failed to start: {kind}")
-    cpu0 = _cpu(pids)
-    t0 = time.perf_counter()
-    go.set()
-    results = [q.get(timeout=3600)[1] for _ in procs]
-    wall = time.perf_counter() - t0
-    cpu1 = _cpu(pids)
-    for p in procs:
-        p.join(300)        # the lean client saves the operational identities before it exits
-    lat = [x for r in results for x in r["latencies"]]
-    failures = {k: v for r in results for k, v in r["failures"].items()}
-    steps = [s for r in results for s in r["steps"]]
-    client_cpu = sum(r["cpu"] for r in results)
-    done = len(lat)
-    out = {"mode": "renew" if renew else "enroll", "client": client, "devices": len(bundles),
-           "done": done, "errors": len(failures), "seconds": round(wall, 2),
-           "per_s": round(done / wall, 1) if wall else None,
-           "latency_ms": {"p50": _pct(lat, 50), "p95": _pct(lat, 95), "p99": _pct(lat, 99)},
-           "server_cpu_ms_per_op": round((cpu1 - cpu0) * 1000 / done, 3) if done and pids else None,
-           "client_cpu_ms_per_op": round(client_cpu * 1000 / done, 3) if done else None,
-           "server_peak_rss_kib": _hwm_kib(pids) if pids else None}
-    counters = [r["counters"] for r in results if "counters" in r]
-    if counters:      # lean client: retransmissions seen (lost datagrams or a slow gateway)
-        out["client_retransmissions"] = {k: sum(c[k] for c in counters) for k in counters[0]}
-    if steps:
-        names = ("connect", "renew") if renew else ("connect", "nonce", "evidence", "enroll", "config")
-        out["step_latency_ms"] = {name: {"p50": _pct([s[name] for s in steps if name in s], 50),
-                                         "p95": _pct([s[name] for s in steps if name in s], 95),
-                                         "p99": _pct([s[name] for s in steps if name in s], 99)}
-                                  for name in names}
-    if failures:
-        out["first_failures"] = dict(list(failures.items())[:5])
-    out["_latencies"] = lat          # for pooled figures across rounds; removed before printing
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,10 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         if not data.exists():
             data.init(now())
         data.require()
-        digest = hashlib.sha256(IMAGE).hexdigest()
         policy = data.path / "attestation-policy.toml"
         if not args.gateway:
-            policy.write_text(POLICY.format(t=DEVICE_TYPE, name=FW_NAME, version=FW_VERSION, digest=digest))
+            policy.write_text(bench_policy())
         count = args.devices
         if args.durability:
             import bench_hardening

@@ -1,5 +1,5 @@
 """The two measurements of issue 10, run by `devid bench --durability` and `devid bench --flood`
-(benchmarks/bench_enroll.py provisions the devices and drives the enrollments).
+(benchmarks/bench_enroll.py provisions the devices; bench_clients.py drives the enrollments).
 
 --durability   the cost of durable commits. Rounds of enrollments against a fresh gateway in each
                of three registry modes, in alternating order (A B C, C B A, ...):
@@ -38,14 +38,16 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import bench_enroll as B
+from bench_clients import run_clients
+from bench_common import start_gateway
+from devid.gateway.device.stats import percentile_ms
 
 SYNC_MODES = {"normal": {"DEVID_BENCH_SYNCHRONOUS": "normal"}, "durable": {},
               "full": {"DEVID_BENCH_SYNCHRONOUS": "full"}}
 
 
 def _pooled(latencies: list[float], p: float) -> float | None:
-    return B._pct(latencies, p)
+    return percentile_ms(latencies, p)
 
 
 def _brief(run: dict) -> dict:
@@ -106,9 +108,9 @@ def durability(args, data, bundles: list[str], work: Path) -> dict:
     for r in range(args.rounds):
         got: dict[str, dict] = {}
         for mode in (list(SYNC_MODES) if r % 2 == 0 else list(reversed(SYNC_MODES))):
-            served = B.start_gateway(data.path, args.workers, args.server_root, SYNC_MODES[mode])
+            served = start_gateway(data.path, args.workers, args.server_root, SYNC_MODES[mode])
             try:
-                run = B.run_clients(served.uri, next(chunks), served.pids, clients=args.clients,
+                run = run_clients(served.uri, next(chunks), served.pids, clients=args.clients,
                                     concurrency=args.concurrency, client=args.client)
             finally:
                 served.stop()
@@ -150,27 +152,31 @@ def _fstype(path: Path) -> str:
 
 def _flooder(gateway: str, bundle: str, sessions: int, window: int, q, stop) -> None:
     """A separate process: flood GET /attest/nonce with one factory identity until `stop`."""
-    import loadgen
-    dev = loadgen.load_device(Path(bundle))
-    target = loadgen.Target.parse(gateway)
-    trust = loadgen.Trust(dev.root, target.host, full_chain=True)
+    from devid.gateway.device.protocol import NONCE
+    from loadgen import Target
+    from loadgen_coap import ACK, CON, RST, decode_message, encode_message, encode_options
+    from loadgen_dtls import Session
+    from loadgen_trust import Trust, load_device
+    dev = load_device(Path(bundle))
+    target = Target.parse(gateway)
+    trust = Trust(dev.root, target.host, full_chain=True)
     counts: Counter = Counter()
-    request_opts = loadgen.encode_options(loadgen.NONCE_OPTS)
+    request_opts = encode_options(NONCE.options)
 
-    class FloodSession(loadgen.Session):
+    class FloodSession(Session):
         __slots__ = ("outstanding",)
 
         def _coap(self, data: bytes) -> None:
             try:
-                m = loadgen.decode_message(data)
+                m = decode_message(data)
             except ValueError:
                 return
-            if m.mtype == loadgen.CON:
-                self._send(loadgen.encode_message(loadgen.ACK, 0, m.mid, b"", b""))
-            if m.mtype == loadgen.RST:
+            if m.mtype == CON:
+                self._send(encode_message(ACK, 0, m.mid, b"", b""))
+            if m.mtype == RST:
                 counts["RST"] += 1
                 self.outstanding.pop(m.mid, None)
-            elif m.code != 0 and self.outstanding.pop(m.mid if m.mtype == loadgen.ACK else -1, None) is not None:
+            elif m.code != 0 and self.outstanding.pop(m.mid if m.mtype == ACK else -1, None) is not None:
                 counts[m.code_text] += 1
             elif m.code != 0 and m.token:
                 counts[m.code_text] += 1         # a separate response
@@ -187,8 +193,7 @@ def _flooder(gateway: str, bundle: str, sessions: int, window: int, q, stop) -> 
                 self.tok = (self.tok + 1) & 0xFFFF
                 self.outstanding[self.mid] = now
                 counts["sent"] += 1
-                self._send(loadgen.encode_message(loadgen.CON, loadgen.GET, self.mid, self.tok.to_bytes(2, "big"),
-                                                  request_opts))
+                self._send(encode_message(CON, NONCE.method, self.mid, self.tok.to_bytes(2, "big"), request_opts))
 
     async def one_session() -> None:
         loop = asyncio.get_running_loop()
@@ -226,7 +231,7 @@ def flood(args, data, bundles: list[str]) -> dict:
     flooder_bundle, bundles = bundles[-1], bundles[:-1]
     chunks = iter(bundles[i:i + args.devices] for i in range(0, len(bundles), args.devices))
     ctx = multiprocessing.get_context("spawn")
-    served = B.start_gateway(data.path, args.workers, args.server_root)
+    served = start_gateway(data.path, args.workers, args.server_root)
     rounds: list[dict] = []
     pools: dict[str, list[float]] = {"quiet": [], "flooded": []}
     errors = 0
@@ -243,7 +248,7 @@ def flood(args, data, bundles: list[str]) -> dict:
                     assert q.get(timeout=120)[0] == "ready"
                     time.sleep(1.0)             # the flood under way before the timed part
                 try:
-                    run = B.run_clients(served.uri, next(chunks), served.pids, clients=args.clients,
+                    run = run_clients(served.uri, next(chunks), served.pids, clients=args.clients,
                                         concurrency=args.concurrency, client=args.client)
                 finally:
                     if flooder is not None:

@@ -1,16 +1,15 @@
 """`devid serve` as a subprocess (optionally under strace) and a device that enrolls step by step
-with the lean client of benchmarks/loadgen.py, for the durability and disk-full tests."""
+over the lean transport of benchmarks/loadgen.py with the device client's requests, for the
+durability and disk-full tests."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,25 +17,24 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "benchmarks") not in sys.path:
     sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import bench_enroll  # noqa: E402
+import bench_common  # noqa: E402
 import loadgen  # noqa: E402
-from devid.attestation.evidence import Evidence, sign_evidence  # noqa: E402
-from devid.gateway.device.enroll import Firmware, device_csr  # noqa: E402
-from devid.gateway.factory.provisioning import provision  # noqa: E402
 from devid.gateway.app.server import POLICY_FILE  # noqa: E402
+from devid.gateway.device.identity import device_csr  # noqa: E402
+from devid.gateway.device.protocol import CT_PKIX_CERT, EVIDENCE, NONCE, SEN, Endpoint  # noqa: E402
+from devid.gateway.factory.provisioning import provision  # noqa: E402
 
 from .conftest import NOW, free_port  # noqa: E402
 
-FW = Firmware("sha-256", hashlib.sha256(bench_enroll.IMAGE).digest(), bench_enroll.FW_NAME, bench_enroll.FW_VERSION)
+FW = bench_common.bench_firmware()
 
 
 def fleet(data, out: Path, count: int, prefix: str = "DU") -> list[Path]:
     """A policy that accepts the bench firmware, and `count` provisioned devices."""
-    (data.path / POLICY_FILE).write_text(bench_enroll.POLICY.format(
-        t=bench_enroll.DEVICE_TYPE, name=FW.name, version=FW.version, digest=FW.digest.hex()))
+    (data.path / POLICY_FILE).write_text(bench_common.bench_policy())
     reg = data.open_registry()
     try:
-        provision(data.authority(reg), count=count, device_type=bench_enroll.DEVICE_TYPE, out=out,
+        provision(data.authority(reg), count=count, device_type=bench_common.DEVICE_TYPE, out=out,
                   serial_prefix=prefix, now=lambda: NOW, manufacturing_pem=data.cert_pem("manufacturing"),
                   root_pem=data.cert_pem("root"), workers=1)
     finally:
@@ -104,10 +102,7 @@ def serve(data_dir: Path, log: Path, *, port: int | None = None, prefix: list[st
 
 def evidence_token(dev: loadgen.Device, nonce: bytes) -> bytes:
     """Acceptable evidence (the bench firmware) for `nonce`, signed with the factory key."""
-    ev = Evidence(nonce=nonce, ueid=dev.ueid, oemid=dev.oemid, hwmodel=dev.device_type.encode(), swname=FW.name,
-                  swversion=FW.version, fw_alg=FW.alg, fw_digest=FW.digest, secure_boot=True, dbgstat=2,
-                  bootcount=1, iat=int(time.time()), swversion_scheme=1)
-    return sign_evidence(ev, dev.factory_key)
+    return dev.identity.evidence(nonce, FW)
 
 
 class Device:
@@ -125,17 +120,18 @@ class Device:
                                        self.dev, self.trust, timeout)
         await self.session.connect(timeout)
 
-    async def request(self, code: int, options: list, payload: bytes = b"", timeout: float = 30.0):
-        return await self.session.request(code, options, payload, timeout)
+    async def request(self, endpoint: Endpoint, payload: bytes = b"", timeout: float = 30.0):
+        """The raw answer (not checked: the tests look at refusals too)."""
+        return await self.session.request(endpoint.method, endpoint.options, payload, timeout)
 
     async def nonce(self):
-        return await self.request(loadgen.GET, loadgen.NONCE_OPTS)
+        return await self.request(NONCE)
 
     async def evidence(self, nonce: bytes):
-        return await self.request(loadgen.POST, loadgen.EVIDENCE_OPTS, evidence_token(self.dev, nonce))
+        return await self.request(EVIDENCE, evidence_token(self.dev, nonce))
 
     async def enroll(self, key):
-        return await self.request(loadgen.POST, loadgen.SEN_OPTS, device_csr(key, self.dev.serial))
+        return await self.request(SEN[CT_PKIX_CERT], device_csr(key, self.dev.serial))
 
     def close(self) -> None:
         if self.session is not None:

@@ -21,7 +21,9 @@ from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from devid.ca.store import CertStatus, DeviceState
-from devid.gateway.device.enroll import Firmware, renew
+from devid.gateway.device.enroll import renew
+from devid.gateway.device.identity import Firmware
+from devid.gateway.device.protocol import CT_PKIX_CERT, SEN
 from devid.gateway.factory.provisioning import provision
 from devid.gateway.app.server import POLICY_FILE, Gateway, GatewayConfig
 
@@ -30,20 +32,19 @@ from .conftest import NOW, free_port
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import bench_enroll  # noqa: E402
+import bench_common  # noqa: E402
 import loadgen  # noqa: E402
+import loadgen_coap  # noqa: E402
 
-FW = Firmware("sha-256", hashlib.sha256(bench_enroll.IMAGE).digest(), bench_enroll.FW_NAME, bench_enroll.FW_VERSION)
-BAD_FW = Firmware("sha-256", hashlib.sha256(b"tampered firmware").digest(), bench_enroll.FW_NAME,
-                  bench_enroll.FW_VERSION)
+FW = bench_common.bench_firmware()
+BAD_FW = Firmware("sha-256", hashlib.sha256(b"tampered firmware").digest(), FW.name, FW.version)
 
 
 @pytest.fixture
 def fleet(data, ca, tmp_path):
-    (data.path / POLICY_FILE).write_text(bench_enroll.POLICY.format(
-        t=bench_enroll.DEVICE_TYPE, name=FW.name, version=FW.version, digest=FW.digest.hex()))
+    (data.path / POLICY_FILE).write_text(bench_common.bench_policy())
     out = tmp_path / "factory"
-    provision(ca, count=6, device_type=bench_enroll.DEVICE_TYPE, out=out, serial_prefix="LG", now=lambda: NOW,
+    provision(ca, count=6, device_type=bench_common.DEVICE_TYPE, out=out, serial_prefix="LG", now=lambda: NOW,
               manufacturing_pem=data.cert_pem("manufacturing"), root_pem=data.cert_pem("root"))
     return data, sorted(out.iterdir())
 
@@ -162,9 +163,9 @@ def test_a_device_the_gateway_refuses_fails_at_connect(fleet):
 
 
 def test_coap_codec_against_aiocoap():
-    opts = loadgen.request_options(".well-known/est/sen", loadgen.CT_PKCS10, loadgen.CT_PKIX_CERT)
-    opts.append((loadgen.OPT_BLOCK2, loadgen._uint(2 << 4 | 6)))
-    raw = loadgen.encode_message(loadgen.CON, loadgen.POST, 0x1234, b"\x00\x07", loadgen.encode_options(opts), b"csr")
+    opts = [*SEN[CT_PKIX_CERT].options, loadgen_coap.block2_option(2, 6)]
+    raw = loadgen_coap.encode_message(loadgen_coap.CON, loadgen_coap.POST, 0x1234, b"\x00\x07",
+                                      loadgen_coap.encode_options(opts), b"csr")
     m = Message.decode(raw)
     assert (m.mtype.value, m.code, m.mid, m.token) == (0, codes.POST, 0x1234, b"\x00\x07")
     assert m.opt.uri_path == (".well-known", "est", "sen")
@@ -174,15 +175,16 @@ def test_coap_codec_against_aiocoap():
     # a response with a long option (delta and length extensions) and Block2
     reply = Message(code=codes.CONTENT, payload=b"x" * 1024, content_format=60, etag=b"e" * 8,
                     location_path=["a" * 300])
-    reply.mtype, reply.mid, reply.token = loadgen.ACK, 7, b"\x01\x02"
+    reply.mtype, reply.mid, reply.token = loadgen_coap.ACK, 7, b"\x01\x02"
     reply.opt.block2 = BlockOption.BlockwiseTuple(0, True, 6)
-    r = loadgen.decode_message(reply.encode())
-    assert (r.mtype, r.code, r.mid, r.token, r.content_format) == (loadgen.ACK, loadgen.CONTENT, 7, b"\x01\x02", 60)
+    r = loadgen_coap.decode_message(reply.encode())
+    assert (r.mtype, r.code, r.mid, r.token, r.content_format) == (loadgen_coap.ACK, loadgen_coap.CONTENT, 7,
+                                                                    b"\x01\x02", 60)
     assert (r.block2 >> 4, r.block2 >> 3 & 1, r.block2 & 7) == (0, 1, 6) and r.payload == b"x" * 1024
     assert r.code_text == "2.05"
     for bad in (b"", b"\x80\x45\x00\x01", b"\x49\x45\x00\x01", b"\x40\x45\x00\x01\xff"):
         with pytest.raises(ValueError):
-            loadgen.decode_message(bad)
+            loadgen_coap.decode_message(bad)
 
 
 def test_devid_bench_with_the_lean_client(tmp_path):

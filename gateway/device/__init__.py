@@ -1,1 +1,5 @@
-"""The device side: credentials and a checked gateway (`client`), the enrollment flow (`enroll`), the simulator."""
+"""The device side, one client library: the protocol on the wire (`protocol`), the device's
+credentials and claims (`identity`), the flows as sans-I/O generators and their driver (`flow`),
+the aiocoap transport (`client`), the field engineer's script (`enroll`), the simulator and the
+latency figures (`stats`). The load generator in benchmarks/ drives the same flows over its own
+lean transport."""

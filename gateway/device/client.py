@@ -1,60 +1,23 @@
-"""The device side of coaps://: credentials from a factory bundle, and a checked gateway identity.
+"""The device side of coaps:// through aiocoap: a client Context authenticating as a device
+bundle and checking the gateway, and the exchange that carries the flows' requests over it.
 
-Used by the enrollment script, the device simulator and the tests.
+Used by the enrollment script, the device simulator and the tests. (The load generator in
+benchmarks/ carries the same flows over its own lean DTLS sessions.)
 """
 
 from __future__ import annotations
 
-import ipaddress
-from datetime import datetime, timezone
+import asyncio
 from pathlib import Path
-from typing import Callable
 
-from cryptography import x509
-from cryptography.x509.verification import PolicyBuilder, Store
+import aiocoap
 
-from devid.ca import keys
-from devid.gateway.errors import BundleError
-
+from devid.gateway.coap.transport import DTLSHandshakeError, client_context
+from devid.gateway.device.identity import load_bundle, server_checker
+from devid.gateway.device.protocol import Answer, EnrollFailed, Request
 from devid.gateway.dtls import contexts
-from devid.gateway.coap.transport import client_context
 
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise BundleError(f"{path}: {exc.strerror}") from None
-
-
-def load_bundle(directory: Path, cert_name: str = "chain.pem", key_name: str = "key.pem"):
-    """(leaf, intermediates, key, root) from a device directory made by `devid provision`."""
-    directory = Path(directory)
-    try:
-        chain = x509.load_pem_x509_certificates(_read(directory / cert_name))
-        root = x509.load_pem_x509_certificate(_read(directory / "ca.pem"))
-    except ValueError as exc:
-        raise BundleError(f"{directory}: unreadable certificate ({exc})") from None
-    key = keys.load_plain_key(directory / key_name)
-    if key.public_key() != chain[0].public_key():
-        raise BundleError(f"{directory}: {key_name} does not match {cert_name}")
-    return chain[0], chain[1:], key, root
-
-
-def server_checker(root: x509.Certificate, host: str,
-                   clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)):
-    """Check the gateway's certificate: chain to our root, serverAuth, and a SAN matching `host`."""
-    store = Store([root])
-    try:
-        subject: x509.verification.Subject = x509.IPAddress(ipaddress.ip_address(host.strip("[]")))
-    except ValueError:
-        subject = x509.DNSName(host)
-
-    def check(leaf: x509.Certificate, intermediates: list[x509.Certificate]):
-        verifier = PolicyBuilder().store(store).time(clock()).build_server_verifier(subject)
-        verifier.verify(leaf, intermediates)
-        return leaf.subject.rfc4514_string()
-    return check
+__all__ = ["device_context", "coap_exchange", "load_bundle", "server_checker"]
 
 
 async def device_context(directory: Path, host: str, cert_name: str = "chain.pem", key_name: str = "key.pem",
@@ -64,3 +27,26 @@ async def device_context(directory: Path, host: str, cert_name: str = "chain.pem
     ssl_ctx = contexts.client_context(leaf, intermediates, key, root)
     return await client_context(ssl_ctx, server_check=server_checker(root, host),
                                 handshake_timeout=handshake_timeout)
+
+
+def coap_exchange(ctx, base: str, timeout: float):
+    """exchange(request) -> Answer over the aiocoap Context `ctx` to the gateway at `base`
+    (coaps://HOST[:PORT]): each request within `timeout` seconds (the first one's DTLS handshake
+    included); transport failures become EnrollFailed (the handshake's at step `connect`)."""
+    async def exchange(request: Request) -> Answer:
+        ep = request.endpoint
+        options = {k: v for k, v in (("content_format", ep.content_format), ("accept", ep.accept)) if v is not None}
+        message = aiocoap.Message(code=ep.method, uri=f"{base}/{ep.path}", payload=request.payload, **options)
+        try:
+            response = await asyncio.wait_for(ctx.request(message).response, timeout)
+        except asyncio.TimeoutError:
+            raise EnrollFailed.no_answer(ep.step, timeout) from None
+        except DTLSHandshakeError as exc:
+            raise EnrollFailed.handshake(str(exc)) from None
+        except OSError as exc:          # name resolution, unreachable network
+            raise EnrollFailed("connect", f"cannot reach the gateway: {exc.strerror or exc}") from None
+        except aiocoap.error.Error as exc:
+            raise EnrollFailed(ep.step, str(exc) or exc.__class__.__name__) from None
+        cf = response.opt.content_format
+        return Answer(int(response.code), None if cf is None else int(cf), response.payload)
+    return exchange

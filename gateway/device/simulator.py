@@ -2,7 +2,7 @@
 
 Each simulated device is a factory bundle made by `devid provision` and runs exactly what the
 field engineer's script runs (`device.enroll`), over real DTLS. Used by tests, the demo and the
-performance benchmark.
+performance benchmark (`devid bench --client script`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from devid.gateway.device.enroll import EnrollFailed, EnrollResult, Firmware, enroll, renew
+from devid.gateway.device.enroll import EnrollResult, enroll, renew
+from devid.gateway.device.identity import Firmware
+from devid.gateway.device.protocol import EnrollFailed
+from devid.gateway.device.stats import latency_ms, percentile
 
 
 @dataclass
@@ -31,15 +34,13 @@ class SimulationReport:
         return self.enrolled / self.seconds if self.seconds else 0.0
 
     def percentile(self, p: float) -> float:
-        if not self.latencies:
-            return float("nan")
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+        value = percentile(self.latencies, p)
+        return float("nan") if value is None else value
 
     def summary(self) -> dict:
         return {"devices": self.devices, "enrolled": self.enrolled, "errors": len(self.failures),
                 "seconds": round(self.seconds, 3), "enrollments_per_s": round(self.rate, 1),
-                "latency_ms": {f"p{p}": round(self.percentile(p) * 1000, 1) for p in (50, 95, 99)},
+                "latency_ms": latency_ms(self.latencies, missing=float("nan")),
                 "mean_ms": round(statistics.fmean(self.latencies) * 1000, 1) if self.latencies else None}
 
 

@@ -1,0 +1,107 @@
+"""The client side of `devid bench`: enrollments (or renewals) from client processes separate from
+the server, started together once every one has loaded what it needs, and one JSON summary of a
+run. `--client lean` is benchmarks/loadgen.py; `--client script` the field engineer's script per
+device (devid.gateway.device.simulator). Both run the device client's flows."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import time
+from pathlib import Path
+
+from bench_common import bench_firmware, cpu_seconds, peak_rss_kib
+from devid.gateway.device.stats import latency_ms, step_latency_ms
+
+
+def _client(gateway: str, bundles: list[str], concurrency: int, renew: bool, q, go) -> None:
+    """--client script: the field engineer's script per device (gateway/device/simulator.py)."""
+    from devid.gateway.device.simulator import simulate
+    fw = bench_firmware()
+    q.put(("ready", None))
+    go.wait()
+    cpu0 = time.process_time()
+    report = asyncio.run(simulate(gateway, [Path(b) for b in bundles], lambda b: fw, concurrency=concurrency,
+                                  renew_only=renew))
+    q.put(("done", {"latencies": report.latencies, "failures": report.failures,
+                    "steps": [r.steps for r in report.results], "cpu": time.process_time() - cpu0}))
+
+
+def _client_lean(gateway: str, bundles: list[str], concurrency: int, renew: bool, q, go) -> None:
+    """--client lean: benchmarks/loadgen.py. Bundles are loaded, the CA certificates fetched and
+    the client Context built before the timed part; the operational identities are saved after it."""
+    import loadgen
+    fw = bench_firmware()
+    target = loadgen.Target.parse(gateway)
+    devices, failures = loadgen.load_devices([Path(b) for b in bundles], operational=renew)
+
+    def started() -> None:
+        q.put(("ready", None))
+        go.wait()
+    if not devices:
+        started()
+        q.put(("done", {"latencies": [], "failures": failures, "steps": [], "cpu": 0.0}))
+        return
+    trust = loadgen.Trust(devices[0].root, target.host)
+    try:
+        report = asyncio.run(loadgen.run(target, devices, trust, renew=renew, firmware=fw, concurrency=concurrency,
+                                         started=started))
+    except loadgen.Failed as exc:             # the set-up (CA certificates) failed: every device fails
+        q.put(("done", {"latencies": [], "failures": {d.serial: str(exc) for d in devices}, "steps": [],
+                        "cpu": 0.0}))
+        return
+    report.failures.update(failures)
+    q.put(("done", {"latencies": [o.seconds for o in report.outcomes], "failures": report.failures,
+                    "steps": [o.steps for o in report.outcomes], "cpu": report.cpu_seconds,
+                    "counters": report.counters}))
+    loadgen.save_operational(devices, report)       # after the timed part (for --renew)
+
+
+def run_clients(gateway: str, bundles: list[str], pids: list[int], *, clients: int, concurrency: int,
+                client: str = "lean", renew: bool = False) -> dict:
+    """Enroll (or renew) `bundles` from `clients` processes; the JSON summary of one mode."""
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    go = ctx.Event()
+    shares = [bundles[i::clients] for i in range(clients)]
+    per = max(1, concurrency // clients)
+    target = _client_lean if client == "lean" else _client
+    procs = [ctx.Process(target=target, args=(gateway, s, per, renew, q, go)) for s in shares if s]
+    for p in procs:
+        p.start()
+    # the timed part starts when every client has loaded what it needs (process start-up,
+    # imports and, for the lean client, bundles and CA certificates are not timed)
+    for _ in procs:
+        kind, _payload = q.get(timeout=600)
+        if kind != "ready":
+            raise SystemExit(f"a client process failed to start: {kind}")
+    cpu0 = cpu_seconds(pids)
+    t0 = time.perf_counter()
+    go.set()
+    results = [q.get(timeout=3600)[1] for _ in procs]
+    wall = time.perf_counter() - t0
+    cpu1 = cpu_seconds(pids)
+    for p in procs:
+        p.join(300)        # the lean client saves the operational identities before it exits
+    lat = [x for r in results for x in r["latencies"]]
+    failures = {k: v for r in results for k, v in r["failures"].items()}
+    steps = [s for r in results for s in r["steps"]]
+    client_cpu = sum(r["cpu"] for r in results)
+    done = len(lat)
+    out = {"mode": "renew" if renew else "enroll", "client": client, "devices": len(bundles),
+           "done": done, "errors": len(failures), "seconds": round(wall, 2),
+           "per_s": round(done / wall, 1) if wall else None,
+           "latency_ms": latency_ms(lat),
+           "server_cpu_ms_per_op": round((cpu1 - cpu0) * 1000 / done, 3) if done and pids else None,
+           "client_cpu_ms_per_op": round(client_cpu * 1000 / done, 3) if done else None,
+           "server_peak_rss_kib": peak_rss_kib(pids) if pids else None}
+    counters = [r["counters"] for r in results if "counters" in r]
+    if counters:      # lean client: retransmissions seen (lost datagrams or a slow gateway)
+        out["client_retransmissions"] = {k: sum(c[k] for c in counters) for k in counters[0]}
+    if steps:
+        names = ("connect", "renew") if renew else ("connect", "nonce", "evidence", "enroll", "config")
+        out["step_latency_ms"] = step_latency_ms(steps, names)
+    if failures:
+        out["first_failures"] = dict(list(failures.items())[:5])
+    out["_latencies"] = lat          # for pooled figures across rounds; removed before printing
+    return out

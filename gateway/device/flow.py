@@ -1,0 +1,227 @@
+"""The zero-touch flows, once, as sans-I/O generators (the h11 manner): a flow yields a `Request`
+and is sent the `Reply` to it, or yields a `Done` when a step's answer has been accepted (its
+value: the nonce, the verdict, the issued certificate, the configuration) and is sent None; it
+returns its result or raises `EnrollFailed(step, reason)`.
+
+    enroll_flow    GET /attest/nonce, POST /attest/evidence, POST /.well-known/est/sen, GET /config
+                   (one session, factory identity; nonce and evidence only with firmware to claim)
+    renew_flow     POST /.well-known/est/sren (operational identity)
+    config_flow    GET /config
+    crts_flow      GET /.well-known/est/crts
+
+`drive` runs a flow over any transport: a coroutine `exchange(request) -> reply` (aiocoap's in
+`client.py` for `devid enroll`, `renew` and `simulate`; the load generator's own DTLS sessions in
+benchmarks/), timing each step, and hands each `Done` to the caller, who stores and reports.
+Clock, key generation and the certificate check are passed in.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Generator, TypeVar
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import pkcs7
+
+from devid.gateway.device.identity import DeviceIdentity, Firmware, device_csr, new_p256_key, serial_of
+from devid.gateway.device.protocol import (CONFIG, CRTS, CT_PKCS7_CERTS, CT_PKIX_CERT, EVIDENCE, NONCE, SEN, SREN,
+                                           EnrollFailed, Endpoint, Reply, Request, cbor_map, check)
+
+T = TypeVar("T")
+Verify = Callable[[x509.Certificate, list[x509.Certificate]], Any]
+
+
+@dataclass(frozen=True)
+class Done:
+    """A step whose answer was accepted, and what it gave (an unacceptable verdict is given too,
+    then the flow raises)."""
+
+    step: str
+    value: Any
+
+
+Flow = Generator["Request | Done", "Reply | None", T]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    tier: str | None
+    acceptable: bool
+    reasons: tuple[str, ...]          # the reason codes
+
+    @property
+    def reasons_text(self) -> str:
+        return ", ".join(self.reasons) or "no findings"
+
+
+@dataclass(frozen=True)
+class Issued:
+    key: ec.EllipticCurvePrivateKey
+    chain: list[x509.Certificate]     # the new certificate, then the CAs the answer held
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return self.chain[0]
+
+
+@dataclass(frozen=True)
+class Config:
+    data: dict
+    raw: bytes                        # the answer as received (config.cbor)
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    serial: str
+    verdict: Verdict | None
+    issued: Issued
+    config: Config
+
+
+# -- reading answers -----------------------------------------------------------------------------------
+
+def read_nonce(reply: Reply) -> bytes:
+    nonce = cbor_map("nonce", reply).get("nonce")
+    if not isinstance(nonce, bytes) or not 8 <= len(nonce) <= 64:
+        raise EnrollFailed("nonce", "the answer holds no nonce of 8 to 64 bytes")
+    return nonce
+
+
+def read_verdict(reply: Reply) -> Verdict:
+    body = cbor_map("evidence", reply)
+    reasons = body.get("reasons")
+    codes = tuple(str(r.get("code", "?")) for r in reasons if isinstance(r, dict)) if isinstance(reasons, list) else ()
+    tier = body.get("verdict")
+    return Verdict(tier if isinstance(tier, str) else None, body.get("acceptable") is True, codes)
+
+
+def read_certificates(reply: Reply) -> list[x509.Certificate]:
+    """The certificates of a 287 (one DER certificate) or 281 (PKCS#7 certs-only) answer."""
+    try:
+        if reply.content_format == CT_PKIX_CERT:
+            return [x509.load_der_x509_certificate(reply.payload)]
+        return pkcs7.load_der_pkcs7_certificates(reply.payload)
+    except ValueError:
+        raise EnrollFailed("certificate", "the gateway's answer is not a certificate") from None
+
+
+def check_issued(certs: list[x509.Certificate], key: ec.EllipticCurvePrivateKey, serial: str,
+                 verify: Verify) -> list[x509.Certificate]:
+    """[the certificate for `key`, the other certificates of the answer]: for our new key, our
+    serial, and accepted by `verify(leaf, others)`. EnrollFailed at step `certificate`."""
+    public = key.public_key()
+    leaf = next((c for c in certs if c.public_key() == public), None)
+    if leaf is None:
+        raise EnrollFailed("certificate", "no certificate for the new key in the answer")
+    got = serial_of(leaf)
+    if got != serial:
+        raise EnrollFailed("certificate", f"issued for {got!r}, not this device")
+    chain = [c for c in certs if c is not leaf]
+    try:
+        verify(leaf, chain)
+    except Exception as exc:
+        raise EnrollFailed("certificate", f"the new certificate does not validate to the root: {exc}") from None
+    return [leaf, *chain]
+
+
+def read_config(reply: Reply, serial: str | None = None, device_type: str | None = None) -> Config:
+    """The configuration (a CBOR map) for this device: its serial and type if given, and trust anchors."""
+    config = cbor_map("config", reply)
+    if (serial is not None and config.get("device") != serial) or \
+            (device_type is not None and config.get("device_type") != device_type):
+        raise EnrollFailed("config", f"configuration for {config.get('device')!r} ({config.get('device_type')!r}), "
+                                     "not this device")
+    anchors = config.get("trust_anchors")
+    if not isinstance(anchors, list) or not anchors or not all(isinstance(a, bytes) for a in anchors):
+        raise EnrollFailed("config", "the configuration holds no trust anchors")
+    return Config(config, bytes(reply.payload))
+
+
+# -- the flows ---------------------------------------------------------------------------------------
+
+def ask(endpoint: Endpoint, payload: bytes = b"") -> Generator[Request, Reply, Reply]:
+    """One request; its answer once `check` accepts it."""
+    request = Request(endpoint, payload)
+    reply = yield request
+    return check(request, reply)
+
+
+def enroll_flow(identity: DeviceIdentity, firmware: Firmware | None, verify: Verify, *,
+                cert_format: int = CT_PKCS7_CERTS, new_key: Callable[[], ec.EllipticCurvePrivateKey] = new_p256_key,
+                clock: Callable[[], float] = time.time, secure_boot: bool = True, dbgstat: int = 2,
+                bootcount: int = 1) -> Flow[Enrolled]:
+    """The first enrollment, in one session with the factory identity. Without firmware no
+    evidence is sent (for device types whose policy waives attestation)."""
+    verdict = None
+    if firmware is not None:
+        nonce = read_nonce((yield from ask(NONCE)))
+        yield Done("nonce", nonce)
+        token = identity.evidence(nonce, firmware, iat=int(clock()), secure_boot=secure_boot, dbgstat=dbgstat,
+                                  bootcount=bootcount)
+        verdict = read_verdict((yield from ask(EVIDENCE, token)))
+        yield Done("evidence", verdict)          # reported even when it refuses: the device learns why
+        if not verdict.acceptable:
+            raise EnrollFailed("evidence", f"verdict {verdict.tier}: {verdict.reasons_text}")
+    issued = yield from _issue(SEN[cert_format], identity.serial, verify, new_key)
+    yield Done("enroll", issued)
+    config = read_config((yield from ask(CONFIG)), identity.serial, identity.device_type)
+    yield Done("config", config)
+    return Enrolled(identity.serial, verdict, issued, config)
+
+
+def renew_flow(serial: str, verify: Verify, *, cert_format: int = CT_PKCS7_CERTS,
+               new_key: Callable[[], ec.EllipticCurvePrivateKey] = new_p256_key) -> Flow[Issued]:
+    """A new operational certificate, in a session with the current operational identity."""
+    issued = yield from _issue(SREN[cert_format], serial, verify, new_key)
+    yield Done("renew", issued)
+    return issued
+
+
+def config_flow(serial: str | None = None, device_type: str | None = None) -> Flow[Config]:
+    config = read_config((yield from ask(CONFIG)), serial, device_type)
+    yield Done("config", config)
+    return config
+
+
+def crts_flow() -> Flow[list[x509.Certificate]]:
+    """The CA certificates of EST /crts (the root and the operational CA)."""
+    reply = yield from ask(CRTS)
+    try:
+        certs = pkcs7.load_der_pkcs7_certificates(reply.payload)
+    except ValueError:
+        raise EnrollFailed("crts", "the answer is not a PKCS#7 certificate bag") from None
+    yield Done("crts", certs)
+    return certs
+
+
+def _issue(endpoint: Endpoint, serial: str, verify: Verify, new_key) -> Generator[Request, Reply, Issued]:
+    key = new_key()
+    reply = yield from ask(endpoint, device_csr(key, serial))
+    return Issued(key, check_issued(read_certificates(reply), key, serial, verify))
+
+
+# -- driving a flow ------------------------------------------------------------------------------------
+
+async def drive(flow: Flow[T], exchange: Callable[[Request], Awaitable[Reply]],
+                on_step: Callable[[Done], None] | None = None, *, clock: Callable[[], float] = time.perf_counter,
+                started: float | None = None) -> tuple[T, dict[str, float]]:
+    """Run `flow`, each request through `exchange`; its result and the seconds of each step (from
+    the end of the previous one, or `started`, to its Done; `on_step` is not timed)."""
+    steps: dict[str, float] = {}
+    t = clock() if started is None else started
+    send: Any = None
+    try:
+        while True:
+            item = flow.send(send)
+            if type(item) is Done:
+                steps[item.step] = clock() - t
+                if on_step is not None:
+                    on_step(item)
+                t = clock()
+                send = None
+            else:
+                send = await exchange(item)
+    except StopIteration as stop:
+        return stop.value, steps
