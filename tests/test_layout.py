@@ -136,3 +136,15 @@ def test_only_the_coap_room_touches_aiocoap_internals():
         assert not internal, f"{rel} uses {internal}: aiocoap internals belong in gateway/coap/"
     for path in (ROOT / "gateway" / "dtls").rglob("*.py"):
         assert not [n for n in _imports(path) if n.startswith("aiocoap")], f"{path.name}: dtls/ knows no aiocoap"
+
+
+def test_architecture_page_draws_the_same_rooms():
+    """docs/architecture.md's table of rooms, floor by floor, is ROOMS (the rule this file holds)."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].isdigit():
+            rows.append((int(cells[0]), cells[1].strip("`").rstrip("/").removesuffix(".py")))
+    assert [floor for floor, _ in rows] == list(range(len(ROOMS)))
+    assert tuple(room for _, room in rows) == ROOMS
