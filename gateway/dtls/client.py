@@ -15,7 +15,7 @@ from OpenSSL import SSL
 
 from devid.gateway.dtls.events import Output, Peer
 from devid.gateway.dtls.errors import VERIFY_ERRORS
-from devid.gateway.dtls.session import Engine, Session, State
+from devid.gateway.dtls.session import CLOSED, ESTABLISHED, Engine, Session, State
 
 
 class ClientEngine(Engine):
@@ -74,7 +74,7 @@ class ClientEngine(Engine):
 
     @property
     def established(self) -> bool:
-        return self._s.state is State.ESTABLISHED
+        return self._s.state is ESTABLISHED
 
     @property
     def state(self) -> State:
@@ -106,7 +106,7 @@ class ClientEngine(Engine):
     def receive(self, datagram: bytes, now: float) -> Output:
         self._now = now
         out = Output()
-        if self._s.state is not State.CLOSED:
+        if self._s.state is not CLOSED:
             self._receive(self._s, datagram, out)
         return out
 
@@ -119,7 +119,7 @@ class ClientEngine(Engine):
     def close(self, now: float) -> Output:
         self._now = now
         out = Output()
-        if self._s.state is not State.CLOSED:
+        if self._s.state is not CLOSED:
             self._close(self._s, out, "closed by client")
         return out
 

@@ -43,7 +43,7 @@ from devid.gateway.dtls.cookies import Cookies, bind, hello_key
 from devid.gateway.dtls.events import Output, Peer
 from devid.gateway.dtls.limits import HandshakeRate, ServerLimits, address_key
 from devid.gateway.dtls.errors import VERIFY_ERRORS, RemoteProtocolError
-from devid.gateway.dtls.session import Engine, Session, State
+from devid.gateway.dtls.session import ESTABLISHED, HANDSHAKING, Engine, Session
 
 
 class Authenticator(Protocol):
@@ -143,12 +143,17 @@ class ServerEngine(Engine):
         if s is None:
             self._hello(peer, datagram, None, out)     # anything but a ClientHello is dropped there
             return out
-        if s.state is State.ESTABLISHED:
+        if s.state is ESTABLISHED:
             if datagram[:1] == b"\x16" and records.is_client_hello(datagram):
                 self._hello(peer, datagram, s, out)
                 return out
             if s.pending is not None:
                 self._receive_beside(s, datagram, out)
+                return out
+            s.last_seen = now
+            if s.rl is not None:                 # the common case: an established session's records
+                self._receive_records(s, datagram, out)
+                self._schedule(s)
                 return out
         self._receive(s, datagram, out)
         return out
@@ -272,10 +277,10 @@ class ServerEngine(Engine):
         if s.rl is not None:
             rest: list[bytes] = []
             self._receive_records(s, datagram, out, rest)
-            if s.state is State.ESTABLISHED:
+            if s.state is ESTABLISHED:
                 s.last_seen = self._now
                 self._schedule(s)
-            if rest and p.state is State.HANDSHAKING:
+            if rest and p.state is HANDSHAKING:
                 self._to_openssl(p, b"".join(rest), out)
             return
         # OpenSSL still holds the session (a suite the record layer lacks): it drops epoch-1
@@ -284,7 +289,7 @@ class ServerEngine(Engine):
         if epoch1:
             s.last_seen = self._now
             self._to_openssl(s, epoch1, out)
-        if p.state is State.HANDSHAKING:
+        if p.state is HANDSHAKING:
             self._to_openssl(p, datagram, out)
 
     @staticmethod
@@ -338,9 +343,9 @@ class ServerEngine(Engine):
         self.stats.failed += 1
 
     def _forget(self, s: Session) -> None:
-        if s.state is State.HANDSHAKING:
+        if s.state is HANDSHAKING:
             self._leave_half_open(s)
-        elif s.state is State.ESTABLISHED:
+        elif s.state is ESTABLISHED:
             key = self._device_key(s)
             mine = self._by_device.get(key) if key is not None else None
             if mine is not None:

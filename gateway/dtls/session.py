@@ -58,6 +58,10 @@ class State(enum.StrEnum):
     CLOSED = "closed"
 
 
+# the states as module globals: one lookup each on the per-datagram paths
+HANDSHAKING, ESTABLISHED, CLOSED = State.HANDSHAKING, State.ESTABLISHED, State.CLOSED
+
+
 class Session:
     """One handshake or session with one peer."""
 
@@ -68,7 +72,7 @@ class Session:
     def __init__(self, peer: Peer, conn: SSL.Connection, now: float, hs_deadline: float) -> None:
         self.peer = peer
         self.conn: SSL.Connection | None = conn
-        self.state = State.HANDSHAKING
+        self.state = HANDSHAKING
         self.identity: Any = None
         self.chain: list[Any] = []            # during the handshake; server: OpenSSL X509, client: cryptography
         self.failure: str | None = None       # why a verify callback refused the peer's certificate
@@ -158,7 +162,7 @@ class Engine:
 
     def _timeout(self, s: Session, out: Output) -> None:
         s.deadline = None
-        if s.state is State.HANDSHAKING:
+        if s.state is HANDSHAKING:
             if self._now >= s.hs_deadline:
                 self._fail(s, out, "handshake timeout")
                 return
@@ -168,25 +172,25 @@ class Engine:
                 self._fail(s, out, ssl_reason(exc))
                 return
             self._flush(s, out)
-        elif s.state is State.ESTABLISHED and self.idle_timeout is not None \
+        elif s.state is ESTABLISHED and self.idle_timeout is not None \
                 and self._now >= s.last_seen + self.idle_timeout:
             self._close(s, out, "idle timeout")
             return
         self._schedule(s)
 
     def _schedule(self, s: Session) -> None:
-        if s.state is State.HANDSHAKING:
+        if s.state is HANDSHAKING:
             when = s.hs_deadline
             retransmit = s.conn.DTLSv1_get_timeout()
             if retransmit is not None:
                 when = min(when, self._now + retransmit)
-        elif s.state is State.ESTABLISHED and self.idle_timeout is not None:
+        elif s.state is ESTABLISHED and self.idle_timeout is not None:
             # rounded up to a step (1 s, or an eighth of a short idle timeout): the datagrams of a
             # busy session then leave its deadline, and the timer heap, alone
             step = min(1.0, self.idle_timeout / 8)
             exact = s.last_seen + self.idle_timeout
             when = max(exact, math.ceil(exact / step) * step)      # never before it, despite rounding
-        elif s.state is State.CLOSED:
+        elif s.state is CLOSED:
             return
         else:
             when = None
@@ -207,7 +211,7 @@ class Engine:
             self._to_openssl(s, datagram, out)
 
     def _to_openssl(self, s: Session, datagram: bytes, out: Output) -> None:
-        if self._takes_over and s.state is State.HANDSHAKING:
+        if self._takes_over and s.state is HANDSHAKING:
             # epoch-1 records OpenSSL reads during the handshake (the peer's Finished): the record
             # layer's replay window must start with them
             s.rseqs.extend(int.from_bytes(r[5:11], "big") for r in records.split_records(datagram)
@@ -221,7 +225,7 @@ class Engine:
     def _drive(self, s: Session, out: Output) -> None:
         """Let OpenSSL act on what it was given: a handshake step, or plaintext to read."""
         try:
-            if s.state is State.HANDSHAKING:
+            if s.state is HANDSHAKING:
                 self._handshake(s, out)
             else:
                 self._read_plaintext(s, out)
@@ -243,7 +247,7 @@ class Engine:
         self._flush(s, out)
         identity, resumed = self._authenticate(s)
         self._admit(s, out, resumed)
-        s.state = State.ESTABLISHED
+        s.state = ESTABLISHED
         s.identity = identity
         s.cipher = s.conn.get_cipher_name()
         s.chain = []                       # only needed during the handshake
@@ -251,7 +255,7 @@ class Engine:
         self._admitted(s, out)
         self._read_plaintext(s, out)
         self._flush(s, out)
-        if self._takes_over and s.state is State.ESTABLISHED:
+        if self._takes_over and s.state is ESTABLISHED:
             self._take_over(s, [dg for p, dg in out.datagrams[first:] if p == s.peer])
 
     def _take_over(self, s: Session, final_flight: list[bytes]) -> None:
@@ -271,7 +275,7 @@ class Engine:
         s.conn = None
 
     def _read_plaintext(self, s: Session, out: Output) -> None:
-        while s.state is State.ESTABLISHED:
+        while s.state is ESTABLISHED:
             try:
                 data = s.conn.recv(65536)
             except SSL.WantReadError:
@@ -346,7 +350,7 @@ class Engine:
             first = len(out.datagrams)
             for datagram in records.pack_datagrams(b"".join(chunks), self.mtu):
                 out.datagrams.append((s.peer, datagram))
-            if self._takes_over and s.state is State.HANDSHAKING:    # follow OpenSSL's epoch-1 write sequence
+            if self._takes_over and s.state is HANDSHAKING:    # follow OpenSSL's epoch-1 write sequence
                 for _, dg in out.datagrams[first:]:
                     for r in records.split_records(dg):
                         if r[3:5] == b"\x00\x01":
@@ -355,7 +359,7 @@ class Engine:
     def _send(self, s: Session | None, peer: Peer, data: bytes) -> Output:
         """One application message in one record. LocalProtocolError for a peer without an
         established session, or a message that would not fit the MTU (use CoAP block-wise)."""
-        if s is None or s.state is not State.ESTABLISHED:
+        if s is None or s.state is not ESTABLISHED:
             raise LocalProtocolError(f"no established DTLS session with {peer!r}")
         limit = self.mtu - s.rl.overhead() if s.rl is not None else s.conn.get_cleartext_mtu()
         if len(data) > limit:
@@ -375,7 +379,7 @@ class Engine:
     def _close(self, s: Session, out: Output, reason: str) -> None:
         """close_notify (or OpenSSL's shutdown) for one session or handshake, then forget it."""
         if s.rl is not None:
-            if s.state is State.ESTABLISHED:
+            if s.state is ESTABLISHED:
                 out.datagrams.append((s.peer, s.rl.seal(records.CT_ALERT, CLOSE_NOTIFY)))
         elif s.conn is not None:
             try:
@@ -389,7 +393,7 @@ class Engine:
         """The one place a peer's fault (a RemoteProtocolError, a timeout) ends a session: a
         handshake fails (HandshakeFailed), an established session closes (SessionClosed)."""
         self._flush(s, out)        # the alert OpenSSL queued
-        if s.state is State.HANDSHAKING:
+        if s.state is HANDSHAKING:
             self._on_failure(s)
             out.events.append(HandshakeFailed(s.peer, reason))
             self._end(s, out, reason, emit=False)
@@ -397,7 +401,7 @@ class Engine:
             self._end(s, out, reason)
 
     def _end(self, s: Session, out: Output, reason: str, emit: bool = True) -> None:
-        if s.state is State.CLOSED:
+        if s.state is CLOSED:
             return
         self._forget(s)
         peer = s.peer
@@ -410,9 +414,9 @@ class Engine:
                 del self.sessions[peer]
         elif current is not None and current.pending is s:
             current.pending = None
-        if s.state is State.ESTABLISHED and emit:
+        if s.state is ESTABLISHED and emit:
             out.events.append(SessionClosed(peer, reason))
-        s.state = State.CLOSED
+        s.state = CLOSED
         s.closed_reason = reason
         s.deadline = None
         if s.conn is not None:
