@@ -1,11 +1,8 @@
 """The DTLS session core that the server and client roles share (`server.py`, `client.py`).
 
-Sans-I/O: no sockets and no clock. Every call of a role takes the current monotonic time `now`
-(seconds) and returns an `events.Output`; `next_deadline()` says when `handle_timeouts` must be
-called next. OpenSSL runs the handshake on memory BIOs (and its retransmission timer on its own
-clock); `now` drives everything else.
-
-One session moves through `State`:
+Sans-I/O: every call takes the monotonic time `now` and returns an `events.Output`;
+`next_deadline()` says when to call `handle_timeouts`. OpenSSL runs the handshake on memory BIOs
+(its retransmission timer on its own clock). One session moves through `State`:
 
     HANDSHAKING --(handshake complete)--> ESTABLISHED --(close_notify, idle timeout, alert)--> CLOSED
          \\--(refused, timeout, superseded)------------------------------------------------->/
@@ -13,12 +10,11 @@ One session moves through `State`:
 There is no CLOSING state: closing sends close_notify and forgets the session in the same call
 (the peer's answering close_notify, if any, is not waited for; RFC 5246 7.2.1 allows it).
 
-The core owns what both roles do the same way: feeding OpenSSL and draining it into datagrams
-(records.pack_datagrams), completing the handshake and handing the session to our record layer
-(recordlayer.py; the OpenSSL object is then freed), the records of an established session,
-answering close_notify, resending the final flight, closing, ending, sending, and the timers.
-A role supplies the handshake's identity (`_authenticate`) and its own bookkeeping (`_admit`,
-`_admitted`, `_forget`, `_on_failure`).
+The core does what both roles do alike: feeding and draining OpenSSL, completing the handshake
+and handing the session to our record layer (recordlayer.py; the OpenSSL object is freed), the
+records of an established session, close_notify, resending the final flight, closing, ending,
+sending, timers. A role supplies the peer's identity (`_authenticate`) and its bookkeeping
+(`_admit`, `_admitted`, `_forget`, `_on_failure`).
 
 Errors (errors.py): a caller's misuse raises `LocalProtocolError`; a peer's fault is a
 `RemoteProtocolError` that `_fail` turns into `HandshakeFailed` or `SessionClosed`.
