@@ -104,12 +104,12 @@ async def _one(ctx, port, session, keep_open=False, timeout=10.0):
                 data = await asyncio.wait_for(proto.queue.get(), wait)
             except asyncio.TimeoutError:
                 send(eng.handle_timeouts(loop.time()))
-                if eng.state == E.CLOSED:
+                if eng.state == E.State.CLOSED:
                     break
                 continue
             out = eng.receive(data, loop.time())
             send(out)
-            if eng.state == E.CLOSED:
+            if eng.state == E.State.CLOSED:
                 break
             if eng.established and not sent_get:
                 send(eng.send(COAP_GET_WKC, loop.time()))

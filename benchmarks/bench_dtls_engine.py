@@ -9,7 +9,7 @@ Only the server's work is timed (process CPU time around each server call).
 
   bare     pyOpenSSL Connection with memory BIOs: no cookie exchange, OpenSSL's own chain check,
            nothing else. The floor the library sets.
-  devid    gateway.dtls.engine.ServerEngine: stateless cookie exchange, OpenSSL's chain check,
+  devid    devid.gateway.dtls.server.ServerEngine: stateless cookie exchange, OpenSSL's chain check,
            then path validation with cryptography.x509.verification, the registry's revocation
            check, and the hand-over to devid's record layer.
   resumed  devid with session-ticket resumption (the registry check still runs).
@@ -47,6 +47,7 @@ from OpenSSL import SSL  # noqa: E402
 from devid.ca import keys  # noqa: E402
 from devid.gateway.app.datadir import DataDir  # noqa: E402
 from devid.gateway.dtls import contexts, engine as E  # noqa: E402
+from devid.gateway.dtls.session import Session  # noqa: E402
 from devid.gateway.service.identity import DeviceAuthenticator  # noqa: E402
 from devid.gateway.factory.provisioning import provision  # noqa: E402
 
@@ -161,7 +162,7 @@ def run_bare(ctx, client_ctx, n):
         client = SSL.Connection(client_ctx, None)
         client.set_connect_state()
         client.set_ciphertext_mtu(1280)
-        client.set_app_data(E._Session("gw", client, 0.0, 0.0))
+        client.set_app_data(Session("gw", client, 0.0, 0.0))   # what the client verify callback expects
         done = False
         while not done:
             try:

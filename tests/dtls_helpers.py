@@ -41,9 +41,9 @@ class FakeNetwork:
     """Carries datagrams between one client engine and a server engine, with faults.
 
     loss: probability a datagram is dropped; dup: probability it is delivered twice; reorder:
-    deliver the in-flight queue in random order. Time is a fake monotonic clock for the engines'
-    own timers; OpenSSL's retransmission timer runs on real time, so `run` sleeps for real when
-    only a retransmission can make progress."""
+    deliver the in-flight queue in random order. `now` is the engines' clock; it stands still
+    while datagrams are delivered and moves with real time while `run` waits for the engines' next
+    deadline (OpenSSL's retransmission timer, behind those deadlines, runs on real time)."""
 
     server: E.ServerEngine
     peer: tuple = ("10.0.0.1", 40000)
@@ -90,24 +90,33 @@ class FakeNetwork:
                 self._enqueue("c2s", out)
 
     def run(self, client: E.ClientEngine, until, real_timeout: float = 20.0):
-        """Start the client, deliver, then fire timers (sleeping for OpenSSL's real-time
-        retransmissions), until `until()` holds or `real_timeout` seconds pass."""
+        """Start the client, then `run_existing`."""
         self.from_client(client.start(self.now))
         return self.run_existing(client, until, real_timeout)
 
     def run_existing(self, client: E.ClientEngine, until, real_timeout: float = 20.0):
+        """Deliver everything in flight; while `until()` does not hold, wait for the earlier of
+        the two engines' next deadlines (as the asyncio transport's timer does), fire their timers
+        and deliver again. Returns `until()`: at once when neither engine has a deadline left
+        (nothing can happen any more), or after `real_timeout` seconds."""
         end = time.monotonic() + real_timeout
-        while time.monotonic() < end:
+        while True:
             self.deliver_all(client)
             if until():
                 return True
-            time.sleep(0.25)
-            self.now += 0.25
+            due = [d for d in (client.next_deadline(), self.server.next_deadline()) if d is not None]
+            left = end - time.monotonic()
+            if not due or left <= 0:
+                return until()
+            wait = min(min(due) - self.now, left)
+            if wait > 0:
+                started = time.monotonic()
+                time.sleep(wait)                 # until the deadline, not a fixed step
+                self.now += time.monotonic() - started
             self.from_client(client.handle_timeouts(self.now))
             out = self.server.handle_timeouts(self.now)
             self.server_events += out.events
             self._enqueue("s2c", out)
-        return until()
 
 
 class RawCoapOverDTLS:

@@ -108,7 +108,7 @@ def test_pending_handshake_that_times_out_leaves_the_session(data, registry, dev
     assert srv.half_open == 1
     out = srv.handle_timeouts(6.0)
     assert out.events == [E.HandshakeFailed(P, "handshake timeout")]
-    assert srv.sessions == {P: old} and old.pending is None and old.state == E.ESTABLISHED
+    assert srv.sessions == {P: old} and old.pending is None and old.state == E.State.ESTABLISHED
     assert srv.half_open == 0 and srv._half_open_by_address == {}
     net.now = 6.0
     assert works(srv, net, old_client)
@@ -140,10 +140,10 @@ def test_pending_handshake_carries_on_when_the_old_session_ends(data, registry, 
     flight = start_pending(srv, new_client, now=50.0)
     out = srv.handle_timeouts(61.0)
     assert E.SessionClosed(P, "idle timeout") in out.events
-    assert srv.sessions[P].state == E.HANDSHAKING and srv.half_open == 1
+    assert srv.sessions[P].state == E.State.HANDSHAKING and srv.half_open == 1
     events = shuttle(srv, new_client, flight, now=61.0)
     assert [type(e) for e in events] == [E.HandshakeComplete]
-    assert srv.sessions[P].state == E.ESTABLISHED and srv.half_open == 0 and srv.stats.replaced == 0
+    assert srv.sessions[P].state == E.State.ESTABLISHED and srv.half_open == 0 and srv.stats.replaced == 0
 
 
 def test_close_ends_the_session_and_the_handshake_beside_it(data, registry, device):

@@ -83,7 +83,7 @@ def test_smallest_mtu_completes_a_handshake(data, ca, registry):
         ctx = client_context_for(issued.cert, [data.cert("manufacturing")], key, data.cert("root"))
         client = E.ClientEngine(ctx, ("gw", 5684), mtu=mtu)
         ok = net.run(client, lambda: client.established and net.peer in srv.sessions
-                     and srv.sessions[net.peer].state == E.ESTABLISHED, real_timeout=3)
+                     and srv.sessions[net.peer].state == E.State.ESTABLISHED, real_timeout=3)
         return ok, srv, net, client
 
     ok, srv, net, client = attempt(MIN_MTU)

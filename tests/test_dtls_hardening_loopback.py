@@ -211,7 +211,7 @@ def test_replayed_client_hello_with_cookie_leaves_the_session_working(data, bund
             # all the gateway sent since the replays is the answer to the request: one record of
             # application data in the session's epoch; nothing in answer to the replays
             assert len(after) == 1 and [(r[0], r[3:5]) for r in records.split_records(after[0])] == [(23, b"\x00\x01")]
-            assert gw.engine.sessions[relay.address] is session and session.state == E.ESTABLISHED
+            assert gw.engine.sessions[relay.address] is session and session.state == E.State.ESTABLISHED
             assert gw.engine.half_open == 0
             now = dict(vars(gw.engine.stats))
             assert {k: now[k] - stats[k] for k in now if now[k] != stats[k]} == {"replays": 3}
@@ -246,7 +246,7 @@ def test_device_that_lost_its_session_reconnects_from_the_same_address(data, bun
             who = await get(second, uri)
             assert who.code == aiocoap.CONTENT and json.loads(who.payload)["serial"] == "SN00000002"
             new = gw.engine.sessions[relay.address]
-            assert new is not old and new.state == E.ESTABLISHED and old.state == E.CLOSED
+            assert new is not old and new.state == E.State.ESTABLISHED and old.state == E.State.CLOSED
             assert gw.engine.stats.replaced == 1 and gw.engine.half_open == 0
             assert (await get(second, uri)).code == aiocoap.CONTENT
         finally:

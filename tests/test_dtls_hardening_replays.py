@@ -78,12 +78,12 @@ def test_replay_beside_a_newer_session_leaves_its_pending_handshake(data, regist
     assert pending is not None and srv.half_open == 1
     out = srv.receive(P, replay, 7.0)
     assert out.datagrams == [] and out.events == [] and srv.stats.replays == 1
-    assert srv.sessions[P] is session2 and session2.pending is pending and pending.state == E.HANDSHAKING
+    assert srv.sessions[P] is session2 and session2.pending is pending and pending.state == E.State.HANDSHAKING
     net2.now = 7.0
     assert works(srv, net2, second)
     events = shuttle(srv, third, flight, now=7.0)
     assert [type(e) for e in events] == [E.SessionClosed, E.HandshakeComplete]
-    assert srv.sessions[P] is pending and pending.state == E.ESTABLISHED and srv.stats.failed == 0
+    assert srv.sessions[P] is pending and pending.state == E.State.ESTABLISHED and srv.stats.failed == 0
 
 
 def cookie_exchange(srv, client, peer=P, now=0.0):
@@ -93,16 +93,17 @@ def cookie_exchange(srv, client, peer=P, now=0.0):
     return second[1], srv.receive(peer, second[1], now)
 
 
-def retransmission(client, deadline=10.0):
+def retransmission(client, started, deadline=10.0):
     """The client's own retransmission of its last flight, on OpenSSL's real-time timer (about a
-    second): polled until it comes, with a deadline."""
+    second): fired at the client's own deadlines, on a clock that was 0.0 at `started` (real
+    time), until it comes or `deadline` seconds pass."""
     end = time.monotonic() + deadline
     while time.monotonic() < end:
-        out = client.handle_timeouts(0.0)
+        time.sleep(max(0.0, min(started + client.next_deadline(), end) - time.monotonic()))
+        out = client.handle_timeouts(time.monotonic() - started)
         if out.datagrams:
             (datagram,) = out.datagrams
             return datagram[1]
-        time.sleep(0.05)
     raise AssertionError("the client never retransmitted")
 
 
@@ -116,9 +117,10 @@ def test_retransmitted_client_hello_with_cookie_still_completes(data, registry, 
     if beside:
         connect(srv, client_for(data, device))
     client = client_for(data, device)
+    started = time.monotonic()
     original, lost = cookie_exchange(srv, client)                 # the flight is never delivered
     assert lost.datagrams and srv.half_open == 1
-    again = retransmission(client)
+    again = retransmission(client, started)
     hello, first = records.parse_client_hello(again), records.parse_client_hello(original)
     assert (hello.random, hello.cookie) == (first.random, first.cookie) and again[5:11] != original[5:11]
     assert srv.cookies.seen(hello_key(P, hello.random))
@@ -126,7 +128,7 @@ def test_retransmitted_client_hello_with_cookie_still_completes(data, registry, 
     assert len(out.datagrams) == len(lost.datagrams) and srv.stats.replays == 0
     events = shuttle(srv, client, [d for _, d in out.datagrams])
     assert [type(e) for e in events] == ([E.SessionClosed] if beside else []) + [E.HandshakeComplete]
-    assert client.established and srv.sessions[P].state == E.ESTABLISHED and srv.half_open == 0
+    assert client.established and srv.sessions[P].state == E.State.ESTABLISHED and srv.half_open == 0
 
 
 # -- the memory's bound -------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL, crypto
 
+from devid.gateway.dtls.client import ClientEngine
+
 DTLS1_2_VERSION = 0xFEFD
 CIPHERS_CCM8_AND_GCM = b"ECDHE-ECDSA-AES128-CCM8:ECDHE-ECDSA-AES128-GCM-SHA256:@SECLEVEL=0"
 CIPHERS_GCM_ONLY = b"ECDHE-ECDSA-AES128-GCM-SHA256"
@@ -65,7 +67,6 @@ def client_context(cert: x509.Certificate | None, chain: Sequence[x509.Certifica
     """A device's Context. Without `cert` and `key`, a template for many devices: each connection
     sets its own (`ClientEngine(certificate=, private_key=)`). `root` may be several anchors; an
     anchor that is not self-signed ends the chain there (partial chain, as on the server)."""
-    from devid.gateway.dtls.engine import ClientEngine
     ctx = _base(SSL.DTLS_CLIENT_METHOD, ciphers)
     if cert is not None:
         ctx.use_certificate(cert)
