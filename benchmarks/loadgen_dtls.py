@@ -18,7 +18,8 @@ from OpenSSL import SSL
 
 from devid.gateway.device.protocol import EnrollFailed, Request
 from devid.gateway.dtls import contexts
-from devid.gateway.dtls.engine import ApplicationData, ClientEngine, HandshakeComplete, HandshakeFailed, SessionClosed
+from devid.gateway.dtls.engine import (ApplicationData, ClientEngine, DTLSError, HandshakeComplete, HandshakeFailed,
+                                      SessionClosed)
 from loadgen_coap import ACK, CON, RST, Response, block2_option, decode_message, encode_message, encode_options
 
 ACK_TIMEOUT = 2.0           # RFC 7252 4.8 (without the random factor: a load generator wants it plain)
@@ -134,7 +135,7 @@ class Session:
     def _send(self, message: bytes) -> None:
         try:
             self._process(self.engine.send(message, self.loop.time()))
-        except (ConnectionError, SSL.Error) as exc:
+        except DTLSError as exc:              # no established session (LocalProtocolError)
             self._fail(f"cannot send: {exc}")
 
     def _coap(self, data: bytes) -> None:
