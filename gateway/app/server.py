@@ -265,12 +265,16 @@ def serve_workers(data: DataDir, config: GatewayConfig, workers: int, log_level:
         for p in procs:
             if p.is_alive():
                 p.terminate()            # SIGTERM: a clean shutdown in the worker
+    started: set[int] = set()       # workers that reported ready: their SIGHUP handler is in place
+
     def reload(*_):
-        # the policy lives in the workers: each reads the file again (each also watches it)
-        for p in procs:
-            if p.pid is not None and p.is_alive():
+        # the policy lives in the workers: each reads the file again. A worker still starting is
+        # left alone (a SIGHUP before its handler would end it): it reads the file as it starts,
+        # or its watch of the file sees a change made after that
+        for i in sorted(started):
+            if procs[i].is_alive():
                 try:
-                    os.kill(p.pid, signal.SIGHUP)
+                    os.kill(procs[i].pid, signal.SIGHUP)
                 except ProcessLookupError:
                     pass
     old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -315,6 +319,7 @@ def serve_workers(data: DataDir, config: GatewayConfig, workers: int, log_level:
                     continue
             if kind == "ready":
                 ready += 1
+                started.add(index)
                 addresses = payload
             else:
                 handle(kind, index, payload)
