@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from devid.attestation.policy import parse_policy
-from devid.gateway.app.policy_reload import PolicyFile
+from devid.gateway.app.policy_reload import PolicyFile, _stamp
 from devid.gateway.app.server import POLICY_FILE
 from devid.gateway.device.enroll import Firmware
 from devid.gateway.factory.provisioning import provision
@@ -341,3 +341,15 @@ def test_a_removed_file_keeps_the_policy_and_its_return_is_taken(watched):
     assert pf.changed() and pf.reload("file")
     assert applied[-1] == parse_policy(policy_text(FW_A, FW_B), str(path)) and pf.in_force is applied[-1]
     assert events() == [("missing", "file"), ("reloaded", "file")]
+
+
+def test_a_rewrite_within_the_clock_tick_of_a_read_is_seen_by_its_content(watched):
+    """A same-size rewrite in the tick of the last read keeps the stat stamp (file times move in
+    ticks): such a "racy" file is compared by content until the tick is surely over."""
+    pf, path, applied, first, events = watched
+    assert pf.racy_until is not None                # read right after it was written
+    path.write_text(policy_text(FW_B))              # the same size
+    pf.stamp = _stamp(path)                         # the stamp the poll saw, as if unchanged
+    assert pf.changed()
+    assert pf.reload("file") and applied[-1].for_type("temperature-sensor").firmware[0].version == "3.2.0"
+    assert not pf.changed()                         # same bytes: no reload at every poll
