@@ -38,6 +38,12 @@ class AttestationService:
         self.verifier = Verifier(policy, self.nonces, clock=clock)
         self.log = AttestationLog(log_store)
 
+    def use_policy(self, policy: Policy) -> None:
+        """Appraise with `policy` from now on (a reload); nonces already issued keep their expiry."""
+        self.policy = policy
+        self.verifier.policy = policy
+        self.nonces.lifetime = policy.nonce_lifetime
+
     def issue_nonce(self, device_serial: str, cert_fingerprint: str, session: bytes | None = None) -> NonceRecord:
         return self.nonces.issue(device_serial, cert_fingerprint, session)
 

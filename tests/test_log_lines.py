@@ -135,6 +135,12 @@ def trigger_every_event(data, ca, tmp_path) -> None:
         revoke_device(gw.registry, "TS00000004", "keyCompromise", NOW)
         with pytest.raises(Exception):      # handshake refused (the device is revoked): the client gives up
             await _with(four, uri, ("/attest/nonce", codes.GET, {}))
+        # the policy read again (SIGHUP calls this): a bad file is refused, a good one taken
+        policy = data.path / POLICY_FILE
+        policy.write_text(POLICY + "\n[device_types.x]\nattestation = 'sometimes'\n")
+        assert not gw.reload_policy("signal")
+        policy.write_text(POLICY)
+        assert gw.reload_policy("signal")
     # nonces: TS00000001 spends one enrolling, one refused with its operational identity
     run_with_gateway(data, body, budgets=Budgets(nonce=Rate(2, 600.0)))
     # storage: the registry's health tracker on the gateway's logger (the real disk-full path runs in

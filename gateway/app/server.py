@@ -2,7 +2,9 @@
 
 Builds the DTLS server Context from the data directory (gateway certificate and key, the
 manufacturing and operational CAs as trust anchors), the device authenticator (path validation +
-registry), the CoAP site, and runs until SIGINT or SIGTERM.
+registry), the CoAP site, and runs until SIGINT or SIGTERM. SIGHUP, or a change of the policy
+file, reloads the attestation policy (`policy_reload.py`); with `--workers`, the parent passes
+SIGHUP on to every worker, and every worker watches the file itself.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import aiocoap.resource as resource
 
-from devid.attestation.policy import Policy, load_policy
+from devid.attestation.policy import Policy
 from devid.attestation.service import AttestationService
 
 from devid.gateway.store.attestation_store import SQLiteAttestationStore
@@ -30,6 +32,7 @@ from devid.attestation.log_budget import LogBudget
 from devid.gateway.service.budgets import Budgets
 from devid.gateway.store.configuration import ConfigTemplates
 from devid.gateway.app.datadir import DataDir
+from devid.gateway.app.policy_reload import CHECK_INTERVAL, POLICY_FILE, PolicyFile
 from devid.gateway.service.enrollment import EnrollmentService
 from devid.gateway.service.resources import WhoAmI, add_enrollment_resources
 from devid.gateway.dtls import contexts, engine as E
@@ -41,7 +44,6 @@ from devid.gateway.system.logs import configure_logging
 from devid.gateway.store.storage import StorageHealth
 
 log = logging.getLogger("devid.gateway")
-POLICY_FILE = "attestation-policy.toml"
 
 
 def utcnow() -> datetime:
@@ -57,16 +59,6 @@ def build_site() -> resource.Site:
     return site
 
 
-def load_gateway_policy(data: DataDir) -> Policy:
-    """DATA/attestation-policy.toml; without one, no device type can enroll (logged once)."""
-    path = data.path / POLICY_FILE
-    if not path.exists():
-        log.warning("policy", extra={"result": "missing", "path": str(path),
-                                     "effect": "no device type can enroll until a policy is written"})
-        return Policy(device_types={}, source=str(path))
-    return load_policy(path)
-
-
 @dataclass
 class GatewayConfig:
     listen: list[tuple[str, int]] = field(default_factory=lambda: [("0.0.0.0", 5684), ("::", 5684)])
@@ -74,6 +66,7 @@ class GatewayConfig:
     limits: E.ServerLimits | None = None
     ciphers: bytes = contexts.CIPHERS_CCM8_AND_GCM
     revocation_check_interval: float = 5.0
+    policy_check_interval: float | None = CHECK_INTERVAL    # s between looks at the policy file; None: SIGHUP only
     reuse_port: bool = False
     budgets: Budgets | None = None              # per-device limits (docs/enrollment.md#budgets)
     log_budget: LogBudget | None = None         # refused evidence logged per device (docs/attestation.md)
@@ -98,7 +91,8 @@ class Gateway:
                                                  superseded_grace=budgets.superseded_grace)
         self.engine = E.ServerEngine(self.ssl_context, self.authenticator,
                                      self.config.limits or settings.server_limits)
-        self.policy = load_gateway_policy(data)
+        self.policy_file = PolicyFile(data.path / POLICY_FILE, self.use_policy)
+        self.policy = self.policy_file.load_at_start()
         store = SQLiteAttestationStore(self.registry)
         self.attestation = AttestationService(self.policy, store, store, clock=clock,
                                               max_outstanding_nonces=budgets.outstanding_nonces,
@@ -114,6 +108,18 @@ class Gateway:
         add_enrollment_resources(self.site, self.enrollment, data.cert("root"), op)
         self.coap: CoapServer | None = None
         self.interface: DTLSServerInterface | None = None
+        self._policy_watch: asyncio.Task | None = None
+
+    def use_policy(self, policy: Policy) -> None:
+        """Put a validated policy in force for every later request (nothing is awaited here, so
+        a request in the event loop sees the old policy or the new one, never a mix)."""
+        self.policy = policy
+        self.attestation.use_policy(policy)
+        self.enrollment.policy = policy
+
+    def reload_policy(self, trigger: str = "signal") -> bool:
+        """Read the policy file again now (SIGHUP); True if a new policy is in force."""
+        return self.policy_file.reload(trigger)
 
     async def start(self) -> None:
         self.coap = CoapServer(self.site)
@@ -123,12 +129,18 @@ class Gateway:
         self.coap.interface = self.interface
         self.interface.start_revocation_watch(self.authenticator.ended,
                                               self.config.revocation_check_interval)
+        if self.config.policy_check_interval:
+            self._policy_watch = asyncio.get_running_loop().create_task(
+                self.policy_file.watch(self.config.policy_check_interval))
 
     @property
     def addresses(self) -> list[tuple]:
         return self.interface.addresses if self.interface else []
 
     async def stop(self) -> None:
+        if self._policy_watch is not None:
+            self._policy_watch.cancel()
+            self._policy_watch = None
         if self.coap is not None:
             await self.coap.shutdown()
             self.coap = None
@@ -145,11 +157,16 @@ def _stats_line(stats: dict) -> str:
 
 
 async def serve(data: DataDir, config: GatewayConfig, ready=None, announce: bool = True) -> dict:
-    """Run one gateway until SIGINT/SIGTERM; returns its DTLS statistics."""
+    """Run one gateway until SIGINT/SIGTERM, reloading its policy on SIGHUP; returns its DTLS
+    statistics."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    gateway: Gateway | None = None
+    # installed before the gateway reads its policy: a SIGHUP during start-up is not fatal (the
+    # policy read at start is then the newest, or the file watch sees the change)
+    loop.add_signal_handler(signal.SIGHUP, lambda: gateway.reload_policy("signal") if gateway else None)
     gateway = Gateway(data, config)
     await gateway.start()
     if announce:
@@ -174,6 +191,7 @@ def _worker(path: str, config: GatewayConfig, log_level: str, index: int, queue,
     """One worker process of `devid serve --workers N`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # the parent turns ^C into SIGTERM for us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)       # until serve() installs its clean shutdown
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)        # until serve() installs the policy reload
     # if the parent dies (even by kill -9), SIGTERM: a clean shutdown that frees the port;
     # ended after WORKER_GRACE if that does not finish
     die_with_parent(parent, signal.SIGTERM, grace=WORKER_GRACE)
@@ -231,7 +249,20 @@ def serve_workers(data: DataDir, config: GatewayConfig, workers: int, log_level:
         for p in procs:
             if p.is_alive():
                 p.terminate()            # SIGTERM: a clean shutdown in the worker
+    started: set[int] = set()       # workers that reported ready: their SIGHUP handler is in place
+
+    def reload(*_):
+        # the policy lives in the workers: each reads the file again. A worker still starting is
+        # left alone (a SIGHUP before its handler would end it): it reads the file as it starts,
+        # or its watch of the file sees a change made after that
+        for i in sorted(started):
+            if procs[i].is_alive():
+                try:
+                    os.kill(procs[i].pid, signal.SIGHUP)
+                except ProcessLookupError:
+                    pass
     old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    old[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)
     import queue as queue_module
     totals: dict[str, int] = {}
     failed = False
@@ -272,6 +303,7 @@ def serve_workers(data: DataDir, config: GatewayConfig, workers: int, log_level:
                     continue
             if kind == "ready":
                 ready += 1
+                started.add(index)
                 addresses = payload
             else:
                 handle(kind, index, payload)
