@@ -22,6 +22,10 @@ _LIMIT_FLAGS = ("max_sessions", "max_half_open", "max_half_open_per_address", "m
 
 def cmd_serve(args) -> int:
     import asyncio
+    import signal
+    # a SIGHUP (policy reload) sent while the gateway is still starting must not end it: ignored
+    # until serve() installs the reload handler (imports and key decryption take a second or more)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from devid.gateway.dtls.engine import LimitError, ServerLimits
     from devid.gateway.coap.transport import parse_listen
     from devid.gateway.system.logs import configure_logging
