@@ -201,7 +201,7 @@ def test_a_gateway_that_refuses_the_device_fails_at_connect_on_both_transports(w
     failures = run_with_gateway(data, body)
     for exc in failures.values():
         assert exc.step == "connect" and exc.reason.startswith("the DTLS handshake failed (")
-        assert "refused this device's certificate" in exc.reason
+        assert "refused this device's certificate: it is revoked" in exc.reason    # the alert says why
 
 
 # -- the protocol without a network -----------------------------------------------------------------------

@@ -70,9 +70,22 @@ class EnrollFailed(Exception):
         """The DTLS handshake failed; `reason` as the DTLS engine gives it."""
         if reason.startswith("server certificate refused"):
             return cls("connect", f"the gateway's certificate is not acceptable: {reason}")
-        hint = ("; the gateway refused this device's certificate (revoked, expired or unknown)"
-                if "alert" in reason else "")
+        said = reason.lower()
+        hint = next((h for alert, h in _ALERT_HINTS if alert in said), "")
+        if not hint and "alert" in said:
+            hint = "; the gateway refused this device's certificate"
         return cls("connect", f"the DTLS handshake failed ({reason}){hint}")
+
+
+# what the gateway's alert says (docs/gateway.md#device-certificates), as OpenSSL names it
+_ALERT_HINTS = (
+    ("certificate revoked", "; the gateway refused this device's certificate: it is revoked"),
+    ("certificate expired", "; the gateway refused this device's certificate: it has expired or is not yet valid"),
+    ("bad certificate", "; the gateway refused this device's certificate: not one it issued and recorded, "
+                        "or superseded by a newer one"),
+    ("unknown ca", "; the gateway refused this device's certificate: not issued by a CA it trusts"),
+    ("internal error", "; the gateway could not check this device's certificate: try again later"),
+)
 
 
 # -- requests --------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from cryptography import x509
 from OpenSSL import SSL
 
 from devid.gateway.dtls import records
+from devid.gateway.dtls.alerts import KEEP, CertificateRefused, install_verify
 from devid.gateway.dtls.cookies import Cookies, bind, hello_key
 from devid.gateway.dtls.events import Output, Peer
 from devid.gateway.dtls.limits import HandshakeRate, ServerLimits, address_key
@@ -48,7 +49,9 @@ from devid.gateway.dtls.session import ESTABLISHED, HANDSHAKING, Engine, Session
 
 class Authenticator(Protocol):
     def authenticate(self, leaf: x509.Certificate, intermediates: list[x509.Certificate]) -> Any:
-        """Return the peer's identity, or raise an exception whose text is the refusal reason."""
+        """Return the peer's identity, or raise `alerts.CertificateRefused` (its text is the
+        refusal reason, its alert what the peer is sent); any other exception is an
+        `internal_error`."""
 
 
 @dataclass
@@ -95,7 +98,7 @@ class ServerEngine(Engine):
         self._by_device: dict[Any, list[Session]] = {}   # device key -> its established sessions, oldest first
         context.set_cookie_generate_callback(self._cookie_generate)
         context.set_cookie_verify_callback(self._cookie_verify)
-        context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
+        install_verify(context, SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
 
     # -- cookies: OpenSSL checks them again in DTLSv1_listen and in the handshake ------------------
 
@@ -108,27 +111,31 @@ class ServerEngine(Engine):
 
     # -- certificate verification (inside the handshake) ----------------------------------------
 
-    def _verify(self, conn: SSL.Connection, cert: Any, errno: int, depth: int, ok: int) -> bool:
+    def _verify(self, conn: SSL.Connection, cert: Any, errno: int, depth: int, ok: int) -> str | None:
+        """None to accept; else the alert the peer is sent (alerts.py)."""
         s = conn.get_app_data()
         if not isinstance(s, Session):
-            return False
+            return "internal_error"
         if not ok:
             s.failure = f"certificate refused by OpenSSL: {VERIFY_ERRORS.get(errno, f'X509 error {errno}')}"
-            return False
+            return KEEP                 # OpenSSL's own error chooses the alert (unknown_ca, ...)
         # OpenSSL reports the chain from the trust anchor down to the leaf (depth 0). The anchor
         # (top) is one of the verifier's own anchors too, so only the certificates below it are
         # converted (each to_cryptography() is a DER round trip, ~65 us measured).
         s.chain.append(cert)
         if depth > 0:
-            return True
+            return None
         leaf = cert.to_cryptography()
         intermediates = [c.to_cryptography() for c in reversed(s.chain[1:-1])]
         try:
             s.identity = self.authenticator.authenticate(leaf, intermediates)
-        except Exception as exc:      # any refusal, including unexpected ones, fails the handshake
+        except CertificateRefused as exc:
+            s.failure = str(exc) or "certificate refused"
+            return exc.alert
+        except Exception as exc:      # an authenticator that could not decide (its registry failed)
             s.failure = str(exc) or exc.__class__.__name__
-            return False
-        return True
+            return "internal_error"
+        return None
 
     # -- the API -------------------------------------------------------------------------------
 

@@ -15,10 +15,13 @@ from typing import Callable
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from devid.ca.errors import ValidationFailed
+from devid.ca.errors import DeviceRevoked, ValidationFailed
 from devid.ca.identity import IdentitySettings
 from devid.ca.store import Registry
+from devid.ca.authority import to_utc
 from devid.ca.validation import DeviceVerifier
+
+from devid.gateway.dtls.alerts import CertificateRefused
 
 SUPERSEDED_SESSION_GRACE = timedelta(seconds=247)
 
@@ -63,14 +66,28 @@ class DeviceAuthenticator:
         }
 
     def authenticate(self, leaf: x509.Certificate, intermediates: list[x509.Certificate]) -> PeerIdentity:
+        """The peer's identity, or `CertificateRefused` with the alert that tells the device why
+        (certificate_revoked, certificate_expired, unknown_ca, bad_certificate). A registry that
+        fails raises on: the engine answers internal_error."""
         try:
             kind, verifier = self._verifiers[leaf.issuer]
         except KeyError:
-            raise ValidationFailed("certificate not issued by the manufacturing or the operational CA") from None
-        ident = verifier.verify(leaf, intermediates, now=self.clock())
+            raise CertificateRefused("certificate not issued by the manufacturing or the operational CA",
+                                     "unknown_ca") from None
+        now = to_utc(self.clock())
+        if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
+            raise CertificateRefused(f"certificate path does not validate: the certificate has expired or is "
+                                     f"not yet valid (valid {leaf.not_valid_before_utc:%Y-%m-%d} to "
+                                     f"{leaf.not_valid_after_utc:%Y-%m-%d})", "certificate_expired")
+        try:
+            ident = verifier.verify(leaf, intermediates, now=now)
+        except DeviceRevoked as exc:
+            raise CertificateRefused(str(exc), "certificate_revoked") from None
+        except ValidationFailed as exc:
+            raise CertificateRefused(str(exc), "bad_certificate") from None
         key = leaf.public_key()
         if not isinstance(key, ec.EllipticCurvePublicKey):
-            raise ValidationFailed("device key is not an EC key")
+            raise CertificateRefused("device key is not an EC key", "bad_certificate")
         return PeerIdentity(ident.serial, ident.device_type, kind, ident.fingerprint, ident.certificate_serial, key)
 
     def revoked(self, identities: list[PeerIdentity]) -> list[PeerIdentity]:
