@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -45,8 +46,8 @@ def cmd_enroll(args) -> int:
     except ConfigNotFetched as exc:
         print(f"devid: error: enrolled, but the configuration could not be fetched ({exc.reason}): operational "
               f"certificate {exc.certificate.serial_number:x} is stored in {exc.directory} (op-key.pem, op-cert.pem, "
-              f"op-chain.pem); get the configuration with 'devid fetch-config --gateway {args.gateway} "
-              f"--device {exc.directory}'", file=sys.stderr)
+              f"op-chain.pem); get the configuration with: devid fetch-config --gateway {shlex.quote(args.gateway)} "
+              f"--device {shlex.quote(str(exc.directory))}", file=sys.stderr)
         return EXIT_CONFIG_NOT_FETCHED
     except EnrollFailed as exc:
         raise CLIError(f"enrollment failed at step {exc.step}: {exc.reason}") from None
