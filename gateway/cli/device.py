@@ -138,7 +138,10 @@ def _device_flags(s, firmware=True):
 def add_commands(sub, common: argparse.ArgumentParser) -> None:
     # the device commands take no --data: a device knows its bundle and its gateway, not the CA
     s = sub.add_parser("enroll", help="enroll a device: attest, get an operational identity "
-                                      "and its configuration (field engineer's script)")
+                                      "and its configuration (field engineer's script)",
+                       epilog=f"exit status: 0 enrolled; 1 failed; 2 bad command line; {EXIT_CONFIG_NOT_FETCHED} "
+                              "enrolled (certificate stored) but the configuration was not fetched: "
+                              "run 'devid fetch-config'")
     _device_flags(s)
     s.add_argument("--device", required=True, metavar="DIR", help="the device's bundle from 'devid provision'")
     s.add_argument("--json", action="store_true", help="print one JSON summary instead of the steps")
