@@ -40,7 +40,7 @@ from pathlib import Path
 
 from bench_clients import run_clients
 from bench_common import start_gateway
-from devid.gateway.device.stats import percentile_ms
+from devid.gateway.device.stats import median, percentile_ms
 
 SYNC_MODES = {"normal": {"DEVID_BENCH_SYNCHRONOUS": "normal"}, "durable": {},
               "full": {"DEVID_BENCH_SYNCHRONOUS": "full"}}
@@ -127,8 +127,8 @@ def durability(args, data, bundles: list[str], work: Path) -> dict:
     return {
         "errors": errors,
         "rounds": rounds,
-        "median": {m: {"server_cpu_ms_per_op": statistics.median(g[m]["server_cpu_ms_per_op"] for g in rounds),
-                       "per_s": statistics.median(g[m]["per_s"] for g in rounds),
+        "median": {m: {"server_cpu_ms_per_op": median(g[m]["server_cpu_ms_per_op"] for g in rounds),   # null if
+                       "per_s": median(g[m]["per_s"] for g in rounds),                                # none done
                        "p95_ms_pooled": _pooled(pools[m], 95)} for m in SYNC_MODES},
         "ratios_to_normal": {m: {"server_cpu": ratio(m, cpu), "p95": ratio(m, p95)} for m in ("durable", "full")},
         "commit": commit_cost(data.path),

@@ -1,14 +1,26 @@
-"""`devid enroll`, `devid renew` and `devid simulate`: the device side, through the device client
-(gateway/device/), imported when a command runs so the other commands start without aiocoap."""
+"""`devid enroll`, `devid renew`, `devid fetch-config` and `devid simulate`: the device side, through
+the device client (gateway/device/), imported when a command runs so the other commands start
+without aiocoap."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 from pathlib import Path
 
 from devid.gateway.cli import output
 from devid.gateway.errors import CLIError
+
+# `devid enroll`: enrolled (the operational identity is stored) but the configuration was not fetched
+EXIT_CONFIG_NOT_FETCHED = 3
+NO_FIRMWARE = "enrolling without attestation evidence (only for device types whose policy waives it)"
+
+
+def _warn(args, text: str) -> None:
+    """A warning: with the output on stdout, or on stderr when stdout carries --json."""
+    print(text, file=sys.stderr if getattr(args, "json", False) else sys.stdout, flush=True)
 
 
 def _firmware(args, directory):
@@ -19,7 +31,7 @@ def _firmware(args, directory):
 
 def cmd_enroll(args) -> int:
     import asyncio
-    from devid.gateway.device.enroll import EnrollFailed, enroll
+    from devid.gateway.device.enroll import ConfigNotFetched, EnrollFailed, enroll
     steps = ["nonce", "evidence", "enroll", "config"]
 
     def report(step, text):
@@ -27,11 +39,16 @@ def cmd_enroll(args) -> int:
             print(f"[{steps.index(step) + 1}/{len(steps)}] {step:<9} {text}", flush=True)
     try:
         firmware = _firmware(args, args.device)
-        if firmware is None and not args.json:
-            print("no firmware given: enrolling without attestation evidence (only for device types whose "
-                  "policy waives it)", flush=True)
+        if firmware is None:
+            _warn(args, f"no firmware given: {NO_FIRMWARE}")
         result = asyncio.run(enroll(Path(args.device), args.gateway, firmware, timeout=args.timeout,
                                     report=report))
+    except ConfigNotFetched as exc:
+        print(f"devid: error: enrolled, but the configuration could not be fetched ({exc.reason}): operational "
+              f"certificate {exc.certificate.serial_number:x} is stored in {exc.directory} (op-key.pem, op-cert.pem, "
+              f"op-chain.pem); get the configuration with: devid fetch-config --gateway {shlex.quote(args.gateway)} "
+              f"--device {shlex.quote(str(exc.directory))}", file=sys.stderr)
+        return EXIT_CONFIG_NOT_FETCHED
     except EnrollFailed as exc:
         raise CLIError(f"enrollment failed at step {exc.step}: {exc.reason}") from None
     if args.json:
@@ -58,6 +75,18 @@ def cmd_renew(args) -> int:
     return 0
 
 
+def cmd_fetch_config(args) -> int:
+    import asyncio
+    from devid.gateway.device.enroll import EnrollFailed, fetch_config
+    try:
+        config = asyncio.run(fetch_config(Path(args.device), args.gateway, timeout=args.timeout))
+    except EnrollFailed as exc:
+        raise CLIError(f"fetching the configuration failed at step {exc.step}: {exc.reason}") from None
+    print(f"OK: configuration for {config.get('device_type')} ({len(config.get('trust_anchors', []))} trust anchors) "
+          f"in {Path(args.device) / 'config.cbor'} and config.json")
+    return 0
+
+
 def cmd_simulate(args) -> int:
     import asyncio
     from devid.gateway.device.enroll import EnrollFailed
@@ -72,6 +101,11 @@ def cmd_simulate(args) -> int:
         firmware = {b: _firmware(args, b) for b in bundles}
     except EnrollFailed as exc:
         raise CLIError(f"{exc.step}: {exc.reason}") from None
+    without = sum(1 for fw in firmware.values() if fw is None)
+    if without and not args.renew:
+        which = "" if without == len(bundles) else f" for {without} of {len(bundles)} devices"
+        _warn(args, f"no firmware given{which} (no --firmware or --firmware-digest, no firmware.json in the bundle): "
+                    f"{NO_FIRMWARE}")
     progress = output.Progress("simulating") if not args.json else None
     report = asyncio.run(simulate(args.gateway, bundles, firmware.get, concurrency=args.concurrency,
                                   timeout=args.timeout, renew_only=args.renew, progress=progress))
@@ -79,10 +113,11 @@ def cmd_simulate(args) -> int:
     if args.json:
         print(json.dumps(dict(summary, failures=report.failures)))
     else:
+        lat = summary["latency_ms"]
+        latency = (f"latency p50 {lat['p50']} ms, p95 {lat['p95']} ms, p99 {lat['p99']} ms" if report.enrolled
+                   else "no device succeeded, so no latency figures")
         print(f"{report.enrolled}/{report.devices} devices {'renewed' if args.renew else 'enrolled'} in "
-              f"{report.seconds:.2f} s ({summary['enrollments_per_s']}/s); latency p50 "
-              f"{summary['latency_ms']['p50']} ms, p95 {summary['latency_ms']['p95']} ms, "
-              f"p99 {summary['latency_ms']['p99']} ms; {len(report.failures)} failed")
+              f"{report.seconds:.2f} s ({summary['enrollments_per_s']}/s); {latency}; {len(report.failures)} failed")
         for serial, reason in list(report.failures.items())[:10]:
             print(f"  {serial}: {reason}")
     return 0 if not report.failures else 1
@@ -103,7 +138,10 @@ def _device_flags(s, firmware=True):
 def add_commands(sub, common: argparse.ArgumentParser) -> None:
     # the device commands take no --data: a device knows its bundle and its gateway, not the CA
     s = sub.add_parser("enroll", help="enroll a device: attest, get an operational identity "
-                                      "and its configuration (field engineer's script)")
+                                      "and its configuration (field engineer's script)",
+                       epilog=f"exit status: 0 enrolled; 1 failed; 2 bad command line; {EXIT_CONFIG_NOT_FETCHED} "
+                              "enrolled (certificate stored) but the configuration was not fetched: "
+                              "run 'devid fetch-config'")
     _device_flags(s)
     s.add_argument("--device", required=True, metavar="DIR", help="the device's bundle from 'devid provision'")
     s.add_argument("--json", action="store_true", help="print one JSON summary instead of the steps")
@@ -113,6 +151,12 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     _device_flags(s, firmware=False)
     s.add_argument("--device", required=True, metavar="DIR")
     s.set_defaults(func=cmd_renew)
+
+    s = sub.add_parser("fetch-config", help="fetch an enrolled device's configuration again (GET /config with "
+                                            "its operational identity)")
+    _device_flags(s, firmware=False)
+    s.add_argument("--device", required=True, metavar="DIR", help="the device's bundle, enrolled")
+    s.set_defaults(func=cmd_fetch_config)
 
     s = sub.add_parser("simulate", help="run many simulated devices through enrollment")
     _device_flags(s)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from devid.gateway.cli import output
 from devid.gateway.cli.base import data_dir, utcnow
-from devid.gateway.factory.provisioning import DEFAULT_PREFIX, provision
+from devid.gateway.factory.provisioning import DEFAULT_OUT, DEFAULT_PREFIX, provision
 
 
 def cmd_provision(args) -> int:
@@ -15,13 +15,14 @@ def cmd_provision(args) -> int:
     registry = data.open_registry()
     ca = data.authority(registry)
     progress = output.Progress("provisioning") if not args.quiet else None
-    result = provision(ca, count=args.count, device_type=args.device_type, out=Path(args.out),
+    out = Path(args.out) if args.out else data.path / DEFAULT_OUT      # key material stays out of the checkout
+    result = provision(ca, count=args.count, device_type=args.device_type, out=out,
                        manufacturing_pem=data.cert_pem("manufacturing"), root_pem=data.cert_pem("root"),
                        serial_prefix=args.serial_prefix, now=utcnow, progress=progress, workers=args.workers)
     if result.recovered or result.discarded:
         print(f"recovered {result.recovered} and discarded {result.discarded} bundle(s) left by an interrupted run")
     print(f"provisioned {len(result.serials)} factory identities ({result.serials[0]} .. {result.serials[-1]}) "
-          f"of type {args.device_type} in {result.seconds:.2f} s: {result.rate:,.0f} identities/s -> {args.out}")
+          f"of type {args.device_type} in {result.seconds:.2f} s: {result.rate:,.0f} identities/s -> {out}")
     return 0
 
 
@@ -29,7 +30,8 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("provision", parents=[common], help="create factory identities (IDevID) for new devices")
     s.add_argument("--count", type=int, required=True, metavar="N")
     s.add_argument("--device-type", required=True, metavar="TYPE", help="e.g. temperature-sensor")
-    s.add_argument("--out", required=True, metavar="DIR", help="one bundle directory per device is made here")
+    s.add_argument("--out", metavar="DIR", help=f"one bundle directory (mode 0700) per device is made here "
+                                                 f"(default: DATA/{DEFAULT_OUT}/, in the data directory)")
     s.add_argument("--serial-prefix", default=DEFAULT_PREFIX, metavar="P",
                    help=f"serials are P followed by a sequence number (default: {DEFAULT_PREFIX})")
     s.add_argument("--workers", type=int, default=None, metavar="N",

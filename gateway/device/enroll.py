@@ -5,7 +5,10 @@ CSR for a new operational key to EST /sen, check the certificate, store it, then
 configuration, all in one DTLS session with the factory identity (one handshake: the gateway
 serves /config to the factory identity of an enrolled device). `renew` does /sren with the operational
 identity. Each step reports through a callback; every failure is an `EnrollFailed` naming the
-step and the gateway's reason.
+step and the gateway's reason. The DTLS handshake is a step of its own (`connect`), before the
+first request: a gateway that cannot be reached, or refuses the device, fails there. A failure
+after the operational certificate was stored (the configuration step) is `ConfigNotFetched`:
+the device is enrolled, and `fetch_config` gets the configuration later.
 
 The protocol itself (requests, checks, problem details) is `flow.py` and `protocol.py`; this
 module runs it over aiocoap (`client.py`) and keeps the files of the bundle.
@@ -23,7 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from devid.ca import keys
-from devid.gateway.device.client import coap_exchange, device_context
+from devid.gateway.device.client import coap_exchange, open_session
 from devid.gateway.device.flow import Config, Done, Issued, config_flow, drive, enroll_flow, renew_flow
 from devid.gateway.device.identity import (DeviceIdentity, Firmware, device_csr, device_type_of, load_bundle,
                                            operational_files, pen_of, root_verifier, serial_of)
@@ -32,8 +35,20 @@ from devid.gateway.errors import BundleError
 from devid.gateway.system.fs import write_atomic
 
 # the names the CLI, the demo and the tests import from here
-__all__ = ["EnrollFailed", "EnrollResult", "Firmware", "device_csr", "device_type_of", "enroll", "fetch_config",
-           "pen_of", "renew", "serial_of"]
+__all__ = ["ConfigNotFetched", "EnrollFailed", "EnrollResult", "Firmware", "device_csr", "device_type_of", "enroll",
+           "fetch_config", "pen_of", "renew", "serial_of"]
+
+OPERATIONAL = {"cert_name": "op-chain.pem", "key_name": "op-key.pem"}
+
+
+class ConfigNotFetched(EnrollFailed):
+    """The device is enrolled (its operational identity is stored in `directory`), but its
+    configuration could not be fetched; `fetch_config` gets it with the operational identity."""
+
+    def __init__(self, reason: str, directory: Path, certificate: x509.Certificate) -> None:
+        super().__init__("config", reason)
+        self.directory = directory
+        self.certificate = certificate
 
 
 @dataclass
@@ -57,6 +72,7 @@ async def enroll(directory: Path, gateway_uri: str, firmware: Firmware | None, *
     except (BundleError, keys.KeyFileError) as exc:
         raise EnrollFailed("bundle", str(exc)) from None
     identity = DeviceIdentity.of(factory, factory_key)
+    stored: list[Issued] = []
 
     def on_step(done: Done) -> None:
         if done.step == "nonce":
@@ -65,39 +81,47 @@ async def enroll(directory: Path, gateway_uri: str, firmware: Firmware | None, *
             report("evidence", f"verdict {done.value.tier} ({done.value.reasons_text})")
         elif done.step == "enroll":
             _store_operational(directory, done.value)
+            stored.append(done.value)
             report("enroll", _certificate_text(done.value.certificate))
         elif done.step == "config":
             _store_config(directory, done.value)
 
     t0 = time.perf_counter()
+    ctx = await open_session(directory, gateway, timeout)
+    connected = time.perf_counter()
     try:
-        ctx, _ = await device_context(directory, gateway.host, handshake_timeout=timeout)
-    except Exception as exc:
-        raise EnrollFailed("connect", str(exc)) from None
-    try:        # one session: the handshake happens with the first request, and is timed with its step
         flow = enroll_flow(identity, firmware, root_verifier(root), secure_boot=secure_boot, dbgstat=dbgstat,
                            bootcount=bootcount)
-        done, steps = await drive(flow, coap_exchange(ctx, gateway.base, timeout), on_step, started=t0)
+        done, steps = await drive(flow, coap_exchange(ctx, gateway.base, timeout), on_step, started=connected)
+    except EnrollFailed as exc:
+        if not stored:
+            raise
+        # only the configuration is missing: the certificate is the device's, stored and current
+        raise ConfigNotFetched(exc.reason if exc.step == "config" else str(exc), directory,
+                               stored[-1].certificate) from None
     finally:
         await ctx.shutdown()
     config = done.config.data
     report("config", f"configuration for {config.get('device_type')} ({len(config.get('trust_anchors', []))} "
                      "trust anchors)")
     return EnrollResult(done.serial, done.issued.certificate, done.verdict.tier if done.verdict else None, config,
-                        time.perf_counter() - started, steps)
+                        time.perf_counter() - started, {"connect": connected - t0, **steps})
 
 
 async def fetch_config(directory: Path, gateway_uri: str, timeout: float = 30.0) -> dict:
-    """GET /config with the operational identity (a new session)."""
+    """GET /config with the operational identity (a new session): the configuration of an
+    enrolled device, stored as config.cbor and config.json."""
     directory = Path(directory)
     gateway = parse_gateway(gateway_uri)
     try:
-        ctx, _ = await device_context(directory, gateway.host, cert_name="op-chain.pem", key_name="op-key.pem",
-                                      handshake_timeout=timeout)
-    except Exception as exc:
-        raise EnrollFailed("config", f"cannot connect with the operational identity: {exc}") from None
+        factory, _, _, _ = load_bundle(directory)
+        load_bundle(directory, **OPERATIONAL)
+    except (BundleError, keys.KeyFileError) as exc:
+        raise EnrollFailed("bundle", f"{exc} (enroll the device first)") from None
+    ctx = await open_session(directory, gateway, timeout, **OPERATIONAL)
     try:
-        config, _ = await drive(config_flow(), coap_exchange(ctx, gateway.base, timeout))
+        config, _ = await drive(config_flow(serial_of(factory), device_type_of(factory)),
+                                coap_exchange(ctx, gateway.base, timeout))
     finally:
         await ctx.shutdown()
     _store_config(directory, config)
@@ -110,14 +134,10 @@ async def renew(directory: Path, gateway_uri: str, *, timeout: float = 30.0,
     gateway = parse_gateway(gateway_uri)
     try:
         factory, _, _, root = load_bundle(directory)
-        load_bundle(directory, "op-chain.pem", "op-key.pem")
+        load_bundle(directory, **OPERATIONAL)
     except (BundleError, keys.KeyFileError) as exc:
         raise EnrollFailed("bundle", f"{exc} (enroll the device first)") from None
-    try:
-        ctx, _ = await device_context(directory, gateway.host, cert_name="op-chain.pem", key_name="op-key.pem",
-                                      handshake_timeout=timeout)
-    except Exception as exc:
-        raise EnrollFailed("connect", str(exc)) from None
+    ctx = await open_session(directory, gateway, timeout, **OPERATIONAL)
     try:
         issued, _ = await drive(renew_flow(serial_of(factory), root_verifier(root)),
                                 coap_exchange(ctx, gateway.base, timeout))

@@ -63,7 +63,7 @@ class EnrollFailed(Exception):
 
     @classmethod
     def no_answer(cls, step: str, timeout: float) -> "EnrollFailed":
-        return cls(step, f"no answer from the gateway within {timeout:.0f} s")
+        return cls(step, f"no answer from the gateway within {timeout:g} s")
 
     @classmethod
     def handshake(cls, reason: str) -> "EnrollFailed":

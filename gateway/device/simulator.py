@@ -33,14 +33,15 @@ class SimulationReport:
     def rate(self) -> float:
         return self.enrolled / self.seconds if self.seconds else 0.0
 
-    def percentile(self, p: float) -> float:
-        value = percentile(self.latencies, p)
-        return float("nan") if value is None else value
+    def percentile(self, p: float) -> float | None:
+        """The p-th percentile of the successful runs' seconds; None when none succeeded."""
+        return percentile(self.latencies, p)
 
     def summary(self) -> dict:
+        """The run in numbers; statistics of no successful run are None (JSON null), never NaN."""
         return {"devices": self.devices, "enrolled": self.enrolled, "errors": len(self.failures),
                 "seconds": round(self.seconds, 3), "enrollments_per_s": round(self.rate, 1),
-                "latency_ms": latency_ms(self.latencies, missing=float("nan")),
+                "latency_ms": latency_ms(self.latencies),
                 "mean_ms": round(statistics.fmean(self.latencies) * 1000, 1) if self.latencies else None}
 
 

@@ -1,9 +1,12 @@
 """Latency figures of a fleet run, one way for the simulator, `devid bench` and the load generator:
 percentiles by nearest rank (index round(p/100 * (n-1)) of the sorted values), in milliseconds
-rounded to 0.1."""
+rounded to 0.1. A statistic of nothing (no device succeeded) is None, JSON null: never NaN, which
+JSON does not have."""
 
 from __future__ import annotations
 
+import math
+import statistics
 from typing import Iterable, Mapping
 
 PERCENTILES = (50, 95, 99)
@@ -32,3 +35,16 @@ def step_latency_ms(steps: Iterable[Mapping[str, float]], names: Iterable[str]) 
     """Per step name, the percentiles of that step over the runs that have it (seconds in `steps`)."""
     steps = list(steps)
     return {name: latency_ms([s[name] for s in steps if name in s]) for name in names}
+
+
+def finite(value: float | None, ndigits: int | None = None) -> float | None:
+    """`value` (rounded to `ndigits`), or None for None, NaN and the infinities."""
+    if value is None or not math.isfinite(value):
+        return None
+    return value if ndigits is None else round(value, ndigits)
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    """The median of the values that are finite numbers; None for none."""
+    present = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(present) if present else None

@@ -1,12 +1,16 @@
 """Factory provisioning (design document, phases 2 and 3): N new devices, each with a key in its
 (simulated) secure element, a factory certificate (IDevID) and its secure-element layout.
 
-For each device, OUT/<serial>/ holds:
+For each device, OUT/<serial>/ (mode 0700; OUT defaults to DATA/factory/) holds:
     key.pem                      PKCS#8 private key, mode 0600 (stands in for the secure element slot)
     cert.pem                     the IDevID
     chain.pem                    IDevID + manufacturing CA
     ca.pem                       the root CA, to authenticate the gateway
     secure-element-config.json   element type, I2C address, key slots, lock flags
+
+Key material stays private: OUT is made mode 0700 when this run creates it, every bundle directory
+is 0700 and every key file 0600 (before the umask, which can only narrow them), so only the
+provisioning account reads the keys until the factory station flashes them (docs/certificates.md).
 
 Crash safety: serials are reserved in the registry first (a rerun or a parallel run never reuses
 one). Each batch's bundles are written under OUT/.partial-<serial>/, then the batch's devices and
@@ -64,6 +68,8 @@ from devid.gateway.system.fs import directory_lock, fsync_path, write_synced
 from devid.gateway.system.lifeline import die_with_parent
 
 PARTIAL = ".partial-"
+DEFAULT_OUT = "factory"     # `devid provision` writes into DATA/factory/ unless --out says otherwise
+PRIVATE_DIR = 0o700
 DEFAULT_PREFIX = "SN"
 SERIAL_DIGITS = 8
 BATCH = 500
@@ -197,7 +203,7 @@ class _Job:
                 key = ec.generate_private_key(curve)
                 device, issued = ca.new_factory_identity(key.public_key(), serial, device_type, t)
                 partial = f"{out}/{PARTIAL}{serial}"
-                os.mkdir(partial)
+                os.mkdir(partial, PRIVATE_DIR)
                 made.append(partial)
                 cert_pem = issued.pem
                 write_synced(f"{partial}/key.pem", plain_key(key), 0o600)
@@ -257,7 +263,7 @@ def provision(ca: CertificateAuthority, *, count: int, device_type: str, out: Pa
     check_device_type(device_type)
     if not PREFIX_RE.match(serial_prefix):
         raise ProvisioningError(f"invalid serial prefix {serial_prefix!r}: use up to 32 characters A-Z a-z 0-9 . -")
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     try:
         with directory_lock(out):
             return _provision(ca, count, device_type, out, manufacturing_pem, root_pem, serial_prefix, now,
