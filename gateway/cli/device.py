@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from devid.gateway.cli import output
@@ -33,28 +32,45 @@ def cmd_enroll(args) -> int:
         result = asyncio.run(enroll(Path(args.device), args.gateway, firmware, timeout=args.timeout,
                                     report=report))
     except EnrollFailed as exc:
-        raise CLIError(f"enrollment failed at step {exc.step}: {exc.reason}") from None
+        raise output.CommandFailed(f"enrollment failed at step {exc.step}: {exc.reason}",
+                                   {"step": exc.step, "reason": exc.reason}) from None
+    serial = output.format_serial(result.certificate.serial_number)
     if args.json:
-        print(json.dumps({"serial": result.serial, "certificate_serial": format(result.certificate.serial_number, "x"),
-                          "not_after": output.ts(result.certificate.not_valid_after_utc), "verdict": result.verdict,
-                          "seconds": round(result.seconds, 3),
-                          "steps_ms": {k: round(v * 1000, 1) for k, v in result.steps.items()}}))
+        output.emit({"ok": True, "serial": result.serial, "certificate_serial": serial,
+                     "not_after": output.ts(result.certificate.not_valid_after_utc), "verdict": result.verdict,
+                     "seconds": round(result.seconds, 3),
+                     "steps_ms": {k: round(v * 1000, 1) for k, v in result.steps.items()}})
     else:
-        print(f"OK: device {result.serial} holds operational certificate {result.certificate.serial_number:x} "
+        print(f"OK: device {result.serial} holds operational certificate {serial} "
               f"(op-key.pem, op-cert.pem, op-chain.pem, config.cbor, config.json in {args.device}) "
               f"in {result.seconds:.2f} s")
     return 0
 
 
+def _device_serial(cert) -> str | None:
+    from cryptography.x509.oid import NameOID
+    values = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)]
+    return values[0] if len(values) == 1 else None
+
+
 def cmd_renew(args) -> int:
     import asyncio
     from devid.gateway.device.enroll import EnrollFailed, renew
+
+    def report(step, text):
+        if not args.json:
+            print(f"{step}: {text}", flush=True)
     try:
-        cert = asyncio.run(renew(Path(args.device), args.gateway, timeout=args.timeout,
-                                 report=lambda step, text: print(f"{step}: {text}", flush=True)))
+        cert = asyncio.run(renew(Path(args.device), args.gateway, timeout=args.timeout, report=report))
     except EnrollFailed as exc:
-        raise CLIError(f"renewal failed at step {exc.step}: {exc.reason}") from None
-    print(f"OK: renewed; operational certificate {cert.serial_number:x} until {output.ts(cert.not_valid_after_utc)}")
+        raise output.CommandFailed(f"renewal failed at step {exc.step}: {exc.reason}",
+                                   {"step": exc.step, "reason": exc.reason}) from None
+    if args.json:
+        output.emit({"ok": True, "serial": _device_serial(cert), "certificate_serial":
+                     output.format_serial(cert.serial_number), "not_after": output.ts(cert.not_valid_after_utc)})
+        return 0
+    print(f"OK: renewed; operational certificate {output.format_serial(cert.serial_number)} until "
+          f"{output.ts(cert.not_valid_after_utc)}")
     return 0
 
 
@@ -71,21 +87,26 @@ def cmd_simulate(args) -> int:
     try:
         firmware = {b: _firmware(args, b) for b in bundles}
     except EnrollFailed as exc:
-        raise CLIError(f"{exc.step}: {exc.reason}") from None
+        raise output.CommandFailed(f"{exc.step}: {exc.reason}", {"step": exc.step, "reason": exc.reason}) from None
     progress = output.Progress("simulating") if not args.json else None
     report = asyncio.run(simulate(args.gateway, bundles, firmware.get, concurrency=args.concurrency,
                                   timeout=args.timeout, renew_only=args.renew, progress=progress))
     summary = report.summary()
-    if args.json:
-        print(json.dumps(dict(summary, failures=report.failures)))
-    else:
+    doc = dict(summary, failures=report.failures)
+    failed = (f"{len(report.failures)} of {report.devices} devices failed to "
+              f"{'renew' if args.renew else 'enroll'}") if report.failures else None
+    if not args.json:
         print(f"{report.enrolled}/{report.devices} devices {'renewed' if args.renew else 'enrolled'} in "
               f"{report.seconds:.2f} s ({summary['enrollments_per_s']}/s); latency p50 "
               f"{summary['latency_ms']['p50']} ms, p95 {summary['latency_ms']['p95']} ms, "
               f"p99 {summary['latency_ms']['p99']} ms; {len(report.failures)} failed")
         for serial, reason in list(report.failures.items())[:10]:
             print(f"  {serial}: {reason}")
-    return 0 if not report.failures else 1
+    if failed:
+        raise output.CommandFailed(failed, doc)
+    if args.json:
+        output.emit({"ok": True, **doc})
+    return 0
 
 
 def _device_flags(s, firmware=True):
@@ -100,18 +121,23 @@ def _device_flags(s, firmware=True):
         s.add_argument("--firmware-version", metavar="V", help="firmware version for the evidence (swversion)")
 
 
+# the device commands take no --data: a device knows its bundle and its gateway, not the CA
+# (dispatch refuses a --data given before them)
+DEVICE_COMMANDS = ("enroll", "renew", "simulate")
+
+
 def add_commands(sub, common: argparse.ArgumentParser) -> None:
-    # the device commands take no --data: a device knows its bundle and its gateway, not the CA
     s = sub.add_parser("enroll", help="enroll a device: attest, get an operational identity "
                                       "and its configuration (field engineer's script)")
     _device_flags(s)
     s.add_argument("--device", required=True, metavar="DIR", help="the device's bundle from 'devid provision'")
-    s.add_argument("--json", action="store_true", help="print one JSON summary instead of the steps")
+    s.add_argument("--json", action="store_true", help="one JSON document instead of the steps (docs/cli.md)")
     s.set_defaults(func=cmd_enroll)
 
     s = sub.add_parser("renew", help="renew a device's operational certificate (EST /sren)")
     _device_flags(s, firmware=False)
     s.add_argument("--device", required=True, metavar="DIR")
+    s.add_argument("--json", action="store_true", help="one JSON document instead of the steps")
     s.set_defaults(func=cmd_renew)
 
     s = sub.add_parser("simulate", help="run many simulated devices through enrollment")
@@ -120,5 +146,5 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--concurrency", type=int, default=16, metavar="C", help="devices in flight (default 16)")
     s.add_argument("--limit", type=int, metavar="N", help="only the first N devices")
     s.add_argument("--renew", action="store_true", help="renew enrolled devices instead of enrolling")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="one JSON document: the summary and the failures")
     s.set_defaults(func=cmd_simulate)
