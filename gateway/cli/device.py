@@ -4,10 +4,20 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from devid.gateway.cli import output
 from devid.gateway.errors import CLIError
+
+
+# "certificate 5c74...0206" in the device client's step lines (a hex number of 8-40 digits, a digit among them)
+_CERTIFICATE_SERIAL = re.compile(r"\b(certificate) ((?=[0-9a-f]*[0-9])[0-9a-f]{8,40})\b")
+
+
+def _step_text(text: str) -> str:
+    """A step line of the device client, its certificate serial as openssl prints it (docs/cli.md)."""
+    return _CERTIFICATE_SERIAL.sub(lambda m: f"{m.group(1)} {output.format_serial(int(m.group(2), 16))}", text)
 
 
 def _firmware(args, directory):
@@ -23,7 +33,7 @@ def cmd_enroll(args) -> int:
 
     def report(step, text):
         if not args.json:
-            print(f"[{steps.index(step) + 1}/{len(steps)}] {step:<9} {text}", flush=True)
+            print(f"[{steps.index(step) + 1}/{len(steps)}] {step:<9} {_step_text(text)}", flush=True)
     try:
         firmware = _firmware(args, args.device)
         if firmware is None and not args.json:
@@ -59,7 +69,7 @@ def cmd_renew(args) -> int:
 
     def report(step, text):
         if not args.json:
-            print(f"{step}: {text}", flush=True)
+            print(f"{step}: {_step_text(text)}", flush=True)
     try:
         cert = asyncio.run(renew(Path(args.device), args.gateway, timeout=args.timeout, report=report))
     except EnrollFailed as exc:
