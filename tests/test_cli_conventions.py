@@ -344,3 +344,54 @@ def test_revoking_twice_says_it_already_was(issued):
         doc["revocation_reason"] == "cessationOfOperation" and doc["revoked_at"] == first["revoked_at"]
     # an unknown device is still an error
     one_line_error(run_devid("revoke", "NOSUCH1", data_dir=ddir), "unknown device")
+
+
+# -- item 18: devid bench shows its progress on stderr ----------------------------------------------------
+
+_SMALL_BENCH = ("bench", "--devices", "3", "--concurrency", "1", "--clients", "1", "--workers", "1", "--no-baselines")
+
+
+def test_bench_shows_progress_on_stderr_unless_quiet(tmp_path):
+    work = tmp_path / "work"
+    proc = run_devid(*_SMALL_BENCH, "--workdir", work)
+    doc = json.loads(ok(proc))
+    assert doc["ok"] is True and doc["enroll"]["done"] == 3
+    lines = proc.stderr.decode().splitlines()
+    assert lines and all(line.startswith("devid bench: ") for line in lines), lines
+    text = "\n".join(lines)
+    for stage in (f"creating a CA in {work / 'data'}", f"provisioning 3 devices into {work / 'factory'}",
+                  "starting devid serve --workers 1 on 127.0.0.1:", "enroll: 3 devices, 1 in flight from 1 lean client",
+                  "enroll: 3/3 done in", f"kept {work}"):
+        assert stage in text, (stage, text)
+    assert (work / "data" / "ca" / "root.cert.pem").exists() and len(list((work / "factory").iterdir())) == 3
+    for quiet in ("--quiet", "--json"):
+        proc = run_devid(*_SMALL_BENCH, quiet)
+        assert json.loads(ok(proc))["ok"] is True and proc.stderr == b"", proc.stderr.decode()
+
+
+def test_bench_draws_a_progress_bar_on_a_terminal(tmp_path):
+    import pty
+    main, terminal = pty.openpty()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DEVID_")}
+        proc = subprocess.run([sys.executable, "-m", "devid.gateway.cli", *_SMALL_BENCH], stdout=subprocess.PIPE,
+                              stderr=terminal, env=env, timeout=300)
+        os.close(terminal)
+        terminal = None
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:            # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        if terminal is not None:
+            os.close(terminal)
+        os.close(main)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["ok"] is True
+    text = shown.decode()
+    assert "\rdevid bench: provisioning [" in text and "] 3/3 " in text, text     # how far, as it goes
+    assert "devid bench: enroll: 3/3 done" in text
