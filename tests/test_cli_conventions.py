@@ -146,6 +146,24 @@ def test_an_init_killed_at_its_last_step_is_taken_over_by_the_next(tmp_path):
     ok(run_devid("provision", "--count", "1", "--device-type", "t", "--out", tmp_path / "f", "--quiet", data_dir=d))
 
 
+def test_a_broken_devid_toml_left_by_an_older_init_is_replaced(tmp_path):
+    """What an older devid's failed `init --org 'Bob's "Best" Devices'` left: its devid.toml, not
+    TOML. It carries init's header and there is no CA: the next init replaces it. A broken file
+    without that header is someone's: refused, and kept."""
+    d = tmp_path / "data"
+    d.mkdir()
+    old = ('# devid configuration, written by `devid init`. Names and OIDs here end up in every certificate.\n\n'
+           '[organization]\nname = "Bob\'s "Best" Devices"\npen = 12345\n')
+    (d / "devid.toml").write_text(old)
+    ok(run_devid("init", "--org", 'Bob\'s "Best" Devices', data_dir=d))
+    assert _organizations(d / "ca" / "root.cert.pem") == ['Bob\'s "Best" Devices']
+    e = tmp_path / "other"
+    e.mkdir()
+    (e / "devid.toml").write_text('[organization]\nname = "unterminated\n')
+    one_line_error(run_devid("init", data_dir=e), "not valid TOML")
+    assert (e / "devid.toml").read_text() == '[organization]\nname = "unterminated\n' and not (e / "ca").exists()
+
+
 def test_an_operators_devid_toml_is_kept_and_must_agree_with_org(tmp_path):
     d = tmp_path / "data"
     d.mkdir()

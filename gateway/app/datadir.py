@@ -19,6 +19,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import tomllib
 from datetime import datetime
 from pathlib import Path
 from typing import Iterable
@@ -33,7 +34,7 @@ from devid.ca.hierarchy import CA_NAMES, create_hierarchy
 from devid.ca.identity import IdentitySettings
 from devid.ca.profiles import default_profiles
 
-from devid.gateway.app.settings import Config, check_organization
+from devid.gateway.app.settings import CONFIG_HEADER, Config, check_organization
 from devid.gateway.errors import ConfigError, DirectoryBusy
 from devid.gateway.system.fs import directory_lock, fsync_path, write_atomic
 from devid.gateway.store.registry import SQLiteRegistry
@@ -202,11 +203,18 @@ class DataDir:
             raise
 
     def _leftover_config(self) -> bool:
-        """Is devid.toml the one an interrupted init wrote (its digest in a staging directory)?"""
+        """Is devid.toml (no CA here) the one an interrupted init wrote: its digest in that init's
+        staging directory, or (an older devid's init) its header on a file that is not even TOML?"""
         try:
-            digest = hashlib.sha256(self.config_path.read_bytes()).hexdigest()
+            text = self.config_path.read_bytes()
         except OSError:
             return False
+        if text.startswith(CONFIG_HEADER.encode()):
+            try:
+                tomllib.loads(text.decode())
+            except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+                return True
+        digest = hashlib.sha256(text).hexdigest()
         for stale in self.path.glob(".ca-init-*"):
             try:
                 if (stale / CONFIG_MARK).read_text().strip() == digest:

@@ -25,8 +25,8 @@ from devid.gateway.service.budgets import ACTIONS, Budgets, Rate
 from devid.gateway.dtls.limits import LimitError, ServerLimits
 from devid.gateway.errors import ConfigError
 
-CONFIG_TEMPLATE = """\
-# devid configuration, written by `devid init`. Names and OIDs here end up in every certificate.
+CONFIG_HEADER = "# devid configuration, written by `devid init`."
+CONFIG_TEMPLATE = CONFIG_HEADER + """ Names and OIDs here end up in every certificate.
 
 [organization]
 {organization_line}

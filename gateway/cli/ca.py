@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from devid.ca.errors import DeviceRevoked, ValidationFailed
+from devid.ca.errors import CAError
 from devid.ca.hierarchy import CA_NAMES
 from devid.ca.validation import DeviceVerifier
 
@@ -127,7 +127,7 @@ def cmd_ca_verify(args) -> int:
     verifier = DeviceVerifier(data.cert(anchor), args.profile, data.config.identity, registry)
     try:
         identity = verifier.verify(leaf, intermediates, now=utcnow())
-    except (ValidationFailed, DeviceRevoked) as exc:
+    except CAError as exc:                  # path, registry, revocation, the identity in the certificate
         raise output.CommandFailed(str(exc), {**invalid, "certificate": output.cert_json(leaf)}) from None
     serial = output.format_serial(identity.certificate_serial)
     if args.json:
