@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import queue
 import time
 from pathlib import Path
 
+import bench_cli
 from bench_common import bench_firmware, cpu_seconds, peak_rss_kib
 from devid.gateway.device.stats import latency_ms, step_latency_ms
 
@@ -67,6 +69,10 @@ def run_clients(gateway: str, bundles: list[str], pids: list[int], *, clients: i
     per = max(1, concurrency // clients)
     target = _client_lean if client == "lean" else _client
     procs = [ctx.Process(target=target, args=(gateway, s, per, renew, q, go)) for s in shares if s]
+    report = bench_cli.REPORT
+    mode = "renew" if renew else "enroll"
+    report.stage(f"{mode}: {len(bundles)} devices, {concurrency} in flight from {len(procs)} {client} "
+                 f"client process(es) against {gateway}")
     for p in procs:
         p.start()
     # the timed part starts when every client has loaded what it needs (process start-up,
@@ -75,10 +81,21 @@ def run_clients(gateway: str, bundles: list[str], pids: list[int], *, clients: i
         kind, _payload = q.get(timeout=600)
         if kind != "ready":
             raise SystemExit(f"a client process failed to start: {kind}")
+    progress = report.progress(f"{mode}ing") if report.issued is not None else None
+    issued0 = report.issued() if progress else 0
     cpu0 = cpu_seconds(pids)
     t0 = time.perf_counter()
     go.set()
-    results = [q.get(timeout=3600)[1] for _ in procs]
+    results = []
+    deadline = time.monotonic() + 3600
+    while len(results) < len(procs):
+        try:
+            results.append(q.get(timeout=1.0 if progress else max(0.0, deadline - time.monotonic()))[1])
+        except queue.Empty:
+            if time.monotonic() >= deadline:
+                raise SystemExit("the client processes did not finish within an hour") from None
+            if progress:
+                progress(min(len(bundles), report.issued() - issued0), len(bundles))
     wall = time.perf_counter() - t0
     cpu1 = cpu_seconds(pids)
     for p in procs:
@@ -88,6 +105,7 @@ def run_clients(gateway: str, bundles: list[str], pids: list[int], *, clients: i
     steps = [s for r in results for s in r["steps"]]
     client_cpu = sum(r["cpu"] for r in results)
     done = len(lat)
+    report.finished(progress, mode, done, len(bundles), len(failures), wall)
     out = {"mode": "renew" if renew else "enroll", "client": client, "devices": len(bundles),
            "done": done, "errors": len(failures), "seconds": round(wall, 2),
            "per_s": round(done / wall, 1) if wall else None,

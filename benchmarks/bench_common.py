@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import bench_cli
 from devid.gateway.device.identity import Firmware
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,6 +131,8 @@ def start_gateway(data_path: Path, workers: int, server_root: Path, env: dict | 
     module, path = checkout_module(server_root)
     if path is not None:
         e["PYTHONPATH"] = path
+    bench_cli.REPORT.stage(f"starting devid serve --workers {workers} on 127.0.0.1:{port}"
+                           + (f" ({', '.join(f'{k}={v}' for k, v in env.items())})" if env else ""))
     proc = subprocess.Popen([sys.executable, "-m", module, "serve", "--listen", f"127.0.0.1:{port}",
                              "--workers", str(workers), "--log-level", "WARNING", *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=e, cwd=server_root)

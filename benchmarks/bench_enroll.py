@@ -2,18 +2,27 @@
 """Fleet enrollment benchmark (`devid bench`): the full zero-touch flow against a real gateway.
 
     devid bench [--devices 200] [--concurrency 16] [--clients 2] [--workers N] [--renew]
-                [--client lean|script] [--gateway coaps://HOST:PORT --data DIR] [--no-baselines]
+                [--client lean|script] [--workdir DIR] [--no-baselines] [--quiet | --json]
+    devid [--data DIR] bench --gateway coaps://HOST:PORT [--data DIR] ...   against a running gateway
     devid bench --durability [--rounds 2] [--devices N ...]    the cost of durable commits
     devid bench --flood [--rounds 2] [--devices N ...]         enrollment latency under a nonce flood
 
-Starts `devid serve --workers N` on loopback (or targets --gateway), provisions the devices,
-and runs each through the zero-touch flow (nonce, signed evidence, EST /sen, configuration, in
-one DTLS session) with C devices in flight from client processes separate from the server.
-Both clients run the device client's flows (gateway/device/flow.py). `--client lean` (default) is
-benchmarks/loadgen.py: the flows on the sans-I/O DTLS engine with a small CoAP codec, so the
-client costs a few ms of CPU per enrollment; `--client script` runs the field engineer's script per
-device (gateway/device/simulator.py, 16-30 ms of client CPU each, which caps the rate on a small
-machine); the client processes are benchmarks/bench_clients.py. Prints one JSON summary:
+Starts `devid serve --workers N` on loopback with a CA of its own (in --workdir, by default a
+temporary directory removed afterwards), provisions the devices, and runs each through the
+zero-touch flow (nonce, signed evidence, EST /sen, configuration, in one DTLS session) with C
+devices in flight from client processes separate from the server. With --gateway it targets a
+running gateway instead and provisions the devices into that gateway's data directory: --data
+DIR, as for every devid command (default: $DEVID_DATA, else ./devid-data); --data means nothing
+else here and needs --gateway. Both clients run the device client's flows
+(gateway/device/flow.py). `--client lean` (default) is benchmarks/loadgen.py: the flows on the
+sans-I/O DTLS engine with a small CoAP codec, so the client costs a few ms of CPU per enrollment;
+`--client script` runs the field engineer's script per device (gateway/device/simulator.py, 16-30
+ms of client CPU each, which caps the rate on a small machine); the client processes are
+benchmarks/bench_clients.py.
+
+Progress goes to stderr: each stage as it starts, and how many devices are done (counted in the
+registry once a second); --quiet or --json silence it. The result is one JSON document on
+stdout (docs/cli.md), with "ok" false and "error" when an enrollment failed:
 
   enrollments/s, latency p50/p95/p99 end to end and per step (connect = the DTLS handshake),
   server CPU per enrollment (from the server processes' own counters), client CPU per
@@ -22,25 +31,24 @@ machine); the client processes are benchmarks/bench_clients.py. Prints one JSON 
   errors (must be 0), and, in the same run, two baselines:
     libcoap   coap-server-openssl in PKI mode: DTLS handshake + one GET, rate and server CPU
     crypto    the cryptographic operations one attested enrollment needs on the server
-              (performance-facts.md: 2 ECDSA signs, 5 verifies, 1 key generation, 1 ECDH),
-              timed with `cryptography` alone: the floor.
+              (2 ECDSA signs, 5 verifies, 1 key generation, 1 ECDH), timed with
+              `cryptography` alone: the floor.
 
 `--durability` and `--flood` replace the plain run with the two measurements of issue 10
 (benchmarks/bench_hardening.py): server CPU per enrollment with and without durable commits,
 and the p95 of well-behaved enrollments with and without another identity flooding nonce
-requests, each side by side in alternating rounds of one run.
+requests, each side by side in alternating rounds of one run. benchmarks/README.md has the
+figures and how to read them.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,6 +62,12 @@ from bench_common import (DEVICE_TYPE, FW_NAME, FW_VERSION, IMAGE, POLICY, Serve
                           bundle_dirs, checkout_module, start_gateway)
 from bench_clients import run_clients  # noqa: E402
 from devid.gateway.device.stats import finite  # noqa: E402
+import bench_cli  # noqa: E402
+
+
+def _report() -> bench_cli.Reporter:
+    """The progress reporter main() set up (quiet when run otherwise, e.g. by bench_ab.py)."""
+    return bench_cli.REPORT
 
 
 def crypto_floor(seconds: float = 1.5) -> dict:
@@ -92,49 +106,24 @@ def libcoap_baseline(work: Path, data, seconds: float, inflight: int, clients: i
             "server_cpu_ms_per_op": finite(res["server_cpu_ms_per_op"], 3), "failed": res["failed"]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="devid bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--devices", type=int, default=200, help="devices to enroll (default 200; with --durability "
-                                                             "or --flood: per mode and round)")
-    ap.add_argument("--concurrency", type=int, default=16, help="devices in flight in all (default 16)")
-    ap.add_argument("--clients", type=int, default=2, help="client processes (default 2)")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="gateway processes")
-    ap.add_argument("--renew", action="store_true", help="measure renewals (EST /sren) of enrolled devices")
-    ap.add_argument("--gateway", help="target a running gateway instead (needs --data: its data directory)")
-    ap.add_argument("--data", help="data directory of --gateway")
-    ap.add_argument("--no-baselines", action="store_true", help="skip the libcoap and crypto baselines")
-    ap.add_argument("--baseline-seconds", type=float, default=5.0)
-    ap.add_argument("--server-root", type=Path, default=ROOT,
-                    help="run the gateway from this checkout of devid (A/B comparisons: bench_ab.py)")
-    ap.add_argument("--client", choices=("lean", "script"), default="lean",
-                    help="lean: benchmarks/loadgen.py (default); script: the field engineer's script per "
-                         "device (gateway/device/simulator.py)")
-    ap.add_argument("--durability", action="store_true",
-                    help="instead of the plain run: the cost of durable commits (gateway with and without "
-                         "synchronous=FULL, alternating rounds; benchmarks/bench_hardening.py)")
-    ap.add_argument("--flood", action="store_true",
-                    help="instead of the plain run: enrollment latency while another identity floods nonce "
-                         "requests, against quiet rounds (benchmarks/bench_hardening.py)")
-    ap.add_argument("--rounds", type=int, default=2, help="rounds of --durability and --flood (default 2)")
-    ap.add_argument("--flood-sessions", type=int, default=4, help="DTLS sessions of the flooding identity")
-    ap.add_argument("--flood-window", type=int, default=16, help="nonce requests in flight per flooding session")
+def main(argv: list[str] | None = None, parser_class: type = argparse.ArgumentParser) -> int:
+    ap = bench_cli.build_parser(parser_class, __doc__)
     args = ap.parse_args(argv)
-    if args.gateway and not args.data:
-        ap.error("--gateway needs --data (to provision devices its CA trusts)")
-    if args.gateway and (args.durability or args.flood):
-        ap.error("--durability and --flood start their own gateways: leave out --gateway")
-    if args.rounds < 1:
-        ap.error("--rounds must be at least 1")
-
-    from devid.gateway.app.datadir import DataDir
+    bench_cli.check(ap, args)
+    from devid.gateway.app.datadir import DataDir, resolve_data_dir
     from devid.gateway.factory.provisioning import provision
-    work = Path(tempfile.mkdtemp(prefix="devid-bench-"))
+    bench_cli.REPORT = bench_cli.Reporter(quiet=args.quiet or args.json)
+    data = DataDir(resolve_data_dir(args.data)) if args.gateway else None
+    if data is not None:
+        data.require()
+    work, temporary = bench_cli.workdir(ap, args.workdir)
     served: Served | None = None
+    registry = None
     try:
-        data = DataDir(Path(args.data) if args.data else work / "data")
         now = lambda: datetime.now(timezone.utc)  # noqa: E731
-        if not data.exists():
+        if data is None:
+            data = DataDir(work / "data")
+            _report().stage(f"creating a CA in {data.path}")
             data.init(now())
         data.require()
         policy = data.path / "attestation-policy.toml"
@@ -146,11 +135,15 @@ def main(argv: list[str] | None = None) -> int:
             count = args.devices * len(bench_hardening.SYNC_MODES) * args.rounds
         elif args.flood:
             count = args.devices * 2 * args.rounds + 1          # and one identity to flood with
+        _report().stage(f"provisioning {count} devices into {work / 'factory'}")
         reg = data.open_registry()
         provision(data.authority(reg), count=count, device_type=DEVICE_TYPE, out=work / "factory",
                   manufacturing_pem=data.cert_pem("manufacturing"), root_pem=data.cert_pem("root"),
-                  serial_prefix=f"B{os.getpid()}", now=now)
+                  serial_prefix=f"B{os.getpid()}", now=now, progress=_report().progress("provisioning"))
         reg.close()
+        if not _report().quiet:
+            registry = data.open_registry(readonly=True)
+            _report().issued = lambda: registry.count_certificates("operational")
         bundles = bundle_dirs(work / "factory")
         summary = {"machine": {"python": platform.python_version(), "nproc": os.cpu_count(),
                                "load": os.getloadavg()},
@@ -161,9 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                 summary["durability"] = bench_hardening.durability(args, data, bundles, work)
             else:
                 summary["flood"] = bench_hardening.flood(args, data, bundles)
-            print(json.dumps(summary, indent=2))
             section = summary.get("durability") or summary.get("flood")
-            return 0 if section["errors"] == 0 else 1
+            return bench_cli.emit(summary, f"{section['errors']} enrollment(s) failed" if section["errors"] else None)
         gateway = args.gateway
         pids: list[int] = []
         if not gateway:
@@ -183,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
             served.stop()
             served = None
         if not args.no_baselines:
+            _report().stage("baseline: the crypto floor of one enrollment (1.5 s)")
             summary["crypto_floor"] = crypto_floor()
+            _report().stage(f"baseline: libcoap coap-server-openssl, handshake + GET ({args.baseline_seconds:g} s)")
             summary["libcoap"] = libcoap_baseline(work, data, args.baseline_seconds, 16, 2)
             cpu = summary["enroll"]["server_cpu_ms_per_op"]
             if cpu:
@@ -191,12 +185,17 @@ def main(argv: list[str] | None = None) -> int:
                     "server_cpu_vs_crypto_floor": round(cpu / summary["crypto_floor"]["ms_per_enrollment"], 2),
                     "server_cpu_vs_libcoap_handshake_get": round(cpu / summary["libcoap"]["server_cpu_ms_per_op"], 2)
                     if summary["libcoap"]["server_cpu_ms_per_op"] else None}
-        print(json.dumps(summary, indent=2))
-        return 0 if summary["enroll"]["errors"] == 0 and summary.get("renew", {}).get("errors", 0) == 0 else 1
+        errors = summary["enroll"]["errors"] + summary.get("renew", {}).get("errors", 0)
+        return bench_cli.emit(summary, f"{errors} enrollment(s) or renewal(s) failed" if errors else None)
     finally:
+        if registry is not None:
+            registry.close()
         if served is not None:
             served.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        if temporary:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            _report().stage(f"kept {work}")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,13 @@ class IdentitySettings:
         return f"urn:dev:os:{self.pen}-{serial}"
 
 
+def format_serial(serial: int) -> str:
+    """A certificate serial as `openssl x509 -serial` prints it: upper-case hex, an even number
+    of digits (a leading 0 where needed), no colons."""
+    text = format(serial, "X")
+    return text if len(text) % 2 == 0 else "0" + text
+
+
 def fingerprint(cert: x509.Certificate) -> str:
     """SHA-256 over the DER certificate, lower-case hex."""
     return fingerprint_der(cert.public_bytes(serialization.Encoding.DER))

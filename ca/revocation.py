@@ -15,7 +15,7 @@ from cryptography import x509
 
 from .authority import Issuer, to_utc
 from .errors import CAError, UnknownDevice
-from .identity import check_serial
+from .identity import check_serial, format_serial
 from .store import CertificateRecord, Registry
 
 REASONS = {
@@ -79,8 +79,8 @@ def _hex_reference(text: str) -> str:
 
 
 def find_certificate(store: Registry, text: str) -> CertificateRecord:
-    """The one certificate named by `text`: its serial in hex (as `devid devices show` prints
-    it; leading zeros, as openssl prints them, do not matter), its SHA-256 fingerprint in hex, or
+    """The one certificate named by `text`: its serial in hex (as `devid devices show` and
+    `openssl x509 -serial` print it; case, colons and leading zeros do not matter), its SHA-256 fingerprint in hex, or
     a prefix of either of at least MIN_PREFIX digits that no other certificate shares. A full
     serial or fingerprint wins over prefixes."""
     ref = _hex_reference(text)
@@ -104,7 +104,7 @@ def find_certificate(store: Registry, text: str) -> CertificateRecord:
     if not candidates:
         raise UnknownCertificate(f"no certificate with serial or SHA-256 fingerprint {text!r}")
     if len(candidates) > 1:
-        listed = ", ".join(f"{c.serial:x} ({c.profile}, {c.device_serial or c.issuer})" for c in candidates[:5])
+        listed = ", ".join(f"{format_serial(c.serial)} ({c.profile}, {c.device_serial or c.issuer})" for c in candidates[:5])
         count = "more than 5" if len(candidates) > 5 else str(len(candidates))
         raise AmbiguousCertificate(f"{text!r} matches {count} certificates: {listed}; give more digits")
     return candidates[0]
@@ -122,7 +122,7 @@ def revoke_certificate(store: Registry, text: str, reason: str, now: datetime) -
     check_reason(reason)
     cert = find_certificate(store, text)
     if cert.profile not in DEVICE_PROFILES or cert.device_serial is None:
-        raise CAError(f"certificate {cert.serial:x} is a {cert.profile} certificate, not a device's: "
+        raise CAError(f"certificate {format_serial(cert.serial)} is a {cert.profile} certificate, not a device's: "
                       "only device certificates are revoked one by one")
     if cert.status.value == "revoked":
         return CertificateRevocation(cert, False)

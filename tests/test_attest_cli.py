@@ -50,14 +50,14 @@ def test_log_table(logged):
 
 def test_log_filters_and_json(logged):
     d = logged.path
-    rows = [json.loads(x) for x in ok(run_devid("attest", "log", "--json", data_dir=d)).splitlines()]
+    rows = json.loads(ok(run_devid("attest", "log", "--json", data_dir=d)))["entries"]
     assert [r["seq"] for r in rows] == [1, 2, 3, 4, 5]
     assert rows[0]["claims"]["swname"] == "ts-firmware" and bytes.fromhex(rows[0]["evidence"])[0] == 0xD2
     assert rows[1]["reasons"] == [{"code": "secure-boot-off", "tier": "contraindicated",
                                    "message": "secure boot is off (oemboot false) and the policy requires it"}]
     assert len(rows[0]["hash"]) == 64 and rows[1]["prev"] == rows[0]["hash"]
-    seqs = lambda *a: [json.loads(x)["seq"] for x in ok(run_devid("attest", "log", "--json", *a,   # noqa: E731
-                                                                 data_dir=d)).splitlines()]
+    seqs = lambda *a: [x["seq"] for x in json.loads(ok(run_devid("attest", "log", "--json", *a,   # noqa: E731
+                                                                 data_dir=d)))["entries"]]
     assert seqs("--device", "TS2") == [2, 3]
     assert seqs("--verdict", "contraindicated") == [2, 5]
     assert seqs("--verdict", "affirming", "--limit", "1") == [4]
@@ -167,14 +167,14 @@ def test_log_shows_summary_entries(flooded):
     assert "affirming" in lines[5] and lines[6] == "4 entries shown"
     assert lines[7] == ("note: 3 more refused evidence message(s) from 1 device(s) are counted but not yet summarised "
                         "(a summary entry comes before the device's next entry, or with the next rotation)")
-    rows = [json.loads(x) for x in ok(run_devid("attest", "log", "--json", data_dir=d)).splitlines()]
+    rows = json.loads(ok(run_devid("attest", "log", "--json", data_dir=d)))["entries"]
     assert [r["kind"] for r in rows] == ["appraisal", "appraisal", "refused-summary", "appraisal"]
     s = rows[2]
     assert (s["count"], s["first"], s["last"], s["reason_counts"]) == \
         (8, "2026-11-28T12:00:02.000000Z", "2026-11-28T12:00:09.000000Z", {"cbor-malformed": 8})
     assert s["prev"] == rows[1]["hash"] and rows[3]["prev"] == s["hash"] and "evidence" not in s
-    seqs = [json.loads(x)["seq"] for x in ok(run_devid("attest", "log", "--json", "--verdict", "contraindicated",
-                                                        data_dir=d)).splitlines()]
+    seqs = [x["seq"] for x in json.loads(ok(run_devid("attest", "log", "--json", "--verdict", "contraindicated",
+                                                       data_dir=d)))["entries"]]
     assert seqs == [1, 2, 3]
     assert ok(run_devid("attest", "verify-log", data_dir=d)).startswith("OK: 4 entries, chain intact; head 4:")
 

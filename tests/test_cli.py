@@ -81,7 +81,7 @@ def test_provision_bundle(ddir, tmp_path):
     assert se["provisioning"] == {"lock_configuration": True, "lock_data": True, "enable_hardware_rng": True}
     assert se["certificate"]["serial"] == format(cert.serial_number, "x")
     assert se["device_serial"] == "TS00000002"
-    listed = [json.loads(line) for line in ok(run_devid("devices", "list", "--json", data_dir=ddir)).splitlines()]
+    listed = json.loads(ok(run_devid("devices", "list", "--json", data_dir=ddir)))["devices"]
     assert [d["serial"] for d in listed] == serials
     assert {d["state"] for d in listed} == {"manufactured"}
     # rerun: new serials, never a second identity for an existing one
@@ -133,8 +133,8 @@ def test_revoke_and_crl(ddir, tmp_path):
     text = ok(run_devid("revoke", "SN00000002", "--reason", "keyCompromise", data_dir=ddir))
     assert "1 certificate(s) newly revoked" in text
     assert json.loads(ok(run_devid("devices", "show", "SN00000002", "--json", data_dir=ddir)))["state"] == "revoked"
-    assert [json.loads(line)["serial"] for line in
-            ok(run_devid("devices", "list", "--state", "revoked", "--json", data_dir=ddir)).splitlines()] == \
+    assert [d["serial"] for d in
+            json.loads(ok(run_devid("devices", "list", "--state", "revoked", "--json", data_dir=ddir)))["devices"]] == \
         ["SN00000002"]
     text = ok(run_devid("crl", "--out", tmp_path / "crls.pem", data_dir=ddir))
     assert "manufacturing" in text and "operational" in text

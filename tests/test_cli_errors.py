@@ -4,6 +4,7 @@ read-only data directory, and bad input is one error line (never a traceback).""
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 
 import pytest
@@ -65,7 +66,7 @@ def test_read_only_commands_work_on_a_read_only_data_dir(data, tmp_path):
     with _read_only(data.path):
         listed = run_devid("devices", "list", "--json", data_dir=data.path)
         assert listed.returncode == 0, listed.stderr.decode()
-        assert len(listed.stdout.decode().splitlines()) == 3
+        assert len(json.loads(listed.stdout)["devices"]) == 3
         shown = run_devid("devices", "show", "SN00000002", data_dir=data.path)
         assert shown.returncode == 0 and b"SN00000002" in shown.stdout, shown.stderr.decode()
         for command in (["attest", "log"], ["attest", "verify-log"]):

@@ -15,9 +15,11 @@ devid.toml's schema and parsing are in gateway/app/settings.py.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import shutil
+import tomllib
 from datetime import datetime
 from pathlib import Path
 from typing import Iterable
@@ -32,7 +34,7 @@ from devid.ca.hierarchy import CA_NAMES, create_hierarchy
 from devid.ca.identity import IdentitySettings
 from devid.ca.profiles import default_profiles
 
-from devid.gateway.app.settings import Config
+from devid.gateway.app.settings import CONFIG_HEADER, Config, check_organization
 from devid.gateway.errors import ConfigError, DirectoryBusy
 from devid.gateway.system.fs import directory_lock, fsync_path, write_atomic
 from devid.gateway.store.registry import SQLiteRegistry
@@ -41,6 +43,7 @@ ENV_DATA = "DEVID_DATA"
 ENV_PASSPHRASE = "DEVID_CA_PASSPHRASE"
 DEFAULT_DATA = "devid-data"
 CERT_NAMES = (*CA_NAMES, "gateway")
+CONFIG_MARK = "devid.toml.sha256"      # in an init's staging directory: the devid.toml it wrote
 INIT_WAIT = 30.0        # s a second `devid init` waits for the first one's lock on the data directory
 
 
@@ -173,9 +176,17 @@ class DataDir:
         a second) for the lock the first holds on the data directory, then finds its CA and
         refuses; waiting rather than refusing at once gives the true answer, "a CA already
         exists", instead of a transient one.
+
+        A failed init leaves nothing a later one trips over: on an error it removes what it made
+        (devid.toml, the registry, a generated passphrase file, the data directory itself when
+        it made it and it is empty again). devid.toml is written last, just before the rename; a
+        process killed between the two leaves the digest of the devid.toml it wrote in its
+        staging directory, and the next init takes that file as its own leftover and replaces it
+        (an operator's devid.toml, written before init, is kept and used).
         """
         if self.exists() or self.ca_dir.exists():
             raise CAExists(f"a CA already exists in {self.path}: refusing to overwrite it")
+        made_dir = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         try:
             with directory_lock(self.path, wait=INIT_WAIT):
@@ -183,6 +194,66 @@ class DataDir:
         except DirectoryBusy as exc:
             who = f"pid {exc.pid}" if exc.pid else "another process"
             raise CAExists(f"another devid init ({who}) is still running in {self.path}") from None
+        except BaseException:
+            if made_dir:
+                try:
+                    self.path.rmdir()             # only if empty: nothing of anyone else's goes
+                except OSError:
+                    pass
+            raise
+
+    def _leftover_config(self) -> bool:
+        """Is devid.toml (no CA here) the one an interrupted init wrote: its digest in that init's
+        staging directory, or (an older devid's init) its header on a file that is not even TOML?"""
+        try:
+            text = self.config_path.read_bytes()
+        except OSError:
+            return False
+        if text.startswith(CONFIG_HEADER.encode()):
+            try:
+                tomllib.loads(text.decode())
+            except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+                return True
+        digest = hashlib.sha256(text).hexdigest()
+        for stale in self.path.glob(".ca-init-*"):
+            try:
+                if (stale / CONFIG_MARK).read_text().strip() == digest:
+                    return True
+            except OSError:
+                continue
+        return False
+
+    def _init_config(self, organization: str | None, passphrase_file: Path | None) -> bytes | None:
+        """The Config this init uses (set as self.config), and devid.toml's text when this init
+        writes the file (None: an operator's devid.toml is there, and kept)."""
+        if passphrase_file is not None:
+            if self.path.resolve() in passphrase_file.resolve().parents:
+                raise ConfigError(f"--passphrase-file {passphrase_file}: keep it outside the data directory "
+                                  f"(without the flag it is generated into {self.ca_dir / 'passphrase'})")
+        text = None
+        if not self.config_path.exists() or self._leftover_config():
+            if organization is not None:
+                try:
+                    check_organization(organization)
+                except ValueError as exc:
+                    raise ConfigError(f"--org: {exc}") from None
+            self._config = Config(IdentitySettings(organization=organization) if organization else IdentitySettings(),
+                                  passphrase_file=str(passphrase_file) if passphrase_file else None)
+            text = self._config.render().encode()
+        else:
+            self._config = None
+            cfg = self.config                       # the operator's file, checked
+            try:
+                check_organization(cfg.identity.organization)
+            except ValueError as exc:
+                raise ConfigError(f"{self.config_path}: organization.name: {exc}") from None
+            if organization is not None and organization != cfg.identity.organization:
+                raise ConfigError(f"{self.config_path} exists and sets organization.name = "
+                                  f"{cfg.identity.organization!r}: edit it there, or leave out --org")
+            if passphrase_file is not None and cfg.passphrase_file != str(passphrase_file):
+                raise ConfigError(f"{self.config_path} exists: set [ca] passphrase_file = \"{passphrase_file}\" "
+                                  f"there to keep the passphrase in that file")
+        return text
 
     def _init_locked(self, now: datetime, hostnames: Iterable[str], organization: str | None,
                      rand_bytes, passphrase_file: Path | None) -> None:
@@ -190,25 +261,20 @@ class DataDir:
             raise CAExists(f"a CA already exists in {self.path}: refusing to overwrite it")
         if passphrase_file is not None:
             passphrase_file = Path(os.path.abspath(passphrase_file))
-            if self.path.resolve() in passphrase_file.resolve().parents:
-                raise ConfigError(f"--passphrase-file {passphrase_file}: keep it outside the data directory "
-                                  f"(without the flag it is generated into {self.ca_dir / 'passphrase'})")
-        if not self.config_path.exists():
-            cfg = Config(IdentitySettings(organization=organization) if organization else IdentitySettings(),
-                         passphrase_file=str(passphrase_file) if passphrase_file else None)
-            write_atomic(self.config_path, cfg.render().encode())
-        elif passphrase_file is not None and self.config.passphrase_file != str(passphrase_file):
-            raise ConfigError(f"{self.config_path} exists: set [ca] passphrase_file = \"{passphrase_file}\" "
-                              f"there to keep the passphrase in that file")
+        config_text = self._init_config(organization, passphrase_file)
         for stale in self.path.glob(".ca-init-*"):    # keys of an init that was killed (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
         cfg = self.config
         hierarchy = create_hierarchy(cfg.identity, hostnames, now, rand_bytes)
+        had_registry = self.db_path.exists()
+        generated: Path | None = None               # a passphrase file outside the data directory made here
         staging = self.path / f".ca-init-{os.getpid()}-{secrets.token_hex(4)}"
         staging.mkdir(mode=0o700)
         try:
+            if config_text is not None:             # the mark that devid.toml, once written, is this init's
+                (staging / CONFIG_MARK).write_text(hashlib.sha256(config_text).hexdigest() + "\n")
             passphrase = os.environ.get(ENV_PASSPHRASE, "").encode()
-            outside = self.config.passphrase_file
+            outside = cfg.passphrase_file
             if not passphrase and outside and Path(outside).exists():
                 passphrase = self.passphrase()
                 if not passphrase:
@@ -216,6 +282,8 @@ class DataDir:
             chosen = bool(passphrase)           # a person's passphrase is stretched (ca/keys.py)
             if not chosen:
                 passphrase = secrets.token_urlsafe(32).encode()
+                if outside:
+                    generated = Path(outside)
                 keys.write_private_file(Path(outside) if outside else staging / "passphrase", passphrase + b"\n")
             for name, key in hierarchy.keys.items():
                 keys.write_private_file(staging / f"{name}.key.pem", keys.encrypt_key(key, passphrase, stretch=chosen))
@@ -242,7 +310,30 @@ class DataDir:
                 registry.record_certificates(hierarchy.records)
             finally:
                 registry.close()
+            if config_text is not None:
+                write_atomic(self.config_path, config_text)
             move_into_place()
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
+            if not self.exists():                   # (never undo anything next to a CA that is there)
+                self._undo_init(config_text is not None, had_registry, generated)
             raise
+        try:
+            (self.ca_dir / CONFIG_MARK).unlink(missing_ok=True)
+        except OSError:
+            pass
+
+    def _undo_init(self, wrote_config: bool, had_registry: bool, generated: Path | None) -> None:
+        """After a failed init: remove devid.toml if this init wrote it (or replaced an interrupted
+        init's), the registry if this init created it, and a passphrase file it generated."""
+        self._config = None
+        doomed = [self.config_path] if wrote_config else []
+        if not had_registry:
+            doomed += [self.db_path.with_name(self.db_path.name + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
+        if generated is not None:
+            doomed.append(generated)
+        for path in doomed:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass

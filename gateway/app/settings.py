@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import tomllib
+import unicodedata
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from typing import Callable
@@ -24,8 +25,8 @@ from devid.gateway.service.budgets import ACTIONS, Budgets, Rate
 from devid.gateway.dtls.limits import LimitError, ServerLimits
 from devid.gateway.errors import ConfigError
 
-CONFIG_TEMPLATE = """\
-# devid configuration, written by `devid init`. Names and OIDs here end up in every certificate.
+CONFIG_HEADER = "# devid configuration, written by `devid init`."
+CONFIG_TEMPLATE = CONFIG_HEADER + """ Names and OIDs here end up in every certificate.
 
 [organization]
 {organization_line}
@@ -147,6 +148,27 @@ def _integer(low: int, high: int, what: str = "") -> Callable[[object], int]:
 def _text(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"must be a non-empty string (got {value!r})")
+    return value
+
+
+# RFC 5280 ub-organization-name: an organizationName of at most 64 characters
+MAX_ORGANIZATION = 64
+
+
+def check_organization(value: object) -> str:
+    """An organisation name for every certificate subject: 1 to 64 characters (RFC 5280's upper
+    bound), no control characters, no leading or trailing blanks. Quotes, backslashes, commas and
+    any other printable character are kept exactly as given (devid.toml and the certificates
+    escape them as their formats require)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"must be a non-empty string (got {value!r})")
+    if value != value.strip():
+        raise ValueError(f"must not begin or end with blanks (got {value!r})")
+    if len(value) > MAX_ORGANIZATION:
+        raise ValueError(f"must be at most {MAX_ORGANIZATION} characters, the limit of a certificate's "
+                         f"organizationName (got {len(value)})")
+    if any(unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp") for ch in value):
+        raise ValueError(f"must not contain control characters or line breaks (got {value!r})")
     return value
 
 

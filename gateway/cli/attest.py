@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -82,9 +81,14 @@ def cmd_log(args) -> int:
     store = _store(args)
     tier = Tier(args.verdict) if args.verdict else None
     entries = store.log_entries(device_serial=args.device, tier=tier, since=args.since, limit=args.limit)
+    pending = {serial: t for serial, t in store.refused_tallies().items()
+               if t.suppressed and (args.device is None or serial == args.device)}
+    segments = store.segments()
     if args.json:
-        for e in entries:
-            print(json.dumps(e.as_json()))
+        output.emit({"ok": True, "entries": [e.as_json() for e in entries],
+                     "unsummarised_refusals": {serial: t.suppressed for serial, t in sorted(pending.items())},
+                     "rotated": {"segments": len(segments), "first_seq": segments[0].first_seq,
+                                 "last_seq": segments[-1].last_seq} if segments else None})
         return 0
     rows = []
     for e in entries:
@@ -98,13 +102,10 @@ def cmd_log(args) -> int:
                      "yes" if e.acceptable else "no", firmware, ", ".join(e.codes) or "-"))
     output.table(["seq", "time", "device", "type", "verdict", "accepted", "firmware", "reasons"], rows)
     print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} shown")
-    pending = {serial: t for serial, t in store.refused_tallies().items()
-               if t.suppressed and (args.device is None or serial == args.device)}
     if pending:
         n = sum(t.suppressed for t in pending.values())
         print(f"note: {n} more refused evidence message(s) from {len(pending)} device(s) are counted but not yet "
               "summarised (a summary entry comes before the device's next entry, or with the next rotation)")
-    segments = store.segments()
     if segments:
         print(f"note: entries {segments[0].first_seq}..{segments[-1].last_seq} were rotated into "
               f"{len(segments)} sealed segment(s); this command reads only the registry "
@@ -162,13 +163,13 @@ def cmd_rotate(args) -> int:
     except OSError as exc:
         raise LogError(f"{exc.filename or directory}: {exc.strerror}") from None
     if args.json:
-        print(json.dumps({
+        output.emit({
             "ok": True, "before": report.before.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "directory": str(directory),
             "segments": [{"file": a.file_name, "first_seq": a.first_seq, "last_seq": a.last_seq, "entries": a.entries,
                           "head_hash": a.head_hash.hex(), "sha256": a.file_sha256} for a in report.segments],
             "summaries": report.summaries, "recovered": report.recovered,
             "removed_temporary": report.removed_temporary,
-            "ignored": [{"file": f, "reason": r} for f, r in report.ignored], "registry": _registry_json(report.kept)}))
+            "ignored": [{"file": f, "reason": r} for f, r in report.ignored], "registry": _registry_json(report.kept)})
         return 0
     for name in report.removed_temporary:
         print(f"removed {name}: left by a rotation that stopped while writing it")
@@ -200,7 +201,7 @@ def cmd_verify_log(args) -> int:
     for d in directories:
         if args.segments and not d.is_dir():
             raise LogError(f"{d}: not a directory")
-    progress = output.Progress("verifying")
+    progress = output.Progress("verifying") if not args.json else None
     try:
         with store.registry.snapshot():     # anchors and entries from one state, whatever rotates meanwhile
             report = verify_log(store, directories, _trusted(data, store), head=args.head,
@@ -208,8 +209,11 @@ def cmd_verify_log(args) -> int:
     except OSError as exc:
         raise LogError(f"{exc.filename or directories[0]}: {exc.strerror}") from None
     problems = report.problems
+    failed = f"attestation log verification failed: {len(problems)} problem(s)" if problems else None
     if args.json:
-        print(json.dumps(report.as_json()))
+        if failed:
+            raise output.CommandFailed(failed, {k: v for k, v in report.as_json().items() if k != "ok"})
+        output.emit(report.as_json())
     else:
         for seg in report.segments:
             span = f"entries {seg.first_seq}..{seg.last_seq} ({seg.entries})"
@@ -223,8 +227,8 @@ def cmd_verify_log(args) -> int:
             print(f"BROKEN: {message}")
         if not problems:
             print(f"OK: {report.entries} entries, chain intact; head {report.head_seq}:{report.head_hash.hex()}")
-    if problems:
-        raise LogError(f"attestation log verification failed: {len(problems)} problem(s)")
+    if failed:
+        raise LogError(failed)
     return 0
 
 
@@ -232,7 +236,7 @@ def cmd_policy_check(args) -> int:
     path = Path(args.file) if args.file else policy_path(DataDir(resolve_data_dir(args.data)))
     policy = load_policy(path)
     if args.json:
-        print(json.dumps({"ok": True, "file": str(path), "device_types": {
+        output.emit({"ok": True, "file": str(path), "device_types": {
             name: {"attestation": t.attestation, "accept": t.accept.value,
                    "revoke_on_contraindicated": t.revoke_on_contraindicated,
                    "secure_boot_required": t.secure_boot_required,
@@ -240,7 +244,7 @@ def cmd_policy_check(args) -> int:
                    "minimum_firmware_version": t.minimum_firmware_version,
                    "firmware": [{"name": f.name, "version": f.version, "digest": f.key, "deprecated": f.deprecated}
                                 for f in t.firmware]}
-            for name, t in policy.device_types.items()}}))
+            for name, t in policy.device_types.items()}})
         return 0
     print(f"OK: {path}: {len(policy.device_types)} device type(s); nonce lifetime "
           f"{policy.nonce_lifetime.total_seconds():g} s, verdict window {policy.verdict_window.total_seconds():g} s, "
@@ -267,7 +271,7 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--since", type=parse_since, metavar="TIME",
                    help="only at or after TIME: 2026-11-28, 2026-11-28T12:00:00Z, or 90s / 15m / 2h / 7d ago")
     s.add_argument("--limit", type=output.positive_int, metavar="N", help="only the newest N matching entries")
-    s.add_argument("--json", action="store_true", help="one JSON object per line, with claims and evidence")
+    s.add_argument("--json", action="store_true", help="one JSON document: the entries, with claims and evidence")
     s.set_defaults(func=cmd_log)
     logsub = s.add_subparsers(dest="log_command", metavar="ACTION", required=False, parser_class=type(s))
     r = logsub.add_parser("rotate", parents=[common],

@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from devid.gateway.app.datadir import DataDir, resolve_data_dir
+from devid.gateway.cli import output
 from devid.gateway.errors import CLIError
 from devid.gateway.system.fs import write_atomic
 
@@ -18,9 +19,27 @@ def utcnow() -> datetime:
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:   # one line, not usage + error
-        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+    """Errs in one line, not usage + error; with --json on the command line (`json_errors`, set
+    by `dispatch.main` before parsing) also as the JSON document of a failure."""
+
+    json_errors = False
+
+    def error(self, message: str) -> None:
+        line = f"{message} (see '{self.prog} --help')"
+        sys.stderr.write(f"{self.prog}: error: {line}\n")
+        if Parser.json_errors:
+            output.emit({"ok": False, "error": line})
         raise SystemExit(2)
+
+
+def wants_json(argv: list[str]) -> bool:
+    """--json among the options (before a `--`)."""
+    for arg in argv:
+        if arg == "--":
+            return False
+        if arg == "--json":
+            return True
+    return False
 
 
 class Deprecated(argparse.Action):

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from devid.ca.revocation import revoke_device
 
 from devid.gateway.cli import output
+from devid.gateway.cli.output import CommandFailed
 from devid.gateway.store.attestation_store import SQLiteAttestationStore
 from devid.gateway.app.datadir import DataDir
 from devid.gateway.device.enroll import EnrollFailed, Firmware, renew
@@ -55,83 +56,122 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_demo(data: DataDir, count: int = 5) -> int:
+class _Report:
+    """What the demo did: printed as it goes, or (--json) gathered into one document."""
+
+    def __init__(self, json_mode: bool) -> None:
+        self.json = json_mode
+        self.doc: dict = {}
+
+    def say(self, text: str) -> None:
+        if not self.json:
+            print(text, flush=True)
+
+
+def run_demo(data: DataDir, count: int = 5, json_mode: bool = False) -> int:
+    out = _Report(json_mode)
+    out.doc["data"] = str(data.path)
+    out.doc["created_ca"] = not data.exists()
     if not data.exists():
-        print(f"== no CA in {data.path}: creating one")
+        out.say(f"== no CA in {data.path}: creating one")
         data.init(_now())
     data.require()
     digest = hashlib.sha256(DEMO_IMAGE).hexdigest()
     policy_path = data.path / POLICY_FILE
+    out.doc["wrote_policy"] = None
     if not policy_path.exists():
         policy_path.write_text(DEMO_POLICY.format(device_type=DEVICE_TYPE, name=DEMO_FIRMWARE[0],
                                                   version=DEMO_FIRMWARE[1], digest=digest))
-        print(f"== wrote a demo attestation policy to {policy_path}")
+        out.doc["wrote_policy"] = str(policy_path)
+        out.say(f"== wrote a demo attestation policy to {policy_path}")
     registry = data.open_registry()
     try:
-        out = data.path / "devices"
-        result = provision(data.authority(registry), count=count, device_type=DEVICE_TYPE, out=out,
+        bundle_dir = data.path / "devices"
+        result = provision(data.authority(registry), count=count, device_type=DEVICE_TYPE, out=bundle_dir,
                            manufacturing_pem=data.cert_pem("manufacturing"), root_pem=data.cert_pem("root"),
                            serial_prefix="DEMO", now=_now)
-        print(f"== provisioned {len(result.serials)} factory identities into {out}")
-        bundles = [out / s for s in result.serials]
+        out.doc["provisioned"] = {"count": len(result.serials), "out": str(bundle_dir)}
+        out.say(f"== provisioned {len(result.serials)} factory identities into {bundle_dir}")
+        bundles = [bundle_dir / s for s in result.serials]
         for b in bundles:      # what the device's firmware would know about itself
             (b / "firmware.json").write_text(json.dumps({"name": DEMO_FIRMWARE[0], "version": DEMO_FIRMWARE[1],
                                                          "digest": f"sha-256:{digest}"}) + "\n")
-        code = asyncio.run(_run(data, bundles))
-        _print_registry(registry, result.serials)
-        return code
+        failed = asyncio.run(_run(data, bundles, out))
+        _print_registry(registry, result.serials, out)
     finally:
         registry.close()
+    if failed:
+        raise CommandFailed(failed, out.doc)
+    if out.json:
+        output.emit({"ok": True, **out.doc})
+    return 0
 
 
-async def _run(data: DataDir, bundles) -> int:
+async def _run(data: DataDir, bundles, out: _Report) -> str | None:
+    """The gateway's part of the demo; what went wrong, or None."""
     port = _free_port()
     gateway = Gateway(data, GatewayConfig(listen=[("127.0.0.1", port)]))
     await gateway.start()
     uri = f"coaps://127.0.0.1:{port}"
-    print(f"== gateway listening on {uri}; enrolling over CoAP/DTLS")
+    out.doc["gateway"] = uri
+    out.say(f"== gateway listening on {uri}; enrolling over CoAP/DTLS")
     try:
         report = await simulate(uri, bundles, lambda b: Firmware.from_options(b, None, None, None, None),
                                 concurrency=4)
+        out.doc["enrolled"] = []
         for r in sorted(report.results, key=lambda r: r.serial):
-            print(f"   {r.serial}: verdict {r.verdict}, operational certificate {r.certificate.serial_number:x} "
-                  f"until {output.ts(r.certificate.not_valid_after_utc)}, {r.seconds * 1000:.0f} ms")
+            serial = output.format_serial(r.certificate.serial_number)
+            until = output.ts(r.certificate.not_valid_after_utc)
+            out.doc["enrolled"].append({"serial": r.serial, "verdict": r.verdict, "certificate_serial": serial,
+                                        "not_after": until, "ms": round(r.seconds * 1000, 1)})
+            out.say(f"   {r.serial}: verdict {r.verdict}, operational certificate {serial} until {until}, "
+                    f"{r.seconds * 1000:.0f} ms")
+        out.doc["failures"] = dict(sorted(report.failures.items()))
         for serial, reason in sorted(report.failures.items()):
-            print(f"   {serial}: FAILED {reason}")
+            out.say(f"   {serial}: FAILED {reason}")
         if report.failures:
-            print(f"== {len(report.failures)} device(s) failed; check {data.path / POLICY_FILE}")
-            return 1
+            out.say(f"== {len(report.failures)} device(s) failed; check {data.path / POLICY_FILE}")
+            return f"{len(report.failures)} device(s) failed to enroll; check {data.path / POLICY_FILE}"
         first, last = bundles[0], bundles[-1]
         cert = await renew(first, uri)
-        print(f"== renewed {first.name} through EST /sren: certificate {cert.serial_number:x}")
+        out.doc["renewed"] = {"serial": first.name, "certificate_serial": output.format_serial(cert.serial_number)}
+        out.say(f"== renewed {first.name} through EST /sren: certificate {output.format_serial(cert.serial_number)}")
         revoked = revoke_device(gateway.registry, last.name, "keyCompromise", _now())
-        print(f"== revoked {last.name} ({len(revoked)} certificates); it tries to renew:")
+        out.doc["revoked"] = {"serial": last.name, "certificates": len(revoked)}
+        out.say(f"== revoked {last.name} ({len(revoked)} certificates); it tries to renew:")
         try:
             await renew(last, uri, timeout=5)
-            print("   UNEXPECTED: the revoked device renewed")
-            return 1
+            out.say("   UNEXPECTED: the revoked device renewed")
+            return f"the revoked device {last.name} renewed"
         except EnrollFailed as exc:
-            print(f"   refused at {exc.step}: {exc.reason}")
-        return 0
+            out.doc["revoked"]["refused"] = {"step": exc.step, "reason": exc.reason}
+            out.say(f"   refused at {exc.step}: {exc.reason}")
+        return None
     finally:
         await gateway.stop()
-        print("== gateway stopped")
+        out.say("== gateway stopped")
 
 
-def _print_registry(registry, serials) -> None:
-    print("== devices")
+def _print_registry(registry, serials, out: _Report) -> None:
     devices = [registry.get_device(s) for s in serials]
+    store = SQLiteAttestationStore(registry)
+    entries = [e for e in store.log_entries() if e.device_serial in set(serials)]
+    counts = registry.count_devices()
+    out.doc["devices"] = [{"serial": d.serial, "device_type": d.device_type, "state": d.state.value}
+                          for d in devices]
+    out.doc["attestation_log_entries"] = len(entries)
+    out.doc["registry"] = dict(sorted(counts.items()))
+    if out.json:
+        return
+    print("== devices")
     output.table(["serial", "type", "state", "enrolled", "revoked"],
                  [(d.serial, d.device_type, d.state.value, output.ts(d.enrolled_at), output.ts(d.revoked_at))
                   for d in devices])
     print("== attestation log (this run)")
-    store = SQLiteAttestationStore(registry)
-    entries = [e for e in store.log_entries() if e.device_serial in set(serials)]
     output.table(["seq", "time", "device", "verdict", "accepted", "firmware", "reasons"],
                  [(e.seq, e.time, e.device_serial, e.tier.value, "yes" if e.acceptable else "no",
                    f"{e.claims.get('swname')} {e.claims.get('swversion')}" if e.claims else "-",
                    ", ".join(e.codes) or "-") for e in entries])
-    counts = registry.count_devices()
     print("registry totals: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     where = "" if str(registry.path.parent) == "devid-data" else f" --data {registry.path.parent}"
     print("next steps (docs/gateway.md, docs/enrollment.md):")

@@ -5,7 +5,7 @@ without aiocoap."""
 from __future__ import annotations
 
 import argparse
-import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -23,6 +23,15 @@ def _warn(args, text: str) -> None:
     print(text, file=sys.stderr if getattr(args, "json", False) else sys.stdout, flush=True)
 
 
+# "certificate 5c74...0206" in the device client's step lines (a hex number of 8-40 digits, a digit among them)
+_CERTIFICATE_SERIAL = re.compile(r"\b(certificate) ((?=[0-9a-f]*[0-9])[0-9a-f]{8,40})\b")
+
+
+def _step_text(text: str) -> str:
+    """A step line of the device client, its certificate serial as openssl prints it (docs/cli.md)."""
+    return _CERTIFICATE_SERIAL.sub(lambda m: f"{m.group(1)} {output.format_serial(int(m.group(2), 16))}", text)
+
+
 def _firmware(args, directory):
     from devid.gateway.device.enroll import Firmware
     return Firmware.from_options(Path(directory), Path(args.firmware) if args.firmware else None,
@@ -36,7 +45,7 @@ def cmd_enroll(args) -> int:
 
     def report(step, text):
         if not args.json:
-            print(f"[{steps.index(step) + 1}/{len(steps)}] {step:<9} {text}", flush=True)
+            print(f"[{steps.index(step) + 1}/{len(steps)}] {step:<9} {_step_text(text)}", flush=True)
     try:
         firmware = _firmware(args, args.device)
         if firmware is None:
@@ -44,34 +53,53 @@ def cmd_enroll(args) -> int:
         result = asyncio.run(enroll(Path(args.device), args.gateway, firmware, timeout=args.timeout,
                                     report=report))
     except ConfigNotFetched as exc:
-        print(f"devid: error: enrolled, but the configuration could not be fetched ({exc.reason}): operational "
-              f"certificate {exc.certificate.serial_number:x} is stored in {exc.directory} (op-key.pem, op-cert.pem, "
-              f"op-chain.pem); get the configuration with: devid fetch-config --gateway {shlex.quote(args.gateway)} "
-              f"--device {shlex.quote(str(exc.directory))}", file=sys.stderr)
-        return EXIT_CONFIG_NOT_FETCHED
+        serial = output.format_serial(exc.certificate.serial_number)
+        raise output.CommandFailed(
+            f"enrolled, but the configuration could not be fetched ({exc.reason}): operational certificate "
+            f"{serial} is stored in {exc.directory} (op-key.pem, op-cert.pem, op-chain.pem); get the configuration "
+            f"with: devid fetch-config --gateway {shlex.quote(args.gateway)} --device {shlex.quote(str(exc.directory))}",
+            {"step": exc.step, "reason": exc.reason, "enrolled": True, "certificate_serial": serial,
+             "directory": str(exc.directory)}, code=EXIT_CONFIG_NOT_FETCHED) from None
     except EnrollFailed as exc:
-        raise CLIError(f"enrollment failed at step {exc.step}: {exc.reason}") from None
+        raise output.CommandFailed(f"enrollment failed at step {exc.step}: {exc.reason}",
+                                   {"step": exc.step, "reason": exc.reason}) from None
+    serial = output.format_serial(result.certificate.serial_number)
     if args.json:
-        print(json.dumps({"serial": result.serial, "certificate_serial": format(result.certificate.serial_number, "x"),
-                          "not_after": output.ts(result.certificate.not_valid_after_utc), "verdict": result.verdict,
-                          "seconds": round(result.seconds, 3),
-                          "steps_ms": {k: round(v * 1000, 1) for k, v in result.steps.items()}}))
+        output.emit({"ok": True, "serial": result.serial, "certificate_serial": serial,
+                     "not_after": output.ts(result.certificate.not_valid_after_utc), "verdict": result.verdict,
+                     "seconds": round(result.seconds, 3),
+                     "steps_ms": {k: round(v * 1000, 1) for k, v in result.steps.items()}})
     else:
-        print(f"OK: device {result.serial} holds operational certificate {result.certificate.serial_number:x} "
+        print(f"OK: device {result.serial} holds operational certificate {serial} "
               f"(op-key.pem, op-cert.pem, op-chain.pem, config.cbor, config.json in {args.device}) "
               f"in {result.seconds:.2f} s")
     return 0
 
 
+def _device_serial(cert) -> str | None:
+    from cryptography.x509.oid import NameOID
+    values = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)]
+    return values[0] if len(values) == 1 else None
+
+
 def cmd_renew(args) -> int:
     import asyncio
     from devid.gateway.device.enroll import EnrollFailed, renew
+
+    def report(step, text):
+        if not args.json:
+            print(f"{step}: {_step_text(text)}", flush=True)
     try:
-        cert = asyncio.run(renew(Path(args.device), args.gateway, timeout=args.timeout,
-                                 report=lambda step, text: print(f"{step}: {text}", flush=True)))
+        cert = asyncio.run(renew(Path(args.device), args.gateway, timeout=args.timeout, report=report))
     except EnrollFailed as exc:
-        raise CLIError(f"renewal failed at step {exc.step}: {exc.reason}") from None
-    print(f"OK: renewed; operational certificate {cert.serial_number:x} until {output.ts(cert.not_valid_after_utc)}")
+        raise output.CommandFailed(f"renewal failed at step {exc.step}: {exc.reason}",
+                                   {"step": exc.step, "reason": exc.reason}) from None
+    if args.json:
+        output.emit({"ok": True, "serial": _device_serial(cert), "certificate_serial":
+                     output.format_serial(cert.serial_number), "not_after": output.ts(cert.not_valid_after_utc)})
+        return 0
+    print(f"OK: renewed; operational certificate {output.format_serial(cert.serial_number)} until "
+          f"{output.ts(cert.not_valid_after_utc)}")
     return 0
 
 
@@ -81,9 +109,15 @@ def cmd_fetch_config(args) -> int:
     try:
         config = asyncio.run(fetch_config(Path(args.device), args.gateway, timeout=args.timeout))
     except EnrollFailed as exc:
-        raise CLIError(f"fetching the configuration failed at step {exc.step}: {exc.reason}") from None
+        raise output.CommandFailed(f"fetching the configuration failed at step {exc.step}: {exc.reason}",
+                                   {"step": exc.step, "reason": exc.reason}) from None
+    where = Path(args.device) / "config.cbor"
+    if args.json:
+        output.emit({"ok": True, "device_type": config.get("device_type"), "config": str(where),
+                     "trust_anchors": len(config.get("trust_anchors", []))})
+        return 0
     print(f"OK: configuration for {config.get('device_type')} ({len(config.get('trust_anchors', []))} trust anchors) "
-          f"in {Path(args.device) / 'config.cbor'} and config.json")
+          f"in {where} and config.json")
     return 0
 
 
@@ -100,7 +134,7 @@ def cmd_simulate(args) -> int:
     try:
         firmware = {b: _firmware(args, b) for b in bundles}
     except EnrollFailed as exc:
-        raise CLIError(f"{exc.step}: {exc.reason}") from None
+        raise output.CommandFailed(f"{exc.step}: {exc.reason}", {"step": exc.step, "reason": exc.reason}) from None
     without = sum(1 for fw in firmware.values() if fw is None)
     if without and not args.renew:
         which = "" if without == len(bundles) else f" for {without} of {len(bundles)} devices"
@@ -110,9 +144,10 @@ def cmd_simulate(args) -> int:
     report = asyncio.run(simulate(args.gateway, bundles, firmware.get, concurrency=args.concurrency,
                                   timeout=args.timeout, renew_only=args.renew, progress=progress))
     summary = report.summary()
-    if args.json:
-        print(json.dumps(dict(summary, failures=report.failures)))
-    else:
+    doc = dict(summary, failures=report.failures)
+    failed = (f"{len(report.failures)} of {report.devices} devices failed to "
+              f"{'renew' if args.renew else 'enroll'}") if report.failures else None
+    if not args.json:
         lat = summary["latency_ms"]
         latency = (f"latency p50 {lat['p50']} ms, p95 {lat['p95']} ms, p99 {lat['p99']} ms" if report.enrolled
                    else "no device succeeded, so no latency figures")
@@ -120,7 +155,11 @@ def cmd_simulate(args) -> int:
               f"{report.seconds:.2f} s ({summary['enrollments_per_s']}/s); {latency}; {len(report.failures)} failed")
         for serial, reason in list(report.failures.items())[:10]:
             print(f"  {serial}: {reason}")
-    return 0 if not report.failures else 1
+    if failed:
+        raise output.CommandFailed(failed, doc)
+    if args.json:
+        output.emit({"ok": True, **doc})
+    return 0
 
 
 def _device_flags(s, firmware=True):
@@ -135,8 +174,12 @@ def _device_flags(s, firmware=True):
         s.add_argument("--firmware-version", metavar="V", help="firmware version for the evidence (swversion)")
 
 
+# the device commands take no --data: a device knows its bundle and its gateway, not the CA
+# (dispatch refuses a --data given before them)
+DEVICE_COMMANDS = ("enroll", "renew", "fetch-config", "simulate")
+
+
 def add_commands(sub, common: argparse.ArgumentParser) -> None:
-    # the device commands take no --data: a device knows its bundle and its gateway, not the CA
     s = sub.add_parser("enroll", help="enroll a device: attest, get an operational identity "
                                       "and its configuration (field engineer's script)",
                        epilog=f"exit status: 0 enrolled; 1 failed; 2 bad command line; {EXIT_CONFIG_NOT_FETCHED} "
@@ -144,18 +187,20 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
                               "run 'devid fetch-config'")
     _device_flags(s)
     s.add_argument("--device", required=True, metavar="DIR", help="the device's bundle from 'devid provision'")
-    s.add_argument("--json", action="store_true", help="print one JSON summary instead of the steps")
+    s.add_argument("--json", action="store_true", help="one JSON document instead of the steps (docs/cli.md)")
     s.set_defaults(func=cmd_enroll)
 
     s = sub.add_parser("renew", help="renew a device's operational certificate (EST /sren)")
     _device_flags(s, firmware=False)
     s.add_argument("--device", required=True, metavar="DIR")
+    s.add_argument("--json", action="store_true", help="one JSON document instead of the steps")
     s.set_defaults(func=cmd_renew)
 
     s = sub.add_parser("fetch-config", help="fetch an enrolled device's configuration again (GET /config with "
                                             "its operational identity)")
     _device_flags(s, firmware=False)
     s.add_argument("--device", required=True, metavar="DIR", help="the device's bundle, enrolled")
+    s.add_argument("--json", action="store_true", help="one JSON document instead of the summary line")
     s.set_defaults(func=cmd_fetch_config)
 
     s = sub.add_parser("simulate", help="run many simulated devices through enrollment")
@@ -164,5 +209,5 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--concurrency", type=int, default=16, metavar="C", help="devices in flight (default 16)")
     s.add_argument("--limit", type=int, metavar="N", help="only the first N devices")
     s.add_argument("--renew", action="store_true", help="renew enrolled devices instead of enrolling")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="one JSON document: the summary and the failures")
     s.set_defaults(func=cmd_simulate)

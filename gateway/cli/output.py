@@ -1,16 +1,67 @@
-"""Terminal output: aligned tables, a progress bar on stderr, timestamps."""
+"""Terminal output: aligned tables, a progress bar on stderr, timestamps, certificate serials as
+openssl prints them, and the one JSON document of `--json` (docs/cli.md).
+
+The `--json` convention: a command run with `--json` prints exactly one JSON document on stdout,
+one line, compact, success or failure: an object with `"ok": true` and the command's result, or
+`{"ok": false, "error": "...", ...}` with the same exit code as without `--json`. The error line
+(`devid: error: ...`) still goes to stderr, and progress never goes to stdout."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 import time
 from datetime import datetime
-from typing import Sequence, TextIO
+from typing import Any, Sequence, TextIO
+
+from cryptography import x509
+
+from devid.ca.identity import fingerprint, format_serial
+from devid.gateway.errors import GatewayError
+
+__all__ = ["CommandFailed", "Progress", "cert_json", "emit", "format_serial", "positive_int", "table", "ts"]
 
 
 def ts(t: datetime | None) -> str:
     return "-" if t is None else t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities are not JSON: written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def emit(doc: dict, out: TextIO | None = None) -> None:
+    """The one JSON document of a command run with --json: compact, one line, on stdout."""
+    out = out or sys.stdout
+    out.write(json.dumps(_finite(doc), allow_nan=False) + "\n")
+    out.flush()
+
+
+class CommandFailed(GatewayError):
+    """A command that fails with a result to show: one error line on stderr (the message), and
+    with --json the document {"ok": false, "error": message, **details}; exit status `code`."""
+
+    def __init__(self, message: str, details: dict | None = None, code: int = 1) -> None:
+        super().__init__(message)
+        self.details = details or {}
+        self.code = code
+
+
+def cert_json(cert: x509.Certificate) -> dict:
+    """A certificate as the JSON documents show it: subject (RFC 4514), serial (as openssl
+    prints it), SHA-256 fingerprint (lower-case hex), validity."""
+    return {"subject": cert.subject.rfc4514_string(), "serial": format_serial(cert.serial_number),
+            "sha256_fingerprint": fingerprint(cert), "not_before": ts(cert.not_valid_before_utc),
+            "not_after": ts(cert.not_valid_after_utc)}
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]], out: TextIO = sys.stdout) -> None:

@@ -14,11 +14,17 @@ def cmd_provision(args) -> int:
     data = data_dir(args).require()
     registry = data.open_registry()
     ca = data.authority(registry)
-    progress = output.Progress("provisioning") if not args.quiet else None
+    progress = output.Progress("provisioning") if not (args.quiet or args.json) else None
     out = Path(args.out) if args.out else data.path / DEFAULT_OUT      # key material stays out of the checkout
     result = provision(ca, count=args.count, device_type=args.device_type, out=out,
                        manufacturing_pem=data.cert_pem("manufacturing"), root_pem=data.cert_pem("root"),
                        serial_prefix=args.serial_prefix, now=utcnow, progress=progress, workers=args.workers)
+    if args.json:
+        output.emit({"ok": True, "count": len(result.serials), "device_type": args.device_type, "out": str(out),
+                     "first_serial": result.serials[0], "last_serial": result.serials[-1],
+                     "seconds": round(result.seconds, 3), "identities_per_s": round(result.rate, 1),
+                     "recovered": result.recovered, "discarded": result.discarded})
+        return 0
     if result.recovered or result.discarded:
         print(f"recovered {result.recovered} and discarded {result.discarded} bundle(s) left by an interrupted run")
     print(f"provisioned {len(result.serials)} factory identities ({result.serials[0]} .. {result.serials[-1]}) "
@@ -28,7 +34,7 @@ def cmd_provision(args) -> int:
 
 def add_commands(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("provision", parents=[common], help="create factory identities (IDevID) for new devices")
-    s.add_argument("--count", type=int, required=True, metavar="N")
+    s.add_argument("--count", type=output.positive_int, required=True, metavar="N")
     s.add_argument("--device-type", required=True, metavar="TYPE", help="e.g. temperature-sensor")
     s.add_argument("--out", metavar="DIR", help=f"one bundle directory (mode 0700) per device is made here "
                                                  f"(default: DATA/{DEFAULT_OUT}/, in the data directory)")
@@ -37,4 +43,5 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--workers", type=int, default=None, metavar="N",
                    help="processes building and writing bundles (default: one per CPU)")
     s.add_argument("--quiet", action="store_true", help="no progress output")
+    s.add_argument("--json", action="store_true", help="one JSON document (no progress output)")
     s.set_defaults(func=cmd_provision)

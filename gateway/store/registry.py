@@ -203,6 +203,12 @@ class SQLiteRegistry(Database):
                                     "AND issued_at >= ? ORDER BY issued_at", (device_serial, profile, _ts(since)))
             return [_dt(r[0]) for r in rows]
 
+    def count_certificates(self, profile: str) -> int:
+        """Certificates of a profile ever issued here (e.g. progress of a benchmark: each
+        enrollment and each renewal adds one operational certificate)."""
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM certificates WHERE profile = ?", (profile,)).fetchone()[0]
+
     def certificates_matching(self, serial_prefix: str | None, fingerprint_prefix: str | None,
                               limit: int = 10) -> list[CertificateRecord]:
         hexdigits = set("0123456789abcdef")

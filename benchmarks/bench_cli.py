@@ -1,0 +1,113 @@
+"""The command line of `devid bench` (benchmarks/bench_enroll.py): its options, its scratch
+directory, its progress on stderr and its one JSON document on stdout (docs/cli.md)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def build_parser(parser_class: type, description: str) -> argparse.ArgumentParser:
+    ap = parser_class(prog="devid bench", description=description,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--devices", type=int, default=200, help="devices to enroll (default 200; with --durability "
+                                                             "or --flood: per mode and round)")
+    ap.add_argument("--concurrency", type=int, default=16, help="devices in flight in all (default 16)")
+    ap.add_argument("--clients", type=int, default=2, help="client processes (default 2)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="gateway processes")
+    ap.add_argument("--renew", action="store_true", help="measure renewals (EST /sren) of enrolled devices")
+    ap.add_argument("--gateway", metavar="URI", help="target a running gateway instead; its data directory is --data")
+    ap.add_argument("--data", metavar="DIR",
+                    help="with --gateway: the data directory of that gateway, where the devices are provisioned "
+                         "(default: $DEVID_DATA, else ./devid-data)")
+    ap.add_argument("--workdir", metavar="DIR", type=Path,
+                    help="the benchmark's own CA (without --gateway) and the device bundles go here, and stay "
+                         "(an empty or new directory; default: a temporary directory, removed at the end)")
+    ap.add_argument("--no-baselines", action="store_true", help="skip the libcoap and crypto baselines")
+    ap.add_argument("--baseline-seconds", type=float, default=5.0)
+    ap.add_argument("--server-root", type=Path, default=ROOT,
+                    help="run the gateway from this checkout of devid (A/B comparisons: bench_ab.py)")
+    ap.add_argument("--client", choices=("lean", "script"), default="lean",
+                    help="lean: benchmarks/loadgen.py (default); script: the field engineer's script per "
+                         "device (gateway/device/simulator.py)")
+    ap.add_argument("--durability", action="store_true",
+                    help="instead of the plain run: the cost of durable commits (gateway with and without "
+                         "synchronous=FULL, alternating rounds; benchmarks/bench_hardening.py)")
+    ap.add_argument("--flood", action="store_true",
+                    help="instead of the plain run: enrollment latency while another identity floods nonce "
+                         "requests, against quiet rounds (benchmarks/bench_hardening.py)")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of --durability and --flood (default 2)")
+    ap.add_argument("--flood-sessions", type=int, default=4, help="DTLS sessions of the flooding identity")
+    ap.add_argument("--flood-window", type=int, default=16, help="nonce requests in flight per flooding session")
+    ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    ap.add_argument("--json", action="store_true",
+                    help="no progress on stderr (the result is one JSON document on stdout either way)")
+    return ap
+
+
+def check(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.data is not None and not args.gateway:
+        ap.error("--data names the data directory of the gateway under test: use it with --gateway (without "
+                 "--gateway, bench makes its own CA and gateway in --workdir)")
+    if args.gateway and (args.durability or args.flood):
+        ap.error("--durability and --flood start their own gateways: leave out --gateway")
+    for flag in ("devices", "concurrency", "clients", "workers", "rounds"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag} must be at least 1")
+
+
+def workdir(ap, given: Path | None) -> tuple[Path, bool]:
+    """The benchmark's scratch directory (its own CA and the device bundles), and whether it is
+    removed at the end: a temporary one is; one given with --workdir is kept."""
+    if given is None:
+        return Path(tempfile.mkdtemp(prefix="devid-bench-")), True
+    if given.exists() and (not given.is_dir() or any(given.iterdir())):
+        ap.error(f"--workdir {given}: must be an empty directory or not exist yet")
+    given.mkdir(parents=True, exist_ok=True)
+    return given, False
+
+
+def emit(summary: dict, error: str | None) -> int:
+    from devid.gateway.cli.output import emit
+    emit({"ok": error is None, **({"error": error} if error else {}), **summary})
+    if error:
+        print(f"devid bench: error: {error}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+class Reporter:
+    """Progress on stderr: each stage as it starts, and how many devices are done, counted in the
+    registry (`issued`: operational certificates issued so far). Quiet: nothing, and no count."""
+
+    def __init__(self, quiet: bool = True, issued=None) -> None:
+        self.quiet = quiet
+        self.issued = issued
+
+    def stage(self, text: str) -> None:
+        if not self.quiet:
+            print(f"devid bench: {text}", file=sys.stderr, flush=True)
+
+    def finished(self, progress, mode: str, done: int, total: int, errors: int, seconds: float) -> None:
+        if progress is not None:
+            if done >= total:
+                progress(done, total)       # completes the bar on a terminal
+            elif progress.tty:
+                progress.stream.write("\n")
+        self.stage(f"{mode}: {done}/{total} done in {seconds:.1f} s, {errors} error(s)")
+
+    def progress(self, label: str):
+        if self.quiet:
+            return None
+        from devid.gateway.cli.output import Progress
+        return Progress(f"devid bench: {label}")
+
+
+# replaced by bench_enroll.main(); run_clients and start_gateway report through it (also for
+# bench_hardening.py)
+REPORT = Reporter()
