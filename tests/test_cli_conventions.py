@@ -275,7 +275,7 @@ def _data_commands() -> list[tuple[str, ...]]:
                 yield from leaves(sub, (*prefix, name))
     out = []
     for path in leaves(build_parser()):
-        if path[0] not in ("enroll", "renew", "simulate", "bench"):
+        if path[0] not in ("enroll", "renew", "fetch-config", "simulate", "bench"):
             out.append(path)
     if ("attest", "log") not in out:
         out.append(("attest", "log"))           # a command that also has a subcommand (rotate)
@@ -314,7 +314,7 @@ def test_init_with_data_before_or_after(tmp_path):
     assert "SN" not in ok(run_devid("--data", tmp_path / "a", "devices", "list", "--data", tmp_path / "b"))
 
 
-@pytest.mark.parametrize("command", ["enroll", "renew", "simulate"])
+@pytest.mark.parametrize("command", ["enroll", "renew", "fetch-config", "simulate"])
 def test_device_commands_refuse_data(tmp_path, command):
     rest = ["--gateway", "coaps://127.0.0.1:1", "--devices" if command == "simulate" else "--device", str(tmp_path)]
     proc = one_line_error(run_devid("--data", tmp_path, command, *rest), "uses no data directory")

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from devid.ca.identity import format_serial
 from devid.ca.store import CertStatus, DeviceState
 from devid.gateway.device.simulator import SimulationReport
 from devid.gateway.device.stats import finite, median
@@ -193,7 +194,7 @@ def test_enroll_exits_3_when_only_the_configuration_failed(gateway):
     assert "[3/4] enroll    operational certificate" in proc.stdout.decode()
     # the certificate is the device's: stored, current in the registry, the device enrolled
     cert = x509.load_pem_x509_certificate((bundle / "op-cert.pem").read_bytes())
-    assert f"operational certificate {cert.serial_number:x} is stored" in err
+    assert f"operational certificate {format_serial(cert.serial_number)} is stored" in err   # as openssl prints it
     assert stat.S_IMODE((bundle / "op-key.pem").stat().st_mode) == 0o600
     assert not (bundle / "config.cbor").exists()
     reg = data.open_registry(readonly=True)

@@ -70,3 +70,12 @@ def test_openssl_keeps_its_own_alert_for_a_chain_it_refuses(data, registry, tmp_
     (failed,) = [e for e in events if isinstance(e, E.HandshakeFailed)]
     assert "not asked" not in failed.reason
     assert "unknown ca" in (client.closed_reason or "").lower(), client.closed_reason
+
+
+def test_a_context_takes_one_verify_callback(data, registry):
+    """SSL objects copy the C callback's address: replacing it would leave them calling freed memory."""
+    from OpenSSL import SSL
+    from devid.gateway.dtls.alerts import install_verify
+    srv = server_engine(data, registry)
+    with pytest.raises(RuntimeError, match="already"):
+        install_verify(srv.ctx, SSL.VERIFY_PEER, lambda *a: None)

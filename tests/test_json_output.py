@@ -178,6 +178,9 @@ def test_every_command_prints_one_json_document_good_and_bad(tmp_path):
         assert doc["serial"] == "TS00000001"
         assert doc["certificate_serial"] == _serial(out / "TS00000001" / "op-cert.pem")
         assert run.bad_("renew", "--gateway", uri, "--device", out / "TS00000003")["step"] == "bundle"
+        doc = run.good_("fetch-config", "--gateway", uri, "--device", out / "TS00000001")
+        assert doc["device_type"] and doc["trust_anchors"] >= 1 and doc["config"].endswith("config.cbor")
+        assert run.bad_("fetch-config", "--gateway", uri, "--device", out / "TS00000003")["step"] == "bundle"
         sim = tmp_path / "sim"
         sim.mkdir()
         shutil.copytree(out / "TS00000003", sim / "TS00000003")

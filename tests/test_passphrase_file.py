@@ -55,3 +55,13 @@ def test_the_passphrase_file_must_be_outside_the_data_directory(tmp_path):
     data = tmp_path / "data"
     one_line_error(run_devid("init", "--passphrase-file", data / "pass", data_dir=data), "outside the data directory")
     assert not (data / "ca").exists()
+
+
+def test_a_passphrase_file_and_the_environment_passphrase_together_are_refused(tmp_path):
+    """Two passphrases: the file would be recorded in devid.toml while the keys used the other."""
+    data, secret = tmp_path / "data", tmp_path / "ca-pass"
+    secret.write_bytes(b"from the file\n")
+    secret.chmod(0o600)
+    one_line_error(run_devid("init", "--passphrase-file", secret, data_dir=data,
+                             env={"DEVID_CA_PASSPHRASE": "from the environment"}), "give one")
+    assert not (data / "ca").exists() and not (data / "devid.toml").exists()

@@ -353,3 +353,18 @@ def test_a_rewrite_within_the_clock_tick_of_a_read_is_seen_by_its_content(watche
     assert pf.changed()
     assert pf.reload("file") and applied[-1].for_type("temperature-sensor").firmware[0].version == "3.2.0"
     assert not pf.changed()                         # same bytes: no reload at every poll
+
+
+def test_a_change_is_taken_only_once_the_file_has_settled(watched):
+    """An editor writing in place passes through prefixes that parse as policies of their own: the
+    watch takes a change only when the file looked the same at two polls in a row."""
+    pf, path, applied, first, events = watched
+    whole = policy_text(FW_A, FW_B)
+    path.write_text(whole[:whole.index("[[device_types.temperature-sensor.firmware]]", len(whole) // 2)])
+    assert pf.changed() and not pf.settled()        # first sight of the prefix: wait
+    path.write_text(whole)                          # the writer finishes before the next poll
+    assert not pf.settled()                         # changed again since: wait again
+    assert pf.settled() and pf.reload("file")       # the same at two polls: taken, whole
+    assert [f.version for f in applied[-1].for_type("temperature-sensor").firmware] == \
+        [f.version for f in parse_policy(whole, str(path)).for_type("temperature-sensor").firmware]
+    assert not pf.settled() and events() == [("reloaded", "file")]

@@ -135,3 +135,46 @@ def test_the_watch_ends_a_worker_that_ignores_the_signal_after_the_grace_period(
     finally:
         if _alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+def _ignores_sighup(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mask = next(line for line in f if line.startswith("SigIgn:")).split()[1]
+    except (OSError, StopIteration):
+        return False
+    return bool(int(mask, 16) & (1 << (signal.SIGHUP - 1)))
+
+
+def test_hang_ups_to_the_process_group_during_start_up_end_nothing(tmp_path):
+    """A terminal's hang-up reaches every process of the group, the workers still starting among
+    them: SIGHUP is blocked across their spawn and ignored until their reload handler is in place."""
+    data_dir = tmp_path / "data"
+    assert run_devid("init", data_dir=data_dir).returncode == 0
+    env = {k: v for k, v in os.environ.items() if k != "DEVID_CA_PASSPHRASE"}
+    env["DEVID_DATA"] = str(data_dir)
+    log = tmp_path / "serve.log"
+    serve = subprocess.Popen([sys.executable, "-m", "devid.gateway.cli", "serve", "--listen",
+                              f"127.0.0.1:{free_port()}", "--workers", "2"], stdout=subprocess.PIPE,
+                             stderr=open(log, "wb"), env=env, start_new_session=True)
+    try:
+        # from when `devid serve` ignores SIGHUP (its first line; before it, the interpreter is still
+        # starting, and a hang-up ends it as it ends any program)
+        deadline = time.monotonic() + 60
+        while not _ignores_sighup(serve.pid) and serve.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.set_blocking(serve.stdout.fileno(), False)
+        out = b""
+        hups = 0
+        while b"listening" not in out and serve.poll() is None and time.monotonic() < deadline:
+            os.killpg(serve.pid, signal.SIGHUP)          # the whole group, over and over while it starts
+            hups += 1
+            time.sleep(0.02)
+            out += serve.stdout.read() or b""
+        assert b"listening" in out and serve.poll() is None, (out.decode(), log.read_text()[-2000:])
+        assert hups > 5
+        workers = [int(p) for p in re.search(rb"pids ([\d, ]+)\)", out).group(1).split(b", ")]
+        assert all(_alive(p) for p in workers)
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(30) == 0, log.read_text()[-2000:]

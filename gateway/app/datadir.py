@@ -227,7 +227,9 @@ class DataDir:
         """The Config this init uses (set as self.config), and devid.toml's text when this init
         writes the file (None: an operator's devid.toml is there, and kept)."""
         if passphrase_file is not None:
-            if self.path.resolve() in passphrase_file.resolve().parents:
+            if os.environ.get(ENV_PASSPHRASE):
+                raise ConfigError(f"--passphrase-file and ${ENV_PASSPHRASE} name two passphrases: give one")
+            if passphrase_file.resolve() == self.path.resolve() or self.path.resolve() in passphrase_file.resolve().parents:
                 raise ConfigError(f"--passphrase-file {passphrase_file}: keep it outside the data directory "
                                   f"(without the flag it is generated into {self.ca_dir / 'passphrase'})")
         text = None

@@ -80,6 +80,7 @@ class PolicyFile:
         self.in_force: Policy | None = None
         self.digest: bytes | None = None        # SHA-256 of the bytes last read
         self.racy_until: int | None = None      # compare by content until this time (ns)
+        self._pending: tuple | None = None      # (stamp, SHA-256) of a change seen, not yet taken (settled)
 
     def _look(self) -> bytes:
         """The file's stamp, then its bytes (PolicyError if they cannot be read)."""
@@ -140,13 +141,30 @@ class PolicyFile:
                                   "sha256": self.digest.hex()})
         return True
 
+    def settled(self) -> bool:
+        """The file changed and has stayed the same since the previous look: a change is taken only
+        once it is whole (an editor writing in place, or `cat > file`, passes through prefixes of
+        the new file that parse as policies of their own: one that lists fewer firmware versions
+        would revoke devices under revoke_on_contraindicated). SIGHUP does not wait."""
+        if not self.changed():
+            self._pending = None
+            return False
+        stamp = _stamp(self.path)
+        try:
+            content = hashlib.sha256(self.path.read_bytes()).digest() if stamp is not None else None
+        except OSError:
+            content = None
+        seen, self._pending = self._pending, (stamp, content)
+        return seen == self._pending
+
     async def watch(self, interval: float = CHECK_INTERVAL) -> None:
-        """Poll the file's stamp every `interval` seconds and reload when it changed; runs until
-        cancelled, and nothing it meets ends it."""
+        """Poll the file's stamp every `interval` seconds and reload when it changed and then stayed
+        the same for one interval; runs until cancelled, and nothing it meets ends it."""
         while True:
             await asyncio.sleep(interval)
             try:
-                if self.changed():
+                if self.settled():
+                    self._pending = None
                     self.reload("file")
             except Exception:       # a bug here must not stop the watch (nor the gateway)
                 log.exception("policy watch failed")

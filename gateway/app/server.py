@@ -192,6 +192,7 @@ def _worker(path: str, config: GatewayConfig, log_level: str, index: int, queue,
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # the parent turns ^C into SIGTERM for us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)       # until serve() installs its clean shutdown
     signal.signal(signal.SIGHUP, signal.SIG_IGN)        # until serve() installs the policy reload
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})     # blocked by the parent across the spawn
     # if the parent dies (even by kill -9), SIGTERM: a clean shutdown that frees the port;
     # ended after WORKER_GRACE if that does not finish
     die_with_parent(parent, signal.SIGTERM, grace=WORKER_GRACE)
@@ -278,8 +279,15 @@ def serve_workers(data: DataDir, config: GatewayConfig, workers: int, log_level:
                 totals[k] = totals.get(k, 0) + v
 
     try:
-        for p in procs:
-            p.start()
+        # SIGHUP blocked while the workers are made: a blocked mask survives the spawn's exec, and a
+        # hang-up sent to the whole process group in that moment would otherwise end a worker
+        # before it ignores the signal (it unblocks once it does, see _worker)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            for p in procs:
+                p.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         ready = 0
         addresses = None
         # wait for every worker to report; a worker that dies without a word is a failure too

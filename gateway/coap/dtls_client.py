@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from aiocoap import Context, Message, error
+from aiocoap import GET, Context, Message, error
 from aiocoap.numbers import COAPS_PORT
 from aiocoap.util import hostportsplit
 from OpenSSL import SSL
@@ -192,3 +192,11 @@ async def client_context(ssl_context: SSL.Context, *, server_check=None, mtu: in
 
     await ctx._append_tokenmanaged_messagemanaged_transport(make)
     return ctx, holder[0]
+
+
+async def handshake(iface: DTLSClientInterface, base_uri: str) -> None:
+    """The DTLS handshake with the server of `base_uri` (coaps://host:port) now, before any request:
+    the session the requests to that server then use. Raises DTLSHandshakeError (refused),
+    aiocoap's ResolutionError (a name that does not resolve) or OSError (no route); no timeout of
+    its own (the caller's). aiocoap's `determine_remote` is the transport's way in, kept here."""
+    await iface.determine_remote(Message(code=GET, uri=f"{base_uri}/"))

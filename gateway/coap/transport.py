@@ -23,11 +23,11 @@ import ipaddress
 from aiocoap.numbers import COAPS_PORT
 from aiocoap.util import hostportsplit
 
-from devid.gateway.coap.dtls_client import DTLSClientInterface, DTLSHandshakeError, client_context
+from devid.gateway.coap.dtls_client import DTLSClientInterface, DTLSHandshakeError, client_context, handshake
 from devid.gateway.coap.dtls_interface import DTLSRemote
 from devid.gateway.coap.dtls_server import DTLSServerInterface
 
-__all__ = ["DTLSClientInterface", "DTLSHandshakeError", "DTLSRemote", "DTLSServerInterface", "client_context",
+__all__ = ["DTLSClientInterface", "DTLSHandshakeError", "DTLSRemote", "DTLSServerInterface", "client_context", "handshake",
            "parse_listen"]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import aiocoap
 
-from devid.gateway.coap.transport import DTLSHandshakeError, client_context
+from devid.gateway.coap.transport import DTLSHandshakeError, client_context, handshake
 from devid.gateway.device.identity import load_bundle, server_checker
 from devid.gateway.device.protocol import Answer, EnrollFailed, GatewayURI, Request
 from devid.gateway.dtls import contexts
@@ -49,9 +49,8 @@ async def connect(iface, gateway: GatewayURI, timeout: float) -> None:
     Context, within `timeout` seconds; the requests that follow use its session. Every failure
     is EnrollFailed at step `connect`: a name that does not resolve, nothing answering (no
     gateway at that address and port, a host that drops the datagrams), a refused handshake."""
-    probe = aiocoap.Message(code=aiocoap.GET, uri=f"{gateway.base}/")
     try:
-        await asyncio.wait_for(iface.determine_remote(probe), timeout)
+        await asyncio.wait_for(handshake(iface, gateway.base), timeout)
     except asyncio.TimeoutError:
         raise EnrollFailed("connect", f"no answer from {gateway.host} port {gateway.port} within {timeout:g} s "
                                       "(is the gateway running, at this address and port?)") from None

@@ -80,9 +80,11 @@ class EnrollFailed(Exception):
 # what the gateway's alert says (docs/gateway.md#device-certificates), as OpenSSL names it
 _ALERT_HINTS = (
     ("certificate revoked", "; the gateway refused this device's certificate: it is revoked"),
-    ("certificate expired", "; the gateway refused this device's certificate: it has expired or is not yet valid"),
+    ("certificate expired", "; the gateway refused this device's certificate: it has expired"),
     ("bad certificate", "; the gateway refused this device's certificate: not one it issued and recorded, "
-                        "or superseded by a newer one"),
+                        "superseded by a newer one, or not yet valid (check the device's clock)"),
+    ("unsupported certificate", "; the gateway refused this certificate: not a device certificate "
+                                "(no clientAuth purpose)"),
     ("unknown ca", "; the gateway refused this device's certificate: not issued by a CA it trusts"),
     ("internal error", "; the gateway could not check this device's certificate: try again later"),
 )

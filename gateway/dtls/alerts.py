@@ -1,11 +1,15 @@
 """The alert a refused peer certificate earns, so the device's own log says why (RFC 5246 7.2.2).
 
     certificate_revoked   the certificate or its device is revoked
-    certificate_expired   the certificate is outside its validity period
+    certificate_expired   the certificate's validity has ended
     unknown_ca            no chain to a trust anchor of the gateway
     bad_certificate       anything else the gateway refuses (unknown to the registry, superseded,
-                          not a device certificate, a path that does not validate)
+                          not yet valid, a path that does not validate)
     internal_error        the gateway could not decide (its registry failed)
+
+Refusals by OpenSSL itself, before the callback decides, keep OpenSSL's alert (KEEP): unknown_ca
+for another CA, bad_certificate for a certificate not yet valid, unsupported_certificate for one
+without the clientAuth purpose, certificate_expired for an expired one.
 
 OpenSSL picks the alert from the X509 error of the store context when verification fails.
 pyOpenSSL's verify callback returns a bool and cannot set that error, so a refusal by the
@@ -19,6 +23,7 @@ move.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 from OpenSSL import SSL
@@ -26,6 +31,8 @@ from OpenSSL._util import ffi as _ffi, lib as _lib       # private: see the modu
 from OpenSSL.crypto import X509
 
 from devid.gateway.dtls.errors import RemoteProtocolError
+
+log = logging.getLogger("devid.dtls")
 
 # alert -> an X509 error that OpenSSL (ssl_x509err2alert) turns into exactly that alert
 _X509_ERROR = {
@@ -54,24 +61,40 @@ VerifyCallback = Callable[[SSL.Connection, X509, int, int, int], "str | None"]
 
 
 def install_verify(context: SSL.Context, mode: int, callback: VerifyCallback) -> None:
-    """`context.set_verify(mode, ...)` with a callback that chooses the refusal's alert."""
+    """`context.set_verify(mode, ...)` with a callback that chooses the refusal's alert. Once per
+    Context: SSL objects copy the C callback's address when they are made, so replacing it would
+    leave them calling freed memory."""
+    if getattr(context, "_devid_verify", None) is not None:
+        raise RuntimeError("install_verify: this Context has its verify callback already")
+
     def verify(ok: int, store_ctx: Any) -> int:
         try:
             raw = _lib.X509_STORE_CTX_get_current_cert(store_ctx)
+            if raw == _ffi.NULL:
+                return 0 if not ok else 1          # nothing to look at (not reached with our flags)
             _lib.X509_up_ref(raw)
             cert = X509._from_raw_x509_ptr(raw)
             errno = _lib.X509_STORE_CTX_get_error(store_ctx)
             depth = _lib.X509_STORE_CTX_get_error_depth(store_ctx)
             ssl = _lib.X509_STORE_CTX_get_ex_data(store_ctx, _lib.SSL_get_ex_data_X509_STORE_CTX_idx())
-            refusal = callback(SSL.Connection._reverse_mapping[ssl], cert, errno, depth, ok)
-        except Exception:               # never let an exception cross into OpenSSL
-            refusal = "internal_error"
-        if refusal is None:
-            _lib.X509_STORE_CTX_set_error(store_ctx, _lib.X509_V_OK)
-            return 1
-        if refusal != KEEP or errno == _lib.X509_V_OK:
-            _lib.X509_STORE_CTX_set_error(store_ctx, _X509_ERROR.get(refusal, 1))
-        return 0
+            conn = SSL.Connection._reverse_mapping[ssl]
+            try:
+                refusal = callback(conn, cert, errno, depth, ok)
+            except Exception as exc:        # a bug of the callback: refused, and said why
+                session = conn.get_app_data()
+                if hasattr(session, "failure"):
+                    session.failure = f"certificate check failed: {exc.__class__.__name__}: {exc}"
+                log.exception("certificate verify callback failed")
+                refusal = "internal_error"
+            if refusal is None:
+                _lib.X509_STORE_CTX_set_error(store_ctx, _lib.X509_V_OK)
+                return 1
+            if refusal != KEEP or errno == _lib.X509_V_OK:
+                _lib.X509_STORE_CTX_set_error(store_ctx, _X509_ERROR.get(refusal, 1))
+            return 0
+        except BaseException:               # never let anything cross into OpenSSL
+            log.exception("certificate verify callback failed")
+            return 0
 
     c_callback = _ffi.callback("int (*)(int, X509_STORE_CTX *)", verify)
     context._devid_verify = (verify, c_callback)        # alive as long as the Context

@@ -75,10 +75,12 @@ class DeviceAuthenticator:
             raise CertificateRefused("certificate not issued by the manufacturing or the operational CA",
                                      "unknown_ca") from None
         now = to_utc(self.clock())
-        if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
-            raise CertificateRefused(f"certificate path does not validate: the certificate has expired or is "
-                                     f"not yet valid (valid {leaf.not_valid_before_utc:%Y-%m-%d} to "
-                                     f"{leaf.not_valid_after_utc:%Y-%m-%d})", "certificate_expired")
+        if now > leaf.not_valid_after_utc:
+            raise CertificateRefused(f"certificate path does not validate: the certificate expired on "
+                                     f"{leaf.not_valid_after_utc:%Y-%m-%d}", "certificate_expired")
+        if now < leaf.not_valid_before_utc:         # as OpenSSL answers it (X509_V_ERR_CERT_NOT_YET_VALID)
+            raise CertificateRefused(f"certificate path does not validate: the certificate is not valid before "
+                                     f"{leaf.not_valid_before_utc:%Y-%m-%d}", "bad_certificate")
         try:
             ident = verifier.verify(leaf, intermediates, now=now)
         except DeviceRevoked as exc:
