@@ -108,29 +108,9 @@ async def enroll(directory: Path, gateway_uri: str, firmware: Firmware | None, *
                         time.perf_counter() - started, {"connect": connected - t0, **steps})
 
 
-async def fetch_config(directory: Path, gateway_uri: str, timeout: float = 30.0) -> dict:
-    """GET /config with the operational identity (a new session): the configuration of an
-    enrolled device, stored as config.cbor and config.json."""
-    directory = Path(directory)
-    gateway = parse_gateway(gateway_uri)
-    try:
-        factory, _, _, _ = load_bundle(directory)
-        load_bundle(directory, **OPERATIONAL)
-    except (BundleError, keys.KeyFileError) as exc:
-        raise EnrollFailed("bundle", f"{exc} (enroll the device first)") from None
-    ctx = await open_session(directory, gateway, timeout, **OPERATIONAL)
-    try:
-        config, _ = await drive(config_flow(serial_of(factory), device_type_of(factory)),
-                                coap_exchange(ctx, gateway.base, timeout))
-    finally:
-        await ctx.shutdown()
-    _store_config(directory, config)
-    return config.data
-
-
-async def renew(directory: Path, gateway_uri: str, *, timeout: float = 30.0,
-                report: Callable[[str, str], None] = lambda step, text: None) -> x509.Certificate:
-    directory = Path(directory)
+async def _as_operational(directory: Path, gateway_uri: str, timeout: float, make_flow):
+    """Run the flow `make_flow(factory certificate, root)` in a new session with the bundle's
+    operational identity; its result. EnrollFailed at `bundle` if the device is not enrolled."""
     gateway = parse_gateway(gateway_uri)
     try:
         factory, _, _, root = load_bundle(directory)
@@ -139,10 +119,27 @@ async def renew(directory: Path, gateway_uri: str, *, timeout: float = 30.0,
         raise EnrollFailed("bundle", f"{exc} (enroll the device first)") from None
     ctx = await open_session(directory, gateway, timeout, **OPERATIONAL)
     try:
-        issued, _ = await drive(renew_flow(serial_of(factory), root_verifier(root)),
-                                coap_exchange(ctx, gateway.base, timeout))
+        result, _ = await drive(make_flow(factory, root), coap_exchange(ctx, gateway.base, timeout))
     finally:
         await ctx.shutdown()
+    return result
+
+
+async def fetch_config(directory: Path, gateway_uri: str, timeout: float = 30.0) -> dict:
+    """GET /config with the operational identity (a new session): the configuration of an
+    enrolled device, stored as config.cbor and config.json."""
+    directory = Path(directory)
+    config = await _as_operational(directory, gateway_uri, timeout,
+                                   lambda factory, root: config_flow(serial_of(factory), device_type_of(factory)))
+    _store_config(directory, config)
+    return config.data
+
+
+async def renew(directory: Path, gateway_uri: str, *, timeout: float = 30.0,
+                report: Callable[[str, str], None] = lambda step, text: None) -> x509.Certificate:
+    directory = Path(directory)
+    issued = await _as_operational(directory, gateway_uri, timeout,
+                                   lambda factory, root: renew_flow(serial_of(factory), root_verifier(root)))
     _store_operational(directory, issued)
     report("renew", _certificate_text(issued.certificate))
     return issued.certificate
