@@ -19,16 +19,16 @@ Order of the checks (the first three stop the appraisal, since nothing after the
 All reasons found in 4 and 5 are reported, not just the first.
 
 Only fresh, authentic evidence may change a device's state: a verdict revokes only when the
-signature verified (2) and this appraisal used the nonce (4). The verdict names the kind of
-nonce it took (`Verdict.nonce`: "session" or "server"), and so does its log entry.
-
-The session nonce is a value passed in: this module knows no DTLS. Evidence carrying it was made
-for one session and no other (each session's exporter value differs), so it cannot be replayed in
-another session nor relayed into another device's; within its session the caller keeps the
-one-use record (the gateway: a flag on the session, set when `Verdict.fresh` and the kind is
-"session"). Evidence with an expired,
+signature verified (2) and this appraisal used the nonce (4). Evidence with an expired,
 replayed, unknown or foreign nonce still has its state reasons reported, but never revokes: a
 stale retransmission, or a recording of the device's old evidence, must not brick it.
+
+The verdict names the kind of nonce it took (`Verdict.nonce`: "session" or "server"), and so does
+its log entry. The session nonce is a value passed in: this module knows no DTLS. Evidence
+carrying it was made for one session and no other (each session's exporter value differs), so it
+cannot be replayed in another session nor relayed into another device's; within its session the
+caller keeps the one-use record (the gateway: a flag on the session, set when `Verdict.fresh` and
+the kind is "session").
 """
 
 from __future__ import annotations

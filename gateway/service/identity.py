@@ -7,8 +7,8 @@ the key. Then the registry match: the certificate must be, byte for byte, one de
 recorded with its anchor's profile, and it and its device must still be good (one read, by the
 certificate's serial, the table's primary key). That is stricter than a second path validation
 and cheaper; `cryptography.x509.verification` (ca.validation.DeviceVerifier) runs only for a
-certificate no registry row holds, to name why it is refused (docs/gateway.md, "checked three
-times", lists each check and where it happens).
+certificate no registry row holds, to name why it is refused (docs/gateway.md#who-may-connect
+lists each check and where it happens).
 """
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ class DeviceAuthenticator:
             ident = verifier.match(leaf, now=now)
             if ident is None:
                 # no certificate devid recorded: path validation says what is wrong with it, and
-                # one that passes is refused all the same (unknown to the registry). A foreign
-                # factory CA, if one is ever trusted, would be accepted here.
+                # one that passes is refused all the same (unknown to the registry). A factory CA
+                # of another manufacturer, if one is ever trusted, would be validated here.
                 ident = verifier.verify(leaf, intermediates, now=now)
         except DeviceRevoked as exc:
             raise CertificateRefused(str(exc), "certificate_revoked") from None
