@@ -20,7 +20,9 @@ here (None): its device uses a server nonce (GET /attest/nonce). OpenSSL, GnuTLS
 builds negotiate it by default.
 
 `SSL_get_extms_support` is not among pyOpenSSL's methods; it is called through pyOpenSSL's own
-cffi bindings (as alerts.py does), and tests/test_session_nonce.py fails if they move.
+cffi bindings (as alerts.py does). Should they lose it, sessions have no exporter value (devices
+fall back to server nonces) rather than failing their handshakes, and
+tests/test_session_nonce.py fails.
 """
 
 from __future__ import annotations
@@ -31,10 +33,13 @@ from OpenSSL._util import lib as _lib       # private: see the module docstring
 LABEL = b"EXPERIMENTAL-devid-attestation-nonce"
 LENGTH = 32
 
+_get_extms_support = getattr(_lib, "SSL_get_extms_support", None)
+
 
 def extended_master_secret(conn: SSL.Connection) -> bool:
-    """Whether the completed handshake of `conn` negotiated the extended master secret."""
-    return _lib.SSL_get_extms_support(conn._ssl) == 1
+    """Whether the completed handshake of `conn` negotiated the extended master secret (False
+    when the bindings cannot say)."""
+    return _get_extms_support is not None and _get_extms_support(conn._ssl) == 1
 
 
 def exporter_value(conn: SSL.Connection) -> bytes | None:
