@@ -21,6 +21,12 @@ and T2", with counts by reason code. Its hash covers
 and it is chained like any other entry. Appraisal entries hash exactly as before (no "kind" in
 their hashed document), so logs written before summaries existed still verify.
 
+An appraisal entry records which kind of nonce its evidence carried (`nonce`: "session", the DTLS
+session's exporter value, or "server", one from GET /attest/nonce; docs/evidence.md). Its hashed
+document then has `"nonce": kind` too, so the kind cannot be edited unseen; entries without a
+kind (written before kinds were recorded, or evidence that could not be decoded) hash without
+the key, exactly as before.
+
 `verify_chain` recomputes every hash from the stored fields and the stored evidence, so an
 edited field, a removed entry (a gap in the sequence, or a broken link) and reordered entries
 are all found. Old entries can be moved into sealed segment files (attestation/segments.py);
@@ -90,6 +96,7 @@ class LogEntry:
     prev_hash: bytes
     hash: bytes = field(default=b"")
     summary: RefusedSummary | None = None   # set on summary entries only
+    nonce: str | None = None                # appraisal entries: the kind of nonce ("session", "server")
 
     @property
     def kind(self) -> str:
@@ -103,11 +110,14 @@ class LogEntry:
                     "fingerprint": self.cert_fingerprint, "tier": self.tier.value, "acceptable": self.acceptable,
                     "count": s.count, "first": s.first, "last": s.last, "reason_counts": s.counts(),
                     "prev": self.prev_hash.hex()}
-        return {"v": FORMAT_VERSION, "seq": self.seq, "time": self.time, "device": self.device_serial,
+        body = {"v": FORMAT_VERSION, "seq": self.seq, "time": self.time, "device": self.device_serial,
                 "device_type": self.device_type, "fingerprint": self.cert_fingerprint, "tier": self.tier.value,
                 "acceptable": self.acceptable, "revoke": self.revoke, "reasons": list(self.reasons),
                 "claims": self.claims, "evidence_sha256": hashlib.sha256(self.evidence).hexdigest(),
                 "prev": self.prev_hash.hex()}
+        if self.nonce is not None:
+            body["nonce"] = self.nonce
+        return body
 
     def compute_hash(self) -> bytes:
         return hashlib.sha256(canonical_json(self.body())).digest()
@@ -145,7 +155,7 @@ class LogEntry:
         if kind != KIND_APPRAISAL:
             raise ValueError(f"unknown entry kind {kind!r}")
         return cls(**common, acceptable=d["acceptable"], revoke=d["revoke"], reasons=tuple(d["reasons"]),
-                   claims=d["claims"], evidence=bytes.fromhex(d["evidence"]))
+                   claims=d["claims"], evidence=bytes.fromhex(d["evidence"]), nonce=d.get("nonce"))
 
 
 @dataclass(frozen=True)
@@ -197,7 +207,7 @@ def entry_from_appraisal(a: Appraisal, seq: int, prev_hash: bytes) -> LogEntry:
     e = LogEntry(seq=seq, time=format_time(a.time), device_serial=a.device.serial, device_type=a.device.device_type,
                  cert_fingerprint=a.device.cert_fingerprint, tier=a.verdict.tier, acceptable=a.verdict.acceptable,
                  revoke=a.verdict.revoke, reasons=tuple(r.as_json() for r in a.verdict.reasons), claims=claims,
-                 evidence=a.token, prev_hash=prev_hash)
+                 evidence=a.token, prev_hash=prev_hash, nonce=a.verdict.nonce)
     return replace(e, hash=e.compute_hash())
 
 

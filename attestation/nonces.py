@@ -10,6 +10,11 @@ unconsumed one in the same transaction, so a device asking for nonces in a loop 
 store (a displaced nonce is then unknown, like one never issued).
 
 Clock and randomness are passed in; storage is any `NonceStore`.
+
+These are *server nonces*. The other kind, the *session nonce*, is no business of this module's
+store: it is the exporter value of the DTLS session the evidence arrives in (docs/evidence.md),
+which the gateway passes to the verifier as a value (`AttestingDevice.session_nonce`). `SERVER`
+and `SESSION` name the two kinds in verdicts and log entries.
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ MIN_SIZE, MAX_SIZE = 16, 64
 DEFAULT_RETENTION = timedelta(hours=1)
 # unconsumed nonces a device may hold; a device needs one per enrollment
 DEFAULT_MAX_OUTSTANDING = 4
+
+# the kinds of nonce evidence can carry (Verdict.nonce, LogEntry.nonce)
+SERVER = "server"       # issued by GET /attest/nonce, stored, consumed in the store
+SESSION = "session"     # the session's exporter value: no round trip, no row
 
 
 @dataclass(frozen=True)

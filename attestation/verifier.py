@@ -10,27 +10,38 @@ Order of the checks (the first three stop the appraisal, since nothing after the
 1. strict CBOR and COSE_Sign1 structure, ES256 in the protected header;
 2. the signature, with the certificate's key;
 3. the claims' types and sizes;
-4. the nonce: consumed exactly once (only now, so forged evidence cannot burn a device's nonce);
+4. the nonce, used exactly once (only now, so forged evidence cannot burn a device's nonce): a
+   nonce equal to the session's (`AttestingDevice.session_nonce`, the DTLS session's exporter
+   value, compared first) is fresh unless the session used it before
+   (`session_nonce_used`); any other nonce is a server nonce, consumed in the nonce store;
 5. the policy for the certificate's device type: hwmodel, oemid, firmware reference values,
    minimum version, secure boot, debug state, clock skew.
 All reasons found in 4 and 5 are reported, not just the first.
 
 Only fresh, authentic evidence may change a device's state: a verdict revokes only when the
-signature verified (2) and this appraisal consumed the nonce (4). Evidence with an expired,
+signature verified (2) and this appraisal used the nonce (4). Evidence with an expired,
 replayed, unknown or foreign nonce still has its state reasons reported, but never revokes: a
 stale retransmission, or a recording of the device's old evidence, must not brick it.
+
+The verdict names the kind of nonce it took (`Verdict.nonce`: "session" or "server"), and so does
+its log entry. The session nonce is a value passed in: this module knows no DTLS. Evidence
+carrying it was made for one session and no other (each session's exporter value differs), so it
+cannot be replayed in another session nor relayed into another device's; within its session the
+caller keeps the one-use record (the gateway: a flag on the session, set when `Verdict.fresh` and
+the kind is "session").
 """
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable
 
-from .errors import EvidenceError, NonceError
+from .errors import EvidenceError, NonceError, NonceReplayed, NonceUnknown
 from .evidence import (DBG_DISABLED, DBG_ENABLED, MAX_EVIDENCE_SIZE, DBGSTAT_NAMES, Evidence, decode_claims,
                        parse_sign1)
-from .nonces import NonceService
+from .nonces import SERVER, SESSION, NonceService
 from .policy import DeviceTypePolicy, Policy, ReferenceValue, Tier
 
 # Reasons that describe the device's state (as opposed to a malformed, forged or stale message);
@@ -48,6 +59,11 @@ class AttestingDevice:
     cert_fingerprint: str      # SHA-256 of the certificate DER, hex
     public_key: Any            # the certificate's public key (ECDSA P-256)
     session: bytes | None = None
+    # the session-bound nonce: the exporter value of the DTLS session the evidence arrived in
+    # (None: the session has none, and only server nonces are accepted), and whether evidence
+    # in this session has used it already
+    session_nonce: bytes | None = None
+    session_nonce_used: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,7 +83,9 @@ class Verdict:
     acceptable: bool           # the policy accepts this tier for enrollment
     revoke: bool               # fresh, authentic, contraindicated state, and the policy asks to revoke
     firmware: ReferenceValue | None = None
-    fresh: bool = False        # signature verified and the nonce consumed by this appraisal
+    fresh: bool = False        # signature verified and the nonce used by this appraisal
+    nonce: str | None = None   # the kind of nonce the evidence carried: "session", "server"; None
+                               # when the token could not be decoded and verified
 
     @property
     def codes(self) -> tuple[str, ...]:
@@ -84,9 +102,9 @@ class Appraisal:
 
 
 def make_verdict(reasons: list[Reason], tpolicy: DeviceTypePolicy | None,
-                 firmware: ReferenceValue | None = None, *, fresh: bool = False) -> Verdict:
+                 firmware: ReferenceValue | None = None, *, fresh: bool = False, nonce: str | None = None) -> Verdict:
     """The verdict of `reasons` under the device type's policy. `fresh`: the evidence's signature
-    verified and its nonce was consumed by this appraisal; without it nothing revokes."""
+    verified and its nonce was used by this appraisal; without it nothing revokes. `nonce`: its kind."""
     tier = Tier.AFFIRMING
     for r in reasons:
         if r.tier.rank > tier.rank:
@@ -94,7 +112,7 @@ def make_verdict(reasons: list[Reason], tpolicy: DeviceTypePolicy | None,
     acceptable = tpolicy is not None and tpolicy.accepts(tier)
     revoke = (fresh and tier is Tier.CONTRAINDICATED and tpolicy is not None and tpolicy.revoke_on_contraindicated
               and any(r.code in STATE_REASONS and r.tier is Tier.CONTRAINDICATED for r in reasons))
-    return Verdict(tier, tuple(reasons), acceptable, revoke, firmware, fresh)
+    return Verdict(tier, tuple(reasons), acceptable, revoke, firmware, fresh, nonce)
 
 
 class Verifier:
@@ -119,12 +137,7 @@ class Verifier:
             return Appraisal(device, None, make_verdict(reasons, tpolicy), token, now)
 
         reasons: list[Reason] = []
-        fresh = False           # only a nonce consumed here makes the evidence fresh
-        try:
-            self.nonces.consume(evidence.nonce, device.serial, device.cert_fingerprint, device.session, now)
-            fresh = True
-        except NonceError as exc:
-            reasons.append(Reason(exc.code, Tier.CONTRAINDICATED, str(exc)))
+        kind, fresh = self._use_nonce(evidence.nonce, device, now, reasons)
         skew = abs(now.timestamp() - evidence.iat)
         if skew > self.policy.max_clock_skew.total_seconds():
             reasons.append(Reason("clock-skew", Tier.WARNING,
@@ -139,10 +152,32 @@ class Verifier:
                                   f"{device.device_type!r}"))
         if tpolicy is None:
             reasons.append(_unknown_type(device))
-            return Appraisal(device, evidence, make_verdict(reasons, None, fresh=fresh), token, now)
+            return Appraisal(device, evidence, make_verdict(reasons, None, fresh=fresh, nonce=kind), token, now)
         firmware = self._firmware(evidence, tpolicy, reasons)
         self._boot_and_debug(evidence, tpolicy, reasons)
-        return Appraisal(device, evidence, make_verdict(reasons, tpolicy, firmware, fresh=fresh), token, now)
+        return Appraisal(device, evidence, make_verdict(reasons, tpolicy, firmware, fresh=fresh, nonce=kind),
+                         token, now)
+
+    def _use_nonce(self, nonce: bytes, device: AttestingDevice, now: datetime,
+                   reasons: list[Reason]) -> tuple[str, bool]:
+        """(the nonce's kind, whether this appraisal used it): the session's nonce first (a value
+        compare, nothing stored), else a server nonce consumed in the store."""
+        session = device.session_nonce
+        if session is not None and hmac.compare_digest(nonce, session):
+            if device.session_nonce_used:
+                reasons.append(Reason(NonceReplayed.code, Tier.CONTRAINDICATED,
+                                      "the session's nonce was used by earlier evidence in this session"))
+                return SESSION, False
+            return SESSION, True
+        try:
+            self.nonces.consume(nonce, device.serial, device.cert_fingerprint, device.session, now)
+            return SERVER, True
+        except NonceUnknown as exc:
+            message = str(exc) if session is None else "nonce is neither this session's nor one this gateway issued"
+            reasons.append(Reason(exc.code, Tier.CONTRAINDICATED, message))
+        except NonceError as exc:
+            reasons.append(Reason(exc.code, Tier.CONTRAINDICATED, str(exc)))
+        return SERVER, False
 
     @staticmethod
     def _firmware(ev: Evidence, tp: DeviceTypePolicy, reasons: list[Reason]) -> ReferenceValue | None:

@@ -10,8 +10,8 @@ Only the server's work is timed (process CPU time around each server call).
   bare     pyOpenSSL Connection with memory BIOs: no cookie exchange, OpenSSL's own chain check,
            nothing else. The floor the library sets.
   devid    devid.gateway.dtls.server.ServerEngine: stateless cookie exchange, OpenSSL's chain check,
-           then path validation with cryptography.x509.verification, the registry's revocation
-           check, and the hand-over to devid's record layer.
+           then the registry match (the certificate byte for byte a recorded one, still good; one
+           query), the session's exporter value, and the hand-over to devid's record layer.
   resumed  devid with session-ticket resumption (the registry check still runs).
 
 And three parts of devid's engine alone, in the same rounds:

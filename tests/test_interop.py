@@ -163,6 +163,21 @@ def test_openssl_s_client_negotiates_the_rfc7925_ccm8_suite(world):
     assert ev["cipher"] == "ECDHE-ECDSA-AES128-CCM8"
 
 
+def test_openssl_computes_the_session_nonce_the_gateway_computes(world):
+    """Issue 13 item 1, interop: the system's openssl (another OpenSSL build than the gateway's)
+    exports the session's keying material with devid's label and length; the gateway's value for
+    that session, as /whoami tells it, is the same."""
+    whoami = b"\x40\x01\x12\x35\xb6whoami"          # CON GET /whoami, MID 0x1235
+    proc = s_client(world, world["ids"]["dev1"], "-keymatexport", "EXPERIMENTAL-devid-attestation-nonce",
+                    "-keymatexportlen", "32", stdin=whoami)
+    out = proc.stdout.decode(errors="replace")
+    exported = re.search(r"Keying material: ([0-9A-Fa-f]+)", out)
+    assert exported, out[-2000:]
+    said = re.search(rb'"session_nonce": "([0-9a-f]+)"', proc.stdout)
+    assert said, out[-2000:]
+    assert len(said.group(1)) == 64 and said.group(1).decode() == exported.group(1).lower()
+
+
 @pytest.mark.parametrize("client", ["coap-client-openssl", "coap-client-gnutls"])
 @pytest.mark.parametrize("host", ["127.0.0.1", "[::1]"])
 def test_libcoap_clients_get_well_known_core(world, client, host):

@@ -32,17 +32,25 @@ def log_event(name: str, **fields: Any) -> None:
 
 
 class DTLSRemote(interfaces.EndpointAddress):
-    """One DTLS session. Equality is identity: a new session from the same address is a new remote."""
+    """One DTLS session. Equality is identity: a new session from the same address is a new remote.
+
+    `exporter` is the session's exporter value (dtls/exporter.py; None without the extended master
+    secret), which the gateway accepts as the nonce of evidence made for this session, once:
+    `exporter_used` records that use (service/resources.py sets it). A session lives in one
+    process and its requests run one at a time, so the flag needs no lock."""
 
     scheme = "coaps"
     is_multicast = False
     is_multicast_locally = False
 
-    def __init__(self, interface: "DTLSInterface", peer: tuple, identity: Any, local: tuple | None) -> None:
+    def __init__(self, interface: "DTLSInterface", peer: tuple, identity: Any, local: tuple | None,
+                 exporter: bytes | None = None) -> None:
         self._interface = interface
         self.peer = peer
         self.identity = identity
         self._local = local
+        self.exporter = exporter
+        self.exporter_used = False
 
     @property
     def hostinfo(self) -> str:
@@ -128,7 +136,7 @@ class DTLSInterface(interfaces.MessageInterface):
         elif isinstance(ev, HandshakeComplete):
             local = endpoint.local if endpoint is not None else None
             old = self.remotes.get(ev.peer)
-            self.remotes[ev.peer] = DTLSRemote(self, ev.peer, ev.identity, local)
+            self.remotes[ev.peer] = DTLSRemote(self, ev.peer, ev.identity, local, ev.exporter)
             if old is not None and self._mman is not None:
                 self._mman.dispatch_error(error.LibraryShutdown("DTLS session replaced"), old)
             self._on_handshake(ev)

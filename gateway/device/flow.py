@@ -4,7 +4,8 @@ value: the nonce, the verdict, the issued certificate, the configuration) and is
 returns its result or raises `EnrollFailed(step, reason)`.
 
     enroll_flow    GET /attest/nonce, POST /attest/evidence, POST /.well-known/est/sen, GET /config
-                   (one session, factory identity; nonce and evidence only with firmware to claim)
+                   (one session, factory identity; nonce and evidence only with firmware to claim;
+                   with `session_nonce`, the session's exporter value, no GET /attest/nonce)
     renew_flow     POST /.well-known/est/sren (operational identity)
     config_flow    GET /config
     crts_flow      GET /.well-known/est/crts
@@ -151,13 +152,20 @@ def ask(endpoint: Endpoint, payload: bytes = b"") -> Generator[Request, Reply, R
 def enroll_flow(identity: DeviceIdentity, firmware: Firmware | None, verify: Verify, *,
                 cert_format: int = CT_PKCS7_CERTS, new_key: Callable[[], ec.EllipticCurvePrivateKey] = new_p256_key,
                 clock: Callable[[], float] = time.time, secure_boot: bool = True, dbgstat: int = 2,
-                bootcount: int = 1) -> Flow[Enrolled]:
+                bootcount: int = 1, session_nonce: bytes | None = None) -> Flow[Enrolled]:
     """The first enrollment, in one session with the factory identity. Without firmware no
-    evidence is sent (for device types whose policy waives attestation)."""
+    evidence is sent (for device types whose policy waives attestation).
+
+    `session_nonce`: the exporter value of the DTLS session the flow's requests go over
+    (`ClientEngine.exporter`, docs/evidence.md#session-nonces), read once that session is up;
+    the evidence then carries it and the flow asks for no server nonce."""
     verdict = None
     if firmware is not None:
-        nonce = read_nonce((yield from ask(NONCE)))
-        yield Done("nonce", nonce)
+        if session_nonce is not None:
+            nonce = session_nonce
+        else:
+            nonce = read_nonce((yield from ask(NONCE)))
+            yield Done("nonce", nonce)
         token = identity.evidence(nonce, firmware, iat=int(clock()), secure_boot=secure_boot, dbgstat=dbgstat,
                                   bootcount=bootcount)
         verdict = read_verdict((yield from ask(EVIDENCE, token)))

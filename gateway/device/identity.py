@@ -203,9 +203,21 @@ class DeviceIdentity:
     def evidence(self, nonce: bytes, firmware: Firmware, *, iat: int | None = None, secure_boot: bool = True,
                  dbgstat: int = 2, bootcount: int = 1) -> bytes:
         """The signed evidence (an EAT, docs/evidence.md) for `nonce`: what a device that booted
-        `firmware` measures (secure boot on, debug disabled since boot, first boot)."""
+        `firmware` measures (secure boot on, debug disabled since boot, first boot). `nonce` is
+        a server nonce (GET /attest/nonce) or the session nonce: the exporter value of the DTLS
+        session the evidence will be sent in (`session_evidence`)."""
         claims = Evidence(nonce=nonce, ueid=self.ueid, oemid=self.oemid, hwmodel=self.device_type.encode(),
                           swname=firmware.name, swversion=firmware.version, fw_alg=firmware.alg,
                           fw_digest=firmware.digest, secure_boot=secure_boot, dbgstat=dbgstat, bootcount=bootcount,
                           iat=int(time.time()) if iat is None else iat, swversion_scheme=1)
         return sign_evidence(claims, self.factory_key)
+
+    def session_evidence(self, exporter: bytes | None, firmware: Firmware, **claims) -> bytes:
+        """Evidence bound to one DTLS session: its nonce is the session's exporter value
+        (`ClientEngine.exporter`; docs/evidence.md#session-nonces), valid in that session only.
+        EnrollFailed when the session has none (no extended master secret): ask for a server
+        nonce instead."""
+        if exporter is None:
+            raise EnrollFailed("evidence", "the DTLS session has no exporter value (no extended master secret); "
+                                           "use a server nonce")
+        return self.evidence(exporter, firmware, **claims)

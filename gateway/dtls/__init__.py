@@ -5,6 +5,7 @@ public API in one import. Behind it: `session` (the session core both roles shar
 handshake, records, timers, closing), `server` (the gateway's role: cookies, caps, half-open
 bookkeeping), `client` (the device's role), `events`, `errors` (`LocalProtocolError`,
 `RemoteProtocolError`), `limits`, `cookies`, `records`, `recordlayer` (AEAD records after the
-handshake) and `contexts` (the pyOpenSSL Contexts). `devid.gateway.coap.transport` puts the
+handshake), `exporter` (the session's RFC 5705 exporter value: the session-bound attestation
+nonce) and `contexts` (the pyOpenSSL Contexts). `devid.gateway.coap.transport` puts the
 engine on asyncio UDP sockets and under aiocoap.
 """

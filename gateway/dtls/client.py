@@ -3,7 +3,8 @@
 The handshake, timers, the record layer, close_notify and the final flight's resending are the
 core's; this role adds the server's identity (OpenSSL's chain check, then an optional
 `server_check`), a per-connection certificate, TLS session resumption, and calls without a peer
-argument (there is one).
+argument (there is one). `exporter` is the session's exporter value (exporter.py), the nonce of
+evidence bound to the session.
 """
 
 from __future__ import annotations
@@ -83,6 +84,13 @@ class ClientEngine(Engine):
     @property
     def cipher(self) -> str | None:
         return self._s.cipher
+
+    @property
+    def exporter(self) -> bytes | None:
+        """The session's exporter value (exporter.py), the same the server computed: the nonce of
+        evidence bound to this session. None before the handshake completes, or without the
+        extended master secret."""
+        return self._s.exporter
 
     @property
     def closed_reason(self) -> str | None:

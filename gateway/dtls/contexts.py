@@ -2,8 +2,10 @@
 
 DTLS 1.2 only. Cipher suites: TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8 (RFC 7925's mandatory suite,
 which OpenSSL 3+ only offers at security level 0) and ECDHE-ECDSA-AES128-GCM-SHA256. Level 0
-also relaxes OpenSSL's key-size checks; that is acceptable here because every peer certificate
-is then validated by `cryptography.x509.verification` and our own key policy (P-256).
+also relaxes OpenSSL's key-size and signature-algorithm checks; that is acceptable on the server
+because every device certificate it accepts is then matched byte for byte against one devid's CA
+issued under its own profile (P-256, ECDSA with SHA-256; service/identity.py), and on the client
+because the gateway's certificate is validated by `cryptography.x509.verification`.
 A Context freezes once a Connection is made from it: to rotate certificates, build a new one.
 """
 
@@ -21,6 +23,7 @@ DTLS1_2_VERSION = 0xFEFD
 CIPHERS_CCM8_AND_GCM = b"ECDHE-ECDSA-AES128-CCM8:ECDHE-ECDSA-AES128-GCM-SHA256:@SECLEVEL=0"
 CIPHERS_GCM_ONLY = b"ECDHE-ECDSA-AES128-GCM-SHA256"
 SESSION_ID_CONTEXT = b"devid-gateway"
+MAX_CLIENT_CHAIN_DEPTH = 2
 
 
 def _base(method: int, ciphers: bytes) -> SSL.Context:
@@ -54,6 +57,9 @@ def server_context(cert: x509.Certificate, chain: Sequence[x509.Certificate], ke
     store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
     for anchor in trust_anchors:
         store.add_cert(crypto.X509.from_cryptography(anchor))
+    # at most this many CA certificates between a device certificate and its anchor (devid's
+    # chains have none; ca.validation.DeviceVerifier's max_chain_depth counts the same way)
+    ctx.set_verify_depth(MAX_CLIENT_CHAIN_DEPTH)
     for ca in client_cas:
         ctx.add_client_ca(ca)
     ctx.set_session_id(SESSION_ID_CONTEXT)

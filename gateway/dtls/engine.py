@@ -8,17 +8,20 @@ calls return, their states and errors, and the server's limits.
 Where each part lives: `session.py` the session core both roles share (states, errors, the
 handshake, records, timers, closing), `server.py` the gateway's role (cookies, caps, half-open
 bookkeeping), `client.py` the device's role, `events.py` the events and `Output`, `limits.py`
-the server's limits.
+the server's limits, `exporter.py` the session's exporter value (`HandshakeComplete.exporter`,
+`ClientEngine.exporter`).
 """
 
 from devid.gateway.dtls.client import ClientEngine
 from devid.gateway.dtls.events import (ApplicationData, Event, HandshakeComplete, HandshakeFailed, Output, Peer,
                                        SessionClosed)
+from devid.gateway.dtls.exporter import LABEL as EXPORTER_LABEL, LENGTH as EXPORTER_LENGTH
 from devid.gateway.dtls.limits import LimitError, ServerLimits
 from devid.gateway.dtls.server import Authenticator, EngineStats, ServerEngine
 from devid.gateway.dtls.errors import DTLSError, LocalProtocolError, RemoteProtocolError
 from devid.gateway.dtls.session import State
 
 __all__ = ["ApplicationData", "Authenticator", "ClientEngine", "DTLSError", "EngineStats", "Event",
+           "EXPORTER_LABEL", "EXPORTER_LENGTH",
            "HandshakeComplete", "HandshakeFailed", "LimitError", "LocalProtocolError", "Output", "Peer",
            "RemoteProtocolError", "ServerEngine", "ServerLimits", "SessionClosed", "State"]

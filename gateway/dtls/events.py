@@ -16,6 +16,9 @@ class HandshakeComplete:
     identity: Any            # server: what the Authenticator returned; client: what its server check returned
     resumed: bool
     cipher: str | None
+    # the session's exporter value (exporter.py: RFC 5705, 32 bytes), the session-bound attestation
+    # nonce; None when the session has no extended master secret
+    exporter: bytes | None = None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ There is no CLOSING state: closing sends close_notify and forgets the session in
 (the peer's answering close_notify, if any, is not waited for; RFC 5246 7.2.1 allows it).
 
 The core does what both roles do alike: feeding and draining OpenSSL, completing the handshake
-and handing the session to our record layer (recordlayer.py; the OpenSSL object is freed), the
+(with the session's exporter value, exporter.py, carried on `HandshakeComplete`) and handing the
+session to our record layer (recordlayer.py; the OpenSSL object is freed), the
 records of an established session, close_notify, resending the final flight, closing, ending,
 sending, timers. A role supplies the peer's identity (`_authenticate`) and its bookkeeping
 (`_admit`, `_admitted`, `_forget`, `_on_failure`).
@@ -40,6 +41,7 @@ from OpenSSL import SSL
 from devid.gateway.dtls import records
 from devid.gateway.dtls.events import ApplicationData, HandshakeComplete, HandshakeFailed, Output, Peer, SessionClosed
 from devid.gateway.dtls.errors import LocalProtocolError, RemoteProtocolError, ssl_reason
+from devid.gateway.dtls.exporter import exporter_value
 from devid.gateway.dtls.recordlayer import RecordLayer
 
 CLOSE_NOTIFY = b"\x01\x00"   # alert level warning, description close_notify
@@ -63,7 +65,8 @@ class Session:
 
     __slots__ = ("peer", "conn", "state", "identity", "chain", "failure", "started", "last_seen",
                  "hs_deadline", "deadline", "cipher", "rl", "wseq", "rseqs", "last_flight", "resend_at",
-                 "hello_random", "bound", "pending", "address", "network", "owner", "closed_reason")
+                 "hello_random", "bound", "pending", "address", "network", "owner", "closed_reason",
+                 "exporter")
 
     def __init__(self, peer: Peer, conn: SSL.Connection, now: float, hs_deadline: float) -> None:
         self.peer = peer
@@ -92,6 +95,9 @@ class Session:
         self.network: Any = None             # server: its IPv6 network (None for IPv4), counted too
         self.owner: Any = None               # client: the engine, for the Context's verify callback
         self.closed_reason: str | None = None
+        # the session's exporter value (exporter.py), computed when the handshake completes, before
+        # the OpenSSL object is freed; None without the extended master secret
+        self.exporter: bytes | None = None
 
 
 class Engine:
@@ -246,8 +252,9 @@ class Engine:
         s.state = ESTABLISHED
         s.identity = identity
         s.cipher = s.conn.get_cipher_name()
+        s.exporter = exporter_value(s.conn)
         s.chain = []                       # only needed during the handshake
-        out.events.append(HandshakeComplete(s.peer, identity, resumed, s.cipher))
+        out.events.append(HandshakeComplete(s.peer, identity, resumed, s.cipher, s.exporter))
         self._admitted(s, out)
         self._read_plaintext(s, out)
         self._flush(s, out)

@@ -11,7 +11,9 @@ request (with the registry's word on the session's certificate and device, one q
 - an unknown or revoked device: nothing (the DTLS layer already refuses it; checked again here);
 - /sen issues only after an acceptable verdict for the same device within the policy's verdict
   window, each verdict used once, unless the device type's policy waives attestation;
-- a contraindicated verdict of fresh, authentic evidence (signature verified, nonce consumed by
+- evidence carries a server nonce (from /attest/nonce, one row, consumed once) or the session's
+  nonce (the DTLS session's exporter value: no round trip, no row, accepted once per session);
+- a contraindicated verdict of fresh, authentic evidence (signature verified, nonce used by
   this request) revokes the device when its policy says so; stale or forged evidence never does;
 - re-enrollment with the factory identity of an already enrolled device: allowed unless the
   policy says `reenroll = false`; the previous operational certificate becomes superseded;
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Callable, ContextManager
 
-from devid.attestation.nonces import NonceRecord
+from devid.attestation.nonces import SESSION, NonceRecord
 from devid.attestation.policy import Policy
 from devid.attestation.service import AttestationService, Evaluation
 from devid.attestation.verifier import AttestingDevice
@@ -122,6 +124,12 @@ class EvidenceOutcome:
     evaluation: Evaluation
     revoked: bool
 
+    @property
+    def used_session_nonce(self) -> bool:
+        """This appraisal used the session's nonce: the session may not use it again."""
+        verdict = self.evaluation.appraisal.verdict
+        return verdict.fresh and verdict.nonce == SESSION
+
 
 @dataclass
 class EnrollmentService:
@@ -203,8 +211,10 @@ class EnrollmentService:
         raise TooManyCertificates(f"at most {limit} certificates per {window.total_seconds() / 3600:g} h for one "
                                   f"device; retry in {retry} s", retry)
 
-    def _attesting(self, who: PeerIdentity) -> AttestingDevice:
-        return AttestingDevice(who.serial, who.device_type, who.fingerprint, who.public_key)
+    def _attesting(self, who: PeerIdentity, session_nonce: bytes | None = None,
+                   session_nonce_used: bool = False) -> AttestingDevice:
+        return AttestingDevice(who.serial, who.device_type, who.fingerprint, who.public_key,
+                               session_nonce=session_nonce, session_nonce_used=session_nonce_used)
 
     # -- attestation ----------------------------------------------------------------------------
 
@@ -214,9 +224,14 @@ class EnrollmentService:
         self._decision("nonce", who, "issued", expires=record.expires_at.isoformat())
         return record
 
-    def evidence(self, who: PeerIdentity | None, token: bytes) -> EvidenceOutcome:
+    def evidence(self, who: PeerIdentity | None, token: bytes, session_nonce: bytes | None = None,
+                 session_nonce_used: bool = False) -> EvidenceOutcome:
+        """Appraise and log the evidence. Its nonce is either the session's (`session_nonce`: the
+        DTLS session's exporter value, accepted once per session: `session_nonce_used` says the
+        session used it already; the caller records a use when `EvidenceOutcome.used_session_nonce`)
+        or a server nonce from `nonce` (docs/evidence.md)."""
         self._require("evidence", who)
-        evaluation = self.attestation.evaluate(token, self._attesting(who))
+        evaluation = self.attestation.evaluate(token, self._attesting(who, session_nonce, session_nonce_used))
         verdict = evaluation.appraisal.verdict
         # Only fresh, authentic evidence changes the device's state: the verifier sets `revoke`
         # only when the signature verified with this certificate's key and this request consumed
@@ -225,7 +240,7 @@ class EnrollmentService:
         if revoked:
             revoke_device(self.ca.store, who.serial, "keyCompromise", self.clock())
         self._decision("evidence", who, verdict.tier.value, acceptable=verdict.acceptable,
-                       reasons=list(verdict.codes) or None, log_seq=evaluation.log_seq,
+                       reasons=list(verdict.codes) or None, log_seq=evaluation.log_seq, nonce=verdict.nonce,
                        revoked=revoked or None)
         return EvidenceOutcome(evaluation, revoked)
 

@@ -1,9 +1,14 @@
 """Who is at the other end of a DTLS session: the gateway's authenticator for device certificates.
 
 A device authenticates with its factory identity (chain to the manufacturing CA) or its
-operational identity (chain to the operational CA). The chain is validated with
-`cryptography.x509.verification` (ca.validation.DeviceVerifier), then the registry says whether
-the certificate and the device are still good.
+operational identity (chain to the operational CA). OpenSSL has verified the chain (signatures,
+validity, EKU clientAuth and key usage, depth) and, in the handshake, the device's possession of
+the key. Then the registry match: the certificate must be, byte for byte, one devid issued and
+recorded with its anchor's profile, and it and its device must still be good (one read, by the
+certificate's serial, the table's primary key). That is stricter than a second path validation
+and cheaper; `cryptography.x509.verification` (ca.validation.DeviceVerifier) runs only for a
+certificate no registry row holds, to name why it is refused (docs/gateway.md#who-may-connect
+lists each check and where it happens).
 """
 
 from __future__ import annotations
@@ -82,7 +87,12 @@ class DeviceAuthenticator:
             raise CertificateRefused(f"certificate path does not validate: the certificate is not valid before "
                                      f"{leaf.not_valid_before_utc:%Y-%m-%d}", "bad_certificate")
         try:
-            ident = verifier.verify(leaf, intermediates, now=now)
+            ident = verifier.match(leaf, now=now)
+            if ident is None:
+                # no certificate devid recorded: path validation says what is wrong with it, and
+                # one that passes is refused all the same (unknown to the registry). A factory CA
+                # of another manufacturer, if one is ever trusted, would be validated here.
+                ident = verifier.verify(leaf, intermediates, now=now)
         except DeviceRevoked as exc:
             raise CertificateRefused(str(exc), "certificate_revoked") from None
         except ValidationFailed as exc:

@@ -1,12 +1,13 @@
 """The gateway's CoAP resources: EST-coaps (RFC 9148), attestation, configuration, whoami.
 
-    /whoami                   GET         JSON: the session's device identity (any identity)
+    /whoami                   GET         JSON: the session's device identity (any identity) and nonce
     /.well-known/est/crts     GET         CA certificates: 281 (PKCS#7 certs-only, default) or 287
     /.well-known/est/sen      POST 286    first operational certificate (factory identity, attested):
                                           281 (default, RFC 9148 4.3) or 287
     /.well-known/est/sren     POST 286    renewal (operational identity, same device): 281 or 287
     /attest/nonce             GET         CBOR {"nonce": bstr, "expires": uint}, Max-Age 0 (factory identity)
-    /attest/evidence          POST 60     an EAT (docs/evidence.md) -> CBOR verdict   (factory identity)
+    /attest/evidence          POST 60     an EAT (docs/evidence.md) -> CBOR verdict   (factory identity); its
+                                          nonce: a server nonce, or the session's (the DTLS exporter value)
     /config                   GET         CBOR operational configuration   (operational identity, or the
                                           factory identity of an enrolled device)
 
@@ -48,6 +49,12 @@ def identity_of(request) -> PeerIdentity | None:
     return None
 
 
+def session_nonce_of(request) -> bytes | None:
+    """The exporter value of the DTLS session the request came in (the session nonce,
+    docs/evidence.md), or None (no extended master secret, or not a DTLS session)."""
+    return getattr(request.remote, "exporter", None)
+
+
 def require_format(request, *formats: int) -> None:
     if request.opt.content_format not in formats:
         raise Problem(codes.UNSUPPORTED_CONTENT_FORMAT, "unsupported content format",
@@ -66,7 +73,8 @@ def accepted(request, *formats: int) -> int:
 
 
 class WhoAmI(resource.Resource):
-    """GET: the identity the gateway authenticated for this DTLS session (JSON, the only format)."""
+    """GET: the identity the gateway authenticated for this DTLS session (JSON, the only format),
+    and the session's nonce (hex), for a device whose DTLS stack cannot export it itself."""
 
     rt = "devid.whoami"
     ct = str(CT_JSON)
@@ -76,7 +84,11 @@ class WhoAmI(resource.Resource):
         if who is None:
             raise Problem(codes.UNAUTHORIZED, "device certificate required")
         accepted(request, CT_JSON)
-        return aiocoap.Message(code=codes.CONTENT, content_format=CT_JSON, payload=json.dumps(who.as_dict()).encode())
+        body = who.as_dict()
+        session_nonce = session_nonce_of(request)
+        if session_nonce is not None:
+            body["session_nonce"] = session_nonce.hex()
+        return aiocoap.Message(code=codes.CONTENT, content_format=CT_JSON, payload=json.dumps(body).encode())
 
 
 class _Resource(resource.Resource):
@@ -173,7 +185,13 @@ class Evidence(_Resource):
         if request.opt.content_format is not None:
             self.require_format(request, CT_CBOR)
         self.accepted(request, CT_CBOR)
-        outcome = self.service.evidence(identity_of(request), request.payload)
+        remote = request.remote
+        outcome = self.service.evidence(identity_of(request), request.payload, session_nonce_of(request),
+                                        getattr(remote, "exporter_used", False))
+        if outcome.used_session_nonce:
+            # the session's one use of its nonce (the service and this line run without a pause in
+            # between: no other request of the session can come between them)
+            remote.exporter_used = True
         verdict = outcome.evaluation.appraisal.verdict
         body = {"verdict": verdict.tier.value, "acceptable": verdict.acceptable,
                 "reasons": [r.as_json() for r in verdict.reasons], "log_seq": outcome.evaluation.log_seq,

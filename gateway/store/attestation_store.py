@@ -33,7 +33,7 @@ from devid.attestation.segments import SegmentAnchor
 from devid.gateway.store.registry import SQLiteRegistry
 
 _LOG_COLS = ("seq, time, device_serial, device_type, cert_fingerprint, tier, acceptable, revoke, reasons, claims, "
-             "evidence, prev_hash, hash, summary")
+             "evidence, prev_hash, hash, summary, nonce_kind")
 _TALLY_COLS = ("window_end, logged, suppressed, first_at, last_at, reason_counts, device_type, cert_fingerprint, "
                "tier")
 _ANCHOR_COLS = "first_seq, last_seq, prev_hash, head_hash, entries, file_name, file_sha256, sealed_at"
@@ -60,7 +60,8 @@ def _entry(row: tuple) -> LogEntry:
         return LogEntry(seq=row[0], time=row[1], device_serial=row[2], device_type=row[3], cert_fingerprint=row[4],
                         tier=Tier(row[5]), acceptable=bool(row[6]), revoke=bool(row[7]),
                         reasons=tuple(json.loads(row[8])), claims=json.loads(row[9]) if row[9] is not None else None,
-                        evidence=bytes(row[10]), prev_hash=bytes(row[11]), hash=bytes(row[12]), summary=summary)
+                        evidence=bytes(row[10]), prev_hash=bytes(row[11]), hash=bytes(row[12]), summary=summary,
+                        nonce=row[14])
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise LogError(f"attestation log entry {row[0]} is unreadable: {exc}") from None
 
@@ -70,10 +71,11 @@ def _insert(db: sqlite3.Connection, e: LogEntry) -> None:
     if e.summary is not None:
         summary = json.dumps({"count": e.summary.count, "first": e.summary.first, "last": e.summary.last,
                               "reason_counts": e.summary.counts()})
-    db.execute(f"INSERT INTO attestation_log ({_LOG_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+    db.execute(f"INSERT INTO attestation_log ({_LOG_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                (e.seq, e.time, e.device_serial, e.device_type, e.cert_fingerprint, e.tier.value,
                 int(e.acceptable), int(e.revoke), json.dumps(list(e.reasons)),
-                json.dumps(e.claims) if e.claims is not None else None, e.evidence, e.prev_hash, e.hash, summary))
+                json.dumps(e.claims) if e.claims is not None else None, e.evidence, e.prev_hash, e.hash, summary,
+                e.nonce))
 
 
 def _head(row: tuple) -> tuple[int, bytes]:
@@ -264,13 +266,13 @@ class SQLiteAttestationStore:
                              "WHERE device_serial = ?1) FROM attestation_log WHERE device_serial = ?1 AND time >= ?2 "
                              "ORDER BY seq DESC LIMIT 1", (device_serial, format_time(since))).fetchone()
             # refused evidence counted after the latest logged verdict makes that the latest verdict
-            if row is None or not row[6] or row[14]:
+            if row is None or not row[6] or row[15]:
                 return None
             cur = db.execute("INSERT INTO attestation_verdict_uses (seq, used_at, purpose) VALUES (?, ?, ?) "
                              "ON CONFLICT (seq) DO NOTHING", (row[0], format_time(now), purpose))
             if cur.rowcount != 1:
                 return None
-        return _entry(row[:14])
+        return _entry(row[:15])
 
     # -- segments (gateway/store/log_rotation.py) --------------------------------------------------
 

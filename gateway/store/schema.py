@@ -7,7 +7,7 @@ from __future__ import annotations
 from devid.gateway.store.database import Database
 from devid.gateway.errors import RegistryError
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {  # version -> its statements, run in one transaction
     1: (
@@ -138,6 +138,12 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {  # version -> its statements, run in 
     5: (
         """CREATE INDEX attestation_nonces_outstanding ON attestation_nonces (device_serial, issued_at)
                 WHERE consumed_at IS NULL""",
+    ),
+    # the kind of nonce an appraisal's evidence carried (attestation/log.py): 'session' (the DTLS
+    # session's exporter value, docs/evidence.md) or 'server' (GET /attest/nonce); NULL on summary
+    # entries, entries written before this version, and evidence that could not be decoded
+    6: (
+        "ALTER TABLE attestation_log ADD COLUMN nonce_kind TEXT",
     ),
 }
 
