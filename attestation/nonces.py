@@ -41,6 +41,25 @@ SERVER = "server"       # issued by GET /attest/nonce, stored, consumed in the s
 SESSION = "session"     # the session's exporter value: no round trip, no row
 
 
+class SessionNonce:
+    """The session-bound nonce of the DTLS session evidence arrived in: its value (the session's
+    exporter value), its age (since the handshake that made it: it expires with the policy's
+    nonce lifetime, as a server nonce does) and its one use, claimed by the verifier at the moment
+    it decides the evidence is fresh (nothing that happens after can leave it unclaimed)."""
+
+    def __init__(self, value: bytes, age: timedelta, used: bool = False) -> None:
+        self.value = value
+        self.age = age
+        self.used = used
+
+    def claim(self) -> bool:
+        """Mark the one use; False if it was used before."""
+        if self.used:
+            return False
+        self.used = True
+        return True
+
+
 @dataclass(frozen=True)
 class NonceRecord:
     value: bytes

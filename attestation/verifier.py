@@ -12,8 +12,8 @@ Order of the checks (the first three stop the appraisal, since nothing after the
 3. the claims' types and sizes;
 4. the nonce, used exactly once (only now, so forged evidence cannot burn a device's nonce): a
    nonce equal to the session's (`AttestingDevice.session_nonce`, the DTLS session's exporter
-   value, compared first) is fresh unless the session used it before
-   (`session_nonce_used`); any other nonce is a server nonce, consumed in the nonce store;
+   value, compared first) is fresh unless it is older than the nonce lifetime or the session used
+   it before (its one use is claimed here); any other nonce is a server nonce, consumed in the nonce store;
 5. the policy for the certificate's device type: hwmodel, oemid, firmware reference values,
    minimum version, secure boot, debug state, clock skew.
 All reasons found in 4 and 5 are reported, not just the first.
@@ -38,10 +38,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable
 
-from .errors import EvidenceError, NonceError, NonceReplayed, NonceUnknown
+from .errors import EvidenceError, NonceError, NonceExpired, NonceReplayed, NonceUnknown
 from .evidence import (DBG_DISABLED, DBG_ENABLED, MAX_EVIDENCE_SIZE, DBGSTAT_NAMES, Evidence, decode_claims,
                        parse_sign1)
-from .nonces import SERVER, SESSION, NonceService
+from .nonces import SERVER, SESSION, NonceService, SessionNonce
 from .policy import DeviceTypePolicy, Policy, ReferenceValue, Tier
 
 # Reasons that describe the device's state (as opposed to a malformed, forged or stale message);
@@ -59,11 +59,9 @@ class AttestingDevice:
     cert_fingerprint: str      # SHA-256 of the certificate DER, hex
     public_key: Any            # the certificate's public key (ECDSA P-256)
     session: bytes | None = None
-    # the session-bound nonce: the exporter value of the DTLS session the evidence arrived in
-    # (None: the session has none, and only server nonces are accepted), and whether evidence
-    # in this session has used it already
-    session_nonce: bytes | None = None
-    session_nonce_used: bool = False
+    # the session-bound nonce of the DTLS session the evidence arrived in (its exporter value, its
+    # age, its one use); None: the session has none, and only server nonces are accepted
+    session_nonce: SessionNonce | None = None
 
 
 @dataclass(frozen=True)
@@ -163,8 +161,13 @@ class Verifier:
         """(the nonce's kind, whether this appraisal used it): the session's nonce first (a value
         compare, nothing stored), else a server nonce consumed in the store."""
         session = device.session_nonce
-        if session is not None and hmac.compare_digest(nonce, session):
-            if device.session_nonce_used:
+        if session is not None and hmac.compare_digest(nonce, session.value):
+            if session.age > self.policy.nonce_lifetime:
+                reasons.append(Reason(NonceExpired.code, Tier.CONTRAINDICATED,
+                                      f"the session's nonce is older than the nonce lifetime "
+                                      f"({self.policy.nonce_lifetime.total_seconds():g} s): open a new session"))
+                return SESSION, False
+            if not session.claim():             # claimed now: the one use, whatever happens next
                 reasons.append(Reason(NonceReplayed.code, Tier.CONTRAINDICATED,
                                       "the session's nonce was used by earlier evidence in this session"))
                 return SESSION, False

@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import re
+from datetime import timedelta
 from pathlib import Path
 
 import cbor2
@@ -19,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from devid.attestation.evidence import Evidence, sign_evidence
 from devid.attestation.log import GENESIS, LogEntry, MemoryLogStore, entry_from_appraisal, verify_chain
-from devid.attestation.nonces import SERVER, SESSION, MemoryNonceStore, NonceService
+from devid.attestation.nonces import SERVER, SESSION, MemoryNonceStore, NonceService, SessionNonce
 from devid.attestation.policy import Tier, parse_policy
 from devid.attestation.verifier import AttestingDevice, Verifier
 from devid.gateway.device.client import coap_exchange, device_context
@@ -146,20 +147,41 @@ def attesting(key, **kw) -> AttestingDevice:
     return AttestingDevice("SN1", "temperature-sensor", "f" * 64, key.public_key(), **kw)
 
 
+def fresh_session(value: bytes, seconds: float = 1.0) -> SessionNonce:
+    return SessionNonce(value, timedelta(seconds=seconds))
+
+
+def test_a_session_nonce_expires_with_the_nonce_lifetime(verifier):
+    """Evidence signed right after the handshake may not be kept and sent hours later on a
+    session kept alive: the session's nonce lives as long as a server nonce does."""
+    v, _ = verifier
+    key = ec.generate_private_key(ec.SECP256R1())
+    session = bytes(range(32))
+    lifetime = v.policy.nonce_lifetime.total_seconds()
+    late = fresh_session(session, seconds=lifetime + 1)
+    a = v.appraise(evidence_for(key, session), attesting(key, session_nonce=late))
+    assert a.verdict.codes == ("nonce-expired",) and not a.verdict.fresh and not a.verdict.acceptable
+    assert not late.used and "open a new session" in a.verdict.reasons[0].message
+    assert v.appraise(evidence_for(key, session),
+                      attesting(key, session_nonce=fresh_session(session, lifetime - 1))).verdict.fresh
+
+
 def test_the_verifier_takes_the_sessions_nonce_once_and_no_row(verifier):
     v, store = verifier
     key = ec.generate_private_key(ec.SECP256R1())
     session = bytes(range(32))
     token = evidence_for(key, session)
-    a = v.appraise(token, attesting(key, session_nonce=session))
+    held = fresh_session(session)                   # what the gateway keeps for the session
+    a = v.appraise(token, attesting(key, session_nonce=held))
     assert (a.verdict.tier, a.verdict.fresh, a.verdict.nonce, a.verdict.codes) == (Tier.AFFIRMING, True, SESSION, ())
+    assert held.used                                # claimed by the verifier itself, at the decision
     assert store.outstanding("SN1") == 0 and store._nonces == {}          # nothing stored, nothing consulted
     # the session used it: the same evidence again in that session is a replay, and never fresh
-    again = v.appraise(token, attesting(key, session_nonce=session, session_nonce_used=True))
+    again = v.appraise(token, attesting(key, session_nonce=held))
     assert again.verdict.codes == ("nonce-replayed",) and not again.verdict.fresh
     assert again.verdict.nonce == SESSION and not again.verdict.acceptable
     # in another session (another exporter value) it is neither that session's nor issued: refused
-    other = v.appraise(token, attesting(key, session_nonce=bytes(32)))
+    other = v.appraise(token, attesting(key, session_nonce=fresh_session(bytes(32))))
     assert other.verdict.codes == ("nonce-unknown",) and other.verdict.nonce == SERVER
     assert "neither this session's" in other.verdict.reasons[0].message
     # without a session value (a session without the extended master secret): a server nonce only
@@ -170,7 +192,7 @@ def test_a_server_nonce_still_works_beside_a_session_value(verifier):
     v, store = verifier
     key = ec.generate_private_key(ec.SECP256R1())
     record = v.nonces.issue("SN1", "f" * 64)
-    a = v.appraise(evidence_for(key, record.value), attesting(key, session_nonce=bytes(range(32))))
+    a = v.appraise(evidence_for(key, record.value), attesting(key, session_nonce=fresh_session(bytes(range(32)))))
     assert (a.verdict.tier, a.verdict.fresh, a.verdict.nonce) == (Tier.AFFIRMING, True, SERVER)
     assert store.outstanding("SN1") == 0                  # consumed in the store
 
@@ -179,9 +201,10 @@ def test_forged_evidence_does_not_use_up_the_session_nonce(verifier):
     v, _ = verifier
     key = ec.generate_private_key(ec.SECP256R1())
     session = bytes(range(32))
+    held = fresh_session(session)
     forged = v.appraise(evidence_for(ec.generate_private_key(ec.SECP256R1()), session),
-                        attesting(key, session_nonce=session))
-    assert not forged.verdict.fresh and forged.verdict.nonce is None
+                        attesting(key, session_nonce=held))
+    assert not forged.verdict.fresh and forged.verdict.nonce is None and not held.used
     assert forged.verdict.codes[0] == "signature-invalid"
 
 
@@ -189,7 +212,7 @@ def test_the_log_entry_records_the_kind_in_its_hash(verifier):
     v, _ = verifier
     key = ec.generate_private_key(ec.SECP256R1())
     session = bytes(range(32))
-    entry = entry_from_appraisal(v.appraise(evidence_for(key, session), attesting(key, session_nonce=session)),
+    entry = entry_from_appraisal(v.appraise(evidence_for(key, session), attesting(key, session_nonce=fresh_session(session))),
                                  1, GENESIS)
     assert entry.nonce == SESSION and entry.body()["nonce"] == "session" and entry.as_json()["nonce"] == "session"
     assert LogEntry.from_json(entry.as_json()) == entry

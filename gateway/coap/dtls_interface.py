@@ -35,9 +35,11 @@ class DTLSRemote(interfaces.EndpointAddress):
     """One DTLS session. Equality is identity: a new session from the same address is a new remote.
 
     `exporter` is the session's exporter value (dtls/exporter.py; None without the extended master
-    secret), which the gateway accepts as the nonce of evidence made for this session, once:
-    `exporter_used` records that use (service/resources.py sets it). A session lives in one
-    process and its requests run one at a time, so the flag needs no lock."""
+    secret), which the gateway accepts as the nonce of evidence made for this session, once and
+    within the nonce lifetime: `exporter_at` is when the handshake completed (the loop's monotonic
+    clock), `exporter_used` records the use (service/resources.py). A session lives in one
+    process, on one event loop; requests of a session may run concurrently as tasks, so the use is
+    claimed by the verifier with no `await` between its check and its mark."""
 
     scheme = "coaps"
     is_multicast = False
@@ -50,6 +52,7 @@ class DTLSRemote(interfaces.EndpointAddress):
         self.identity = identity
         self._local = local
         self.exporter = exporter
+        self.exporter_at = asyncio.get_event_loop().time() if exporter is not None else None
         self.exporter_used = False
 
     @property

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Callable, ContextManager
 
-from devid.attestation.nonces import SESSION, NonceRecord
+from devid.attestation.nonces import NonceRecord, SessionNonce
 from devid.attestation.policy import Policy
 from devid.attestation.service import AttestationService, Evaluation
 from devid.attestation.verifier import AttestingDevice
@@ -124,12 +124,6 @@ class EvidenceOutcome:
     evaluation: Evaluation
     revoked: bool
 
-    @property
-    def used_session_nonce(self) -> bool:
-        """This appraisal used the session's nonce: the session may not use it again."""
-        verdict = self.evaluation.appraisal.verdict
-        return verdict.fresh and verdict.nonce == SESSION
-
 
 @dataclass
 class EnrollmentService:
@@ -211,10 +205,9 @@ class EnrollmentService:
         raise TooManyCertificates(f"at most {limit} certificates per {window.total_seconds() / 3600:g} h for one "
                                   f"device; retry in {retry} s", retry)
 
-    def _attesting(self, who: PeerIdentity, session_nonce: bytes | None = None,
-                   session_nonce_used: bool = False) -> AttestingDevice:
+    def _attesting(self, who: PeerIdentity, session_nonce: SessionNonce | None = None) -> AttestingDevice:
         return AttestingDevice(who.serial, who.device_type, who.fingerprint, who.public_key,
-                               session_nonce=session_nonce, session_nonce_used=session_nonce_used)
+                               session_nonce=session_nonce)
 
     # -- attestation ----------------------------------------------------------------------------
 
@@ -224,14 +217,14 @@ class EnrollmentService:
         self._decision("nonce", who, "issued", expires=record.expires_at.isoformat())
         return record
 
-    def evidence(self, who: PeerIdentity | None, token: bytes, session_nonce: bytes | None = None,
-                 session_nonce_used: bool = False) -> EvidenceOutcome:
+    def evidence(self, who: PeerIdentity | None, token: bytes,
+                 session_nonce: SessionNonce | None = None) -> EvidenceOutcome:
         """Appraise and log the evidence. Its nonce is either the session's (`session_nonce`: the
-        DTLS session's exporter value, accepted once per session: `session_nonce_used` says the
-        session used it already; the caller records a use when `EvidenceOutcome.used_session_nonce`)
-        or a server nonce from `nonce` (docs/evidence.md)."""
+        DTLS session's exporter value, accepted once per session and within the nonce lifetime;
+        the verifier claims its use on the object, which the caller keeps for the session) or a
+        server nonce from `nonce` (docs/evidence.md)."""
         self._require("evidence", who)
-        evaluation = self.attestation.evaluate(token, self._attesting(who, session_nonce, session_nonce_used))
+        evaluation = self.attestation.evaluate(token, self._attesting(who, session_nonce))
         verdict = evaluation.appraisal.verdict
         # Only fresh, authentic evidence changes the device's state: the verifier sets `revoke`
         # only when the signature verified with this certificate's key and this request consumed

@@ -19,7 +19,9 @@ become RFC 9290 problem details (`problems.py`).
 
 from __future__ import annotations
 
+import asyncio
 import json
+from datetime import timedelta
 
 import aiocoap
 import aiocoap.resource as resource
@@ -29,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from devid.attestation.evidence import MAX_EVIDENCE_SIZE
+from devid.attestation.nonces import SessionNonce
 
 from devid.gateway.service.enrollment import EnrollmentService
 from devid.gateway.service.identity import PeerIdentity
@@ -49,10 +52,16 @@ def identity_of(request) -> PeerIdentity | None:
     return None
 
 
-def session_nonce_of(request) -> bytes | None:
-    """The exporter value of the DTLS session the request came in (the session nonce,
-    docs/evidence.md), or None (no extended master secret, or not a DTLS session)."""
-    return getattr(request.remote, "exporter", None)
+def session_nonce_of(request) -> SessionNonce | None:
+    """The session nonce of the DTLS session the request came in (its exporter value, its age, and
+    whether it was used; docs/evidence.md), or None (no extended master secret, or not a DTLS
+    session)."""
+    remote = request.remote
+    value = getattr(remote, "exporter", None)
+    if value is None:
+        return None
+    age = timedelta(seconds=max(0.0, asyncio.get_running_loop().time() - remote.exporter_at))
+    return SessionNonce(value, age, remote.exporter_used)
 
 
 def require_format(request, *formats: int) -> None:
@@ -85,7 +94,7 @@ class WhoAmI(resource.Resource):
             raise Problem(codes.UNAUTHORIZED, "device certificate required")
         accepted(request, CT_JSON)
         body = who.as_dict()
-        session_nonce = session_nonce_of(request)
+        session_nonce = getattr(request.remote, "exporter", None)      # the value alone (docs/evidence.md)
         if session_nonce is not None:
             body["session_nonce"] = session_nonce.hex()
         return aiocoap.Message(code=codes.CONTENT, content_format=CT_JSON, payload=json.dumps(body).encode())
@@ -185,13 +194,13 @@ class Evidence(_Resource):
         if request.opt.content_format is not None:
             self.require_format(request, CT_CBOR)
         self.accepted(request, CT_CBOR)
-        remote = request.remote
-        outcome = self.service.evidence(identity_of(request), request.payload, session_nonce_of(request),
-                                        getattr(remote, "exporter_used", False))
-        if outcome.used_session_nonce:
-            # the session's one use of its nonce (the service and this line run without a pause in
-            # between: no other request of the session can come between them)
-            remote.exporter_used = True
+        session = session_nonce_of(request)
+        try:
+            outcome = self.service.evidence(identity_of(request), request.payload, session)
+        finally:
+            if session is not None and session.used:
+                # the verifier claimed the session's one use: kept even if a later step failed
+                request.remote.exporter_used = True
         verdict = outcome.evaluation.appraisal.verdict
         body = {"verdict": verdict.tier.value, "acceptable": verdict.acceptable,
                 "reasons": [r.as_json() for r in verdict.reasons], "log_seq": outcome.evaluation.log_seq,
