@@ -57,8 +57,10 @@ def server_context(cert: x509.Certificate, chain: Sequence[x509.Certificate], ke
     store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
     for anchor in trust_anchors:
         store.add_cert(crypto.X509.from_cryptography(anchor))
-    # at most this many CA certificates between a device certificate and its anchor (devid's
-    # chains have none; ca.validation.DeviceVerifier's max_chain_depth counts the same way)
+    # a short chain only: OpenSSL's verify depth bounds the intermediate CA certificates between a
+    # device certificate and its anchor (devid's chains have none: the issuing CAs are the
+    # anchors, and a recorded certificate is signed by its anchor directly; the registry match
+    # accepts nothing else)
     ctx.set_verify_depth(MAX_CLIENT_CHAIN_DEPTH)
     for ca in client_cas:
         ctx.add_client_ca(ca)
