@@ -23,9 +23,17 @@ from devid.ca.csr_evidence import (OID_ATTESTATION, OID_DEVID_EAT_CWT, embed_evi
 from devid.ca.errors import InvalidCSR
 
 from .conftest import tool
-from .test_evidence import documented_vector
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def documented_vector() -> tuple[bytes, None, int]:
+    """The evidence test vector of docs/evidence.md: the token and the test key's scalar."""
+    text = (DOCS / "evidence.md").read_text()
+    block = re.search(r"<!-- test-vector-begin -->\s*```\s*(.*?)```\s*<!-- test-vector-end -->", text, re.S)
+    assert block, "docs/evidence.md has no marked test vector"
+    d = int(re.search(r"^d = ([0-9a-f]{64})$", text, re.M).group(1), 16)
+    return bytes.fromhex("".join(block.group(1).split())), None, d
 
 
 def documented_csr_vector() -> bytes:
