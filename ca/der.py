@@ -133,3 +133,31 @@ def decode_hardware_module_name(data: bytes) -> tuple[x509.ObjectIdentifier, byt
     if tag != TAG_OCTET_STRING or end != len(seq):
         raise DERError("hwSerialNum is not an OCTET STRING")
     return _decode_oid(oid), serial
+
+
+# -- a strict TLV walk, for the CSR attestation attribute (ca/csr_evidence.py) -------------------
+
+TAG_BIT_STRING = 0x03
+TAG_SET = 0x31
+TAG_CONTEXT_0 = 0xA0    # [0] IMPLICIT, constructed (the attributes of a CertificationRequestInfo)
+
+
+def read_tlv(data: bytes, pos: int = 0) -> tuple[int, bytes, int]:
+    """One element at `pos`: (tag, content octets, end offset). Refuses indefinite and
+    non-minimal lengths and anything running past the end of `data`."""
+    return _read_tlv(data, pos)
+
+
+def elements(data: bytes) -> list[tuple[int, bytes]]:
+    """Every element of a constructed value's content octets, in order; refuses trailing bytes."""
+    out: list[tuple[int, bytes]] = []
+    pos = 0
+    while pos < len(data):
+        tag, value, pos = _read_tlv(data, pos)
+        out.append((tag, value))
+    return out
+
+
+def decode_oid(body: bytes) -> x509.ObjectIdentifier:
+    """The OBJECT IDENTIFIER of the content octets `body`."""
+    return _decode_oid(body)
