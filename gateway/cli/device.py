@@ -5,7 +5,6 @@ without aiocoap."""
 from __future__ import annotations
 
 import argparse
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -23,15 +22,6 @@ def _warn(args, text: str) -> None:
     print(text, file=sys.stderr if getattr(args, "json", False) else sys.stdout, flush=True)
 
 
-# "certificate 5c74...0206" in the device client's step lines (a hex number of 8-40 digits, a digit among them)
-_CERTIFICATE_SERIAL = re.compile(r"\b(certificate) ((?=[0-9a-f]*[0-9])[0-9a-f]{8,40})\b")
-
-
-def _step_text(text: str) -> str:
-    """A step line of the device client, its certificate serial as openssl prints it (docs/cli.md)."""
-    return _CERTIFICATE_SERIAL.sub(lambda m: f"{m.group(1)} {output.format_serial(int(m.group(2), 16))}", text)
-
-
 def _firmware(args, directory):
     from devid.gateway.device.enroll import Firmware
     return Firmware.from_options(Path(directory), Path(args.firmware) if args.firmware else None,
@@ -45,7 +35,7 @@ def cmd_enroll(args) -> int:
 
     def report(step, text):
         if not args.json:
-            print(f"[{steps.index(step) + 1}/{len(steps)}] {step:<9} {_step_text(text)}", flush=True)
+            print(f"[{steps.index(step) + 1}/{len(steps)}] {step:<9} {text}", flush=True)
     try:
         firmware = _firmware(args, args.device)
         if firmware is None:
@@ -88,7 +78,7 @@ def cmd_renew(args) -> int:
 
     def report(step, text):
         if not args.json:
-            print(f"{step}: {_step_text(text)}", flush=True)
+            print(f"{step}: {text}", flush=True)
     try:
         cert = asyncio.run(renew(Path(args.device), args.gateway, timeout=args.timeout, report=report))
     except EnrollFailed as exc:

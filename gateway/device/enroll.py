@@ -26,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from devid.ca import keys
+from devid.ca.identity import format_serial
 from devid.gateway.device.client import coap_exchange, open_session
 from devid.gateway.device.flow import Config, Done, Issued, config_flow, drive, enroll_flow, renew_flow
 from devid.gateway.device.identity import (DeviceIdentity, Firmware, device_csr, device_type_of, load_bundle,
@@ -146,7 +147,8 @@ async def renew(directory: Path, gateway_uri: str, *, timeout: float = 30.0,
 
 
 def _certificate_text(cert: x509.Certificate) -> str:
-    return f"operational certificate {cert.serial_number:x}, valid until {cert.not_valid_after_utc:%Y-%m-%d}"
+    return (f"operational certificate {format_serial(cert.serial_number)}, "
+            f"valid until {cert.not_valid_after_utc:%Y-%m-%d}")
 
 
 def _store_operational(directory: Path, issued: Issued) -> None:
