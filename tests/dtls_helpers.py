@@ -228,3 +228,57 @@ def half_open_from(srv, data, device, peer):
     client = client_for(data, device)
     reply = srv.receive(peer, client.start(0.0).datagrams[0][1], 0.0).datagrams[0][1]
     return srv.receive(peer, client.receive(reply, 0.0).datagrams[0][1], 0.0)
+
+
+# -- a client engine on a real UDP socket, driven by hand (tests that craft CoAP messages) ---------
+
+class RawSession:
+    """The client engine on a connected UDP socket to the gateway at `port`: `pump(output, until)`
+    sends the engine's datagrams and feeds it the gateway's until `until()` holds (or `timeout`);
+    application data received is collected in `received`. Use as `async with`."""
+
+    def __init__(self, ssl_context, port: int) -> None:
+        self.client = E.ClientEngine(ssl_context, ("127.0.0.1", port))
+        self.port = port
+        self.received: list[bytes] = []
+
+    async def __aenter__(self) -> "RawSession":
+        import asyncio
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        queue = self.queue
+
+        class Proto(asyncio.DatagramProtocol):
+            def datagram_received(self, data_, addr):
+                queue.put_nowait(data_)
+        self.transport, _ = await self.loop.create_datagram_endpoint(Proto, remote_addr=("127.0.0.1", self.port))
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.transport.close()
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    async def pump(self, out, until, timeout: float = 10) -> None:
+        import asyncio
+        for _, dg in out.datagrams:
+            self.transport.sendto(dg)
+        end = self.loop.time() + timeout
+        while not until() and self.loop.time() < end:
+            try:
+                dg = await asyncio.wait_for(self.queue.get(), 0.5)
+            except asyncio.TimeoutError:
+                continue
+            o = self.client.receive(dg, self.loop.time())
+            self.received.extend(e.data for e in o.events if isinstance(e, E.ApplicationData))
+            for _, d in o.datagrams:
+                self.transport.sendto(d)
+
+    async def handshake(self) -> None:
+        await self.pump(self.client.start(self.now()), lambda: self.client.established)
+
+    async def exchange(self, wire: bytes) -> None:
+        """Send one CoAP message (encoded) and wait for one more answer."""
+        want = len(self.received) + 1
+        await self.pump(self.client.send(wire, self.now()), lambda: len(self.received) >= want)

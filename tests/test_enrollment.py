@@ -323,54 +323,30 @@ def test_nonce_replay_staleness_other_device_bad_signature(world):
 def test_duplicate_coap_message_gets_the_cached_response(world):
     """Threat 1, same message ID: the CoAP duplicate is answered from the exchange cache, the
     evidence is evaluated (and logged) once."""
-    from devid.gateway.dtls import engine as E
-    from .dtls_helpers import client_context_from_bundle
+    from .dtls_helpers import RawSession, client_context_from_bundle
     data, out = world
     dev = out / "TS00000003"
 
     async def body(uri, gw):
         port = int(uri.rsplit(":", 1)[1])
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
 
-        class Proto(asyncio.DatagramProtocol):
-            def datagram_received(self, data_, addr):
-                queue.put_nowait(data_)
-        transport, _ = await loop.create_datagram_endpoint(Proto, remote_addr=("127.0.0.1", port))
-        client = E.ClientEngine(client_context_from_bundle(dev), ("127.0.0.1", port))
-        received = []
-
-        async def pump(out_, until, timeout=10):
-            for _, dg in out_.datagrams:
-                transport.sendto(dg)
-            end = loop.time() + timeout
-            while not until() and loop.time() < end:
-                try:
-                    dg = await asyncio.wait_for(queue.get(), 0.5)
-                except asyncio.TimeoutError:
-                    continue
-                o = client.receive(dg, loop.time())
-                received.extend(e.data for e in o.events if isinstance(e, E.ApplicationData))
-                for _, d in o.datagrams:
-                    transport.sendto(d)
-
-        await pump(client.start(loop.time()), lambda: client.established)
         def con(mid, token, **kw):
             m = aiocoap.Message(**kw)
             m.mtype, m.mid, m.token = aiocoap.CON, mid, token
             return m.encode()
-        get_nonce = con(0x1001, b"\x01", code=codes.GET, uri_path=["attest", "nonce"])
-        await pump(client.send(get_nonce, loop.time()), lambda: len(received) == 1)
-        nonce = cbor2.loads(aiocoap.Message.decode(received[0]).payload)["nonce"]
-        wire = con(0x1002, b"\x02", code=codes.POST, uri_path=["attest", "evidence"], content_format=60,
-                   payload=token_for(dev, nonce))
-        await pump(client.send(wire, loop.time()), lambda: len(received) == 2)
-        await pump(client.send(wire, loop.time()), lambda: len(received) == 3)
+        async with RawSession(client_context_from_bundle(dev), port) as s:
+            await s.handshake()
+            await s.exchange(con(0x1001, b"\x01", code=codes.GET, uri_path=["attest", "nonce"]))
+            nonce = cbor2.loads(aiocoap.Message.decode(s.received[0]).payload)["nonce"]
+            wire = con(0x1002, b"\x02", code=codes.POST, uri_path=["attest", "evidence"], content_format=60,
+                       payload=token_for(dev, nonce))
+            await s.exchange(wire)
+            await s.exchange(wire)          # the same message ID again
+        received = s.received
         first, second = (aiocoap.Message.decode(m) for m in received[1:3])
         assert first.code == second.code == codes.CHANGED and first.payload == second.payload
         assert cbor2.loads(first.payload)["verdict"] == "affirming"
         assert len(SQLiteAttestationStore(gw.registry).log_entries(device_serial="TS00000003")) == 1
-        transport.close()
     run_with_gateway(data, body)
 
 

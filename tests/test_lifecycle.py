@@ -25,10 +25,9 @@ from devid.ca.store import CertStatus, DeviceState
 from devid.gateway.service.budgets import Budgets, Rate
 from devid.gateway.device.client import device_context
 from devid.gateway.device.enroll import EnrollFailed, enroll, fetch_config, renew
-from devid.gateway.dtls import engine as E
 
 from .conftest import NOW, make_csr, register_device, run_devid
-from .dtls_helpers import client_context_for
+from .dtls_helpers import RawSession, client_context_for
 from .conftest import ok, one_line_error
 from .gateway_helpers import FW, POLICY, problem, request, run_with_gateway
 
@@ -143,42 +142,18 @@ def test_a_lost_sren_answer_comes_again_from_the_coap_deduplication_cache(world)
     async def body(uri, gw):
         await enroll(dev, uri, FW)
         port = int(uri.rsplit(":", 1)[1])
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        class Proto(asyncio.DatagramProtocol):
-            def datagram_received(self, data_, addr):
-                queue.put_nowait(data_)
-        transport, _ = await loop.create_datagram_endpoint(Proto, remote_addr=("127.0.0.1", port))
         chain = x509.load_pem_x509_certificates((dev / "op-chain.pem").read_bytes())
         key = serialization.load_pem_private_key((dev / "op-key.pem").read_bytes(), None)
         root = x509.load_pem_x509_certificate((dev / "ca.pem").read_bytes())
-        client = E.ClientEngine(client_context_for(chain[0], chain[1:], key, root), ("127.0.0.1", port))
-        received = []
-
-        async def pump(out_, until):
-            for _, dg in out_.datagrams:
-                transport.sendto(dg)
-            end = loop.time() + 10
-            while not until() and loop.time() < end:
-                try:
-                    dg = await asyncio.wait_for(queue.get(), 0.5)
-                except asyncio.TimeoutError:
-                    continue
-                o = client.receive(dg, loop.time())
-                received.extend(e.data for e in o.events if isinstance(e, E.ApplicationData))
-                for _, d in o.datagrams:
-                    transport.sendto(d)
-        try:
-            await pump(client.start(loop.time()), lambda: client.established)
+        async with RawSession(client_context_for(chain[0], chain[1:], key, root), port) as s:
+            await s.handshake()
             m = aiocoap.Message(code=codes.POST, uri_path=[".well-known", "est", "sren"], content_format=286,
                                 payload=make_csr()[0])
             m.mtype, m.mid, m.token = aiocoap.CON, 0x2001, b"\x07"
             wire = m.encode()
-            await pump(client.send(wire, loop.time()), lambda: len(received) == 1)
-            await pump(client.send(wire, loop.time()), lambda: len(received) == 2)     # the retransmission
-        finally:
-            transport.close()
+            await s.exchange(wire)
+            await s.exchange(wire)          # the retransmission
+        received = s.received
         first, again = (aiocoap.Message.decode(x) for x in received)
         assert first.code == again.code == codes.CHANGED and first.payload == again.payload
         assert statuses(gw, "TS00000002")[chain[0].serial_number] is CertStatus.SUPERSEDED
