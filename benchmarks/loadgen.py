@@ -2,15 +2,20 @@
 """A lean load generator for the gateway's zero-touch enrollment and renewal.
 
     python benchmarks/loadgen.py --gateway coaps://127.0.0.1:PORT --bundles DIR [--concurrency C] [--renew]
+                                 [--flow one-request|classic]
 
 Per device, ONE DTLS 1.2 session (mutual X.509 authentication, the gateway's certificate
-checked) and, over it, the flows of the device client (`devid.gateway.device.flow`), the very
-code the field engineer's script runs (`devid enroll`):
+checked) and, over it, the flows of the device client (`devid.gateway.device.flow`,
+`flow_one`), the very code the field engineer's script runs (`devid enroll`):
 
-    enroll   factory identity:  GET /attest/nonce, POST /attest/evidence (an EAT signed with the
-             factory key), POST /.well-known/est/sen (a DER CSR of a new P-256 key, Accept 287),
-             GET /config (Accept 60)
-    renew    operational identity:  POST /.well-known/est/sren
+    enroll   factory identity, by `--flow`:
+             one-request (the default): POST /.well-known/est/sen with Accept 62, the CSR of a
+               new P-256 key carrying an EAT signed with the factory key for the session's
+               exporter value (its own, `Session.exporter`) and bound to the new key; the
+               multipart answer holds the certificate, the configuration and the verdict
+             classic: GET /attest/nonce, POST /attest/evidence, POST /.well-known/est/sen (a DER
+               CSR, Accept 287), GET /config (Accept 60)
+    renew    operational identity:  POST /.well-known/est/sren (Accept 287: the certificate alone)
 
 Every answer is checked by the same code as the script's: response codes and content formats,
 the nonce, an acceptable verdict, the issued certificate (for the new key, the device's serial,
@@ -53,10 +58,11 @@ from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 
 from devid.gateway.device.flow import crts_flow, drive, enroll_flow, renew_flow  # noqa: E402
+from devid.gateway.device.flow_one import one_request_flow  # noqa: E402
 from devid.gateway.device.identity import Firmware, operational_files  # noqa: E402
-from devid.gateway.device.protocol import (CHANGED, CONTENT, CT_CBOR, CT_PKCS7_CERTS, CT_PKCS10,  # noqa: E402,F401
-                                           CT_PKIX_CERT, CT_PROBLEM, GET, POST, EnrollFailed, parse_gateway,
-                                           problem_text)
+from devid.gateway.device.protocol import (CHANGED, CLASSIC, CONTENT, CT_CBOR, CT_PKCS7_CERTS,  # noqa: E402,F401
+                                           CT_PKCS10, CT_PKIX_CERT, CT_PROBLEM, DEFAULT_FLOW, FLOWS, GET, POST,
+                                           EnrollFailed, parse_gateway, problem_text)
 from devid.gateway.device.stats import latency_ms, step_latency_ms  # noqa: E402
 # the transport, and the names tests and the flood benchmark reach through this module
 from loadgen_coap import ACK, CON, RST, Response, decode_message, encode_message, encode_options  # noqa: E402,F401
@@ -98,15 +104,20 @@ async def _session(target: Target, dev: Device, trust: Trust, timeout: float) ->
 
 
 async def enroll_device(target: Target, dev: Device, trust: Trust, firmware: Firmware | None, timeout: float,
-                        secure_boot: bool = True, dbgstat: int = 2, bootcount: int = 1) -> Outcome:
+                        secure_boot: bool = True, dbgstat: int = 2, bootcount: int = 1,
+                        flow: str = DEFAULT_FLOW) -> Outcome:
     clock = time.perf_counter
     started = clock()
     sess = await _session(target, dev, trust, timeout)
     try:
         connected = clock()
-        flow = enroll_flow(dev.identity, firmware, trust.verify_issued, cert_format=CT_PKIX_CERT,
-                           secure_boot=secure_boot, dbgstat=dbgstat, bootcount=bootcount)
-        done, steps = await drive(flow, exchange(sess, timeout), clock=clock, started=connected)
+        claims = dict(secure_boot=secure_boot, dbgstat=dbgstat, bootcount=bootcount)
+        if flow == CLASSIC:
+            steps_of = enroll_flow(dev.identity, firmware, trust.verify_issued, cert_format=CT_PKIX_CERT, **claims)
+        else:
+            steps_of = one_request_flow(dev.identity, firmware, trust.verify_issued, session_nonce=sess.exporter,
+                                        **claims)
+        done, steps = await drive(steps_of, exchange(sess, timeout), clock=clock, started=connected)
         end = clock()
     finally:
         sess.close()
@@ -169,9 +180,11 @@ class Report:
 
 async def run(target: Target, devices: list[Device], trust: Trust, *, renew: bool = False,
               firmware: Firmware | Callable[[Device], Firmware] | None = None, concurrency: int = 16,
-              timeout: float = 30.0, started: Callable[[], None] | None = None) -> Report:
-    """Enroll (or renew) every device, `concurrency` at a time. `started` is called right before
-    the timed part (after the trust set-up)."""
+              timeout: float = 30.0, started: Callable[[], None] | None = None, flow: str = DEFAULT_FLOW) -> Report:
+    """Enroll (or renew) every device, `concurrency` at a time, enrolling by `flow` (FLOWS).
+    `started` is called right before the timed part (after the trust set-up)."""
+    if flow not in FLOWS:
+        raise ValueError(f"unknown flow {flow!r} (one of: {', '.join(FLOWS)})")
     if not trust.cas and devices:
         for i, dev in enumerate(devices[:3]):     # a device the gateway refuses must not stop the run
             try:
@@ -192,7 +205,7 @@ async def run(target: Target, devices: list[Device], trust: Trust, *, renew: boo
                 if renew:
                     outcome = await renew_device(target, dev, trust, timeout)
                 else:
-                    outcome = await enroll_device(target, dev, trust, fw_of(dev), timeout)
+                    outcome = await enroll_device(target, dev, trust, fw_of(dev), timeout, flow=flow)
                 report.outcomes.append(outcome)
             except EnrollFailed as exc:
                 report.failures[dev.serial] = str(exc)
@@ -232,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bundles", required=True, type=Path, help="directory of device bundles (devid provision --out)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--renew", action="store_true", help="renew (EST /sren) with the operational identities")
+    ap.add_argument("--flow", choices=FLOWS, default=DEFAULT_FLOW,
+                    help="the enrollment flow (default one-request; classic: nonce, evidence, /sen, /config)")
     ap.add_argument("--timeout", type=float, default=30.0, help="per step (default 30 s)")
     ap.add_argument("--full-chain", action="store_true", help="check every chain up to the root (P-384) per device")
     ap.add_argument("--firmware-name"), ap.add_argument("--firmware-version")
@@ -258,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = asyncio.run(run(target, devices, trust, renew=args.renew, firmware=fw,
                                  concurrency=args.concurrency, timeout=args.timeout,
-                                 started=prof.enable if prof else None))
+                                 started=prof.enable if prof else None, flow=args.flow))
     except EnrollFailed as exc:
         print(json.dumps({"error": f"set-up failed: {exc}"}))
         return 1
@@ -268,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     report.failures.update(failures)
     if not args.no_save:
         save_operational(devices, report)
-    print(json.dumps(dict(mode="renew" if args.renew else "enroll", devices=len(bundles),
-                          client="lean", **report.summary()), indent=2))
+    print(json.dumps(dict(mode="renew" if args.renew else "enroll", devices=len(bundles), client="lean",
+                          **({} if args.renew else {"flow": args.flow}), **report.summary()), indent=2))
     return 0 if not report.failures else 1
 
 

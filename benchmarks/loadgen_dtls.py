@@ -158,6 +158,13 @@ class Session:
 
     # -- the API
 
+    @property
+    def exporter(self) -> bytes | None:
+        """The session's exporter value as this end computed it (`ClientEngine.exporter`): the
+        session nonce of the one-request flow; None before the handshake or without the extended
+        master secret."""
+        return self.engine.exporter
+
     async def connect(self, timeout: float) -> None:
         self.ready = self.loop.create_future()
         self._process(self.engine.start(self.loop.time()))

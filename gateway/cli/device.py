@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from devid.gateway.cli import output
+from devid.gateway.device.protocol import DEFAULT_FLOW, FLOWS
 from devid.gateway.errors import CLIError
 
 # `devid enroll`: enrolled (the operational identity is stored) but the configuration was not fetched
@@ -40,7 +41,7 @@ def cmd_enroll(args) -> int:
         firmware = _firmware(args, args.device)
         if firmware is None:
             _warn(args, f"no firmware given: {NO_FIRMWARE}")
-        result = asyncio.run(enroll(Path(args.device), args.gateway, firmware, timeout=args.timeout,
+        result = asyncio.run(enroll(Path(args.device), args.gateway, firmware, flow=args.flow, timeout=args.timeout,
                                     report=report))
     except ConfigNotFetched as exc:
         serial = output.format_serial(exc.certificate.serial_number)
@@ -48,15 +49,16 @@ def cmd_enroll(args) -> int:
             f"enrolled, but the configuration could not be fetched ({exc.reason}): operational certificate "
             f"{serial} is stored in {exc.directory} (op-key.pem, op-cert.pem, op-chain.pem); get the configuration "
             f"with: devid fetch-config --gateway {shlex.quote(args.gateway)} --device {shlex.quote(str(exc.directory))}",
-            {"step": exc.step, "reason": exc.reason, "enrolled": True, "certificate_serial": serial,
-             "directory": str(exc.directory)}, code=EXIT_CONFIG_NOT_FETCHED) from None
+            {"flow": args.flow, "step": exc.step, "reason": exc.reason, "enrolled": True,
+             "certificate_serial": serial, "directory": str(exc.directory)}, code=EXIT_CONFIG_NOT_FETCHED) from None
     except EnrollFailed as exc:
         raise output.CommandFailed(f"enrollment failed at step {exc.step}: {exc.reason}",
-                                   {"step": exc.step, "reason": exc.reason}) from None
+                                   {"flow": args.flow, "step": exc.step, "reason": exc.reason}) from None
     serial = output.format_serial(result.certificate.serial_number)
     if args.json:
-        output.emit({"ok": True, "serial": result.serial, "certificate_serial": serial,
+        output.emit({"ok": True, "flow": result.flow, "serial": result.serial, "certificate_serial": serial,
                      "not_after": output.ts(result.certificate.not_valid_after_utc), "verdict": result.verdict,
+                     "nonce": result.nonce,
                      "seconds": round(result.seconds, 3),
                      "steps_ms": {k: round(v * 1000, 1) for k, v in result.steps.items()}})
     else:
@@ -74,18 +76,27 @@ def _device_serial(cert) -> str | None:
 
 def cmd_renew(args) -> int:
     import asyncio
-    from devid.gateway.device.enroll import EnrollFailed, renew
+    from devid.gateway.device.enroll import ConfigNotFetched, EnrollFailed, renew
 
     def report(step, text):
         if not args.json:
             print(f"{step}: {text}", flush=True)
     try:
-        cert = asyncio.run(renew(Path(args.device), args.gateway, timeout=args.timeout, report=report))
+        cert = asyncio.run(renew(Path(args.device), args.gateway, flow=args.flow, timeout=args.timeout,
+                                 report=report))
+    except ConfigNotFetched as exc:
+        serial = output.format_serial(exc.certificate.serial_number)
+        raise output.CommandFailed(
+            f"renewed, but the configuration in the answer could not be read ({exc.reason}): operational "
+            f"certificate {serial} is stored in {exc.directory}; get the configuration with: devid fetch-config "
+            f"--gateway {shlex.quote(args.gateway)} --device {shlex.quote(str(exc.directory))}",
+            {"flow": args.flow, "step": exc.step, "reason": exc.reason, "renewed": True,
+             "certificate_serial": serial, "directory": str(exc.directory)}, code=EXIT_CONFIG_NOT_FETCHED) from None
     except EnrollFailed as exc:
         raise output.CommandFailed(f"renewal failed at step {exc.step}: {exc.reason}",
-                                   {"step": exc.step, "reason": exc.reason}) from None
+                                   {"flow": args.flow, "step": exc.step, "reason": exc.reason}) from None
     if args.json:
-        output.emit({"ok": True, "serial": _device_serial(cert), "certificate_serial":
+        output.emit({"ok": True, "flow": args.flow, "serial": _device_serial(cert), "certificate_serial":
                      output.format_serial(cert.serial_number), "not_after": output.ts(cert.not_valid_after_utc)})
         return 0
     print(f"OK: renewed; operational certificate {output.format_serial(cert.serial_number)} until "
@@ -132,7 +143,7 @@ def cmd_simulate(args) -> int:
                     f"{NO_FIRMWARE}")
     progress = output.Progress("simulating") if not args.json else None
     report = asyncio.run(simulate(args.gateway, bundles, firmware.get, concurrency=args.concurrency,
-                                  timeout=args.timeout, renew_only=args.renew, progress=progress))
+                                  timeout=args.timeout, renew_only=args.renew, flow=args.flow, progress=progress))
     summary = report.summary()
     doc = dict(summary, failures=report.failures)
     failed = (f"{len(report.failures)} of {report.devices} devices failed to "
@@ -150,6 +161,19 @@ def cmd_simulate(args) -> int:
     if args.json:
         output.emit({"ok": True, **doc})
     return 0
+
+
+FLOW_HELP = {
+    "enroll": "one-request (the default): evidence bound to this DTLS session and the new key, inside the CSR; one "
+              "POST /sen answers certificate, configuration and verdict. classic: nonce, evidence, /sen and /config, "
+              "one request each (what libcoap-based devices do)",
+    "renew": "one-request (the default): /sren answers the certificate and the configuration together; classic: "
+             "the certificate alone",
+}
+
+
+def _flow_flag(s, help_text: str) -> None:
+    s.add_argument("--flow", choices=FLOWS, default=DEFAULT_FLOW, help=help_text)
 
 
 def _device_flags(s, firmware=True):
@@ -177,12 +201,14 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
                               "run 'devid fetch-config'")
     _device_flags(s)
     s.add_argument("--device", required=True, metavar="DIR", help="the device's bundle from 'devid provision'")
+    _flow_flag(s, FLOW_HELP["enroll"])
     s.add_argument("--json", action="store_true", help="one JSON document instead of the steps (docs/cli.md)")
     s.set_defaults(func=cmd_enroll)
 
     s = sub.add_parser("renew", help="renew a device's operational certificate (EST /sren)")
     _device_flags(s, firmware=False)
     s.add_argument("--device", required=True, metavar="DIR")
+    _flow_flag(s, FLOW_HELP["renew"])
     s.add_argument("--json", action="store_true", help="one JSON document instead of the steps")
     s.set_defaults(func=cmd_renew)
 
@@ -199,5 +225,7 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--concurrency", type=int, default=16, metavar="C", help="devices in flight (default 16)")
     s.add_argument("--limit", type=int, metavar="N", help="only the first N devices")
     s.add_argument("--renew", action="store_true", help="renew enrolled devices instead of enrolling")
+    _flow_flag(s, "the flow each device runs, as 'devid enroll --flow' (and 'devid renew --flow' with --renew); "
+                  "default one-request")
     s.add_argument("--json", action="store_true", help="one JSON document: the summary and the failures")
     s.set_defaults(func=cmd_simulate)

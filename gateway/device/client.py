@@ -19,7 +19,8 @@ from devid.gateway.device.identity import load_bundle, server_checker
 from devid.gateway.device.protocol import Answer, EnrollFailed, GatewayURI, Request
 from devid.gateway.dtls import contexts
 
-__all__ = ["device_context", "open_session", "connect", "coap_exchange", "load_bundle", "server_checker"]
+__all__ = ["device_context", "open_session", "connect", "coap_exchange", "load_bundle", "server_checker",
+           "session_exporter"]
 
 LOGGER = "devid.coap-client"
 # The engine's own handshake limit lies this far beyond the caller's timeout, so that the caller's
@@ -63,10 +64,22 @@ async def connect(iface, gateway: GatewayURI, timeout: float) -> None:
                                       f"{exc.strerror or exc}") from None
 
 
+def session_exporter(iface) -> bytes | None:
+    """The exporter value of the one DTLS session of the client interface `iface` of a device
+    Context (`ClientEngine.exporter`: the session nonce, docs/evidence.md#session-nonces), as
+    this end computed it; None without an established session or without the extended master
+    secret. The device's own value: it never asks the gateway (/whoami) for it."""
+    sessions = list(iface.sessions.values())
+    if len(sessions) != 1 or not sessions[0].engine.established:
+        return None
+    return sessions[0].engine.exporter
+
+
 async def open_session(directory: Path, gateway: GatewayURI, timeout: float, cert_name: str = "chain.pem",
                        key_name: str = "key.pem"):
-    """A device Context whose DTLS session with `gateway` is established (`connect`); the caller
-    shuts it down. EnrollFailed at step `connect` if the handshake does not complete."""
+    """(a device Context whose DTLS session with `gateway` is established (`connect`), the
+    session's exporter value or None); the caller shuts the Context down. EnrollFailed at step
+    `connect` if the handshake does not complete."""
     ctx, iface = await device_context(directory, gateway.host, cert_name, key_name,
                                       handshake_timeout=timeout + HANDSHAKE_SLACK)
     try:
@@ -74,7 +87,7 @@ async def open_session(directory: Path, gateway: GatewayURI, timeout: float, cer
     except BaseException:
         await ctx.shutdown()
         raise
-    return ctx
+    return ctx, session_exporter(iface)
 
 
 def coap_exchange(ctx, base: str, timeout: float):

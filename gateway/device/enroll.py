@@ -1,14 +1,22 @@
 """The device side of zero-touch enrollment, as a field engineer's script runs it.
 
-From a factory bundle (`devid provision`): fetch a nonce, send signed attestation evidence, send a
-CSR for a new operational key to EST /sen, check the certificate, store it, then fetch the
-configuration, all in one DTLS session with the factory identity (one handshake: the gateway
-serves /config to the factory identity of an enrolled device). `renew` does /sren with the operational
-identity. Each step reports through a callback; every failure is an `EnrollFailed` naming the
-step and the gateway's reason. The DTLS handshake is a step of its own (`connect`), before the
-first request: a gateway that cannot be reached, or refuses the device, fails there. A failure
-after the operational certificate was stored (the configuration step) is `ConfigNotFetched`:
-the device is enrolled, and `fetch_config` gets the configuration later.
+From a factory bundle (`devid provision`), in one DTLS session with the factory identity, by one
+of two flows (`FLOWS`):
+
+- `one-request` (the default, flow_one.py): a new operational key, signed attestation evidence
+  for the session's own nonce (its exporter value, computed here; a server nonce from GET
+  /attest/nonce when the session has none) bound to that key, inside the CSR sent to EST /sen
+  with Accept 62; the one answer carries the verdict, the certificate and the configuration;
+- `classic` (flow.py): fetch a nonce, send the evidence, send a CSR to EST /sen, then fetch the
+  configuration (the gateway serves /config to the factory identity of an enrolled device).
+
+Either way the certificate is checked and stored, then the configuration. `renew` does /sren
+with the operational identity (with the `one-request` flow asking for the configuration in the
+same answer). Each step reports through a callback; every failure is an `EnrollFailed` naming
+the step and the gateway's reason. The DTLS handshake is a step of its own (`connect`), before
+the first request: a gateway that cannot be reached, or refuses the device, fails there. A
+failure after the operational certificate was stored (the configuration step) is
+`ConfigNotFetched`: the device is enrolled, and `fetch_config` gets the configuration later.
 
 The protocol itself (requests, checks, problem details) is `flow.py` and `protocol.py`; this
 module runs it over aiocoap (`client.py`) and keeps the files of the bundle.
@@ -29,17 +37,23 @@ from devid.ca import keys
 from devid.ca.identity import format_serial
 from devid.gateway.device.client import coap_exchange, open_session
 from devid.gateway.device.flow import Config, Done, Issued, config_flow, drive, enroll_flow, renew_flow
+from devid.gateway.device.flow_one import one_request_flow, renew_one_flow
 from devid.gateway.device.identity import (DeviceIdentity, Firmware, device_csr, device_type_of, load_bundle,
                                            operational_files, pen_of, root_verifier, serial_of)
-from devid.gateway.device.protocol import EnrollFailed, parse_gateway
+from devid.gateway.device.protocol import CLASSIC, DEFAULT_FLOW, FLOWS, ONE_REQUEST, EnrollFailed, parse_gateway
 from devid.gateway.errors import BundleError
 from devid.gateway.system.fs import write_atomic
 
 # the names the CLI, the demo and the tests import from here
-__all__ = ["ConfigNotFetched", "EnrollFailed", "EnrollResult", "Firmware", "device_csr", "device_type_of", "enroll",
-           "fetch_config", "pen_of", "renew", "serial_of"]
+__all__ = ["CLASSIC", "ConfigNotFetched", "DEFAULT_FLOW", "EnrollFailed", "EnrollResult", "FLOWS", "Firmware",
+           "ONE_REQUEST", "device_csr", "device_type_of", "enroll", "fetch_config", "pen_of", "renew", "serial_of"]
 
 OPERATIONAL = {"cert_name": "op-chain.pem", "key_name": "op-key.pem"}
+
+
+def _check_flow(flow: str) -> None:
+    if flow not in FLOWS:
+        raise EnrollFailed("flow", f"unknown flow {flow!r} (one of: {', '.join(FLOWS)})")
 
 
 class ConfigNotFetched(EnrollFailed):
@@ -60,11 +74,16 @@ class EnrollResult:
     config: dict
     seconds: float
     steps: dict[str, float]
+    flow: str = DEFAULT_FLOW
+    nonce: str | None = None           # the evidence's nonce: "session", "server", or None (no evidence)
 
 
-async def enroll(directory: Path, gateway_uri: str, firmware: Firmware | None, *, timeout: float = 30.0,
-                 report: Callable[[str, str], None] = lambda step, text: None,
+async def enroll(directory: Path, gateway_uri: str, firmware: Firmware | None, *, flow: str = DEFAULT_FLOW,
+                 timeout: float = 30.0, report: Callable[[str, str], None] = lambda step, text: None,
                  secure_boot: bool = True, dbgstat: int = 2, bootcount: int = 1) -> EnrollResult:
+    """Enroll the device of the bundle `directory` at `gateway_uri` by `flow` (FLOWS), with
+    evidence of `firmware` (None: no evidence)."""
+    _check_flow(flow)
     directory = Path(directory)
     gateway = parse_gateway(gateway_uri)
     started = time.perf_counter()
@@ -88,12 +107,17 @@ async def enroll(directory: Path, gateway_uri: str, firmware: Firmware | None, *
             _store_config(directory, done.value)
 
     t0 = time.perf_counter()
-    ctx = await open_session(directory, gateway, timeout)
+    ctx, exporter = await open_session(directory, gateway, timeout)
     connected = time.perf_counter()
+    claims = dict(secure_boot=secure_boot, dbgstat=dbgstat, bootcount=bootcount)
     try:
-        flow = enroll_flow(identity, firmware, root_verifier(root), secure_boot=secure_boot, dbgstat=dbgstat,
-                           bootcount=bootcount)
-        done, steps = await drive(flow, coap_exchange(ctx, gateway.base, timeout), on_step, started=connected)
+        if flow == CLASSIC:
+            steps_of = enroll_flow(identity, firmware, root_verifier(root), **claims)
+        else:
+            if firmware is not None and exporter is not None:
+                report("nonce", f"the session's own ({len(exporter)} bytes, its DTLS exporter value), no request")
+            steps_of = one_request_flow(identity, firmware, root_verifier(root), session_nonce=exporter, **claims)
+        done, steps = await drive(steps_of, coap_exchange(ctx, gateway.base, timeout), on_step, started=connected)
     except EnrollFailed as exc:
         if not stored:
             raise
@@ -103,13 +127,13 @@ async def enroll(directory: Path, gateway_uri: str, firmware: Firmware | None, *
     finally:
         await ctx.shutdown()
     config = done.config.data
-    report("config", f"configuration for {config.get('device_type')} ({len(config.get('trust_anchors', []))} "
-                     "trust anchors)")
+    report("config", _config_text(config))
+    nonce = None if firmware is None else "server" if "nonce" in steps else "session"
     return EnrollResult(done.serial, done.issued.certificate, done.verdict.tier if done.verdict else None, config,
-                        time.perf_counter() - started, {"connect": connected - t0, **steps})
+                        time.perf_counter() - started, {"connect": connected - t0, **steps}, flow, nonce)
 
 
-async def _as_operational(directory: Path, gateway_uri: str, timeout: float, make_flow):
+async def _as_operational(directory: Path, gateway_uri: str, timeout: float, make_flow, on_step=None):
     """Run the flow `make_flow(factory certificate, root)` in a new session with the bundle's
     operational identity; its result. EnrollFailed at `bundle` if the device is not enrolled."""
     gateway = parse_gateway(gateway_uri)
@@ -118,9 +142,9 @@ async def _as_operational(directory: Path, gateway_uri: str, timeout: float, mak
         load_bundle(directory, **OPERATIONAL)
     except (BundleError, keys.KeyFileError) as exc:
         raise EnrollFailed("bundle", f"{exc} (enroll the device first)") from None
-    ctx = await open_session(directory, gateway, timeout, **OPERATIONAL)
+    ctx, _ = await open_session(directory, gateway, timeout, **OPERATIONAL)
     try:
-        result, _ = await drive(make_flow(factory, root), coap_exchange(ctx, gateway.base, timeout))
+        result, _ = await drive(make_flow(factory, root), coap_exchange(ctx, gateway.base, timeout), on_step)
     finally:
         await ctx.shutdown()
     return result
@@ -136,14 +160,42 @@ async def fetch_config(directory: Path, gateway_uri: str, timeout: float = 30.0)
     return config.data
 
 
-async def renew(directory: Path, gateway_uri: str, *, timeout: float = 30.0,
+async def renew(directory: Path, gateway_uri: str, *, flow: str = DEFAULT_FLOW, timeout: float = 30.0,
                 report: Callable[[str, str], None] = lambda step, text: None) -> x509.Certificate:
+    """A new operational certificate (EST /sren with the operational identity), stored; with the
+    `one-request` flow the configuration comes in the same answer and is stored too (a failure
+    reading it after the certificate was stored is ConfigNotFetched)."""
+    _check_flow(flow)
     directory = Path(directory)
-    issued = await _as_operational(directory, gateway_uri, timeout,
-                                   lambda factory, root: renew_flow(serial_of(factory), root_verifier(root)))
-    _store_operational(directory, issued)
-    report("renew", _certificate_text(issued.certificate))
+    if flow == CLASSIC:
+        issued = await _as_operational(directory, gateway_uri, timeout,
+                                       lambda factory, root: renew_flow(serial_of(factory), root_verifier(root)))
+        _store_operational(directory, issued)
+        report("renew", _certificate_text(issued.certificate))
+        return issued.certificate
+    stored: list[Issued] = []
+
+    def on_step(done: Done) -> None:
+        if done.step == "renew":
+            _store_operational(directory, done.value)
+            stored.append(done.value)
+            report("renew", _certificate_text(done.value.certificate))
+        elif done.step == "config":
+            _store_config(directory, done.value)
+            report("config", _config_text(done.value.data))
+    try:
+        issued, _ = await _as_operational(directory, gateway_uri, timeout, lambda factory, root: renew_one_flow(
+            serial_of(factory), device_type_of(factory), root_verifier(root)), on_step)
+    except EnrollFailed as exc:
+        if not stored:
+            raise
+        raise ConfigNotFetched(exc.reason if exc.step == "config" else str(exc), directory,
+                               stored[-1].certificate) from None
     return issued.certificate
+
+
+def _config_text(config: dict) -> str:
+    return f"configuration for {config.get('device_type')} ({len(config.get('trust_anchors', []))} trust anchors)"
 
 
 def _certificate_text(cert: x509.Certificate) -> str:

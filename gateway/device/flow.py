@@ -3,10 +3,14 @@ and is sent the `Reply` to it, or yields a `Done` when a step's answer has been 
 value: the nonce, the verdict, the issued certificate, the configuration) and is sent None; it
 returns its result or raises `EnrollFailed(step, reason)`.
 
-    enroll_flow    GET /attest/nonce, POST /attest/evidence, POST /.well-known/est/sen, GET /config
-                   (one session, factory identity; nonce and evidence only with firmware to claim;
-                   with `session_nonce`, the session's exporter value, no GET /attest/nonce)
+    enroll_flow    the classic flow: GET /attest/nonce, POST /attest/evidence, POST /.well-known/est/sen,
+                   GET /config (one session, factory identity; nonce and evidence only with firmware
+                   to claim; with `session_nonce`, the session's exporter value, no GET /attest/nonce)
     renew_flow     POST /.well-known/est/sren (operational identity)
+
+and, in flow_one.py, the one-request flow (the default): evidence inside the CSR, one POST
+/.well-known/est/sen whose multipart-core answer carries the certificate, the configuration and
+the verdict (`one_request_flow`, `renew_one_flow`).
     config_flow    GET /config
     crts_flow      GET /.well-known/est/crts
 
@@ -51,6 +55,7 @@ class Verdict:
     tier: str | None
     acceptable: bool
     reasons: tuple[str, ...]          # the reason codes
+    log_seq: int | None = None        # the appraisal's entry in the gateway's attestation log, if said
 
     @property
     def reasons_text(self) -> str:
@@ -95,7 +100,9 @@ def read_verdict(reply: Reply) -> Verdict:
     reasons = body.get("reasons")
     codes = tuple(str(r.get("code", "?")) for r in reasons if isinstance(r, dict)) if isinstance(reasons, list) else ()
     tier = body.get("verdict")
-    return Verdict(tier if isinstance(tier, str) else None, body.get("acceptable") is True, codes)
+    seq = body.get("log_seq")
+    return Verdict(tier if isinstance(tier, str) else None, body.get("acceptable") is True, codes,
+                   seq if type(seq) is int else None)
 
 
 def read_certificates(reply: Reply) -> list[x509.Certificate]:
@@ -215,8 +222,12 @@ def _issue(endpoint: Endpoint, serial: str, verify: Verify, new_key) -> Generato
 async def drive(flow: Flow[T], exchange: Callable[[Request], Awaitable[Reply]],
                 on_step: Callable[[Done], None] | None = None, *, clock: Callable[[], float] = time.perf_counter,
                 started: float | None = None) -> tuple[T, dict[str, float]]:
-    """Run `flow`, each request through `exchange`; its result and the seconds of each step (from
-    the end of the previous one, or `started`, to its Done; `on_step` is not timed)."""
+    """Run `flow`, each request through `exchange`; its result and the seconds of each step. The
+    time from the end of the previous step (or `started`) to a request's answer counts to the
+    request's step (its endpoint's), the time to a `Done` after it to the Done's step (`on_step`
+    is not timed). In the classic flow each request's step is its Done's; in the one-request
+    flow the round trip of POST /sen counts to `enroll`, and `evidence` and `config` are the
+    reading of their parts of the same answer."""
     steps: dict[str, float] = {}
     t = clock() if started is None else started
     send: Any = None
@@ -224,12 +235,13 @@ async def drive(flow: Flow[T], exchange: Callable[[Request], Awaitable[Reply]],
         while True:
             item = flow.send(send)
             if type(item) is Done:
-                steps[item.step] = clock() - t
+                steps[item.step] = steps.get(item.step, 0.0) + clock() - t
                 if on_step is not None:
                     on_step(item)
-                t = clock()
                 send = None
             else:
                 send = await exchange(item)
+                steps[item.step] = steps.get(item.step, 0.0) + clock() - t
+            t = clock()
     except StopIteration as stop:
         return stop.value, steps

@@ -21,6 +21,7 @@ from cryptography.x509.verification import PolicyBuilder, Store
 
 from devid.attestation.evidence import Evidence, fw_digest_of, sign_evidence
 from devid.ca import der, keys
+from devid.ca.csr_evidence import embed_evidence
 from devid.gateway.device.protocol import EnrollFailed
 from devid.gateway.errors import BundleError
 
@@ -93,11 +94,17 @@ def device_type_of(cert: x509.Certificate) -> str:
     return ""
 
 
-def device_csr(key: ec.EllipticCurvePrivateKey, serial: str) -> bytes:
-    """The DER CSR a device sends to /sen or /sren (the CA takes only its key)."""
-    return (x509.CertificateSigningRequestBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"device-{serial}")]))
-            .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+def device_csr(key: ec.EllipticCurvePrivateKey, serial: str, evidence: bytes | None = None) -> bytes:
+    """The DER CSR a device sends to /sen or /sren (the CA takes only its key). With `evidence`
+    (a signed token, `DeviceIdentity.evidence(..., bound_key=key.public_key())`), the CSR carries
+    it in the attestation attribute (`devid.ca.csr_evidence`, docs/evidence.md): the one-request
+    enrollment."""
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"device-{serial}")]))
+           .sign(key, hashes.SHA256()))
+    if evidence is not None:
+        return embed_evidence(csr, key, evidence)
+    return csr.public_bytes(serialization.Encoding.DER)
 
 
 def new_p256_key() -> ec.EllipticCurvePrivateKey:
@@ -136,6 +143,14 @@ def root_verifier(root: x509.Certificate, clock: Callable[[], datetime] = lambda
 
 
 # -- what the device claims ------------------------------------------------------------------------
+
+def cnf_coordinates(key: ec.EllipticCurvePublicKey) -> tuple[bytes, bytes]:
+    """(x, y) of a P-256 public key, 32 bytes each: the COSE_Key of the evidence's `cnf` claim."""
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise ValueError("the bound key must be a P-256 public key")
+    numbers = key.public_numbers()
+    return numbers.x.to_bytes(32, "big"), numbers.y.to_bytes(32, "big")
+
 
 @dataclass(frozen=True)
 class Firmware:
@@ -201,15 +216,20 @@ class DeviceIdentity:
                    pen_of(factory) or 0, factory_key)
 
     def evidence(self, nonce: bytes, firmware: Firmware, *, iat: int | None = None, secure_boot: bool = True,
-                 dbgstat: int = 2, bootcount: int = 1) -> bytes:
+                 dbgstat: int = 2, bootcount: int = 1, bound_key: ec.EllipticCurvePublicKey | None = None) -> bytes:
         """The signed evidence (an EAT, docs/evidence.md) for `nonce`: what a device that booted
         `firmware` measures (secure boot on, debug disabled since boot, first boot). `nonce` is
         a server nonce (GET /attest/nonce) or the session nonce: the exporter value of the DTLS
-        session the evidence will be sent in (`session_evidence`)."""
+        session the evidence will be sent in (`session_evidence`).
+
+        `bound_key`: the public key of the CSR the evidence will ride in (the new operational
+        key), stated in the confirmation claim `cnf` (8, RFC 8747): the evidence is then good for
+        that CSR only. Required for evidence in a CSR; evidence for POST /attest/evidence needs none."""
+        cnf = {} if bound_key is None else {"cnf_key": cnf_coordinates(bound_key)}
         claims = Evidence(nonce=nonce, ueid=self.ueid, oemid=self.oemid, hwmodel=self.device_type.encode(),
                           swname=firmware.name, swversion=firmware.version, fw_alg=firmware.alg,
                           fw_digest=firmware.digest, secure_boot=secure_boot, dbgstat=dbgstat, bootcount=bootcount,
-                          iat=int(time.time()) if iat is None else iat, swversion_scheme=1)
+                          iat=int(time.time()) if iat is None else iat, swversion_scheme=1, **cnf)
         return sign_evidence(claims, self.factory_key)
 
     def session_evidence(self, exporter: bytes | None, firmware: Firmware, **claims) -> bytes:

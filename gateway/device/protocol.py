@@ -21,6 +21,7 @@ import cbor2
 
 # Content-Formats (IANA CoAP registry)
 CT_JSON = 50
+CT_MULTIPART = 62           # application/multipart-core (RFC 8710): the one-request enrollment's answer
 CT_CBOR = 60
 CT_PROBLEM = 257            # application/concise-problem-details+cbor (RFC 9290)
 CT_PKCS7_CERTS = 281        # application/pkcs7-mime; smime-type=certs-only
@@ -35,6 +36,13 @@ CHANGED, CONTENT = 0x44, 0x45
 OPT_URI_PATH, OPT_CONTENT_FORMAT, OPT_ACCEPT = 11, 12, 17
 
 DEFAULT_PORT = 5684
+
+# the enrollment flows (docs/enrollment.md): evidence in the CSR and one POST /sen whose answer
+# carries certificate, configuration and verdict (flow_one.py); or nonce, evidence, /sen and
+# /config, one request each (flow.py; libcoap-based devices use it)
+ONE_REQUEST, CLASSIC = "one-request", "classic"
+FLOWS = (ONE_REQUEST, CLASSIC)
+DEFAULT_FLOW = ONE_REQUEST
 
 _CODE_NAMES = {
     0x41: "Created", 0x42: "Deleted", 0x43: "Valid", 0x44: "Changed", 0x45: "Content", 0x5F: "Continue",
@@ -123,12 +131,14 @@ NONCE = Endpoint("nonce", GET, "attest/nonce", returns=CT_CBOR)
 EVIDENCE = Endpoint("evidence", POST, "attest/evidence", CT_CBOR, success=CHANGED, returns=CT_CBOR)
 CONFIG = Endpoint("config", GET, "config", accept=CT_CBOR, returns=CT_CBOR)
 CRTS = Endpoint("crts", GET, ".well-known/est/crts", accept=CT_PKCS7_CERTS, returns=CT_PKCS7_CERTS)
-# EST /sen and /sren by the certificate format asked for: 281 (the certificate and the operational
-# CA: what the field engineer's script stores) or 287 (the certificate alone: the load generator)
+# EST /sen and /sren by the format asked for: 281 (the certificate and the operational CA: what the
+# classic flow of the field engineer's script stores), 287 (the certificate alone: the load
+# generator's classic flow) or 62 (multipart-core: the certificate, the configuration and, for
+# evidence in the CSR, the verdict; the one-request flow, flow_one.py)
 SEN = {fmt: Endpoint("enroll", POST, ".well-known/est/sen", CT_PKCS10, fmt, CHANGED, fmt)
-       for fmt in (CT_PKCS7_CERTS, CT_PKIX_CERT)}
+       for fmt in (CT_PKCS7_CERTS, CT_PKIX_CERT, CT_MULTIPART)}
 SREN = {fmt: Endpoint("renew", POST, ".well-known/est/sren", CT_PKCS10, fmt, CHANGED, fmt)
-        for fmt in (CT_PKCS7_CERTS, CT_PKIX_CERT)}
+        for fmt in (CT_PKCS7_CERTS, CT_PKIX_CERT, CT_MULTIPART)}
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """A device simulator: many devices running the zero-touch flow concurrently against a gateway.
 
 Each simulated device is a factory bundle made by `devid provision` and runs exactly what the
-field engineer's script runs (`device.enroll`), over real DTLS. Used by tests, the demo and the
+field engineer's script runs (`device.enroll`, by default the one-request flow; `flow` selects),
+over real DTLS. Used by tests, the demo and the
 performance benchmark (`devid bench --client script`).
 """
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from devid.gateway.device.enroll import EnrollResult, enroll, renew
+from devid.gateway.device.enroll import DEFAULT_FLOW, EnrollResult, enroll, renew
 from devid.gateway.device.identity import Firmware
 from devid.gateway.device.protocol import EnrollFailed
 from devid.gateway.device.stats import latency_ms, percentile
@@ -24,6 +25,7 @@ from devid.gateway.device.stats import latency_ms, percentile
 class SimulationReport:
     devices: int
     enrolled: int
+    flow: str = DEFAULT_FLOW
     failures: dict[str, str] = field(default_factory=dict)       # serial -> "step: reason"
     latencies: list[float] = field(default_factory=list)
     seconds: float = 0.0
@@ -39,16 +41,16 @@ class SimulationReport:
 
     def summary(self) -> dict:
         """The run in numbers; statistics of no successful run are None (JSON null), never NaN."""
-        return {"devices": self.devices, "enrolled": self.enrolled, "errors": len(self.failures),
+        return {"flow": self.flow, "devices": self.devices, "enrolled": self.enrolled, "errors": len(self.failures),
                 "seconds": round(self.seconds, 3), "enrollments_per_s": round(self.rate, 1),
                 "latency_ms": latency_ms(self.latencies),
                 "mean_ms": round(statistics.fmean(self.latencies) * 1000, 1) if self.latencies else None}
 
 
 async def simulate(gateway: str, bundles: list[Path], firmware: Callable[[Path], Firmware | None], *,
-                   concurrency: int = 16, timeout: float = 30.0, renew_only: bool = False,
+                   concurrency: int = 16, timeout: float = 30.0, renew_only: bool = False, flow: str = DEFAULT_FLOW,
                    progress: Callable[[int, int], None] | None = None) -> SimulationReport:
-    report = SimulationReport(devices=len(bundles), enrolled=0)
+    report = SimulationReport(devices=len(bundles), enrolled=0, flow=flow)
     sem = asyncio.Semaphore(concurrency)
     done = 0
 
@@ -58,9 +60,9 @@ async def simulate(gateway: str, bundles: list[Path], firmware: Callable[[Path],
             t0 = time.perf_counter()
             try:
                 if renew_only:
-                    await renew(bundle, gateway, timeout=timeout)
+                    await renew(bundle, gateway, flow=flow, timeout=timeout)
                 else:
-                    report.results.append(await enroll(bundle, gateway, firmware(bundle), timeout=timeout))
+                    report.results.append(await enroll(bundle, gateway, firmware(bundle), flow=flow, timeout=timeout))
                 report.latencies.append(time.perf_counter() - t0)
                 report.enrolled += 1
             except EnrollFailed as exc:
