@@ -115,10 +115,9 @@ def read_certificates(reply: Reply) -> list[x509.Certificate]:
         raise EnrollFailed("certificate", "the gateway's answer is not a certificate") from None
 
 
-def check_issued(certs: list[x509.Certificate], key: ec.EllipticCurvePrivateKey, serial: str,
-                 verify: Verify) -> list[x509.Certificate]:
-    """[the certificate for `key`, the other certificates of the answer]: for our new key, our
-    serial, and accepted by `verify(leaf, others)`. EnrollFailed at step `certificate`."""
+def find_leaf(certs: list[x509.Certificate], key: ec.EllipticCurvePrivateKey, serial: str) -> x509.Certificate:
+    """The certificate of the answer for our new key and our serial; EnrollFailed at step
+    `certificate` if there is none."""
     public = key.public_key()
     leaf = next((c for c in certs if c.public_key() == public), None)
     if leaf is None:
@@ -126,6 +125,14 @@ def check_issued(certs: list[x509.Certificate], key: ec.EllipticCurvePrivateKey,
     got = serial_of(leaf)
     if got != serial:
         raise EnrollFailed("certificate", f"issued for {got!r}, not this device")
+    return leaf
+
+
+def check_issued(certs: list[x509.Certificate], key: ec.EllipticCurvePrivateKey, serial: str,
+                 verify: Verify) -> list[x509.Certificate]:
+    """[the certificate for `key`, the other certificates of the answer]: for our new key, our
+    serial, and accepted by `verify(leaf, others)`. EnrollFailed at step `certificate`."""
+    leaf = find_leaf(certs, key, serial)
     chain = [c for c in certs if c is not leaf]
     try:
         verify(leaf, chain)

@@ -30,12 +30,14 @@ from __future__ import annotations
 import time
 from typing import Callable, Generator
 
+import cbor2
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from devid.attestation import cbor_strict
 from devid.attestation.errors import AttestationError
 from devid.gateway.device.flow import (Config, Done, Enrolled, Flow, Issued, Verdict, Verify, ask, check_issued,
-                                       read_certificates, read_config, read_nonce, read_verdict)
+                                       crts_flow, find_leaf, read_certificates, read_config, read_nonce, read_verdict)
 from devid.gateway.device.identity import DeviceIdentity, Firmware, device_csr, new_p256_key
 from devid.gateway.device.protocol import (CT_CBOR, CT_MULTIPART, CT_PKIX_CERT, NONCE, SEN, SREN, Answer, EnrollFailed,
                                            Reply, Request, check, problem_details, problem_text)
@@ -88,8 +90,40 @@ def _part(reply: Reply, fmt: int, payload: bytes) -> Answer:
     return Answer(reply.code, fmt, payload)
 
 
-def _certificate(reply: Reply, parts, key, serial: str, verify: Verify) -> Issued:
-    return Issued(key, check_issued(read_certificates(_part(reply, CT_PKIX_CERT, parts[0][1])), key, serial, verify))
+def _cas_in(config_part: bytes) -> list[x509.Certificate]:
+    """The CA certificates (not self-signed) among the trust anchors of a configuration, as
+    candidates for the issued certificate's path; none if the part cannot be read (reading it
+    as the configuration comes later, and says what is wrong)."""
+    try:
+        anchors = cbor2.loads(config_part).get("trust_anchors")
+        certs = [x509.load_der_x509_certificate(a) for a in anchors if isinstance(a, bytes)]
+    except Exception:
+        return []
+    return [c for c in certs if c.subject != c.issuer]
+
+
+def _path(leaf: x509.Certificate, cas: list[x509.Certificate], verify: Verify) -> list[x509.Certificate] | None:
+    try:
+        verify(leaf, cas)
+    except Exception:
+        return None
+    return [leaf, *cas]
+
+
+def _certificate(reply: Reply, parts, key, serial: str, verify: Verify) -> Generator[Request, Reply, Issued]:
+    """The issued certificate, checked as the classic flow checks it (`check_issued`): for the
+    new key, this device, and validating to the root. The answer holds the certificate alone
+    (287); its issuing CA is looked for in `verify`'s own anchors, then among the configuration's
+    trust anchors (the default template lists the operational CA), and only if neither has it
+    in the CAs of EST /crts (one more request). The CA that validates it follows it in the
+    chain (op-chain.pem)."""
+    certs = read_certificates(_part(reply, CT_PKIX_CERT, parts[0][1]))
+    leaf = find_leaf(certs, key, serial)
+    chain = _path(leaf, [], verify) or _path(leaf, _cas_in(parts[1][1]), verify)
+    if chain is None:
+        cas = yield from crts_flow()
+        chain = check_issued([leaf, *(c for c in cas if c.subject != c.issuer)], key, serial, verify)
+    return Issued(key, chain)
 
 
 def _config(reply: Reply, parts, serial: str, device_type: str | None) -> Config:
@@ -142,7 +176,7 @@ def one_request_flow(identity: DeviceIdentity, firmware: Firmware | None, verify
         if not verdict.acceptable:      # the gateway issues only on an acceptable verdict: a contradiction
             raise EnrollFailed("evidence", f"verdict {verdict.tier}: {verdict.reasons_text} (with a certificate, "
                                            "which is not used)")
-    issued = _certificate(reply, parts, key, identity.serial, verify)
+    issued = yield from _certificate(reply, parts, key, identity.serial, verify)
     yield Done("enroll", issued)
     config = _config(reply, parts, identity.serial, identity.device_type)
     yield Done("config", config)
@@ -157,7 +191,7 @@ def renew_one_flow(serial: str, device_type: str | None, verify: Verify, *,
     reply = yield from _send(Request(SREN[CT_MULTIPART], device_csr(key, serial)))
     parts = read_parts("renew", reply)
     _shape("renew", parts, verdict=False)
-    issued = _certificate(reply, parts, key, serial, verify)
+    issued = yield from _certificate(reply, parts, key, serial, verify)
     yield Done("renew", issued)
     config = _config(reply, parts, serial, device_type)
     yield Done("config", config)
