@@ -38,6 +38,7 @@ from .errors import (InvalidClaim, InvalidSignature, InvalidStructure, MissingCl
 # -- claim keys (RFC 8392 CWT, RFC 9711 EAT) ------------------------------------------------------
 
 IAT = 6
+CNF = 8                     # RFC 8747 confirmation claim: the key the evidence vouches for
 EAT_NONCE = 10
 UEID = 256
 OEMID = 258
@@ -51,7 +52,7 @@ SWVERSION = 271
 # image as a CoSWID hash-entry (RFC 9393 §2.9.1): [hash-alg-id, hash-value].
 FWDIGEST = -70001
 
-CLAIM_NAMES = {IAT: "iat", EAT_NONCE: "eat_nonce", UEID: "ueid", OEMID: "oemid", HWMODEL: "hwmodel",
+CLAIM_NAMES = {IAT: "iat", CNF: "cnf", EAT_NONCE: "eat_nonce", UEID: "ueid", OEMID: "oemid", HWMODEL: "hwmodel",
                OEMBOOT: "oemboot", DBGSTAT: "dbgstat", BOOTCOUNT: "bootcount", SWNAME: "swname",
                SWVERSION: "swversion", FWDIGEST: "fwdigest"}
 REQUIRED_CLAIMS = (EAT_NONCE, UEID, OEMID, HWMODEL, SWNAME, SWVERSION, FWDIGEST, OEMBOOT, DBGSTAT, BOOTCOUNT, IAT)
@@ -78,6 +79,10 @@ COSE_CRIT = 2
 COSE_KID = 4
 ES256 = -7
 
+# cnf (RFC 8747 §3.2): {1 (COSE_Key): {1 (kty): 2 (EC2), -1 (crv): 1 (P-256), -2: x, -3: y}}
+CNF_COSE_KEY = 1
+COSE_KTY, COSE_KTY_EC2, COSE_CRV, COSE_CRV_P256, COSE_X, COSE_Y = 1, 2, -1, 1, -2, -3
+
 MAX_EVIDENCE_SIZE = 2048
 MAX_DEPTH = 8
 NONCE_MIN, NONCE_MAX = 8, 64
@@ -103,6 +108,9 @@ class Evidence:
     bootcount: int               # bootcount (267)
     iat: int                     # iat (6), seconds since the epoch
     swversion_scheme: int | None = None    # swversion (271) [1], optional
+    # cnf (8), optional: the P-256 public key (x, y: 32 bytes each) the evidence vouches for, as
+    # a COSE_Key (RFC 8747 §3.2); evidence in a CSR must name the CSR's key (docs/evidence.md)
+    cnf_key: tuple[bytes, bytes] | None = None
 
     @property
     def device_type(self) -> str | None:
@@ -122,16 +130,28 @@ class Evidence:
         m = {IAT: self.iat, EAT_NONCE: self.nonce, UEID: self.ueid, OEMID: self.oemid, HWMODEL: self.hwmodel,
              OEMBOOT: self.secure_boot, DBGSTAT: self.dbgstat, BOOTCOUNT: self.bootcount, SWNAME: self.swname,
              SWVERSION: swversion, FWDIGEST: [HASH_ALG_IDS[self.fw_alg], self.fw_digest]}
+        if self.cnf_key is not None:
+            m[CNF] = {CNF_COSE_KEY: {COSE_KTY: COSE_KTY_EC2, COSE_CRV: COSE_CRV_P256, COSE_X: self.cnf_key[0],
+                                     COSE_Y: self.cnf_key[1]}}
         return dict(sorted(m.items(), key=lambda kv: (kv[0] < 0, abs(kv[0]))))
 
     def as_json(self) -> dict[str, Any]:
         """JSON-friendly view for logs and `--json` output (bytes as lower-case hex)."""
-        return {"eat_nonce": self.nonce.hex(), "ueid": self.ueid.hex(),
+        view = {"eat_nonce": self.nonce.hex(), "ueid": self.ueid.hex(),
                 "oemid": self.oemid if isinstance(self.oemid, int) else self.oemid.hex(),
                 "hwmodel": self.device_type if self.device_type is not None else self.hwmodel.hex(),
                 "swname": self.swname, "swversion": self.swversion, "swversion_scheme": self.swversion_scheme,
                 "fwdigest": self.firmware, "oemboot": self.secure_boot, "dbgstat": self.dbgstat,
                 "bootcount": self.bootcount, "iat": self.iat}
+        if self.cnf_key is not None:        # the bound key's x || y (absent from classic evidence)
+            view["cnf"] = (self.cnf_key[0] + self.cnf_key[1]).hex()
+        return view
+
+
+def cose_key_xy(public_key) -> tuple[bytes, bytes]:
+    """(x, y) of a P-256 public key, 32 bytes each: the COSE_Key of a `cnf` claim."""
+    numbers = public_key.public_numbers()
+    return numbers.x.to_bytes(32, "big"), numbers.y.to_bytes(32, "big")
 
 
 def fw_digest_of(image: bytes, alg: str = "sha-256") -> bytes:
@@ -304,7 +324,22 @@ def decode_claims(payload: bytes, *, max_size: int = MAX_EVIDENCE_SIZE) -> Evide
         raise _bad(IAT, "must be an integer NumericDate (seconds since 1970, no fraction)")
     return Evidence(nonce=nonce, ueid=ueid, oemid=oemid, hwmodel=hwmodel, swname=swname, swversion=swv[0],
                     fw_alg=alg_name, fw_digest=fw[1], secure_boot=oemboot, dbgstat=dbgstat, bootcount=bootcount,
-                    iat=iat, swversion_scheme=swv[1] if len(swv) == 2 else None)
+                    iat=iat, swversion_scheme=swv[1] if len(swv) == 2 else None, cnf_key=_cnf(claims))
+
+
+def _cnf(claims: dict) -> tuple[bytes, bytes] | None:
+    """The cnf claim's key, if the claim is there: exactly {1: {1: 2, -1: 1, -2: x, -3: y}}."""
+    if CNF not in claims:
+        return None
+    cnf = claims[CNF]
+    key = cnf.get(CNF_COSE_KEY) if isinstance(cnf, dict) and len(cnf) == 1 else None
+    if (not isinstance(key, dict) or set(key) != {COSE_KTY, COSE_CRV, COSE_X, COSE_Y}
+            or key[COSE_KTY] != COSE_KTY_EC2 or type(key[COSE_KTY]) is not int
+            or key[COSE_CRV] != COSE_CRV_P256 or type(key[COSE_CRV]) is not int
+            or not isinstance(key[COSE_X], bytes) or len(key[COSE_X]) != 32
+            or not isinstance(key[COSE_Y], bytes) or len(key[COSE_Y]) != 32):
+        raise _bad(CNF, "must be {1: COSE_Key} with an EC2 P-256 key: {1: 2, -1: 1, -2: x (32 bytes), -3: y (32 bytes)}")
+    return key[COSE_X], key[COSE_Y]
 
 
 def decode_evidence(token: bytes, public_key, *, max_size: int = MAX_EVIDENCE_SIZE) -> Evidence:

@@ -213,12 +213,15 @@ def entry_from_appraisal(a: Appraisal, seq: int, prev_hash: bytes) -> LogEntry:
 
 class LogStore(Protocol):
     def append_entry(self, build: Callable[[int, bytes], LogEntry], *, device_serial: str | None = None,
-                     admit: Callable[[RefusedTally | None], Admission] | None = None) -> LogEntry | None:
+                     admit: Callable[[RefusedTally | None], Admission] | None = None,
+                     used_for: str | None = None, now: datetime | None = None) -> LogEntry | None:
         """In one serialised transaction: read the head (last seq, last hash; after a rotation that
         emptied the registry, the last segment's head; 0 and GENESIS for an empty log). Without
         `admit`, call build(head_seq + 1, head_hash) and insert what it returns. With it, read the
         device's tally too and do what `admit(tally)` says (`Admission`): the appended entry, or
-        None when the appraisal was only counted."""
+        None when the appraisal was only counted. `used_for`: an acceptable entry appended is
+        taken at once for that purpose at `now` (as `take_verdict` takes one), in the same
+        transaction: the verdict of evidence that came with its CSR serves that request only."""
 
     def flush_refused(self, now: datetime) -> list[LogEntry]:
         """Append a summary entry for every device with suppressed appraisals; drop tallies
@@ -246,9 +249,14 @@ class AttestationLog:
         self.store = store
 
     def append(self, appraisal: Appraisal,
-               admit: Callable[[RefusedTally | None], Admission] | None = None) -> LogEntry | None:
+               admit: Callable[[RefusedTally | None], Admission] | None = None,
+               used_for: str | None = None) -> LogEntry | None:
+        if used_for is None:        # (stores written before `used_for` need not know it)
+            return self.store.append_entry(lambda seq, prev: entry_from_appraisal(appraisal, seq, prev),
+                                           device_serial=appraisal.device.serial, admit=admit)
         return self.store.append_entry(lambda seq, prev: entry_from_appraisal(appraisal, seq, prev),
-                                       device_serial=appraisal.device.serial, admit=admit)
+                                       device_serial=appraisal.device.serial, admit=admit, used_for=used_for,
+                                       now=appraisal.time)
 
 
 @dataclass
@@ -303,18 +311,21 @@ class MemoryLogStore:
         self.entries.append(e)
         return e
 
-    def append_entry(self, build, *, device_serial=None, admit=None):
+    def append_entry(self, build, *, device_serial=None, admit=None, used_for=None, now=None):
         if admit is None:
-            return self._add(build)
-        adm = admit(self.tallies.get(device_serial))
-        if adm.summarise is not None:
-            self._add(lambda seq, prev: summary_entry(device_serial, adm.summarise, seq, prev, adm.time))
-        e = self._add(build) if adm.append else None
-        if adm.write:
-            if adm.tally is None:
-                self.tallies.pop(device_serial, None)
-            else:
-                self.tallies[device_serial] = adm.tally
+            e = self._add(build)
+        else:
+            adm = admit(self.tallies.get(device_serial))
+            if adm.summarise is not None:
+                self._add(lambda seq, prev: summary_entry(device_serial, adm.summarise, seq, prev, adm.time))
+            e = self._add(build) if adm.append else None
+            if adm.write:
+                if adm.tally is None:
+                    self.tallies.pop(device_serial, None)
+                else:
+                    self.tallies[device_serial] = adm.tally
+        if used_for is not None and e is not None and e.acceptable:
+            self.taken.add(e.seq)
         return e
 
     def flush_refused(self, now):

@@ -51,9 +51,20 @@ class AttestationService:
         """Appraise the evidence and log the result: acceptable and revoking verdicts always, refused
         ones within the device's `LogBudget` (beyond it they are counted, and a summary entry
         stands for them: `entry` is None)."""
-        appraisal = self.verifier.appraise(token, device, self.clock())
+        return self.record(self.appraise(token, device))
+
+    def appraise(self, token: bytes, device: AttestingDevice) -> Appraisal:
+        """The appraisal alone (`record` logs it): a session nonce writes nothing, so a caller can
+        appraise before it opens the transaction that records the verdict with what it decides."""
+        return self.verifier.appraise(token, device, self.clock())
+
+    def record(self, appraisal: Appraisal, used_for: str | None = None) -> Evaluation:
+        """Log an appraisal as `evaluate` does. `used_for`: an acceptable verdict is taken for that
+        purpose in the same transaction (evidence that came with its CSR serves that request only,
+        and no later `take_verdict`)."""
         budget = self.log_budget
-        return Evaluation(appraisal, self.log.append(appraisal, lambda tally: admit(tally, appraisal, budget)))
+        return Evaluation(appraisal, self.log.append(appraisal, lambda tally: admit(tally, appraisal, budget),
+                                                     used_for=used_for))
 
     def take_verdict(self, device_serial: str, purpose: str = "enrollment") -> LogEntry | None:
         """The device's latest verdict within the policy's verdict window, if acceptable and not

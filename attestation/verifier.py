@@ -14,6 +14,7 @@ Order of the checks (the first three stop the appraisal, since nothing after the
    nonce equal to the session's (`AttestingDevice.session_nonce`, the DTLS session's exporter
    value, compared first) is fresh unless it is older than the nonce lifetime or the session used
    it before (its one use is claimed here); any other nonce is a server nonce, consumed in the nonce store;
+   then, for evidence that came inside a CSR, the binding: its cnf claim names the CSR's key;
 5. the policy for the certificate's device type: hwmodel, oemid, firmware reference values,
    minimum version, secure boot, debug state, clock skew.
 All reasons found in 4 and 5 are reported, not just the first.
@@ -62,6 +63,9 @@ class AttestingDevice:
     # the session-bound nonce of the DTLS session the evidence arrived in (its exporter value, its
     # age, its one use); None: the session has none, and only server nonces are accepted
     session_nonce: SessionNonce | None = None
+    # the key the evidence must vouch for in its cnf claim (x, y): the CSR's key when the evidence
+    # came inside a CSR (docs/evidence.md#evidence-inside-the-csr); None: no binding asked
+    bound_key: tuple[bytes, bytes] | None = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,11 @@ class Verifier:
 
         reasons: list[Reason] = []
         kind, fresh = self._use_nonce(evidence.nonce, device, now, reasons)
+        if device.bound_key is not None and (evidence.cnf_key is None or not hmac.compare_digest(
+                evidence.cnf_key[0] + evidence.cnf_key[1], device.bound_key[0] + device.bound_key[1])):
+            reasons.append(Reason("key-not-bound", Tier.CONTRAINDICATED,
+                                  "the evidence's cnf claim does not name the CSR's key" if evidence.cnf_key
+                                  else "evidence in a CSR must name the CSR's key in its cnf claim"))
         skew = abs(now.timestamp() - evidence.iat)
         if skew > self.policy.max_clock_skew.total_seconds():
             reasons.append(Reason("clock-skew", Tier.WARNING,

@@ -17,6 +17,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from .csr_evidence import extract_evidence
 from .errors import DuplicateDevice, InvalidCSR, KeyPolicyViolation, SerialCollision
 from .identity import IdentitySettings, check_device_type, check_serial, fingerprint_der
 from .profiles import Profile, device_subject, extensions_for_device, get_profile
@@ -55,6 +56,9 @@ class CheckedKey:
 
     public_key: ec.EllipticCurvePublicKey
     profile: str
+    # the attestation evidence the CSR carried (`csr_evidence.extract_evidence`), unverified: the
+    # caller appraises it; None when the CSR carried none or the caller did not ask for it
+    evidence: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -180,11 +184,18 @@ class CertificateAuthority:
 
     # -- issuing and recording ----------------------------------------------------------------
 
-    def checked_csr_key(self, csr_data: bytes, profile_name: str = "operational") -> "CheckedKey":
+    def checked_csr_key(self, csr_data: bytes, profile_name: str = "operational", *,
+                        evidence_cap: int | None = None) -> "CheckedKey":
         """Parse the CSR, check its signature and its key against the profile: what issuance takes
-        from a CSR. Callers that must refuse a bad CSR early pass the result to issue_operational."""
+        from a CSR. Callers that must refuse a bad CSR early pass the result to issue_operational.
+        `evidence_cap`: also take the attestation evidence the CSR carries (at most that many
+        bytes; `csr_evidence`); without it, a CSR that carries evidence is refused."""
         profile = get_profile(self.profiles, profile_name)
-        return CheckedKey(self.check_public_key(load_csr(csr_data).public_key(), profile), profile.name)
+        csr = load_csr(csr_data)
+        evidence = extract_evidence(csr, max_size=evidence_cap or 0xFFFF)
+        if evidence is not None and evidence_cap is None:
+            raise InvalidCSR("attestation evidence in a CSR is taken at enrollment (/sen) only")
+        return CheckedKey(self.check_public_key(csr.public_key(), profile), profile.name, evidence)
 
     def issue_operational(self, csr_data: "bytes | CheckedKey", device_serial: str, now: datetime,
                           profile_name: str = "operational") -> IssuedCertificate:

@@ -22,11 +22,20 @@ id-aa-attestation is { id-aa 59 } (id-aa = 1.2.840.113549.1.9.16.2); .59 was ear
 IANA as "id-aa-evidence", and draft -29 §5.2 renames it; earlier drafts (up to -2x) called the
 structures EvidenceBundle / EvidenceStatement, with the same attribute OID.
 
-The draft assigns no OID to any statement format (§4.2: the format's author assigns one from an
-arc under their control). devid's evidence (an EAT, RFC 9711, as a CWT in a COSE_Sign1,
-application/eat+cwt, docs/evidence.md) is identified by `OID_DEVID_EAT_CWT`,
-1.3.6.1.4.1.12345.1.3, in the same example enterprise arc as the default hardware-type and
-device-type OIDs (docs/certificates.md); callers may pass another `type_oid`.
+The draft assigns no OID to EAT (§4.2: a format's author assigns one from an arc under their
+control). devid's evidence is an EAT (RFC 9711) as a CWT in a COSE_Sign1, media type
+application/eat+cwt (RFC 9782), and it travels wrapped in a RATS Conceptual Message Wrapper (CMW,
+draft-ietf-rats-msg-wrap), whose X.509 OID `id-pe-cmw` (1.3.6.1.5.5.7.1.35) names the statement
+type. Why CMW rather than an OID of devid's own: the CMW says what it wraps by media type, so a
+verifier that is not devid reads the statement's format from the standard, not from a private
+arc (devid has no registered enterprise number: its default OIDs sit in the example arc 12345).
+
+The stmt is an OCTET STRING holding the CMW in its CBOR record form, exactly::
+
+    [ "application/eat+cwt", h'<the COSE_Sign1 token>' ]      -- 82 73 <19 bytes of text> 59 LL LL <token>
+
+(a CBOR array of two: the media type as a text string, then the token as a byte string with the
+shortest length head; no indicator). devid writes and accepts only this form.
 
 devid's profile of the attribute is strict (`extract_evidence`): at most one id-aa-attestation
 attribute, one value in its SET, exactly one statement, of devid's type, with a non-empty
@@ -52,9 +61,44 @@ from . import der
 from .errors import InvalidCSR
 
 OID_ATTESTATION = x509.ObjectIdentifier("1.2.840.113549.1.9.16.2.59")    # id-aa-attestation (id-aa-evidence)
-OID_DEVID_EAT_CWT = x509.ObjectIdentifier("1.3.6.1.4.1.12345.1.3")      # devid: an EAT as a COSE_Sign1 CWT
+OID_CMW = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.35")                   # id-pe-cmw: a RATS CMW
+CMW_MEDIA_TYPE = "application/eat+cwt"
+_CMW_PREFIX = b"\x82" + bytes([0x60 + len(CMW_MEDIA_TYPE)]) + CMW_MEDIA_TYPE.encode()   # array(2), tstr(19)
 
 _WHAT = "attestation attribute"
+
+
+def cmw_record(token: bytes) -> bytes:
+    """The CBOR CMW record [ "application/eat+cwt", bstr token ] (shortest length head)."""
+    n = len(token)
+    if n < 24:
+        head = bytes([0x40 | n])
+    elif n < 0x100:
+        head = bytes([0x58, n])
+    elif n < 0x10000:
+        head = b"\x59" + n.to_bytes(2, "big")
+    else:
+        raise ValueError("evidence over 65535 bytes")
+    return _CMW_PREFIX + head + token
+
+
+def cmw_token(record: bytes) -> bytes:
+    """The token of a CMW record written as `cmw_record` writes it; InvalidCSR for anything else."""
+    if not record.startswith(_CMW_PREFIX):
+        raise InvalidCSR(f"{_WHAT}: stmt is not the CMW record [\"{CMW_MEDIA_TYPE}\", bstr]")
+    head = record[len(_CMW_PREFIX):len(_CMW_PREFIX) + 1]
+    at = len(_CMW_PREFIX) + 1
+    if head and 0x40 <= head[0] < 0x58:
+        n = head[0] - 0x40
+    elif head == b"\x58" and len(record) > at and record[at] >= 24:
+        n, at = record[at], at + 1
+    elif head == b"\x59" and len(record) >= at + 2 and int.from_bytes(record[at:at + 2], "big") >= 0x100:
+        n, at = int.from_bytes(record[at:at + 2], "big"), at + 2
+    else:
+        raise InvalidCSR(f"{_WHAT}: the CMW's token is not a byte string with the shortest length head")
+    if len(record) - at != n:
+        raise InvalidCSR(f"{_WHAT}: the CMW's token length does not match its content")
+    return record[at:]
 
 
 def _one(data: bytes, tag: int) -> bytes:
@@ -65,16 +109,18 @@ def _one(data: bytes, tag: int) -> bytes:
     return value
 
 
-def encode_bundle(evidence: bytes, type_oid: x509.ObjectIdentifier = OID_DEVID_EAT_CWT) -> bytes:
+def encode_bundle(evidence: bytes, type_oid: x509.ObjectIdentifier = OID_CMW) -> bytes:
     """The DER AttestationBundle holding one statement of `type_oid` whose stmt is
-    OCTET STRING `evidence`, and no certs."""
+    OCTET STRING `evidence` (wrapped in the CMW record when `type_oid` is id-pe-cmw), and no certs."""
     if not evidence:
         raise ValueError("empty evidence")
+    if type_oid == OID_CMW:
+        evidence = cmw_record(evidence)
     statement = der.sequence(der.encode_oid(type_oid), der.tlv(der.TAG_OCTET_STRING, evidence))
     return der.sequence(der.sequence(statement))
 
 
-def encode_attribute(evidence: bytes, type_oid: x509.ObjectIdentifier = OID_DEVID_EAT_CWT) -> bytes:
+def encode_attribute(evidence: bytes, type_oid: x509.ObjectIdentifier = OID_CMW) -> bytes:
     """The DER Attribute { id-aa-attestation, SET { AttestationBundle } } of PKCS#10."""
     return der.sequence(der.encode_oid(OID_ATTESTATION), der.tlv(der.TAG_SET, encode_bundle(evidence, type_oid)))
 
@@ -92,7 +138,7 @@ def _resign(tbs: bytes, csr: x509.CertificateSigningRequest, key) -> bytes:
 
 
 def embed_evidence(csr: x509.CertificateSigningRequest, private_key, evidence: bytes,
-                   type_oid: x509.ObjectIdentifier = OID_DEVID_EAT_CWT) -> bytes:
+                   type_oid: x509.ObjectIdentifier = OID_CMW) -> bytes:
     """The DER of `csr` with the attestation attribute carrying `evidence` added, signed again
     with `private_key` (the CSR's own key) and the CSR's signature algorithm. The device side.
 
@@ -141,7 +187,7 @@ def _attestation_attributes(csr: x509.CertificateSigningRequest) -> list[bytes]:
 
 
 def extract_evidence(csr: x509.CertificateSigningRequest, *, max_size: int,
-                     type_oid: x509.ObjectIdentifier = OID_DEVID_EAT_CWT) -> bytes | None:
+                     type_oid: x509.ObjectIdentifier = OID_CMW) -> bytes | None:
     """The evidence bytes in `csr`'s attestation attribute, or None when it has none. The
     gateway side: `csr` comes from `authority.load_csr`, which has checked its signature (that
     signature covers the attribute). Refuses, with `InvalidCSR`, everything devid's profile
@@ -181,6 +227,10 @@ def extract_evidence(csr: x509.CertificateSigningRequest, *, max_size: int,
             raise InvalidCSR(f"{_WHAT}: stmt is not an OCTET STRING")
     except der.DERError as exc:
         raise InvalidCSR(f"{_WHAT}: malformed DER: {exc}") from None
+    if len(evidence) > max_size + 64:       # the cap, plus what the CMW record adds
+        raise InvalidCSR(f"{_WHAT}: evidence of {len(evidence)} bytes exceeds the cap of {max_size}")
+    if type_oid == OID_CMW:
+        evidence = cmw_token(evidence)
     if not evidence:
         raise InvalidCSR(f"{_WHAT}: empty evidence")
     if len(evidence) > max_size:

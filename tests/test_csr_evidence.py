@@ -8,6 +8,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import cbor2
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -18,7 +19,7 @@ from cryptography.x509.oid import NameOID
 from devid.attestation.evidence import MAX_EVIDENCE_SIZE
 from devid.ca import der
 from devid.ca.authority import load_csr
-from devid.ca.csr_evidence import (OID_ATTESTATION, OID_DEVID_EAT_CWT, embed_evidence, encode_attribute,
+from devid.ca.csr_evidence import (OID_ATTESTATION, OID_CMW, cmw_record, embed_evidence, encode_attribute,
                                    encode_bundle, extract_evidence)
 from devid.ca.errors import InvalidCSR
 
@@ -77,8 +78,10 @@ def attribute(values: bytes, oid: x509.ObjectIdentifier = OID_ATTESTATION) -> by
     return der.sequence(der.encode_oid(oid), der.tlv(der.TAG_SET, values))
 
 
-def statement(evidence: bytes, type_oid=OID_DEVID_EAT_CWT) -> bytes:
-    return der.sequence(der.encode_oid(type_oid), der.tlv(der.TAG_OCTET_STRING, evidence))
+def statement(evidence: bytes, type_oid=OID_CMW, *, raw: bool = False) -> bytes:
+    """An AttestationStatement; its stmt the CMW record of `evidence` (`raw`: `evidence` as is)."""
+    stmt = evidence if raw else cmw_record(evidence)
+    return der.sequence(der.encode_oid(type_oid), der.tlv(der.TAG_OCTET_STRING, stmt))
 
 
 # -- the documented vector ------------------------------------------------------------------------
@@ -87,8 +90,10 @@ def test_documented_csr_vector_is_the_attribute_of_the_documented_token():
     token, _, _ = documented_vector()
     vector = documented_csr_vector()
     assert encode_attribute(token) == vector
-    assert len(vector) == 271 and vector.endswith(token)
-    assert vector[:17].hex() == "3082010b060b2a864886f70d010910023b"
+    assert len(vector) == 297 and vector.endswith(token)
+    assert vector[:17].hex() == "30820125060b2a864886f70d010910023b"
+    # the stmt holds the CMW record ["application/eat+cwt", token], as cbor2 reads it
+    assert cbor2.loads(vector[-len(token) - 23:]) == ["application/eat+cwt", token]
 
 
 def test_a_csr_from_the_test_key_carries_the_vector_and_gives_the_token_back():
@@ -144,7 +149,7 @@ def test_another_statement_type_is_refused_and_accepted_when_asked_for():
     other = x509.ObjectIdentifier("1.3.6.1.4.1.99999.7")
     key = device_key()
     csr = load_csr(embed_evidence(plain_csr(key), key, b"tok", type_oid=other))
-    with pytest.raises(InvalidCSR, match="statement type 1.3.6.1.4.1.99999.7 is not 1.3.6.1.4.1.12345.1.3"):
+    with pytest.raises(InvalidCSR, match="statement type 1.3.6.1.4.1.99999.7 is not 1.3.6.1.5.5.7.1.35"):
         extract_evidence(csr, max_size=100)
     assert extract_evidence(csr, max_size=100, type_oid=other) == b"tok"
 
@@ -161,11 +166,22 @@ BUNDLE = encode_bundle(b"tok")
     (attribute(der.sequence(der.sequence(statement(b"tok")), der.sequence(b""))), "certs"),
     (attribute(der.sequence(der.sequence())), "0 statements"),
     (attribute(der.sequence(der.sequence(statement(b"a"), statement(b"b")))), "2 statements"),
-    (attribute(der.sequence(der.sequence(der.sequence(der.encode_oid(OID_DEVID_EAT_CWT))))),
+    (attribute(der.sequence(der.sequence(der.sequence(der.encode_oid(OID_CMW))))),
      "not SEQUENCE { type OID, stmt }"),
-    (attribute(der.sequence(der.sequence(der.sequence(der.encode_oid(OID_DEVID_EAT_CWT),
+    (attribute(der.sequence(der.sequence(der.sequence(der.encode_oid(OID_CMW),
                                                       der.encode_utf8_string("tok"))))), "not an OCTET STRING"),
     (attribute(der.sequence(der.sequence(statement(b"")))), "empty evidence"),
+    # the CMW record: exactly ["application/eat+cwt", bstr] with the shortest length head
+    (attribute(der.sequence(der.sequence(statement(b"tok", raw=True)))), "not the CMW record"),
+    (attribute(der.sequence(der.sequence(statement(cbor2.dumps(["application/cwt", b"tok"]), raw=True)))),
+     "not the CMW record"),
+    (attribute(der.sequence(der.sequence(statement(cmw_record(b"tok")[:-1], raw=True)))), "length does not match"),
+    (attribute(der.sequence(der.sequence(statement(cmw_record(b"tok") + b"\x00", raw=True)))),
+     "length does not match"),
+    (attribute(der.sequence(der.sequence(statement(cmw_record(b"")[:-1] + b"\x58\x03tok", raw=True)))),
+     "shortest length head"),
+    (attribute(der.sequence(der.sequence(statement(cmw_record(b"")[:-1] + b"\x63tok", raw=True)))),
+     "not a byte string"),
     (attribute(BUNDLE[:-1]), "malformed"),        # a length running past its end: cryptography refuses the CSR
     (attribute(BUNDLE + b"\x00"), "malformed"),            # a trailing byte
     (attribute(b"\x30\x80" + BUNDLE[2:] + b"\x00\x00"), "malformed"),   # indefinite length (BER)
@@ -207,5 +223,5 @@ def test_openssl_shows_the_attribute_and_verifies_the_signature(tmp_path):
     lines = parsed.stdout.splitlines()
     at = next(i for i, line in enumerate(lines) if ":1.2.840.113549.1.9.16.2.59" in line)
     assert "SET" in lines[at + 1]
-    assert ":1.3.6.1.4.1.12345.1.3" in lines[at + 5] and "OCTET STRING" in lines[at + 6]
-    assert f"l= {len(token)}" in lines[at + 6]
+    assert ":1.3.6.1.5.5.7.1.35" in lines[at + 5] and "OCTET STRING" in lines[at + 6]
+    assert f"l= {len(token) + 23}" in lines[at + 6] and token.hex().upper() in lines[at + 6]   # the CMW record

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Callable, ContextManager
 
+from devid.attestation.evidence import MAX_EVIDENCE_SIZE, cose_key_xy
 from devid.attestation.nonces import NonceRecord, SessionNonce
 from devid.attestation.policy import Policy
 from devid.attestation.service import AttestationService, Evaluation
@@ -73,6 +74,16 @@ class WrongIdentity(EnrollmentError):
 
 class AttestationRequired(EnrollmentError):
     code = "attestation-required"
+
+
+class AttestationRefused(EnrollmentError):
+    """Evidence that came inside the CSR was appraised unacceptable (the verdict is logged)."""
+
+    code = "attestation-refused"
+
+    def __init__(self, message: str, evaluation: "Evaluation") -> None:
+        super().__init__(message)
+        self.evaluation = evaluation
 
 
 class ReenrollmentRefused(EnrollmentError):
@@ -115,6 +126,14 @@ class TooManyCertificates(TooManyRequests):
     """The device received its allowance of operational certificates within the window."""
 
     code = "too-many-certificates"
+
+
+@dataclass(frozen=True)
+class Issuance:
+    """What /sen or /sren gave: the certificate, and the appraisal of evidence that came in its CSR."""
+
+    issued: IssuedCertificate
+    evaluation: Evaluation | None = None
 
 
 @dataclass(frozen=True)
@@ -205,9 +224,10 @@ class EnrollmentService:
         raise TooManyCertificates(f"at most {limit} certificates per {window.total_seconds() / 3600:g} h for one "
                                   f"device; retry in {retry} s", retry)
 
-    def _attesting(self, who: PeerIdentity, session_nonce: SessionNonce | None = None) -> AttestingDevice:
+    def _attesting(self, who: PeerIdentity, session_nonce: SessionNonce | None = None,
+                   bound_key: tuple[bytes, bytes] | None = None) -> AttestingDevice:
         return AttestingDevice(who.serial, who.device_type, who.fingerprint, who.public_key,
-                               session_nonce=session_nonce)
+                               session_nonce=session_nonce, bound_key=bound_key)
 
     # -- attestation ----------------------------------------------------------------------------
 
@@ -224,7 +244,10 @@ class EnrollmentService:
         the verifier claims its use on the object, which the caller keeps for the session) or a
         server nonce from `nonce` (docs/evidence.md)."""
         self._require("evidence", who)
-        evaluation = self.attestation.evaluate(token, self._attesting(who, session_nonce))
+        return self._judged(who, self.attestation.evaluate(token, self._attesting(who, session_nonce)))
+
+    def _judged(self, who: PeerIdentity, evaluation: Evaluation, **details) -> EvidenceOutcome:
+        """Act on a logged appraisal: revoke when it says so, and log the decision."""
         verdict = evaluation.appraisal.verdict
         # Only fresh, authentic evidence changes the device's state: the verifier sets `revoke`
         # only when the signature verified with this certificate's key and this request consumed
@@ -234,13 +257,18 @@ class EnrollmentService:
             revoke_device(self.ca.store, who.serial, "keyCompromise", self.clock())
         self._decision("evidence", who, verdict.tier.value, acceptable=verdict.acceptable,
                        reasons=list(verdict.codes) or None, log_seq=evaluation.log_seq, nonce=verdict.nonce,
-                       revoked=revoked or None)
+                       revoked=revoked or None, **details)
         return EvidenceOutcome(evaluation, revoked)
 
     # -- EST ----------------------------------------------------------------------------------
 
-    def enroll(self, who: PeerIdentity | None, csr: bytes) -> IssuedCertificate:
-        """/sen: a first operational certificate (or a re-enrollment) for a factory identity."""
+    def enroll(self, who: PeerIdentity | None, csr: bytes, session_nonce: SessionNonce | None = None) -> Issuance:
+        """/sen: a first operational certificate (or a re-enrollment) for a factory identity.
+
+        Its attestation is either evidence inside the CSR (appraised here, with the session's
+        nonce or a server nonce, and bound to the CSR's key by its cnf claim) or an earlier
+        verdict from /attest/evidence. With evidence in the CSR, the verdict's log entry, its use
+        and the certificate are written in one transaction (`atomic`)."""
         found = self._require("enroll", who)
         tpolicy = self.policy.for_type(who.device_type)
         if tpolicy is None:
@@ -250,8 +278,20 @@ class EnrollmentService:
         if reenrollment and not tpolicy.reenroll:
             self._decision("enroll", who, "refused", reason="re-enrollment not allowed")
             raise ReenrollmentRefused("device already enrolled; policy does not allow re-enrollment")
-        csr = self._check_csr("enroll", who, csr)       # a bad CSR must not use up the verdict
-        verdict_seq = None
+        checked = self._check_csr("enroll", who, csr, evidence=True)   # a bad CSR must not use up the verdict
+        appraisal = None
+        if checked.evidence is not None:
+            # appraised before the transaction: a session nonce writes nothing, and the signature
+            # check stays outside the registry's write lock
+            device = self._attesting(who, session_nonce, cose_key_xy(checked.public_key))
+            appraisal = self.attestation.appraise(checked.evidence, device)
+            if not appraisal.verdict.acceptable:
+                outcome = self._judged(who, self.attestation.record(appraisal), via="csr")
+                verdict = appraisal.verdict
+                raise AttestationRefused(f"verdict {verdict.tier.value}: {', '.join(verdict.codes)}"
+                                         + (" (the device was revoked)" if outcome.revoked else ""),
+                                         outcome.evaluation)
+        verdict_seq, evaluation = None, None
         with self.atomic():         # nor may a failed issuance
             if not tpolicy.reenroll and self._standing("enroll", who).device_state is DeviceState.ENROLLED:
                 # again under the registry's write lock: of first enrollments racing on several
@@ -259,17 +299,24 @@ class EnrollmentService:
                 self._decision("enroll", who, "refused", reason="re-enrollment not allowed")
                 raise ReenrollmentRefused("device already enrolled; policy does not allow re-enrollment")
             self._certificate_quota("enroll", who)
-            if tpolicy.attestation != "waived":
+            if appraisal is not None:
+                evaluation = self.attestation.record(appraisal, used_for="enrollment")
+                verdict_seq = evaluation.log_seq
+            elif tpolicy.attestation != "waived":
                 entry = self.attestation.take_verdict(who.serial)
                 if entry is None:
                     self._decision("enroll", who, "refused", reason="no acceptable verdict in the window")
-                    raise AttestationRequired("send fresh, acceptable attestation evidence first")
+                    raise AttestationRequired(
+                        f"device type {who.device_type} requires attestation: put evidence in the CSR "
+                        "(attribute id-aa-attestation) or send it to /attest/evidence first")
                 verdict_seq = entry.seq
-            issued = self._issue("enroll", who, csr)
+            issued = self._issue("enroll", who, checked)
+        if evaluation is not None:
+            self._judged(who, evaluation, via="csr")
         self._decision("enroll", who, "issued", certificate=format(issued.cert.serial_number, "x"),
                        verdict_seq=verdict_seq, attestation=tpolicy.attestation,
                        reenrollment=reenrollment or None)
-        return issued
+        return Issuance(issued, evaluation)
 
     def renew(self, who: PeerIdentity | None, csr: bytes) -> IssuedCertificate:
         """/sren: a new operational certificate for the device of this operational identity,
@@ -283,12 +330,13 @@ class EnrollmentService:
             self._certificate_quota("renew", who)
             issued = self._issue("renew", who, csr)
         self._decision("renew", who, "issued", certificate=format(issued.cert.serial_number, "x"))
-        return issued
+        return Issuance(issued)
 
-    def _check_csr(self, action: str, who: PeerIdentity, csr: bytes) -> CheckedKey:
-        """Parse and check the CSR once; issuance then takes the checked key."""
+    def _check_csr(self, action: str, who: PeerIdentity, csr: bytes, evidence: bool = False) -> CheckedKey:
+        """Parse and check the CSR once; issuance then takes the checked key. `evidence`: take
+        the attestation evidence it carries (else a CSR with evidence is refused)."""
         try:
-            return self.ca.checked_csr_key(csr)
+            return self.ca.checked_csr_key(csr, evidence_cap=MAX_EVIDENCE_SIZE if evidence else None)
         except CAError as exc:
             self._decision(action, who, "refused", reason=str(exc))
             raise
@@ -300,10 +348,13 @@ class EnrollmentService:
             self._decision(action, who, "refused", reason=str(exc))
             raise
 
-    def configuration(self, who: PeerIdentity | None) -> dict:
-        # The factory identity of an enrolled device may fetch it too: a device gets its
-        # configuration in the session it enrolled in (one DTLS handshake per enrollment).
-        self._require("config", who)
+    def configuration(self, who: PeerIdentity | None, *, authorized: bool = False) -> dict:
+        """The device's configuration. The factory identity of an enrolled device may fetch it
+        too: a device gets its configuration in the session it enrolled in (one DTLS handshake
+        per enrollment). `authorized`: the caller has just issued the device a certificate in
+        this request (the configuration rides in the /sen or /sren answer): no second check."""
+        if not authorized:
+            self._require("config", who)
         try:
             config = self.configs.for_device(who.serial, who.device_type)
         except (CAError, ConfigError) as exc:

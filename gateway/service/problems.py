@@ -31,6 +31,7 @@ TABLE: list[tuple[type[BaseException], codes.Code, str]] = [
     (E.CertificateRevoked, codes.FORBIDDEN, "certificate revoked"),
     (E.CertificateSuperseded, codes.FORBIDDEN, "certificate superseded"),
     (E.AttestationRequired, codes.FORBIDDEN, "attestation required"),
+    (E.AttestationRefused, codes.FORBIDDEN, "attestation refused"),
     (E.ReenrollmentRefused, codes.FORBIDDEN, "re-enrollment not allowed"),
     (E.UnknownDeviceType, codes.FORBIDDEN, "device type not enrolled by this gateway"),
     (DeviceRevoked, codes.FORBIDDEN, "device revoked"),

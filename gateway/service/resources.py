@@ -2,14 +2,16 @@
 
     /whoami                   GET         JSON: the session's device identity (any identity) and nonce
     /.well-known/est/crts     GET         CA certificates: 281 (PKCS#7 certs-only, default) or 287
-    /.well-known/est/sen      POST 286    first operational certificate (factory identity, attested):
-                                          281 (default, RFC 9148 4.3) or 287
-    /.well-known/est/sren     POST 286    renewal (operational identity, same device): 281 or 287
+    /.well-known/est/sen      POST 286    first operational certificate (factory identity, attested: evidence
+                                          in the CSR, or an earlier verdict): 281 (default, RFC 9148 4.3),
+                                          287, or 62: multipart-core [287, cert, 60, config(, 60, verdict)]
+    /.well-known/est/sren     POST 286    renewal (operational identity, same device): 281, 287 or 62
     /attest/nonce             GET         CBOR {"nonce": bstr, "expires": uint}, Max-Age 0 (factory identity)
     /attest/evidence          POST 60     an EAT (docs/evidence.md) -> CBOR verdict   (factory identity); its
                                           nonce: a server nonce, or the session's (the DTLS exporter value)
     /config                   GET         CBOR operational configuration   (operational identity, or the
-                                          factory identity of an enrolled device)
+                                          factory identity of an enrolled device), with an ETag: a GET
+                                          naming the current one gets 2.03 Valid
 
 Each resource's `ct` (in /.well-known/core) lists what it returns, the default first (RFC 7252
 7.2.1): an Accept naming anything else gets 4.06 (RFC 7252 5.10.4). Every request body is capped
@@ -20,6 +22,7 @@ become RFC 9290 problem details (`problems.py`).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from datetime import timedelta
 
@@ -39,6 +42,7 @@ from devid.gateway.service.problems import Problem, to_response
 
 CT_CBOR = 60
 CT_JSON = 50
+CT_MULTIPART = 62           # application/multipart-core (RFC 8710)
 CT_PKCS7_CERTS = 281
 CT_PKCS10 = 286
 CT_PKIX_CERT = 287
@@ -121,12 +125,33 @@ class _Resource(resource.Resource):
             return response
 
 
+def config_etag(payload: bytes) -> bytes:
+    """The ETag of a configuration representation: the first 8 bytes of its SHA-256 (a device
+    that keeps config.cbor computes it itself; docs/enrollment.md)."""
+    return hashlib.sha256(payload).digest()[:8]
+
+
+def verdict_body(evaluation) -> dict:
+    verdict = evaluation.appraisal.verdict
+    return {"verdict": verdict.tier.value, "acceptable": verdict.acceptable,
+            "reasons": [r.as_json() for r in verdict.reasons], "log_seq": evaluation.log_seq}
+
+
 def _certificate_response(issued, fmt: int, chain) -> aiocoap.Message:
     if fmt == CT_PKIX_CERT:
         payload = issued.cert.public_bytes(serialization.Encoding.DER)
     else:
         payload = pkcs7.serialize_certificates([issued.cert, *chain], serialization.Encoding.DER)
     return aiocoap.Message(code=codes.CHANGED, payload=payload, content_format=fmt)
+
+
+def _multipart_response(issuance, config: dict) -> aiocoap.Message:
+    """RFC 8710 multipart-core: the certificate (287), the configuration (60, as GET /config
+    serves it) and, when the CSR carried evidence, the verdict (60): one answer for enrollment."""
+    parts = [CT_PKIX_CERT, issuance.issued.cert.public_bytes(serialization.Encoding.DER), CT_CBOR, cbor2.dumps(config)]
+    if issuance.evaluation is not None:
+        parts += [CT_CBOR, cbor2.dumps(verdict_body(issuance.evaluation))]
+    return aiocoap.Message(code=codes.CHANGED, payload=cbor2.dumps(parts), content_format=CT_MULTIPART)
 
 
 class Crts(_Resource):
@@ -154,8 +179,7 @@ class SimpleEnroll(_Resource):
     what the resource returns)."""
 
     rt = "ace.est.sen"
-    ct = f"{CT_PKCS7_CERTS} {CT_PKIX_CERT}"
-    action = "enroll"           # the EnrollmentService method: enroll (factory identity) or renew
+    ct = f"{CT_PKCS7_CERTS} {CT_PKIX_CERT} {CT_MULTIPART}"
 
     def __init__(self, service, chain) -> None:
         super().__init__(service)
@@ -163,14 +187,28 @@ class SimpleEnroll(_Resource):
 
     async def render_post(self, request):
         self.require_format(request, CT_PKCS10)
-        fmt = self.accepted(request, CT_PKCS7_CERTS, CT_PKIX_CERT)
-        issued = getattr(self.service, self.action)(identity_of(request), request.payload)
-        return _certificate_response(issued, fmt, self.chain)
+        fmt = self.accepted(request, CT_PKCS7_CERTS, CT_PKIX_CERT, CT_MULTIPART)
+        who = identity_of(request)
+        issuance = self._issue(who, request)
+        if fmt == CT_MULTIPART:
+            return _multipart_response(issuance, self.service.configuration(who, authorized=True))
+        return _certificate_response(issuance.issued, fmt, self.chain)
+
+    def _issue(self, who, request):
+        session = session_nonce_of(request)
+        try:
+            return self.service.enroll(who, request.payload, session)
+        finally:
+            if session is not None and session.used:
+                # the verifier claimed the session's one use: kept even if a later step failed
+                request.remote.exporter_used = True
 
 
 class SimpleReenroll(SimpleEnroll):
     rt = "ace.est.sren"
-    action = "renew"
+
+    def _issue(self, who, request):
+        return self.service.renew(who, request.payload)
 
 
 class Nonce(_Resource):
@@ -201,14 +239,14 @@ class Evidence(_Resource):
             if session is not None and session.used:
                 # the verifier claimed the session's one use: kept even if a later step failed
                 request.remote.exporter_used = True
-        verdict = outcome.evaluation.appraisal.verdict
-        body = {"verdict": verdict.tier.value, "acceptable": verdict.acceptable,
-                "reasons": [r.as_json() for r in verdict.reasons], "log_seq": outcome.evaluation.log_seq,
-                "revoked": outcome.revoked}
+        body = dict(verdict_body(outcome.evaluation), revoked=outcome.revoked)
         return aiocoap.Message(code=codes.CHANGED, payload=cbor2.dumps(body), content_format=CT_CBOR)
 
 
 class Config(_Resource):
+    """GET: the configuration, with an ETag (`config_etag` of the payload); a request naming
+    that ETag gets 2.03 Valid and no payload (RFC 7252 5.10.6.2)."""
+
     rt = "devid.config"
     ct = f"{CT_CBOR} {CT_JSON}"
 
@@ -218,8 +256,13 @@ class Config(_Resource):
         if fmt == CT_JSON:
             view = dict(config, trust_anchors=[
                 serialization_pem(der) for der in config["trust_anchors"]])
-            return aiocoap.Message(code=codes.CONTENT, payload=json.dumps(view).encode(), content_format=CT_JSON)
-        return aiocoap.Message(code=codes.CONTENT, payload=cbor2.dumps(config), content_format=CT_CBOR)
+            payload = json.dumps(view).encode()
+        else:
+            payload = cbor2.dumps(config)
+        etag = config_etag(payload)
+        if etag in request.opt.etags:
+            return aiocoap.Message(code=codes.VALID, etag=etag)
+        return aiocoap.Message(code=codes.CONTENT, payload=payload, content_format=fmt, etag=etag)
 
 
 def serialization_pem(der: bytes) -> str:

@@ -176,26 +176,35 @@ class SQLiteAttestationStore:
     # -- log -------------------------------------------------------------------------------
 
     def append_entry(self, build: Callable[[int, bytes], LogEntry], *, device_serial: str | None = None,
-                     admit: Callable[[RefusedTally | None], Admission] | None = None) -> LogEntry | None:
+                     admit: Callable[[RefusedTally | None], Admission] | None = None,
+                     used_for: str | None = None, now: datetime | None = None) -> LogEntry | None:
         with self.registry.transaction() as db:
-            if admit is None:
-                seq, prev = _head(db.execute(_HEAD).fetchone())
-                e = build(seq + 1, prev)
-                _insert(db, e)
-                return e
-            row = db.execute(_HEAD_AND_TALLY, (device_serial,)).fetchone()
-            seq, prev = _head(row)
-            adm = admit(_tally(row[4:]))
-            if adm.summarise is not None:
-                s = summary_entry(device_serial, adm.summarise, seq + 1, prev, adm.time)
-                _insert(db, s)
-                seq, prev = s.seq, s.hash
-            e = None
-            if adm.append:
-                e = build(seq + 1, prev)
-                _insert(db, e)
-            if adm.write:
-                _write_tally(db, device_serial, adm.tally)
+            e = self._append(db, build, device_serial, admit)
+            if used_for is not None and e is not None and e.acceptable:
+                db.execute("INSERT INTO attestation_verdict_uses (seq, used_at, purpose) VALUES (?, ?, ?)",
+                           (e.seq, format_time(now), used_for))
+        return e
+
+    @staticmethod
+    def _append(db: sqlite3.Connection, build, device_serial, admit) -> LogEntry | None:
+        if admit is None:
+            seq, prev = _head(db.execute(_HEAD).fetchone())
+            e = build(seq + 1, prev)
+            _insert(db, e)
+            return e
+        row = db.execute(_HEAD_AND_TALLY, (device_serial,)).fetchone()
+        seq, prev = _head(row)
+        adm = admit(_tally(row[4:]))
+        if adm.summarise is not None:
+            s = summary_entry(device_serial, adm.summarise, seq + 1, prev, adm.time)
+            _insert(db, s)
+            seq, prev = s.seq, s.hash
+        e = None
+        if adm.append:
+            e = build(seq + 1, prev)
+            _insert(db, e)
+        if adm.write:
+            _write_tally(db, device_serial, adm.tally)
         return e
 
     def flush_refused(self, now: datetime) -> list[LogEntry]:
