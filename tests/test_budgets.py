@@ -213,7 +213,7 @@ def test_factory_and_operational_identities_share_the_devices_budget(world):
     budgets = Budgets(config=Rate(3, 3600.0))
 
     async def body(uri, gw):
-        await enroll(dev, uri, FW)                 # its /config is the first of 3
+        await enroll(dev, uri, FW, flow="classic")     # its GET /config is the first of 3
         factory, _ = await device_context(dev, "127.0.0.1")
         op, _ = await device_context(dev, "127.0.0.1", cert_name="op-chain.pem", key_name="op-key.pem")
         try:

@@ -186,7 +186,10 @@ def test_enroll_exits_3_when_only_the_configuration_failed(gateway):
     template = data.path / "config" / "temperature-sensor.toml"
     template.write_text("[endpoints\n")                  # invalid TOML: the gateway answers /config with 5.03
 
-    proc = run_devid("enroll", "--gateway", served.uri, "--device", bundle, "--timeout", "10", *FIRMWARE)
+    # the classic flow fetches the configuration with GET /config after /sen (the one-request flow
+    # gets it in the /sen answer: test_one_request_cli.py)
+    proc = run_devid("enroll", "--gateway", served.uri, "--device", bundle, "--timeout", "10", *FIRMWARE,
+                     "--flow", "classic")
     err = one_line_error(proc, "enrolled, but the configuration could not be fetched "
                                "(5.03 Service Unavailable configuration unavailable)", f"is stored in {bundle} ")
     no_traceback(proc)

@@ -254,10 +254,14 @@ def test_policy_waiver_reenrollment_and_unknown_types(world):
         await enroll(out / "ST00000001", uri, FW)
         with pytest.raises(EnrollFailed, match="re-enrollment not allowed"):
             await enroll(out / "ST00000001", uri, FW)
-        # a device type the policy does not know cannot even get a good verdict
+        # a device type the policy does not know cannot even get a good verdict (classic flow), nor
+        # is its evidence looked at when it comes in the CSR (one-request flow)
         with pytest.raises(EnrollFailed) as unknown:
-            await enroll(out / "UN00000001", uri, FW)
+            await enroll(out / "UN00000001", uri, FW, flow="classic")
         assert unknown.value.step == "evidence" and "device-type-unknown" in unknown.value.reason
+        with pytest.raises(EnrollFailed, match="device type not enrolled") as unknown:
+            await enroll(out / "UN00000001", uri, FW)
+        assert unknown.value.step == "enroll"
         with pytest.raises(EnrollFailed, match="device type not enrolled"):
             await enroll(out / "UN00000001", uri, None)
     run_with_gateway(data, body)

@@ -22,7 +22,8 @@ for: the verdict (step `evidence`, Done first as in the classic flow), the certi
 or `renew`: for the new key, this device, validating to the root; once it is accepted the
 caller stores it), the configuration (`config`: a failure there leaves the device enrolled).
 A refusal is read as in the classic flow, except that 4.03 "attestation refused" (the evidence in
-the CSR was appraised unacceptable) fails at step `evidence`, as the classic flow's verdict does.
+the CSR was appraised unacceptable) fails at step `evidence` with the problem's detail, as the
+classic flow's verdict does ("verdict contraindicated: firmware-unknown").
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ def _send(request: Request) -> Generator[Request, Reply, Reply]:
     if reply.code == 0x83:
         problem = problem_details(reply)
         if problem is not None and problem.title == REFUSED:
-            raise EnrollFailed("evidence", problem_text(reply))
+            # its detail reads as the classic flow's refusal: "verdict contraindicated: firmware-unknown"
+            raise EnrollFailed("evidence", problem.detail or problem_text(reply))
     return check(request, reply)
 
 

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from devid.attestation.evidence import Evidence, fw_digest_of, sign_evidence
+from devid.attestation.evidence import Evidence, cose_key_xy, fw_digest_of, sign_evidence
 from devid.ca import der, keys
 from devid.ca.csr_evidence import embed_evidence
 from devid.gateway.device.protocol import EnrollFailed
@@ -144,14 +144,6 @@ def root_verifier(root: x509.Certificate, clock: Callable[[], datetime] = lambda
 
 # -- what the device claims ------------------------------------------------------------------------
 
-def cnf_coordinates(key: ec.EllipticCurvePublicKey) -> tuple[bytes, bytes]:
-    """(x, y) of a P-256 public key, 32 bytes each: the COSE_Key of the evidence's `cnf` claim."""
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise ValueError("the bound key must be a P-256 public key")
-    numbers = key.public_numbers()
-    return numbers.x.to_bytes(32, "big"), numbers.y.to_bytes(32, "big")
-
-
 @dataclass(frozen=True)
 class Firmware:
     alg: str
@@ -225,7 +217,7 @@ class DeviceIdentity:
         `bound_key`: the public key of the CSR the evidence will ride in (the new operational
         key), stated in the confirmation claim `cnf` (8, RFC 8747): the evidence is then good for
         that CSR only. Required for evidence in a CSR; evidence for POST /attest/evidence needs none."""
-        cnf = {} if bound_key is None else {"cnf_key": cnf_coordinates(bound_key)}
+        cnf = {} if bound_key is None else {"cnf_key": cose_key_xy(bound_key)}
         claims = Evidence(nonce=nonce, ueid=self.ueid, oemid=self.oemid, hwmodel=self.device_type.encode(),
                           swname=firmware.name, swversion=firmware.version, fw_alg=firmware.alg,
                           fw_digest=firmware.digest, secure_boot=secure_boot, dbgstat=dbgstat, bootcount=bootcount,
