@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from devid.gateway.cli import output
-from devid.gateway.device.protocol import DEFAULT_FLOW, FLOWS
+from devid.gateway.device.protocol import DEFAULT_FLOW, DEFAULT_RENEW_FLOW, FLOWS
 from devid.gateway.errors import CLIError
 
 # `devid enroll`: enrolled (the operational identity is stored) but the configuration was not fetched
@@ -167,13 +167,13 @@ FLOW_HELP = {
     "enroll": "one-request (the default): evidence bound to this DTLS session and the new key, inside the CSR; one "
               "POST /sen answers certificate, configuration and verdict. classic: nonce, evidence, /sen and /config, "
               "one request each (what libcoap-based devices do)",
-    "renew": "one-request (the default): /sren answers the certificate and the configuration together; classic: "
-             "the certificate alone",
+    "renew": "classic (the default): /sren answers the certificate alone; one-request: the certificate and the "
+             "configuration (stored as config.cbor, config.json) in the same answer",
 }
 
 
-def _flow_flag(s, help_text: str) -> None:
-    s.add_argument("--flow", choices=FLOWS, default=DEFAULT_FLOW, help=help_text)
+def _flow_flag(s, help_text: str, default: str | None = DEFAULT_FLOW) -> None:
+    s.add_argument("--flow", choices=FLOWS, default=default, help=help_text)
 
 
 def _device_flags(s, firmware=True):
@@ -208,7 +208,7 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("renew", help="renew a device's operational certificate (EST /sren)")
     _device_flags(s, firmware=False)
     s.add_argument("--device", required=True, metavar="DIR")
-    _flow_flag(s, FLOW_HELP["renew"])
+    _flow_flag(s, FLOW_HELP["renew"], DEFAULT_RENEW_FLOW)
     s.add_argument("--json", action="store_true", help="one JSON document instead of the steps")
     s.set_defaults(func=cmd_renew)
 
@@ -225,7 +225,7 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--concurrency", type=int, default=16, metavar="C", help="devices in flight (default 16)")
     s.add_argument("--limit", type=int, metavar="N", help="only the first N devices")
     s.add_argument("--renew", action="store_true", help="renew enrolled devices instead of enrolling")
-    _flow_flag(s, "the flow each device runs, as 'devid enroll --flow' (and 'devid renew --flow' with --renew); "
-                  "default one-request")
+    _flow_flag(s, "the flow each device runs, as 'devid enroll --flow' (default one-request), or with --renew "
+                  "as 'devid renew --flow' (default classic)", None)
     s.add_argument("--json", action="store_true", help="one JSON document: the summary and the failures")
     s.set_defaults(func=cmd_simulate)

@@ -11,8 +11,8 @@ of two flows (`FLOWS`):
   configuration (the gateway serves /config to the factory identity of an enrolled device).
 
 Either way the certificate is checked and stored, then the configuration. `renew` does /sren
-with the operational identity (with the `one-request` flow asking for the configuration in the
-same answer). Each step reports through a callback; every failure is an `EnrollFailed` naming
+with the operational identity (by default for the certificate alone; with the `one-request`
+flow asking for the configuration in the same answer). Each step reports through a callback; every failure is an `EnrollFailed` naming
 the step and the gateway's reason. The DTLS handshake is a step of its own (`connect`), before
 the first request: a gateway that cannot be reached, or refuses the device, fails there. A
 failure after the operational certificate was stored (the configuration step) is
@@ -40,12 +40,13 @@ from devid.gateway.device.flow import Config, Done, Issued, config_flow, drive, 
 from devid.gateway.device.flow_one import one_request_flow, renew_one_flow
 from devid.gateway.device.identity import (DeviceIdentity, Firmware, device_csr, device_type_of, load_bundle,
                                            operational_files, pen_of, root_verifier, serial_of)
-from devid.gateway.device.protocol import CLASSIC, DEFAULT_FLOW, FLOWS, ONE_REQUEST, EnrollFailed, parse_gateway
+from devid.gateway.device.protocol import (CLASSIC, DEFAULT_FLOW, DEFAULT_RENEW_FLOW, FLOWS, ONE_REQUEST, EnrollFailed,
+                                           parse_gateway)
 from devid.gateway.errors import BundleError
 from devid.gateway.system.fs import write_atomic
 
 # the names the CLI, the demo and the tests import from here
-__all__ = ["CLASSIC", "ConfigNotFetched", "DEFAULT_FLOW", "EnrollFailed", "EnrollResult", "FLOWS", "Firmware",
+__all__ = ["CLASSIC", "ConfigNotFetched", "DEFAULT_FLOW", "DEFAULT_RENEW_FLOW", "EnrollFailed", "EnrollResult", "FLOWS", "Firmware",
            "ONE_REQUEST", "device_csr", "device_type_of", "enroll", "fetch_config", "pen_of", "renew", "serial_of"]
 
 OPERATIONAL = {"cert_name": "op-chain.pem", "key_name": "op-key.pem"}
@@ -160,11 +161,12 @@ async def fetch_config(directory: Path, gateway_uri: str, timeout: float = 30.0)
     return config.data
 
 
-async def renew(directory: Path, gateway_uri: str, *, flow: str = DEFAULT_FLOW, timeout: float = 30.0,
+async def renew(directory: Path, gateway_uri: str, *, flow: str = DEFAULT_RENEW_FLOW, timeout: float = 30.0,
                 report: Callable[[str, str], None] = lambda step, text: None) -> x509.Certificate:
-    """A new operational certificate (EST /sren with the operational identity), stored; with the
-    `one-request` flow the configuration comes in the same answer and is stored too (a failure
-    reading it after the certificate was stored is ConfigNotFetched)."""
+    """A new operational certificate (EST /sren with the operational identity), stored. By
+    default (`classic`) the answer is the certificate alone; with the `one-request` flow the
+    configuration comes in the same answer and is stored too (a failure reading it after the
+    certificate was stored is ConfigNotFetched)."""
     _check_flow(flow)
     directory = Path(directory)
     if flow == CLASSIC:

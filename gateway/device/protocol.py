@@ -43,6 +43,10 @@ DEFAULT_PORT = 5684
 ONE_REQUEST, CLASSIC = "one-request", "classic"
 FLOWS = (ONE_REQUEST, CLASSIC)
 DEFAULT_FLOW = ONE_REQUEST
+# a renewal asks for the certificate alone unless told otherwise: the gateway answers Accept 62
+# after issuing, so a configuration it cannot serve then would cost the device its new certificate
+# (and leave the old one superseded); `one-request` asks for the configuration in the same answer
+DEFAULT_RENEW_FLOW = CLASSIC
 
 _CODE_NAMES = {
     0x41: "Created", 0x42: "Deleted", 0x43: "Valid", 0x44: "Changed", 0x45: "Content", 0x5F: "Continue",

@@ -2,7 +2,7 @@
 
 Each simulated device is a factory bundle made by `devid provision` and runs exactly what the
 field engineer's script runs (`device.enroll`, by default the one-request flow; `flow` selects),
-over real DTLS. Used by tests, the demo and the
+over real DTLS; or renews them (`device.renew`). Used by tests, the demo and the
 performance benchmark (`devid bench --client script`).
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from devid.gateway.device.enroll import DEFAULT_FLOW, EnrollResult, enroll, renew
+from devid.gateway.device.enroll import DEFAULT_FLOW, DEFAULT_RENEW_FLOW, EnrollResult, enroll, renew
 from devid.gateway.device.identity import Firmware
 from devid.gateway.device.protocol import EnrollFailed
 from devid.gateway.device.stats import latency_ms, percentile
@@ -48,8 +48,11 @@ class SimulationReport:
 
 
 async def simulate(gateway: str, bundles: list[Path], firmware: Callable[[Path], Firmware | None], *,
-                   concurrency: int = 16, timeout: float = 30.0, renew_only: bool = False, flow: str = DEFAULT_FLOW,
+                   concurrency: int = 16, timeout: float = 30.0, renew_only: bool = False, flow: str | None = None,
                    progress: Callable[[int, int], None] | None = None) -> SimulationReport:
+    """Enroll (or, `renew_only`, renew) every bundle, `concurrency` at a time, by `flow` (None:
+    the default of `enroll`, one-request, or of `renew`, classic)."""
+    flow = flow or (DEFAULT_RENEW_FLOW if renew_only else DEFAULT_FLOW)
     report = SimulationReport(devices=len(bundles), enrolled=0, flow=flow)
     sem = asyncio.Semaphore(concurrency)
     done = 0
