@@ -185,7 +185,7 @@ def test_sen_and_sren_default_to_281_and_give_287_on_request(world):
             from_287(await post(ctx, uri, SREN, keys[3], accept=287), keys[3])
             # an Accept the resource does not offer: 4.06, problem details
             r = await post(ctx, uri, SREN, ec.generate_private_key(ec.SECP256R1()), accept=60)
-            assert r.code == codes.NOT_ACCEPTABLE and problem(r)[-2] == "this resource offers content format 281 or 287"
+            assert r.code == codes.NOT_ACCEPTABLE and problem(r)[-2] == "this resource offers content format 281 or 287 or 62"
         finally:
             await ctx.shutdown()
     run_with_gateway(data, body)
@@ -251,8 +251,8 @@ def test_link_format_lists_what_each_resource_returns(world):
             "/.well-known/core": "40",
             "/whoami": "50",
             "/.well-known/est/crts": "281 287",
-            "/.well-known/est/sen": "281 287",         # what it returns, not 286 (RFC 7252 7.2.1)
-            "/.well-known/est/sren": "281 287",
+            "/.well-known/est/sen": "281 287 62",         # what it returns, not 286 (RFC 7252 7.2.1)
+            "/.well-known/est/sren": "281 287 62",
             "/attest/nonce": "60",
             "/attest/evidence": "60",
             "/config": "60 50",

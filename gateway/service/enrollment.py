@@ -9,8 +9,11 @@ request (with the registry's word on the session's certificate and device, one q
 - factory identity (IDevID): nonce, evidence, /sen; /config too once its device is enrolled;
 - operational identity (LDevID): /sren (its own device only), configuration;
 - an unknown or revoked device: nothing (the DTLS layer already refuses it; checked again here);
-- /sen issues only after an acceptable verdict for the same device within the policy's verdict
-  window, each verdict used once, unless the device type's policy waives attestation;
+- /sen issues only with acceptable evidence inside its CSR (the one-request enrollment: appraised
+  there, bound to the CSR's key by its cnf claim; the verdict's log entry, its use and the
+  certificate in one transaction), or after an acceptable verdict for the same device within the
+  policy's verdict window (classic), each verdict used once, unless the device type's policy
+  waives attestation;
 - evidence carries a server nonce (from /attest/nonce, one row, consumed once) or the session's
   nonce (the DTLS session's exporter value: no round trip, no row, accepted once per session);
 - a contraindicated verdict of fresh, authentic evidence (signature verified, nonce used by
