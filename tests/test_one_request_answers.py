@@ -188,3 +188,14 @@ def test_a_configuration_that_cannot_be_read_comes_after_the_certificate(device,
         assert [d.step for d in dones] == ["evidence", *(["crts"] if ca_from == "crts" else []), "enroll"]
         assert (failed.step, failed.reason) == ("config", reason)
         assert dones[-1].value.chain[1].subject == data.cert("operational").subject
+
+
+def test_the_chain_holds_the_certificates_issuer_only(device, data):
+    """op-chain.pem is the certificate and its CA: of the configuration's trust anchors (root,
+    manufacturing, operational here) only the one that issued it follows it."""
+    identity, key, leaf, config, verdict, verify = device
+    anchors = [data.cert(name).public_bytes(Encoding.DER) for name in ("root", "manufacturing", "operational")]
+    config = cbor2.dumps(dict(cbor2.loads(config), trust_anchors=anchors))
+    dones, enrolled = feed(device, multipart(287, leaf, 60, config, 60, verdict))
+    assert [c.subject for c in enrolled.issued.chain[1:]] == [data.cert("operational").subject]
+    assert len(enrolled.config.data["trust_anchors"]) == 3

@@ -91,16 +91,20 @@ def _part(reply: Reply, fmt: int, payload: bytes) -> Answer:
     return Answer(reply.code, fmt, payload)
 
 
-def _cas_in(config_part: bytes) -> list[x509.Certificate]:
-    """The CA certificates (not self-signed) among the trust anchors of a configuration, as
-    candidates for the issued certificate's path; none if the part cannot be read (reading it
-    as the configuration comes later, and says what is wrong)."""
+def _issuers_in(leaf: x509.Certificate, certs) -> list[x509.Certificate]:
+    """The CA certificates among `certs` that name themselves as the leaf's issuer (not
+    self-signed): candidates for its path, and what follows it in op-chain.pem."""
+    return [c for c in certs if c.subject == leaf.issuer and c.subject != c.issuer]
+
+
+def _anchors_in(config_part: bytes) -> list[x509.Certificate]:
+    """The trust anchors of a configuration; none if the part cannot be read (reading it as the
+    configuration comes later, and says what is wrong)."""
     try:
         anchors = cbor2.loads(config_part).get("trust_anchors")
-        certs = [x509.load_der_x509_certificate(a) for a in anchors if isinstance(a, bytes)]
+        return [x509.load_der_x509_certificate(a) for a in anchors if isinstance(a, bytes)]
     except Exception:
         return []
-    return [c for c in certs if c.subject != c.issuer]
 
 
 def _path(leaf: x509.Certificate, cas: list[x509.Certificate], verify: Verify) -> list[x509.Certificate] | None:
@@ -120,10 +124,10 @@ def _certificate(reply: Reply, parts, key, serial: str, verify: Verify) -> Gener
     chain (op-chain.pem)."""
     certs = read_certificates(_part(reply, CT_PKIX_CERT, parts[0][1]))
     leaf = find_leaf(certs, key, serial)
-    chain = _path(leaf, [], verify) or _path(leaf, _cas_in(parts[1][1]), verify)
+    chain = _path(leaf, [], verify) or _path(leaf, _issuers_in(leaf, _anchors_in(parts[1][1])), verify)
     if chain is None:
         cas = yield from crts_flow()
-        chain = check_issued([leaf, *(c for c in cas if c.subject != c.issuer)], key, serial, verify)
+        chain = check_issued([leaf, *_issuers_in(leaf, cas)], key, serial, verify)
     return Issued(key, chain)
 
 
