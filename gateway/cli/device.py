@@ -205,7 +205,10 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--json", action="store_true", help="one JSON document instead of the steps (docs/cli.md)")
     s.set_defaults(func=cmd_enroll)
 
-    s = sub.add_parser("renew", help="renew a device's operational certificate (EST /sren)")
+    s = sub.add_parser("renew", help="renew a device's operational certificate (EST /sren)",
+                       epilog=f"exit status: 0 renewed; 1 failed; 2 bad command line; {EXIT_CONFIG_NOT_FETCHED} "
+                              "(--flow one-request) renewed (certificate stored) but the configuration in the "
+                              "answer could not be read: run 'devid fetch-config'")
     _device_flags(s, firmware=False)
     s.add_argument("--device", required=True, metavar="DIR")
     _flow_flag(s, FLOW_HELP["renew"], DEFAULT_RENEW_FLOW)
