@@ -75,7 +75,9 @@ def test_devid_enroll_runs_one_request_in_one_handshake_and_needs_no_get_config(
         assert (bundle / name).stat().st_size > 0
     # one handshake; the evidence came in the CSR with the session's nonce; no nonce was asked for
     assert handshakes(served, "TS00000001") == 1
-    assert decisions(served, "TS00000001") == [("evidence", "affirming"), ("enroll", "issued"), ("config", "served")]
+    assert decisions(served, "TS00000001") == [("evidence", "affirming"), ("enroll", "issued")]
+    # the configuration rode in the enroll answer: said on the enroll line, no config line of its own
+    assert [line.get("config") for line in log_lines(served, "TS00000001") if line["event"] == "enroll"] == [True]
     (evidence,) = [line for line in log_lines(served, "TS00000001") if line["event"] == "evidence"]
     assert (evidence["via"], evidence["nonce"]) == ("csr", "session")
     # the device's one GET /config of the day is still there: the enrollment sent none
@@ -157,7 +159,9 @@ def test_simulate_and_renew_choose_their_flows(gateway, tmp_path):
     assert (bundle / "config.cbor").exists()
     doc = json.loads(ok(run_devid("renew", "--gateway", served.uri, "--device", bundle, "--json")))
     assert doc["flow"] == "classic"
-    assert decisions(served, "TS00000001")[-3:] == [("renew", "issued"), ("config", "served"), ("renew", "issued")]
+    assert decisions(served, "TS00000001")[-2:] == [("renew", "issued"), ("renew", "issued")]
+    assert [line.get("config") for line in log_lines(served, "TS00000001") if line["event"] == "renew"][-2:] == \
+        [True, None]
 
 
 def test_the_load_generator_and_devid_bench_run_one_request_by_default(data, tmp_path):

@@ -225,3 +225,24 @@ def test_renewal_refuses_evidence_and_answers_multipart_and_config_etag_validate
         finally:
             await op.shutdown()
     run_with_gateway(data, body)
+
+
+def test_a_configuration_that_cannot_be_served_refuses_before_anything_is_issued(world):
+    """Accept 62 asks for the configuration with the certificate: a broken template refuses the
+    request (5.03) and no certificate is issued that the device would never receive."""
+    data, out = world
+    dev = out / "TS00000002"
+
+    async def body(uri, gw):
+        (data.path / "config" / "default.toml").write_text("[endpoints\n")     # the gateway wrote a good one
+        ctx, _ = await device_context(dev, "127.0.0.1")
+        try:
+            csr, _ = attested_csr(dev, await exporter_of(ctx, uri))
+            r = await request(ctx, uri + SEN, codes.POST, payload=csr, content_format=286, accept=62)
+            assert r.code == codes.SERVICE_UNAVAILABLE and problem(r)[-1] == "configuration unavailable"
+        finally:
+            await ctx.shutdown()
+        assert gw.registry.get_device("TS00000002").state.value == "manufactured"
+        assert gw.registry._db.execute("SELECT COUNT(*) FROM certificates WHERE device_serial = ? AND "
+                                       "profile = 'operational'", ("TS00000002",)).fetchone()[0] == 0
+    run_with_gateway(data, body)

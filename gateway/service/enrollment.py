@@ -137,6 +137,7 @@ class Issuance:
 
     issued: IssuedCertificate
     evaluation: Evaluation | None = None
+    config: dict | None = None        # the configuration, when the caller asked for it with the certificate
 
 
 @dataclass(frozen=True)
@@ -265,13 +266,16 @@ class EnrollmentService:
 
     # -- EST ----------------------------------------------------------------------------------
 
-    def enroll(self, who: PeerIdentity | None, csr: bytes, session_nonce: SessionNonce | None = None) -> Issuance:
+    def enroll(self, who: PeerIdentity | None, csr: bytes, session_nonce: SessionNonce | None = None, *,
+               with_config: bool = False) -> Issuance:
         """/sen: a first operational certificate (or a re-enrollment) for a factory identity.
 
         Its attestation is either evidence inside the CSR (appraised here, with the session's
         nonce or a server nonce, and bound to the CSR's key by its cnf claim) or an earlier
         verdict from /attest/evidence. With evidence in the CSR, the verdict's log entry, its use
-        and the certificate are written in one transaction (`atomic`)."""
+        and the certificate are written in one transaction (`atomic`). `with_config`: the answer
+        carries the device's configuration too; it is built before anything is issued, so a
+        template that cannot be served refuses the request instead of losing a certificate."""
         found = self._require("enroll", who)
         tpolicy = self.policy.for_type(who.device_type)
         if tpolicy is None:
@@ -294,6 +298,7 @@ class EnrollmentService:
                 raise AttestationRefused(f"verdict {verdict.tier.value}: {', '.join(verdict.codes)}"
                                          + (" (the device was revoked)" if outcome.revoked else ""),
                                          outcome.evaluation)
+        config = self._config(who) if with_config else None
         verdict_seq, evaluation = None, None
         with self.atomic():         # nor may a failed issuance
             if not tpolicy.reenroll and self._standing("enroll", who).device_state is DeviceState.ENROLLED:
@@ -318,22 +323,25 @@ class EnrollmentService:
             self._judged(who, evaluation, via="csr")
         self._decision("enroll", who, "issued", certificate=format(issued.cert.serial_number, "x"),
                        verdict_seq=verdict_seq, attestation=tpolicy.attestation,
-                       reenrollment=reenrollment or None)
-        return Issuance(issued, evaluation)
+                       reenrollment=reenrollment or None, config=with_config or None)
+        return Issuance(issued, evaluation, config)
 
-    def renew(self, who: PeerIdentity | None, csr: bytes) -> IssuedCertificate:
+    def renew(self, who: PeerIdentity | None, csr: bytes, *, with_config: bool = False) -> Issuance:
         """/sren: a new operational certificate for the device of this operational identity,
-        which must be its current one (or superseded within the grace period)."""
+        which must be its current one (or superseded within the grace period). `with_config`:
+        as for `enroll`, the configuration is built before anything is issued."""
         self._require("renew", who)
         csr = self._check_csr("renew", who, csr)
+        config = self._config(who) if with_config else None
         with self.atomic():
             # again under the registry's write lock: of renewals racing with one certificate
             # (on any worker), the first supersedes it and the others are refused here
             self._standing("renew", who)
             self._certificate_quota("renew", who)
             issued = self._issue("renew", who, csr)
-        self._decision("renew", who, "issued", certificate=format(issued.cert.serial_number, "x"))
-        return Issuance(issued)
+        self._decision("renew", who, "issued", certificate=format(issued.cert.serial_number, "x"),
+                       config=with_config or None)
+        return Issuance(issued, config=config)
 
     def _check_csr(self, action: str, who: PeerIdentity, csr: bytes, evidence: bool = False) -> CheckedKey:
         """Parse and check the CSR once; issuance then takes the checked key. `evidence`: take
@@ -351,18 +359,19 @@ class EnrollmentService:
             self._decision(action, who, "refused", reason=str(exc))
             raise
 
-    def configuration(self, who: PeerIdentity | None, *, authorized: bool = False) -> dict:
+    def configuration(self, who: PeerIdentity | None) -> dict:
         """The device's configuration. The factory identity of an enrolled device may fetch it
         too: a device gets its configuration in the session it enrolled in (one DTLS handshake
-        per enrollment). `authorized`: the caller has just issued the device a certificate in
-        this request (the configuration rides in the /sen or /sren answer): no second check."""
-        if not authorized:
-            self._require("config", who)
+        per enrollment)."""
+        self._require("config", who)
+        config = self._config(who)
+        self._decision("config", who, "served", device_type=who.device_type)
+        return config
+
+    def _config(self, who: PeerIdentity) -> dict:
         try:
-            config = self.configs.for_device(who.serial, who.device_type)
+            return self.configs.for_device(who.serial, who.device_type)
         except (CAError, ConfigError) as exc:
             # the operator's template, not the device, is at fault: a warning naming the file
             self._decision("config", who, "failed", logging.WARNING, reason=str(exc))
             raise
-        self._decision("config", who, "served", device_type=who.device_type)
-        return config

@@ -145,10 +145,11 @@ def _certificate_response(issued, fmt: int, chain) -> aiocoap.Message:
     return aiocoap.Message(code=codes.CHANGED, payload=payload, content_format=fmt)
 
 
-def _multipart_response(issuance, config: dict) -> aiocoap.Message:
+def _multipart_response(issuance) -> aiocoap.Message:
     """RFC 8710 multipart-core: the certificate (287), the configuration (60, as GET /config
     serves it) and, when the CSR carried evidence, the verdict (60): one answer for enrollment."""
-    parts = [CT_PKIX_CERT, issuance.issued.cert.public_bytes(serialization.Encoding.DER), CT_CBOR, cbor2.dumps(config)]
+    parts = [CT_PKIX_CERT, issuance.issued.cert.public_bytes(serialization.Encoding.DER), CT_CBOR,
+             cbor2.dumps(issuance.config)]
     if issuance.evaluation is not None:
         parts += [CT_CBOR, cbor2.dumps(verdict_body(issuance.evaluation))]
     return aiocoap.Message(code=codes.CHANGED, payload=cbor2.dumps(parts), content_format=CT_MULTIPART)
@@ -188,16 +189,15 @@ class SimpleEnroll(_Resource):
     async def render_post(self, request):
         self.require_format(request, CT_PKCS10)
         fmt = self.accepted(request, CT_PKCS7_CERTS, CT_PKIX_CERT, CT_MULTIPART)
-        who = identity_of(request)
-        issuance = self._issue(who, request)
+        issuance = self._issue(identity_of(request), request, with_config=fmt == CT_MULTIPART)
         if fmt == CT_MULTIPART:
-            return _multipart_response(issuance, self.service.configuration(who, authorized=True))
+            return _multipart_response(issuance)
         return _certificate_response(issuance.issued, fmt, self.chain)
 
-    def _issue(self, who, request):
+    def _issue(self, who, request, with_config: bool):
         session = session_nonce_of(request)
         try:
-            return self.service.enroll(who, request.payload, session)
+            return self.service.enroll(who, request.payload, session, with_config=with_config)
         finally:
             if session is not None and session.used:
                 # the verifier claimed the session's one use: kept even if a later step failed
@@ -207,8 +207,8 @@ class SimpleEnroll(_Resource):
 class SimpleReenroll(SimpleEnroll):
     rt = "ace.est.sren"
 
-    def _issue(self, who, request):
-        return self.service.renew(who, request.payload)
+    def _issue(self, who, request, with_config: bool):
+        return self.service.renew(who, request.payload, with_config=with_config)
 
 
 class Nonce(_Resource):
