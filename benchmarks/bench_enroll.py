@@ -116,6 +116,21 @@ def libcoap_baseline(work: Path, data, seconds: float, inflight: int, clients: i
             "server_cpu_ms_per_op": finite(res["server_cpu_ms_per_op"], 3), "failed": res["failed"]}
 
 
+def ratios(summary: dict) -> dict:
+    """Server CPU per enrollment (and per renewal) against the baselines of the same run; None
+    where a figure is missing (no server pids with --gateway; too few operations for the
+    processes' CPU clock, which counts in 10 ms ticks, to move)."""
+    def ratio(a, b):
+        return round(a / b, 2) if a and b else None
+    cpu = summary["enroll"]["server_cpu_ms_per_op"]
+    out = {"server_cpu_vs_crypto_floor": ratio(cpu, summary["crypto_floor"]["ms_per_enrollment"]),
+           "server_cpu_vs_libcoap_handshake_get": ratio(cpu, summary["libcoap"]["server_cpu_ms_per_op"])}
+    if "renew" in summary:
+        out["renew_server_cpu_vs_crypto_floor"] = ratio(summary["renew"]["server_cpu_ms_per_op"],
+                                                        summary["crypto_floor"]["ms_per_enrollment"])
+    return out
+
+
 def write_probe(gateway: str, bundles: list[str], pids: list[int], db_path: Path, renew: bool) -> dict:
     """Before the timed runs: `bundles` enroll (and renew) one at a time from one lean client while
     the registry's WAL counts the committed write transactions (bench_wal.py)."""
@@ -208,16 +223,7 @@ def main(argv: list[str] | None = None, parser_class: type = argparse.ArgumentPa
             summary["crypto_floor"] = crypto_floor()
             _report().stage(f"baseline: libcoap coap-server-openssl, handshake + GET ({args.baseline_seconds:g} s)")
             summary["libcoap"] = libcoap_baseline(work, data, args.baseline_seconds, 16, 2)
-            cpu = summary["enroll"]["server_cpu_ms_per_op"]
-            floor = summary["crypto_floor"]["ms_per_enrollment"]
-            if cpu:
-                summary["ratios"] = {
-                    "server_cpu_vs_crypto_floor": round(cpu / floor, 2),
-                    "server_cpu_vs_libcoap_handshake_get": round(cpu / summary["libcoap"]["server_cpu_ms_per_op"], 2)
-                    if summary["libcoap"]["server_cpu_ms_per_op"] else None}
-                renew_cpu = summary.get("renew", {}).get("server_cpu_ms_per_op")
-                if renew_cpu:
-                    summary["ratios"]["renew_server_cpu_vs_crypto_floor"] = round(renew_cpu / floor, 2)
+            summary["ratios"] = ratios(summary)
         bench_report.show(_report(), summary)
         errors = (summary["enroll"]["errors"] + summary.get("renew", {}).get("errors", 0)
                   + sum(p["errors"] for p in summary.get("write_probe", {}).values() if isinstance(p, dict)))

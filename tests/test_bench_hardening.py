@@ -1,6 +1,8 @@
-"""`devid bench --durability` and `devid bench --flood` (benchmarks/bench_hardening.py) run end
-to end, small: every enrollment succeeds and the figures are there (their values are the
-benchmark's business, not a test's)."""
+"""`devid bench` run end to end, small: the plain run's summary of what the flow costs (datagrams,
+CoAP exchanges, write transactions per enrollment and renewal), `--durability` and `--flood`
+(benchmarks/bench_hardening.py): every enrollment succeeds and the figures are there (their values
+are the benchmark's business, not a test's). And the write probe's count against real SQLite
+transactions (benchmarks/bench_wal.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +12,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from devid.gateway.store.database import Database
+
+from .conftest import one_line_error, run_devid
+
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_wal  # noqa: E402
 
 
-def _bench(tmp_path, *args) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "devid.gateway.cli", "bench", "--devices", "6", "--rounds", "1",
+def _bench(tmp_path, *args, devices: str = "6") -> dict:
+    proc = subprocess.run([sys.executable, "-m", "devid.gateway.cli", "bench", "--devices", devices, "--rounds", "1",
                            "--concurrency", "4", "--workers", "2", *args], capture_output=True, timeout=600, cwd=ROOT,
                           env={**{k: v for k, v in os.environ.items() if not k.startswith("DEVID_")},
                                "TMPDIR": str(tmp_path)})
@@ -40,3 +51,87 @@ def test_flood_bench(tmp_path):
     flood = r["flooded"]["flood"]
     assert flood["counts"]["sent"] > 0 and flood["answers_per_s"] > 0
     assert f["p95_ratio_median"] is not None and f["target_p95_ratio"] == 1.5
+
+
+def test_the_summary_counts_datagrams_exchanges_and_write_transactions(tmp_path):
+    doc = _bench(tmp_path, "--renew", "--probe-devices", "2", "--baseline-seconds", "0.5", "--json", devices="4")
+    probe = doc["write_probe"]
+    assert probe["devices"] == 2 and probe["concurrency"] == 1
+    for mode in ("enroll", "renew"):
+        run = doc[mode]
+        assert run["done"] == 4 and run["errors"] == 0
+        assert probe[mode]["done"] == 2 and probe[mode]["errors"] == 0 and probe[mode]["commits"] >= 2
+        d = run["datagrams_per_op"]
+        hs, after = d["handshake"], d["after_handshake"]
+        assert d["total"] == pytest.approx(hs["sent"] + hs["received"] + after["sent"] + after["received"])
+        assert hs["sent"] >= 2 and hs["received"] >= 2            # ClientHello, again with the cookie; their answers
+        # every exchange is at least a request sent and an answer received after the handshake
+        assert run["coap_exchanges_per_op"] >= 1
+        assert after["sent"] >= run["coap_exchanges_per_op"] and after["received"] >= run["coap_exchanges_per_op"]
+        # at least the certificate's transaction; every transaction writes at least one page
+        assert run["write_transactions_per_op"] == pytest.approx(probe[mode]["commits"] / 2)
+        assert run["write_transactions_per_op"] >= 1
+        assert run["wal_frames_per_op"] >= run["write_transactions_per_op"]
+    assert doc["renew"]["coap_exchanges_per_op"] == 1           # EST /sren
+    assert set(doc["counting"]) == {"datagrams_per_op", "coap_exchanges_per_op", "write_transactions_per_op"}
+    # the server's CPU clock counts 10 ms ticks: 4 renewals may not move it (then null, not 0)
+    assert doc["crypto_floor"]["ms_per_enrollment"] > 0
+    assert {"server_cpu_vs_crypto_floor", "renew_server_cpu_vs_crypto_floor"} <= set(doc["ratios"])
+    for mode, key in (("enroll", "server_cpu_vs_crypto_floor"), ("renew", "renew_server_cpu_vs_crypto_floor")):
+        assert (doc["ratios"][key] is None) == (not doc[mode]["server_cpu_ms_per_op"])
+
+
+def test_probe_devices_is_checked():
+    one_line_error(run_devid("bench", "--probe-devices", "51"), "--probe-devices")
+    one_line_error(run_devid("bench", "--probe-devices", "-1"), "--probe-devices")
+
+
+class _Scratch(Database):
+    def _open_schema(self, create: bool, readonly: bool) -> None:
+        self._db.execute("CREATE TABLE IF NOT EXISTS t (x INTEGER)")
+
+
+def test_the_write_probe_counts_committed_write_transactions(tmp_path):
+    db = _Scratch(tmp_path / "scratch.sqlite3", create=True)
+    try:
+        probe = bench_wal.WriteProbe(db.path)
+        probe.start()
+        for i in range(5):
+            with db.transaction(durable=i % 2 == 0) as c:
+                c.execute("INSERT INTO t VALUES (?)", (i,))
+                c.execute("INSERT INTO t VALUES (?)", (i,))
+        with db.transaction():                        # nothing written: no commit in the WAL
+            pass
+        with db.transaction() as c:
+            c.execute("DELETE FROM t WHERE x = 99")
+        assert probe.stop() == {"commits": 5, "frames": 5}
+
+        probe.start()                                 # each probe starts from an empty WAL
+        with db.transaction() as c:
+            c.executemany("INSERT INTO t VALUES (?)", [(i,) for i in range(5000)])
+        with db.transaction() as c:
+            c.execute("INSERT INTO t VALUES (1)")
+        counted = probe.stop()
+        assert counted["commits"] == 2 and counted["frames"] > 2
+
+        # a checkpoint that restarts the WAL in the middle of a probe loses count: it says so
+        probe.start()
+        for _ in range(3):
+            with db.transaction() as c:
+                c.executemany("INSERT INTO t VALUES (?)", [(i,) for i in range(2000)])
+        with db.reading() as c:
+            c.execute("PRAGMA wal_checkpoint(RESTART)")
+        with db.transaction() as c:
+            c.execute("INSERT INTO t VALUES (1)")
+        counted = probe.stop()
+        assert counted["commits"] is None and "checkpointed" in counted["problem"]
+    finally:
+        db.close()
+
+
+def test_the_wal_reader_refuses_what_is_not_a_wal(tmp_path):
+    bad = tmp_path / "x-wal"
+    bad.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="not a SQLite WAL"):
+        bench_wal.read_wal(bad)
+    assert bench_wal.read_wal(tmp_path / "missing-wal") == {"frames": 0, "commits": 0, "beyond": 0}
