@@ -39,6 +39,8 @@ def build_parser(parser_class: type, description: str) -> argparse.ArgumentParse
     ap.add_argument("--client", choices=("lean", "script"), default="lean",
                     help="lean: benchmarks/loadgen.py (default); script: the field engineer's script per "
                          "device (gateway/device/simulator.py)")
+    ap.add_argument("--client-loop", choices=("asyncio", "uvloop"), default="asyncio",
+                    help="the client processes' event loop: asyncio's own (default) or uvloop's (if installed)")
     ap.add_argument("--durability", action="store_true",
                     help="instead of the plain run: the cost of durable commits (gateway with and without "
                          "synchronous=FULL, alternating rounds; benchmarks/bench_hardening.py)")
@@ -63,6 +65,11 @@ def check(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for flag in ("devices", "concurrency", "clients", "workers", "rounds"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag} must be at least 1")
+    if args.client_loop == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            ap.error("--client-loop uvloop: uvloop is not installed here (pip install uvloop)")
     if not 0 <= args.probe_devices <= 50:
         ap.error("--probe-devices must be between 0 and 50 (the probe counts the WAL's frames before SQLite "
                  "checkpoints it)")

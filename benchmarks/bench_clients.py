@@ -19,20 +19,29 @@ from bench_common import bench_firmware, cpu_seconds, peak_rss_kib
 from devid.gateway.device.stats import latency_ms, step_latency_ms
 
 
-def _client(gateway: str, bundles: list[str], concurrency: int, renew: bool, q, go) -> None:
+def run_loop(coro, loop: str):
+    """Run `coro` on a new event loop: asyncio's own, or uvloop's (`--client-loop`)."""
+    if loop == "uvloop":
+        import uvloop
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)
+    return asyncio.run(coro)
+
+
+def _client(gateway: str, bundles: list[str], concurrency: int, renew: bool, loop: str, q, go) -> None:
     """--client script: the field engineer's script per device (gateway/device/simulator.py)."""
     from devid.gateway.device.simulator import simulate
     fw = bench_firmware()
     q.put(("ready", None))
     go.wait()
     cpu0 = time.process_time()
-    report = asyncio.run(simulate(gateway, [Path(b) for b in bundles], lambda b: fw, concurrency=concurrency,
-                                  renew_only=renew))
+    report = run_loop(simulate(gateway, [Path(b) for b in bundles], lambda b: fw, concurrency=concurrency,
+                               renew_only=renew), loop)
     q.put(("done", {"latencies": report.latencies, "failures": report.failures,
                     "steps": [r.steps for r in report.results], "cpu": time.process_time() - cpu0}))
 
 
-def _client_lean(gateway: str, bundles: list[str], concurrency: int, renew: bool, q, go) -> None:
+def _client_lean(gateway: str, bundles: list[str], concurrency: int, renew: bool, loop: str, q, go) -> None:
     """--client lean: benchmarks/loadgen.py. Bundles are loaded, the CA certificates fetched and
     the client Context built before the timed part; the operational identities are saved after it."""
     import loadgen
@@ -54,8 +63,8 @@ def _client_lean(gateway: str, bundles: list[str], concurrency: int, renew: bool
         return
     trust = loadgen.Trust(devices[0].root, target.host)
     try:
-        report = asyncio.run(loadgen.run(target, devices, trust, renew=renew, firmware=fw, concurrency=concurrency,
-                                         started=started))
+        report = run_loop(loadgen.run(target, devices, trust, renew=renew, firmware=fw, concurrency=concurrency,
+                                      started=started), loop)
     except loadgen.Failed as exc:             # the set-up (CA certificates) failed: every device fails
         q.put(("done", {"latencies": [], "failures": {d.serial: str(exc) for d in devices}, "steps": [],
                         "cpu": 0.0}))
@@ -68,8 +77,10 @@ def _client_lean(gateway: str, bundles: list[str], concurrency: int, renew: bool
 
 
 def run_clients(gateway: str, bundles: list[str], pids: list[int], *, clients: int, concurrency: int,
-                client: str = "lean", renew: bool = False, probe=None, label: str = "") -> dict:
-    """Enroll (or renew) `bundles` from `clients` processes; the JSON summary of one mode. With a
+                client: str = "lean", renew: bool = False, probe=None, label: str = "",
+                loop: str = "asyncio") -> dict:
+    """Enroll (or renew) `bundles` from `clients` processes, on event loops of kind `loop`
+    (asyncio, uvloop); the JSON summary of one mode. With a
     `probe` (bench_wal.WriteProbe): its `start` right before the timed part, its `stop` right
     after, as `write_probe` in the summary. `label` names the run in the progress lines."""
     ctx = multiprocessing.get_context("spawn")
@@ -78,7 +89,7 @@ def run_clients(gateway: str, bundles: list[str], pids: list[int], *, clients: i
     shares = [bundles[i::clients] for i in range(clients)]
     per = max(1, concurrency // clients)
     target = _client_lean if client == "lean" else _client
-    procs = [ctx.Process(target=target, args=(gateway, s, per, renew, q, go)) for s in shares if s]
+    procs = [ctx.Process(target=target, args=(gateway, s, per, renew, loop, q, go)) for s in shares if s]
     report = bench_cli.REPORT
     mode = label + ("renew" if renew else "enroll")
     report.stage(f"{mode}: {len(bundles)} devices, {concurrency} in flight from {len(procs)} {client} "

@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None, parser_class: type = argparse.ArgumentPa
 
         def run(renew: bool) -> dict:
             out = run_clients(gateway, bundles, pids, clients=args.clients, concurrency=args.concurrency,
-                              client=args.client, renew=renew)
+                              client=args.client, renew=renew, loop=args.client_loop)
             out.pop("_latencies")
             return out
 
