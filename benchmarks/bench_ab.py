@@ -14,6 +14,13 @@ prints, per round and as medians, per mode (enroll, and renew with --renew): the
 operation, the client CPU, the rate and p95, and the candidate/baseline ratios as medians of the
 per-round pairs with their range. The machine is shared and noisy: read the paired ratios, not
 the absolute figures; an A/A run (no DIR, no side args) shows how far noise alone moves them.
+
+Noise control: the gateway and the clients share the machine's cores, so a busy machine slows
+both in the same round. `server_per_client_cpu` (server CPU per operation / client CPU per
+operation, within one run) cancels most of that when only one of the two differs between the
+sides: with the same client code, its ratio is the gateway's change (in the runs of
+benchmarks/README.md its spread over rounds was 3-6 times narrower than the server CPU's own);
+with the same gateway and different clients (`--client-loop`), its inverse is the client's.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_enroll  # noqa: E402
 
 SIDES = ("baseline", "candidate")
-FIGURES = ("per_s", "server_cpu_ms_per_op", "client_cpu_ms_per_op", "p95_ms")
+FIGURES = ("per_s", "server_cpu_ms_per_op", "client_cpu_ms_per_op", "p95_ms", "server_per_client_cpu")
 
 
 def one(root: Path, args: list[str]) -> dict:
@@ -50,8 +57,15 @@ def one(root: Path, args: list[str]) -> dict:
             if code != 0 or r["errors"]:
                 raise SystemExit(f"errors in a run against {root}: {r.get('first_failures')}")
             out[mode] = {"per_s": r["per_s"], "server_cpu_ms_per_op": r["server_cpu_ms_per_op"],
-                         "client_cpu_ms_per_op": r["client_cpu_ms_per_op"], "p95_ms": r["latency_ms"]["p95"]}
+                         "client_cpu_ms_per_op": r["client_cpu_ms_per_op"], "p95_ms": r["latency_ms"]["p95"],
+                         "server_per_client_cpu": round(r["server_cpu_ms_per_op"] / r["client_cpu_ms_per_op"], 4)
+                         if r["server_cpu_ms_per_op"] and r["client_cpu_ms_per_op"] else None}
     return out
+
+
+def median(values):
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
 
 
 def summarize(rounds: list[dict]) -> dict:
@@ -59,10 +73,11 @@ def summarize(rounds: list[dict]) -> dict:
     pairs, and their min and max)."""
     out = {}
     for mode in rounds[0]["baseline"]:
-        s = {side: {k: statistics.median(r[side][mode][k] for r in rounds) for k in FIGURES} for side in SIDES}
+        s = {side: {k: median(r[side][mode][k] for r in rounds) for k in FIGURES} for side in SIDES}
         ratios = {}
         for k in FIGURES:
-            pairs = [r["candidate"][mode][k] / r["baseline"][mode][k] for r in rounds if r["baseline"][mode][k]]
+            pairs = [r["candidate"][mode][k] / r["baseline"][mode][k] for r in rounds
+                     if r["baseline"][mode][k] and r["candidate"][mode][k] is not None]
             ratios[k] = ({"median": round(statistics.median(pairs), 3), "min": round(min(pairs), 3),
                           "max": round(max(pairs), 3)} if pairs else None)
         s["ratios_candidate_to_baseline"] = ratios
@@ -92,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
             got[side] = one(*sides[side])
             for mode, f in got[side].items():
-                print(f"round {r + 1} {side:9s} {mode:6s} {f['per_s']:7.1f}/s  server {f['server_cpu_ms_per_op']:.3f} ms"
+                print(f"round {r + 1} {side:9s} {mode:6s} {f['per_s']:7.1f}/s  server {f['server_cpu_ms_per_op'] or 0:.3f} ms"
                       f"  client {f['client_cpu_ms_per_op']:.3f} ms  p95 {f['p95_ms']} ms", file=sys.stderr, flush=True)
         rounds.append(got)
     summary = summarize(rounds)
@@ -109,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{mode:10s} {'per_s':>8s} {'server ms':>10s} {'client ms':>10s} {'p95 ms':>8s}   (medians of {args.rounds} rounds)")
         for side in SIDES:
             f = s[side]
-            print(f"{side:10s} {f['per_s']:8.1f} {f['server_cpu_ms_per_op']:10.3f} {f['client_cpu_ms_per_op']:10.3f} "
+            print(f"{side:10s} {f['per_s']:8.1f} {f['server_cpu_ms_per_op'] or 0:10.3f} {f['client_cpu_ms_per_op']:10.3f} "
                   f"{f['p95_ms']:8.1f}")
         rr = s["ratios_candidate_to_baseline"]
 
@@ -117,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             x = rr[k]
             return "-" if x is None else f"{x['median']:.3f} ({x['min']:.3f}..{x['max']:.3f})"
         print(f"candidate/baseline (median of paired rounds, range): server CPU {show('server_cpu_ms_per_op')}, "
-              f"client CPU {show('client_cpu_ms_per_op')}, rate {show('per_s')}, p95 {show('p95_ms')}")
+              f"client CPU {show('client_cpu_ms_per_op')}, rate {show('per_s')}, p95 {show('p95_ms')}; "
+              f"server CPU per client CPU {show('server_per_client_cpu')}")
     return 0
 
 

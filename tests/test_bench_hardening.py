@@ -135,3 +135,28 @@ def test_the_wal_reader_refuses_what_is_not_a_wal(tmp_path):
     with pytest.raises(ValueError, match="not a SQLite WAL"):
         bench_wal.read_wal(bad)
     assert bench_wal.read_wal(tmp_path / "missing-wal") == {"frames": 0, "commits": 0, "beyond": 0}
+
+
+def test_bench_ab_pairs_alternating_rounds(tmp_path):
+    """bench_ab.py, one round, the same checkout on both sides, the candidate's clients on uvloop
+    (`devid bench --client-loop uvloop`): each side's figures per mode and the paired ratios."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ab.py"), "--rounds", "1",
+                           "--candidate-args", "--client-loop uvloop", "--json", "--devices", "3", "--concurrency", "2",
+                           "--clients", "1", "--workers", "1", "--probe-devices", "0", "--renew"],
+                          capture_output=True, timeout=600, cwd=ROOT,
+                          env={**{k: v for k, v in os.environ.items() if not k.startswith("DEVID_")},
+                               "TMPDIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    doc = json.loads(proc.stdout)
+    assert doc["settings"]["candidate"]["bench"][-2:] == ["--client-loop", "uvloop"]
+    assert "--client-loop" not in doc["settings"]["baseline"]["bench"]
+    [r] = doc["rounds"]
+    for mode in ("enroll", "renew"):
+        for side in ("baseline", "candidate"):
+            assert r[side][mode]["per_s"] > 0 and doc[mode][side]["per_s"] == r[side][mode]["per_s"]
+        ratios = doc[mode]["ratios_candidate_to_baseline"]
+        assert ratios["per_s"]["median"] == round(r["candidate"][mode]["per_s"] / r["baseline"][mode]["per_s"], 3)
+        # the noise control: null only where the server's 10 ms CPU ticks did not move in a run this small
+        assert set(ratios) == {"per_s", "server_cpu_ms_per_op", "client_cpu_ms_per_op", "p95_ms",
+                               "server_per_client_cpu"}
+    assert "round 1 baseline" in proc.stderr.decode() and "round 1 candidate" in proc.stderr.decode()
