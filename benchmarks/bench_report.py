@@ -39,6 +39,10 @@ def flow_costs(summary: dict, probe_devices: int) -> None:
     summary["counting"] = counting(probe_devices)
 
 
+def _count(x: float, noun: str) -> str:
+    return f"{x:g} {noun}{'' if x == 1 else 's'}"
+
+
 def _flow_line(run: dict, noun: str) -> str:
     parts = []
     d = run.get("datagrams_per_op")
@@ -47,9 +51,10 @@ def _flow_line(run: dict, noun: str) -> str:
         parts.append(f"{d['total']:g} datagrams (handshake {hs['sent']:g} sent + {hs['received']:g} received, "
                      f"then {after['sent']:g} + {after['received']:g})")
     if run.get("coap_exchanges_per_op") is not None:
-        parts.append(f"{run['coap_exchanges_per_op']:g} CoAP exchanges")
+        parts.append(_count(run["coap_exchanges_per_op"], "CoAP exchange"))
     if run.get("write_transactions_per_op") is not None:
-        parts.append(f"{run['write_transactions_per_op']:g} write transactions ({run['wal_frames_per_op']:g} WAL pages)")
+        parts.append(f"{_count(run['write_transactions_per_op'], 'write transaction')} "
+                     f"({run['wal_frames_per_op']:g} WAL pages)")
     return f"  per {noun}: " + (", ".join(parts) if parts else "datagrams and writes not counted")
 
 
