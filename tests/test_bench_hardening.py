@@ -14,13 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from devid.gateway.dtls import engine as E
 from devid.gateway.store.database import Database
 
-from .conftest import one_line_error, run_devid
+from .conftest import one_line_error, register_device, run_devid
+from .dtls_helpers import FakeNetwork, client_context_for, server_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import bench_counts  # noqa: E402
 import bench_wal  # noqa: E402
 
 
@@ -160,3 +163,38 @@ def test_bench_ab_pairs_alternating_rounds(tmp_path):
         assert set(ratios) == {"per_s", "server_cpu_ms_per_op", "client_cpu_ms_per_op", "p95_ms",
                                "server_per_client_cpu"}
     assert "round 1 baseline" in proc.stderr.decode() and "round 1 candidate" in proc.stderr.decode()
+
+
+def test_the_sessions_count_every_datagram_and_each_exchange_once(data, registry, ca):
+    """bench_counts' layer over a ClientEngine, against the real server engine in memory: the
+    handshake's datagrams each way as the network carried them, then CoAP requests (a
+    retransmission and an ACK are datagrams, not exchanges), an answer, close_notify."""
+    key, issued = register_device(ca, "SN1", "temperature-sensor")
+    srv = server_engine(data, registry)
+    ctx = client_context_for(issued.cert, [data.cert("manufacturing")], key, data.cert("root"))
+    client = bench_counts.counting(E.ClientEngine)(ctx, ("gw", 5684), takeover=True)
+    assert bench_counts.counting(type(client)) is type(client)
+    before = bench_counts.snapshot()
+    net = FakeNetwork(srv)
+    assert net.run(client, lambda: client.established and any(
+        isinstance(e, E.HandshakeComplete) for e in net.server_events), real_timeout=5), client.closed_reason
+    got = bench_counts.delta(before)
+    c2s, s2c = (sum(d == way for d, _ in net.wire) for way in ("c2s", "s2c"))
+    assert c2s >= 3 and s2c >= 3                   # ClientHello twice and the client's flight; HVR, flights
+    assert got == {"handshake_sent": c2s, "handshake_received": s2c, "sent": 0, "received": 0, "exchanges": 0}
+
+    get = bytes([0x40, 0x01, 0x12, 0x34])          # CON GET, Message ID 0x1234
+    post = bytes([0x40, 0x02, 0x12, 0x35])         # CON POST, the next Message ID
+    ack = bytes([0x60, 0x00, 0x99, 0x99])          # an empty ACK (of a separate response)
+    for message in (get, get, post, ack):          # the GET retransmitted
+        (sent,) = client.send(message, 0.0).datagrams
+        assert E.ApplicationData(net.peer, message) in srv.receive(net.peer, sent[1], 0.0).events
+    (answer,) = srv.send(net.peer, bytes([0x60, 0x45, 0x12, 0x35]), 0.0).datagrams
+    client.receive(answer[1], 0.0)
+    assert len(client.close(0.0).datagrams) == 1   # close_notify
+    got = bench_counts.delta(before)
+    assert (got["sent"], got["received"], got["exchanges"]) == (5, 1, 2)
+    assert (got["handshake_sent"], got["handshake_received"]) == (c2s, s2c)
+    per = bench_counts.per_op([got], 1)
+    assert per["datagrams_per_op"]["total"] == c2s + s2c + 6 and per["coap_exchanges_per_op"] == 2
+    assert bench_counts.per_op([], 3) is None and bench_counts.per_op([dict.fromkeys(bench_counts.KEYS, 0)], 3) is None
