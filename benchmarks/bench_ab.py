@@ -1,14 +1,26 @@
 #!/usr/bin/env python3
-"""A/B of two versions of the gateway under the same load: `devid bench` rounds, alternating.
+"""A/B of two versions of the gateway, or of two settings, under the same load: `devid bench`
+rounds, alternating.
 
-    .venv/bin/python benchmarks/bench_ab.py --baseline DIR [--rounds 3] [bench options...]
+    .venv/bin/python benchmarks/bench_ab.py [--baseline DIR] [--candidate DIR] [--rounds 3]
+        [--baseline-args "ARGS"] [--candidate-args "ARGS"] [--json] [bench options...]
 
-DIR is another checkout of devid (e.g. `git worktree add /tmp/devid-base <commit>`); the
-candidate is this checkout. Each round runs `bench_enroll.py` once against each gateway, in
-alternating order (A B, B A, ...), with the same client code (this checkout's) and the same
-options; then it prints, per round and as medians, the server CPU per enrollment, the client CPU,
-the rate and p95, and the candidate/baseline ratios. The machine is shared and noisy: read the
-paired ratios, not the absolute figures.
+DIR is a checkout of devid (e.g. `git archive <commit> | tar -x -C /tmp/devid-base`); each side's
+gateway runs from its DIR (`devid bench --server-root DIR`), both default to this checkout. The
+client code is this checkout's for both sides. `--baseline-args` / `--candidate-args` add bench
+options to one side only (e.g. `--candidate-args "--client-loop uvloop"`); the other options go to
+both. Each round runs `bench_enroll.py` once per side, in alternating order (A B, B A, ...). It
+prints, per round and as medians, per mode (enroll, and renew with --renew): the server CPU per
+operation, the client CPU, the rate and p95, and the candidate/baseline ratios as medians of the
+per-round pairs with their range. The machine is shared and noisy: read the paired ratios, not
+the absolute figures; an A/A run (no DIR, no side args) shows how far noise alone moves them.
+
+Noise control: the gateway and the clients share the machine's cores, so a busy machine slows
+both in the same round. `server_per_client_cpu` (server CPU per operation / client CPU per
+operation, within one run) cancels most of that when only one of the two differs between the
+sides: with the same client code, its ratio is the gateway's change (in the runs of
+benchmarks/README.md its spread over rounds was 3-6 times narrower than the server CPU's own);
+with the same gateway and different clients (`--client-loop`), its inverse is the client's.
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ import argparse
 import contextlib
 import io
 import json
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -27,62 +40,100 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_enroll  # noqa: E402
 
+SIDES = ("baseline", "candidate")
+FIGURES = ("per_s", "server_cpu_ms_per_op", "client_cpu_ms_per_op", "p95_ms", "server_per_client_cpu")
 
-def one(root: Path, passthrough: list[str]) -> dict:
+
+def one(root: Path, args: list[str]) -> dict:
+    """One bench run against the gateway of `root`: {mode: its figures}."""
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        code = bench_enroll.main([*passthrough, "--no-baselines", "--server-root", str(root)])
-    result = json.loads(buf.getvalue())["enroll"]
-    if code != 0 or result["errors"]:
-        raise SystemExit(f"errors in a run against {root}: {result.get('first_failures')}")
-    return result
+        code = bench_enroll.main([*args, "--no-baselines", "--quiet", "--server-root", str(root)])
+    doc = json.loads(buf.getvalue())
+    out = {}
+    for mode in ("enroll", "renew"):
+        if mode in doc:
+            r = doc[mode]
+            if code != 0 or r["errors"]:
+                raise SystemExit(f"errors in a run against {root}: {r.get('first_failures')}")
+            out[mode] = {"per_s": r["per_s"], "server_cpu_ms_per_op": r["server_cpu_ms_per_op"],
+                         "client_cpu_ms_per_op": r["client_cpu_ms_per_op"], "p95_ms": r["latency_ms"]["p95"],
+                         "server_per_client_cpu": round(r["server_cpu_ms_per_op"] / r["client_cpu_ms_per_op"], 4)
+                         if r["server_cpu_ms_per_op"] and r["client_cpu_ms_per_op"] else None}
+    return out
+
+
+def median(values):
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def summarize(rounds: list[dict]) -> dict:
+    """Per mode: each side's medians, and the candidate/baseline ratios (median of the per-round
+    pairs, and their min and max)."""
+    out = {}
+    for mode in rounds[0]["baseline"]:
+        s = {side: {k: median(r[side][mode][k] for r in rounds) for k in FIGURES} for side in SIDES}
+        ratios = {}
+        for k in FIGURES:
+            pairs = [r["candidate"][mode][k] / r["baseline"][mode][k] for r in rounds
+                     if r["baseline"][mode][k] and r["candidate"][mode][k] is not None]
+            ratios[k] = ({"median": round(statistics.median(pairs), 3), "min": round(min(pairs), 3),
+                          "max": round(max(pairs), 3)} if pairs else None)
+        s["ratios_candidate_to_baseline"] = ratios
+        out[mode] = s
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--baseline", type=Path, required=True, help="the other checkout of devid")
+    ap.add_argument("--baseline", type=Path, default=ROOT, help="the baseline's checkout of devid (default: this one)")
+    ap.add_argument("--candidate", type=Path, default=ROOT, help="the candidate's checkout (default: this one)")
+    ap.add_argument("--baseline-args", default="", help="bench options for the baseline's runs only")
+    ap.add_argument("--candidate-args", default="", help="bench options for the candidate's runs only")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     args, passthrough = ap.parse_known_args(argv)
-    if not (args.baseline / "gateway").is_dir():
-        ap.error(f"{args.baseline} is not a devid checkout")
-    sides = {"candidate": ROOT, "baseline": args.baseline.resolve()}
+    for side in SIDES:
+        if not (getattr(args, side) / "gateway").is_dir():
+            ap.error(f"--{side} {getattr(args, side)}: not a devid checkout")
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    sides = {side: (getattr(args, side).resolve(), [*passthrough, *shlex.split(getattr(args, f"{side}_args"))])
+             for side in SIDES}
     rounds = []
     for r in range(args.rounds):
-        order = ["baseline", "candidate"] if r % 2 == 0 else ["candidate", "baseline"]
         got = {}
-        for side in order:
-            got[side] = one(sides[side], passthrough)
-            print(f"round {r + 1} {side:9s} {got[side]['per_s']:7.1f}/s  server {got[side]['server_cpu_ms_per_op']:.3f} ms"
-                  f"  client {got[side]['client_cpu_ms_per_op']:.3f} ms  p95 {got[side]['latency_ms']['p95']} ms",
-                  file=sys.stderr, flush=True)
+        for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
+            got[side] = one(*sides[side])
+            for mode, f in got[side].items():
+                print(f"round {r + 1} {side:9s} {mode:6s} {f['per_s']:7.1f}/s  server {f['server_cpu_ms_per_op'] or 0:.3f} ms"
+                      f"  client {f['client_cpu_ms_per_op']:.3f} ms  p95 {f['p95_ms']} ms", file=sys.stderr, flush=True)
         rounds.append(got)
-
-    def med(side, key, sub=None):
-        return statistics.median(x[side][key][sub] if sub else x[side][key] for x in rounds)
-
-    def ratio(key, sub=None):
-        return statistics.median((x["candidate"][key][sub] if sub else x["candidate"][key]) /
-                                 (x["baseline"][key][sub] if sub else x["baseline"][key]) for x in rounds)
-    summary = {side: {"per_s": med(side, "per_s"), "server_cpu_ms_per_op": med(side, "server_cpu_ms_per_op"),
-                      "client_cpu_ms_per_op": med(side, "client_cpu_ms_per_op"),
-                      "p95_ms": med(side, "latency_ms", "p95")} for side in sides}
-    summary["ratios_candidate_to_baseline"] = {
-        "server_cpu": round(ratio("server_cpu_ms_per_op"), 3), "per_s": round(ratio("per_s"), 3),
-        "p95": round(ratio("latency_ms", "p95"), 3)}
-    summary["settings"] = {"baseline": str(sides["baseline"]), "candidate": str(ROOT), "rounds": args.rounds,
-                           "bench": passthrough}
+    summary = summarize(rounds)
+    summary["rounds"] = rounds
+    summary["settings"] = {side: {"root": str(sides[side][0]), "bench": sides[side][1]} for side in SIDES}
+    summary["settings"]["rounds"] = args.rounds
     if args.json:
         print(json.dumps(summary, indent=2))
-    else:
-        print(f"{'':10s} {'per_s':>8s} {'server ms':>10s} {'client ms':>10s} {'p95 ms':>8s}   (medians of {args.rounds} rounds)")
-        for side in ("baseline", "candidate"):
-            s = summary[side]
-            print(f"{side:10s} {s['per_s']:8.1f} {s['server_cpu_ms_per_op']:10.3f} {s['client_cpu_ms_per_op']:10.3f} "
-                  f"{s['p95_ms']:8.1f}")
-        rr = summary["ratios_candidate_to_baseline"]
-        print(f"candidate/baseline (median of paired rounds): server CPU {rr['server_cpu']:.3f}, "
-              f"rate {rr['per_s']:.3f}, p95 {rr['p95']:.3f}")
+        return 0
+    for mode in ("enroll", "renew"):
+        if mode not in summary:
+            continue
+        s = summary[mode]
+        print(f"{mode:10s} {'per_s':>8s} {'server ms':>10s} {'client ms':>10s} {'p95 ms':>8s}   (medians of {args.rounds} rounds)")
+        for side in SIDES:
+            f = s[side]
+            print(f"{side:10s} {f['per_s']:8.1f} {f['server_cpu_ms_per_op'] or 0:10.3f} {f['client_cpu_ms_per_op']:10.3f} "
+                  f"{f['p95_ms']:8.1f}")
+        rr = s["ratios_candidate_to_baseline"]
+
+        def show(k):
+            x = rr[k]
+            return "-" if x is None else f"{x['median']:.3f} ({x['min']:.3f}..{x['max']:.3f})"
+        print(f"candidate/baseline (median of paired rounds, range): server CPU {show('server_cpu_ms_per_op')}, "
+              f"client CPU {show('client_cpu_ms_per_op')}, rate {show('per_s')}, p95 {show('p95_ms')}; "
+              f"server CPU per client CPU {show('server_per_client_cpu')}")
     return 0
 
 

@@ -28,6 +28,10 @@ def build_parser(parser_class: type, description: str) -> argparse.ArgumentParse
     ap.add_argument("--workdir", metavar="DIR", type=Path,
                     help="the benchmark's own CA (without --gateway) and the device bundles go here, and stay "
                          "(an empty or new directory; default: a temporary directory, removed at the end)")
+    ap.add_argument("--probe-devices", type=int, default=10, metavar="N",
+                    help="devices of the write probe: before the timed runs, N more devices enroll (and renew) "
+                         "one at a time while the registry's write transactions are counted in its WAL "
+                         "(default 10; 0: no probe)")
     ap.add_argument("--no-baselines", action="store_true", help="skip the libcoap and crypto baselines")
     ap.add_argument("--baseline-seconds", type=float, default=5.0)
     ap.add_argument("--server-root", type=Path, default=ROOT,
@@ -35,6 +39,8 @@ def build_parser(parser_class: type, description: str) -> argparse.ArgumentParse
     ap.add_argument("--client", choices=("lean", "script"), default="lean",
                     help="lean: benchmarks/loadgen.py (default); script: the field engineer's script per "
                          "device (gateway/device/simulator.py)")
+    ap.add_argument("--client-loop", choices=("asyncio", "uvloop"), default="asyncio",
+                    help="the client processes' event loop: asyncio's own (default) or uvloop's (if installed)")
     ap.add_argument("--durability", action="store_true",
                     help="instead of the plain run: the cost of durable commits (gateway with and without "
                          "synchronous=FULL, alternating rounds; benchmarks/bench_hardening.py)")
@@ -59,6 +65,14 @@ def check(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for flag in ("devices", "concurrency", "clients", "workers", "rounds"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag} must be at least 1")
+    if args.client_loop == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            ap.error("--client-loop uvloop: uvloop is not installed here (pip install uvloop)")
+    if not 0 <= args.probe_devices <= 50:
+        ap.error("--probe-devices must be between 0 and 50 (the probe counts the WAL's frames before SQLite "
+                 "checkpoints it)")
 
 
 def workdir(ap, given: Path | None) -> tuple[Path, bool]:

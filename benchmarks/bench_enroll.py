@@ -2,7 +2,8 @@
 """Fleet enrollment benchmark (`devid bench`): the full zero-touch flow against a real gateway.
 
     devid bench [--devices 200] [--concurrency 16] [--clients 2] [--workers N] [--renew]
-                [--client lean|script] [--workdir DIR] [--no-baselines] [--quiet | --json]
+                [--client lean|script] [--probe-devices 10] [--workdir DIR] [--no-baselines]
+                [--quiet | --json]
     devid [--data DIR] bench --gateway coaps://HOST:PORT [--data DIR] ...   against a running gateway
     devid bench --durability [--rounds 2] [--devices N ...]    the cost of durable commits
     devid bench --flood [--rounds 2] [--devices N ...]         enrollment latency under a nonce flood
@@ -20,19 +21,26 @@ sans-I/O DTLS engine with a small CoAP codec, so the client costs a few ms of CP
 ms of client CPU each, which caps the rate on a small machine); the client processes are
 benchmarks/bench_clients.py.
 
-Progress goes to stderr: each stage as it starts, and how many devices are done (counted in the
-registry once a second); --quiet or --json silence it. The result is one JSON document on
+Progress goes to stderr: each stage as it starts, how many devices are done (counted in the
+registry once a second) and, at the end, the main figures of the summary in a few lines
+(benchmarks/bench_report.py); --quiet or --json silence it. The result is one JSON document on
 stdout (docs/cli.md), with "ok" false and "error" when an enrollment failed:
 
   enrollments/s, latency p50/p95/p99 end to end and per step (connect = the DTLS handshake),
   server CPU per enrollment (from the server processes' own counters), client CPU per
   enrollment (process time of the client processes over the timed part), peak RSS of the
-  server processes,
-  errors (must be 0), and, in the same run, two baselines:
+  server processes, errors (must be 0);
+  what the flow costs, per enrollment and per renewal: datagrams each way (the handshake's
+  apart) and CoAP exchanges, counted by the lean client's sessions over the timed run
+  (benchmarks/bench_counts.py), and write transactions on the registry, counted as commits in
+  its WAL while --probe-devices more devices enroll (renew) one at a time before the timed runs
+  (benchmarks/bench_wal.py); the summary's "counting" says so too;
+  and, in the same run, two baselines:
     libcoap   coap-server-openssl in PKI mode: DTLS handshake + one GET, rate and server CPU
     crypto    the cryptographic operations one attested enrollment needs on the server
               (2 ECDSA signs, 5 verifies, 1 key generation, 1 ECDH), timed with
-              `cryptography` alone: the floor.
+              `cryptography` alone: the floor. Server CPU per enrollment (and per
+              renewal) is given as a ratio to it.
 
 `--durability` and `--flood` replace the plain run with the two measurements of issue 10
 (benchmarks/bench_hardening.py): server CPU per enrollment with and without durable commits,
@@ -61,8 +69,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_common import (DEVICE_TYPE, FW_NAME, FW_VERSION, IMAGE, POLICY, Served, bench_policy,  # noqa: E402,F401
                           bundle_dirs, checkout_module, start_gateway)
 from bench_clients import run_clients  # noqa: E402
+from bench_wal import WriteProbe  # noqa: E402
 from devid.gateway.device.stats import finite  # noqa: E402
 import bench_cli  # noqa: E402
+import bench_report  # noqa: E402
 
 
 def _report() -> bench_cli.Reporter:
@@ -106,6 +116,33 @@ def libcoap_baseline(work: Path, data, seconds: float, inflight: int, clients: i
             "server_cpu_ms_per_op": finite(res["server_cpu_ms_per_op"], 3), "failed": res["failed"]}
 
 
+def ratios(summary: dict) -> dict:
+    """Server CPU per enrollment (and per renewal) against the baselines of the same run; None
+    where a figure is missing (no server pids with --gateway; too few operations for the
+    processes' CPU clock, which counts in 10 ms ticks, to move)."""
+    def ratio(a, b):
+        return round(a / b, 2) if a and b else None
+    cpu = summary["enroll"]["server_cpu_ms_per_op"]
+    out = {"server_cpu_vs_crypto_floor": ratio(cpu, summary["crypto_floor"]["ms_per_enrollment"]),
+           "server_cpu_vs_libcoap_handshake_get": ratio(cpu, summary["libcoap"]["server_cpu_ms_per_op"])}
+    if "renew" in summary:
+        out["renew_server_cpu_vs_crypto_floor"] = ratio(summary["renew"]["server_cpu_ms_per_op"],
+                                                        summary["crypto_floor"]["ms_per_enrollment"])
+    return out
+
+
+def write_probe(gateway: str, bundles: list[str], pids: list[int], db_path: Path, renew: bool) -> dict:
+    """Before the timed runs: `bundles` enroll (and renew) one at a time from one lean client while
+    the registry's WAL counts the committed write transactions (bench_wal.py)."""
+    out: dict = {"devices": len(bundles), "concurrency": 1}
+    for mode in ("enroll", "renew") if renew else ("enroll",):
+        r = run_clients(gateway, bundles, pids, clients=1, concurrency=1, client="lean", renew=mode == "renew",
+                        probe=WriteProbe(db_path), label="write probe: ")
+        out[mode] = {"done": r["done"], "errors": r["errors"], **r["write_probe"],
+                     **({"first_failures": r["first_failures"]} if r.get("first_failures") else {})}
+    return out
+
+
 def main(argv: list[str] | None = None, parser_class: type = argparse.ArgumentParser) -> int:
     ap = bench_cli.build_parser(parser_class, __doc__)
     args = ap.parse_args(argv)
@@ -135,6 +172,8 @@ def main(argv: list[str] | None = None, parser_class: type = argparse.ArgumentPa
             count = args.devices * len(bench_hardening.SYNC_MODES) * args.rounds
         elif args.flood:
             count = args.devices * 2 * args.rounds + 1          # and one identity to flood with
+        else:
+            count += args.probe_devices
         _report().stage(f"provisioning {count} devices into {work / 'factory'}")
         reg = data.open_registry()
         provision(data.authority(reg), count=count, device_type=DEVICE_TYPE, out=work / "factory",
@@ -162,15 +201,20 @@ def main(argv: list[str] | None = None, parser_class: type = argparse.ArgumentPa
             served = start_gateway(data.path, args.workers, args.server_root)
             gateway, pids = served.uri, served.pids
 
+        probe_bundles, bundles = bundles[:args.probe_devices], bundles[args.probe_devices:]
+
         def run(renew: bool) -> dict:
             out = run_clients(gateway, bundles, pids, clients=args.clients, concurrency=args.concurrency,
-                              client=args.client, renew=renew)
+                              client=args.client, renew=renew, loop=args.client_loop)
             out.pop("_latencies")
             return out
 
+        if probe_bundles:
+            summary["write_probe"] = write_probe(gateway, probe_bundles, pids, data.db_path, args.renew)
         summary["enroll"] = run(False)
         if args.renew:
             summary["renew"] = run(True)
+        bench_report.flow_costs(summary, len(probe_bundles))
         if served is not None:
             served.stop()
             served = None
@@ -179,13 +223,10 @@ def main(argv: list[str] | None = None, parser_class: type = argparse.ArgumentPa
             summary["crypto_floor"] = crypto_floor()
             _report().stage(f"baseline: libcoap coap-server-openssl, handshake + GET ({args.baseline_seconds:g} s)")
             summary["libcoap"] = libcoap_baseline(work, data, args.baseline_seconds, 16, 2)
-            cpu = summary["enroll"]["server_cpu_ms_per_op"]
-            if cpu:
-                summary["ratios"] = {
-                    "server_cpu_vs_crypto_floor": round(cpu / summary["crypto_floor"]["ms_per_enrollment"], 2),
-                    "server_cpu_vs_libcoap_handshake_get": round(cpu / summary["libcoap"]["server_cpu_ms_per_op"], 2)
-                    if summary["libcoap"]["server_cpu_ms_per_op"] else None}
-        errors = summary["enroll"]["errors"] + summary.get("renew", {}).get("errors", 0)
+            summary["ratios"] = ratios(summary)
+        bench_report.show(_report(), summary)
+        errors = (summary["enroll"]["errors"] + summary.get("renew", {}).get("errors", 0)
+                  + sum(p["errors"] for p in summary.get("write_probe", {}).values() if isinstance(p, dict)))
         return bench_cli.emit(summary, f"{errors} enrollment(s) or renewal(s) failed" if errors else None)
     finally:
         if registry is not None:
