@@ -377,11 +377,14 @@ def test_bench_shows_progress_on_stderr_unless_quiet(tmp_path):
     lines = proc.stderr.decode().splitlines()
     assert lines and all(line.startswith("devid bench: ") for line in lines), lines
     text = "\n".join(lines)
-    for stage in (f"creating a CA in {work / 'data'}", f"provisioning 3 devices into {work / 'factory'}",
-                  "starting devid serve --workers 1 on 127.0.0.1:", "enroll: 3 devices, 1 in flight from 1 lean client",
-                  "enroll: 3/3 done in", f"kept {work}"):
+    # 3 devices, and the write probe's 10 (issue 13: --probe-devices)
+    for stage in (f"creating a CA in {work / 'data'}", f"provisioning 13 devices into {work / 'factory'}",
+                  "starting devid serve --workers 1 on 127.0.0.1:",
+                  "write probe: enroll: 10 devices, 1 in flight from 1 lean client", "write probe: enroll: 10/10 done in",
+                  "enroll: 3 devices, 1 in flight from 1 lean client", "enroll: 3/3 done in",
+                  "summary: enroll ", "per enrollment: ", f"kept {work}"):
         assert stage in text, (stage, text)
-    assert (work / "data" / "ca" / "root.cert.pem").exists() and len(list((work / "factory").iterdir())) == 3
+    assert (work / "data" / "ca" / "root.cert.pem").exists() and len(list((work / "factory").iterdir())) == 13
     for quiet in ("--quiet", "--json"):
         proc = run_devid(*_SMALL_BENCH, quiet)
         assert json.loads(ok(proc))["ok"] is True and proc.stderr == b"", proc.stderr.decode()
