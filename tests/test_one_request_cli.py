@@ -82,8 +82,10 @@ def test_devid_enroll_runs_one_request_in_one_handshake_and_needs_no_get_config(
     assert (evidence["via"], evidence["nonce"]) == ("csr", "session")
     # the device's one GET /config of the day is still there: the enrollment sent none
     stored = (bundle / "config.cbor").read_bytes()
-    assert ok(fetch_config(served, bundle)).startswith("OK: configuration for temperature-sensor")
-    assert (bundle / "config.cbor").read_bytes() == stored          # the same configuration as the answer's
+    text = ok(fetch_config(served, bundle))
+    # asked with the ETag of the config.cbor the answer gave: 2.03 Valid, the same configuration
+    assert text.startswith("OK: configuration for temperature-sensor") and text.rstrip().endswith("(unchanged)")
+    assert (bundle / "config.cbor").read_bytes() == stored
     one_line_error(fetch_config(served, bundle), "fetching the configuration failed at step config: 4.29 ")
 
     # the classic flow, for comparison: its GET /config spends that one request
@@ -199,3 +201,14 @@ def test_the_load_generator_and_devid_bench_run_one_request_by_default(data, tmp
     assert (enroll["done"], enroll["errors"]) == (20, 0)
     steps = enroll["step_latency_ms"]
     assert steps["nonce"]["p50"] is None and steps["enroll"]["p50"] is not None     # no nonce request was made
+
+
+def test_fetch_config_with_a_stale_config_gets_the_current_one(gateway):
+    data, out, served = gateway
+    bundle = out / "TS00000003"
+    ok(run_devid("enroll", "--gateway", served.uri, "--device", bundle, "--timeout", "10", *FIRMWARE))
+    current = (bundle / "config.cbor").read_bytes()
+    (bundle / "config.cbor").write_bytes(current[:-1] + b"\x00")      # not what the gateway serves: another ETag
+    doc = json.loads(ok(run_devid("fetch-config", "--gateway", served.uri, "--device", bundle, "--json")))
+    assert (doc["ok"], doc["unchanged"]) == (True, False)
+    assert (bundle / "config.cbor").read_bytes() == current

@@ -107,18 +107,23 @@ def cmd_renew(args) -> int:
 def cmd_fetch_config(args) -> int:
     import asyncio
     from devid.gateway.device.enroll import EnrollFailed, fetch_config
+    where = Path(args.device) / "config.cbor"
+    try:
+        before = where.read_bytes()
+    except OSError:
+        before = None
     try:
         config = asyncio.run(fetch_config(Path(args.device), args.gateway, timeout=args.timeout))
     except EnrollFailed as exc:
         raise output.CommandFailed(f"fetching the configuration failed at step {exc.step}: {exc.reason}",
                                    {"step": exc.step, "reason": exc.reason}) from None
-    where = Path(args.device) / "config.cbor"
+    unchanged = before is not None and where.read_bytes() == before
     if args.json:
         output.emit({"ok": True, "device_type": config.get("device_type"), "config": str(where),
-                     "trust_anchors": len(config.get("trust_anchors", []))})
+                     "trust_anchors": len(config.get("trust_anchors", [])), "unchanged": unchanged})
         return 0
     print(f"OK: configuration for {config.get('device_type')} ({len(config.get('trust_anchors', []))} trust anchors) "
-          f"in {where} and config.json")
+          f"in {where} and config.json" + (" (unchanged)" if unchanged else ""))
     return 0
 
 

@@ -98,6 +98,8 @@ def coap_exchange(ctx, base: str, timeout: float):
     async def exchange(request: Request) -> Answer:
         ep = request.endpoint
         options = {k: v for k, v in (("content_format", ep.content_format), ("accept", ep.accept)) if v is not None}
+        if request.etag is not None:
+            options["etags"] = [request.etag]
         message = aiocoap.Message(code=ep.method, uri=f"{base}/{ep.path}", payload=request.payload, **options)
         try:
             response = await asyncio.wait_for(ctx.request(message).response, timeout)

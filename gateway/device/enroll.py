@@ -153,10 +153,16 @@ async def _as_operational(directory: Path, gateway_uri: str, timeout: float, mak
 
 async def fetch_config(directory: Path, gateway_uri: str, timeout: float = 30.0) -> dict:
     """GET /config with the operational identity (a new session): the configuration of an
-    enrolled device, stored as config.cbor and config.json."""
+    enrolled device, stored as config.cbor and config.json. A device that keeps a config.cbor
+    asks with its ETag: while it is current the gateway answers 2.03 Valid, without a body."""
     directory = Path(directory)
+    try:
+        held = (directory / "config.cbor").read_bytes()
+    except OSError:
+        held = None
     config = await _as_operational(directory, gateway_uri, timeout,
-                                   lambda factory, root: config_flow(serial_of(factory), device_type_of(factory)))
+                                   lambda factory, root: config_flow(serial_of(factory), device_type_of(factory),
+                                                                     held))
     _store_config(directory, config)
     return config.data
 

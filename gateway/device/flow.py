@@ -23,7 +23,7 @@ Clock, key generation and the certificate check are passed in.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable, Generator, TypeVar
 
 from cryptography import x509
@@ -31,8 +31,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from devid.gateway.device.identity import DeviceIdentity, Firmware, device_csr, new_p256_key, serial_of
-from devid.gateway.device.protocol import (CONFIG, CRTS, CT_PKCS7_CERTS, CT_PKIX_CERT, EVIDENCE, NONCE, SEN, SREN,
-                                           EnrollFailed, Endpoint, Reply, Request, cbor_map, check)
+from devid.gateway.device.protocol import (CONFIG, CONTENT, CRTS, CT_CBOR, CT_PKCS7_CERTS, CT_PKIX_CERT, EVIDENCE,
+                                           NONCE, SEN, SREN, VALID, Answer, EnrollFailed, Endpoint, Reply, Request,
+                                           cbor_map, check, config_etag)
 
 T = TypeVar("T")
 Verify = Callable[[x509.Certificate, list[x509.Certificate]], Any]
@@ -76,6 +77,7 @@ class Issued:
 class Config:
     data: dict
     raw: bytes                        # the answer as received (config.cbor)
+    unchanged: bool = False           # the gateway said the configuration the device held is current
 
 
 @dataclass(frozen=True)
@@ -201,8 +203,16 @@ def renew_flow(serial: str, verify: Verify, *, cert_format: int = CT_PKCS7_CERTS
     return issued
 
 
-def config_flow(serial: str | None = None, device_type: str | None = None) -> Flow[Config]:
-    config = read_config((yield from ask(CONFIG)), serial, device_type)
+def config_flow(serial: str | None = None, device_type: str | None = None,
+                held: bytes | None = None) -> Flow[Config]:
+    """GET /config; with `held` (the config.cbor the device keeps) a conditional GET with its
+    ETag: 2.03 Valid means it is current, and it is read back as the answer (`unchanged`)."""
+    request = Request(CONFIG, etag=None if held is None else config_etag(held))
+    reply = check(request, (yield request))
+    if reply.code == VALID:
+        config = replace(read_config(Answer(CONTENT, CT_CBOR, held), serial, device_type), unchanged=True)
+    else:
+        config = read_config(reply, serial, device_type)
     yield Done("config", config)
     return config
 

@@ -13,6 +13,7 @@ No aiocoap and no sockets here: the flows in `flow.py` are written against these
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -30,7 +31,7 @@ CT_PKIX_CERT = 287
 
 # methods and the response codes we expect (class << 5 | detail)
 GET, POST = 1, 2
-CHANGED, CONTENT = 0x44, 0x45
+VALID, CHANGED, CONTENT = 0x43, 0x44, 0x45
 
 # option numbers of the options a request carries (RFC 7252 5.10)
 OPT_URI_PATH, OPT_CONTENT_FORMAT, OPT_ACCEPT = 11, 12, 17
@@ -151,10 +152,19 @@ class Request:
 
     endpoint: Endpoint
     payload: bytes = b""
+    # a conditional GET (RFC 7252 5.10.6.2): the ETag of the representation the device holds;
+    # 2.03 Valid then answers that it is current
+    etag: bytes | None = None
 
     @property
     def step(self) -> str:
         return self.endpoint.step
+
+
+def config_etag(config_cbor: bytes) -> bytes:
+    """The ETag the gateway gives a configuration (docs/enrollment.md#get-config): the first 8
+    bytes of the SHA-256 of its CBOR, so a device computes it from the config.cbor it keeps."""
+    return hashlib.sha256(config_cbor).digest()[:8]
 
 
 class Reply(Protocol):
@@ -224,6 +234,8 @@ def check(request: Request, reply: Reply) -> Reply:
     """The answer if it is the success the endpoint promises, in the content format it promises;
     else EnrollFailed naming the request's step."""
     ep = request.endpoint
+    if request.etag is not None and reply.code == VALID:
+        return reply                # what the device holds is current: no body
     if reply.code != ep.success:
         if reply.code >> 5 == 2:
             raise EnrollFailed(ep.step, f"unexpected answer {code_text(reply.code)}, expected "
