@@ -19,7 +19,7 @@ Noise control: the gateway and the clients share the machine's cores, so a busy 
 both in the same round. `server_per_client_cpu` (server CPU per operation / client CPU per
 operation, within one run) cancels most of that when only one of the two differs between the
 sides: with the same client code, its ratio is the gateway's change (in the runs of
-benchmarks/README.md its spread over rounds was 3-6 times narrower than the server CPU's own);
+benchmarks/README.md its spread over rounds was 2-7 times narrower than the server CPU's own);
 with the same gateway and different clients (`--client-loop`), its inverse is the client's.
 """
 
