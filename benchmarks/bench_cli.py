@@ -39,6 +39,9 @@ def build_parser(parser_class: type, description: str) -> argparse.ArgumentParse
     ap.add_argument("--client", choices=("lean", "script"), default="lean",
                     help="lean: benchmarks/loadgen.py (default); script: the field engineer's script per "
                          "device (gateway/device/simulator.py)")
+    ap.add_argument("--flow", choices=("one-request", "classic"), default="one-request",
+                    help="how the devices enroll: one-request (default: evidence in the CSR of EST /sen, the "
+                         "answer with the configuration) or classic (nonce, evidence, /sen, /config)")
     ap.add_argument("--client-loop", choices=("asyncio", "uvloop"), default="asyncio",
                     help="the client processes' event loop: asyncio's own (default) or uvloop's (if installed)")
     ap.add_argument("--durability", action="store_true",

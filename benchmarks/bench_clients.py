@@ -28,7 +28,7 @@ def run_loop(coro, loop: str):
     return asyncio.run(coro)
 
 
-def _client(gateway: str, bundles: list[str], concurrency: int, renew: bool, loop: str, q, go) -> None:
+def _client(gateway: str, bundles: list[str], concurrency: int, renew: bool, loop: str, flow: str, q, go) -> None:
     """--client script: the field engineer's script per device (gateway/device/simulator.py)."""
     from devid.gateway.device.simulator import simulate
     fw = bench_firmware()
@@ -36,12 +36,13 @@ def _client(gateway: str, bundles: list[str], concurrency: int, renew: bool, loo
     go.wait()
     cpu0 = time.process_time()
     report = run_loop(simulate(gateway, [Path(b) for b in bundles], lambda b: fw, concurrency=concurrency,
-                               renew_only=renew), loop)
+                               renew_only=renew, flow=None if renew else flow), loop)
     q.put(("done", {"latencies": report.latencies, "failures": report.failures,
                     "steps": [r.steps for r in report.results], "cpu": time.process_time() - cpu0}))
 
 
-def _client_lean(gateway: str, bundles: list[str], concurrency: int, renew: bool, loop: str, q, go) -> None:
+def _client_lean(gateway: str, bundles: list[str], concurrency: int, renew: bool, loop: str, flow: str, q,
+                 go) -> None:
     """--client lean: benchmarks/loadgen.py. Bundles are loaded, the CA certificates fetched and
     the client Context built before the timed part; the operational identities are saved after it."""
     import loadgen
@@ -64,7 +65,7 @@ def _client_lean(gateway: str, bundles: list[str], concurrency: int, renew: bool
     trust = loadgen.Trust(devices[0].root, target.host)
     try:
         report = run_loop(loadgen.run(target, devices, trust, renew=renew, firmware=fw, concurrency=concurrency,
-                                      started=started), loop)
+                                      started=started, flow=flow), loop)
     except loadgen.Failed as exc:             # the set-up (CA certificates) failed: every device fails
         q.put(("done", {"latencies": [], "failures": {d.serial: str(exc) for d in devices}, "steps": [],
                         "cpu": 0.0}))
@@ -78,9 +79,10 @@ def _client_lean(gateway: str, bundles: list[str], concurrency: int, renew: bool
 
 def run_clients(gateway: str, bundles: list[str], pids: list[int], *, clients: int, concurrency: int,
                 client: str = "lean", renew: bool = False, probe=None, label: str = "",
-                loop: str = "asyncio") -> dict:
+                loop: str = "asyncio", flow: str = "one-request") -> dict:
     """Enroll (or renew) `bundles` from `clients` processes, on event loops of kind `loop`
-    (asyncio, uvloop); the JSON summary of one mode. With a
+    (asyncio, uvloop), enrolling by `flow` (one-request, classic; renewals are the same in
+    both); the JSON summary of one mode. With a
     `probe` (bench_wal.WriteProbe): its `start` right before the timed part, its `stop` right
     after, as `write_probe` in the summary. `label` names the run in the progress lines."""
     ctx = multiprocessing.get_context("spawn")
@@ -89,7 +91,7 @@ def run_clients(gateway: str, bundles: list[str], pids: list[int], *, clients: i
     shares = [bundles[i::clients] for i in range(clients)]
     per = max(1, concurrency // clients)
     target = _client_lean if client == "lean" else _client
-    procs = [ctx.Process(target=target, args=(gateway, s, per, renew, loop, q, go)) for s in shares if s]
+    procs = [ctx.Process(target=target, args=(gateway, s, per, renew, loop, flow, q, go)) for s in shares if s]
     report = bench_cli.REPORT
     mode = label + ("renew" if renew else "enroll")
     report.stage(f"{mode}: {len(bundles)} devices, {concurrency} in flight from {len(procs)} {client} "
@@ -130,7 +132,8 @@ def run_clients(gateway: str, bundles: list[str], pids: list[int], *, clients: i
     client_cpu = sum(r["cpu"] for r in results)
     done = len(lat)
     report.finished(progress, mode, done, len(bundles), len(failures), wall)
-    out = {"mode": "renew" if renew else "enroll", "client": client, "devices": len(bundles),
+    out = {"mode": "renew" if renew else "enroll", "client": client, "flow": None if renew else flow,
+           "devices": len(bundles),
            "done": done, "errors": len(failures), "seconds": round(wall, 2),
            "per_s": round(done / wall, 1) if wall else None,
            "latency_ms": latency_ms(lat),

@@ -10,7 +10,9 @@
 
 Starts `devid serve --workers N` on loopback with a CA of its own (in --workdir, by default a
 temporary directory removed afterwards), provisions the devices, and runs each through the
-zero-touch flow (nonce, signed evidence, EST /sen, configuration, in one DTLS session) with C
+zero-touch flow (by --flow: one-request, the default, is evidence inside the CSR of one EST /sen
+whose answer carries the configuration; classic is nonce, signed evidence, EST /sen,
+configuration; one DTLS session either way) with C
 devices in flight from client processes separate from the server. With --gateway it targets a
 running gateway instead and provisions the devices into that gateway's data directory: --data
 DIR, as for every devid command (default: $DEVID_DATA, else ./devid-data); --data means nothing
@@ -131,13 +133,14 @@ def ratios(summary: dict) -> dict:
     return out
 
 
-def write_probe(gateway: str, bundles: list[str], pids: list[int], db_path: Path, renew: bool) -> dict:
+def write_probe(gateway: str, bundles: list[str], pids: list[int], db_path: Path, renew: bool,
+                flow: str = "one-request") -> dict:
     """Before the timed runs: `bundles` enroll (and renew) one at a time from one lean client while
     the registry's WAL counts the committed write transactions (bench_wal.py)."""
     out: dict = {"devices": len(bundles), "concurrency": 1}
     for mode in ("enroll", "renew") if renew else ("enroll",):
         r = run_clients(gateway, bundles, pids, clients=1, concurrency=1, client="lean", renew=mode == "renew",
-                        probe=WriteProbe(db_path), label="write probe: ")
+                        probe=WriteProbe(db_path), label="write probe: ", flow=flow)
         out[mode] = {"done": r["done"], "errors": r["errors"], **r["write_probe"],
                      **({"first_failures": r["first_failures"]} if r.get("first_failures") else {})}
     return out
@@ -205,12 +208,12 @@ def main(argv: list[str] | None = None, parser_class: type = argparse.ArgumentPa
 
         def run(renew: bool) -> dict:
             out = run_clients(gateway, bundles, pids, clients=args.clients, concurrency=args.concurrency,
-                              client=args.client, renew=renew, loop=args.client_loop)
+                              client=args.client, renew=renew, loop=args.client_loop, flow=args.flow)
             out.pop("_latencies")
             return out
 
         if probe_bundles:
-            summary["write_probe"] = write_probe(gateway, probe_bundles, pids, data.db_path, args.renew)
+            summary["write_probe"] = write_probe(gateway, probe_bundles, pids, data.db_path, args.renew, args.flow)
         summary["enroll"] = run(False)
         if args.renew:
             summary["renew"] = run(True)

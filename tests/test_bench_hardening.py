@@ -198,3 +198,21 @@ def test_the_sessions_count_every_datagram_and_each_exchange_once(data, registry
     per = bench_counts.per_op([got], 1)
     assert per["datagrams_per_op"]["total"] == c2s + s2c + 6 and per["coap_exchanges_per_op"] == 2
     assert bench_counts.per_op([], 3) is None and bench_counts.per_op([dict.fromkeys(bench_counts.KEYS, 0)], 3) is None
+
+
+def test_the_flows_cost_side_by_side(tmp_path):
+    """`--flow`: the one-request enrollment (the default) against the classic one, as counted by
+    the same bench: fewer exchanges, fewer datagrams after the handshake, fewer write transactions."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "classic").mkdir()
+    one = _bench(tmp_path / "one", "--probe-devices", "2", "--no-baselines", "--json", devices="4")
+    classic = _bench(tmp_path / "classic", "--flow", "classic", "--probe-devices", "2", "--no-baselines", "--json",
+                     devices="4")
+    assert (one["enroll"]["flow"], classic["enroll"]["flow"]) == ("one-request", "classic")
+    assert one["settings"]["flow"] == "one-request" and classic["settings"]["flow"] == "classic"
+    a, b = one["enroll"], classic["enroll"]
+    assert a["errors"] == 0 and b["errors"] == 0
+    assert a["coap_exchanges_per_op"] < b["coap_exchanges_per_op"]
+    assert a["datagrams_per_op"]["after_handshake"]["sent"] < b["datagrams_per_op"]["after_handshake"]["sent"]
+    assert a["write_transactions_per_op"] == 1 < b["write_transactions_per_op"]
+    assert "nonce" not in a["step_latency_ms"] and "nonce" in b["step_latency_ms"]
