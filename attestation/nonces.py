@@ -59,6 +59,12 @@ class SessionNonce:
         self.used = True
         return True
 
+    def release(self) -> None:
+        """Undo a claim whose use left no trace: the caller recorded nothing with it (the
+        enrollment the evidence backed rolled back whole, its verdict included), so the one use
+        never happened and the device may send the evidence again in this session."""
+        self.used = False
+
 
 @dataclass(frozen=True)
 class NonceRecord:

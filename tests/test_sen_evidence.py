@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from devid.attestation.evidence import cose_key_xy
 from devid.ca.csr_evidence import embed_evidence
 from devid.gateway.device.client import device_context
+from devid.gateway.store.attestation_store import SQLiteAttestationStore
 
 from .conftest import make_csr
 from .gateway_helpers import problem, request, run_with_gateway, token_for
@@ -246,3 +247,62 @@ def test_a_configuration_that_cannot_be_served_refuses_before_anything_is_issued
         assert gw.registry._db.execute("SELECT COUNT(*) FROM certificates WHERE device_serial = ? AND "
                                        "profile = 'operational'", ("TS00000002",)).fetchone()[0] == 0
     run_with_gateway(data, body)
+
+
+def test_after_an_error_answer_the_device_retries_in_the_same_session(world):
+    """Nothing issued, nothing used up: a broken template (5.03, found before the evidence is
+    appraised) and the certificate quota (4.29, inside the transaction that rolls back whole)
+    leave the session's nonce unused, so the same request succeeds once the cause is gone."""
+    from datetime import datetime, timedelta, timezone
+
+    from devid.gateway.service.budgets import Budgets
+    data, out = world
+    dev = out / "TS00000004"
+    now = [datetime.now(timezone.utc)]
+
+    async def body(uri, gw):
+        first, _ = await device_context(dev, "127.0.0.1")
+        try:
+            csr, _ = attested_csr(dev, await exporter_of(first, uri))
+            r = await request(first, uri + SEN, codes.POST, payload=csr, content_format=286, accept=62)
+            assert r.code == codes.CHANGED                          # the one certificate of the window
+        finally:
+            await first.shutdown()
+        ctx, _ = await device_context(dev, "127.0.0.1")
+        try:
+            csr, _ = attested_csr(dev, await exporter_of(ctx, uri))
+            template = data.path / "config" / "default.toml"
+            good = template.read_text()
+            template.write_text("[endpoints\n")
+            r = await request(ctx, uri + SEN, codes.POST, payload=csr, content_format=286, accept=62)
+            assert r.code == codes.SERVICE_UNAVAILABLE and problem(r)[-1] == "configuration unavailable"
+            template.write_text(good)
+            r = await request(ctx, uri + SEN, codes.POST, payload=csr, content_format=286, accept=62)
+            assert r.code == codes.TOO_MANY_REQUESTS and problem(r)[-1] == "too many certificates"
+            now[0] += timedelta(hours=25)                           # the window has passed
+            # the session's nonce again (new evidence only for its iat, 25 h on: the gateway's clock)
+            csr, _ = attested_csr(dev, await exporter_of(ctx, uri), iat=int(now[0].timestamp()))
+            r = await request(ctx, uri + SEN, codes.POST, payload=csr, content_format=286, accept=62)
+            assert r.code == codes.CHANGED, problem(r)
+            assert cbor2.loads(cbor2.loads(r.payload)[5])["acceptable"] is True
+        finally:
+            await ctx.shutdown()
+        entries = [(e.acceptable, e.nonce)
+                   for e in SQLiteAttestationStore(gw.registry).log_entries(device_serial="TS00000004")]
+        assert entries == [(True, "session"), (True, "session")]     # no replay was logged
+    run_with_gateway(data, body, clock=lambda: now[0], budgets=Budgets(certificates_per_window=1))
+
+
+def test_the_documented_cnf_encoding_is_the_claims():
+    """docs/evidence.md's byte layout of the cnf claim is what `Evidence` encodes and decodes."""
+    from devid.attestation.evidence import Evidence, decode_claims, encode_claims
+    text = (Path(__file__).parent.parent / "docs" / "evidence.md").read_text()
+    for group in ("08 ", "a1 01 ", "a4 01 02 20 01", "21 58 20 <x>", "22 58 20 <y>"):
+        assert group in text
+    x, y = cose_key_xy(ec.generate_private_key(ec.SECP256R1()).public_key())
+    ev = Evidence(nonce=bytes(32), ueid=b"\x01" + bytes(16), oemid=12345, hwmodel=b"t", swname="f", swversion="1",
+                  fw_alg="sha-256", fw_digest=bytes(32), secure_boot=True, dbgstat=2, bootcount=1, iat=1, cnf_key=(x, y))
+    encoded = encode_claims(ev)
+    assert encoded[0] == 0xac                                       # twelve pairs
+    assert bytes.fromhex("08a101a401022001215820") + x + bytes.fromhex("225820") + y in encoded
+    assert decode_claims(encoded).cnf_key == (x, y)

@@ -44,9 +44,9 @@ DEFAULT_PORT = 5684
 ONE_REQUEST, CLASSIC = "one-request", "classic"
 FLOWS = (ONE_REQUEST, CLASSIC)
 DEFAULT_FLOW = ONE_REQUEST
-# a renewal asks for the certificate alone unless told otherwise: the gateway answers Accept 62
-# after issuing, so a configuration it cannot serve then would cost the device its new certificate
-# (and leave the old one superseded); `one-request` asks for the configuration in the same answer
+# a renewal asks for the certificate alone unless told otherwise: one message, where the answer
+# with the configuration takes two Block2 exchanges, and a configuration rarely changes (a
+# conditional GET /config with its ETag checks it); `one-request` asks for it in the same answer
 DEFAULT_RENEW_FLOW = CLASSIC
 
 _CODE_NAMES = {

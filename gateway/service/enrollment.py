@@ -41,7 +41,7 @@ from datetime import datetime
 from typing import Callable, ContextManager
 
 from devid.attestation.evidence import MAX_EVIDENCE_SIZE, cose_key_xy
-from devid.attestation.nonces import NonceRecord, SessionNonce
+from devid.attestation.nonces import SESSION, NonceRecord, SessionNonce
 from devid.attestation.policy import Policy
 from devid.attestation.service import AttestationService, Evaluation
 from devid.attestation.verifier import AttestingDevice
@@ -286,6 +286,9 @@ class EnrollmentService:
             self._decision("enroll", who, "refused", reason="re-enrollment not allowed")
             raise ReenrollmentRefused("device already enrolled; policy does not allow re-enrollment")
         checked = self._check_csr("enroll", who, csr, evidence=True)   # a bad CSR must not use up the verdict
+        # before the evidence is appraised: a template that cannot be served refuses the request
+        # without using the evidence's nonce
+        config = self._config(who) if with_config else None
         appraisal = None
         if checked.evidence is not None:
             # appraised before the transaction: a session nonce writes nothing, and the signature
@@ -298,27 +301,35 @@ class EnrollmentService:
                 raise AttestationRefused(f"verdict {verdict.tier.value}: {', '.join(verdict.codes)}"
                                          + (" (the device was revoked)" if outcome.revoked else ""),
                                          outcome.evaluation)
-        config = self._config(who) if with_config else None
         verdict_seq, evaluation = None, None
-        with self.atomic():         # nor may a failed issuance
-            if not tpolicy.reenroll and self._standing("enroll", who).device_state is DeviceState.ENROLLED:
-                # again under the registry's write lock: of first enrollments racing on several
-                # workers, the first makes the device enrolled and the others are refused here
-                self._decision("enroll", who, "refused", reason="re-enrollment not allowed")
-                raise ReenrollmentRefused("device already enrolled; policy does not allow re-enrollment")
-            self._certificate_quota("enroll", who)
-            if appraisal is not None:
-                evaluation = self.attestation.record(appraisal, used_for="enrollment")
-                verdict_seq = evaluation.log_seq
-            elif tpolicy.attestation != "waived":
-                entry = self.attestation.take_verdict(who.serial)
-                if entry is None:
-                    self._decision("enroll", who, "refused", reason="no acceptable verdict in the window")
-                    raise AttestationRequired(
-                        f"device type {who.device_type} requires attestation: put evidence in the CSR "
-                        "(attribute id-aa-attestation) or send it to /attest/evidence first")
-                verdict_seq = entry.seq
-            issued = self._issue("enroll", who, checked)
+        try:
+            with self.atomic():         # nor may a failed issuance
+                if not tpolicy.reenroll and self._standing("enroll", who).device_state is DeviceState.ENROLLED:
+                    # again under the registry's write lock: of first enrollments racing on several
+                    # workers, the first makes the device enrolled and the others are refused here
+                    self._decision("enroll", who, "refused", reason="re-enrollment not allowed")
+                    raise ReenrollmentRefused("device already enrolled; policy does not allow re-enrollment")
+                self._certificate_quota("enroll", who)
+                if appraisal is not None:
+                    evaluation = self.attestation.record(appraisal, used_for="enrollment")
+                    verdict_seq = evaluation.log_seq
+                elif tpolicy.attestation != "waived":
+                    entry = self.attestation.take_verdict(who.serial)
+                    if entry is None:
+                        self._decision("enroll", who, "refused", reason="no acceptable verdict in the window")
+                        raise AttestationRequired(
+                            f"device type {who.device_type} requires attestation: put evidence in the CSR "
+                            "(attribute id-aa-attestation) or send it to /attest/evidence first")
+                    verdict_seq = entry.seq
+                issued = self._issue("enroll", who, checked)
+        except BaseException:
+            # nothing was written: the verdict's entry rolled back with the certificate. A session
+            # nonce the appraisal claimed is released, so the device may retry in this session
+            # (after a 4.29 or a 5.03) with the same evidence; a server nonce stays consumed
+            if appraisal is not None and appraisal.verdict.fresh and appraisal.verdict.nonce == SESSION \
+                    and session_nonce is not None:
+                session_nonce.release()
+            raise
         if evaluation is not None:
             self._judged(who, evaluation, via="csr")
         self._decision("enroll", who, "issued", certificate=format(issued.cert.serial_number, "x"),
