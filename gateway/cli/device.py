@@ -29,6 +29,17 @@ def _firmware(args, directory):
                                  args.firmware_digest, args.firmware_name, args.firmware_version)
 
 
+def _config_not_fetched(args, exc, done: str, what: str, files: str = "") -> output.CommandFailed:
+    """Exit 3: the device is `done` (enrolled, renewed) and its new identity stored, but `what`."""
+    serial = output.format_serial(exc.certificate.serial_number)
+    return output.CommandFailed(
+        f"{done}, but {what} ({exc.reason}): operational certificate {serial} is stored in {exc.directory}{files}; "
+        f"get the configuration with: devid fetch-config --gateway {shlex.quote(args.gateway)} "
+        f"--device {shlex.quote(str(exc.directory))}",
+        {"flow": args.flow, "step": exc.step, "reason": exc.reason, done: True, "certificate_serial": serial,
+         "directory": str(exc.directory)}, code=EXIT_CONFIG_NOT_FETCHED)
+
+
 def cmd_enroll(args) -> int:
     import asyncio
     from devid.gateway.device.enroll import ConfigNotFetched, EnrollFailed, enroll
@@ -44,13 +55,8 @@ def cmd_enroll(args) -> int:
         result = asyncio.run(enroll(Path(args.device), args.gateway, firmware, flow=args.flow, timeout=args.timeout,
                                     report=report))
     except ConfigNotFetched as exc:
-        serial = output.format_serial(exc.certificate.serial_number)
-        raise output.CommandFailed(
-            f"enrolled, but the configuration could not be fetched ({exc.reason}): operational certificate "
-            f"{serial} is stored in {exc.directory} (op-key.pem, op-cert.pem, op-chain.pem); get the configuration "
-            f"with: devid fetch-config --gateway {shlex.quote(args.gateway)} --device {shlex.quote(str(exc.directory))}",
-            {"flow": args.flow, "step": exc.step, "reason": exc.reason, "enrolled": True,
-             "certificate_serial": serial, "directory": str(exc.directory)}, code=EXIT_CONFIG_NOT_FETCHED) from None
+        raise _config_not_fetched(args, exc, "enrolled", "the configuration could not be fetched",
+                                  " (op-key.pem, op-cert.pem, op-chain.pem)") from None
     except EnrollFailed as exc:
         raise output.CommandFailed(f"enrollment failed at step {exc.step}: {exc.reason}",
                                    {"flow": args.flow, "step": exc.step, "reason": exc.reason}) from None
@@ -85,13 +91,7 @@ def cmd_renew(args) -> int:
         cert = asyncio.run(renew(Path(args.device), args.gateway, flow=args.flow, timeout=args.timeout,
                                  report=report))
     except ConfigNotFetched as exc:
-        serial = output.format_serial(exc.certificate.serial_number)
-        raise output.CommandFailed(
-            f"renewed, but the configuration in the answer could not be read ({exc.reason}): operational "
-            f"certificate {serial} is stored in {exc.directory}; get the configuration with: devid fetch-config "
-            f"--gateway {shlex.quote(args.gateway)} --device {shlex.quote(str(exc.directory))}",
-            {"flow": args.flow, "step": exc.step, "reason": exc.reason, "renewed": True,
-             "certificate_serial": serial, "directory": str(exc.directory)}, code=EXIT_CONFIG_NOT_FETCHED) from None
+        raise _config_not_fetched(args, exc, "renewed", "the configuration in the answer could not be read") from None
     except EnrollFailed as exc:
         raise output.CommandFailed(f"renewal failed at step {exc.step}: {exc.reason}",
                                    {"flow": args.flow, "step": exc.step, "reason": exc.reason}) from None

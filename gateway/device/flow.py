@@ -158,6 +158,16 @@ def read_config(reply: Reply, serial: str | None = None, device_type: str | None
 
 # -- the flows ---------------------------------------------------------------------------------------
 
+def take_nonce(session_nonce: bytes | None) -> Flow[bytes]:
+    """The nonce evidence carries: the session's (its exporter value, no request) when the
+    session has one, else a server nonce (GET /attest/nonce, reported as step `nonce`)."""
+    if session_nonce is not None:
+        return session_nonce
+    nonce = read_nonce((yield from ask(NONCE)))
+    yield Done("nonce", nonce)
+    return nonce
+
+
 def ask(endpoint: Endpoint, payload: bytes = b"") -> Generator[Request, Reply, Reply]:
     """One request; its answer once `check` accepts it."""
     request = Request(endpoint, payload)
@@ -177,11 +187,7 @@ def enroll_flow(identity: DeviceIdentity, firmware: Firmware | None, verify: Ver
     the evidence then carries it and the flow asks for no server nonce."""
     verdict = None
     if firmware is not None:
-        if session_nonce is not None:
-            nonce = session_nonce
-        else:
-            nonce = read_nonce((yield from ask(NONCE)))
-            yield Done("nonce", nonce)
+        nonce = yield from take_nonce(session_nonce)
         token = identity.evidence(nonce, firmware, iat=int(clock()), secure_boot=secure_boot, dbgstat=dbgstat,
                                   bootcount=bootcount)
         verdict = read_verdict((yield from ask(EVIDENCE, token)))

@@ -37,10 +37,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from devid.attestation import cbor_strict
 from devid.attestation.errors import AttestationError
-from devid.gateway.device.flow import (Config, Done, Enrolled, Flow, Issued, Verdict, Verify, ask, check_issued,
-                                       crts_flow, find_leaf, read_certificates, read_config, read_nonce, read_verdict)
+from devid.gateway.device.flow import (Config, Done, Enrolled, Flow, Issued, Verdict, Verify, check_issued, crts_flow,
+                                       find_leaf, read_certificates, read_config, read_verdict, take_nonce)
 from devid.gateway.device.identity import DeviceIdentity, Firmware, device_csr, new_p256_key
-from devid.gateway.device.protocol import (CT_CBOR, CT_MULTIPART, CT_PKIX_CERT, NONCE, SEN, SREN, Answer, EnrollFailed,
+from devid.gateway.device.protocol import (CT_CBOR, CT_MULTIPART, CT_PKIX_CERT, SEN, SREN, Answer, EnrollFailed,
                                            Reply, Request, check, problem_details, problem_text)
 
 # the largest answer read (the gateway's is ~1.9 KB: a certificate, a configuration of one message)
@@ -165,11 +165,7 @@ def one_request_flow(identity: DeviceIdentity, firmware: Firmware | None, verify
     key = new_key()
     token = None
     if firmware is not None:
-        if session_nonce is not None:
-            nonce = session_nonce
-        else:
-            nonce = read_nonce((yield from ask(NONCE)))
-            yield Done("nonce", nonce)
+        nonce = yield from take_nonce(session_nonce)
         token = identity.evidence(nonce, firmware, iat=int(clock()), secure_boot=secure_boot, dbgstat=dbgstat,
                                   bootcount=bootcount, bound_key=key.public_key())
     reply = yield from _send(Request(SEN[CT_MULTIPART], device_csr(key, identity.serial, token)))
