@@ -40,7 +40,10 @@ def logged(data):
 def test_log_table(logged):
     text = ok(run_devid("attest", "log", data_dir=logged.path))
     lines = text.splitlines()
-    assert lines[0].split() == ["seq", "time", "device", "type", "verdict", "accepted", "firmware", "reasons"]
+    assert lines[0].split() == ["seq", "time", "device", "type", "verdict", "accepted", "nonce", "firmware",
+                                "reasons"]
+    # the kind of nonce each appraisal took (server nonces here; "-" where the token did not decode)
+    assert lines[2].split()[6] == "server" and lines[6].split()[6] == "-"
     assert "TS2" in lines[3] and "contraindicated" in lines[3] and "secure-boot-off" in lines[3]
     assert "ts-firmware 2.3.1" in lines[2] and NOW.strftime("%Y-%m-%dT%H:%M:%SZ") in lines[2]
     assert "debug-not-disabled-since-boot" in lines[4] and "warning" in lines[4]

@@ -93,14 +93,14 @@ def cmd_log(args) -> int:
     rows = []
     for e in entries:
         if e.summary is not None:
-            rows.append((e.seq, e.time[:19] + "Z", e.device_serial, e.device_type, e.tier.value, "no", "-",
+            rows.append((e.seq, e.time[:19] + "Z", e.device_serial, e.device_type, e.tier.value, "no", "-", "-",
                          _summary_text(e)))
             continue
         c = e.claims or {}
         firmware = f"{c['swname']} {c['swversion']}" if c else "-"
         rows.append((e.seq, e.time[:19] + "Z", e.device_serial, e.device_type, e.tier.value,
-                     "yes" if e.acceptable else "no", firmware, ", ".join(e.codes) or "-"))
-    output.table(["seq", "time", "device", "type", "verdict", "accepted", "firmware", "reasons"], rows)
+                     "yes" if e.acceptable else "no", e.nonce or "-", firmware, ", ".join(e.codes) or "-"))
+    output.table(["seq", "time", "device", "type", "verdict", "accepted", "nonce", "firmware", "reasons"], rows)
     print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} shown")
     if pending:
         n = sum(t.suppressed for t in pending.values())
