@@ -200,7 +200,8 @@ class SimpleEnroll(_Resource):
             return self.service.enroll(who, request.payload, session, with_config=with_config)
         finally:
             if session is not None and session.used:
-                # the verifier claimed the session's one use: kept even if a later step failed
+                # the verifier claimed the session's one use, and the enrollment kept it: only a
+                # rollback that recorded nothing releases it (EnrollmentService.enroll)
                 request.remote.exporter_used = True
 
 
