@@ -6,7 +6,6 @@ details, certificate checks) without a network."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import sys
 from contextlib import asynccontextmanager
@@ -32,14 +31,11 @@ from devid.gateway.device.protocol import (CONFIG, CRTS, CT_PKCS7_CERTS, CT_PKIX
 from devid.gateway.device.stats import latency_ms, percentile, step_latency_ms
 
 from .gateway_helpers import FW, run_with_gateway
+from .transport_helpers import TIMEOUT, over_lean
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-import loadgen  # noqa: E402
 import loadgen_coap  # noqa: E402
-import loadgen_dtls  # noqa: E402
-
-TIMEOUT = 15.0
 
 
 # -- the two transports ----------------------------------------------------------------------------------
@@ -50,23 +46,9 @@ async def over_aiocoap(bundle: Path, uri: str, operational: bool = False):
     gateway = parse_gateway(uri)
     ctx, _ = await device_context(bundle, gateway.host, *names, handshake_timeout=TIMEOUT)
     try:
-        yield coap_exchange(ctx, gateway.base, TIMEOUT)
+        yield coap_exchange(ctx, gateway.base, TIMEOUT), None      # (the exporter: not read here)
     finally:
         await ctx.shutdown()
-
-
-@asynccontextmanager
-async def over_lean(bundle: Path, uri: str, operational: bool = False):
-    dev = loadgen.load_device(bundle, operational)
-    target = loadgen.Target.parse(uri)
-    trust = loadgen.Trust(dev.root, target.host, full_chain=True)
-    session = loadgen_dtls.Session(asyncio.get_running_loop(), target.peer, target.family, trust.context(dev), dev,
-                                   trust, TIMEOUT)
-    await loadgen_dtls.connect(session, TIMEOUT)
-    try:
-        yield loadgen_dtls.exchange(session, TIMEOUT)
-    finally:
-        session.close()
 
 
 TRANSPORTS = {"aiocoap": over_aiocoap, "lean": over_lean}
@@ -94,7 +76,7 @@ def test_enroll_renew_and_config_flows(world, transport, cert_format):
     over = TRANSPORTS[transport]
 
     async def body(uri, gw):
-        async with over(bundle, uri) as exchange:
+        async with over(bundle, uri) as (exchange, _):
             cas, _ = await drive(crts_flow(), exchange)
             assert [c.subject for c in cas] == [data.cert("root").subject, data.cert("operational").subject]
             check_root = root_verifier(root)
@@ -113,7 +95,7 @@ def test_enroll_renew_and_config_flows(world, transport, cert_format):
         assert gw.registry.get_device("TS00000001").state is DeviceState.ENROLLED
         _save(bundle, Issued(issued.key, [issued.certificate, data.cert("operational")]))
 
-        async with over(bundle, uri, operational=True) as exchange:
+        async with over(bundle, uri, operational=True) as (exchange, _):
             renewed, steps = await drive(renew_flow(identity.serial, verify, cert_format=cert_format), exchange)
         assert list(steps) == ["renew"]
         statuses = {c.serial: c.status for c in gw.registry.certificates_for_device("TS00000001")}
@@ -121,7 +103,7 @@ def test_enroll_renew_and_config_flows(world, transport, cert_format):
         assert statuses[renewed.certificate.serial_number] is CertStatus.CURRENT
         _save(bundle, Issued(renewed.key, [renewed.certificate, data.cert("operational")]))
 
-        async with over(bundle, uri, operational=True) as exchange:
+        async with over(bundle, uri, operational=True) as (exchange, _):
             config, _ = await drive(config_flow(identity.serial, identity.device_type), exchange)
         assert config.data["device_type"] == "temperature-sensor" and config.data["trust_anchors"]
     run_with_gateway(data, body)
@@ -134,7 +116,7 @@ def test_a_waived_device_enrolls_without_evidence_over_both_transports(world):
     async def body(uri, gw):
         runs = {}
         for name, over in TRANSPORTS.items():         # the same device twice: re-enrollment is allowed
-            async with over(out / "LG00000001", uri) as exchange:
+            async with over(out / "LG00000001", uri) as (exchange, _):
                 runs[name] = await drive(enroll_flow(identity, None, root_verifier(root)), exchange)
         return runs
 
@@ -155,7 +137,7 @@ def test_real_refusals_read_the_same_over_both_transports(world):
     async def body(uri, gw):
         got = {}
         for name, over in TRANSPORTS.items():
-            async with over(out / "TS00000002", uri) as exchange:
+            async with over(out / "TS00000002", uri) as (exchange, _):
                 sen = Request(SEN[CT_PKCS7_CERTS], device_csr(new_p256_key(), identity.serial))   # no evidence
                 replies = [await exchange(sen), await exchange(Request(not_offered))]
                 seen: list[Done] = []
@@ -193,7 +175,7 @@ def test_a_gateway_that_refuses_the_device_fails_at_connect_on_both_transports(w
         failures = {}
         for name, over in TRANSPORTS.items():
             with pytest.raises(EnrollFailed) as failed:
-                async with over(out / "TS00000003", uri) as exchange:      # aiocoap: the handshake is lazy
+                async with over(out / "TS00000003", uri) as (exchange, _):      # aiocoap: the handshake is lazy
                     await drive(enroll_flow(identity, FW, root_verifier(root)), exchange)
             failures[name] = failed.value
         return failures

@@ -11,9 +11,7 @@ test_one_request_cli.py."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -33,13 +31,8 @@ from devid.gateway.store.attestation_store import SQLiteAttestationStore
 from devid.gateway.store.configuration import DEFAULT_TEMPLATE
 
 from .gateway_helpers import FW, run_with_gateway
+from .transport_helpers import TIMEOUT, over_lean
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-import loadgen  # noqa: E402
-import loadgen_dtls  # noqa: E402
-
-TIMEOUT = 15.0
 BAD_FW = Firmware("sha-256", hashlib.sha256(b"tampered").digest(), FW.name, FW.version)
 
 
@@ -53,21 +46,6 @@ async def over_aiocoap(bundle: Path, uri: str, operational: bool = False):
         yield coap_exchange(ctx, gateway.base, TIMEOUT), exporter
     finally:
         await ctx.shutdown()
-
-
-@asynccontextmanager
-async def over_lean(bundle: Path, uri: str, operational: bool = False):
-    """The same over the load generator's session."""
-    dev = loadgen.load_device(bundle, operational)
-    target = loadgen.Target.parse(uri)
-    trust = loadgen.Trust(dev.root, target.host, full_chain=True)
-    session = loadgen_dtls.Session(asyncio.get_running_loop(), target.peer, target.family, trust.context(dev), dev,
-                                   trust, TIMEOUT)
-    await loadgen_dtls.connect(session, TIMEOUT)
-    try:
-        yield loadgen_dtls.exchange(session, TIMEOUT), session.exporter
-    finally:
-        session.close()
 
 
 TRANSPORTS = {"aiocoap": over_aiocoap, "lean": over_lean}
