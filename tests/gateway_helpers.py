@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiocoap
@@ -16,6 +17,7 @@ from cryptography import x509
 
 from devid.attestation.evidence import Evidence, sign_evidence
 from devid.ca import keys
+from devid.gateway.device.client import device_context
 from devid.gateway.device.enroll import Firmware
 from devid.gateway.app.server import Gateway, GatewayConfig
 
@@ -63,6 +65,17 @@ def run_with_gateway(data, body, clock=None, **config):
         finally:
             await gw.stop()
     return asyncio.run(main())
+
+
+@asynccontextmanager
+async def device_session(bundle: Path, **names):
+    """An aiocoap client Context as the device of `bundle` (its factory identity, or the
+    `cert_name`/`key_name` given), to a gateway on 127.0.0.1; shut down at the end."""
+    ctx, _ = await device_context(bundle, "127.0.0.1", **names)
+    try:
+        yield ctx
+    finally:
+        await ctx.shutdown()
 
 
 async def request(ctx, uri, code=codes.GET, **kw):

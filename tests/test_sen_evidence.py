@@ -17,11 +17,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from devid.attestation.evidence import cose_key_xy
 from devid.ca.csr_evidence import embed_evidence
-from devid.gateway.device.client import device_context
 from devid.gateway.store.attestation_store import SQLiteAttestationStore
 
 from .conftest import make_csr
-from .gateway_helpers import problem, request, run_with_gateway, token_for
+from .gateway_helpers import device_session, problem, request, run_with_gateway, token_for
 
 SEN, SREN = "/.well-known/est/sen", "/.well-known/est/sren"
 
@@ -57,8 +56,7 @@ def test_one_request_enrolls_and_answers_with_certificate_configuration_and_verd
     dev = out / "TS00000001"
 
     async def body(uri, gw):
-        ctx, _ = await device_context(dev, "127.0.0.1")
-        try:
+        async with device_session(dev) as ctx:
             csr, key = attested_csr(dev, await exporter_of(ctx, uri))
             statements = count_write_transactions(gw)
             r = await request(ctx, uri + SEN, codes.POST, payload=csr, content_format=286, accept=62)
@@ -75,8 +73,6 @@ def test_one_request_enrolls_and_answers_with_certificate_configuration_and_verd
             # the configuration in the answer is what GET /config serves, with the ETag a device computes
             r2 = await request(ctx, f"{uri}/config", accept=60)
             assert r2.payload == parts[3] and r2.opt.etag == hashlib.sha256(parts[3]).digest()[:8]
-        finally:
-            await ctx.shutdown()
         # one write transaction: the log entry, its use and the certificate
         writes = [s for s in statements if s.startswith("BEGIN IMMEDIATE")]
         assert len(writes) == 1, statements
@@ -94,14 +90,11 @@ def test_without_accept_62_the_answer_is_rfc_9148s(world):
     dev = out / "TS00000002"
 
     async def body(uri, gw):
-        ctx, _ = await device_context(dev, "127.0.0.1")
-        try:
+        async with device_session(dev) as ctx:
             csr, key = attested_csr(dev, await exporter_of(ctx, uri))
             r = await request(ctx, uri + SEN, codes.POST, payload=csr, content_format=286, accept=287)
             assert r.code == codes.CHANGED and r.opt.content_format == 287
             assert x509.load_der_x509_certificate(r.payload).public_key() == key.public_key()
-        finally:
-            await ctx.shutdown()
     run_with_gateway(data, body)
 
 
@@ -110,9 +103,7 @@ def test_the_csr_replayed_in_another_session_or_relayed_to_another_device_is_ref
     a, b = out / "TS00000001", out / "TS00000002"
 
     async def body(uri, gw):
-        ca_, _ = await device_context(a, "127.0.0.1")
-        cb, _ = await device_context(b, "127.0.0.1")
-        try:
+        async with device_session(a) as ca_, device_session(b) as cb:
             csr, _ = attested_csr(a, await exporter_of(ca_, uri))
             # relayed into B's session: not B's key
             r = await request(cb, uri + SEN, codes.POST, payload=csr, content_format=286)
@@ -120,17 +111,11 @@ def test_the_csr_replayed_in_another_session_or_relayed_to_another_device_is_ref
             assert "signature-invalid" in problem(r)[-2]
             ok = await request(ca_, uri + SEN, codes.POST, payload=csr, content_format=286)
             assert ok.code == codes.CHANGED           # the relay used up nothing of A's
-        finally:
-            await ca_.shutdown()
-            await cb.shutdown()
         # A's request again, in a new session of A: that session's nonce differs
-        ca2, _ = await device_context(a, "127.0.0.1")
-        try:
+        async with device_session(a) as ca2:
             await exporter_of(ca2, uri)
             r = await request(ca2, uri + SEN, codes.POST, payload=csr, content_format=286)
             assert r.code == codes.FORBIDDEN and "nonce-unknown" in problem(r)[-2]
-        finally:
-            await ca2.shutdown()
     run_with_gateway(data, body)
 
 
@@ -140,14 +125,11 @@ def test_evidence_not_bound_to_the_csrs_key_is_refused(world):
 
     async def body(uri, gw):
         for bind in (False, ec.generate_private_key(ec.SECP256R1())):
-            ctx, _ = await device_context(dev, "127.0.0.1")
-            try:
+            async with device_session(dev) as ctx:
                 csr, _ = attested_csr(dev, await exporter_of(ctx, uri), bind=bind)
                 r = await request(ctx, uri + SEN, codes.POST, payload=csr, content_format=286, accept=62)
                 assert r.code == codes.FORBIDDEN, r
                 assert problem(r)[-1] == "attestation refused" and "key-not-bound" in problem(r)[-2]
-            finally:
-                await ctx.shutdown()
         assert gw.registry.get_device("TS00000003").state.value == "manufactured"
     run_with_gateway(data, body)
 
@@ -157,14 +139,11 @@ def test_a_plain_csr_for_an_attested_type_is_refused_with_what_to_do(world):
     dev = out / "TS00000004"
 
     async def body(uri, gw):
-        ctx, _ = await device_context(dev, "127.0.0.1")
-        try:
+        async with device_session(dev) as ctx:
             r = await request(ctx, uri + SEN, codes.POST, payload=make_csr()[0], content_format=286, accept=62)
             assert r.code == codes.FORBIDDEN
             p = problem(r)
             assert p[-1] == "attestation required" and "evidence in the CSR" in p[-2]
-        finally:
-            await ctx.shutdown()
     run_with_gateway(data, body)
 
 
@@ -173,14 +152,11 @@ def test_contraindicated_evidence_in_the_csr_revokes_when_the_policy_says_so(wor
     dev = out / "MT00000001"
 
     async def body(uri, gw):
-        ctx, _ = await device_context(dev, "127.0.0.1")
-        try:
+        async with device_session(dev) as ctx:
             csr, _ = attested_csr(dev, await exporter_of(ctx, uri), fw_digest=bytes(32))
             r = await request(ctx, uri + SEN, codes.POST, payload=csr, content_format=286)
             assert r.code == codes.FORBIDDEN and "firmware-unknown" in problem(r)[-2]
             assert "revoked" in problem(r)[-2]
-        finally:
-            await ctx.shutdown()
         assert gw.registry.get_device("MT00000001").state.value == "revoked"
     run_with_gateway(data, body)
 
@@ -190,8 +166,7 @@ def test_renewal_refuses_evidence_and_answers_multipart_and_config_etag_validate
     dev = out / "TS00000001"
 
     async def body(uri, gw):
-        ctx, _ = await device_context(dev, "127.0.0.1")
-        try:
+        async with device_session(dev) as ctx:
             csr, key = attested_csr(dev, await exporter_of(ctx, uri))
             r = await request(ctx, uri + SEN, codes.POST, payload=csr, content_format=286, accept=287)
             assert r.code == codes.CHANGED
@@ -203,15 +178,12 @@ def test_renewal_refuses_evidence_and_answers_multipart_and_config_etag_validate
             assert valid.code == codes.VALID and valid.opt.etag == etag and valid.payload == b""
             stale = await request(ctx, f"{uri}/config", accept=60, etags=[b"\x00" * 8])
             assert stale.code == codes.CONTENT and stale.payload == full.payload
-        finally:
-            await ctx.shutdown()
         (dev / "op-cert.pem").write_bytes(x509.load_der_x509_certificate(leaf).public_bytes(serialization.Encoding.PEM)
                                           + (dev / "ca.pem").read_bytes())
         (dev / "op-key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
                                                            serialization.PrivateFormat.PKCS8,
                                                            serialization.NoEncryption()))
-        op, _ = await device_context(dev, "127.0.0.1", cert_name="op-cert.pem", key_name="op-key.pem")
-        try:
+        async with device_session(dev, cert_name="op-cert.pem", key_name="op-key.pem") as op:
             nonce = await exporter_of(op, uri)
             bad, _ = attested_csr(dev, nonce)
             r = await request(op, uri + SREN, codes.POST, payload=bad, content_format=286)
@@ -223,8 +195,6 @@ def test_renewal_refuses_evidence_and_answers_multipart_and_config_etag_validate
             assert [parts[0], parts[2]] == [287, 60] and len(parts) == 4
             assert x509.load_der_x509_certificate(parts[1]).public_key() == newkey.public_key()
             assert hashlib.sha256(parts[3]).digest()[:8] == etag        # the same configuration
-        finally:
-            await op.shutdown()
     run_with_gateway(data, body)
 
 
@@ -236,13 +206,10 @@ def test_a_configuration_that_cannot_be_served_refuses_before_anything_is_issued
 
     async def body(uri, gw):
         (data.path / "config" / "default.toml").write_text("[endpoints\n")     # the gateway wrote a good one
-        ctx, _ = await device_context(dev, "127.0.0.1")
-        try:
+        async with device_session(dev) as ctx:
             csr, _ = attested_csr(dev, await exporter_of(ctx, uri))
             r = await request(ctx, uri + SEN, codes.POST, payload=csr, content_format=286, accept=62)
             assert r.code == codes.SERVICE_UNAVAILABLE and problem(r)[-1] == "configuration unavailable"
-        finally:
-            await ctx.shutdown()
         assert gw.registry.get_device("TS00000002").state.value == "manufactured"
         assert gw.registry._db.execute("SELECT COUNT(*) FROM certificates WHERE device_serial = ? AND "
                                        "profile = 'operational'", ("TS00000002",)).fetchone()[0] == 0
@@ -261,15 +228,11 @@ def test_after_an_error_answer_the_device_retries_in_the_same_session(world):
     now = [datetime.now(timezone.utc)]
 
     async def body(uri, gw):
-        first, _ = await device_context(dev, "127.0.0.1")
-        try:
+        async with device_session(dev) as first:
             csr, _ = attested_csr(dev, await exporter_of(first, uri))
             r = await request(first, uri + SEN, codes.POST, payload=csr, content_format=286, accept=62)
             assert r.code == codes.CHANGED                          # the one certificate of the window
-        finally:
-            await first.shutdown()
-        ctx, _ = await device_context(dev, "127.0.0.1")
-        try:
+        async with device_session(dev) as ctx:
             csr, _ = attested_csr(dev, await exporter_of(ctx, uri))
             template = data.path / "config" / "default.toml"
             good = template.read_text()
@@ -285,8 +248,6 @@ def test_after_an_error_answer_the_device_retries_in_the_same_session(world):
             r = await request(ctx, uri + SEN, codes.POST, payload=csr, content_format=286, accept=62)
             assert r.code == codes.CHANGED, problem(r)
             assert cbor2.loads(cbor2.loads(r.payload)[5])["acceptable"] is True
-        finally:
-            await ctx.shutdown()
         entries = [(e.acceptable, e.nonce)
                    for e in SQLiteAttestationStore(gw.registry).log_entries(device_serial="TS00000004")]
         assert entries == [(True, "session"), (True, "session")]     # no replay was logged
