@@ -119,6 +119,26 @@ class FakeNetwork:
             self._enqueue("s2c", out)
 
 
+async def pump_client(session, out, until, timeout: float) -> None:
+    """Send `out`'s datagrams, then feed what arrives to `session.client` (and send what it
+    answers) until `until()` holds or `timeout` seconds pass; application data is appended to
+    `session.received`. For the hand-driven client sessions below (`transport`, `queue`,
+    `loop`, `client`, `received`)."""
+    import asyncio
+    for _, dg in out.datagrams:
+        session.transport.sendto(dg)
+    end = session.loop.time() + timeout
+    while not until() and session.loop.time() < end:
+        try:
+            dg = await asyncio.wait_for(session.queue.get(), 0.2)
+        except asyncio.TimeoutError:
+            continue
+        o = session.client.receive(dg, session.loop.time())
+        session.received.extend(e.data for e in o.events if isinstance(e, E.ApplicationData))
+        for _, d in o.datagrams:
+            session.transport.sendto(d)
+
+
 class RawCoapOverDTLS:
     """A device that speaks raw CoAP bytes over a real DTLS session (the engine's client side on
     a UDP socket): for tests that need exact message types, IDs and options on the wire.
@@ -146,19 +166,7 @@ class RawCoapOverDTLS:
         self.transport.close()
 
     async def _pump(self, out, until, timeout: float = 10.0) -> None:
-        import asyncio
-        for _, dg in out.datagrams:
-            self.transport.sendto(dg)
-        end = self.loop.time() + timeout
-        while not until() and self.loop.time() < end:
-            try:
-                dg = await asyncio.wait_for(self.queue.get(), 0.2)
-            except asyncio.TimeoutError:
-                continue
-            o = self.client.receive(dg, self.loop.time())
-            self.received.extend(e.data for e in o.events if isinstance(e, E.ApplicationData))
-            for _, d in o.datagrams:
-                self.transport.sendto(d)
+        await pump_client(self, out, until, timeout)
 
     async def exchange(self, wire: bytes, timeout: float = 10.0):
         """Send one CoAP message; the next message received (decoded), or None after `timeout`."""
@@ -261,19 +269,7 @@ class RawSession:
         return self.loop.time()
 
     async def pump(self, out, until, timeout: float = 10) -> None:
-        import asyncio
-        for _, dg in out.datagrams:
-            self.transport.sendto(dg)
-        end = self.loop.time() + timeout
-        while not until() and self.loop.time() < end:
-            try:
-                dg = await asyncio.wait_for(self.queue.get(), 0.5)
-            except asyncio.TimeoutError:
-                continue
-            o = self.client.receive(dg, self.loop.time())
-            self.received.extend(e.data for e in o.events if isinstance(e, E.ApplicationData))
-            for _, d in o.datagrams:
-                self.transport.sendto(d)
+        await pump_client(self, out, until, timeout)
 
     async def handshake(self) -> None:
         await self.pump(self.client.start(self.now()), lambda: self.client.established)
