@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,18 @@ def serve(data_dir: Path, log: Path, *, port: int | None = None, prefix: list[st
         proc.kill()
         raise AssertionError(f"devid serve did not start: {line!r}\n{log.read_text()}")
     return Served(proc, port, log)
+
+
+@contextmanager
+def serving(data_dir: Path, log: Path):
+    """`serve` for the length of a block: at its end the gateway must stop cleanly (exit 0) and
+    its log hold no traceback."""
+    served = serve(data_dir, log)
+    try:
+        yield served
+    finally:
+        assert served.stop() == 0
+        assert "Traceback" not in log.read_text()
 
 
 def evidence_token(dev: loadgen.Device, nonce: bytes) -> bytes:

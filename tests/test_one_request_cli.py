@@ -23,7 +23,7 @@ from devid.ca.store import DeviceState
 
 from .conftest import ok, one_line_error, run_devid
 from .gateway_helpers import FW
-from .serve_helpers import fleet, serve
+from .serve_helpers import fleet, serve, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 FIRMWARE = ["--firmware-digest", FW.digest.hex(), "--firmware-name", FW.name, "--firmware-version", FW.version]
@@ -35,12 +35,8 @@ def gateway(world, tmp_path):
     data, out = world
     with open(data.path / "devid.toml", "a") as f:
         f.write("\n[budgets]\nconfig = {burst = 1, interval = 86400}\n")
-    served = serve(data.path, tmp_path / "serve.log")
-    try:
+    with serving(data.path, tmp_path / "serve.log") as served:
         yield data, out, served
-    finally:
-        assert served.stop() == 0
-        assert "Traceback" not in (tmp_path / "serve.log").read_text()
 
 
 def log_lines(served, serial: str) -> list[dict]:
