@@ -84,10 +84,6 @@ class AttestationRefused(EnrollmentError):
 
     code = "attestation-refused"
 
-    def __init__(self, message: str, evaluation: "Evaluation") -> None:
-        super().__init__(message)
-        self.evaluation = evaluation
-
 
 class ReenrollmentRefused(EnrollmentError):
     code = "reenrollment-refused"
@@ -299,8 +295,7 @@ class EnrollmentService:
                 outcome = self._judged(who, self.attestation.record(appraisal), via="csr")
                 verdict = appraisal.verdict
                 raise AttestationRefused(f"verdict {verdict.tier.value}: {', '.join(verdict.codes)}"
-                                         + (" (the device was revoked)" if outcome.revoked else ""),
-                                         outcome.evaluation)
+                                         + (" (the device was revoked)" if outcome.revoked else ""))
         verdict_seq, evaluation = None, None
         try:
             with self.atomic():         # nor may a failed issuance
