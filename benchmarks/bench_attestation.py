@@ -161,12 +161,12 @@ class Sides:
         return self._timed(run)
 
     def devid_sqlite(self) -> float:
-        from devid.gateway.store.attestation_store import SQLiteAttestationStore
+        from devid.gateway.store.attestation_store import AttestationStore
         from devid.gateway.store.registry import SQLiteRegistry
         self._round += 1
         reg = SQLiteRegistry(self.workdir / f"r{self._round}.sqlite3", create=True)
         try:
-            store = SQLiteAttestationStore(reg)
+            store = AttestationStore(reg)
             for nonce, _ in self.tokens:
                 store.put_nonce(NonceRecord(nonce, "TS1", "ab" * 32, NOW, NOW + POLICY.nonce_lifetime),
                                 purge_before=NOW)

@@ -44,8 +44,58 @@ def now() -> datetime:
     return NOW
 
 
+# -- the registry's engine ----------------------------------------------------------------------
+# A test that uses the `data` fixture (directly or through `registry`, `ca`, `world`, ...) runs on
+# SQLite, and also on PostgreSQL when its module says `pytestmark = pytest.mark.engines` (or every
+# such test does, with DEVID_TEST_ENGINES=all; DEVID_TEST_ENGINES=postgresql: PostgreSQL only),
+# except a test marked `sqlite_only` (it looks at SQLite's own machinery: triggers, PRAGMAs, WAL).
+# On PostgreSQL each test gets a fresh schema of one throwaway cluster (tests/postgres_helpers.py),
+# named by $DEVID_REGISTRY, so the CLI and `devid serve` subprocesses use it too.
+
+ENGINES = ("sqlite", "postgresql")
+
+
+def pytest_generate_tests(metafunc):
+    if "registry_engine" not in metafunc.fixturenames:
+        return
+    chosen = os.environ.get("DEVID_TEST_ENGINES", "")
+    if metafunc.definition.get_closest_marker("sqlite_only"):
+        return
+    if chosen == "all" or (chosen == "" and metafunc.definition.get_closest_marker("engines")):
+        metafunc.parametrize("registry_engine", ENGINES, indirect=True)
+    elif chosen in ENGINES:
+        metafunc.parametrize("registry_engine", [chosen], indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One PostgreSQL cluster for the session (started on first use): fails, never skips."""
+    from .postgres_helpers import PostgresCluster
+    cluster = PostgresCluster()
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture
-def data(tmp_path, monkeypatch) -> DataDir:
+def registry_engine(request) -> str:
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture
+def registry_url(registry_engine, request, monkeypatch) -> str | None:
+    """On PostgreSQL: a fresh schema's URL, also set as $DEVID_REGISTRY; on SQLite: None."""
+    if registry_engine != "postgresql":
+        monkeypatch.delenv("DEVID_REGISTRY", raising=False)
+        return None
+    url = request.getfixturevalue("postgres").new_schema()
+    monkeypatch.setenv("DEVID_REGISTRY", url)
+    return url
+
+
+@pytest.fixture
+def data(tmp_path, monkeypatch, registry_url) -> DataDir:
     monkeypatch.delenv("DEVID_CA_PASSPHRASE", raising=False)
     d = DataDir(tmp_path / "data")
     d.init(NOW, hostnames=["gw.example.net"])
@@ -149,3 +199,18 @@ def bundles(data, ca, tmp_path):
     provision(ca, count=3, device_type="temperature-sensor", out=out, manufacturing_pem=data.cert_pem("manufacturing"),
               root_pem=data.cert_pem("root"), now=lambda: NOW)
     return out
+
+
+def sql(registry, statement: str, params=()):
+    """One statement on the registry, either engine, in its own transaction: the rows of a query,
+    the row count of a change (for tests that look at or tamper with the tables directly)."""
+    with registry.transaction() as db:
+        cur = db.execute(statement, params)
+        return cur.fetchall() if cur.description is not None else cur.rowcount
+
+
+@pytest.fixture
+def location(tmp_path, registry_url):
+    """Where a test's own empty registry goes, either engine: a file, or a fresh schema's URL
+    (open it with `devid.gateway.store.engines.open_registry(location, create=True)`)."""
+    return registry_url or (tmp_path / "r.sqlite3")

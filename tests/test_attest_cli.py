@@ -11,7 +11,7 @@ import pytest
 
 from devid.attestation.service import AttestationService
 from devid.gateway.cli.attest import parse_since
-from devid.gateway.store.attestation_store import SQLiteAttestationStore
+from devid.gateway.store.attestation_store import AttestationStore
 
 from .attest_util import NOW, POLICY, Clock, SimDevice
 from .conftest import run_devid
@@ -24,7 +24,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "attestation-policy.
 def logged(data):
     """Six evaluations: TS1 affirming x2, TS2 contraindicated (secure boot), TS2 warning, a forged one."""
     reg = data.open_registry()
-    store = SQLiteAttestationStore(reg)
+    store = AttestationStore(reg)
     clock = Clock()
     svc = AttestationService(POLICY, store, store, clock=clock)
     ts1, ts2 = SimDevice(serial="TS1"), SimDevice(serial="TS2")
@@ -147,7 +147,7 @@ def flooded(data):
     """TS3 sends 10 junk evidence messages with a budget of 2, then acceptable evidence, then 3 more junk."""
     from devid.attestation.log_budget import LogBudget
     reg = data.open_registry()
-    store = SQLiteAttestationStore(reg)
+    store = AttestationStore(reg)
     clock = Clock()
     svc = AttestationService(POLICY, store, store, clock=clock, log_budget=LogBudget(refused_per_window=2))
     dev = SimDevice(serial="TS3")

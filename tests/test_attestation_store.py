@@ -14,18 +14,21 @@ from devid.attestation.log import GENESIS, verify_chain
 from devid.attestation.nonces import ConsumeResult, MemoryNonceStore, NonceRecord, NonceService
 from devid.attestation.policy import Tier
 from devid.attestation.service import AttestationService
-from devid.gateway.store.attestation_store import SQLiteAttestationStore
+from devid.gateway.store.attestation_store import AttestationStore
+from devid.gateway.store.engines import open_registry
 from devid.gateway.store.registry import SQLiteRegistry
 from devid.gateway.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 from .attest_util import POLICY, Clock, SimDevice
 from .attest_util import NOW
 
+pytestmark = pytest.mark.engines
+
 
 @pytest.fixture
-def store(tmp_path):
-    reg = SQLiteRegistry(tmp_path / "r.sqlite3", create=True)
-    yield SQLiteAttestationStore(reg)
+def store(location):
+    reg = open_registry(location, create=True)
+    yield AttestationStore(reg)
     reg.close()
 
 
@@ -33,6 +36,7 @@ def sqlite_service(store, clock=None) -> AttestationService:
     return AttestationService(POLICY, store, store, clock=clock or Clock())
 
 
+@pytest.mark.sqlite_only
 def test_migration_from_version_1_keeps_data(tmp_path):
     path = tmp_path / "old.sqlite3"
     con = sqlite3.connect(path)
@@ -43,7 +47,7 @@ def test_migration_from_version_1_keeps_data(tmp_path):
     reg = SQLiteRegistry(path, create=True)
     assert reg.schema_version == SCHEMA_VERSION      # 1 -> 2 (attestation) -> 3 (certificates rebuilt)
     assert reg.reserve_serial_block("SN", 1) == 42
-    s = SQLiteAttestationStore(reg)
+    s = AttestationStore(reg)
     assert s.log_entries() == [] and s.count_nonces() == 0
     reg.close()
 
@@ -93,17 +97,17 @@ def test_nonce_randomness_is_injected_and_collisions_retried(store):
 
 
 def _consume(db_path, value, q):
-    reg = SQLiteRegistry(db_path, create=True)
+    reg = open_registry(db_path, create=True)
     try:
-        q.put(SQLiteAttestationStore(reg).consume_nonce(value, "D1", "fp", None, NOW).value)
+        q.put(AttestationStore(reg).consume_nonce(value, "D1", "fp", None, NOW).value)
     finally:
         reg.close()
 
 
-def test_exactly_one_process_consumes_a_nonce(tmp_path):
-    path = tmp_path / "r.sqlite3"
-    reg = SQLiteRegistry(path, create=True)
-    store = SQLiteAttestationStore(reg)
+def test_exactly_one_process_consumes_a_nonce(location):
+    path = location
+    reg = open_registry(path, create=True)
+    store = AttestationStore(reg)
     ctx = multiprocessing.get_context("spawn")
     for round_ in range(3):
         value = bytes([round_]) * 16
@@ -124,9 +128,9 @@ def test_exactly_one_process_consumes_a_nonce(tmp_path):
 # -- the log ------------------------------------------------------------------------------------------
 
 def _append(db_path, count, serial, q):
-    reg = SQLiteRegistry(db_path, create=True)
+    reg = open_registry(db_path, create=True)
     try:
-        svc = AttestationService(POLICY, SQLiteAttestationStore(reg), SQLiteAttestationStore(reg), clock=Clock())
+        svc = AttestationService(POLICY, AttestationStore(reg), AttestationStore(reg), clock=Clock())
         dev = SimDevice(serial=serial)
         for _ in range(count):
             nonce = svc.issue_nonce(dev.serial, dev.fingerprint).value
@@ -136,9 +140,9 @@ def _append(db_path, count, serial, q):
         reg.close()
 
 
-def test_concurrent_appends_from_processes_keep_one_valid_chain(tmp_path):
-    path = tmp_path / "r.sqlite3"
-    SQLiteRegistry(path, create=True).close()
+def test_concurrent_appends_from_processes_keep_one_valid_chain(location):
+    path = location
+    open_registry(path, create=True).close()
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_append, args=(path, 25, f"P{i}", q)) for i in range(4)]
@@ -148,8 +152,8 @@ def test_concurrent_appends_from_processes_keep_one_valid_chain(tmp_path):
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
-    reg = SQLiteRegistry(path, create=True)
-    store = SQLiteAttestationStore(reg)
+    reg = open_registry(path, create=True)
+    store = AttestationStore(reg)
     entries = list(store.iter_log())
     assert [e.seq for e in entries] == list(range(1, 101))
     assert {e.device_serial for e in entries} == {"P0", "P1", "P2", "P3"}
@@ -185,7 +189,7 @@ def test_edited_entry_is_detected(filled):
 
 
 def test_edited_evidence_or_claims_is_detected(filled):
-    _sql(filled, "UPDATE attestation_log SET evidence = X'00' WHERE seq = 2")
+    _sql(filled, "UPDATE attestation_log SET evidence = ? WHERE seq = 2", b"\x00")
     _sql(filled, "UPDATE attestation_log SET claims = replace(claims, '\"bootcount\": 12', '\"bootcount\": 13') "
                  "WHERE seq = 4")
     assert [s for s, _ in verify_chain(filled.iter_log()).problems] == [2, 4]

@@ -14,7 +14,7 @@ from aiocoap.numbers import codes
 
 from devid.attestation.nonces import MemoryNonceStore, NonceService
 from devid.attestation.errors import NonceUnknown
-from devid.gateway.store.attestation_store import SQLiteAttestationStore
+from devid.gateway.store.attestation_store import AttestationStore
 from devid.gateway.service.budgets import ACTIONS, Budgets, Rate, RateLimiter
 from devid.gateway.device.client import device_context
 from devid.gateway.device.enroll import enroll
@@ -114,7 +114,7 @@ def test_budgets_refuse_values_outside_their_range():
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])
 def test_a_new_nonce_replaces_the_devices_oldest_unconsumed_one(kind, registry):
-    store = MemoryNonceStore() if kind == "memory" else SQLiteAttestationStore(registry)
+    store = MemoryNonceStore() if kind == "memory" else AttestationStore(registry)
     clock = Clock()
     svc = NonceService(store, clock=clock, max_outstanding=4)
     other = svc.issue("D2", "fp2")
@@ -177,7 +177,7 @@ def test_a_flood_of_nonces_and_junk_evidence_from_one_identity(world, caplog):
         finally:
             await ctx.shutdown()
         assert other.verdict == "affirming" and other.certificate is not None
-        store = SQLiteAttestationStore(gw.registry)
+        store = AttestationStore(gw.registry)
         assert store.count_nonces("TS00000001", outstanding=True) <= budgets.outstanding_nonces
         # the buckets: a burst of 10, then one a minute
         allowed = budgets.nonce.burst + int(elapsed // budgets.nonce.interval) + 1

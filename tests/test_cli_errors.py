@@ -288,7 +288,7 @@ def test_only_this_ca_s_gateway_certificates_may_seal_log_segments(data, registr
     import sqlite3
     from cryptography.hazmat.primitives import serialization
     from devid.gateway.cli.attest import _trusted
-    from devid.gateway.store.attestation_store import SQLiteAttestationStore
+    from devid.gateway.store.attestation_store import AttestationStore
     from devid.gateway.app.datadir import DataDir
     from .conftest import NOW
     other = DataDir(tmp_path / "other")
@@ -300,7 +300,7 @@ def test_only_this_ca_s_gateway_certificates_may_seal_log_segments(data, registr
         src.close()
     with registry.transaction() as db:
         db.execute(f"INSERT INTO certificates VALUES ({','.join('?' * len(row))})", row)
-    store = SQLiteAttestationStore(registry)
+    store = AttestationStore(registry)
     theirs = other.cert("gateway").public_bytes(serialization.Encoding.DER)
     ours = data.cert("gateway").public_bytes(serialization.Encoding.DER)
     assert theirs in store.gateway_certificates()

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 
 from devid.ca.revocation import revoke_device
 from devid.ca.store import CertStatus, DeviceState
-from devid.gateway.store.attestation_store import SQLiteAttestationStore
+from devid.gateway.store.attestation_store import AttestationStore
 from devid.gateway.device.client import device_context
 from devid.gateway.device.enroll import EnrollFailed, Firmware, enroll, fetch_config, renew
 from devid.gateway.app.server import POLICY_FILE
@@ -55,7 +55,7 @@ def test_provision_serve_enroll_config_renew_revoke_refused(world):
         with pytest.raises(EnrollFailed) as refused:
             await renew(dev, uri, timeout=5)
         assert refused.value.step == "connect"
-        entries = SQLiteAttestationStore(gw.registry).log_entries(device_serial="TS00000001")
+        entries = AttestationStore(gw.registry).log_entries(device_serial="TS00000001")
         assert [e.tier.value for e in entries] == ["affirming"]
     run_with_gateway(data, body)
     assert data.open_registry().get_device("TS00000001").state is DeviceState.REVOKED
@@ -317,7 +317,7 @@ def test_nonce_replay_staleness_other_device_bad_signature(world):
             # none of these allows an enrollment; all were logged
             r = await request(cb, f"{uri}/.well-known/est/sen", codes.POST, payload=make_csr()[0], content_format=286)
             assert r.code == codes.FORBIDDEN
-            assert len(SQLiteAttestationStore(gw.registry).log_entries()) == 5
+            assert len(AttestationStore(gw.registry).log_entries()) == 5
         finally:
             await ca_.shutdown()
             await cb.shutdown()
@@ -350,7 +350,7 @@ def test_duplicate_coap_message_gets_the_cached_response(world):
         first, second = (aiocoap.Message.decode(m) for m in received[1:3])
         assert first.code == second.code == codes.CHANGED and first.payload == second.payload
         assert cbor2.loads(first.payload)["verdict"] == "affirming"
-        assert len(SQLiteAttestationStore(gw.registry).log_entries(device_serial="TS00000003")) == 1
+        assert len(AttestationStore(gw.registry).log_entries(device_serial="TS00000003")) == 1
     run_with_gateway(data, body)
 
 

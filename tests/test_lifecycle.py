@@ -234,14 +234,14 @@ def _worker(path: str, action: str, who: dict, limit: int, barrier, q) -> None:
     """One gateway worker's enrollment service on the shared registry, racing the others."""
     from devid.attestation.policy import parse_policy
     from devid.attestation.service import AttestationService
-    from devid.gateway.store.attestation_store import SQLiteAttestationStore
+    from devid.gateway.store.attestation_store import AttestationStore
     from devid.gateway.app.datadir import DataDir
     from devid.gateway.service.enrollment import EnrollmentError, EnrollmentService
     from devid.gateway.service.identity import PeerIdentity
     data = DataDir(Path(path))
     reg = data.open_registry()
     try:
-        store = SQLiteAttestationStore(reg)
+        store = AttestationStore(reg)
         policy = parse_policy((data.path / "attestation-policy.toml").read_text(), "test")
         now = lambda: datetime.now(timezone.utc)        # noqa: E731
         svc = EnrollmentService(data.authority(reg), AttestationService(policy, store, store, clock=now), policy,

@@ -18,23 +18,26 @@ from devid.attestation.log_budget import LogBudget
 from devid.attestation.nonces import MemoryNonceStore
 from devid.attestation.policy import Tier
 from devid.attestation.service import AttestationService
-from devid.gateway.store.attestation_store import SQLiteAttestationStore
+from devid.gateway.store.attestation_store import AttestationStore
 from devid.gateway.device.client import device_context
+from devid.gateway.store.engines import open_registry
 from devid.gateway.store.registry import SQLiteRegistry
 
 from .attest_util import IMAGE_OLD, POLICY, Clock, SimDevice
 from .gateway_helpers import request, run_with_gateway, token_for
 
+pytestmark = pytest.mark.engines
+
 JUNK = b"\xd2\x84garbage"
 
 
 @pytest.fixture(params=["sqlite", "memory"])
-def stores(request, tmp_path):
+def stores(request, location):
     if request.param == "memory":
         yield MemoryNonceStore(), MemoryLogStore()
         return
-    reg = SQLiteRegistry(tmp_path / "r.sqlite3", create=True)
-    store = SQLiteAttestationStore(reg)
+    reg = open_registry(location, create=True)
+    store = AttestationStore(reg)
     yield store, store
     reg.close()
 
@@ -49,7 +52,7 @@ def good(svc, dev):
 
 
 def tally_rows(log_store) -> int:
-    if isinstance(log_store, SQLiteAttestationStore):
+    if isinstance(log_store, AttestationStore):
         with log_store.registry.reading() as db:
             return db.execute("SELECT COUNT(*) FROM attestation_refused").fetchone()[0]
     return len(log_store.tallies)
@@ -169,9 +172,9 @@ def test_budget_values_are_checked():
 
 
 def _flood(path, count, q):
-    reg = SQLiteRegistry(path, create=True)
+    reg = open_registry(path, create=True)
     try:
-        store = SQLiteAttestationStore(reg)
+        store = AttestationStore(reg)
         svc = AttestationService(POLICY, store, store, clock=Clock(), log_budget=LogBudget(refused_per_window=20))
         dev = SimDevice(serial="FLOOD1")
         q.put(sum(svc.evaluate(JUNK, dev.identity).entry is None for _ in range(count)))
@@ -179,9 +182,9 @@ def _flood(path, count, q):
         reg.close()
 
 
-def test_flood_from_several_worker_processes_shares_one_budget(tmp_path):
-    path = tmp_path / "r.sqlite3"
-    SQLiteRegistry(path, create=True).close()
+def test_flood_from_several_worker_processes_shares_one_budget(location):
+    path = location
+    open_registry(path, create=True).close()
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_flood, args=(path, 150, q)) for _ in range(3)]
@@ -191,8 +194,8 @@ def test_flood_from_several_worker_processes_shares_one_budget(tmp_path):
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
-    reg = SQLiteRegistry(path, create=True)
-    store = SQLiteAttestationStore(reg)
+    reg = open_registry(path, create=True)
+    store = AttestationStore(reg)
     assert len(list(store.iter_log())) == 20 and store.refused_tallies()["FLOOD1"].suppressed == 430
     [summary] = store.flush_refused(Clock()())
     assert summary.summary.count == 430 and summary.summary.counts() == {"cbor-malformed": 430}
@@ -221,7 +224,7 @@ def test_evidence_answer_over_dtls_says_the_verdict_when_only_counted(world):  #
                               content_format=60)
             answer = cbor2.loads(r.payload)
             assert answer["verdict"] == "affirming" and answer["log_seq"] == 4      # after the summary (3)
-            store = SQLiteAttestationStore(gw.registry)
+            store = AttestationStore(gw.registry)
             assert store.entry(3).summary.count == 2
         finally:
             await ctx.shutdown()

@@ -19,12 +19,14 @@ from devid.attestation.log_budget import LogBudget
 from devid.attestation.segments import check_segment, parse_segment_name
 from devid.attestation.service import AttestationService
 from devid.gateway.cli.attest import _trusted
-from devid.gateway.store.attestation_store import SQLiteAttestationStore
+from devid.gateway.store.attestation_store import AttestationStore
 from devid.gateway.store.log_rotation import LOCK_FILE, SEGMENT_DIR, rotate, rotation_lock, write_segment
 from devid.gateway.store.log_verify import ARCHIVED, PENDING, VERIFIED, verify_log
 
 from .attest_util import POLICY, Clock, SimDevice
 from .conftest import tool
+
+pytestmark = pytest.mark.engines
 
 JUNK = b"\xd2\x84garbage"
 START = datetime(2026, 10, 1, tzinfo=timezone.utc)
@@ -36,7 +38,7 @@ class Log:
     def __init__(self, data) -> None:
         self.data = data
         self.registry = data.open_registry()
-        self.store = SQLiteAttestationStore(self.registry)
+        self.store = AttestationStore(self.registry)
         self.clock = Clock(START)
         self.svc = AttestationService(POLICY, self.store, self.store, clock=self.clock,
                                       log_budget=LogBudget(refused_per_window=3))

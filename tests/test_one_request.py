@@ -27,7 +27,7 @@ from devid.gateway.device.flow import Issued, config_flow, drive
 from devid.gateway.device.flow_one import one_request_flow, renew_one_flow
 from devid.gateway.device.identity import DeviceIdentity, Firmware, load_bundle, operational_files, root_verifier
 from devid.gateway.device.protocol import CRTS, CT_MULTIPART, NONCE, SEN, SREN, EnrollFailed, Request, parse_gateway
-from devid.gateway.store.attestation_store import SQLiteAttestationStore
+from devid.gateway.store.attestation_store import AttestationStore
 from devid.gateway.store.configuration import DEFAULT_TEMPLATE
 
 from .gateway_helpers import FW, run_with_gateway
@@ -107,7 +107,7 @@ def test_one_request_enrolls_with_the_sessions_own_nonce(world, transport):
     reg = data.open_registry(readonly=True)
     try:
         assert reg.get_device("TS00000001").state is DeviceState.ENROLLED
-        entry = SQLiteAttestationStore(reg).log_entries(device_serial="TS00000001")[-1]
+        entry = AttestationStore(reg).log_entries(device_serial="TS00000001")[-1]
         assert (entry.tier.value, entry.nonce, entry.seq) == ("affirming", "session", enrolled.verdict.log_seq)
     finally:
         reg.close()
@@ -125,7 +125,7 @@ def test_without_a_session_nonce_the_flow_asks_for_a_server_nonce(world):
             seen = []
             enrolled, steps = await drive(one_request_flow(identity, FW, root_verifier(root), session_nonce=None),
                                           recording(exchange, sent), seen.append)
-        entry = SQLiteAttestationStore(gw.registry).log_entries(device_serial="TS00000002")[-1]
+        entry = AttestationStore(gw.registry).log_entries(device_serial="TS00000002")[-1]
         return enrolled, seen, sent, entry
 
     enrolled, seen, sent, entry = run_with_gateway(data, body)

@@ -15,9 +15,12 @@ from devid.ca.store import CertStatus, DeviceState
 from devid.gateway.store.registry import RegistryError, SQLiteRegistry
 from devid.gateway.store.schema import MIGRATIONS, SCHEMA_VERSION
 
-from .conftest import NOW, make_csr, register_device
+from .conftest import NOW, make_csr, register_device, sql
+
+pytestmark = pytest.mark.engines
 
 
+@pytest.mark.sqlite_only
 def test_schema_is_versioned_and_wal(registry):
     assert registry.schema_version == SCHEMA_VERSION
     assert registry._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -80,6 +83,7 @@ def test_serial_collision_is_retried_with_a_fresh_serial(data, registry):
     assert len(draws) >= 4
 
 
+@pytest.mark.sqlite_only
 def test_failure_mid_transaction_leaves_no_orphan(ca, registry):
     """Inject a failure between the device insert and the certificate insert (an SQL trigger that
     aborts the certificate insert): the device insert must be rolled back too."""
@@ -100,6 +104,7 @@ def test_failure_mid_transaction_leaves_no_orphan(ca, registry):
     assert [d.serial for d in registry.list_devices()] == ["OK1", "OK2"]
 
 
+@pytest.mark.sqlite_only
 def test_failure_during_operational_issuance_keeps_previous_state(ca, registry):
     register_device(ca, "SN1")
     first = ca.issue_operational(make_csr()[0], "SN1", NOW)
@@ -171,7 +176,7 @@ def test_revoked_among_answers_for_many_serials_at_once(ca, registry):
     issued = [register_device(ca, f"SN{i}")[1].cert.serial_number for i in range(6)]
     registry.revoke_device("SN2", "keyCompromise", NOW)
     # a device revoked by state alone (its certificates not touched) is caught too
-    registry._db.execute("UPDATE devices SET state = 'revoked' WHERE serial = 'SN4'")
+    sql(registry, "UPDATE devices SET state = 'revoked' WHERE serial = 'SN4'")
     unknown = list(range(1, 1200))          # more than one SQL chunk of unrelated serials
     assert registry.revoked_among(unknown + issued) == {issued[2], issued[4]}
     assert registry.revoked_among([]) == set()
@@ -225,7 +230,7 @@ def test_old_schema_migrates_with_its_data(ca, tmp_path, version):
 
     reg = SQLiteRegistry(path, create=True)
     try:
-        assert reg.schema_version == SCHEMA_VERSION == 6
+        assert reg.schema_version == SCHEMA_VERSION == 7
         assert reg._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' "
                                "AND name = 'attestation_nonces_outstanding'").fetchone()
         assert not _fingerprint_is_unique(reg._db)
@@ -281,7 +286,7 @@ def test_record_for_device_refuses_a_revoked_device_and_records_nothing(ca, regi
         ca.issue_operational(make_csr()[0], "SN1", NOW)
     assert registry.certificates_for_device("SN1") == before
     assert registry.get_device("SN1").state is DeviceState.REVOKED
-    assert registry._db.execute("SELECT COUNT(*) FROM certificates WHERE profile = 'operational'").fetchone()[0] == 0
+    assert sql(registry, "SELECT COUNT(*) FROM certificates WHERE profile = 'operational'")[0][0] == 0
 
 
 def test_record_for_device_unknown_device(ca, registry):
@@ -305,6 +310,7 @@ def test_record_for_device_failure_while_building_records_nothing(ca, registry):
     assert registry.get_certificate(first.cert.serial_number).status is CertStatus.CURRENT
 
 
+@pytest.mark.sqlite_only
 def test_record_for_device_holds_the_write_lock_from_check_to_commit(ca, registry, data):
     """A revocation from another connection cannot land between the device check and the record:
     while the certificate is being built, the database is locked for other writers."""
@@ -327,6 +333,7 @@ def test_record_for_device_holds_the_write_lock_from_check_to_commit(ca, registr
         other.close()
 
 
+@pytest.mark.sqlite_only
 def test_nested_transactions_are_savepoints(registry):
     """A transaction inside another is a savepoint: its failure undoes only its own writes; the
     outer one's failure undoes everything; nothing is left open."""

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from devid.attestation.evidence import cose_key_xy
 from devid.ca.csr_evidence import embed_evidence
-from devid.gateway.store.attestation_store import SQLiteAttestationStore
+from devid.gateway.store.attestation_store import AttestationStore
 
 from .conftest import make_csr
 from .gateway_helpers import device_session, problem, request, run_with_gateway, token_for
@@ -249,7 +249,7 @@ def test_after_an_error_answer_the_device_retries_in_the_same_session(world):
             assert r.code == codes.CHANGED, problem(r)
             assert cbor2.loads(cbor2.loads(r.payload)[5])["acceptable"] is True
         entries = [(e.acceptable, e.nonce)
-                   for e in SQLiteAttestationStore(gw.registry).log_entries(device_serial="TS00000004")]
+                   for e in AttestationStore(gw.registry).log_entries(device_serial="TS00000004")]
         assert entries == [(True, "session"), (True, "session")]     # no replay was logged
     run_with_gateway(data, body, clock=lambda: now[0], budgets=Budgets(certificates_per_window=1))
 

@@ -28,7 +28,7 @@ from devid.gateway.device.flow import drive, enroll_flow
 from devid.gateway.device.identity import DeviceIdentity, load_bundle, root_verifier
 from devid.gateway.device.protocol import EnrollFailed
 from devid.gateway.dtls import engine as E, exporter
-from devid.gateway.store.attestation_store import SQLiteAttestationStore
+from devid.gateway.store.attestation_store import AttestationStore
 
 from .conftest import NOW, make_csr, register_device
 from .dtls_helpers import client_context_for, client_for, connect, server_engine
@@ -262,7 +262,7 @@ def test_evidence_with_the_session_nonce_enrolls_and_cannot_be_used_again(world)
         finally:
             await ctx.shutdown()
         # no nonce row was ever written; the log says which kind each appraisal took
-        store = SQLiteAttestationStore(gw.registry)
+        store = AttestationStore(gw.registry)
         assert gw.registry._db.execute("SELECT COUNT(*) FROM attestation_nonces").fetchone()[0] == 0
         assert [(e.tier.value, e.nonce) for e in store.log_entries(device_serial="TS00000001")] == \
             [("affirming", "session"), ("contraindicated", "session")]
@@ -279,7 +279,7 @@ def test_evidence_with_the_session_nonce_enrolls_and_cannot_be_used_again(world)
             assert token_for(dev, mine) != token
             tier, reasons, acceptable = await _verdict(ctx, uri, token)
             assert (tier, reasons, acceptable) == ("contraindicated", ["nonce-unknown"], False)
-            entry = SQLiteAttestationStore(gw.registry).log_entries(device_serial="TS00000001")[-1]
+            entry = AttestationStore(gw.registry).log_entries(device_serial="TS00000001")[-1]
             assert entry.nonce == "server" and "neither this session's" in entry.reasons[0]["message"]
         finally:
             await ctx.shutdown()
@@ -332,7 +332,7 @@ def test_the_device_flow_signs_with_the_session_nonce_when_given_it(world):
             assert steps == ["evidence", "enroll", "config"] and enrolled.verdict.acceptable
         finally:
             await ctx.shutdown()
-        entry = SQLiteAttestationStore(gw.registry).log_entries(device_serial="TS00000003")[-1]
+        entry = AttestationStore(gw.registry).log_entries(device_serial="TS00000003")[-1]
         assert (entry.tier.value, entry.nonce) == ("affirming", "session")
     run_with_gateway(data, body)
     with pytest.raises(EnrollFailed, match="no exporter value"):
@@ -351,6 +351,6 @@ def test_a_server_nonce_is_logged_as_such(world):
             assert await _verdict(ctx, uri, token_for(dev, nonce)) == ("affirming", [], True)
         finally:
             await ctx.shutdown()
-        entry = SQLiteAttestationStore(gw.registry).log_entries(device_serial="TS00000004")[-1]
+        entry = AttestationStore(gw.registry).log_entries(device_serial="TS00000004")[-1]
         assert entry.nonce == "server"
     run_with_gateway(data, body)

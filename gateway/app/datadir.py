@@ -1,7 +1,9 @@
 """The data directory: configuration, the CA's files, the registry database.
 
-    DATA/devid.toml              configuration (organisation, OIDs, validity periods)
-    DATA/registry.sqlite3        devices, certificates, CRL numbers (WAL)
+    DATA/devid.toml              configuration (organisation, OIDs, validity periods; [registry] url)
+    DATA/registry.sqlite3        devices, certificates, CRL numbers (WAL): the embedded default,
+                                 unless the registry is on PostgreSQL (--registry URL,
+                                 $DEVID_REGISTRY, devid.toml [registry] url: docs/scale-out.md)
     DATA/ca/                     mode 0700
         <name>.cert.pem          root, manufacturing, operational, gateway
         <name>.key.pem           encrypted PKCS#8, mode 0600
@@ -34,10 +36,12 @@ from devid.ca.hierarchy import CA_NAMES, create_hierarchy
 from devid.ca.identity import IdentitySettings
 from devid.ca.profiles import default_profiles
 
-from devid.gateway.app.settings import CONFIG_HEADER, Config, check_organization
+from devid.gateway.app.settings import CONFIG_HEADER, Config, check_organization, check_registry_url
 from devid.gateway.errors import ConfigError, DirectoryBusy
 from devid.gateway.system.fs import directory_lock, fsync_path, write_atomic
-from devid.gateway.store.registry import SQLiteRegistry
+from devid.gateway.store.engines import Registry, is_postgres_url, open_registry, redact
+
+ENV_REGISTRY = "DEVID_REGISTRY"
 
 ENV_DATA = "DEVID_DATA"
 ENV_PASSPHRASE = "DEVID_CA_PASSPHRASE"
@@ -114,11 +118,44 @@ class DataDir:
             self._config = Config.parse(text, str(self.config_path))
         return self._config
 
-    def open_registry(self, *, readonly: bool = False) -> SQLiteRegistry:
-        """The registry `devid init` made here: missing or empty is an error naming the file (a
-        new empty registry would re-issue serials already in the field). `readonly`: for commands
-        that only read; works on a read-only data directory."""
-        return SQLiteRegistry(self.db_path, create=False, readonly=readonly)
+    @property
+    def registry_location(self) -> str | Path:
+        """Where the registry is: $DEVID_REGISTRY (also what `--registry URL` sets for the
+        command), else devid.toml's [registry] url, else DATA/registry.sqlite3."""
+        env = os.environ.get(ENV_REGISTRY)
+        if env:
+            if not is_postgres_url(env):
+                raise ConfigError(f"${ENV_REGISTRY} / --registry: {redact(env) if '://' in env else repr(env)} "
+                                  "is not a PostgreSQL URL (postgresql://USER@HOST:PORT/DATABASE); leave it unset "
+                                  "for SQLite in the data directory")
+            return env
+        return self.config.registry_url or self.db_path
+
+    @property
+    def registry_name(self) -> str:
+        """The registry's location for messages and JSON: a path, or the URL without its password."""
+        location = self.registry_location
+        return redact(location) if isinstance(location, str) else str(location)
+
+    def registry_password(self) -> str | None:
+        """The password in devid.toml's [registry] password_file (mode 0600), if one is named;
+        else None (libpq's environment, PGPASSWORD or PGPASSFILE, may still give one)."""
+        name = self.config.registry_password_file
+        if not name:
+            return None
+        path = Path(name)
+        keys.check_private_file(path)
+        try:
+            return path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"[registry] password_file {path}: {exc.strerror}") from None
+
+    def open_registry(self, *, readonly: bool = False) -> Registry:
+        """The registry `devid init` made: missing or empty is an error naming it (a new empty
+        registry would re-issue serials already in the field). `readonly`: for commands that
+        only read; on SQLite works on a read-only data directory."""
+        return open_registry(self.registry_location, create=False, readonly=readonly,
+                             password=self.registry_password())
 
     def passphrase(self) -> bytes:
         if self._passphrase is None:
@@ -156,7 +193,7 @@ class DataDir:
             self._issuers[name] = Issuer(name, cert, key)
         return self._issuers[name]
 
-    def authority(self, registry: SQLiteRegistry, rand_bytes=os.urandom) -> CertificateAuthority:
+    def authority(self, registry: Registry, rand_bytes=os.urandom) -> CertificateAuthority:
         cfg = self.config
         return CertificateAuthority(self.issuer, default_profiles(cfg.factory_days, cfg.operational_days),
                                     cfg.identity, registry, rand_bytes=rand_bytes)
@@ -164,7 +201,8 @@ class DataDir:
     # -- init --------------------------------------------------------------------------------
 
     def init(self, now: datetime, hostnames: Iterable[str] = (), organization: str | None = None,
-             rand_bytes=os.urandom, passphrase_file: Path | None = None) -> None:
+             rand_bytes=os.urandom, passphrase_file: Path | None = None,
+             registry_password_file: Path | None = None) -> None:
         """Create the CA hierarchy, the config and the registry. Never overwrites an existing CA.
 
         Everything is built in a private temporary directory, recorded in the registry (a durable
@@ -190,7 +228,7 @@ class DataDir:
         self.path.mkdir(parents=True, exist_ok=True)
         try:
             with directory_lock(self.path, wait=INIT_WAIT):
-                self._init_locked(now, hostnames, organization, rand_bytes, passphrase_file)
+                self._init_locked(now, hostnames, organization, rand_bytes, passphrase_file, registry_password_file)
         except DirectoryBusy as exc:
             who = f"pid {exc.pid}" if exc.pid else "another process"
             raise CAExists(f"another devid init ({who}) is still running in {self.path}") from None
@@ -223,7 +261,8 @@ class DataDir:
                 continue
         return False
 
-    def _init_config(self, organization: str | None, passphrase_file: Path | None) -> bytes | None:
+    def _init_config(self, organization: str | None, passphrase_file: Path | None,
+                     registry_password_file: Path | None = None) -> bytes | None:
         """The Config this init uses (set as self.config), and devid.toml's text when this init
         writes the file (None: an operator's devid.toml is there, and kept)."""
         if passphrase_file is not None:
@@ -239,8 +278,20 @@ class DataDir:
                     check_organization(organization)
                 except ValueError as exc:
                     raise ConfigError(f"--org: {exc}") from None
+            url = os.environ.get(ENV_REGISTRY) or None
+            if url is not None:
+                try:
+                    check_registry_url(url)
+                except ValueError as exc:
+                    raise ConfigError(f"--registry / ${ENV_REGISTRY}: {redact(url) if '://' in url else repr(url)} "
+                                      f"{exc}") from None
+            elif registry_password_file is not None:
+                raise ConfigError("--registry-password-file is for a PostgreSQL registry: give --registry URL too")
             self._config = Config(IdentitySettings(organization=organization) if organization else IdentitySettings(),
-                                  passphrase_file=str(passphrase_file) if passphrase_file else None)
+                                  passphrase_file=str(passphrase_file) if passphrase_file else None,
+                                  registry_url=url,
+                                  registry_password_file=str(Path(os.path.abspath(registry_password_file)))
+                                  if registry_password_file else None)
             text = self._config.render().encode()
         else:
             self._config = None
@@ -258,17 +309,19 @@ class DataDir:
         return text
 
     def _init_locked(self, now: datetime, hostnames: Iterable[str], organization: str | None,
-                     rand_bytes, passphrase_file: Path | None) -> None:
+                     rand_bytes, passphrase_file: Path | None, registry_password_file: Path | None = None) -> None:
         if self.exists() or self.ca_dir.exists():
             raise CAExists(f"a CA already exists in {self.path}: refusing to overwrite it")
         if passphrase_file is not None:
             passphrase_file = Path(os.path.abspath(passphrase_file))
-        config_text = self._init_config(organization, passphrase_file)
+        config_text = self._init_config(organization, passphrase_file, registry_password_file)
         for stale in self.path.glob(".ca-init-*"):    # keys of an init that was killed (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
         cfg = self.config
         hierarchy = create_hierarchy(cfg.identity, hostnames, now, rand_bytes)
-        had_registry = self.db_path.exists()
+        location = self.registry_location
+        shared = not isinstance(location, Path)     # PostgreSQL: other hosts may join it later
+        had_registry = shared or self.db_path.exists()
         generated: Path | None = None               # a passphrase file outside the data directory made here
         staging = self.path / f".ca-init-{os.getpid()}-{secrets.token_hex(4)}"
         staging.mkdir(mode=0o700)
@@ -307,14 +360,24 @@ class DataDir:
 
             # recorded (durably) first, renamed into place second: a crash between the two leaves no
             # CA here (only certificate rows of a CA nobody has, which a new init does not mind)
-            registry = SQLiteRegistry(self.db_path, create=True)
+            registry = open_registry(location, create=True, password=self.registry_password())
             try:
-                registry.record_certificates(hierarchy.records)
+                deployment = {"root_fingerprint": hierarchy.records[0].fingerprint,     # records[0]: the root
+                              "devid.toml": (config_text or self.config_path.read_bytes()).decode()}
+                registry.record_certificates(hierarchy.records, deployment=deployment)
+                try:
+                    if config_text is not None:
+                        write_atomic(self.config_path, config_text)
+                    move_into_place()
+                except BaseException:
+                    if shared:          # a shared registry is not removed: take this init's rows back out
+                        try:
+                            registry.forget_init(hierarchy.records)
+                        except Exception:
+                            pass
+                    raise
             finally:
                 registry.close()
-            if config_text is not None:
-                write_atomic(self.config_path, config_text)
-            move_into_place()
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             if not self.exists():                   # (never undo anything next to a CA that is there)
@@ -339,3 +402,127 @@ class DataDir:
                 path.unlink(missing_ok=True)
             except OSError:
                 pass
+
+    # -- join: another gateway host of a shared registry ----------------------------------------
+
+    def join(self, ca_from: Path, registry_password_file: Path | None = None) -> dict:
+        """Make this data directory another gateway host of the PostgreSQL registry named by
+        $DEVID_REGISTRY (`devid init --join URL`), from that registry and a copy of the first
+        host's CA files (`ca_from`: DATA/ca of a host already serving it). No CA is created:
+
+        - the registry must hold a deployment (`devid init --registry URL` on the first host);
+        - the root certificate in `ca_from` must be the one the registry names, and every CA and
+          gateway certificate there must be recorded in the registry;
+        - every key must decrypt (the CA passphrase: $DEVID_CA_PASSPHRASE, or the `passphrase`
+          file in `ca_from`, copied with mode 0600) and match its certificate;
+        - devid.toml is the first host's, as recorded in the registry, with this [registry] url.
+
+        Built in a staging directory and renamed into place as `init` does; on any error nothing
+        is left here. Returns a summary (root fingerprint, certificates)."""
+        url = os.environ.get(ENV_REGISTRY)
+        if not url or not is_postgres_url(url):
+            raise ConfigError("--join needs the shared registry's PostgreSQL URL")
+        if self.exists() or self.ca_dir.exists():
+            raise CAExists(f"a CA already exists in {self.path}: refusing to overwrite it")
+        if self.config_path.exists():
+            raise ConfigError(f"{self.config_path} exists: --join writes the shared registry's devid.toml; "
+                              "move yours away first")
+        ca_from = Path(ca_from)
+        if not ca_from.is_dir():
+            raise ConfigError(f"--ca-from {ca_from}: not a directory (a copy of the first host's DATA/ca)")
+        password_file = str(Path(os.path.abspath(registry_password_file))) if registry_password_file else None
+        self._config = Config(registry_url=url, registry_password_file=password_file)
+        registry = open_registry(url, password=self.registry_password())
+        try:
+            deployment = registry.deployment()
+            if "root_fingerprint" not in deployment:
+                raise CANotInitialised(f"{redact(url)} holds no devid CA: run 'devid init --registry URL' on the "
+                                       "first host")
+            text = self._joined_config(deployment.get("devid.toml", ""), url, password_file)
+            made_dir = not self.path.exists()
+            self.path.mkdir(parents=True, exist_ok=True)
+            staging = self.path / f".ca-join-{os.getpid()}-{secrets.token_hex(4)}"
+            staging.mkdir(mode=0o700)
+            try:
+                with directory_lock(self.path, wait=INIT_WAIT):
+                    summary = self._join_staged(ca_from, staging, registry, deployment)
+                    write_atomic(self.config_path, text)
+                    try:
+                        os.rename(staging, self.ca_dir)
+                    except OSError:
+                        self.config_path.unlink(missing_ok=True)
+                        raise CAExists(f"a CA already exists in {self.path}: refusing to overwrite it") from None
+                    fsync_path(self.path)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                if not self.exists():
+                    self.config_path.unlink(missing_ok=True)
+                    if made_dir:
+                        try:
+                            self.path.rmdir()
+                        except OSError:
+                            pass
+                raise
+        finally:
+            registry.close()
+        self._config, self._issuers, self._passphrase = None, {}, None
+        return summary
+
+    @staticmethod
+    def _joined_config(recorded: str, url: str, password_file: str | None) -> bytes:
+        """The first host's devid.toml, as the registry holds it, with this host's [registry];
+        a [ca] passphrase_file of the first host names a file of that host, so it is dropped."""
+        try:
+            doc = tomllib.loads(recorded)
+        except tomllib.TOMLDecodeError:
+            raise ConfigError("the registry's devid.toml is not valid TOML") from None
+        doc.pop("ca", None)
+        doc["registry"] = {"url": url, **({"password_file": password_file} if password_file else {})}
+        import tomli_w
+        text = (CONFIG_HEADER + " Joined to a shared registry: every host's copy comes from it.\n\n"
+                + tomli_w.dumps(doc))
+        Config.parse(text, "devid.toml (from the registry)")         # checked before anything is written
+        return text.encode()
+
+    def _join_staged(self, ca_from: Path, staging: Path, registry, deployment: dict) -> dict:
+        from devid.ca.identity import fingerprint
+        passphrase = os.environ.get(ENV_PASSPHRASE, "").encode()
+        if not passphrase:
+            source = ca_from / "passphrase"
+            if not source.exists():
+                raise keys.KeyFileError(f"no CA passphrase: set {ENV_PASSPHRASE}, or copy the first host's "
+                                        f"passphrase file into {ca_from}")
+            keys.check_private_file(source)
+            passphrase = source.read_bytes().strip()
+            keys.write_private_file(staging / "passphrase", passphrase + b"\n")
+        summary: dict = {"root_fingerprint": deployment["root_fingerprint"], "certificates": {}}
+        certs: dict[str, x509.Certificate] = {}
+        for name in CERT_NAMES:
+            cert_file, key_file = ca_from / f"{name}.cert.pem", ca_from / f"{name}.key.pem"
+            try:
+                cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+            except FileNotFoundError:
+                raise CANotInitialised(f"{cert_file}: missing (copy the first host's DATA/ca)") from None
+            except ValueError:
+                raise CAError(f"{cert_file}: not a PEM certificate") from None
+            fp = fingerprint(cert)
+            if name == "root" and fp != deployment["root_fingerprint"]:
+                raise CAError(f"{cert_file} is not the root of this registry's CA "
+                              f"(registry: {deployment['root_fingerprint'][:16]}..., file: {fp[:16]}...)")
+            record = registry.get_certificate(cert.serial_number)
+            if record is None or record.fingerprint != fp:
+                raise CAError(f"{cert_file} is not recorded in the registry: not this deployment's {name} certificate")
+            keys.check_private_file(key_file)
+            key = keys.load_encrypted_key(key_file, passphrase)
+            if key.public_key() != cert.public_key():
+                raise keys.KeyFileError(f"{key_file} does not match {cert_file}")
+            shutil.copyfile(cert_file, staging / cert_file.name)
+            keys.write_private_file(staging / key_file.name, key_file.read_bytes())
+            certs[name] = cert
+            summary["certificates"][name] = fp
+        (staging / "gateway.chain.pem").write_bytes(
+            b"".join(certs[n].public_bytes(serialization.Encoding.PEM) for n in ("gateway", "operational")))
+        for entry in staging.iterdir():
+            fsync_path(entry)
+        fsync_path(staging)
+        return summary

@@ -26,7 +26,7 @@ import aiocoap.resource as resource
 from devid.attestation.policy import Policy
 from devid.attestation.service import AttestationService
 
-from devid.gateway.store.attestation_store import SQLiteAttestationStore
+from devid.gateway.store.attestation_store import AttestationStore
 from devid.attestation.log_budget import LogBudget
 
 from devid.gateway.service.budgets import Budgets
@@ -93,7 +93,7 @@ class Gateway:
                                      self.config.limits or settings.server_limits)
         self.policy_file = PolicyFile(data.path / POLICY_FILE, self.use_policy)
         self.policy = self.policy_file.load_at_start()
-        store = SQLiteAttestationStore(self.registry)
+        store = AttestationStore(self.registry)
         self.attestation = AttestationService(self.policy, store, store, clock=clock,
                                               max_outstanding_nonces=budgets.outstanding_nonces,
                                               log_budget=self.config.log_budget or settings.log_budget)

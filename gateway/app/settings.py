@@ -56,6 +56,11 @@ class Config:
     crl_days: int = 7
     # [ca] passphrase_file: where the CA passphrase is kept, when not in DATA/ca/passphrase
     passphrase_file: str | None = None
+    # [registry] url: a PostgreSQL registry (docs/scale-out.md); None: SQLite in the data directory
+    registry_url: str | None = None
+    # [registry] password_file: the registry's password, mode 0600 (else the URL's user has none,
+    # or libpq's environment gives it)
+    registry_password_file: str | None = None
     # [gateway] as written (checked): the DTLS server's limits; serve flags override them key by key
     gateway: dict = field(default_factory=dict)
 
@@ -86,6 +91,11 @@ class Config:
         if self.passphrase_file:
             ca_section = ("\n[ca]\n# the CA passphrase, mode 0600 (devid init --passphrase-file)\n"
                           + tomli_w.dumps({"passphrase_file": self.passphrase_file}))
+        if self.registry_url:
+            ca_section += ("\n[registry]\n# the shared registry of every gateway host (docs/scale-out.md); no password here\n"
+                           + tomli_w.dumps({"url": self.registry_url}))
+            if self.registry_password_file:
+                ca_section += tomli_w.dumps({"password_file": self.registry_password_file})
         return CONFIG_TEMPLATE.format(organization_line=organization_line, pen=s.pen, ca_section=ca_section,
                                       device_type_oid=s.device_type_oid, hardware_type_oid=s.hardware_type_oid,
                                       factory_days=self.factory_days, operational_days=self.operational_days,
@@ -133,6 +143,8 @@ class Config:
                    values.get("profiles.operational_validity_days", cls.operational_days),
                    values.get("crl.validity_days", cls.crl_days),
                    passphrase_file=values.get("ca.passphrase_file"),
+                   registry_url=values.get("registry.url"),
+                   registry_password_file=values.get("registry.password_file"),
                    gateway=objects.get("gateway", {}), budgets_table=objects.get("budgets", {}),
                    log_table=objects.get("attestation_log", {}))
 
@@ -175,6 +187,24 @@ def check_organization(value: object) -> str:
 def _absolute_path(value: object) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
         raise ValueError(f"must be an absolute path (got {value!r})")
+    return value
+
+
+def check_registry_url(value: object) -> str:
+    """A PostgreSQL URL for devid.toml: postgresql://USER@HOST:PORT/DB, with no password in it (a
+    file anyone may read is no place for one: [registry] password_file, or libpq's environment)."""
+    from urllib.parse import parse_qs, urlsplit
+    if not isinstance(value, str) or not value.lower().startswith(("postgresql://", "postgres://")):
+        raise ValueError("must be a PostgreSQL URL, postgresql://USER@HOST:PORT/DATABASE")
+    try:
+        parts = urlsplit(value)
+        parts.port
+    except ValueError:
+        raise ValueError("must be a PostgreSQL URL, postgresql://USER@HOST:PORT/DATABASE") from None
+    if parts.password is not None or "password" in {k.lower() for k in parse_qs(parts.query)}:
+        raise ValueError("must not hold a password: put it in a file of mode 0600 named by [registry] "
+                         "password_file (devid init --registry-password-file), or in libpq's environment "
+                         "(PGPASSFILE, PGPASSWORD)")
     return value
 
 
@@ -258,4 +288,5 @@ _SCHEMA: dict[str, dict[str, Callable[[object], object]]] = {
     },
     "crl": {"validity_days": _integer(1, 366)},
     "ca": {"passphrase_file": _absolute_path},
+    "registry": {"url": check_registry_url, "password_file": _absolute_path},
 }

@@ -26,7 +26,7 @@ from devid.attestation.log import LogEntry
 from devid.attestation.policy import Tier, load_policy
 
 from devid.gateway.cli import output
-from devid.gateway.store.attestation_store import SQLiteAttestationStore
+from devid.gateway.store.attestation_store import AttestationStore
 from devid.gateway.app.datadir import DataDir, resolve_data_dir
 from devid.gateway.store.log_rotation import DEFAULT_SEGMENT_ENTRIES, LOCK_FILE, SEGMENT_DIR, rotate
 from devid.gateway.store.log_verify import ARCHIVED, PENDING, verify_log
@@ -66,9 +66,9 @@ def _head(text: str) -> tuple[int, str]:
     return int(seq), h.lower()
 
 
-def _store(args, readonly: bool = True) -> SQLiteAttestationStore:
+def _store(args, readonly: bool = True) -> AttestationStore:
     data = DataDir(resolve_data_dir(args.data)).require()
-    return SQLiteAttestationStore(data.open_registry(readonly=readonly))
+    return AttestationStore(data.open_registry(readonly=readonly))
 
 
 def _summary_text(e: LogEntry) -> str:
@@ -113,7 +113,7 @@ def cmd_log(args) -> int:
     return 0
 
 
-def _trusted(data: DataDir, store: SQLiteAttestationStore):
+def _trusted(data: DataDir, store: AttestationStore):
     """The certificates that may seal segments: the gateway's, as the registry and DATA/ca have
     them, and only those issued by this data directory's operational CA (the registry may also
     hold rows of a CA an interrupted `devid init` made and never put in place)."""
@@ -149,7 +149,7 @@ def _registry_json(kept):
 
 def cmd_rotate(args) -> int:
     data = DataDir(resolve_data_dir(args.data)).require()
-    store = SQLiteAttestationStore(data.open_registry())
+    store = AttestationStore(data.open_registry())
     window, why = _verdict_window(data)
     now = datetime.now(timezone.utc)
     before = args.before if args.before is not None else now
@@ -196,7 +196,7 @@ def cmd_rotate(args) -> int:
 
 def cmd_verify_log(args) -> int:
     data = DataDir(resolve_data_dir(args.data)).require()
-    store = SQLiteAttestationStore(data.open_registry(readonly=True))
+    store = AttestationStore(data.open_registry(readonly=True))
     directories = [Path(d) for d in args.segments] if args.segments else [data.path / SEGMENT_DIR]
     for d in directories:
         if args.segments and not d.is_dir():

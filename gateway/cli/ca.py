@@ -15,7 +15,7 @@ from devid.ca.errors import CAError
 from devid.ca.hierarchy import CA_NAMES
 from devid.ca.validation import DeviceVerifier
 
-from devid.gateway.app.datadir import ENV_PASSPHRASE
+from devid.gateway.app.datadir import ENV_PASSPHRASE, ENV_REGISTRY
 from devid.gateway.cli import output
 from devid.gateway.cli.base import Parser, data_dir, read_input, utcnow, write_output
 from devid.gateway.errors import CLIError
@@ -46,20 +46,48 @@ def _passphrase_source(args, data, generated: bool) -> dict:
     return {"source": "generated" if generated else "file", "file": str(data.secret_path)}
 
 
+def cmd_join(args) -> int:
+    if args.ca_from is None:
+        raise CLIError("--join needs --ca-from DIR: a copy of the first host's DATA/ca")
+    for flag, value in (("--hostname", args.hostname), ("--org", args.org), ("--passphrase-file", args.passphrase_file)):
+        if value:
+            raise CLIError(f"{flag}: a joining host takes the first host's CA and settings from the registry")
+    os.environ[ENV_REGISTRY] = args.join
+    data = data_dir(args)
+    summary = data.join(args.ca_from, registry_password_file=args.registry_password_file)
+    data.require()
+    if args.json:
+        output.emit({"ok": True, "data": str(data.path), "config": str(data.config_path),
+                     "registry": data.registry_name, "joined": True,
+                     "certificates": {name: output.cert_json(data.cert(name)) for name in summary["certificates"]}})
+        return 0
+    print(f"joined {data.registry_name} in {data.path}: no CA created")
+    for name in summary["certificates"]:
+        cert = data.cert(name)
+        print(f"  {name:<14} {cert.subject.rfc4514_string():<48} until {output.ts(cert.not_valid_after_utc)}")
+    return 0
+
+
 def cmd_init(args) -> int:
+    if args.join:
+        return cmd_join(args)
+    if args.ca_from is not None:
+        raise CLIError("--ca-from is for --join URL (another gateway host of a shared registry)")
     data = data_dir(args)
     generated = not (args.passphrase_file and Path(args.passphrase_file).exists())
-    data.init(utcnow(), hostnames=args.hostname or (), organization=args.org, passphrase_file=args.passphrase_file)
+    data.init(utcnow(), hostnames=args.hostname or (), organization=args.org, passphrase_file=args.passphrase_file,
+              registry_password_file=args.registry_password_file)
     data.require()
     names = (*CA_NAMES, "gateway")
     passphrase = _passphrase_source(args, data, generated)
     if args.json:
         output.emit({"ok": True, "data": str(data.path), "config": str(data.config_path),
-                     "registry": str(data.db_path), "organization": data.config.identity.organization,
+                     "registry": data.registry_name, "organization": data.config.identity.organization,
                      "certificates": {name: output.cert_json(data.cert(name)) for name in names},
                      "passphrase": passphrase})
         return 0
-    print(f"created CA in {data.path}")
+    print(f"created CA in {data.path}" + (f" (registry {data.registry_name})"
+                                          if data.config.registry_url else ""))
     for name in names:
         cert = data.cert(name)
         print(f"  {name:<14} {cert.subject.rfc4514_string():<48} until {output.ts(cert.not_valid_after_utc)}")
@@ -150,6 +178,16 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
                    help="keep the CA passphrase in FILE, outside the data directory (mode 0600): read from it if it "
                         "exists (your passphrase, stretched with scrypt), else a generated one is written there "
                         "(default: DATA/ca/passphrase, or $DEVID_CA_PASSPHRASE)")
+    s.add_argument("--registry-password-file", metavar="FILE", type=Path,
+                   help="with --registry or --join: the PostgreSQL registry's password is in FILE (mode 0600); "
+                        "devid.toml names the file, never the password")
+    s.add_argument("--join", metavar="URL",
+                   help="make this data directory another gateway host of the PostgreSQL registry at URL, from "
+                        "that registry and a copy of the first host's CA files (--ca-from); creates no CA "
+                        "(docs/scale-out.md)")
+    s.add_argument("--ca-from", metavar="DIR", type=Path,
+                   help="with --join: a copy of the first host's DATA/ca (certificates, encrypted keys, and its "
+                        "passphrase file unless $DEVID_CA_PASSPHRASE is set)")
     s.add_argument("--json", action="store_true", help="one JSON document (docs/cli.md)")
     s.set_defaults(func=cmd_init)
 

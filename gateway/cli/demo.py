@@ -19,7 +19,7 @@ from devid.ca.revocation import revoke_device
 
 from devid.gateway.cli import output
 from devid.gateway.cli.output import CommandFailed
-from devid.gateway.store.attestation_store import SQLiteAttestationStore
+from devid.gateway.store.attestation_store import AttestationStore
 from devid.gateway.app.datadir import DataDir
 from devid.gateway.device.enroll import EnrollFailed, Firmware, renew
 from devid.gateway.factory.provisioning import provision
@@ -154,7 +154,7 @@ async def _run(data: DataDir, bundles, out: _Report) -> str | None:
 
 def _print_registry(registry, serials, out: _Report) -> None:
     devices = [registry.get_device(s) for s in serials]
-    store = SQLiteAttestationStore(registry)
+    store = AttestationStore(registry)
     entries = [e for e in store.log_entries() if e.device_serial in set(serials)]
     counts = registry.count_devices()
     out.doc["devices"] = [{"serial": d.serial, "device_type": d.device_type, "state": d.state.value}

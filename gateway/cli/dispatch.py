@@ -11,6 +11,7 @@ commands do not need to start."""
 from __future__ import annotations
 
 import argparse
+import os
 import sqlite3
 import sys
 
@@ -19,12 +20,14 @@ from devid.attestation.errors import AttestationError
 
 from devid.gateway.cli import attest, bench, ca, device, devices, output, provision, serve
 from devid.gateway.cli.base import Parser, data_dir, wants_json
-from devid.gateway.app.datadir import ENV_DATA
+from devid.gateway.app.datadir import ENV_DATA, ENV_REGISTRY
 from devid.gateway.errors import GatewayError
 
 # the order of `devid --help`
 GROUPS = (ca, devices, provision, serve, device, bench)
 DATA_HELP = f"the data directory (default: ${ENV_DATA}, else ./devid-data); before or after the command"
+REGISTRY_HELP = (f"the registry on PostgreSQL, postgresql://USER@HOST:PORT/DB (default: ${ENV_REGISTRY}, else "
+                 "devid.toml's [registry] url, else SQLite in the data directory); with init: written into devid.toml")
 
 
 def cmd_demo(args) -> int:
@@ -35,6 +38,7 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data", metavar="DIR", default=argparse.SUPPRESS, help=DATA_HELP)
+    common.add_argument("--registry", metavar="URL", default=argparse.SUPPRESS, help=REGISTRY_HELP)
     p = Parser(prog="devid", parents=[common],
                description="devid: device identity gateway. Factory identities, attested enrollment over "
                            "CoAP/DTLS, operational certificates, revocation. Conventions (--data, --json, "
@@ -91,8 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "data") and args.command in device.DEVICE_COMMANDS:
             parser.error(f"--data: '{args.command}' uses no data directory (a device knows its bundle and its "
                          "gateway, not the CA)")
+        if hasattr(args, "registry") and args.command in device.DEVICE_COMMANDS:
+            parser.error(f"--registry: '{args.command}' uses no registry (a device knows its bundle and its gateway)")
         if not hasattr(args, "data"):
             args.data = None
+        if getattr(args, "registry", None):
+            # for this command and every process it starts (serve's workers): as if $DEVID_REGISTRY
+            os.environ[ENV_REGISTRY] = args.registry
         if not hasattr(args, "json"):
             args.json = False
         func = lambda: args.func(args)   # noqa: E731

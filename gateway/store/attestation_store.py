@@ -1,14 +1,16 @@
-"""`attestation.NonceStore` and `attestation.LogStore` on the registry's SQLite database
-(tables of schema migration 2 in gateway/store/registry.py).
+"""`attestation.NonceStore` and `attestation.LogStore` on the registry's database, either engine
+(tables of schema migration 2 in gateway/store/schema.py).
 
-Both use the registry's connection and its `BEGIN IMMEDIATE` transactions, so they are atomic
-across every gateway process that shares the database file:
+Both use the registry's connection and its transactions, so they are atomic across every gateway
+process that shares the database (on PostgreSQL: across every host):
 
 - consuming a nonce is one `UPDATE ... WHERE consumed_at IS NULL AND <bound to this device> AND
   expires_at > now`, checked by its row count; only when it changes nothing does a `SELECT` in
   the same transaction say why;
 - appending to the log reads the head (and the device's refused-evidence tally, in the same
-  statement) and inserts the next entry in one transaction; the tally row (table
+  statement) and inserts the next entry in one transaction, serialised with every other append
+  (SQLite: its write lock; PostgreSQL: an advisory lock, `LOCK_LOG`), so appends from several
+  processes and hosts make one chain; the tally row (table
   attestation_refused, migration 4) is written only when refused evidence is involved;
 - taking a verdict for an enrollment inserts its sequence number into a table where it is the
   primary key, in the same transaction as the lookup;
@@ -19,7 +21,6 @@ across every gateway process that shares the database file:
 from __future__ import annotations
 
 import json
-import sqlite3
 from datetime import datetime, timedelta
 from typing import Callable, Iterator
 
@@ -30,7 +31,8 @@ from devid.attestation.nonces import ConsumeResult, NonceRecord, classify
 from devid.attestation.policy import Tier
 from devid.attestation.segments import SegmentAnchor
 
-from devid.gateway.store.registry import SQLiteRegistry
+from devid.gateway.store.postgres import LOCK_LOG
+from devid.gateway.store.registry import RegistryQueries
 
 _LOG_COLS = ("seq, time, device_serial, device_type, cert_fingerprint, tier, acceptable, revoke, reasons, claims, "
              "evidence, prev_hash, hash, summary, nonce_kind")
@@ -41,7 +43,7 @@ _ANCHOR_COLS = "first_seq, last_seq, prev_hash, head_hash, entries, file_name, f
 # segment's head), with the device's tally joined in for a budgeted append: one statement, every
 # part a primary-key lookup (~5 us against ~4 us for the head alone; subqueries with ORDER BY ...
 # LIMIT in the FROM clause were materialised and cost ~40 us).
-_HEAD_JOINS = ("FROM (SELECT 1) "
+_HEAD_JOINS = ("FROM (SELECT 1) AS one "
                "LEFT JOIN attestation_log l ON l.seq = (SELECT MAX(seq) FROM attestation_log) "
                "LEFT JOIN attestation_log_segments s ON s.first_seq = (SELECT MAX(first_seq) "
                "FROM attestation_log_segments)")
@@ -66,7 +68,7 @@ def _entry(row: tuple) -> LogEntry:
         raise LogError(f"attestation log entry {row[0]} is unreadable: {exc}") from None
 
 
-def _insert(db: sqlite3.Connection, e: LogEntry) -> None:
+def _insert(db, e: LogEntry) -> None:
     summary = None
     if e.summary is not None:
         summary = json.dumps({"count": e.summary.count, "first": e.summary.first, "last": e.summary.last,
@@ -94,12 +96,13 @@ def _tally(row: tuple) -> RefusedTally | None:
                         cert_fingerprint=row[7], tier=Tier(row[8]))
 
 
-def _write_tally(db: sqlite3.Connection, device_serial: str, t: RefusedTally | None) -> None:
+def _write_tally(db, device_serial: str, t: RefusedTally | None) -> None:
     if t is None:
         db.execute("DELETE FROM attestation_refused WHERE device_serial = ?", (device_serial,))
         return
-    db.execute(f"INSERT OR REPLACE INTO attestation_refused (device_serial, {_TALLY_COLS}) "
-               "VALUES (?,?,?,?,?,?,?,?,?,?)",
+    db.execute(f"INSERT INTO attestation_refused (device_serial, {_TALLY_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?) "
+               "ON CONFLICT (device_serial) DO UPDATE SET "
+               + ", ".join(f"{c} = excluded.{c}" for c in _TALLY_COLS.split(", ")),
                (device_serial, t.window_end, t.logged, t.suppressed, t.first, t.last,
                 json.dumps([list(p) for p in t.reason_counts]), t.device_type, t.cert_fingerprint, t.tier.value))
 
@@ -109,8 +112,10 @@ def _anchor(row: tuple) -> SegmentAnchor:
                          entries=row[4], file_name=row[5], file_sha256=row[6], sealed_at=row[7])
 
 
-class SQLiteAttestationStore:
-    def __init__(self, registry: SQLiteRegistry) -> None:
+class AttestationStore:
+    """Nonces and the log, on the registry's database (`SQLiteRegistry` or `PostgresRegistry`)."""
+
+    def __init__(self, registry: RegistryQueries) -> None:
         self.registry = registry
         self._purged: datetime | None = None
 
@@ -134,9 +139,9 @@ class SQLiteAttestationStore:
                     # attestation_nonces_outstanding, migration 5: a few rows, never a table scan)
                     db.execute("DELETE FROM attestation_nonces WHERE rowid IN (SELECT rowid FROM attestation_nonces "
                                "WHERE device_serial = ? AND consumed_at IS NULL "
-                               "ORDER BY issued_at DESC, rowid DESC LIMIT -1 OFFSET ?)",
+                               f"ORDER BY issued_at DESC, rowid DESC LIMIT {self.registry.NO_LIMIT} OFFSET ?)",
                                (record.device_serial, max_outstanding))
-        except sqlite3.IntegrityError:
+        except self.registry.integrity_errors:
             return False
         if purge:
             self._purged = purge_before
@@ -164,7 +169,7 @@ class SQLiteAttestationStore:
 
     def count_nonces(self, device_serial: str | None = None, *, outstanding: bool = False) -> int:
         """All stored nonces, or those of one device; `outstanding`: only unconsumed ones."""
-        sql, params = "SELECT COUNT(*) FROM attestation_nonces WHERE 1", []
+        sql, params = "SELECT COUNT(*) FROM attestation_nonces WHERE 1 = 1", []
         if device_serial is not None:
             sql += " AND device_serial = ?"
             params.append(device_serial)
@@ -179,6 +184,7 @@ class SQLiteAttestationStore:
                      admit: Callable[[RefusedTally | None], Admission] | None = None,
                      used_for: str | None = None, now: datetime | None = None) -> LogEntry | None:
         with self.registry.transaction() as db:
+            self.registry.serialize(db, LOCK_LOG)
             e = self._append(db, build, device_serial, admit)
             if used_for is not None and e is not None and e.acceptable:
                 db.execute("INSERT INTO attestation_verdict_uses (seq, used_at, purpose) VALUES (?, ?, ?)",
@@ -186,7 +192,7 @@ class SQLiteAttestationStore:
         return e
 
     @staticmethod
-    def _append(db: sqlite3.Connection, build, device_serial, admit) -> LogEntry | None:
+    def _append(db, build, device_serial, admit) -> LogEntry | None:
         if admit is None:
             seq, prev = _head(db.execute(_HEAD).fetchone())
             e = build(seq + 1, prev)
@@ -210,6 +216,7 @@ class SQLiteAttestationStore:
     def flush_refused(self, now: datetime) -> list[LogEntry]:
         t, out = format_time(now), []
         with self.registry.transaction() as db:
+            self.registry.serialize(db, LOCK_LOG)
             rows = db.execute(f"SELECT device_serial, {_TALLY_COLS} FROM attestation_refused "
                               "WHERE suppressed > 0 OR window_end <= ? ORDER BY device_serial", (t,)).fetchall()
             if not rows:
@@ -272,8 +279,8 @@ class SQLiteAttestationStore:
     def take_verdict(self, device_serial: str, since: datetime, now: datetime, purpose: str) -> LogEntry | None:
         with self.registry.transaction() as db:
             row = db.execute(f"SELECT {_LOG_COLS}, (SELECT suppressed FROM attestation_refused "
-                             "WHERE device_serial = ?1) FROM attestation_log WHERE device_serial = ?1 AND time >= ?2 "
-                             "ORDER BY seq DESC LIMIT 1", (device_serial, format_time(since))).fetchone()
+                             "WHERE device_serial = ?) FROM attestation_log WHERE device_serial = ? AND time >= ? "
+                             "ORDER BY seq DESC LIMIT 1", (device_serial, device_serial, format_time(since))).fetchone()
             # refused evidence counted after the latest logged verdict makes that the latest verdict
             if row is None or not row[6] or row[15]:
                 return None
@@ -313,6 +320,7 @@ class SQLiteAttestationStore:
         segment holds (first seq, count, the first's link and the last's hash) right after the
         last recorded segment, then insert the anchor row and delete those entries."""
         with self.registry.transaction() as db:
+            self.registry.serialize(db, LOCK_LOG)
             last = db.execute("SELECT last_seq, head_hash FROM attestation_log_segments "
                               "ORDER BY first_seq DESC LIMIT 1").fetchone()
             start, link = (last[0] + 1, bytes(last[1])) if last else (1, GENESIS)

@@ -38,7 +38,16 @@ SYNC_ENV = "DEVID_BENCH_SYNCHRONOUS"
 
 
 class Database:
-    """The connection and its transactions; subclasses define `_open_schema` (run at open)."""
+    """The connection and its transactions; subclasses define `_open_schema` (run at open).
+
+    Its twin on PostgreSQL is `postgres.PostgresDatabase`; the registry's queries are written
+    once for both, with the few differences as attributes here (`FOR_UPDATE`, `NO_LIMIT`,
+    `serialize`, `integrity_errors`)."""
+
+    engine = "sqlite"
+    FOR_UPDATE = ""             # BEGIN IMMEDIATE already holds the one write lock
+    NO_LIMIT = "-1"             # LIMIT <this> OFFSET n
+    integrity_errors = (sqlite3.IntegrityError,)
 
     def __init__(self, path: Path | str, *, timeout: float = 30.0, create: bool = False,
                  readonly: bool = False) -> None:
@@ -198,6 +207,23 @@ class Database:
         """The connection, for reads outside a write transaction."""
         with self._lock:
             yield self._db
+
+    def serialize(self, db: sqlite3.Connection, key: int) -> None:
+        """Nothing to do: every write transaction holds SQLite's one write lock (BEGIN IMMEDIATE)."""
+
+    @staticmethod
+    def duplicate_table(exc: BaseException) -> str | None:
+        """The table whose unique key an IntegrityError hit ('UNIQUE constraint failed: t.c')."""
+        text = str(exc)
+        if "constraint failed: " in text:
+            return text.split("constraint failed: ", 1)[1].split(".", 1)[0]
+        return None
+
+    def read_version(self, db: sqlite3.Connection) -> int:
+        return db.execute("PRAGMA user_version").fetchone()[0]
+
+    def write_version(self, db: sqlite3.Connection, version: int) -> None:
+        db.execute(f"PRAGMA user_version = {int(version)}")
 
     @property
     def schema_version(self) -> int:

@@ -33,7 +33,7 @@ from devid.attestation.errors import LogError
 from devid.attestation.log import GENESIS, format_time, verify_chain
 from devid.attestation.segments import SegmentAnchor, SegmentWriter, check_segment, parse_segment_name, segment_name
 
-from devid.gateway.store.attestation_store import SQLiteAttestationStore
+from devid.gateway.store.attestation_store import AttestationStore
 from devid.gateway.errors import DirectoryBusy
 from devid.gateway.system.fs import directory_lock, fsync_path
 
@@ -89,7 +89,7 @@ def rotation_lock(path: Path) -> Iterator[None]:
             from None
 
 
-def write_segment(store: SQLiteAttestationStore, directory: Path, first_seq: int, last_seq: int, prev_hash: bytes,
+def write_segment(store: AttestationStore, directory: Path, first_seq: int, last_seq: int, prev_hash: bytes,
                   signer, now: datetime, progress: Callable[[int], None] | None = None) -> PendingSegment:
     """Step 1: entries `first_seq`..`last_seq` of the registry into a sealed, fsynced file under
     its final name. `signer` has `.cert` and `.key` (the gateway's `Issuer`)."""
@@ -120,17 +120,17 @@ def write_segment(store: SQLiteAttestationStore, directory: Path, first_seq: int
                                                writer.entries, name, writer.file_sha256, seal.sealed_at))
 
 
-def commit_segment(store: SQLiteAttestationStore, pending: PendingSegment) -> None:
+def commit_segment(store: AttestationStore, pending: PendingSegment) -> None:
     """Step 2: the anchor row and the deletion of the segment's entries, in one transaction."""
     store.record_segment(pending.anchor)
 
 
-def _next_start(store: SQLiteAttestationStore) -> tuple[int, bytes]:
+def _next_start(store: AttestationStore) -> tuple[int, bytes]:
     anchors = store.segments()
     return (anchors[-1].last_seq + 1, anchors[-1].head_hash) if anchors else (1, GENESIS)
 
 
-def recover(store: SQLiteAttestationStore, directory: Path, trusted: Trusted, report: RotationReport) -> None:
+def recover(store: AttestationStore, directory: Path, trusted: Trusted, report: RotationReport) -> None:
     """Finish what a crashed rotation left in `directory`: temporary files are removed; a sealed
     file whose entries are still at the start of the registry is checked and committed."""
     for tmp in temporary_files(directory):
@@ -163,7 +163,7 @@ def recover(store: SQLiteAttestationStore, directory: Path, trusted: Trusted, re
         report.recovered.append(path.name)
 
 
-def rotate(store: SQLiteAttestationStore, directory: Path, signer, trusted: Trusted, *, before: datetime,
+def rotate(store: AttestationStore, directory: Path, signer, trusted: Trusted, *, before: datetime,
            now: datetime, verdict_window: timedelta, lock: Path, segment_entries: int = DEFAULT_SEGMENT_ENTRIES,
            progress: Progress | None = None) -> RotationReport:
     """Move the registry's entries older than `before` (and than the verdict window) into segments."""

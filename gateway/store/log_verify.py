@@ -21,7 +21,7 @@ from typing import Callable
 from devid.attestation.log import GENESIS, verify_chain
 from devid.attestation.segments import SegmentAnchor, check_segment, parse_segment_name
 
-from devid.gateway.store.attestation_store import SQLiteAttestationStore
+from devid.gateway.store.attestation_store import AttestationStore
 from devid.gateway.store.log_rotation import is_segment_file, temporary_files
 
 VERIFIED, BROKEN, ARCHIVED, PENDING, UNRECORDED = "verified", "broken", "archived-not-present", "pending", "unrecorded"
@@ -72,7 +72,7 @@ def _find_files(directories: list[Path]) -> dict[str, Path]:
     return found
 
 
-def verify_log(store: SQLiteAttestationStore, directories: list[Path], trusted: Callable[[bytes], object], *,
+def verify_log(store: AttestationStore, directories: list[Path], trusted: Callable[[bytes], object], *,
                head: tuple[int, str] | None = None, require_present: bool = False,
                progress: Callable[[int, int], None] | None = None) -> LogVerification:
     report = LogVerification()

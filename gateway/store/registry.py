@@ -1,16 +1,20 @@
-"""The embedded registry: SQLite in WAL mode, implementing `ca.store.Registry`.
+"""The registry's queries (`ca.store.Registry`), written once for both engines: `SQLiteRegistry`
+(the embedded default: SQLite in WAL mode, `database.py`) and `postgres_registry.PostgresRegistry`
+(PostgreSQL, `postgres.py`).
 
-One connection per Registry object (one per process or thread). Every write runs in a
-`BEGIN IMMEDIATE` transaction, so concurrent writers from several processes serialise on the
-database lock instead of failing half-way.
+On SQLite every write runs in a `BEGIN IMMEDIATE` transaction, so concurrent writers from
+several processes serialise on the database lock. On PostgreSQL (READ COMMITTED) the steps that
+read and then write take the row they depend on first: an issuance locks its device row
+(`FOR_UPDATE`), a revocation changes the device row before its certificates, so an issuance
+and a revocation of one device never interleave on either engine; counters (serial blocks, CRL
+numbers) are one `INSERT ... ON CONFLICT DO UPDATE ... RETURNING` each.
 
 The schema and its migrations: `gateway/store/schema.py`. Durability (what survives a power
-cut): `gateway/store/database.py`.
+cut): `gateway/store/database.py`, `gateway/store/postgres.py`.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import datetime, timezone
 from typing import Callable, Sequence
 
@@ -61,27 +65,26 @@ def _cert_params(c: CertificateRecord) -> tuple:
             c.fingerprint, c.der, _ts(c.issued_at), c.status.value, _ts(c.revoked_at), c.revocation_reason)
 
 
-def _collision(exc: sqlite3.IntegrityError) -> SerialCollision:
-    text = str(exc)
-    if "devices.serial" in text:
-        return DuplicateDevice("device serial already registered")
-    if "certificates.serial" in text or "certificates.fingerprint" in text:
-        return SerialCollision("certificate serial already used")
-    raise exc
-
-
-class SQLiteRegistry(Database):
-    """`ca.store.Registry` on SQLite. Also the home of later stores (nonces, attestation log).
-    Connection set-up and transactions: `gateway/store/database.py`."""
+class RegistryQueries:
+    """`ca.store.Registry` on either engine: mixed into a database class that provides
+    `transaction`, `reading`, `FOR_UPDATE`, `integrity_errors` and `duplicate_table`."""
 
     def _open_schema(self, create: bool, readonly: bool) -> None:
         open_schema(self, create, readonly)     # gateway/store/schema.py
 
+    def _collision(self, exc: Exception) -> SerialCollision:
+        table = self.duplicate_table(exc)
+        if table == "devices":
+            return DuplicateDevice("device serial already registered")
+        if table == "certificates":
+            return SerialCollision("certificate serial already used")
+        raise exc
+
     # -- devices -----------------------------------------------------------------------------
 
     def get_device(self, serial: str) -> DeviceRecord | None:
-        with self._lock:
-            row = self._db.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE serial = ?", (serial,)).fetchone()
+        with self.reading() as db:
+            row = db.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE serial = ?", (serial,)).fetchone()
         return _device(row) if row else None
 
     def list_devices(self, state: DeviceState | None = None, limit: int | None = None) -> list[DeviceRecord]:
@@ -94,12 +97,12 @@ class SQLiteRegistry(Database):
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
-        with self._lock:
-            return [_device(r) for r in self._db.execute(sql, params)]
+        with self.reading() as db:
+            return [_device(r) for r in db.execute(sql, params)]
 
     def count_devices(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._db.execute("SELECT state, COUNT(*) FROM devices GROUP BY state").fetchall())
+        with self.reading() as db:
+            return dict(db.execute("SELECT state, COUNT(*) FROM devices GROUP BY state").fetchall())
 
     def register_devices(self, pairs: Sequence[tuple[DeviceRecord, CertificateRecord]]) -> None:
         try:
@@ -109,8 +112,8 @@ class SQLiteRegistry(Database):
                                  _ts(d.enrolled_at), _ts(d.revoked_at), d.revocation_reason) for d, _ in pairs])
                 db.executemany(f"INSERT INTO certificates ({_CERT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                                [_cert_params(c) for _, c in pairs])
-        except sqlite3.IntegrityError as exc:
-            raise _collision(exc) from None
+        except self.integrity_errors as exc:
+            raise self._collision(exc) from None
 
     # -- certificates --------------------------------------------------------------------------
 
@@ -119,8 +122,8 @@ class SQLiteRegistry(Database):
         try:
             with self.transaction(durable=True) as db:
                 self._record(db, cert, supersede_profile, new_state)
-        except sqlite3.IntegrityError as exc:
-            raise _collision(exc) from None
+        except self.integrity_errors as exc:
+            raise self._collision(exc) from None
 
     def record_for_device(self, device_serial: str, build: Callable[[DeviceRecord], CertificateRecord], *,
                           supersede_profile: str | None = None,
@@ -130,7 +133,8 @@ class SQLiteRegistry(Database):
         `build` (the signature, ~0.1 ms) runs under the write lock; readers are not blocked (WAL)."""
         try:
             with self.transaction(durable=True) as db:
-                row = db.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE serial = ?", (device_serial,)).fetchone()
+                row = db.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE serial = ?{self.FOR_UPDATE}",
+                                 (device_serial,)).fetchone()
                 if row is None:
                     raise UnknownDevice(f"unknown device {device_serial}")
                 device = _device(row)
@@ -141,11 +145,11 @@ class SQLiteRegistry(Database):
                     raise ValueError(f"built a certificate for {cert.device_serial}, not {device_serial}")
                 self._record(db, cert, supersede_profile, new_state)
                 return cert
-        except sqlite3.IntegrityError as exc:
-            raise _collision(exc) from None
+        except self.integrity_errors as exc:
+            raise self._collision(exc) from None
 
     @staticmethod
-    def _record(db: sqlite3.Connection, cert: CertificateRecord, supersede_profile: str | None,
+    def _record(db, cert: CertificateRecord, supersede_profile: str | None,
                 new_state: DeviceState | None) -> None:
         """The writes of one issuance, inside the caller's transaction."""
         if supersede_profile is not None and cert.device_serial is not None:
@@ -165,18 +169,45 @@ class SQLiteRegistry(Database):
                 # the device was revoked (or removed) between the check and this write
                 raise DeviceRevoked(f"device {cert.device_serial} is revoked")
 
-    def record_certificates(self, records: Sequence[CertificateRecord]) -> None:
-        """Insert certificate records (CA and gateway certificates) in one durable transaction."""
+    def record_certificates(self, records: Sequence[CertificateRecord], deployment: dict[str, str] | None = None) -> None:
+        """Insert certificate records (CA and gateway certificates) in one durable transaction;
+        with `deployment` (devid init: the root's fingerprint, devid.toml), its rows too, once:
+        a registry that already holds a deployment refuses (RegistryError)."""
         try:
             with self.transaction(durable=True) as db:
+                if deployment:
+                    if db.execute("SELECT COUNT(*) FROM deployment").fetchone()[0]:
+                        raise RegistryError(f"{self.path} already holds a CA (root "
+                                            f"{self._deployment(db).get('root_fingerprint', '?')[:16]}...): "
+                                            "add this host to it with 'devid init --join', or name another registry")
+                    db.executemany("INSERT INTO deployment (key, value) VALUES (?, ?)", sorted(deployment.items()))
                 db.executemany(f"INSERT INTO certificates ({_CERT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                                [_cert_params(c) for c in records])
-        except sqlite3.IntegrityError as exc:
-            raise _collision(exc) from None
+        except self.integrity_errors as exc:
+            raise self._collision(exc) from None
+
+    @staticmethod
+    def _deployment(db) -> dict[str, str]:
+        return dict(db.execute("SELECT key, value FROM deployment").fetchall())
+
+    def deployment(self) -> dict[str, str]:
+        """What `devid init` recorded for every host of this registry (empty: nothing yet)."""
+        with self.reading() as db:
+            return self._deployment(db)
+
+    def forget_init(self, records: Sequence[CertificateRecord]) -> None:
+        """Undo a failed `devid init`'s rows (its certificates, the deployment), only while no
+        device has been registered."""
+        with self.transaction(durable=True) as db:
+            if db.execute("SELECT COUNT(*) FROM devices").fetchone()[0]:
+                return
+            db.executemany("DELETE FROM certificates WHERE serial = ? AND device_serial IS NULL",
+                           [(_hex(c.serial),) for c in records])
+            db.execute("DELETE FROM deployment")
 
     def get_certificate(self, serial: int) -> CertificateRecord | None:
-        with self._lock:
-            row = self._db.execute(f"SELECT {_CERT_COLS} FROM certificates WHERE serial = ?",
+        with self.reading() as db:
+            row = db.execute(f"SELECT {_CERT_COLS} FROM certificates WHERE serial = ?",
                                    (_hex(serial),)).fetchone()
         return _cert(row) if row else None
 
@@ -184,8 +215,8 @@ class SQLiteRegistry(Database):
         # a superseded certificate was superseded when the next one of its profile was issued to
         # its device (the same transaction, `_record`): the subquery runs only for superseded
         # rows, on index certificates_device; rowids order certificates issued in the same second
-        with self._lock:
-            row = self._db.execute(
+        with self.reading() as db:
+            row = db.execute(
                 "SELECT c.der, c.profile, c.status, c.fingerprint, c.device_serial, d.device_type, d.state, "
                 "CASE WHEN c.status = 'superseded' THEN (SELECT MIN(n.issued_at) FROM certificates n "
                 "  WHERE n.device_serial = c.device_serial AND n.profile = c.profile AND (n.issued_at > c.issued_at "
@@ -198,16 +229,16 @@ class SQLiteRegistry(Database):
                                  DeviceState(row[6]) if row[6] else None, _dt(row[7]))
 
     def certificates_issued_since(self, device_serial: str, profile: str, since: datetime) -> list[datetime]:
-        with self._lock:
-            rows = self._db.execute("SELECT issued_at FROM certificates WHERE device_serial = ? AND profile = ? "
+        with self.reading() as db:
+            rows = db.execute("SELECT issued_at FROM certificates WHERE device_serial = ? AND profile = ? "
                                     "AND issued_at >= ? ORDER BY issued_at", (device_serial, profile, _ts(since)))
             return [_dt(r[0]) for r in rows]
 
     def count_certificates(self, profile: str) -> int:
         """Certificates of a profile ever issued here (e.g. progress of a benchmark: each
         enrollment and each renewal adds one operational certificate)."""
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM certificates WHERE profile = ?", (profile,)).fetchone()[0]
+        with self.reading() as db:
+            return db.execute("SELECT COUNT(*) FROM certificates WHERE profile = ?", (profile,)).fetchone()[0]
 
     def certificates_matching(self, serial_prefix: str | None, fingerprint_prefix: str | None,
                               limit: int = 10) -> list[CertificateRecord]:
@@ -220,12 +251,12 @@ class SQLiteRegistry(Database):
             params += [serial_prefix, upper]
         if fingerprint_prefix and set(fingerprint_prefix) <= hexdigits:
             # fingerprints have no index (migration 3): a scan, for an operator's command only
-            parts.append(f"SELECT {_CERT_COLS} FROM certificates WHERE substr(fingerprint, 1, ?) = ?")
-            params += [len(fingerprint_prefix), fingerprint_prefix]
+            parts.append(f"SELECT {_CERT_COLS} FROM certificates WHERE fingerprint LIKE ?")
+            params += [fingerprint_prefix + "%"]
         if not parts:
             return []
-        with self._lock:
-            rows = self._db.execute(" UNION ".join(parts) + " LIMIT ?", (*params, limit)).fetchall()
+        with self.reading() as db:
+            rows = db.execute(" UNION ".join(parts) + " LIMIT ?", (*params, limit)).fetchall()
         return [_cert(r) for r in rows]
 
     def revoke_certificate(self, serial: int, reason: str, now: datetime) -> bool:
@@ -235,26 +266,29 @@ class SQLiteRegistry(Database):
             return cur.rowcount == 1
 
     def certificates_for_device(self, device_serial: str) -> list[CertificateRecord]:
-        with self._lock:
-            rows = self._db.execute(f"SELECT {_CERT_COLS} FROM certificates WHERE device_serial = ? "
+        with self.reading() as db:
+            rows = db.execute(f"SELECT {_CERT_COLS} FROM certificates WHERE device_serial = ? "
                                     "ORDER BY issued_at, rowid", (device_serial,)).fetchall()
         return [_cert(r) for r in rows]
 
     def revoke_device(self, serial: str, reason: str, now: datetime) -> list[CertificateRecord]:
         t = _ts(now)
         with self.transaction(durable=True) as db:
+            # the device row first: an issuance to this device (which locks that row, `record_for_device`)
+            # either committed before, and its certificate is revoked below, or waits and then finds
+            # the device revoked
+            db.execute("UPDATE devices SET state = 'revoked', revoked_at = COALESCE(revoked_at, ?), "
+                       "revocation_reason = COALESCE(revocation_reason, ?), updated_at = ? WHERE serial = ?",
+                       (t, reason, t, serial))
             rows = db.execute(f"SELECT {_CERT_COLS} FROM certificates WHERE device_serial = ? "
                               "AND status != 'revoked'", (serial,)).fetchall()
             db.execute("UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ? "
                        "WHERE device_serial = ? AND status != 'revoked'", (t, reason, serial))
-            db.execute("UPDATE devices SET state = 'revoked', revoked_at = COALESCE(revoked_at, ?), "
-                       "revocation_reason = COALESCE(revocation_reason, ?), updated_at = ? WHERE serial = ?",
-                       (t, reason, t, serial))
         return [_cert(r) for r in rows]
 
     def revoked_certificates(self, issuer: str) -> list[CertificateRecord]:
-        with self._lock:
-            rows = self._db.execute(f"SELECT {_CERT_COLS} FROM certificates WHERE issuer = ? "
+        with self.reading() as db:
+            rows = db.execute(f"SELECT {_CERT_COLS} FROM certificates WHERE issuer = ? "
                                     "AND status = 'revoked' ORDER BY revoked_at, serial", (issuer,)).fetchall()
         return [_cert(r) for r in rows]
 
@@ -276,23 +310,28 @@ class SQLiteRegistry(Database):
         """`SELECT c.serial <sql>` over the serials, 500 at a time (SQLite's parameter limit)."""
         found: set[int] = set()
         hexes = [_hex(s) for s in serials]
-        with self._lock:
+        with self.reading() as db:
             for i in range(0, len(hexes), 500):
                 chunk = hexes[i:i + 500]
                 query = "SELECT c.serial " + sql.format(marks=",".join("?" * len(chunk)))
-                found.update(int(r[0], 16) for r in self._db.execute(query, (*chunk, *params)))
+                found.update(int(r[0], 16) for r in db.execute(query, (*chunk, *params)))
         return found
 
     def next_crl_number(self, issuer: str) -> int:
         with self.transaction(durable=True) as db:
-            db.execute("INSERT INTO crl_numbers (issuer, number) VALUES (?, 1) "
-                       "ON CONFLICT (issuer) DO UPDATE SET number = number + 1", (issuer,))
-            return db.execute("SELECT number FROM crl_numbers WHERE issuer = ?", (issuer,)).fetchone()[0]
+            return db.execute("INSERT INTO crl_numbers (issuer, number) VALUES (?, 1) "
+                              "ON CONFLICT (issuer) DO UPDATE SET number = crl_numbers.number + 1 "
+                              "RETURNING number", (issuer,)).fetchone()[0]
 
     def reserve_serial_block(self, prefix: str, count: int) -> int:
+        # one statement: two gateways (two hosts on one PostgreSQL) never get the same block
         with self.transaction(durable=True) as db:
-            row = db.execute("SELECT next FROM serial_sequences WHERE prefix = ?", (prefix,)).fetchone()
-            start = row[0] if row else 1
-            db.execute("INSERT INTO serial_sequences (prefix, next) VALUES (?, ?) "
-                       "ON CONFLICT (prefix) DO UPDATE SET next = excluded.next", (prefix, start + count))
-            return start
+            end = db.execute("INSERT INTO serial_sequences (prefix, next) VALUES (?, ?) "
+                             "ON CONFLICT (prefix) DO UPDATE SET next = serial_sequences.next + ? "
+                             "RETURNING next", (prefix, 1 + count, count)).fetchone()[0]
+            return end - count
+
+
+class SQLiteRegistry(RegistryQueries, Database):
+    """`ca.store.Registry` on SQLite, the embedded default. Connection set-up and transactions:
+    `gateway/store/database.py`."""

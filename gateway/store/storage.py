@@ -16,6 +16,8 @@ import sqlite3
 import time
 from typing import Callable
 
+from devid.gateway.errors import RegistryError
+
 FULL = "full"
 READ_ONLY = "read-only"
 FAILED = "unavailable"
@@ -26,8 +28,30 @@ _SQLITE_KINDS = {5: BUSY, 6: BUSY, 8: READ_ONLY, 10: FAILED, 13: FULL, 14: FAILE
 _ERRNO_KINDS = {errno.ENOSPC: FULL, errno.EDQUOT: FULL, errno.EROFS: READ_ONLY, errno.EIO: FAILED}
 
 
+class StorageError(RegistryError):
+    """A registry write or read failed for a reason of the storage under it (`kind`: FULL,
+    READ_ONLY, FAILED or BUSY), with a message that names no secret. The PostgreSQL backend
+    raises it for the server's errors of that kind (gateway/store/postgres.py); SQLite's are
+    told apart by their result code instead."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class Duplicate(Exception):
+    """A unique key already held (PostgreSQL's unique_violation), naming the table; the
+    registry turns it into its own errors as it does SQLite's IntegrityError."""
+
+    def __init__(self, table: str | None) -> None:
+        super().__init__(f"duplicate key in {table or 'the registry'}")
+        self.table = table
+
+
 def storage_kind(exc: BaseException) -> str | None:
     """FULL, READ_ONLY, FAILED or BUSY for a storage error, else None."""
+    if isinstance(exc, StorageError):
+        return exc.kind
     if isinstance(exc, sqlite3.Error):
         code = getattr(exc, "sqlite_errorcode", None)
         if code is None:

@@ -1,0 +1,284 @@
+"""The registry on PostgreSQL: the same transaction contract as `database.py` (SQLite), on psycopg 3
+with a connection pool (psycopg_pool).
+
+- **Transactions.** `transaction()` takes a connection from the pool for the calling thread and
+  runs BEGIN ... COMMIT at READ COMMITTED, PostgreSQL's default; inside another transaction of
+  the same thread it is a SAVEPOINT, as on SQLite. The single-use statements are the same as on
+  SQLite: a nonce is consumed by one conditional `UPDATE` checked by its row count, a verdict is
+  used by an `INSERT ... ON CONFLICT DO NOTHING` on its sequence number; at READ COMMITTED the
+  loser of a race waits for the winner's COMMIT and then changes nothing (row count 0).
+  Read-then-write steps that SQLite serialises with its one write lock are serialised here by
+  a row lock (`FOR UPDATE` on the device before an issuance) or a transaction-scoped advisory
+  lock (appends to the hash-chained attestation log, schema migrations): `serialize()`.
+- **Durability.** A durable transaction commits with `synchronous_commit = on` (the COMMIT
+  returns once the WAL is flushed, on the standby too when synchronous replication is
+  configured); the others with `synchronous_commit = off` for that transaction only (SET LOCAL),
+  which, as SQLite's NORMAL, may lose the last of them on a server crash, never corrupt, and
+  the next durable commit flushes them too.
+- **Errors.** psycopg's errors never leave this module: a unique violation becomes
+  `storage.Duplicate` (the registry turns it into DuplicateDevice or SerialCollision), a lost
+  or refused connection, a full disk, a read-only server (a standby after a failover) or a
+  lock or serialisation failure becomes `storage.StorageError` of its kind (devices get 5.03,
+  the command line one line), anything else `RegistryError`. Messages name the server by its
+  URL without the password (`redact`).
+- **Credentials** come from the URL, from a password file (0600, `password_file`) or from
+  libpq's environment (PGPASSWORD, PGPASSFILE/~/.pgpass, PGSERVICE); the password is handed to
+  libpq and never written to a log line or a message.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+from devid.gateway.errors import RegistryError
+from devid.gateway.store.storage import BUSY, FAILED, FULL, READ_ONLY, Duplicate, StorageError, StorageHealth
+
+SCHEMES = ("postgresql", "postgres")
+# the pool's own warnings (a reconnection failing in its background thread) repeat what the
+# registry's errors and the storage log line (gateway/store/storage.py) already say
+logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+# pg_advisory_xact_lock keys: 'devid' in ASCII, then what they serialise
+LOCK_LOG = 0x64657669_64000001
+LOCK_MIGRATE = 0x64657669_64000002
+
+
+def is_postgres_url(location: str) -> bool:
+    return isinstance(location, str) and location.split(":", 1)[0].lower() in SCHEMES and "://" in location
+
+
+def redact(url: str) -> str:
+    """The URL without its password (for messages, logs, JSON output)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "postgresql://(unparsable URL)"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        netloc = f"{userinfo}@{host}"
+    query = "&".join("password=***" if q.lower().startswith("password=") else q
+                     for q in parts.query.split("&")) if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+@functools.lru_cache(maxsize=512)
+def _pg(sql: str) -> str:
+    """The registry's SQL is written once with SQLite's `?` placeholders; psycopg wants `%s`."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+def _translate(exc: Exception, where: str) -> Exception:
+    import psycopg
+    from psycopg import errors as pe
+    if isinstance(exc, pe.UniqueViolation):
+        return Duplicate(exc.diag.table_name)
+    message = (exc.diag.message_primary if getattr(exc, "diag", None) is not None and exc.diag.message_primary
+               else str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    if isinstance(exc, pe.DiskFull):
+        return StorageError(FULL, f"registry {where}: {message}")
+    if isinstance(exc, pe.ReadOnlySqlTransaction):
+        return StorageError(READ_ONLY, f"registry {where}: {message}")
+    if isinstance(exc, (pe.TransactionRollback, pe.LockNotAvailable, pe.QueryCanceled)):
+        return StorageError(BUSY, f"registry {where}: {message}")
+    if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+        return StorageError(FAILED, f"registry {where} unavailable: {message}")
+    return RegistryError(f"registry {where}: {message}")
+
+
+class PgConnection:
+    """A pooled psycopg connection with the sqlite3-like face the registry's queries use:
+    `execute` and `executemany` return a cursor (fetchone, fetchall, fetchmany, rowcount,
+    iteration)."""
+
+    __slots__ = ("raw", "where")
+
+    def __init__(self, raw, where: str) -> None:
+        self.raw = raw
+        self.where = where
+
+    def execute(self, sql: str, params=()):
+        import psycopg
+        try:
+            return self.raw.execute(_pg(sql), params)
+        except psycopg.Error as exc:
+            raise _translate(exc, self.where) from None
+
+    def executemany(self, sql: str, rows):
+        import psycopg
+        cur = self.raw.cursor()
+        try:
+            cur.executemany(_pg(sql), rows)
+        except psycopg.Error as exc:
+            raise _translate(exc, self.where) from None
+        return cur
+
+
+class PostgresDatabase:
+    """The pool and its transactions (the PostgreSQL twin of `database.Database`)."""
+
+    engine = "postgresql"
+    FOR_UPDATE = " FOR UPDATE"          # appended to a SELECT whose rows the transaction will change
+    NO_LIMIT = "ALL"                    # LIMIT <this> OFFSET n
+
+    def __init__(self, url: str, *, create: bool = False, readonly: bool = False, password: str | None = None,
+                 pool_size: int = 4, timeout: float = 30.0) -> None:
+        import psycopg
+        from psycopg_pool import ConnectionPool, PoolTimeout
+        self.url = url
+        self.path = redact(url)             # what messages call this registry
+        self.readonly = readonly
+        self.health: StorageHealth | None = None
+        self._local = threading.local()
+        kwargs: dict = {"autocommit": True, "connect_timeout": max(1, int(timeout))}
+        if password is not None:
+            kwargs["password"] = password
+        if readonly:
+            kwargs["options"] = "-c default_transaction_read_only=on"
+        try:
+            psycopg.conninfo.conninfo_to_dict(url)
+        except psycopg.Error:
+            raise RegistryError(f"{self.path}: not a valid PostgreSQL URL") from None
+        if "options" in kwargs and "options=" in url:
+            kwargs.pop("options")       # the URL's own options (e.g. a search_path) win; the check stays SQL-side
+        # one direct connection first: a wrong host, user or password is one clear error at once,
+        # not a pool retrying in the background until its timeout
+        error = self._connect_error(url, kwargs)
+        if error is not None:
+            raise StorageError(FAILED, f"{self.path}: cannot connect to the registry: {error}")
+        self.pool = ConnectionPool(url, kwargs=kwargs, min_size=1, max_size=pool_size, timeout=timeout,
+                                   name="devid-registry", open=False)
+        try:
+            self.pool.open(wait=True, timeout=timeout)
+        except PoolTimeout:
+            self.pool.close()
+            raise StorageError(FAILED, f"{self.path}: cannot connect to the registry: timed out") from None
+        try:
+            self._open_schema(create, readonly)
+        except BaseException:
+            self.pool.close()
+            raise
+
+    @staticmethod
+    def _connect_error(url: str, kwargs: dict) -> str | None:
+        """None if a direct connection works, else why not (libpq's last line: never the password)."""
+        import psycopg
+        try:
+            psycopg.connect(url, **kwargs).close()
+        except psycopg.Error as exc:
+            lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+            return lines[-1] if lines else type(exc).__name__
+        return None
+
+    def _open_schema(self, create: bool, readonly: bool) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.pool.close()
+
+    # -- transactions ------------------------------------------------------------------------
+
+    @contextmanager
+    def _borrowed(self) -> Iterator[PgConnection]:
+        import psycopg
+        from psycopg_pool import PoolTimeout
+        try:
+            with self.pool.connection() as raw:
+                yield PgConnection(raw, self.path)
+        except PoolTimeout:
+            raise StorageError(FAILED, f"registry {self.path} unavailable: no connection within the pool's "
+                                       "timeout") from None
+        except psycopg.Error as exc:
+            raise _translate(exc, self.path) from None
+
+    @contextmanager
+    def transaction(self, durable: bool = False) -> Iterator[PgConnection]:
+        """BEGIN ... COMMIT (READ COMMITTED); rolled back on any exception. `durable`: the COMMIT
+        returns only once the transaction's WAL is flushed. Nested: a SAVEPOINT, as on SQLite."""
+        import psycopg
+        current = getattr(self._local, "tx", None)
+        if current is not None:
+            if durable and not self._local.durable:
+                raise RuntimeError("a durable write inside a transaction that is not durable: "
+                                   "open the outer transaction with durable=True")
+            try:
+                with current.raw.transaction():
+                    yield current
+            except psycopg.Error as exc:
+                raise _translate(exc, self.path) from None
+            return
+        try:
+            with self._borrowed() as conn:
+                self._local.tx, self._local.durable = conn, durable
+                try:
+                    with conn.raw.transaction():
+                        if not durable:
+                            conn.raw.execute("SET LOCAL synchronous_commit TO off")
+                        yield conn
+                finally:
+                    self._local.tx = None
+        except BaseException as exc:
+            if self.health is not None:
+                from devid.gateway.store.storage import storage_kind
+                kind = storage_kind(exc)
+                if kind is not None:
+                    self.health.failed(kind, exc)
+            raise
+        if self.health is not None and self.health.failing:
+            self.health.succeeded()
+
+    @contextmanager
+    def snapshot(self) -> Iterator[PgConnection]:
+        """Reads that all see one state of the database (REPEATABLE READ, read only)."""
+        with self._borrowed() as conn:
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            self._local.tx, self._local.durable = conn, False
+            try:
+                yield conn
+            finally:
+                self._local.tx = None
+                conn.raw.execute("ROLLBACK")
+
+    @contextmanager
+    def reading(self) -> Iterator[PgConnection]:
+        """A connection for reads: this thread's open transaction's, else one from the pool."""
+        current = getattr(self._local, "tx", None)
+        if current is not None:
+            yield current
+            return
+        with self._borrowed() as conn:
+            yield conn
+
+    def serialize(self, db: PgConnection, key: int) -> None:
+        """Until this transaction ends, no other transaction holding `key` runs (on any host)."""
+        db.execute("SELECT pg_advisory_xact_lock(?)", (key,))
+
+    @staticmethod
+    def duplicate_table(exc: BaseException) -> str | None:
+        return exc.table if isinstance(exc, Duplicate) else None
+
+    integrity_errors = (Duplicate,)
+
+    # -- schema version ------------------------------------------------------------------------
+
+    def read_version(self, db: PgConnection) -> int:
+        if db.execute("SELECT to_regclass('devid_schema')").fetchone()[0] is None:
+            return 0
+        row = db.execute("SELECT version FROM devid_schema").fetchone()
+        return row[0] if row else 0
+
+    def write_version(self, db: PgConnection, version: int) -> None:
+        db.execute("CREATE TABLE IF NOT EXISTS devid_schema (version INTEGER NOT NULL)")
+        db.execute("DELETE FROM devid_schema")
+        db.execute("INSERT INTO devid_schema (version) VALUES (?)", (version,))
+
+    @property
+    def schema_version(self) -> int:
+        with self.reading() as db:
+            return self.read_version(db)
