@@ -17,6 +17,8 @@ from .attest_util import NOW, POLICY, Clock, SimDevice
 from .conftest import run_devid
 from .conftest import ok, one_line_error
 
+pytestmark = pytest.mark.engines
+
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "attestation-policy.example.toml"
 
 
@@ -81,6 +83,7 @@ def test_bad_input_is_one_line(logged, args, needle):
     one_line_error(run_devid(*args, data_dir=logged.path), needle)
 
 
+@pytest.mark.sqlite_only       # tampers with the SQLite file directly
 def test_verify_log_ok_then_tampered(logged):
     d = logged.path
     text = ok(run_devid("attest", "verify-log", data_dir=d))

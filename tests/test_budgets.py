@@ -24,6 +24,8 @@ from .attest_util import Clock
 from .conftest import make_csr
 from .gateway_helpers import FW, problem, request, run_with_gateway
 
+pytestmark = pytest.mark.engines
+
 
 class Ticks:
     """A monotonic clock for the limiter, moved by hand."""
@@ -135,6 +137,7 @@ def test_a_new_nonce_replaces_the_devices_oldest_unconsumed_one(kind, registry):
     svc.consume(other.value, "D2", "fp2")      # another device's nonce was not touched
 
 
+@pytest.mark.sqlite_only       # SQLite's query plan
 def test_the_nonce_cap_uses_its_index(registry):
     plan = registry._db.execute(
         "EXPLAIN QUERY PLAN SELECT rowid FROM attestation_nonces WHERE device_serial = ? AND consumed_at IS NULL "

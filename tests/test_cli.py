@@ -11,6 +11,8 @@ from cryptography import x509
 
 from .conftest import make_csr, ok, one_line_error, run_devid
 
+pytestmark = pytest.mark.engines
+
 
 @pytest.fixture
 def ddir(tmp_path):

@@ -5,6 +5,8 @@ one line naming the first, a second init waits and then finds the first one's CA
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -18,6 +20,8 @@ from devid.ca.identity import fingerprint
 from devid.gateway.app.datadir import DataDir
 
 from .conftest import run_devid
+
+pytestmark = pytest.mark.engines
 
 BUNDLE_FILES = ["ca.pem", "cert.pem", "chain.pem", "key.pem", "secure-element-config.json"]
 

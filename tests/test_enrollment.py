@@ -27,6 +27,8 @@ from .conftest import NOW, free_port, make_csr
 
 from .gateway_helpers import FW, IMAGE, problem, request, run_with_gateway, token_for
 
+pytestmark = pytest.mark.engines
+
 
 # -- the whole life cycle ---------------------------------------------------------------------------
 
@@ -153,6 +155,7 @@ def test_factory_identity_rules(world):
     run_with_gateway(data, body)
 
 
+@pytest.mark.sqlite_only       # injects the failure with an SQLite trigger
 def test_failed_issuance_does_not_use_up_the_verdict(world):
     """The verdict is taken and the certificate recorded in one transaction: when recording fails
     (an injected failure), the verdict stays available for the next /sen."""

@@ -20,6 +20,8 @@ from devid.gateway.app.server import Gateway, GatewayConfig
 from .conftest import NOW, free_port
 from .dtls_helpers import client_context_from_bundle
 
+pytestmark = pytest.mark.engines
+
 
 async def start_gateway(data, **config):
     port = free_port()

@@ -5,7 +5,6 @@ On the real gateway over loopback DTLS, the real CLI as a subprocess, real SQLit
 from __future__ import annotations
 
 import asyncio
-import functools
 import multiprocessing
 import os
 import shutil
@@ -26,10 +25,12 @@ from devid.gateway.service.budgets import Budgets, Rate
 from devid.gateway.device.client import device_context
 from devid.gateway.device.enroll import EnrollFailed, enroll, fetch_config, renew
 
-from .conftest import NOW, make_csr, register_device, run_devid
+from .conftest import NOW, make_csr, register_device, run_devid, sql
 from .dtls_helpers import RawSession, client_context_for
 from .conftest import ok, one_line_error
 from .gateway_helpers import FW, POLICY, problem, request, run_with_gateway
+
+pytestmark = pytest.mark.engines
 
 OP = dict(cert_name="op-chain.pem", key_name="op-key.pem")
 SREN = ".well-known/est/sren"
@@ -217,7 +218,7 @@ def test_operational_certificates_per_device_are_capped_across_restarts(world):
             await enroll(attested, uri, FW)
         with pytest.raises(EnrollFailed, match="too many certificates"):
             await enroll(attested, uri, FW)
-        uses = gw.registry._db.execute("SELECT COUNT(*) FROM attestation_verdict_uses").fetchone()[0]
+        uses = sql(gw.registry, "SELECT COUNT(*) FROM attestation_verdict_uses")[0][0]
         assert uses == 3
 
     async def after_restart(uri, gw):
@@ -245,7 +246,7 @@ def _worker(path: str, action: str, who: dict, limit: int, barrier, q) -> None:
         policy = parse_policy((data.path / "attestation-policy.toml").read_text(), "test")
         now = lambda: datetime.now(timezone.utc)        # noqa: E731
         svc = EnrollmentService(data.authority(reg), AttestationService(policy, store, store, clock=now), policy,
-                                None, now, atomic=functools.partial(reg.transaction, durable=True),
+                                None, now, atomic=reg.device_transaction,
                                 budgets=Budgets(certificates_per_window=limit))
         key = serialization.load_pem_public_key(who.pop("public_key"))
         identity = PeerIdentity(public_key=key, **who)

@@ -33,6 +33,8 @@ from devid.gateway.store.configuration import DEFAULT_TEMPLATE
 from .gateway_helpers import FW, run_with_gateway
 from .transport_helpers import TIMEOUT, over_lean
 
+pytestmark = pytest.mark.engines
+
 BAD_FW = Firmware("sha-256", hashlib.sha256(b"tampered").digest(), FW.name, FW.version)
 
 

@@ -23,6 +23,8 @@ from devid.gateway.factory.provisioning import provision, secure_element_config,
 from .conftest import NOW, register_device, run_devid
 from .conftest import check_consistent
 
+pytestmark = pytest.mark.engines
+
 
 def _provision(data, registry, out, **kw):
     ca = data.authority(registry)

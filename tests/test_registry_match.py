@@ -22,6 +22,8 @@ from devid.gateway.service.identity import DeviceAuthenticator
 from .conftest import NOW, make_csr, register_device
 from .dtls_helpers import client_context_for, connect, shuttle, start_pending
 
+pytestmark = pytest.mark.engines
+
 
 def engine(data, registry, clock=lambda: NOW, grace=timedelta(0)):
     gw = data.issuer("gateway")
@@ -72,6 +74,7 @@ def test_recorded_identities_are_accepted_without_a_second_path_validation(data,
     assert not path_validation_ran(srv) and not path_validation_ran(srv2)
 
 
+@pytest.mark.sqlite_only       # SQLite's trace callback and query plan
 def test_the_handshake_asks_the_registry_one_indexed_query(data, registry, factory):
     srv = engine(data, registry)
     seen: list[str] = []
@@ -144,7 +147,8 @@ def test_expired_by_the_gateways_clock_and_by_openssls(data, registry, ca, facto
     assert "expired" in reason and "certificate expired" in alert
 
 
-def test_another_manufacturers_device_is_refused_by_openssl(data, registry, tmp_path):
+def test_another_manufacturers_device_is_refused_by_openssl(data, registry, tmp_path, monkeypatch):
+    monkeypatch.delenv("DEVID_REGISTRY", raising=False)     # the other manufacturer's own registry
     other = DataDir(tmp_path / "other")
     other.init(NOW)
     oreg = other.open_registry()

@@ -6,6 +6,8 @@ real gateway; the device side is raw CoAP here (the device client's flow has its
 
 from __future__ import annotations
 
+import pytest
+
 import hashlib
 from pathlib import Path
 
@@ -19,8 +21,10 @@ from devid.attestation.evidence import cose_key_xy
 from devid.ca.csr_evidence import embed_evidence
 from devid.gateway.store.attestation_store import AttestationStore
 
-from .conftest import make_csr
+from .conftest import make_csr, sql
 from .gateway_helpers import device_session, problem, request, run_with_gateway, token_for
+
+pytestmark = pytest.mark.engines
 
 SEN, SREN = "/.well-known/est/sen", "/.well-known/est/sren"
 
@@ -44,11 +48,9 @@ async def exporter_of(ctx, uri) -> bytes:
     return r.remote.exporter
 
 
-def count_write_transactions(gw) -> list[str]:
-    """Every statement the gateway's registry connection runs from now on (sqlite3 trace)."""
-    seen: list[str] = []
-    gw.registry._db.set_trace_callback(seen.append)
-    return seen
+def commits(gw) -> int:
+    """Write transactions the gateway's registry has committed so far (either engine)."""
+    return gw.registry.commits
 
 
 def test_one_request_enrolls_and_answers_with_certificate_configuration_and_verdict(world):
@@ -58,9 +60,9 @@ def test_one_request_enrolls_and_answers_with_certificate_configuration_and_verd
     async def body(uri, gw):
         async with device_session(dev) as ctx:
             csr, key = attested_csr(dev, await exporter_of(ctx, uri))
-            statements = count_write_transactions(gw)
+            before = commits(gw)
             r = await request(ctx, uri + SEN, codes.POST, payload=csr, content_format=286, accept=62)
-            gw.registry._db.set_trace_callback(None)
+            during = commits(gw) - before
             assert r.code == codes.CHANGED and r.opt.content_format == 62, r
             parts = cbor2.loads(r.payload)
             assert [parts[0], parts[2], parts[4]] == [287, 60, 60] and len(parts) == 6
@@ -74,14 +76,13 @@ def test_one_request_enrolls_and_answers_with_certificate_configuration_and_verd
             r2 = await request(ctx, f"{uri}/config", accept=60)
             assert r2.payload == parts[3] and r2.opt.etag == hashlib.sha256(parts[3]).digest()[:8]
         # one write transaction: the log entry, its use and the certificate
-        writes = [s for s in statements if s.startswith("BEGIN IMMEDIATE")]
-        assert len(writes) == 1, statements
-        db = gw.registry._db
+        assert during == 1
         seq = verdict["log_seq"]
-        assert db.execute("SELECT purpose FROM attestation_verdict_uses WHERE seq = ?", (seq,)).fetchone() == \
-            ("enrollment",)
-        assert db.execute("SELECT nonce_kind FROM attestation_log WHERE seq = ?", (seq,)).fetchone() == ("session",)
-        assert db.execute("SELECT COUNT(*) FROM attestation_nonces").fetchone()[0] == 0
+        assert [tuple(r) for r in sql(gw.registry, "SELECT purpose FROM attestation_verdict_uses WHERE seq = ?",
+                                      (seq,))] == [("enrollment",)]
+        assert [tuple(r) for r in sql(gw.registry, "SELECT nonce_kind FROM attestation_log WHERE seq = ?",
+                                      (seq,))] == [("session",)]
+        assert sql(gw.registry, "SELECT COUNT(*) FROM attestation_nonces")[0][0] == 0
     run_with_gateway(data, body)
 
 
@@ -211,8 +212,8 @@ def test_a_configuration_that_cannot_be_served_refuses_before_anything_is_issued
             r = await request(ctx, uri + SEN, codes.POST, payload=csr, content_format=286, accept=62)
             assert r.code == codes.SERVICE_UNAVAILABLE and problem(r)[-1] == "configuration unavailable"
         assert gw.registry.get_device("TS00000002").state.value == "manufactured"
-        assert gw.registry._db.execute("SELECT COUNT(*) FROM certificates WHERE device_serial = ? AND "
-                                       "profile = 'operational'", ("TS00000002",)).fetchone()[0] == 0
+        assert sql(gw.registry, "SELECT COUNT(*) FROM certificates WHERE device_serial = ? AND "
+                                "profile = 'operational'", ("TS00000002",))[0][0] == 0
     run_with_gateway(data, body)
 
 

@@ -30,9 +30,11 @@ from devid.gateway.device.protocol import EnrollFailed
 from devid.gateway.dtls import engine as E, exporter
 from devid.gateway.store.attestation_store import AttestationStore
 
-from .conftest import NOW, make_csr, register_device
+from .conftest import NOW, make_csr, register_device, sql
 from .dtls_helpers import client_context_for, client_for, connect, server_engine
 from .gateway_helpers import FW, POLICY, request, run_with_gateway, token_for
+
+pytestmark = pytest.mark.engines
 
 DOCS = Path(__file__).parent.parent / "docs" / "evidence.md"
 SSL_OP_NO_EXTENDED_MASTER_SECRET = 0x1      # OpenSSL's SSL_OP_BIT(0); pyOpenSSL names no constant
@@ -263,7 +265,7 @@ def test_evidence_with_the_session_nonce_enrolls_and_cannot_be_used_again(world)
             await ctx.shutdown()
         # no nonce row was ever written; the log says which kind each appraisal took
         store = AttestationStore(gw.registry)
-        assert gw.registry._db.execute("SELECT COUNT(*) FROM attestation_nonces").fetchone()[0] == 0
+        assert sql(gw.registry, "SELECT COUNT(*) FROM attestation_nonces")[0][0] == 0
         assert [(e.tier.value, e.nonce) for e in store.log_entries(device_serial="TS00000001")] == \
             [("affirming", "session"), ("contraindicated", "session")]
         assert verify_chain(store.iter_log()).ok

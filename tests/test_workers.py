@@ -4,6 +4,8 @@ with PR_SET_PDEATHSIG, and the getppid() watch alone in a process where the prct
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import re
 import signal
@@ -14,6 +16,8 @@ import textwrap
 import time
 
 from .conftest import free_port, run_devid
+
+pytestmark = pytest.mark.engines
 
 
 def _alive(pid: int) -> bool:

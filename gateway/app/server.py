@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
-import functools
 import os
 import logging
 import signal
@@ -99,11 +98,12 @@ class Gateway:
                                               log_budget=self.config.log_budget or settings.log_budget)
         self.configs = ConfigTemplates(data.path / "config", data.cert)
         self.configs.ensure_default()
-        # the verdict's use and the issuance in one durable transaction: the certificate is on
-        # disk before the answer carrying it is sent
+        # the verdict's use and the issuance in one durable transaction that holds the device
+        # (store/registry.py device_transaction): the certificate is on disk before the answer
+        # carrying it is sent, and racing requests for one device see each other's writes
         self.enrollment = EnrollmentService(data.authority(self.registry), self.attestation, self.policy,
                                             self.configs, clock, budgets=budgets,
-                                            atomic=functools.partial(self.registry.transaction, durable=True))
+                                            atomic=self.registry.device_transaction)
         self.site = build_site()
         add_enrollment_resources(self.site, self.enrollment, data.cert("root"), op)
         self.coap: CoapServer | None = None

@@ -153,7 +153,7 @@ class EnrollmentService:
     clock: Callable[[], datetime]
     # makes the use of a verdict and the issuance one transaction (the registry's `transaction`):
     # a verdict is used up exactly when a certificate is issued, and one commit instead of two
-    atomic: Callable[[], ContextManager] = nullcontext
+    atomic: Callable[[str], ContextManager] = nullcontext     # (device serial): its checks and writes as one
     budgets: Budgets = field(default_factory=Budgets)
     # the request-rate clock (seconds, monotonic): apart from `clock`, which is wall time
     monotonic: Callable[[], float] = time.monotonic
@@ -298,7 +298,7 @@ class EnrollmentService:
                                          + (" (the device was revoked)" if outcome.revoked else ""))
         verdict_seq, evaluation = None, None
         try:
-            with self.atomic():         # nor may a failed issuance
+            with self.atomic(who.serial):     # nor may a failed issuance
                 if not tpolicy.reenroll and self._standing("enroll", who).device_state is DeviceState.ENROLLED:
                     # again under the registry's write lock: of first enrollments racing on several
                     # workers, the first makes the device enrolled and the others are refused here
@@ -339,7 +339,7 @@ class EnrollmentService:
         self._require("renew", who)
         csr = self._check_csr("renew", who, csr)
         config = self._config(who) if with_config else None
-        with self.atomic():
+        with self.atomic(who.serial):
             # again under the registry's write lock: of renewals racing with one certificate
             # (on any worker), the first supersedes it and the others are refused here
             self._standing("renew", who)

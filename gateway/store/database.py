@@ -87,6 +87,7 @@ class Database:
             # 55-63 us instead of 66-69 us per issuance. cache_size above the default (2 MB) did not help.
             self._db.execute("PRAGMA wal_autocheckpoint=4000")
             self._lock = threading.RLock()
+            self.commits = 0            # write transactions committed through this object (tests, benchmarks)
             self._depth = 0
             self._durable = False
             self._open_schema(create, readonly)
@@ -174,6 +175,7 @@ class Database:
                 if not self._db.in_transaction:     # rolled back by SQLite under a caller that went on
                     raise sqlite3.OperationalError("the transaction was rolled back by SQLite; nothing was committed")
                 self._db.execute("COMMIT")
+                self.commits += 1
             except BaseException as exc:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")

@@ -136,6 +136,7 @@ class PostgresDatabase:
         self.readonly = readonly
         self.health: StorageHealth | None = None
         self._local = threading.local()
+        self.commits = 0            # write transactions committed through this object (tests, benchmarks)
         kwargs: dict = {"autocommit": True, "connect_timeout": max(1, int(timeout))}
         if password is not None:
             kwargs["password"] = password
@@ -221,6 +222,7 @@ class PostgresDatabase:
                         if not durable:
                             conn.raw.execute("SET LOCAL synchronous_commit TO off")
                         yield conn
+                    self.commits += 1       # the COMMIT (the block's end) succeeded
                 finally:
                     self._local.tx = None
         except BaseException as exc:

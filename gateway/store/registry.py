@@ -15,8 +15,9 @@ cut): `gateway/store/database.py`, `gateway/store/postgres.py`.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from devid.ca.errors import DeviceRevoked, DuplicateDevice, SerialCollision, UnknownDevice
 from devid.ca.store import CertificateLookup, CertificateRecord, CertStatus, DeviceRecord, DeviceState
@@ -71,6 +72,18 @@ class RegistryQueries:
 
     def _open_schema(self, create: bool, readonly: bool) -> None:
         open_schema(self, create, readonly)     # gateway/store/schema.py
+
+    @contextmanager
+    def device_transaction(self, device_serial: str) -> Iterator:
+        """A durable transaction in which one device's checks and writes (its standing, its
+        certificate quota, its verdict, the issuance) see no concurrent change to that device:
+        SQLite's write lock holds from BEGIN IMMEDIATE; on PostgreSQL the device's row is locked
+        first (FOR UPDATE), so a racing request for the same device, on any worker of any host,
+        waits for this one's COMMIT and then sees what it wrote."""
+        with self.transaction(durable=True) as db:
+            if self.FOR_UPDATE:
+                db.execute(f"SELECT 1 FROM devices WHERE serial = ?{self.FOR_UPDATE}", (device_serial,))
+            yield db
 
     def _collision(self, exc: Exception) -> SerialCollision:
         table = self.duplicate_table(exc)
