@@ -97,7 +97,7 @@ def run_demo(data: DataDir, count: int = 5, json_mode: bool = False) -> int:
             (b / "firmware.json").write_text(json.dumps({"name": DEMO_FIRMWARE[0], "version": DEMO_FIRMWARE[1],
                                                          "digest": f"sha-256:{digest}"}) + "\n")
         failed = asyncio.run(_run(data, bundles, out))
-        _print_registry(registry, result.serials, out)
+        _print_registry(registry, result.serials, out, data)
     finally:
         registry.close()
     if failed:
@@ -152,7 +152,7 @@ async def _run(data: DataDir, bundles, out: _Report) -> str | None:
         out.say("== gateway stopped")
 
 
-def _print_registry(registry, serials, out: _Report) -> None:
+def _print_registry(registry, serials, out: _Report, data: DataDir) -> None:
     devices = [registry.get_device(s) for s in serials]
     store = AttestationStore(registry)
     entries = [e for e in store.log_entries() if e.device_serial in set(serials)]
@@ -173,7 +173,7 @@ def _print_registry(registry, serials, out: _Report) -> None:
                    f"{e.claims.get('swname')} {e.claims.get('swversion')}" if e.claims else "-",
                    ", ".join(e.codes) or "-") for e in entries])
     print("registry totals: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
-    where = "" if str(registry.path.parent) == "devid-data" else f" --data {registry.path.parent}"
+    where = "" if str(data.path) == "devid-data" else f" --data {data.path}"
     print("next steps (docs/gateway.md, docs/enrollment.md):")
     for command in ("devices list", "attest log", "serve"):
         print(f"  .venv/bin/devid {command}{where}")

@@ -140,14 +140,12 @@ class PostgresDatabase:
         kwargs: dict = {"autocommit": True, "connect_timeout": max(1, int(timeout))}
         if password is not None:
             kwargs["password"] = password
-        if readonly:
-            kwargs["options"] = "-c default_transaction_read_only=on"
         try:
-            psycopg.conninfo.conninfo_to_dict(url)
+            given = psycopg.conninfo.conninfo_to_dict(url)
         except psycopg.Error:
             raise RegistryError(f"{self.path}: not a valid PostgreSQL URL") from None
-        if "options" in kwargs and "options=" in url:
-            kwargs.pop("options")       # the URL's own options (e.g. a search_path) win; the check stays SQL-side
+        if readonly:        # the server refuses any write: a reading command cannot change the registry
+            kwargs["options"] = f"{given.get('options') or ''} -c default_transaction_read_only=on".strip()
         # one direct connection first: a wrong host, user or password is one clear error at once,
         # not a pool retrying in the background until its timeout
         error = self._connect_error(url, kwargs)
