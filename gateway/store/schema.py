@@ -276,7 +276,25 @@ def open_schema(db: Database, create: bool, readonly: bool) -> None:
 
 
 def migrate(db: Database) -> None:
-    postgres = db.engine == "postgresql"
+    if db.engine != "postgresql":
+        _migrate(db, False)
+        return
+    # Two hosts starting at once on an empty or older database: both wait for the advisory lock,
+    # one migrates. The other may then still look at the catalogue as it was when its
+    # transaction began (PostgreSQL refreshes it at a transaction's start, not at an advisory
+    # lock) and fail on a table the first just made: it tries again in a new transaction, which
+    # sees the migrated schema and does nothing.
+    from devid.gateway.store.storage import Duplicate
+    for attempt in range(3):
+        try:
+            _migrate(db, True)
+            return
+        except (RegistryError, Duplicate):
+            if attempt == 2:
+                raise
+
+
+def _migrate(db: Database, postgres: bool) -> None:
     with db.transaction(durable=True) as con:
         if postgres:        # two hosts starting at once: one migrates, the other then finds it done
             from devid.gateway.store.postgres import LOCK_MIGRATE

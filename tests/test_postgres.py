@@ -1,0 +1,224 @@
+"""The registry on PostgreSQL, where it differs from SQLite: row locks instead of one write lock,
+advisory locks for the log and migrations, errors translated in store/, URLs and passwords.
+The shared behaviour runs on both engines in the modules marked `engines`."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from datetime import timedelta
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from devid.ca.errors import DeviceRevoked
+from devid.ca.store import CertStatus, DeviceState
+from devid.gateway.errors import RegistryError
+from devid.gateway.store.engines import PostgresRegistry, open_registry, redact
+from devid.gateway.store.schema import SCHEMA_VERSION
+from devid.gateway.store.storage import FAILED, READ_ONLY, StorageError
+
+from .conftest import NOW, make_csr, register_device, run_devid, one_line_error, sql
+from .postgres_helpers import PostgresCluster
+
+
+@pytest.fixture
+def pg_data(postgres, tmp_path, monkeypatch):
+    """A data directory whose registry is a fresh PostgreSQL schema."""
+    from devid.gateway.app.datadir import DataDir
+    monkeypatch.delenv("DEVID_CA_PASSPHRASE", raising=False)
+    monkeypatch.setenv("DEVID_REGISTRY", postgres.new_schema())
+    d = DataDir(tmp_path / "data")
+    d.init(NOW, hostnames=["gw.example.net"])
+    return d.require()
+
+
+def test_redact_hides_the_password_wherever_it_is():
+    assert redact("postgresql://devid:s3cret@db:5432/reg") == "postgresql://devid:***@db:5432/reg"
+    assert redact("postgresql://devid@db/reg?password=s3cret&sslmode=require") == \
+        "postgresql://devid@db/reg?password=***&sslmode=require"
+    assert redact("postgresql://devid@db/reg") == "postgresql://devid@db/reg"
+
+
+def test_init_writes_the_url_and_refuses_one_with_a_password(postgres, tmp_path):
+    url = postgres.new_schema()
+    out = run_devid("init", "--registry", url, "--json", data_dir=tmp_path / "a")
+    assert out.returncode == 0, out.stderr.decode()
+    text = (tmp_path / "a" / "devid.toml").read_text()
+    assert f'url = "{url}"' in text
+    assert not (tmp_path / "a" / "registry.sqlite3").exists()
+    secret = "pw-" + "9" * 12
+    with_password = url.replace("devid@", f"devid:{secret}@")
+    proc = run_devid("init", "--registry", with_password, data_dir=tmp_path / "b")
+    err = one_line_error(proc, "must not hold a password", "password_file")
+    assert secret not in err and secret not in proc.stdout.decode()
+    assert not (tmp_path / "b").exists()
+    # a second CA in a registry that holds one is refused: that is what --join is for
+    proc = run_devid("init", "--registry", url, data_dir=tmp_path / "c")
+    one_line_error(proc, "already holds a CA", "--join")
+
+
+def test_the_registry_refuses_writes_when_opened_read_only(pg_data):
+    reg = pg_data.open_registry(readonly=True)
+    try:
+        assert reg.count_devices() == {}
+        with pytest.raises(StorageError) as err:
+            reg.reserve_serial_block("X", 5)
+        assert err.value.kind == READ_ONLY
+    finally:
+        reg.close()
+
+
+def test_a_revocation_waits_for_an_issuance_to_the_same_device_and_then_revokes_its_certificate(pg_data):
+    """On PostgreSQL (READ COMMITTED, no single write lock) an issuance holds the device's row from
+    its check to its COMMIT; a revocation changes the device's row before its certificates, so it
+    waits, then revokes the certificate just issued as well."""
+    reg, other = pg_data.open_registry(), pg_data.open_registry()
+    try:
+        ca = pg_data.authority(reg)
+        register_device(ca, "SN1")
+        inside, release = threading.Event(), threading.Event()
+        key = ec.generate_private_key(ec.SECP256R1())
+        issued = ca.sign_device_certificate(key.public_key(), ca.profiles["operational"], "SN1", "t", NOW)
+
+        def build(device):
+            inside.set()
+            release.wait(30)
+            return issued.record
+
+        issuer = threading.Thread(target=lambda: reg.record_for_device("SN1", build, supersede_profile="operational",
+                                                                       new_state=DeviceState.ENROLLED))
+        issuer.start()
+        assert inside.wait(30)
+        revoked: list = []
+        revoker = threading.Thread(target=lambda: revoked.extend(other.revoke_device("SN1", "keyCompromise", NOW)))
+        revoker.start()
+        revoker.join(0.5)
+        assert revoker.is_alive()           # waiting for the device row the issuance holds
+        release.set()
+        issuer.join(30)
+        revoker.join(30)
+        assert issued.record.serial in {c.serial for c in revoked}
+        assert reg.get_certificate(issued.record.serial).status is CertStatus.REVOKED
+        assert reg.get_device("SN1").state is DeviceState.REVOKED
+    finally:
+        reg.close()
+        other.close()
+
+
+def test_an_issuance_after_a_revocation_began_finds_the_device_revoked(pg_data):
+    reg, other = pg_data.open_registry(), pg_data.open_registry()
+    try:
+        ca = pg_data.authority(reg)
+        register_device(ca, "SN1")
+        with other.transaction(durable=True) as db:      # a revocation in progress: the device row changed
+            db.execute("UPDATE devices SET state = 'revoked' WHERE serial = ?", ("SN1",))
+            result: list = []
+
+            def issue():
+                try:
+                    ca.issue_operational(make_csr()[0], "SN1", NOW)
+                    result.append("issued")
+                except DeviceRevoked:
+                    result.append("revoked")
+            t = threading.Thread(target=issue)
+            t.start()
+            t.join(0.5)
+            assert t.is_alive() and result == []    # waits for the revocation's COMMIT
+        t.join(30)
+        assert result == ["revoked"]
+        assert [c.profile for c in reg.certificates_for_device("SN1")] == ["factory"]
+    finally:
+        reg.close()
+        other.close()
+
+
+def _open_new(url, q):
+    reg = open_registry(url, create=True)
+    q.put(reg.schema_version)
+    reg.close()
+
+
+def test_gateways_starting_together_on_an_empty_database_migrate_it_once(postgres):
+    url = postgres.new_schema()
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_open_new, args=(url, q)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    versions = [q.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert versions == [SCHEMA_VERSION] * 4
+    reg = open_registry(url)
+    try:
+        assert sql(reg, "SELECT version FROM devid_schema") == [(SCHEMA_VERSION,)]
+    finally:
+        reg.close()
+
+
+def test_a_lost_server_is_a_storage_error_and_the_registry_recovers_when_it_returns(tmp_path):
+    cluster = PostgresCluster().start()
+    try:
+        url = cluster.new_database()
+        reg = open_registry(url, create=True)
+        try:
+            assert reg.reserve_serial_block("X", 10) == 1
+            cluster.stop_server()
+            with pytest.raises(StorageError) as err:
+                reg.reserve_serial_block("X", 10)
+            assert err.value.kind == FAILED and "unavailable" in str(err.value)
+            cluster.start_server()
+            for _ in range(3):          # the pool drops the dead connection, then makes a new one
+                try:
+                    assert reg.reserve_serial_block("X", 10) == 11
+                    break
+                except StorageError:
+                    continue
+            else:
+                pytest.fail("the registry did not recover after the server returned")
+        finally:
+            reg.close()
+    finally:
+        cluster.stop()
+
+
+def test_an_unreachable_server_is_one_line_naming_it_without_the_password(tmp_path):
+    from .postgres_helpers import free_tcp_port
+    secret = "pw-" + "7" * 12
+    url = f"postgresql://devid:{secret}@127.0.0.1:{free_tcp_port()}/nothing"
+    with pytest.raises(StorageError) as err:
+        PostgresRegistry(url, timeout=3)
+    assert secret not in str(err.value) and "cannot connect" in str(err.value)
+    proc = run_devid("--registry", url, "devices", "list", data_dir=tmp_path)
+    assert secret not in proc.stderr.decode() + proc.stdout.decode()
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr.decode()
+
+
+def test_a_bad_registry_setting_is_one_line(tmp_path):
+    proc = run_devid("--registry", "mysql://x@y/z", "devices", "list", data_dir=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr.decode()
+    with pytest.raises(RegistryError):
+        open_registry("postgresql://devid@127.0.0.1:1/x?sslmode=bogus")
+
+
+def test_the_password_file_must_be_private_and_only_its_name_is_written(postgres, tmp_path):
+    url = postgres.new_schema()
+    secret = "pw-" + "5" * 12
+    pw = tmp_path / "registry.password"
+    pw.write_text(secret + "\n")
+    pw.chmod(0o644)
+    proc = run_devid("init", "--registry", url, "--registry-password-file", pw, data_dir=tmp_path / "a")
+    err = one_line_error(proc, "chmod 600")
+    assert secret not in err
+    pw.chmod(0o600)
+    out = run_devid("init", "--registry", url, "--registry-password-file", pw, "--json", data_dir=tmp_path / "a")
+    assert out.returncode == 0, out.stderr.decode()
+    text = (tmp_path / "a" / "devid.toml").read_text()
+    assert f'password_file = "{pw}"' in text and secret not in text and secret not in out.stdout.decode()
+    listed = run_devid("devices", "list", "--json", data_dir=tmp_path / "a")
+    assert listed.returncode == 0 and secret not in listed.stdout.decode() + listed.stderr.decode()
+    # without --registry the password file means nothing: refused rather than ignored
+    proc = run_devid("init", "--registry-password-file", pw, data_dir=tmp_path / "b")
+    one_line_error(proc, "--registry")
