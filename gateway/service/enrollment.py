@@ -305,10 +305,7 @@ class EnrollmentService:
                     self._decision("enroll", who, "refused", reason="re-enrollment not allowed")
                     raise ReenrollmentRefused("device already enrolled; policy does not allow re-enrollment")
                 self._certificate_quota("enroll", who)
-                if appraisal is not None:
-                    evaluation = self.attestation.record(appraisal, used_for="enrollment")
-                    verdict_seq = evaluation.log_seq
-                elif tpolicy.attestation != "waived":
+                if appraisal is None and tpolicy.attestation != "waived":
                     entry = self.attestation.take_verdict(who.serial)
                     if entry is None:
                         self._decision("enroll", who, "refused", reason="no acceptable verdict in the window")
@@ -317,6 +314,12 @@ class EnrollmentService:
                             "(attribute id-aa-attestation) or send it to /attest/evidence first")
                     verdict_seq = entry.seq
                 issued = self._issue("enroll", who, checked)
+                if appraisal is not None:
+                    # the log entry last: appends to the one chain are serialised (on PostgreSQL
+                    # across hosts, by an advisory lock held to COMMIT), so the signature above
+                    # is not done while holding that lock
+                    evaluation = self.attestation.record(appraisal, used_for="enrollment")
+                    verdict_seq = evaluation.log_seq
         except BaseException:
             # nothing was written: the verdict's entry rolled back with the certificate. A session
             # nonce the appraisal claimed is released, so the device may retry in this session
