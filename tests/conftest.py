@@ -85,20 +85,27 @@ def registry_engine(request) -> str:
 
 @pytest.fixture
 def registry_url(registry_engine, request, monkeypatch) -> str | None:
-    """On PostgreSQL: a fresh schema's URL, also set as $DEVID_REGISTRY; on SQLite: None."""
+    """On PostgreSQL: a fresh schema's URL; on SQLite: None. $DEVID_REGISTRY is unset for the
+    test either way (the `data` fixture's devid.toml names the registry)."""
+    monkeypatch.delenv("DEVID_REGISTRY", raising=False)
     if registry_engine != "postgresql":
-        monkeypatch.delenv("DEVID_REGISTRY", raising=False)
         return None
-    url = request.getfixturevalue("postgres").new_schema()
-    monkeypatch.setenv("DEVID_REGISTRY", url)
-    return url
+    return request.getfixturevalue("postgres").new_schema()
 
 
 @pytest.fixture
 def data(tmp_path, monkeypatch, registry_url) -> DataDir:
+    """A data directory with a CA; on PostgreSQL made with `devid init --registry URL`'s code, so
+    its devid.toml names the registry and every command, subprocesses too, uses it. Other data
+    directories a test makes (another CA) get SQLite, unless it names a registry itself."""
     monkeypatch.delenv("DEVID_CA_PASSPHRASE", raising=False)
     d = DataDir(tmp_path / "data")
-    d.init(NOW, hostnames=["gw.example.net"])
+    if registry_url is not None:
+        monkeypatch.setenv("DEVID_REGISTRY", registry_url)
+    try:
+        d.init(NOW, hostnames=["gw.example.net"])
+    finally:
+        monkeypatch.delenv("DEVID_REGISTRY", raising=False)
     return d.require()
 
 

@@ -364,7 +364,9 @@ class DataDir:
             try:
                 deployment = {"root_fingerprint": hierarchy.records[0].fingerprint,     # records[0]: the root
                               "devid.toml": (config_text or self.config_path.read_bytes()).decode()}
-                registry.record_certificates(hierarchy.records, deployment=deployment)
+                # a data directory's own registry with no CA here is an interrupted init's: its
+                # deployment goes; a shared one may be another host's, and is refused
+                registry.record_certificates(hierarchy.records, deployment=deployment, replace_deployment=not shared)
                 try:
                     if config_text is not None:
                         write_atomic(self.config_path, config_text)

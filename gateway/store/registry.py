@@ -182,12 +182,17 @@ class RegistryQueries:
                 # the device was revoked (or removed) between the check and this write
                 raise DeviceRevoked(f"device {cert.device_serial} is revoked")
 
-    def record_certificates(self, records: Sequence[CertificateRecord], deployment: dict[str, str] | None = None) -> None:
+    def record_certificates(self, records: Sequence[CertificateRecord], deployment: dict[str, str] | None = None,
+                            *, replace_deployment: bool = False) -> None:
         """Insert certificate records (CA and gateway certificates) in one durable transaction;
         with `deployment` (devid init: the root's fingerprint, devid.toml), its rows too, once:
-        a registry that already holds a deployment refuses (RegistryError)."""
+        a registry that already holds a deployment refuses (RegistryError), unless
+        `replace_deployment` (a data directory's own SQLite registry, left by an init that was
+        killed before its CA was renamed into place: nobody has that CA)."""
         try:
             with self.transaction(durable=True) as db:
+                if deployment and replace_deployment:
+                    db.execute("DELETE FROM deployment")
                 if deployment:
                     if db.execute("SELECT COUNT(*) FROM deployment").fetchone()[0]:
                         raise RegistryError(f"{self.path} already holds a CA (root "
