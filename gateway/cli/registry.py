@@ -151,8 +151,12 @@ def _migrate_locked(args, data: DataDir, source_path: Path, url: str, target_nam
 
 
 class _Progress:
-    """Rows copied per table on stderr: a bar (or a line every 5 s) while a big table copies,
-    and one line when each table is done."""
+    """Rows copied per table of a big registry on stderr: a bar on a terminal (else a line every
+    5 s) while a table of PROGRESS_BAR rows or more copies, one line when a table of
+    PROGRESS_ROWS or more is done; a small registry copies in silence."""
+
+    PROGRESS_ROWS = 1000
+    PROGRESS_BAR = 20000
 
     def __init__(self) -> None:
         self.table: str | None = None
@@ -161,9 +165,9 @@ class _Progress:
     def __call__(self, table: str, done: int, total: int) -> None:
         if table != self.table:
             self.table, self.bar = table, output.Progress(f"copying {table}")
-        if total >= 10000:
+        if total >= self.PROGRESS_BAR:
             self.bar(done, total)
-        if done >= total:
+        if done >= total and total >= self.PROGRESS_ROWS:
             print(f"copied {table}: {done} rows", file=sys.stderr, flush=True)
 
 
