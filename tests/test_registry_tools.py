@@ -357,3 +357,21 @@ def test_check_passes_on_a_healthy_registry_and_names_what_tampering_broke(data,
                                           "serial blocks ahead of every device serial issued from them"}
     finally:
         reg.close()
+
+
+@pytest.mark.sqlite_only
+def test_a_registry_older_than_its_deployment_rows_gets_them_and_another_host_can_join(populated, postgres, tmp_path):
+    data, _ = populated
+    db = sqlite3.connect(data.db_path)
+    db.execute("DELETE FROM deployment")        # as a registry made before schema 7 has none
+    db.commit()
+    db.close()
+    url = postgres.new_schema("dep")
+    doc = js(run_devid("registry", "migrate", "--to", url, "--switch", "--json", "--data", data.path))
+    assert doc["deployment_recorded"] is True and doc["tables"]["deployment"]["rows"] == 0
+    second = tmp_path / "host2"
+    ok(run_devid("init", "--join", url, "--ca-from", data.path / "ca", "--data", second))
+    here = js(run_devid("devices", "list", "--json", "--data", data.path))
+    there = js(run_devid("devices", "list", "--json", "--data", second))
+    assert here == there and len(here["devices"]) == 5
+    assert all(c["ok"] for c in js(run_devid("registry", "check", "--json", "--data", second))["checks"])

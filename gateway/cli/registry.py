@@ -18,6 +18,7 @@ import tomllib
 from pathlib import Path
 
 from devid.ca import keys
+from devid.ca.identity import fingerprint
 
 from devid.gateway.app.datadir import CERT_NAMES, ENV_REGISTRY, DataDir, resolve_data_dir
 from devid.gateway.app.settings import Config, check_registry_url
@@ -120,8 +121,13 @@ def _migrate_locked(args, data: DataDir, source_path: Path, url: str, target_nam
                                        f"({log_report.problems[0][1]}): rolled back, nothing was written "
                                        "('devid attest verify-log' shows whether the SQLite registry's log is broken)")
 
+            try:
+                config_text = data.config_path.read_text()
+            except OSError:
+                config_text = ""
+            deployment = {"root_fingerprint": fingerprint(data.cert("root")), "devid.toml": config_text}
             report = copy_registry(source, target, progress=None if args.json else _Progress(),
-                                   before_commit=before_commit)
+                                   before_commit=before_commit, deployment=deployment)
         finally:
             target.close()
     finally:
@@ -134,12 +140,16 @@ def _migrate_locked(args, data: DataDir, source_path: Path, url: str, target_nam
     if args.json:
         output.emit({"ok": True, "from": str(source_path), "to": target_name, "rows": report.rows,
                      "tables": {t.table: t.as_json() for t in report.tables}, "log": log,
+                     "deployment_recorded": report.deployment_recorded,
                      "switched": new_config is not None, "config": str(data.config_path) if new_config else None})
         return 0
     output.table(["table", "rows", "copy"], [(t.table, t.source_rows, "identical" if t.ok else "DIFFERENT")
                                              for t in report.tables])
     print(f"attestation log: {log['entries']} entries verified in the copy ({log['segments']} segment(s)); "
           f"head {log['head_seq']}:{log['head_hash']}")
+    if report.deployment_recorded:
+        print("recorded this data directory's root and devid.toml as the deployment (the SQLite registry, older "
+              "than schema 7, had none): other hosts can join it with 'devid init --join'")
     print(f"OK: copied {report.rows} rows from {source_path} into {target_name}; {source_path.name} is left as it was")
     if new_config is not None:
         print(f"{data.config_path} now names {target_name}: every devid command and 'devid serve' on this data "

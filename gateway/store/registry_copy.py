@@ -80,6 +80,7 @@ class TableCopy:
 @dataclass
 class CopyReport:
     tables: list[TableCopy] = field(default_factory=list)
+    deployment_recorded: bool = False       # the source had no deployment rows; the caller's were added
 
     @property
     def ok(self) -> bool:
@@ -137,11 +138,15 @@ def target_rows(db) -> dict[str, int]:
 
 
 def copy_registry(source, target, *, progress: Callable[[str, int, int], None] | None = None,
-                  before_commit: Callable[[], None] | None = None) -> CopyReport:
+                  before_commit: Callable[[], None] | None = None,
+                  deployment: dict[str, str] | None = None) -> CopyReport:
     """Copy every table of `source` (a SQLiteRegistry) into `target` (a PostgresRegistry whose
     tables are empty) in one durable transaction on the target, then compare every table. Raises
     TargetNotEmpty (nothing written), CopyMismatch (rolled back), or whatever `before_commit`
-    raises (rolled back): the caller's last checks, run inside the open transaction."""
+    raises (rolled back): the caller's last checks, run inside the open transaction.
+
+    `deployment`: recorded in the target (after the comparison) if the source holds none: a
+    registry made before schema 7 has no deployment rows, which `devid init --join` needs."""
     report = CopyReport()
     with source.snapshot() as src, target.transaction(durable=True) as dst:
         target.serialize(dst, LOCK_MIGRATE)
@@ -177,6 +182,9 @@ def copy_registry(source, target, *, progress: Callable[[str, int, int], None] |
             bad = [t.table for t in report.tables if not t.ok]
             raise CopyMismatch(f"the copy in {target.path} differs from the source in {', '.join(bad)}: "
                                "rolled back, nothing was written")
+        if deployment and not report.tables[[t for t, _, _ in TABLES].index("deployment")].source_rows:
+            dst.executemany("INSERT INTO deployment (key, value) VALUES (?, ?)", sorted(deployment.items()))
+            report.deployment_recorded = True
         if before_commit is not None:
             before_commit()
     return report
