@@ -375,3 +375,29 @@ def test_a_registry_older_than_its_deployment_rows_gets_them_and_another_host_ca
     there = js(run_devid("devices", "list", "--json", "--data", second))
     assert here == there and len(here["devices"]) == 5
     assert all(c["ok"] for c in js(run_devid("registry", "check", "--json", "--data", second))["checks"])
+
+
+@pytest.mark.sqlite_only
+def test_a_migrated_registry_is_served_and_its_log_goes_on(populated, postgres, tmp_path):
+    from .serve_helpers import FW, fleet, serving
+    data, _ = populated
+    [bundle] = fleet(data, tmp_path / "fleet", 1)
+    url = postgres.new_schema("served")
+    moved = js(run_devid("registry", "migrate", "--to", url, "--switch", "--json", "--data", data.path))
+    firmware = ["--firmware-digest", FW.digest.hex(), "--firmware-name", FW.name, "--firmware-version", FW.version]
+    with serving(data.path, tmp_path / "serve.log") as served:
+        enrolled = js(run_devid("enroll", "--gateway", served.uri, "--device", bundle, "--timeout", "10", *firmware,
+                                "--json"))
+        renewed = js(run_devid("renew", "--gateway", served.uri, "--device", bundle, "--timeout", "10", "--json"))
+    assert enrolled["serial"] == renewed["serial"] == bundle.name
+    shown = js(run_devid("devices", "show", bundle.name, "--json", "--data", data.path))
+    assert shown["state"] == "enrolled" and [c["status"] for c in shown["certificates"]] == \
+        ["current", "superseded", "current"]
+    verified = js(run_devid("attest", "verify-log", "--json", "--data", data.path))
+    assert verified["head_seq"] > moved["log"]["head_seq"] and verified["problems"] == []
+    assert all(c["ok"] for c in js(run_devid("registry", "check", "--json", "--data", data.path))["checks"])
+    reg = open_registry(data.db_path, readonly=True)          # the SQLite registry saw none of it
+    try:
+        assert sql(reg, "SELECT state FROM devices WHERE serial = ?", (bundle.name,)) == [("manufactured",)]
+    finally:
+        reg.close()
