@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sqlite3
 import subprocess
 import sys
@@ -131,9 +130,7 @@ def test_migrate_copies_every_table_and_the_copy_passes_every_check(populated, p
     data, info = populated
     before = files_digest(data)
     source_counts = counts(data.db_path)
-    assert all(source_counts[t] for t in ("devices", "certificates", "crl_numbers", "serial_sequences",
-                                          "attestation_nonces", "attestation_log", "attestation_verdict_uses",
-                                          "attestation_refused", "attestation_log_segments", "deployment")), str(source_counts)
+    assert all(source_counts.values()), str(source_counts)         # the scenario fills every table
     check = js(run_devid("registry", "check", "--json", "--data", data.path))
     assert check["engine"] == "sqlite" and len(check["checks"]) == CHECKS and all(c["ok"] for c in check["checks"])
     seen = views(data)
@@ -144,7 +141,8 @@ def test_migrate_copies_every_table_and_the_copy_passes_every_check(populated, p
     assert doc["ok"] and doc["switched"] is False and doc["config"] is None
     assert {t: v["rows"] for t, v in doc["tables"].items()} == source_counts
     assert all(v["ok"] and v["target_rows"] == v["rows"] for v in doc["tables"].values())
-    assert doc["log"]["head_seq"] == seen["verify"]["head_seq"] and doc["log"]["head_hash"] == seen["verify"]["head_hash"]
+    head = seen["verify"]
+    assert (doc["log"]["head_seq"], doc["log"]["head_hash"]) == (head["head_seq"], head["head_hash"])
     assert doc["log"]["segments"] == info["segments"]
     assert proc.stderr.decode() == ""          # --json: no progress
     assert counts(url) == source_counts

@@ -77,8 +77,8 @@ def cmd_migrate(args) -> int:
         raise CLIError(f"--to: {redact(url) if '://' in url else repr(url)} is not a PostgreSQL URL "
                        "(postgresql://USER@HOST:PORT/DATABASE)")
     if data.config.registry_url:
-        raise ConfigError(f"{data.config_path} already names a PostgreSQL registry ({redact(data.config.registry_url)}): "
-                          "this data directory does not use its SQLite registry")
+        raise ConfigError(f"{data.config_path} already names a PostgreSQL registry "
+                          f"({redact(data.config.registry_url)}): this data directory does not use its SQLite registry")
     source_path = data.db_path
     if not source_path.is_file():
         raise RegistryError(f"{source_path}: no SQLite registry to migrate")
