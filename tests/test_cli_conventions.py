@@ -285,7 +285,8 @@ def _data_commands() -> list[tuple[str, ...]]:
 # the least each command needs to get as far as its data directory
 _ARGS = {("ca", "cert"): ["root"], ("ca", "sign-csr"): ["--profile", "operational", "--device", "SN1", "--csr", "CSR"],
          ("ca", "verify"): ["CERT"], ("revoke",): ["SN1"], ("devices", "show"): ["SN1"],
-         ("provision",): ["--count", "1", "--device-type", "t", "--out", "OUT"], ("serve",): ["--listen", "127.0.0.1:0"]}
+         ("provision",): ["--count", "1", "--device-type", "t", "--out", "OUT"], ("serve",): ["--listen", "127.0.0.1:0"],
+         ("registry", "migrate"): ["--to", "postgresql://devid@127.0.0.1:1/devid"]}
 
 
 def test_every_data_command_takes_data_before_and_after(tmp_path):

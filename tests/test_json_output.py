@@ -116,7 +116,7 @@ def _serve(data: Path, log: Path) -> tuple[subprocess.Popen, str]:
     return proc, f"coaps://127.0.0.1:{port}"
 
 
-def test_every_command_prints_one_json_document_good_and_bad(tmp_path):
+def test_every_command_prints_one_json_document_good_and_bad(tmp_path, postgres):
     d = tmp_path / "data"
     run = Runner(d)
     run.bad_("devices", "list")                                         # no data directory yet
@@ -224,6 +224,12 @@ def test_every_command_prints_one_json_document_good_and_bad(tmp_path):
     doc = run.good_("attest", "verify-log")
     assert doc["entries"] == len(entries) and doc["problems"] == []
     run.bad_("attest", "verify-log", "--segments", tmp_path / "nosuch")
+    doc = run.good_("registry", "check")
+    assert doc["engine"] == "sqlite" and all(c["ok"] for c in doc["checks"])
+    run.bad_("registry", "check", "--segments", tmp_path / "nosuch")
+    doc = run.good_("registry", "migrate", "--to", postgres.new_schema("json"))
+    assert doc["tables"]["devices"]["rows"] == 4 and doc["switched"] is False
+    run.bad_("registry", "migrate", "--to", "sqlite:///nosuch")
 
     demo = tmp_path / "demo"
     doc = run.good_("demo", "--count", "2", data=demo)
