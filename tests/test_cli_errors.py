@@ -25,6 +25,7 @@ def _one_error_line(proc, *fragments: str) -> str:
     return lines[0]
 
 
+@pytest.mark.sqlite_only       # the registry file in the data directory
 @pytest.mark.parametrize("damage", ["removed", "emptied"])
 def test_missing_or_empty_registry_is_an_error_naming_the_file(data, tmp_path, damage):
     run_devid("provision", "--count", "2", "--device-type", "t", "--out", tmp_path / "f1",
@@ -58,6 +59,7 @@ def _read_only(path):
         subprocess.run(["umount", str(path)], check=True)
 
 
+@pytest.mark.sqlite_only       # the registry file in the data directory
 def test_read_only_commands_work_on_a_read_only_data_dir(data, tmp_path):
     run_devid("provision", "--count", "3", "--device-type", "t", "--out", tmp_path / "f", "--quiet",
               data_dir=data.path, check=True)
@@ -254,6 +256,7 @@ def test_the_gateway_applies_devid_toml(data):
         gw.registry.close()
 
 
+@pytest.mark.sqlite_only       # the registry file in the data directory
 def test_read_only_copy_with_pending_wal_is_an_error_not_stale_data(data, tmp_path):
     """A copy taken while a writer ran (its -wal holds committed transactions, no -shm), on a
     read-only mount: reading it as immutable would silently show stale data; it is an error."""

@@ -81,6 +81,7 @@ def test_provisioning_syncs_files_then_registry_then_renames(tmp_path):
     assert [c for c in wal if c.index < first]
 
 
+@pytest.mark.sqlite_only       # SQLite's fsyncs, seen with strace
 def test_gateway_syncs_the_enrollment_before_the_answer_leaves(data, tmp_path):
     bundles = H.fleet(data, tmp_path / "factory", 2)
     trace = tmp_path / "serve.trace"
