@@ -255,7 +255,8 @@ def main(ap, args) -> int:
                 errors += run["errors"]
             rounds.append(got)
         machine["load_end"] = os.getloadavg()
-        result = {"registry": "auto (a throwaway PostgreSQL cluster)" if cluster else redact(args.registry),
+        result = {"registry": f"auto (a throwaway PostgreSQL cluster in {cluster.dir}, port {cluster.port})"
+                  if cluster else redact(args.registry),
                   "database_cpu_measured": postmaster is not None, "devices": args.devices, "rounds": args.rounds,
                   **summarise(rounds), "order": orders, "per_round": rounds, "errors": errors,
                   "counting": COUNTING}

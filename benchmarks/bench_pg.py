@@ -45,6 +45,15 @@ def _as_postgres(*cmd: str, timeout: float = 120) -> subprocess.CompletedProcess
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+def _reachable_tmp() -> str:
+    """The temporary directory, if the `postgres` user can reach a directory in it (as root the
+    cluster runs as that user; a private $TMPDIR, as pytest's, is out of its reach), else /tmp."""
+    base = Path(tempfile.gettempdir()).resolve()
+    if os.geteuid() != 0 or all(p.stat().st_mode & 0o001 for p in (base, *base.parents)):
+        return str(base)
+    return "/tmp"
+
+
 class Cluster:
     """A PostgreSQL cluster of its own for one benchmark run (`--registry auto`)."""
 
@@ -63,7 +72,7 @@ class Cluster:
             except KeyError:
                 raise SystemExit("--registry auto: no 'postgres' user to run the cluster as (initdb refuses "
                                  "root): install Debian's postgresql package") from None
-        self.dir = Path(tempfile.mkdtemp(prefix="devid-bench-pg-"))
+        self.dir = Path(tempfile.mkdtemp(prefix="devid-bench-pg-", dir=_reachable_tmp()))
         if os.geteuid() == 0:
             shutil.chown(self.dir, "postgres", "postgres")
         os.chmod(self.dir, 0o755)
