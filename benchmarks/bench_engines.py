@@ -23,7 +23,7 @@ at each worker count and 2 workers/1 worker for each engine, as medians of the p
 --quiet or --json), the whole result to stdout as one JSON document ("engines").
 
 `--registry auto` starts a throwaway PostgreSQL cluster for the run (bench_pg.Cluster) and removes
-it at the end, also after ^C. A given URL names a database where the benchmark may create schemas
+it at the end, also after ^C or SIGTERM. A given URL names a database where the benchmark may create schemas
 (dropped at the end); the database server's CPU is measured when it runs on this machine.
 """
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import signal
 import sqlite3
 import subprocess
 import time
@@ -235,6 +236,10 @@ def main(ap, args) -> int:
     pg_url = args.registry
     schemas: list[str] = []
     saved_env = os.environ.pop(ENV_REGISTRY, None)
+
+    def terminated(signum, frame):
+        raise SystemExit("terminated (SIGTERM)")
+    saved_term = signal.signal(signal.SIGTERM, terminated)      # as ^C: the cleanup below runs
     try:
         if args.registry == "auto":
             report.stage("starting a throwaway PostgreSQL cluster (--registry auto)")
@@ -277,6 +282,7 @@ def main(ap, args) -> int:
                 report.stage(f"could not drop the benchmark's schemas {', '.join(schemas)}: {exc}")
         if cluster is not None:
             cluster.stop()
+        signal.signal(signal.SIGTERM, saved_term)
         if saved_env is not None:
             os.environ[ENV_REGISTRY] = saved_env
         if temporary:
