@@ -50,9 +50,14 @@ def build_parser(parser_class: type, description: str) -> argparse.ArgumentParse
     ap.add_argument("--flood", action="store_true",
                     help="instead of the plain run: enrollment latency while another identity floods nonce "
                          "requests, against quiet rounds (benchmarks/bench_hardening.py)")
-    ap.add_argument("--rounds", type=int, default=2, help="rounds of --durability and --flood (default 2)")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of --durability, --flood and --registry (default 2)")
     ap.add_argument("--flood-sessions", type=int, default=4, help="DTLS sessions of the flooding identity")
     ap.add_argument("--flood-window", type=int, default=16, help="nonce requests in flight per flooding session")
+    ap.add_argument("--registry", metavar="URL|auto",
+                    help="instead of the plain run: the registry engines side by side, SQLite and this PostgreSQL "
+                         "(postgresql://USER@HOST:PORT/DB; auto: a throwaway cluster for the run), each at 1 and "
+                         "2 workers, in --rounds rotated rounds of --devices enrollments per configuration "
+                         "(benchmarks/bench_engines.py)")
     ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
     ap.add_argument("--json", action="store_true",
                     help="no progress on stderr (the result is one JSON document on stdout either way)")

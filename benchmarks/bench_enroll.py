@@ -7,6 +7,7 @@
     devid [--data DIR] bench --gateway coaps://HOST:PORT [--data DIR] ...   against a running gateway
     devid bench --durability [--rounds 2] [--devices N ...]    the cost of durable commits
     devid bench --flood [--rounds 2] [--devices N ...]         enrollment latency under a nonce flood
+    devid bench --registry URL|auto [--rounds 2] [--devices N ...]   SQLite and PostgreSQL, 1 and 2 workers
 
 Starts `devid serve --workers N` on loopback with a CA of its own (in --workdir, by default a
 temporary directory removed afterwards), provisions the devices, and runs each through the
@@ -153,6 +154,9 @@ def main(argv: list[str] | None = None, parser_class: type = argparse.ArgumentPa
     from devid.gateway.app.datadir import DataDir, resolve_data_dir
     from devid.gateway.factory.provisioning import provision
     bench_cli.REPORT = bench_cli.Reporter(quiet=args.quiet or args.json)
+    if args.registry:
+        import bench_engines
+        return bench_engines.main(ap, args)
     data = DataDir(resolve_data_dir(args.data)) if args.gateway else None
     if data is not None:
         data.require()
