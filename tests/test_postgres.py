@@ -222,3 +222,38 @@ def test_the_password_file_must_be_private_and_only_its_name_is_written(postgres
     # without --registry the password file means nothing: refused rather than ignored
     proc = run_devid("init", "--registry-password-file", pw, data_dir=tmp_path / "b")
     one_line_error(proc, "--registry")
+
+
+@pytest.mark.parametrize("registry_engine", ["postgresql"], indirect=True)
+def test_nested_transactions_are_savepoints_and_a_swallowed_failure_commits_nothing(location):
+    assert str(location).startswith("postgresql://")
+    reg = open_registry(location, create=True)
+    try:
+        sql(reg, "CREATE TABLE t (x INTEGER PRIMARY KEY)")
+        with reg.transaction() as db:
+            db.execute("INSERT INTO t VALUES (1)")
+            with pytest.raises(ZeroDivisionError):
+                with reg.transaction() as inner:
+                    inner.execute("INSERT INTO t VALUES (2)")
+                    1 / 0
+            with reg.transaction() as inner:          # a failed statement, caught: undone alone
+                with pytest.raises(Exception):
+                    with reg.transaction() as innermost:
+                        innermost.execute("INSERT INTO t VALUES (1)")       # duplicate key
+                inner.execute("INSERT INTO t VALUES (3)")
+        assert sql(reg, "SELECT x FROM t ORDER BY x") == [(1,), (3,)]
+        # a failed statement swallowed at the outer level: the transaction is not reported committed
+        with pytest.raises(RegistryError, match="nothing was committed"):
+            with reg.transaction() as db:
+                db.execute("INSERT INTO t VALUES (4)")
+                try:
+                    db.execute("INSERT INTO t VALUES (1)")
+                except Exception:
+                    pass
+        assert sql(reg, "SELECT x FROM t ORDER BY x") == [(1,), (3,)]
+        before = reg.commits
+        with reg.transaction(durable=True) as db:
+            db.execute("INSERT INTO t VALUES (5)")
+        assert reg.commits == before + 1
+    finally:
+        reg.close()

@@ -199,28 +199,54 @@ class PostgresDatabase:
     @contextmanager
     def transaction(self, durable: bool = False) -> Iterator[PgConnection]:
         """BEGIN ... COMMIT (READ COMMITTED); rolled back on any exception. `durable`: the COMMIT
-        returns only once the transaction's WAL is flushed. Nested: a SAVEPOINT, as on SQLite."""
+        returns only once the transaction's WAL is flushed. Nested: a SAVEPOINT, as on SQLite.
+
+        Round trips are what a request pays for on PostgreSQL (the gateway waits for each), so:
+        BEGIN and the transaction's synchronous_commit go in one message; a nested block costs
+        its SAVEPOINT only (no RELEASE: the outer COMMIT ends it; ROLLBACK TO it on failure).
+        A transaction that failed on the server is never reported committed (PostgreSQL answers
+        COMMIT with a rollback then): that is an error, as SQLite's own rollback is."""
         import psycopg
+        from psycopg.pq import TransactionStatus as TS
         current = getattr(self._local, "tx", None)
         if current is not None:
             if durable and not self._local.durable:
                 raise RuntimeError("a durable write inside a transaction that is not durable: "
                                    "open the outer transaction with durable=True")
+            depth = self._local.depth = self._local.depth + 1
+            name = f"sp{depth}"
+            current.execute(f"SAVEPOINT {name}")
             try:
-                with current.raw.transaction():
-                    yield current
-            except psycopg.Error as exc:
-                raise _translate(exc, self.path) from None
+                yield current
+            except BaseException:
+                if current.raw.info.transaction_status in (TS.INTRANS, TS.INERROR):
+                    try:
+                        current.raw.execute(f"ROLLBACK TO SAVEPOINT {name}")
+                    except psycopg.Error:
+                        pass                # the outer transaction's rollback ends it anyway
+                raise
+            finally:
+                self._local.depth = depth - 1
             return
         try:
             with self._borrowed() as conn:
-                self._local.tx, self._local.durable = conn, durable
+                raw = conn.raw
+                self._local.tx, self._local.durable, self._local.depth = conn, durable, 0
                 try:
-                    with conn.raw.transaction():
-                        if not durable:
-                            conn.raw.execute("SET LOCAL synchronous_commit TO off")
-                        yield conn
-                    self.commits += 1       # the COMMIT (the block's end) succeeded
+                    conn.execute("BEGIN" if durable else "BEGIN; SET LOCAL synchronous_commit TO off")
+                    yield conn
+                    if raw.info.transaction_status is TS.INERROR:
+                        raise RegistryError(f"registry {self.path}: a statement of this transaction failed; "
+                                            "nothing was committed")
+                    conn.execute("COMMIT")
+                    self.commits += 1
+                except BaseException:
+                    if raw.info.transaction_status in (TS.INTRANS, TS.INERROR):
+                        try:
+                            raw.execute("ROLLBACK")
+                        except psycopg.Error:
+                            pass            # a broken connection: the pool discards it
+                    raise
                 finally:
                     self._local.tx = None
         except BaseException as exc:
