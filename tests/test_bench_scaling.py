@@ -1,7 +1,8 @@
 """`devid bench --workers-scaling` (benchmarks/bench_scaling.py), small and end to end: one round of
 `devid serve --workers 1` against `--workers 2` on one data directory, every enrollment succeeds on
 both sides, and the paired ratios are the ratios of that round's figures (their values are the
-benchmark's business, not a test's); and its command line refuses what it cannot compare."""
+benchmark's business, not a test's), with --sql-cost the gateway's SQLite calls counted; and its
+command line refuses what it cannot compare."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import bench_scaling  # noqa: E402
 
 def test_one_round_of_one_worker_against_two(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "devid.gateway.cli", "bench", "--workers-scaling", "--workers", "2",
-                           "--rounds", "1", "--devices", "6", "--concurrency", "4"],
+                           "--rounds", "1", "--devices", "6", "--concurrency", "4", "--sql-cost"],
                           capture_output=True, timeout=600, cwd=ROOT,
                           env={**{k: v for k, v in os.environ.items() if not k.startswith("DEVID_")},
                                "TMPDIR": str(tmp_path)})
@@ -33,6 +34,13 @@ def test_one_round_of_one_worker_against_two(tmp_path):
         assert r[side]["done"] == 6 and r[side]["errors"] == 0 and r[side]["per_s"] > 0
         assert s["median"][side]["per_s"] == r[side]["per_s"]
     assert s["ratios"]["rate"]["median"] == round(r["2"]["per_s"] / r["1"]["per_s"], 3)
+    # --sql-cost: the gateway's processes counted their SQLite calls, the enrollment's durable write
+    # transaction among them (one BEGIN IMMEDIATE and one COMMIT at least per enrollment)
+    for side in ("1", "2"):
+        statements = r[side]["statements_per_op"]
+        assert r[side]["sql_cpu_ms_per_op"] > 0
+        assert statements["BEGIN IMMEDIATE"]["calls"] >= 1 and statements["COMMIT"]["calls"] >= 1
+    assert s["ratios"]["sql_cpu"]["median"] == round(r["2"]["sql_cpu_ms_per_op"] / r["1"]["sql_cpu_ms_per_op"], 3)
     assert s["target_server_cpu_ratio"] == 1.1
     # the server's CPU clock counts 10 ms ticks: 6 enrollments may not move it (then no ratio)
     assert (s["ratios"]["server_cpu"] is None) == (not r["1"]["server_cpu_ms_per_op"]
@@ -61,3 +69,4 @@ def test_workers_scaling_needs_two_workers_and_its_own_gateway():
     one_line_error(run_devid("bench", "--workers-scaling", "--workers", "1"), "--workers")
     one_line_error(run_devid("bench", "--workers-scaling", "--gateway", "coaps://127.0.0.1:5684"), "--gateway")
     one_line_error(run_devid("bench", "--workers-scaling", "--durability"), "choose one")
+    one_line_error(run_devid("bench", "--sql-cost"), "--workers-scaling")
