@@ -50,7 +50,15 @@ def build_parser(parser_class: type, description: str) -> argparse.ArgumentParse
     ap.add_argument("--flood", action="store_true",
                     help="instead of the plain run: enrollment latency while another identity floods nonce "
                          "requests, against quiet rounds (benchmarks/bench_hardening.py)")
-    ap.add_argument("--rounds", type=int, default=2, help="rounds of --durability, --flood and --registry (default 2)")
+    ap.add_argument("--workers-scaling", action="store_true",
+                    help="instead of the plain run: 1 worker against --workers N (at least 2) in alternating "
+                         "rounds, server CPU per enrollment and rate side by side with their ratios "
+                         "(benchmarks/bench_scaling.py)")
+    ap.add_argument("--sql-cost", action="store_true",
+                    help="with --workers-scaling: also the gateway's CPU inside SQLite per enrollment, by kind of "
+                         "statement (benchmarks/sql_cost/sitecustomize.py)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="rounds of --durability, --flood, --workers-scaling and --registry (default 2)")
     ap.add_argument("--flood-sessions", type=int, default=4, help="DTLS sessions of the flooding identity")
     ap.add_argument("--flood-window", type=int, default=16, help="nonce requests in flight per flooding session")
     ap.add_argument("--registry", metavar="URL|auto",
@@ -68,8 +76,14 @@ def check(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.data is not None and not args.gateway:
         ap.error("--data names the data directory of the gateway under test: use it with --gateway (without "
                  "--gateway, bench makes its own CA and gateway in --workdir)")
-    if args.gateway and (args.durability or args.flood):
-        ap.error("--durability and --flood start their own gateways: leave out --gateway")
+    if args.gateway and (args.durability or args.flood or args.workers_scaling):
+        ap.error("--durability, --flood and --workers-scaling start their own gateways: leave out --gateway")
+    if sum((args.durability, args.flood, args.workers_scaling)) > 1:
+        ap.error("--durability, --flood and --workers-scaling are separate runs: choose one")
+    if args.sql_cost and not args.workers_scaling:
+        ap.error("--sql-cost is a figure of --workers-scaling: use them together")
+    if args.workers_scaling and args.workers < 2:
+        ap.error("--workers-scaling compares 1 worker with --workers N: N must be at least 2")
     for flag in ("devices", "concurrency", "clients", "workers", "rounds"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag} must be at least 1")

@@ -129,8 +129,8 @@ def start_gateway(data_path: Path, workers: int, server_root: Path, env: dict | 
         # --server-root has no per-address rate, and no such flag)
         flags = ["--handshake-burst-per-address", "1000000", "--handshake-rate-per-address", "1000000"]
     module, path = checkout_module(server_root)
-    if path is not None:
-        e["PYTHONPATH"] = path
+    if path is not None:       # before a PYTHONPATH the caller gave (bench_scaling's --sql-cost)
+        e["PYTHONPATH"] = os.pathsep.join([path, *([env["PYTHONPATH"]] if env and env.get("PYTHONPATH") else [])])
     bench_cli.REPORT.stage(f"starting devid serve --workers {workers} on 127.0.0.1:{port}"
                            + (f" ({', '.join(f'{k}={v}' for k, v in env.items())})" if env else ""))
     proc = subprocess.Popen([sys.executable, "-m", module, "serve", "--listen", f"127.0.0.1:{port}",

@@ -8,6 +8,7 @@
     devid bench --durability [--rounds 2] [--devices N ...]    the cost of durable commits
     devid bench --flood [--rounds 2] [--devices N ...]         enrollment latency under a nonce flood
     devid bench --registry URL|auto [--rounds 2] [--devices N ...]   SQLite and PostgreSQL, 1 and 2 workers
+    devid bench --workers-scaling [--workers 2] [--rounds 2] [--devices N ...]   1 worker against N
 
 Starts `devid serve --workers N` on loopback with a CA of its own (in --workdir, by default a
 temporary directory removed afterwards), provisions the devices, and runs each through the
@@ -49,7 +50,9 @@ stdout (docs/cli.md), with "ok" false and "error" when an enrollment failed:
 (benchmarks/bench_hardening.py): server CPU per enrollment with and without durable commits,
 and the p95 of well-behaved enrollments with and without another identity flooding nonce
 requests, each side by side in alternating rounds of one run. benchmarks/README.md has the
-figures and how to read them.
+figures and how to read them. `--workers-scaling` (issue 14, benchmarks/bench_scaling.py) replaces
+it with alternating rounds of `devid serve --workers 1` and `--workers N`: enrollments/s and
+server CPU per enrollment side by side, with their paired ratios.
 """
 
 from __future__ import annotations
@@ -179,6 +182,8 @@ def main(argv: list[str] | None = None, parser_class: type = argparse.ArgumentPa
             count = args.devices * len(bench_hardening.SYNC_MODES) * args.rounds
         elif args.flood:
             count = args.devices * 2 * args.rounds + 1          # and one identity to flood with
+        elif args.workers_scaling:
+            count = args.devices * 2 * args.rounds
         else:
             count += args.probe_devices
         _report().stage(f"provisioning {count} devices into {work / 'factory'}")
@@ -194,6 +199,12 @@ def main(argv: list[str] | None = None, parser_class: type = argparse.ArgumentPa
         summary = {"machine": {"python": platform.python_version(), "nproc": os.cpu_count(),
                                "load": os.getloadavg()},
                    "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+        if args.workers_scaling:
+            import bench_scaling
+            section = summary["workers_scaling"] = bench_scaling.workers_scaling(args, data, bundles, _report())
+            for line in bench_scaling.lines(section):
+                _report().stage(line)
+            return bench_cli.emit(summary, f"{section['errors']} enrollment(s) failed" if section["errors"] else None)
         if args.durability or args.flood:
             import bench_hardening
             if args.durability:
