@@ -78,8 +78,8 @@ def check(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                  "--gateway, bench makes its own CA and gateway in --workdir)")
     if args.gateway and (args.durability or args.flood or args.workers_scaling):
         ap.error("--durability, --flood and --workers-scaling start their own gateways: leave out --gateway")
-    if sum((args.durability, args.flood, args.workers_scaling)) > 1:
-        ap.error("--durability, --flood and --workers-scaling are separate runs: choose one")
+    if sum((args.durability, args.flood, args.workers_scaling, bool(args.registry))) > 1:
+        ap.error("--durability, --flood, --workers-scaling and --registry are separate runs: choose one")
     if args.sql_cost and not args.workers_scaling:
         ap.error("--sql-cost is a figure of --workers-scaling: use them together")
     if args.workers_scaling and args.workers < 2:
