@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import cbor2
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 

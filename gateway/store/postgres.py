@@ -51,21 +51,32 @@ def is_postgres_url(location: str) -> bool:
     return isinstance(location, str) and location.split(":", 1)[0].lower() in SCHEMES and "://" in location
 
 
+def _secret_key(key: str) -> bool:
+    return key.lower().endswith("password")          # password, sslpassword
+
+
 def redact(url: str) -> str:
-    """The URL without its password (for messages, logs, JSON output)."""
+    """The registry's location for messages, logs and JSON: rebuilt from libpq's own parse of it
+    (so a password holding '#', '?' or '@', or a keyword=value conninfo string, is parsed as
+    libpq parses it), with every *password parameter left out. Unparsable: a fixed text, never
+    the string itself."""
+    from urllib.parse import quote
     try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "postgresql://(unparsable URL)"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        if ":" in userinfo:
-            userinfo = userinfo.split(":", 1)[0] + ":***"
-        netloc = f"{userinfo}@{host}"
-    query = "&".join("password=***" if q.lower().startswith("password=") else q
-                     for q in parts.query.split("&")) if parts.query else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        import psycopg
+        params = psycopg.conninfo.conninfo_to_dict(url)
+    except Exception:
+        return "(a registry location that is not a valid PostgreSQL URL)"
+    user = params.pop("user", None)
+    host = params.pop("host", None)
+    port = params.pop("port", None)
+    dbname = params.pop("dbname", None)
+    auth = ""
+    if user:
+        auth = quote(str(user), safe="") + (":***" if any(_secret_key(k) for k in params) else "") + "@"
+    netloc = auth + (str(host) if host else "") + (f":{port}" if port else "")
+    query = "&".join(f"{k}={'***' if _secret_key(k) else quote(str(v), safe='/=,-_.')}"
+                     for k, v in sorted(params.items()))
+    return f"postgresql://{netloc}/{quote(str(dbname), safe='') if dbname else ''}" + (f"?{query}" if query else "")
 
 
 @functools.lru_cache(maxsize=512)
