@@ -36,8 +36,15 @@ def pg_data(postgres, tmp_path, monkeypatch):
 def test_redact_hides_the_password_wherever_it_is():
     assert redact("postgresql://devid:s3cret@db:5432/reg") == "postgresql://devid:***@db:5432/reg"
     assert redact("postgresql://devid@db/reg?password=s3cret&sslmode=require") == \
-        "postgresql://devid@db/reg?password=***&sslmode=require"
+        "postgresql://devid:***@db/reg?sslmode=require"
     assert redact("postgresql://devid@db/reg") == "postgresql://devid@db/reg"
+    # as libpq parses them: '#' and '?' inside a password, a keyword=value string, sslpassword
+    for given in ("postgresql://u:pa#ss3cret@h:5432/db", "postgresql://u:s3cr?et@h:1/db",
+                  "host=db user=devid password=hun3ter2 dbname=devid", "postgresql://u@h/d?sslpassword=k3ypass"):
+        shown = redact(given)
+        assert not any(s in shown for s in ("ss3cret", "s3cr", "hun3ter2", "k3ypass")), shown
+        assert "***" in shown
+    assert redact("mysql://x:s3cret@y/z") == "(a registry location that is not a valid PostgreSQL URL)"
 
 
 def test_init_writes_the_url_and_refuses_one_with_a_password(postgres, tmp_path):
@@ -199,6 +206,14 @@ def test_an_unreachable_server_is_one_line_naming_it_without_the_password(tmp_pa
 def test_a_bad_registry_setting_is_one_line(tmp_path):
     proc = run_devid("--registry", "mysql://x@y/z", "devices", "list", data_dir=tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr.decode()
+    for given in ("host=db user=devid password=hun3ter2 dbname=devid", "postgresql://devid:s3cr?et@127.0.0.1:1/x",
+                  "postgresql://devid:s3cr#et@127.0.0.1:1/x"):
+        for args in (("--registry", given, "devices", "list", "--json"), ("--registry", given, "init", "--json"),
+                     ("registry", "migrate", "--to", given, "--json")):
+            proc = run_devid(*args, data_dir=tmp_path / "d")
+            said = proc.stdout.decode() + proc.stderr.decode()
+            assert proc.returncode != 0 and "Traceback" not in said
+            assert "hun3ter2" not in said and "s3cr" not in said, (args, said)
     with pytest.raises(RegistryError):
         open_registry("postgresql://devid@127.0.0.1:1/x?sslmode=bogus")
 

@@ -125,9 +125,9 @@ class DataDir:
         env = os.environ.get(ENV_REGISTRY)
         if env:
             if not is_postgres_url(env):
-                raise ConfigError(f"${ENV_REGISTRY} / --registry: {redact(env) if '://' in env else repr(env)} "
-                                  "is not a PostgreSQL URL (postgresql://USER@HOST:PORT/DATABASE); leave it unset "
-                                  "for SQLite in the data directory")
+                raise ConfigError(f"${ENV_REGISTRY} / --registry: not a PostgreSQL URL "
+                                  "(postgresql://USER@HOST:PORT/DATABASE); leave it unset for SQLite in the data "
+                                  "directory")
             return env
         return self.config.registry_url or self.db_path
 
@@ -283,8 +283,7 @@ class DataDir:
                 try:
                     check_registry_url(url)
                 except ValueError as exc:
-                    raise ConfigError(f"--registry / ${ENV_REGISTRY}: {redact(url) if '://' in url else repr(url)} "
-                                      f"{exc}") from None
+                    raise ConfigError(f"--registry / ${ENV_REGISTRY}: {redact(url)} {exc}") from None
             elif registry_password_file is not None:
                 raise ConfigError("--registry-password-file is for a PostgreSQL registry: give --registry URL too")
             self._config = Config(IdentitySettings(organization=organization) if organization else IdentitySettings(),

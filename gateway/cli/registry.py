@@ -74,8 +74,7 @@ def cmd_migrate(args) -> int:
     data = DataDir(resolve_data_dir(args.data)).require()
     url = args.to
     if not is_postgres_url(url):
-        raise CLIError(f"--to: {redact(url) if '://' in url else repr(url)} is not a PostgreSQL URL "
-                       "(postgresql://USER@HOST:PORT/DATABASE)")
+        raise CLIError("--to: not a PostgreSQL URL (postgresql://USER@HOST:PORT/DATABASE)")
     if data.config.registry_url:
         raise ConfigError(f"{data.config_path} already names a PostgreSQL registry "
                           f"({redact(data.config.registry_url)}): this data directory does not use its SQLite registry")

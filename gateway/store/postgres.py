@@ -75,7 +75,7 @@ def redact(url: str) -> str:
         auth = quote(str(user), safe="") + (":***" if any(_secret_key(k) for k in params) else "") + "@"
     netloc = auth + (str(host) if host else "") + (f":{port}" if port else "")
     query = "&".join(f"{k}={'***' if _secret_key(k) else quote(str(v), safe='/=,-_.')}"
-                     for k, v in sorted(params.items()))
+                     for k, v in sorted(params.items()) if k != "password")     # (shown as user:***)
     return f"postgresql://{netloc}/{quote(str(dbname), safe='') if dbname else ''}" + (f"?{query}" if query else "")
 
 
