@@ -451,3 +451,203 @@ def test_kill_9_of_a_gateway_during_simulate_violates_no_invariant(hosts, gatewa
     states = registry_rows(hosts.url, "SELECT state, COUNT(*) FROM devices WHERE serial LIKE 'KL%' GROUP BY state")
     assert states == [("enrolled", 60)]
     verify_log_everywhere(hosts.a, hosts.b, hosts.c)
+
+
+# -- the registry's password -------------------------------------------------------------------------
+
+PASSWORD = "Pw-" + os.urandom(9).hex()          # distinctive: found wherever it leaks
+
+
+@pytest.fixture
+def secured(tmp_path):
+    """A cluster of its own whose TCP connections need PASSWORD, and a 0600 file holding it."""
+    cluster = PostgresCluster(password=PASSWORD)
+    try:
+        cluster.start()
+        secret = tmp_path / "secret" / "registry.password"
+        secret.parent.mkdir()
+        secret.write_text(PASSWORD + "\n")
+        secret.chmod(0o600)
+        yield cluster, secret
+    finally:
+        cluster.stop()
+
+
+class Transcript:
+    """Every command's output, kept to be searched for the password."""
+
+    def __init__(self) -> None:
+        self.texts: list[tuple[str, bytes]] = []
+
+    def run(self, *args, **kw):
+        proc = run_devid(*args, **kw)
+        self.texts.append((" ".join(map(str, args)), proc.stdout + proc.stderr))
+        return proc
+
+    def json(self, *args, **kw) -> dict:
+        return json.loads(ok(self.run(*args, "--json", **kw)))
+
+    def assert_secret_kept(self, *places: Path) -> int:
+        """No command output and no file under `places` holds the password; the number searched."""
+        searched = 0
+        for what, text in self.texts:
+            assert PASSWORD.encode() not in text, f"the password is in the output of devid {what}"
+            searched += 1
+        for place in places:
+            for path in [place] if place.is_file() else place.rglob("*"):
+                if path.is_file():
+                    assert PASSWORD.encode() not in path.read_bytes(), f"the password is in {path}"
+                    searched += 1
+        return searched
+
+
+def test_the_registry_password_never_appears_in_output_logs_or_files(secured, tmp_path):
+    cluster, secret = secured
+    url = cluster.new_schema("pw", with_password=False)
+    inline = url.replace("devid@", f"devid:{PASSWORD}@", 1)         # the same registry, the password in the URL
+    assert PASSWORD in inline and PASSWORD not in url
+    a, b, d, factory = tmp_path / "a", tmp_path / "b", tmp_path / "d", tmp_path / "factory"
+    t = Transcript()
+
+    # without the password: refused in one line, nothing made
+    one_line_error(t.run("init", "--registry", url, data_dir=a), "cannot connect to the registry")
+    assert not a.exists()
+    # a password in the URL is no password for devid.toml; a password file others may read is refused
+    one_line_error(t.run("init", "--registry", inline, data_dir=a), "must not hold a password", ":***@")
+    open_file = tmp_path / "open.password"
+    open_file.write_text(PASSWORD)
+    open_file.chmod(0o644)
+    one_line_error(t.run("init", "--registry", url, "--registry-password-file", open_file, data_dir=a))
+    assert not a.exists()
+
+    made = t.json("init", "--registry", url, "--registry-password-file", secret, data_dir=a)
+    assert made["registry"] == url
+    assert tomllib.loads((a / "devid.toml").read_text())["registry"] == {"url": url, "password_file": str(secret)}
+    ca_copy = tmp_path / "ca-of-a"
+    shutil.copytree(a / "ca", ca_copy)
+    t.json("init", "--join", url, "--ca-from", ca_copy, "--registry-password-file", secret, data_dir=b)
+    assert tomllib.loads((b / "devid.toml").read_text())["registry"] == {"url": url, "password_file": str(secret)}
+    # libpq's environment instead of a file: devid.toml then names no password file at all
+    t.json("init", "--join", url, "--ca-from", ca_copy, data_dir=d, env={"PGPASSWORD": PASSWORD})
+    assert tomllib.loads((d / "devid.toml").read_text())["registry"] == {"url": url}
+    one_line_error(t.run("devices", "list", data_dir=d), "cannot connect to the registry")
+    assert t.json("devices", "list", data_dir=d, env={"PGPASSWORD": PASSWORD})["devices"] == []
+
+    for host in (a, b):
+        (host / POLICY_FILE).write_text(H.bench_common.bench_policy())
+    t.json("provision", "--count", 2, "--device-type", DEVICE_TYPE, "--out", factory, "--serial-prefix", "PW",
+           data_dir=a)
+    bundle = factory / "PW00000001"
+    gws = [H.serve(host, tmp_path / f"{host.name}.log") for host in (a, b)]
+    try:
+        t.json("enroll", "--gateway", gws[0].uri, "--device", bundle, *FIRMWARE)
+        t.json("renew", "--gateway", gws[1].uri, "--device", bundle)
+        t.json("simulate", "--gateway", gws[1].uri, "--devices", subset([factory / "PW00000002"], tmp_path / "sim"),
+               *FIRMWARE)
+        shown = t.json("devices", "show", "PW00000001", data_dir=b)
+        assert shown["state"] == "enrolled"
+        assert t.json("revoke", "PW00000001", data_dir=b)["state"] == "revoked"
+    finally:
+        for gw in gws:
+            assert gw.stop() == 0
+    assert len(t.json("devices", "list", data_dir=a)["devices"]) == 2
+    assert t.json("attest", "verify-log", data_dir=a)["problems"] == []
+    assert t.json("attest", "log", data_dir=b)["ok"] is True
+    # the password in the URL (--registry, $DEVID_REGISTRY) works, and is shown as *** when named
+    listed = t.json("devices", "list", "--registry", inline, data_dir=d)
+    assert len(listed["devices"]) == 2
+    wrong = inline.replace(PASSWORD, PASSWORD[::-1])
+    err = one_line_error(t.run("devices", "list", "--registry", wrong, data_dir=d), "cannot connect to the registry")
+    assert PASSWORD[::-1] not in err and ":***@" in err
+    one_line_error(t.run("devices", "list", data_dir=d, env={"DEVID_REGISTRY": wrong}), ":***@")
+    assert all(PASSWORD[::-1].encode() not in text for _, text in t.texts)
+    searched = t.assert_secret_kept(a, b, d, factory, *(gw.log for gw in gws))
+    assert searched > 40
+    assert "Traceback" not in "".join(gw.log.read_text() for gw in gws)
+
+
+# -- the database goes away under a running gateway ----------------------------------------------------
+
+def test_a_database_outage_is_5_03_with_one_log_line_and_the_gateway_recovers(secured, tmp_path):
+    cluster, secret = secured
+    url = cluster.new_schema("down", with_password=False)
+    data = tmp_path / "data"
+    ok(run_devid("init", "--registry", url, "--registry-password-file", secret, data_dir=data))
+    (data / POLICY_FILE).write_text(H.bench_common.bench_policy())
+    with open(data / "devid.toml", "a") as f:       # the device polls for the registry's return with nonces
+        f.write("\n[budgets]\nnonce = { burst = 10000, interval = 60 }\n")
+    bundles = provision(data, tmp_path / "factory", "DN", 2)
+    served = H.serve(data, tmp_path / "serve.log")
+
+    def storage_lines() -> list[dict]:
+        return [e for e in log_events(served.log, "storage") if e["logger"] == "devid.gateway"]
+
+    try:
+        async def scenario():
+            ctx, _ = await device_context(bundles[0], "127.0.0.1")
+            try:
+                assert (await _ask(ctx, served.uri, codes.GET, "/attest/nonce")).code == codes.CONTENT
+                await asyncio.to_thread(cluster.halt)
+                refused = [await _ask(ctx, served.uri, codes.GET, "/attest/nonce") for _ in range(4)]
+                for r in refused:
+                    assert r.code == codes.SERVICE_UNAVAILABLE, (r.code, r.payload)
+                    assert _title(r) == "storage unavailable, try again later" and r.opt.max_age == 60
+                lines = storage_lines()
+                assert len(lines) == 1, lines            # one line for the burst, not one per request
+                assert lines[0]["result"] == "unavailable" and lines[0]["path"] == url
+                await asyncio.to_thread(cluster.resume)
+
+                async def served_again():
+                    r = await _ask(ctx, served.uri, codes.GET, "/attest/nonce")
+                    return r.code == codes.CONTENT
+                # the pool's connections to the old server fail once each, then new ones work
+                await await_for(served_again, "the gateway to use the registry again", 60)
+            finally:
+                await ctx.shutdown()
+        asyncio.run(scenario())
+        # a whole enrollment works again, without a restart of the gateway
+        ok(run_devid("enroll", "--gateway", served.uri, "--device", bundles[1], *FIRMWARE))
+        assert [line["result"] for line in storage_lines()] == ["unavailable", "recovered"]
+    finally:
+        assert served.stop() == 0
+    text = served.log.read_text()
+    assert "Traceback" not in text and PASSWORD not in text
+
+
+def test_registry_calls_fail_at_once_while_the_server_is_down(secured):
+    """The gateway calls the registry from its event loop: with the server gone, a call must fail
+    (StorageError "unavailable", 5.03 for a device) rather than wait for the pool's timeout,
+    here ten minutes, which would freeze every session of the gateway meanwhile."""
+    import threading
+    from devid.gateway.store.engines import PostgresRegistry
+    from devid.gateway.store.storage import FAILED, StorageError
+    cluster, _ = secured
+    reg = PostgresRegistry(cluster.new_schema("probe"), create=True, timeout=600)
+    try:
+        assert reg.get_device("X") is None
+        cluster.halt()
+        errors: list = []
+
+        def calls():
+            for _ in range(20):
+                try:
+                    reg.get_device("X")
+                except StorageError as exc:
+                    errors.append(exc)
+        worker = threading.Thread(target=calls, daemon=True)
+        worker.start()
+        worker.join(60)                     # a deadline, not a measurement: without the fix it is 600 s each
+        assert not worker.is_alive(), "a registry call waited for the pool while the server was down"
+        assert len(errors) == 20 and {e.kind for e in errors} == {FAILED}
+        assert all("unavailable" in str(e) and PASSWORD not in str(e) for e in errors)
+        cluster.resume()
+
+        def works():
+            try:
+                return reg.get_device("X") is None
+            except StorageError:
+                return False
+        wait_for(works, "the registry to work again after the server's return", 60)
+        reg.reserve_serial_block("PB", 1)             # and writes too
+    finally:
+        reg.close()

@@ -21,6 +21,12 @@ with a connection pool (psycopg_pool).
   lock or serialisation failure becomes `storage.StorageError` of its kind (devices get 5.03,
   the command line one line), anything else `RegistryError`. Messages name the server by its
   URL without the password (`redact`).
+- **Outages.** The gateway calls the registry from its event loop, so a registry call must not wait
+  for a server that is gone: once a connection fails (the server stopped, restarted, unreachable),
+  every call fails at once with `StorageError(FAILED)` (devices get 5.03 "storage unavailable")
+  until a probe, a direct connection of at most PROBE_CONNECT s tried at most every 1, 2, 4 ...
+  PROBE_MAX s, reaches the server again; then a fresh pool replaces the one whose connections died
+  (a pool's own reconnection backs off for minutes, and a borrower would wait its whole timeout).
 - **Credentials** come from the URL, from a password file (0600, `password_file`) or from
   libpq's environment (PGPASSWORD, PGPASSFILE/~/.pgpass, PGSERVICE); the password is handed to
   libpq and never written to a log line or a message.
@@ -31,6 +37,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from contextlib import contextmanager
 from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -45,6 +52,9 @@ logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 # pg_advisory_xact_lock keys: 'devid' in ASCII, then what they serialise
 LOCK_LOG = 0x64657669_64000001
 LOCK_MIGRATE = 0x64657669_64000002
+# while the server is unreachable: seconds between probes (doubling up to PROBE_MAX), and the
+# connect timeout of a probe (the event loop waits that long at most, once per probe)
+PROBE_FIRST, PROBE_MAX, PROBE_CONNECT = 1.0, 15.0, 2
 
 
 def is_postgres_url(location: str) -> bool:
@@ -152,8 +162,10 @@ class PostgresDatabase:
         error = self._connect_error(url, kwargs)
         if error is not None:
             raise StorageError(FAILED, f"{self.path}: cannot connect to the registry: {error}")
-        self.pool = ConnectionPool(url, kwargs=kwargs, min_size=1, max_size=pool_size, timeout=timeout,
-                                   name="devid-registry", open=False)
+        self._kwargs, self._pool_size, self._timeout = kwargs, pool_size, timeout
+        self._down: StorageError | None = None      # the failure that started an outage, until a probe works
+        self._probe_at = self._probe_every = 0.0
+        self.pool = self._new_pool()
         try:
             self.pool.open(wait=True, timeout=timeout)
         except PoolTimeout:
@@ -164,6 +176,11 @@ class PostgresDatabase:
         except BaseException:
             self.pool.close()
             raise
+
+    def _new_pool(self):
+        from psycopg_pool import ConnectionPool
+        return ConnectionPool(self.url, kwargs=self._kwargs, min_size=1, max_size=self._pool_size,
+                              timeout=self._timeout, name="devid-registry", open=False)
 
     @staticmethod
     def _connect_error(url: str, kwargs: dict) -> str | None:
@@ -184,18 +201,58 @@ class PostgresDatabase:
 
     # -- transactions ------------------------------------------------------------------------
 
+    def _outage(self, exc: StorageError) -> None:
+        """The server could not be reached: until the next probe, borrowing fails at once."""
+        if self._down is None:
+            self._probe_every = PROBE_FIRST
+        self._down = exc
+        self._probe_at = time.monotonic() + self._probe_every
+        self._probe_every = min(self._probe_every * 2, PROBE_MAX)
+
+    def _check_outage(self) -> None:
+        if self._down is None:
+            return
+        if time.monotonic() >= self._probe_at:
+            error = self._connect_error(self.url, {**self._kwargs, "connect_timeout": PROBE_CONNECT})
+            if error is None:           # back: a fresh pool (the old one's connections are dead)
+                old, self.pool = self.pool, self._new_pool()
+                self.pool.open(wait=False)
+                old.close(timeout=0)
+                self._down = None
+                return
+            self._outage(StorageError(FAILED, f"registry {self.path} unavailable: {error}"))
+        raise StorageError(FAILED, str(self._down))
+
     @contextmanager
     def _borrowed(self) -> Iterator[PgConnection]:
+        """A pooled connection for one transaction or read; a storage failure of any of them (a
+        read too: with the server gone, a request's first read fails before any write) goes to
+        the health log, and a lost server starts an outage (`_outage`)."""
         import psycopg
         from psycopg_pool import PoolTimeout
         try:
-            with self.pool.connection() as raw:
-                yield PgConnection(raw, self.path)
-        except PoolTimeout:
-            raise StorageError(FAILED, f"registry {self.path} unavailable: no connection within the pool's "
-                                       "timeout") from None
-        except psycopg.Error as exc:
-            raise _translate(exc, self.path) from None
+            self._check_outage()
+            try:
+                with self.pool.connection() as raw:
+                    yield PgConnection(raw, self.path)
+            except PoolTimeout:
+                exc = StorageError(FAILED, f"registry {self.path} unavailable: no connection within the pool's "
+                                           "timeout")
+                self._outage(exc)
+                raise exc from None
+            except psycopg.Error as exc:
+                error = _translate(exc, self.path)
+                if isinstance(error, StorageError) and error.kind == FAILED:
+                    self._outage(error)
+                raise error from None
+            except StorageError as exc:
+                if exc.kind == FAILED:
+                    self._outage(exc)
+                raise
+        except StorageError as exc:
+            if self.health is not None:
+                self.health.failed(exc.kind, exc)
+            raise
 
     @contextmanager
     def transaction(self, durable: bool = False) -> Iterator[PgConnection]:
@@ -213,24 +270,16 @@ class PostgresDatabase:
             except psycopg.Error as exc:
                 raise _translate(exc, self.path) from None
             return
-        try:
-            with self._borrowed() as conn:
-                self._local.tx, self._local.durable = conn, durable
-                try:
-                    with conn.raw.transaction():
-                        if not durable:
-                            conn.raw.execute("SET LOCAL synchronous_commit TO off")
-                        yield conn
-                finally:
-                    self._local.tx = None
-        except BaseException as exc:
-            if self.health is not None:
-                from devid.gateway.store.storage import storage_kind
-                kind = storage_kind(exc)
-                if kind is not None:
-                    self.health.failed(kind, exc)
-            raise
-        if self.health is not None and self.health.failing:
+        with self._borrowed() as conn:          # (which reports a storage failure to `health`)
+            self._local.tx, self._local.durable = conn, durable
+            try:
+                with conn.raw.transaction():
+                    if not durable:
+                        conn.raw.execute("SET LOCAL synchronous_commit TO off")
+                    yield conn
+            finally:
+                self._local.tx = None
+        if self.health is not None and self.health.failing:     # writes work again
             self.health.succeeded()
 
     @contextmanager
