@@ -245,6 +245,12 @@ def test_hosts_join_the_registry_without_making_a_ca(hosts, postgres, tmp_path):
                    "holds no devid CA", "devid init --registry URL")
     assert not stray.exists()
     assert registry_rows(empty, "SELECT COUNT(*) FROM certificates") == [(0,)]
+    # libpq's several-servers form (the first refuses, the second is the registry) is a URL devid takes
+    port = url.split("@127.0.0.1:", 1)[1].split("/", 1)[0]
+    several = (f"postgresql://devid@/devid_test?host=127.0.0.1,127.0.0.1&port=1,{port}"
+               f"&target_session_attrs=read-write&{url.split('?', 1)[1]}")
+    shown = json.loads(ok(run_devid("devices", "list", "--registry", several, "--json", data_dir=hosts.c)))
+    assert shown["ok"] is True
     # and a second `devid init --registry` on the shared registry makes no second CA
     proc = run_devid("init", "--registry", url, data_dir=tmp_path / "second")
     one_line_error(proc, "already holds a CA", "devid init --join")
@@ -592,6 +598,9 @@ def test_a_database_outage_is_5_03_with_one_log_line_and_the_gateway_recovers(se
                 for r in refused:
                     assert r.code == codes.SERVICE_UNAVAILABLE, (r.code, r.payload)
                     assert _title(r) == "storage unavailable, try again later" and r.opt.max_age == 60
+                # what needs no registry is still answered in the open session
+                assert (await _ask(ctx, served.uri, codes.GET, "/whoami")).code == codes.CONTENT
+                assert (await _ask(ctx, served.uri, codes.GET, "/.well-known/est/crts")).code == codes.CONTENT
                 lines = storage_lines()
                 assert len(lines) == 1, lines            # one line for the burst, not one per request
                 assert lines[0]["result"] == "unavailable" and lines[0]["path"] == url
