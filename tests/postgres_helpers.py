@@ -6,8 +6,8 @@ If it cannot start, the tests that need it fail (never skip): `./scripts/setup -
 the `postgresql` package.
 
 `PostgresCluster(password=...)`: connections over TCP need that password (scram-sha-256), as a
-production server's would; the URLs the helpers return carry it unless asked not to. `halt()` and
-`resume()` stop the server and start it again on the same port (a database outage under a running
+production server's would; the URLs the helpers return carry it unless asked not to. `stop_server()` and
+`start_server()` stop the server and start it again on the same port (a database outage under a running
 gateway).
 """
 
@@ -93,14 +93,14 @@ class PostgresCluster:
         return _as_postgres(str(PGBIN / "pg_ctl"), "-D", str(self.dir / "data"), "-l", str(self.dir / "log"),
                             "-w", "-t", "60", "-o", opts, "start")
 
-    def halt(self) -> None:
+    def stop_server(self) -> None:
         """Stop the server (fast shutdown: open connections are ended), keeping its data."""
         stopped = _as_postgres(str(PGBIN / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop")
         if stopped.returncode != 0:
             pytest.fail(f"PostgreSQL did not stop: {stopped.stderr.strip()[-300:]}")
 
-    def resume(self) -> None:
-        """Start the halted server again, on the same port."""
+    def start_server(self) -> None:
+        """Start the stopped server again, on the same port."""
         started = self._pg_ctl_start()
         if started.returncode != 0:
             pytest.fail(f"PostgreSQL did not start again on port {self.port}: {started.stderr.strip()[-300:]}")

@@ -595,7 +595,7 @@ def test_a_database_outage_is_5_03_with_one_log_line_and_the_gateway_recovers(se
             ctx, _ = await device_context(bundles[0], "127.0.0.1")
             try:
                 assert (await _ask(ctx, served.uri, codes.GET, "/attest/nonce")).code == codes.CONTENT
-                await asyncio.to_thread(cluster.halt)
+                await asyncio.to_thread(cluster.stop_server)
                 refused = [await _ask(ctx, served.uri, codes.GET, "/attest/nonce") for _ in range(4)]
                 for r in refused:
                     assert r.code == codes.SERVICE_UNAVAILABLE, (r.code, r.payload)
@@ -606,7 +606,7 @@ def test_a_database_outage_is_5_03_with_one_log_line_and_the_gateway_recovers(se
                 lines = storage_lines()
                 assert len(lines) == 1, lines            # one line for the burst, not one per request
                 assert lines[0]["result"] == "unavailable" and lines[0]["path"] == url
-                await asyncio.to_thread(cluster.resume)
+                await asyncio.to_thread(cluster.start_server)
 
                 async def served_again():
                     r = await _ask(ctx, served.uri, codes.GET, "/attest/nonce")
@@ -636,7 +636,7 @@ def test_registry_calls_fail_at_once_while_the_server_is_down(secured):
     reg = PostgresRegistry(cluster.new_schema("probe"), create=True, timeout=600)
     try:
         assert reg.get_device("X") is None
-        cluster.halt()
+        cluster.stop_server()
         errors: list = []
 
         def calls():
@@ -651,7 +651,7 @@ def test_registry_calls_fail_at_once_while_the_server_is_down(secured):
         assert not worker.is_alive(), "a registry call waited for the pool while the server was down"
         assert len(errors) == 20 and {e.kind for e in errors} == {FAILED}
         assert all("unavailable" in str(e) and PASSWORD not in str(e) for e in errors)
-        cluster.resume()
+        cluster.start_server()
 
         def works():
             try:
@@ -660,5 +660,11 @@ def test_registry_calls_fail_at_once_while_the_server_is_down(secured):
                 return False
         wait_for(works, "the registry to work again after the server's return", 60)
         reg.reserve_serial_block("PB", 1)             # and writes too
+        # a short outage: the call after the server's return probes it, and works
+        cluster.stop_server()
+        with pytest.raises(StorageError):
+            reg.reserve_serial_block("PB", 1)
+        cluster.start_server()
+        assert reg.reserve_serial_block("PB", 1) == 2         # (the refused call reserved nothing)
     finally:
         reg.close()

@@ -22,11 +22,12 @@ with a connection pool (psycopg_pool).
   the command line one line), anything else `RegistryError`. Messages name the server by its
   URL without the password (`redact`).
 - **Outages.** The gateway calls the registry from its event loop, so a registry call must not wait
-  for a server that is gone: once a connection fails (the server stopped, restarted, unreachable),
-  every call fails at once with `StorageError(FAILED)` (devices get 5.03 "storage unavailable")
-  until a probe, a direct connection of at most PROBE_CONNECT s tried at most every 1, 2, 4 ...
-  PROBE_MAX s, reaches the server again; then a fresh pool replaces the one whose connections died
-  (a pool's own reconnection backs off for minutes, and a borrower would wait its whole timeout).
+  for a server that is gone (the pool would wait its whole timeout, 30 s, for a connection): once
+  a connection fails (the server stopped, restarted, unreachable), the next call first probes the
+  server with one direct connection of at most PROBE_CONNECT s; while probes fail, calls fail at
+  once with `StorageError(FAILED)` (devices get 5.03 "storage unavailable") and the next probe
+  comes 1, 2, 4 ... PROBE_MAX s later. When a probe reaches the server, a fresh pool replaces the
+  one whose connections died (a pool's own reconnection backs off for minutes).
 - **Credentials** come from the URL, from a password file (0600, `password_file`) or from
   libpq's environment (PGPASSWORD, PGPASSFILE/~/.pgpass, PGSERVICE); the password is handed to
   libpq and never written to a log line or a message.
@@ -52,7 +53,7 @@ logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 # pg_advisory_xact_lock keys: 'devid' in ASCII, then what they serialise
 LOCK_LOG = 0x64657669_64000001
 LOCK_MIGRATE = 0x64657669_64000002
-# while the server is unreachable: seconds between probes (doubling up to PROBE_MAX), and the
+# while the server is unreachable: seconds between failed probes (doubling up to PROBE_MAX), and the
 # connect timeout of a probe (the event loop waits that long at most, once per probe)
 PROBE_FIRST, PROBE_MAX, PROBE_CONNECT = 1.0, 15.0, 2
 
@@ -201,13 +202,15 @@ class PostgresDatabase:
 
     # -- transactions ------------------------------------------------------------------------
 
-    def _outage(self, exc: StorageError) -> None:
-        """The server could not be reached: until the next probe, borrowing fails at once."""
-        if self._down is None:
-            self._probe_every = PROBE_FIRST
+    def _outage(self, exc: StorageError, probed: bool = False) -> None:
+        """The server could not be reached: the next call probes it at once; after a probe that
+        fails, calls fail at once until the next probe, 1, 2, 4 ... PROBE_MAX s later."""
+        if self._down is None or not probed:
+            self._probe_every, self._probe_at = PROBE_FIRST, 0.0
+        else:
+            self._probe_at = time.monotonic() + self._probe_every
+            self._probe_every = min(self._probe_every * 2, PROBE_MAX)
         self._down = exc
-        self._probe_at = time.monotonic() + self._probe_every
-        self._probe_every = min(self._probe_every * 2, PROBE_MAX)
 
     def _check_outage(self) -> None:
         if self._down is None:
@@ -220,7 +223,7 @@ class PostgresDatabase:
                 old.close(timeout=0)
                 self._down = None
                 return
-            self._outage(StorageError(FAILED, f"registry {self.path} unavailable: {error}"))
+            self._outage(StorageError(FAILED, f"registry {self.path} unavailable: {error}"), probed=True)
         raise StorageError(FAILED, str(self._down))
 
     @contextmanager
