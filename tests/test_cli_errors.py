@@ -190,7 +190,9 @@ def test_docs_list_every_devid_toml_key_with_its_default():
               "identity.hardware_type_oid": cfg.identity.hardware_type_oid,
               "profiles.factory_validity_days": cfg.factory_days,
               "profiles.operational_validity_days": cfg.operational_days,
-              "crl.validity_days": cfg.crl_days, "ca.passphrase_file": cfg.passphrase_file or "none"}
+              "crl.validity_days": cfg.crl_days, "ca.passphrase_file": cfg.passphrase_file or "none",
+              "registry.url": cfg.registry_url or "none",
+              "registry.password_file": cfg.registry_password_file or "none"}
     assert set(actual) == {f"{s}.{k}" for s, keys in _SCHEMA.items() for k in keys}
     from datetime import timedelta
     from devid.gateway.service.budgets import Rate

@@ -361,6 +361,11 @@ class DataDir:
             # CA here (only certificate rows of a CA nobody has, which a new init does not mind)
             registry = open_registry(location, create=True, password=self.registry_password())
             try:
+                if not shared:
+                    # this data directory's own registry, and no CA here (we hold the lock): a
+                    # deployment in it is an interrupted init's, taken back while no device is
+                    # registered (a shared registry's belongs to the hosts serving it)
+                    registry.forget_init([])
                 deployment = {"root_fingerprint": hierarchy.records[0].fingerprint,     # records[0]: the root
                               "devid.toml": (config_text or self.config_path.read_bytes()).decode()}
                 # a data directory's own registry with no CA here is an interrupted init's: its

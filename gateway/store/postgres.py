@@ -21,6 +21,13 @@ with a connection pool (psycopg_pool).
   lock or serialisation failure becomes `storage.StorageError` of its kind (devices get 5.03,
   the command line one line), anything else `RegistryError`. Messages name the server by its
   URL without the password (`redact`).
+- **Outages.** The gateway calls the registry from its event loop, so a registry call must not wait
+  for a server that is gone (the pool would wait its whole timeout, 30 s, for a connection): once
+  a connection fails (the server stopped, restarted, unreachable), the next call first probes the
+  server with one direct connection of at most PROBE_CONNECT s; while probes fail, calls fail at
+  once with `StorageError(FAILED)` (devices get 5.03 "storage unavailable") and the next probe
+  comes 1, 2, 4 ... PROBE_MAX s later. When a probe reaches the server, a fresh pool replaces the
+  one whose connections died (a pool's own reconnection backs off for minutes).
 - **Credentials** come from the URL, from a password file (0600, `password_file`) or from
   libpq's environment (PGPASSWORD, PGPASSFILE/~/.pgpass, PGSERVICE); the password is handed to
   libpq and never written to a log line or a message.
@@ -31,6 +38,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from contextlib import contextmanager
 from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -42,9 +50,16 @@ SCHEMES = ("postgresql", "postgres")
 # the pool's own warnings (a reconnection failing in its background thread) repeat what the
 # registry's errors and the storage log line (gateway/store/storage.py) already say
 logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+# bounds on every wait (PostgresDatabase.__init__); a migration retries after a lock timeout
+LOCK_TIMEOUT_MS = 5000
+STATEMENT_TIMEOUT_MS = 30000
+IDLE_TIMEOUT_MS = 60000
 # pg_advisory_xact_lock keys: 'devid' in ASCII, then what they serialise
 LOCK_LOG = 0x64657669_64000001
 LOCK_MIGRATE = 0x64657669_64000002
+# while the server is unreachable: seconds between failed probes (doubling up to PROBE_MAX), and the
+# connect timeout of a probe (the event loop waits that long at most, once per probe)
+PROBE_FIRST, PROBE_MAX, PROBE_CONNECT = 1.0, 15.0, 2
 
 
 def is_postgres_url(location: str) -> bool:
@@ -139,7 +154,7 @@ class PostgresDatabase:
     NO_LIMIT = "ALL"                    # LIMIT <this> OFFSET n
 
     def __init__(self, url: str, *, create: bool = False, readonly: bool = False, password: str | None = None,
-                 pool_size: int = 4, timeout: float = 30.0) -> None:
+                 pool_size: int = 4, timeout: float = 5.0) -> None:
         import psycopg
         from psycopg_pool import ConnectionPool, PoolTimeout
         self.url = url
@@ -148,22 +163,36 @@ class PostgresDatabase:
         self.health: StorageHealth | None = None
         self._local = threading.local()
         self.commits = 0            # write transactions committed through this object (tests, benchmarks)
-        kwargs: dict = {"autocommit": True, "connect_timeout": max(1, int(timeout))}
+        # The gateway calls the registry on its event loop: a wait here stops the worker's every
+        # device. So no wait is unbounded: a lock held by a stalled host (LOCK_LOG, a device row)
+        # ends in LockNotAvailable after LOCK_TIMEOUT_MS (the device gets 5.03 "registry busy"), a
+        # statement after STATEMENT_TIMEOUT_MS, a transaction a stalled host left open after
+        # IDLE_TIMEOUT_MS; a server that vanished is noticed by TCP keepalives and
+        # tcp_user_timeout, not after hours; no connection within `timeout` s is a 5.03 too.
+        kwargs: dict = {"autocommit": True, "connect_timeout": max(2, int(timeout)), "keepalives": 1,
+                        "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+                        "tcp_user_timeout": 15000}
         if password is not None:
             kwargs["password"] = password
         try:
             given = psycopg.conninfo.conninfo_to_dict(url)
         except psycopg.Error:
             raise RegistryError(f"{self.path}: not a valid PostgreSQL URL") from None
+        options = [given.get("options") or "", f"-c lock_timeout={LOCK_TIMEOUT_MS}",
+                   f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+                   f"-c idle_in_transaction_session_timeout={IDLE_TIMEOUT_MS}"]
         if readonly:        # the server refuses any write: a reading command cannot change the registry
-            kwargs["options"] = f"{given.get('options') or ''} -c default_transaction_read_only=on".strip()
+            options.append("-c default_transaction_read_only=on")
+        kwargs["options"] = " ".join(o for o in options if o)
         # one direct connection first: a wrong host, user or password is one clear error at once,
         # not a pool retrying in the background until its timeout
         error = self._connect_error(url, kwargs)
         if error is not None:
             raise StorageError(FAILED, f"{self.path}: cannot connect to the registry: {error}")
-        self.pool = ConnectionPool(url, kwargs=kwargs, min_size=1, max_size=pool_size, timeout=timeout,
-                                   name="devid-registry", open=False)
+        self._kwargs, self._pool_size, self._timeout = kwargs, pool_size, timeout
+        self._down: StorageError | None = None      # the failure that started an outage, until a probe works
+        self._probe_at = self._probe_every = 0.0
+        self.pool = self._new_pool()
         try:
             self.pool.open(wait=True, timeout=timeout)
         except PoolTimeout:
@@ -174,6 +203,11 @@ class PostgresDatabase:
         except BaseException:
             self.pool.close()
             raise
+
+    def _new_pool(self):
+        from psycopg_pool import ConnectionPool
+        return ConnectionPool(self.url, kwargs=self._kwargs, min_size=1, max_size=self._pool_size,
+                              timeout=self._timeout, name="devid-registry", open=False)
 
     @staticmethod
     def _connect_error(url: str, kwargs: dict) -> str | None:
@@ -194,18 +228,60 @@ class PostgresDatabase:
 
     # -- transactions ------------------------------------------------------------------------
 
+    def _outage(self, exc: StorageError, probed: bool = False) -> None:
+        """The server could not be reached: the next call probes it at once; after a probe that
+        fails, calls fail at once until the next probe, 1, 2, 4 ... PROBE_MAX s later."""
+        if self._down is None or not probed:
+            self._probe_every, self._probe_at = PROBE_FIRST, 0.0
+        else:
+            self._probe_at = time.monotonic() + self._probe_every
+            self._probe_every = min(self._probe_every * 2, PROBE_MAX)
+        self._down = exc
+
+    def _check_outage(self) -> None:
+        if self._down is None:
+            return
+        if time.monotonic() >= self._probe_at:
+            error = self._connect_error(self.url, {**self._kwargs, "connect_timeout": PROBE_CONNECT})
+            if error is None:           # back: a fresh pool (the old one's connections are dead)
+                old, self.pool = self.pool, self._new_pool()
+                self.pool.open(wait=False)
+                old.close(timeout=0)
+                self._down = None
+                return
+            self._outage(StorageError(FAILED, f"registry {self.path} unavailable: {error}"), probed=True)
+        raise StorageError(FAILED, str(self._down))
+
     @contextmanager
     def _borrowed(self) -> Iterator[PgConnection]:
+        """A pooled connection for one transaction or read; a storage failure of any of them (a
+        read too: with the server gone, a request's first read fails before any write) goes to
+        the health log, and a lost server starts an outage (`_outage`)."""
         import psycopg
         from psycopg_pool import PoolTimeout
         try:
-            with self.pool.connection() as raw:
-                yield PgConnection(raw, self.path)
-        except PoolTimeout:
-            raise StorageError(FAILED, f"registry {self.path} unavailable: no connection within the pool's "
-                                       "timeout") from None
-        except psycopg.Error as exc:
-            raise _translate(exc, self.path) from None
+            self._check_outage()
+            try:
+                with self.pool.connection() as raw:
+                    yield PgConnection(raw, self.path)
+            except PoolTimeout:
+                exc = StorageError(FAILED, f"registry {self.path} unavailable: no connection within the pool's "
+                                           "timeout")
+                self._outage(exc)
+                raise exc from None
+            except psycopg.Error as exc:
+                error = _translate(exc, self.path)
+                if isinstance(error, StorageError) and error.kind == FAILED:
+                    self._outage(error)
+                raise error from None
+            except StorageError as exc:
+                if exc.kind == FAILED:
+                    self._outage(exc)
+                raise
+        except StorageError as exc:
+            if self.health is not None:
+                self.health.failed(exc.kind, exc)
+            raise
 
     @contextmanager
     def transaction(self, durable: bool = False) -> Iterator[PgConnection]:
@@ -224,9 +300,10 @@ class PostgresDatabase:
             if durable and not self._local.durable:
                 raise RuntimeError("a durable write inside a transaction that is not durable: "
                                    "open the outer transaction with durable=True")
-            depth = self._local.depth = self._local.depth + 1
+            depth = self._local.depth + 1
             name = f"sp{depth}"
             current.execute(f"SAVEPOINT {name}")
+            self._local.depth = depth
             try:
                 yield current
             except BaseException:
@@ -239,35 +316,27 @@ class PostgresDatabase:
             finally:
                 self._local.depth = depth - 1
             return
-        try:
-            with self._borrowed() as conn:
-                raw = conn.raw
-                self._local.tx, self._local.durable, self._local.depth = conn, durable, 0
-                try:
-                    conn.execute("BEGIN" if durable else "BEGIN; SET LOCAL synchronous_commit TO off")
-                    yield conn
-                    if raw.info.transaction_status is TS.INERROR:
-                        raise RegistryError(f"registry {self.path}: a statement of this transaction failed; "
-                                            "nothing was committed")
-                    conn.execute("COMMIT")
-                    self.commits += 1
-                except BaseException:
-                    if raw.info.transaction_status in (TS.INTRANS, TS.INERROR):
-                        try:
-                            raw.execute("ROLLBACK")
-                        except psycopg.Error:
-                            pass            # a broken connection: the pool discards it
-                    raise
-                finally:
-                    self._local.tx = None
-        except BaseException as exc:
-            if self.health is not None:
-                from devid.gateway.store.storage import storage_kind
-                kind = storage_kind(exc)
-                if kind is not None:
-                    self.health.failed(kind, exc)
-            raise
-        if self.health is not None and self.health.failing:
+        with self._borrowed() as conn:          # (which reports a storage failure to `health`)
+            raw = conn.raw
+            self._local.tx, self._local.durable, self._local.depth = conn, durable, 0
+            try:
+                conn.execute("BEGIN" if durable else "BEGIN; SET LOCAL synchronous_commit TO off")
+                yield conn
+                if raw.info.transaction_status is TS.INERROR:
+                    raise RegistryError(f"registry {self.path}: a statement of this transaction failed; "
+                                        "nothing was committed")
+                conn.execute("COMMIT")
+                self.commits += 1
+            except BaseException:
+                if raw.info.transaction_status in (TS.INTRANS, TS.INERROR):
+                    try:
+                        raw.execute("ROLLBACK")
+                    except psycopg.Error:
+                        pass            # a broken connection: the pool discards it
+                raise
+            finally:
+                self._local.tx = None
+        if self.health is not None and self.health.failing:     # writes work again
             self.health.succeeded()
 
     @contextmanager
