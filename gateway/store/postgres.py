@@ -89,7 +89,7 @@ def redact(url: str) -> str:
     if user:
         auth = quote(str(user), safe="") + (":***" if any(_secret_key(k) for k in params) else "") + "@"
     netloc = auth + (str(host) if host else "") + (f":{port}" if port else "")
-    query = "&".join(f"{k}={'***' if _secret_key(k) else quote(str(v), safe='/=,-_.')}"
+    query = "&".join(f"{k}={'***' if _secret_key(k) else quote(str(v), safe='/,-_.')}"
                      for k, v in sorted(params.items()) if k != "password")     # (shown as user:***)
     return f"postgresql://{netloc}/{quote(str(dbname), safe='') if dbname else ''}" + (f"?{query}" if query else "")
 
@@ -181,9 +181,11 @@ class PostgresDatabase:
         options = [given.get("options") or "", f"-c lock_timeout={LOCK_TIMEOUT_MS}",
                    f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
                    f"-c idle_in_transaction_session_timeout={IDLE_TIMEOUT_MS}"]
-        if readonly:        # the server refuses any write: a reading command cannot change the registry
-            options.append("-c default_transaction_read_only=on")
         kwargs["options"] = " ".join(o for o in options if o)
+        # readonly: the server refuses any write, so a reading command cannot change the registry.
+        # Set once connected (`_new_pool`), not in the startup options: libpq's
+        # target_session_attrs=read-write (a URL naming a primary and its standbys) would take
+        # such a session for a standby's
         # one direct connection first: a wrong host, user or password is one clear error at once,
         # not a pool retrying in the background until its timeout
         error = self._connect_error(url, kwargs)
@@ -206,8 +208,12 @@ class PostgresDatabase:
 
     def _new_pool(self):
         from psycopg_pool import ConnectionPool
+        configure = None
+        if self.readonly:
+            def configure(conn) -> None:
+                conn.execute("SET default_transaction_read_only TO on")
         return ConnectionPool(self.url, kwargs=self._kwargs, min_size=1, max_size=self._pool_size,
-                              timeout=self._timeout, name="devid-registry", open=False)
+                              timeout=self._timeout, name="devid-registry", open=False, configure=configure)
 
     @staticmethod
     def _connect_error(url: str, kwargs: dict) -> str | None:
