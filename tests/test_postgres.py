@@ -272,3 +272,23 @@ def test_nested_transactions_are_savepoints_and_a_swallowed_failure_commits_noth
         assert reg.commits == before + 1
     finally:
         reg.close()
+
+
+def test_an_init_killed_after_recording_in_a_shared_registry_is_taken_over(postgres, tmp_path):
+    """The state an init killed between its durable record and its rename leaves: the registry
+    names its CA, whose files are only in its staging directory. The next init of that data
+    directory takes the registry back; another host's CA is never taken."""
+    url = postgres.new_schema()
+    d = tmp_path / "data"
+    ok = run_devid("init", "--registry", url, data_dir=d)
+    assert ok.returncode == 0, ok.stderr.decode()
+    (d / "ca").rename(d / ".ca-init-4242-deadbeef")
+    (d / "devid.toml").unlink()
+    again = run_devid("init", "--registry", url, "--json", data_dir=d)
+    assert again.returncode == 0, again.stderr.decode()
+    assert not list(d.glob(".ca-init-*"))
+    check = run_devid("registry", "check", "--json", data_dir=d)
+    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+    # a data directory with no staging directory of that CA cannot take a registry that holds one
+    other = run_devid("init", "--registry", url, data_dir=tmp_path / "other")
+    one_line_error(other, "already holds a CA")

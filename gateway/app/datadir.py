@@ -37,7 +37,7 @@ from devid.ca.identity import IdentitySettings
 from devid.ca.profiles import default_profiles
 
 from devid.gateway.app.settings import CONFIG_HEADER, Config, check_organization, check_registry_url
-from devid.gateway.errors import ConfigError, DirectoryBusy
+from devid.gateway.errors import ConfigError, DirectoryBusy, RegistryError
 from devid.gateway.system.fs import directory_lock, fsync_path, write_atomic
 from devid.gateway.store.engines import Registry, is_postgres_url, open_registry, redact
 
@@ -314,6 +314,8 @@ class DataDir:
         if passphrase_file is not None:
             passphrase_file = Path(os.path.abspath(passphrase_file))
         config_text = self._init_config(organization, passphrase_file, registry_password_file)
+        if not isinstance(self.registry_location, Path):
+            self._forget_interrupted()      # before its staging directory, the only copy of its keys, goes
         for stale in self.path.glob(".ca-init-*"):    # keys of an init that was killed (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
         cfg = self.config
@@ -394,6 +396,34 @@ class DataDir:
         except OSError:
             pass
 
+    def _forget_interrupted(self) -> None:
+        """An init of this data directory killed after recording its CA in a shared registry and
+        before renaming it into place left the registry naming a CA that nobody has (its keys
+        are only in its staging directory here). If the registry's deployment is that CA's (its
+        root is in a staging directory of this data directory) and no device was registered, its
+        rows go, so this init can record its own; another host's CA is never touched."""
+        from types import SimpleNamespace
+        from devid.ca.identity import fingerprint
+        interrupted: dict[str, list] = {}
+        for stale in self.path.glob(".ca-init-*"):
+            try:
+                certs = [x509.load_pem_x509_certificate((stale / f"{n}.cert.pem").read_bytes()) for n in CERT_NAMES]
+            except (OSError, ValueError):
+                continue
+            interrupted[fingerprint(certs[0])] = certs
+        if not interrupted:
+            return
+        try:
+            registry = open_registry(self.registry_location, password=self.registry_password())
+        except RegistryError:
+            return                          # empty: nothing was recorded
+        try:
+            root = registry.deployment().get("root_fingerprint")
+            if root in interrupted:
+                registry.forget_init([SimpleNamespace(serial=c.serial_number) for c in interrupted[root]])
+        finally:
+            registry.close()
+
     def _undo_init(self, wrote_config: bool, had_registry: bool, generated: Path | None) -> None:
         """After a failed init: remove devid.toml if this init wrote it (or replaced an interrupted
         init's), the registry if this init created it, and a passphrase file it generated."""
@@ -449,19 +479,23 @@ class DataDir:
             self.path.mkdir(parents=True, exist_ok=True)
             staging = self.path / f".ca-join-{os.getpid()}-{secrets.token_hex(4)}"
             staging.mkdir(mode=0o700)
+            wrote = False
             try:
                 with directory_lock(self.path, wait=INIT_WAIT):
+                    # again under the lock: an init that held it may have made a CA or devid.toml here
+                    if self.exists() or self.ca_dir.exists() or self.config_path.exists():
+                        raise CAExists(f"{self.path} now holds a CA or a devid.toml: refusing to overwrite it")
                     summary = self._join_staged(ca_from, staging, registry, deployment)
                     write_atomic(self.config_path, text)
+                    wrote = True
                     try:
                         os.rename(staging, self.ca_dir)
                     except OSError:
-                        self.config_path.unlink(missing_ok=True)
                         raise CAExists(f"a CA already exists in {self.path}: refusing to overwrite it") from None
                     fsync_path(self.path)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
-                if not self.exists():
+                if wrote and not self.exists():
                     self.config_path.unlink(missing_ok=True)
                     if made_dir:
                         try:

@@ -269,12 +269,16 @@ class AttestationStore:
     def iter_log(self, first: int | None = None, last: int | None = None) -> Iterator[LogEntry]:
         """Every entry (or those from `first` to `last`), in sequence order, read in batches."""
         lo, hi = first if first is not None else -(2 ** 63), last if last is not None else 2 ** 63 - 1
+        # in pages by key: psycopg's cursor would fetch every row of one SELECT into memory at once
         with self.registry.reading() as db:
-            rows = db.execute(f"SELECT {_LOG_COLS} FROM attestation_log WHERE seq BETWEEN ? AND ? ORDER BY seq",
-                              (lo, hi))
-            while batch := rows.fetchmany(500):
+            while True:
+                batch = db.execute(f"SELECT {_LOG_COLS} FROM attestation_log WHERE seq BETWEEN ? AND ? "
+                                   "ORDER BY seq LIMIT 500", (lo, hi)).fetchall()
                 for r in batch:
                     yield _entry(r)
+                if len(batch) < 500:
+                    return
+                lo = batch[-1][0] + 1
 
     def take_verdict(self, device_serial: str, since: datetime, now: datetime, purpose: str) -> LogEntry | None:
         with self.registry.transaction() as db:

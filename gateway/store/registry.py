@@ -202,6 +202,9 @@ class RegistryQueries:
                 db.executemany(f"INSERT INTO certificates ({_CERT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                                [_cert_params(c) for c in records])
         except self.integrity_errors as exc:
+            if self.duplicate_table(exc) == "deployment":     # another host's init won the race
+                raise RegistryError(f"{self.path} already holds a CA: add this host to it with "
+                                    "'devid init --join', or name another registry") from None
             raise self._collision(exc) from None
 
     @staticmethod
@@ -298,10 +301,11 @@ class RegistryQueries:
             db.execute("UPDATE devices SET state = 'revoked', revoked_at = COALESCE(revoked_at, ?), "
                        "revocation_reason = COALESCE(revocation_reason, ?), updated_at = ? WHERE serial = ?",
                        (t, reason, t, serial))
-            rows = db.execute(f"SELECT {_CERT_COLS} FROM certificates WHERE device_serial = ? "
-                              "AND status != 'revoked'", (serial,)).fetchall()
-            db.execute("UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ? "
-                       "WHERE device_serial = ? AND status != 'revoked'", (t, reason, serial))
+            # one statement: exactly the certificates this call revoked (not one a concurrent
+            # revoke_certificate took between a SELECT and an UPDATE)
+            rows = db.execute("UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ? "
+                              f"WHERE device_serial = ? AND status != 'revoked' RETURNING {_CERT_COLS}",
+                              (t, reason, serial)).fetchall()
         return [_cert(r) for r in rows]
 
     def revoked_certificates(self, issuer: str) -> list[CertificateRecord]:

@@ -39,7 +39,7 @@ class StorageError(RegistryError):
         self.kind = kind
 
 
-class Duplicate(Exception):
+class Duplicate(RegistryError):
     """A unique key already held (PostgreSQL's unique_violation), naming the table; the
     registry turns it into its own errors as it does SQLite's IntegrityError."""
 
