@@ -495,11 +495,12 @@ class DataDir:
                     fsync_path(self.path)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
-                if wrote and not self.exists():
-                    self.config_path.unlink(missing_ok=True)
+                if not self.exists():
+                    if wrote:
+                        self.config_path.unlink(missing_ok=True)
                     if made_dir:
                         try:
-                            self.path.rmdir()
+                            self.path.rmdir()     # only if empty: nothing of anyone else's goes
                         except OSError:
                             pass
                 raise
