@@ -51,6 +51,14 @@ CONFIG_MARK = "devid.toml.sha256"      # in an init's staging directory: the dev
 INIT_WAIT = 30.0        # s a second `devid init` waits for the first one's lock on the data directory
 
 
+def _remove_if_empty(path: Path) -> None:
+    """A directory this process made, after it failed: only if empty, so nothing of anyone else's goes."""
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
 def resolve_data_dir(arg: str | None) -> Path:
     return Path(arg or os.environ.get(ENV_DATA) or DEFAULT_DATA)
 
@@ -234,10 +242,7 @@ class DataDir:
             raise CAExists(f"another devid init ({who}) is still running in {self.path}") from None
         except BaseException:
             if made_dir:
-                try:
-                    self.path.rmdir()             # only if empty: nothing of anyone else's goes
-                except OSError:
-                    pass
+                _remove_if_empty(self.path)
             raise
 
     def _leftover_config(self) -> bool:
@@ -499,10 +504,7 @@ class DataDir:
                     if wrote:
                         self.config_path.unlink(missing_ok=True)
                     if made_dir:
-                        try:
-                            self.path.rmdir()     # only if empty: nothing of anyone else's goes
-                        except OSError:
-                            pass
+                        _remove_if_empty(self.path)
                 raise
         finally:
             registry.close()
