@@ -61,6 +61,8 @@ def pytest_generate_tests(metafunc):
     chosen = os.environ.get("DEVID_TEST_ENGINES", "")
     if metafunc.definition.get_closest_marker("sqlite_only"):
         return
+    if any("registry_engine" in str(m.args[0]) for m in metafunc.definition.iter_markers("parametrize")):
+        return                      # the test names its engine itself
     if chosen == "all" or (chosen == "" and metafunc.definition.get_closest_marker("engines")):
         metafunc.parametrize("registry_engine", ENGINES, indirect=True)
     elif chosen in ENGINES:
