@@ -129,17 +129,6 @@ class PostgresCluster:
             con.execute(f"CREATE DATABASE {name}")
         return self.admin_url(name)
 
-    def stop_server(self) -> None:
-        """Stop the server, keep the cluster (start_server brings it back on the same port)."""
-        r = _as_postgres(str(PGBIN / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop")
-        assert r.returncode == 0, r.stderr
-
-    def start_server(self) -> None:
-        opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c max_connections=200 -c shared_buffers=32MB"
-        r = _as_postgres(str(PGBIN / "pg_ctl"), "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w",
-                         "-t", "60", "-o", opts, "start")
-        assert r.returncode == 0, r.stderr
-
     def stop(self) -> None:
         if self.dir is None:
             return

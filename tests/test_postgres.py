@@ -40,7 +40,8 @@ def test_redact_hides_the_password_wherever_it_is():
     assert redact("postgresql://devid@db/reg") == "postgresql://devid@db/reg"
     # as libpq parses them: '#' and '?' inside a password, a keyword=value string, sslpassword
     for given in ("postgresql://u:pa#ss3cret@h:5432/db", "postgresql://u:s3cr?et@h:1/db",
-                  "host=db user=devid password=hun3ter2 dbname=devid", "postgresql://u@h/d?sslpassword=k3ypass"):
+                  "host=db user=devid password=hun3ter2 dbname=devid", "postgresql://u@h/d?sslpassword=k3ypass",
+                  "postgresql://u@h/d?oauth_client_secret=k3ypass"):
         shown = redact(given)
         assert not any(s in shown for s in ("ss3cret", "s3cr", "hun3ter2", "k3ypass")), shown
         assert "***" in shown
@@ -292,3 +293,27 @@ def test_an_init_killed_after_recording_in_a_shared_registry_is_taken_over(postg
     # a data directory with no staging directory of that CA cannot take a registry that holds one
     other = run_devid("init", "--registry", url, data_dir=tmp_path / "other")
     one_line_error(other, "already holds a CA")
+
+
+def test_an_init_that_cannot_reach_the_registry_keeps_an_interrupted_inits_files(tmp_path):
+    """The staging directory of an init killed after recording is the only copy of the CA the
+    registry names: an init that cannot reach the registry must not remove it."""
+    cluster = PostgresCluster().start()
+    try:
+        url = cluster.new_database()
+        d = tmp_path / "data"
+        assert run_devid("init", "--registry", url, data_dir=d).returncode == 0
+        (d / "ca").rename(d / ".ca-init-4242-deadbeef")
+        (d / "devid.toml").unlink()
+        cluster.stop_server()
+        one_line_error(run_devid("init", "--registry", url, data_dir=d), "cannot connect")
+        assert [p.name for p in d.glob(".ca-init-*")] == [".ca-init-4242-deadbeef"]
+        cluster.start_server()
+        again = run_devid("init", "--registry", url, data_dir=d)
+        assert again.returncode == 0, again.stderr.decode()
+        # a secret of any name is refused for devid.toml
+        proc = run_devid("init", "--registry", url + "?oauth_client_secret=k3ypass", data_dir=tmp_path / "x")
+        err = one_line_error(proc, "must not hold a password")
+        assert "k3ypass" not in err
+    finally:
+        cluster.stop()

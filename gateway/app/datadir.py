@@ -38,6 +38,7 @@ from devid.ca.profiles import default_profiles
 
 from devid.gateway.app.settings import CONFIG_HEADER, Config, check_organization, check_registry_url
 from devid.gateway.errors import ConfigError, DirectoryBusy, RegistryError
+from devid.gateway.store.storage import StorageError
 from devid.gateway.system.fs import directory_lock, fsync_path, write_atomic
 from devid.gateway.store.engines import Registry, is_postgres_url, open_registry, redact
 
@@ -365,14 +366,10 @@ class DataDir:
                 fsync_path(self.path)
 
             # recorded (durably) first, renamed into place second: a crash between the two leaves no
-            # CA here (only certificate rows of a CA nobody has, which a new init does not mind)
+            # CA here, only rows of a CA nobody has: the next init replaces the deployment of its own
+            # SQLite registry, and takes back a shared one's (_forget_interrupted)
             registry = open_registry(location, create=True, password=self.registry_password())
             try:
-                if not shared:
-                    # this data directory's own registry, and no CA here (we hold the lock): a
-                    # deployment in it is an interrupted init's, taken back while no device is
-                    # registered (a shared registry's belongs to the hosts serving it)
-                    registry.forget_init([])
                 deployment = {"root_fingerprint": hierarchy.records[0].fingerprint,     # records[0]: the root
                               "devid.toml": (config_text or self.config_path.read_bytes()).decode()}
                 # a data directory's own registry with no CA here is an interrupted init's: its
@@ -420,12 +417,17 @@ class DataDir:
             return
         try:
             registry = open_registry(self.registry_location, password=self.registry_password())
+        except StorageError:
+            raise                           # unreachable, refused: the staging directories stay
         except RegistryError:
-            return                          # empty: nothing was recorded
+            return                          # an empty registry: nothing was recorded
         try:
             root = registry.deployment().get("root_fingerprint")
-            if root in interrupted:
-                registry.forget_init([SimpleNamespace(serial=c.serial_number) for c in interrupted[root]])
+            if root in interrupted and not registry.forget_init(
+                    [SimpleNamespace(serial=c.serial_number) for c in interrupted[root]]):
+                raise CAExists(f"{registry.path} names the CA of an interrupted init of {self.path} (its files are "
+                               "in a .ca-init-* directory there) and devices are registered under it: rename that "
+                               "directory to ca/ to finish that init, rather than making a new CA")
         finally:
             registry.close()
 

@@ -206,7 +206,8 @@ def check_registry_url(value: object) -> str:
         params = psycopg.conninfo.conninfo_to_dict(value)       # as libpq reads it ('#', '?' in a password)
     except Exception:
         raise ValueError("must be a PostgreSQL URL, postgresql://USER@HOST:PORT/DATABASE") from None
-    if parts.password is not None or any(k.lower().endswith("password") for k in (*params, *parse_qs(parts.query))):
+    if parts.password is not None or any(k.lower().endswith(("password", "secret"))
+                                         for k in (*params, *parse_qs(parts.query))):
         raise ValueError("must not hold a password: put it in a file of mode 0600 named by [registry] "
                          "password_file (devid init --registry-password-file), or in libpq's environment "
                          "(PGPASSFILE, PGPASSWORD)")

@@ -66,8 +66,16 @@ def is_postgres_url(location: str) -> bool:
     return isinstance(location, str) and location.split(":", 1)[0].lower() in SCHEMES and "://" in location
 
 
+# libpq parameters shown as they are in messages; any other one (password, sslpassword,
+# oauth_client_secret, and whatever a later libpq adds) is shown as ***
+_SHOWN = frozenset({"host", "hostaddr", "port", "dbname", "user", "options", "sslmode", "sslrootcert", "sslcert",
+                    "sslkey", "target_session_attrs", "load_balance_hosts", "application_name", "connect_timeout",
+                    "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout",
+                    "service", "channel_binding", "gssencmode", "require_auth", "krbsrvname", "client_encoding"})
+
+
 def _secret_key(key: str) -> bool:
-    return key.lower().endswith("password")          # password, sslpassword
+    return key.lower() not in _SHOWN
 
 
 def redact(url: str) -> str:

@@ -216,15 +216,16 @@ class RegistryQueries:
         with self.reading() as db:
             return self._deployment(db)
 
-    def forget_init(self, records: Sequence[CertificateRecord]) -> None:
+    def forget_init(self, records: Sequence[CertificateRecord]) -> bool:
         """Undo a failed `devid init`'s rows (its certificates, the deployment), only while no
-        device has been registered."""
+        device has been registered; False if devices were, and nothing was undone."""
         with self.transaction(durable=True) as db:
             if db.execute("SELECT COUNT(*) FROM devices").fetchone()[0]:
-                return
+                return False
             db.executemany("DELETE FROM certificates WHERE serial = ? AND device_serial IS NULL",
                            [(_hex(c.serial),) for c in records])
             db.execute("DELETE FROM deployment")
+            return True
 
     def get_certificate(self, serial: int) -> CertificateRecord | None:
         with self.reading() as db:
