@@ -317,3 +317,34 @@ def test_an_init_that_cannot_reach_the_registry_keeps_an_interrupted_inits_files
         assert "k3ypass" not in err
     finally:
         cluster.stop()
+
+
+@pytest.mark.parametrize("registry_engine", ["postgresql"], indirect=True)
+def test_a_server_that_never_answers_is_cut_off_by_the_client_deadline(location):
+    """A backend that keeps its connection but stops answering (SIGSTOP: no statement_timeout,
+    no keepalive can end that wait) is cut off by the watchdog; the call fails as unavailable,
+    and once the server answers again the registry works on a fresh connection."""
+    import os
+    import signal
+    reg = PostgresRegistry(location, create=True, deadline=2.0)
+    try:
+        assert reg.reserve_serial_block("X", 1) == 1
+        with reg.transaction() as db:       # the backend of the pool's connection
+            pid = db.execute("SELECT pg_backend_pid()").fetchone()[0]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(StorageError) as err:
+                reg.reserve_serial_block("X", 1)
+            assert err.value.kind == FAILED and reg.watchdog.cut == 1     # the client's deadline ended it
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        for _ in range(3):                  # the outage handling probes, then a fresh pool
+            try:
+                assert reg.reserve_serial_block("X", 1) in (2, 3)
+                break
+            except StorageError:
+                continue
+        else:
+            pytest.fail("the registry did not recover")
+    finally:
+        reg.close()

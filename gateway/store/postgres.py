@@ -36,6 +36,7 @@ with a connection pool (psycopg_pool).
 from __future__ import annotations
 
 import functools
+import os
 import logging
 import threading
 import time
@@ -54,6 +55,9 @@ logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 LOCK_TIMEOUT_MS = 5000
 STATEMENT_TIMEOUT_MS = 30000
 IDLE_TIMEOUT_MS = 60000
+# and on the client side, for what the server cannot end (Watchdog): past statement_timeout, so
+# the server's own timeout answers first whenever it can
+CALL_DEADLINE = STATEMENT_TIMEOUT_MS / 1000 + 5
 # pg_advisory_xact_lock keys: 'devid' in ASCII, then what they serialise
 LOCK_LOG = 0x64657669_64000001
 LOCK_MIGRATE = 0x64657669_64000002
@@ -126,21 +130,85 @@ def _translate(exc: Exception, where: str) -> Exception:
     return RegistryError(f"registry {where}: {message}")
 
 
+class Watchdog:
+    """A client-side deadline on every statement: the waits the server and the kernel cannot end
+    (a backend that keeps the connection but never answers, a stalled disk, a durable COMMIT
+    waiting for a synchronous standby that never acknowledges, where PostgreSQL does not apply
+    statement_timeout) would otherwise stop the gateway's event loop for good. A statement still
+    unanswered after `limit` s gets its connection's socket shut down: libpq returns an error,
+    the call fails as "unavailable" (5.03; the outage handling takes over) and the pool drops
+    the connection. Never a cancel: a cancelled synchronous-replication wait is committed
+    locally and would be reported as a success. One thread, while statements are in flight."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._armed: dict[int, tuple[float, object]] = {}
+        self._thread: threading.Thread | None = None
+        self.cut = 0                    # connections ended (tests)
+
+    @contextmanager
+    def watching(self, raw) -> Iterator[None]:
+        key = id(raw)
+        with self._lock:
+            self._armed[key] = (time.monotonic() + self.limit, raw)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="devid-registry-watchdog", daemon=True)
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._armed.pop(key, None)
+
+    def _run(self) -> None:
+        idle_since = time.monotonic()
+        while True:
+            time.sleep(min(0.5, self.limit / 4))
+            now = time.monotonic()
+            with self._lock:
+                late = [raw for deadline, raw in self._armed.values() if deadline <= now]
+                if self._armed:
+                    idle_since = now
+                elif now - idle_since > 10:
+                    self._thread = None
+                    return
+            for raw in late:
+                self._end(raw)
+
+    def _end(self, raw) -> None:
+        import socket
+        try:
+            dup = os.dup(raw.pgconn.socket)
+        except Exception:
+            return                      # already closed
+        sock = socket.socket(fileno=dup)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+            self.cut += 1
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+
 class PgConnection:
     """A pooled psycopg connection with the sqlite3-like face the registry's queries use:
     `execute` and `executemany` return a cursor (fetchone, fetchall, fetchmany, rowcount,
-    iteration)."""
+    iteration); every statement under the database's `Watchdog`."""
 
-    __slots__ = ("raw", "where")
+    __slots__ = ("raw", "where", "watchdog")
 
-    def __init__(self, raw, where: str) -> None:
+    def __init__(self, raw, where: str, watchdog: Watchdog) -> None:
         self.raw = raw
         self.where = where
+        self.watchdog = watchdog
 
     def execute(self, sql: str, params=()):
         import psycopg
         try:
-            return self.raw.execute(_pg(sql), params)
+            with self.watchdog.watching(self.raw):
+                return self.raw.execute(_pg(sql), params)
         except psycopg.Error as exc:
             raise _translate(exc, self.where) from None
 
@@ -148,10 +216,20 @@ class PgConnection:
         import psycopg
         cur = self.raw.cursor()
         try:
-            cur.executemany(_pg(sql), rows)
+            with self.watchdog.watching(self.raw):
+                cur.executemany(_pg(sql), rows)
         except psycopg.Error as exc:
             raise _translate(exc, self.where) from None
         return cur
+
+    def end(self, statement: str) -> None:
+        """ROLLBACK or ROLLBACK TO after a failure: its own error is not the one to report."""
+        import psycopg
+        try:
+            with self.watchdog.watching(self.raw):
+                self.raw.execute(statement)
+        except psycopg.Error:
+            pass
 
 
 class PostgresDatabase:
@@ -162,7 +240,7 @@ class PostgresDatabase:
     NO_LIMIT = "ALL"                    # LIMIT <this> OFFSET n
 
     def __init__(self, url: str, *, create: bool = False, readonly: bool = False, password: str | None = None,
-                 pool_size: int = 4, timeout: float = 5.0) -> None:
+                 pool_size: int = 4, timeout: float = 5.0, deadline: float = CALL_DEADLINE) -> None:
         import psycopg
         from psycopg_pool import ConnectionPool, PoolTimeout
         self.url = url
@@ -171,6 +249,7 @@ class PostgresDatabase:
         self.health: StorageHealth | None = None
         self._local = threading.local()
         self.commits = 0            # write transactions committed through this object (tests, benchmarks)
+        self.watchdog = Watchdog(deadline)
         # The gateway calls the registry on its event loop: a wait here stops the worker's every
         # device. So no wait is unbounded: a lock held by a stalled host (LOCK_LOG, a device row)
         # ends in LockNotAvailable after LOCK_TIMEOUT_MS (the device gets 5.03 "registry busy"), a
@@ -277,7 +356,7 @@ class PostgresDatabase:
             self._check_outage()
             try:
                 with self.pool.connection() as raw:
-                    yield PgConnection(raw, self.path)
+                    yield PgConnection(raw, self.path, self.watchdog)
             except PoolTimeout:
                 exc = StorageError(FAILED, f"registry {self.path} unavailable: no connection within the pool's "
                                            "timeout")
@@ -322,10 +401,7 @@ class PostgresDatabase:
                 yield current
             except BaseException:
                 if current.raw.info.transaction_status in (TS.INTRANS, TS.INERROR):
-                    try:
-                        current.raw.execute(f"ROLLBACK TO SAVEPOINT {name}")
-                    except psycopg.Error:
-                        pass                # the outer transaction's rollback ends it anyway
+                    current.end(f"ROLLBACK TO SAVEPOINT {name}")    # (the outer rollback ends it anyway)
                 raise
             finally:
                 self._local.depth = depth - 1
@@ -343,10 +419,7 @@ class PostgresDatabase:
                 self.commits += 1
             except BaseException:
                 if raw.info.transaction_status in (TS.INTRANS, TS.INERROR):
-                    try:
-                        raw.execute("ROLLBACK")
-                    except psycopg.Error:
-                        pass            # a broken connection: the pool discards it
+                    conn.end("ROLLBACK")        # a broken connection: the pool discards it
                 raise
             finally:
                 self._local.tx = None
@@ -358,12 +431,12 @@ class PostgresDatabase:
         """Reads that all see one state of the database (REPEATABLE READ, read only)."""
         with self._borrowed() as conn:
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            self._local.tx, self._local.durable = conn, False
+            self._local.tx, self._local.durable, self._local.depth = conn, False, 0
             try:
                 yield conn
             finally:
                 self._local.tx = None
-                conn.raw.execute("ROLLBACK")
+                conn.end("ROLLBACK")           # nothing was written
 
     @contextmanager
     def reading(self) -> Iterator[PgConnection]:
