@@ -348,3 +348,17 @@ def test_a_server_that_never_answers_is_cut_off_by_the_client_deadline(location)
             pytest.fail("the registry did not recover")
     finally:
         reg.close()
+
+
+def test_an_operational_error_of_one_request_is_busy_not_an_outage(postgres):
+    """Too many clients, a program limit: that request's problem, a 5.03 'busy' worth a retry in
+    a second; the connection and the server are fine, so no outage begins."""
+    reg = open_registry(postgres.new_schema(), create=True)
+    try:
+        with pytest.raises(StorageError) as err:
+            with reg.reading() as db:       # 54000: a program limit (an array too large)
+                db.execute("SELECT array_fill(0, ARRAY[200000000, 200000000])")
+        assert err.value.kind == "busy"
+        assert reg._down is None and reg.reserve_serial_block("X", 1) == 1
+    finally:
+        reg.close()

@@ -125,8 +125,16 @@ def _translate(exc: Exception, where: str) -> Exception:
         return StorageError(READ_ONLY, f"registry {where}: {message}")
     if isinstance(exc, (pe.TransactionRollback, pe.LockNotAvailable, pe.QueryCanceled)):
         return StorageError(BUSY, f"registry {where}: {message}")
-    if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+    # the connection or the server is gone (no SQLSTATE: libpq's own "server closed the
+    # connection"; class 08: connection exceptions; 57P01-57P03: shut down, crashed, starting):
+    # FAILED, which starts the outage handling; any other operational error (too many clients, out
+    # of memory, a program limit) is this request's, worth a retry, not an outage: BUSY
+    state = getattr(exc, "sqlstate", None)
+    if isinstance(exc, psycopg.InterfaceError) or (
+            isinstance(exc, psycopg.OperationalError) and (state is None or state.startswith(("08", "57P")))):
         return StorageError(FAILED, f"registry {where} unavailable: {message}")
+    if isinstance(exc, psycopg.OperationalError):
+        return StorageError(BUSY, f"registry {where}: {message}")
     return RegistryError(f"registry {where}: {message}")
 
 
