@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
-from datetime import timedelta
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec

@@ -42,7 +42,6 @@ import threading
 import time
 from contextlib import contextmanager
 from typing import Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 from devid.gateway.errors import RegistryError
 from devid.gateway.store.storage import BUSY, FAILED, FULL, READ_ONLY, Duplicate, StorageError, StorageHealth
@@ -240,6 +239,11 @@ class PgConnection:
             pass
 
 
+def _read_only(conn) -> None:
+    """A pool's `configure` for a read-only registry (see PostgresDatabase.__init__)."""
+    conn.execute("SET default_transaction_read_only TO on")
+
+
 class PostgresDatabase:
     """The pool and its transactions (the PostgreSQL twin of `database.Database`)."""
 
@@ -250,7 +254,7 @@ class PostgresDatabase:
     def __init__(self, url: str, *, create: bool = False, readonly: bool = False, password: str | None = None,
                  pool_size: int = 4, timeout: float = 5.0, deadline: float = CALL_DEADLINE) -> None:
         import psycopg
-        from psycopg_pool import ConnectionPool, PoolTimeout
+        from psycopg_pool import PoolTimeout
         self.url = url
         self.path = redact(url)             # what messages call this registry
         self.readonly = readonly
@@ -303,12 +307,9 @@ class PostgresDatabase:
 
     def _new_pool(self):
         from psycopg_pool import ConnectionPool
-        configure = None
-        if self.readonly:
-            def configure(conn) -> None:
-                conn.execute("SET default_transaction_read_only TO on")
         return ConnectionPool(self.url, kwargs=self._kwargs, min_size=1, max_size=self._pool_size,
-                              timeout=self._timeout, name="devid-registry", open=False, configure=configure)
+                              timeout=self._timeout, name="devid-registry", open=False,
+                              configure=_read_only if self.readonly else None)
 
     @staticmethod
     def _connect_error(url: str, kwargs: dict) -> str | None:
@@ -394,7 +395,6 @@ class PostgresDatabase:
         its SAVEPOINT only (no RELEASE: the outer COMMIT ends it; ROLLBACK TO it on failure).
         A transaction that failed on the server is never reported committed (PostgreSQL answers
         COMMIT with a rollback then): that is an error, as SQLite's own rollback is."""
-        import psycopg
         from psycopg.pq import TransactionStatus as TS
         current = getattr(self._local, "tx", None)
         if current is not None:
