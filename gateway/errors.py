@@ -39,3 +39,8 @@ class BundleError(GatewayError):
 
 class CLIError(GatewayError):
     """Bad input detected by the command line itself."""
+
+
+class TokenError(GatewayError):
+    """A PKCS#11 token cannot be used: its module does not load, the token or the key is missing,
+    the PIN is wrong or missing. The message names the token, never the PIN."""

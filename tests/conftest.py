@@ -80,6 +80,31 @@ def postgres():
         cluster.stop()
 
 
+@pytest.fixture(scope="session")
+def softhsm():
+    """SoftHSM2's token directory for the session; SOFTHSM2_CONF names it for this process and
+    every subprocess (a test makes its own token: `softhsm.new_token()`)."""
+    import shutil as _shutil
+    from .pkcs11_helpers import SoftHSM
+    hsm = SoftHSM()
+    previous = os.environ.get("SOFTHSM2_CONF")
+    os.environ["SOFTHSM2_CONF"] = str(hsm.conf)
+    try:
+        yield hsm
+    finally:
+        if previous is None:
+            os.environ.pop("SOFTHSM2_CONF", None)
+        else:
+            os.environ["SOFTHSM2_CONF"] = previous
+        _shutil.rmtree(hsm.root, ignore_errors=True)
+
+
+@pytest.fixture
+def token(softhsm):
+    """A new SoftHSM2 token (label, PIN, SO PIN) for this test."""
+    return softhsm.new_token()
+
+
 @pytest.fixture
 def registry_engine(request) -> str:
     return getattr(request, "param", "sqlite")

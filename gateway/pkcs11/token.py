@@ -1,0 +1,409 @@
+"""PKCS#11 tokens through python-pkcs11: one session per process, opened after fork, and
+`TokenKey`, a `cryptography` EC private key whose signatures the token makes.
+
+`TokenKey` is the custom-signer pattern pyca/cryptography recommends: the certificate, CRL and
+CSR builders call its `sign()`, which hashes in Python and asks the token for a raw `CKM_ECDSA`
+signature of the digest (SoftHSM2 offers no hash-and-sign EC mechanism), then DER-encodes r||s.
+Nothing here can read the private value: the keys are generated sensitive and never extractable.
+
+Processes: a PKCS#11 module initialised before a fork is not usable in the child (PKCS#11
+v2.40 §6.6.1). The module is loaded, and each token's session opened, on first use in each
+process; a forked child that inherited them finalises and initialises the module again before
+its first call (`_library`). A session is used by one thread at a time (a lock per token).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, utils
+
+from devid.gateway.errors import TokenError
+from devid.gateway.pkcs11.uri import TokenURI
+
+ENV_PIN = "DEVID_PKCS11_PIN"
+ENV_SO_PIN = "DEVID_PKCS11_SO_PIN"
+CURVE_OIDS = {"secp256r1": ec.SECP256R1, "secp384r1": ec.SECP384R1}
+
+_libs: dict[str, tuple[int, object]] = {}       # module path -> (pid that initialised it, pkcs11.lib)
+_tokens: dict[tuple, "Token"] = {}
+_guard = threading.Lock()
+
+
+def _pkcs11():
+    import pkcs11       # imported on first use: commands without a token never load it
+    return pkcs11
+
+
+def _library(module: str):
+    """The module `module`, initialised in this process."""
+    pkcs11 = _pkcs11()
+    with _guard:
+        pid = os.getpid()
+        held = _libs.get(module)
+        if held is not None:
+            owner, lib = held
+            if owner != pid:                    # inherited across fork: initialise it here
+                try:
+                    lib.reinitialize()
+                except pkcs11.PKCS11Error as exc:
+                    raise TokenError(f"PKCS#11 module {module}: cannot initialise it after fork "
+                                     f"({type(exc).__name__})") from None
+                _libs[module] = (pid, lib)
+            return lib
+        if not Path(module).exists():
+            raise TokenError(f"PKCS#11 module {module}: no such file (install it, e.g. Debian's softhsm2, "
+                             "or give module-path=PATH in the URI)")
+        try:
+            lib = pkcs11.lib(module)
+        except pkcs11.PKCS11Error as exc:
+            raise TokenError(f"PKCS#11 module {module} cannot be loaded: {exc}") from None
+        _libs[module] = (pid, lib)
+        return lib
+
+
+def read_pin(uri: TokenURI, *, env: str = ENV_PIN) -> str:
+    """The user PIN: the URI's pin-source file (mode 0600, like every secret file devid reads),
+    else $DEVID_PKCS11_PIN. TokenError without either; the PIN is never part of a message."""
+    if uri.pin_source:
+        source = uri.pin_source[len("file:"):] if uri.pin_source.startswith("file:") else uri.pin_source
+        path = Path(source)
+        from devid.ca import keys      # the same check as for CA key files
+        try:
+            keys.check_private_file(path)
+            pin = path.read_text().strip()
+        except keys.KeyFileError as exc:
+            raise TokenError(f"PKCS#11 pin-source: {exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TokenError(f"PKCS#11 pin-source {path}: cannot read it ({exc.__class__.__name__})") from None
+        if not pin:
+            raise TokenError(f"PKCS#11 pin-source {path} is empty")
+        return pin
+    pin = os.environ.get(env)
+    if not pin:
+        raise TokenError(f"no PIN for the PKCS#11 {uri.token_label}: set ${env} or add "
+                         "pin-source=file:PATH (a 0600 file) to the URI")
+    return pin
+
+
+class Token:
+    """One token, logged in as its user, with one read-write session per process."""
+
+    def __init__(self, uri: TokenURI, pin: str | None = None) -> None:
+        self.uri = uri.token_only()
+        self._pin = pin
+        self._session = None
+        self._pid = None
+        self.lock = threading.RLock()
+        self._keys: dict[bytes, object] = {}
+
+    def __repr__(self) -> str:                  # never the PIN
+        return f"Token({self.uri})"
+
+    @classmethod
+    def of(cls, uri: TokenURI) -> "Token":
+        """The process's Token for `uri`'s token (one per token and process)."""
+        key = (uri.module, uri.token, uri.serial, uri.slot_id, uri.manufacturer, uri.model, uri.pin_source)
+        with _guard:
+            token = _tokens.get(key)
+            if token is None:
+                token = _tokens[key] = cls(uri)
+            return token
+
+    def _find(self, lib, rescanned: bool = False):
+        pkcs11 = _pkcs11()
+        u = self.uri
+        if u.slot_id is not None:
+            try:
+                slots = [s for s in lib.get_slots(token_present=True) if s.slot_id == u.slot_id]
+            except pkcs11.PKCS11Error as exc:
+                raise TokenError(f"PKCS#11 module {u.module}: cannot list its slots ({type(exc).__name__})") from None
+            tokens = [s.get_token() for s in slots]
+        else:
+            try:
+                tokens = list(lib.get_tokens(token_label=u.token,
+                                             token_serial=u.serial.encode() if u.serial else None))
+            except pkcs11.PKCS11Error as exc:
+                raise TokenError(f"PKCS#11 module {u.module}: cannot list its tokens ({type(exc).__name__})") from None
+        tokens = [t for t in tokens
+                  if (u.token is None or t.label == u.token)
+                  and (u.manufacturer is None or t.manufacturer_id == u.manufacturer)
+                  and (u.model is None or t.model == u.model)]
+        if not tokens and not rescanned:
+            # a module lists the tokens it found when it was initialised (SoftHSM2 does): a token
+            # made since then (softhsm2-util, a card inserted) needs a new C_Initialize. Every
+            # session of this module in this process is then gone: each Token opens its own again.
+            with _guard:
+                try:
+                    lib.reinitialize()
+                except pkcs11.PKCS11Error:
+                    pass
+                for other in _tokens.values():
+                    if other.uri.module == u.module:
+                        other._session = None
+            self._session = None
+            return self._find(lib, rescanned=True)
+        if not tokens:
+            raise TokenError(f"PKCS#11: no {u.token_label} in module {u.module} (initialise it, e.g. "
+                             "'softhsm2-util --init-token --free --label NAME', or check SOFTHSM2_CONF)")
+        if len(tokens) > 1:
+            raise TokenError(f"PKCS#11: more than one token matches ({u.token_label}): add serial= to the URI")
+        return tokens[0]
+
+    def session(self):
+        """This process's logged-in read-write session (opened on first use, again after fork)."""
+        pid = os.getpid()
+        if self._session is not None and self._pid == pid:
+            return self._session
+        pkcs11 = _pkcs11()
+        lib = _library(self.uri.module)
+        token = self._find(lib)
+        pin = self._pin if self._pin is not None else read_pin(self.uri)
+        try:
+            self._session = token.open(rw=True, user_pin=pin)
+        except pkcs11.exceptions.PinIncorrect:
+            raise TokenError(f"PKCS#11 {self.uri.token_label}: wrong PIN") from None
+        except pkcs11.exceptions.PinLocked:
+            raise TokenError(f"PKCS#11 {self.uri.token_label}: the PIN is locked (too many wrong PINs)") from None
+        except (pkcs11.exceptions.PinInvalid, pkcs11.exceptions.PinLenRange):
+            raise TokenError(f"PKCS#11 {self.uri.token_label}: the PIN is not a valid PIN for this token") from None
+        except pkcs11.exceptions.UserPinNotInitialized:
+            raise TokenError(f"PKCS#11 {self.uri.token_label}: its user PIN is not initialised") from None
+        except pkcs11.PKCS11Error as exc:
+            raise TokenError(f"PKCS#11 {self.uri.token_label}: cannot open a session ({type(exc).__name__})") from None
+        self._pid = pid
+        self._keys = {}
+        return self._session
+
+    def private_key(self, id: bytes, label: str | None = None):
+        """The private key object with CKA_ID `id` (cached per session)."""
+        pkcs11 = _pkcs11()
+        with self.lock:
+            session = self.session()
+            found = self._keys.get(id)
+            if found is None:
+                try:
+                    found = session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY, id=id,
+                                            **({"label": label} if label else {}))
+                except pkcs11.exceptions.NoSuchKey:
+                    raise TokenError(f"PKCS#11 {self.uri.token_label} has no private key "
+                                     f"{_name(id, label)}") from None
+                except pkcs11.exceptions.MultipleObjectsReturned:
+                    raise TokenError(f"PKCS#11 {self.uri.token_label} has more than one private key "
+                                     f"{_name(id, label)}") from None
+                self._keys[id] = found
+            return found
+
+    def public_key(self, id: bytes, label: str | None = None) -> ec.EllipticCurvePublicKey:
+        """The public half of key `id`, from its public key object."""
+        pkcs11 = _pkcs11()
+        from pkcs11.util.ec import encode_ec_public_key
+        with self.lock:
+            try:
+                obj = self.session().get_key(object_class=pkcs11.ObjectClass.PUBLIC_KEY, id=id,
+                                             **({"label": label} if label else {}))
+            except pkcs11.exceptions.NoSuchKey:
+                raise TokenError(f"PKCS#11 {self.uri.token_label} has no public key {_name(id, label)}") from None
+            der = encode_ec_public_key(obj)
+        key = serialization.load_der_public_key(der)
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise TokenError(f"PKCS#11 key {_name(id, label)} is not an EC key")
+        return key
+
+    def sign_digest(self, id: bytes, label: str | None, digest: bytes) -> bytes:
+        """The raw ECDSA signature r||s of `digest` by key `id`."""
+        pkcs11 = _pkcs11()
+        with self.lock:
+            key = self.private_key(id, label)
+            try:
+                return key.sign(digest, mechanism=pkcs11.Mechanism.ECDSA)
+            except (pkcs11.exceptions.SessionHandleInvalid, pkcs11.exceptions.SessionClosed,
+                    pkcs11.exceptions.ObjectHandleInvalid, pkcs11.exceptions.KeyHandleInvalid,
+                    pkcs11.exceptions.DeviceRemoved, pkcs11.exceptions.TokenNotPresent):
+                self._session = None            # the token went away or was reset: once more
+                key = self.private_key(id, label)
+                try:
+                    return key.sign(digest, mechanism=pkcs11.Mechanism.ECDSA)
+                except pkcs11.PKCS11Error as exc:
+                    raise TokenError(f"PKCS#11 {self.uri.token_label}: signing failed ({type(exc).__name__})") from None
+            except pkcs11.PKCS11Error as exc:
+                raise TokenError(f"PKCS#11 {self.uri.token_label}: signing failed ({type(exc).__name__})") from None
+
+    def generate_ec_key(self, curve: ec.EllipticCurve, label: str, id: bytes) -> ec.EllipticCurvePublicKey:
+        """A new key pair in the token: private key sensitive, never extractable, sign-only."""
+        pkcs11 = _pkcs11()
+        from pkcs11.util.ec import encode_named_curve_parameters
+        A = pkcs11.Attribute
+        with self.lock:
+            session = self.session()
+            try:
+                params = session.create_domain_parameters(
+                    pkcs11.KeyType.EC, {A.EC_PARAMS: encode_named_curve_parameters(curve.name)}, local=True)
+                params.generate_keypair(
+                    store=True, label=label, id=id,
+                    public_template={A.TOKEN: True, A.VERIFY: True, A.ENCRYPT: False, A.WRAP: False,
+                                     A.DERIVE: False},
+                    private_template={A.TOKEN: True, A.PRIVATE: True, A.SENSITIVE: True, A.EXTRACTABLE: False,
+                                      A.SIGN: True, A.DECRYPT: False, A.UNWRAP: False, A.DERIVE: False})
+            except pkcs11.PKCS11Error as exc:
+                raise TokenError(f"PKCS#11 {self.uri.token_label}: cannot generate a {curve.name} key "
+                                 f"({type(exc).__name__})") from None
+        return self.public_key(id, label)
+
+    def destroy_key(self, id: bytes) -> None:
+        """Remove both halves of key `id` (an init that failed half-way); missing is fine."""
+        pkcs11 = _pkcs11()
+        with self.lock:
+            session = self.session()
+            self._keys.pop(id, None)
+            for cls in (pkcs11.ObjectClass.PRIVATE_KEY, pkcs11.ObjectClass.PUBLIC_KEY):
+                for obj in list(session.get_objects({pkcs11.Attribute.CLASS: cls, pkcs11.Attribute.ID: id})):
+                    obj.destroy()
+
+    def key_attributes(self, id: bytes) -> dict[str, bool]:
+        """What the token says about private key `id`: sensitive, extractable, never/always."""
+        A = _pkcs11().Attribute
+        with self.lock:
+            key = self.private_key(id)
+            return {"sensitive": bool(key[A.SENSITIVE]), "extractable": bool(key[A.EXTRACTABLE]),
+                    "always_sensitive": bool(key[A.ALWAYS_SENSITIVE]),
+                    "never_extractable": bool(key[A.NEVER_EXTRACTABLE]), "local": bool(key[A.LOCAL])}
+
+    def store_certificate(self, der: bytes, label: str, id: bytes, *, subject: bytes, trusted: bool = False,
+                          so_pin: str | None = None) -> None:
+        """Write a certificate object (replacing one with the same id and label). `trusted`: mark it
+        a trust anchor (CKA_TRUSTED, which PKCS#11 lets only the security officer set: `so_pin`)."""
+        pkcs11 = _pkcs11()
+        A = pkcs11.Attribute
+        template = {A.CLASS: pkcs11.ObjectClass.CERTIFICATE, A.CERTIFICATE_TYPE: pkcs11.CertificateType.X_509,
+                    A.TOKEN: True, A.PRIVATE: False, A.LABEL: label, A.ID: id, A.VALUE: der, A.SUBJECT: subject}
+        with self.lock:
+            if trusted:
+                template[A.TRUSTED] = True
+                lib = _library(self.uri.module)
+                token = self._find(lib)
+                if self._session is not None and self._pid == os.getpid():
+                    try:                    # the user's login would refuse the SO's (one login per token)
+                        self._session.close()
+                    except pkcs11.PKCS11Error:
+                        pass
+                self._session = None
+                try:
+                    session = token.open(rw=True, so_pin=so_pin)
+                except pkcs11.exceptions.PinIncorrect:
+                    raise TokenError(f"PKCS#11 {self.uri.token_label}: wrong SO PIN") from None
+                except pkcs11.PKCS11Error as exc:
+                    raise TokenError(f"PKCS#11 {self.uri.token_label}: cannot open an SO session "
+                                     f"({type(exc).__name__})") from None
+            else:
+                session = self.session()
+            try:
+                for old in list(session.get_objects({A.CLASS: pkcs11.ObjectClass.CERTIFICATE, A.ID: id, A.LABEL: label})):
+                    old.destroy()
+                session.create_object(template)
+            except pkcs11.PKCS11Error as exc:
+                raise TokenError(f"PKCS#11 {self.uri.token_label}: cannot store certificate '{label}' "
+                                 f"({type(exc).__name__})") from None
+            finally:
+                if trusted:
+                    session.close()
+
+    def certificate(self, id: bytes, label: str | None = None) -> bytes | None:
+        """The DER of certificate object `id`, or None."""
+        pkcs11 = _pkcs11()
+        A = pkcs11.Attribute
+        query = {A.CLASS: pkcs11.ObjectClass.CERTIFICATE, A.ID: id, **({A.LABEL: label} if label else {})}
+        with self.lock:
+            for obj in self.session().get_objects(query):
+                return bytes(obj[A.VALUE])
+        return None
+
+
+def _name(id: bytes, label: str | None) -> str:
+    return f"id={id.hex()}" + (f" (label '{label}')" if label else "")
+
+
+class TokenKey(ec.EllipticCurvePrivateKey):
+    """An EC private key in a token: `sign()` is the token's, everything that would read the
+    private value refuses. Usable wherever `cryptography` takes an EC private key for signing
+    (CertificateBuilder, CertificateRevocationListBuilder, CertificateSigningRequestBuilder)."""
+
+    def __init__(self, token: Token, id: bytes, label: str | None, public: ec.EllipticCurvePublicKey) -> None:
+        self.token = token
+        self.id = id
+        self.label = label
+        self._public = public
+
+    @classmethod
+    def open(cls, uri: TokenURI) -> "TokenKey":
+        """The key the URI names (id= and/or object=), its public half read from the token."""
+        if uri.id is None and uri.object is None:
+            raise TokenError("PKCS#11 URI names no key: add id=... or object=LABEL")
+        token = Token.of(uri)
+        if uri.id is None:
+            pkcs11 = _pkcs11()
+            with token.lock:
+                try:
+                    obj = token.session().get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY, label=uri.object)
+                except pkcs11.exceptions.NoSuchKey:
+                    raise TokenError(f"PKCS#11 {token.uri.token_label} has no private key labelled "
+                                     f"'{uri.object}'") from None
+                except pkcs11.exceptions.MultipleObjectsReturned:
+                    raise TokenError(f"PKCS#11 {token.uri.token_label} has more than one private key labelled "
+                                     f"'{uri.object}': add id= to the URI") from None
+                uri = uri.with_object(label=uri.object, id=bytes(obj[pkcs11.Attribute.ID]), type="private")
+        token.private_key(uri.id, uri.object)       # exists, or a clear error now rather than at the first signature
+        return cls(token, uri.id, uri.object, token.public_key(uri.id, uri.object))
+
+    @property
+    def uri(self) -> TokenURI:
+        return self.token.uri.with_object(label=self.label, id=self.id, type="private")
+
+    def __repr__(self) -> str:
+        return f"TokenKey({self.uri})"
+
+    # -- what cryptography calls ---------------------------------------------------------------
+
+    @property
+    def curve(self) -> ec.EllipticCurve:
+        return self._public.curve
+
+    @property
+    def key_size(self) -> int:
+        return self._public.curve.key_size
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._public
+
+    def sign(self, data: bytes, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
+        if not isinstance(signature_algorithm, ec.ECDSA):
+            raise TokenError("a token key signs ECDSA only")
+        algorithm = signature_algorithm.algorithm
+        if isinstance(algorithm, utils.Prehashed):
+            digest = data
+        else:
+            h = hashes.Hash(algorithm)
+            h.update(data)
+            digest = h.finalize()
+        raw = self.token.sign_digest(self.id, self.label, digest)
+        half = len(raw) // 2
+        return utils.encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
+
+    def exchange(self, algorithm, peer_public_key) -> bytes:
+        raise TokenError("a token key in devid signs only (no key agreement)")
+
+    def private_numbers(self):
+        raise TokenError(f"the key {self.uri} is in a token and cannot be read")
+
+    def private_bytes(self, encoding, format, encryption_algorithm) -> bytes:
+        raise TokenError(f"the key {self.uri} is in a token and cannot be exported")
+
+    def __copy__(self) -> "TokenKey":
+        return self
+
+    def __deepcopy__(self, memo) -> "TokenKey":
+        return self
+
