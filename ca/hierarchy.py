@@ -125,12 +125,24 @@ class NewHierarchy:
     records: list[CertificateRecord]
 
 
+KeyMaker = Callable[[str, ec.EllipticCurve], ec.EllipticCurvePrivateKey]
+
+
+def software_key(name: str, curve: ec.EllipticCurve) -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(curve)
+
+
 def create_hierarchy(settings: IdentitySettings, hostnames: Iterable[str], now: datetime,
-                     rand_bytes: Callable[[int], bytes], root_curve: ec.EllipticCurve | None = None
-                     ) -> NewHierarchy:
-    keys = {"root": ec.generate_private_key(root_curve or ec.SECP384R1())}
-    for name in (*ISSUING_CAS, "gateway"):
-        keys[name] = ec.generate_private_key(ec.SECP256R1())
+                     rand_bytes: Callable[[int], bytes], root_curve: ec.EllipticCurve | None = None,
+                     make_ca_key: KeyMaker = software_key) -> NewHierarchy:
+    """The root (P-384 unless `root_curve`), the two issuing CAs (P-256) and the gateway's
+    certificate. `make_ca_key(name, curve)` makes the three CA keys (default: in memory; a key
+    in a token is any `ec.EllipticCurvePrivateKey` whose `sign()` the token makes); the gateway's
+    DTLS key is always made here, because the DTLS stack signs with it in process."""
+    keys = {"root": make_ca_key("root", root_curve or ec.SECP384R1())}
+    for name in ISSUING_CAS:
+        keys[name] = make_ca_key(name, ec.SECP256R1())
+    keys["gateway"] = ec.generate_private_key(ec.SECP256R1())
     certs = {"root": build_root(keys["root"], settings, now, rand_bytes)}
     root = Issuer("root", certs["root"], keys["root"])
     for name in ISSUING_CAS:

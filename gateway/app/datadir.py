@@ -7,6 +7,8 @@
     DATA/ca/                     mode 0700
         <name>.cert.pem          root, manufacturing, operational, gateway
         <name>.key.pem           encrypted PKCS#8, mode 0600
+        <name>.key.pkcs11        instead of root, manufacturing and operational's .key.pem when the CA
+                                 keys are in a PKCS#11 token (devid init --pkcs11): the key's URI
         gateway.chain.pem        gateway certificate + operational CA
         passphrase               generated CA passphrase, mode 0600 (only without DEVID_CA_PASSPHRASE
                                  or [ca] passphrase_file, devid init --passphrase-file)
@@ -36,6 +38,7 @@ from devid.ca.hierarchy import CA_NAMES, create_hierarchy
 from devid.ca.identity import IdentitySettings
 from devid.ca.profiles import default_profiles
 
+from devid.gateway.app import ca_keys
 from devid.gateway.app.settings import CONFIG_HEADER, Config, check_organization, check_registry_url
 from devid.gateway.errors import ConfigError, DirectoryBusy, RegistryError
 from devid.gateway.store.storage import StorageError
@@ -85,6 +88,13 @@ class DataDir:
     def key_path(self, name: str) -> Path:
         return self.ca_dir / f"{name}.key.pem"
 
+    def key_ref_path(self, name: str) -> Path:
+        """The reference to a CA key in a PKCS#11 token (gateway/app/ca_keys.py)."""
+        return self.ca_dir / f"{name}{ca_keys.REF_SUFFIX}"
+
+    def in_token(self, name: str) -> bool:
+        return self.key_ref_path(name).exists()
+
     @property
     def secret_path(self) -> Path:
         """Where the CA passphrase is kept: [ca] passphrase_file, or DATA/ca/passphrase."""
@@ -108,7 +118,7 @@ class DataDir:
         if not self.exists():
             raise CANotInitialised(f"no CA in {self.path}: run 'devid init --data {self.path}'")
         for name in CERT_NAMES:
-            keys.check_private_file(self.key_path(name))
+            keys.check_private_file(self.key_ref_path(name) if self.in_token(name) else self.key_path(name))
         if self.secret_path.exists():
             keys.check_private_file(self.secret_path)
         self.config
@@ -195,8 +205,11 @@ class DataDir:
 
     def issuer(self, name: str) -> Issuer:
         if name not in self._issuers:
-            key = keys.load_encrypted_key(self.key_path(name), self.passphrase())
             cert = self.cert(name)
+            if self.in_token(name):
+                self._issuers[name] = Issuer(name, cert, ca_keys.load_token_key(self.key_ref_path(name), cert))
+                return self._issuers[name]
+            key = keys.load_encrypted_key(self.key_path(name), self.passphrase())
             if key.public_key() != cert.public_key():
                 raise keys.KeyFileError(f"{self.key_path(name)} does not match {self.cert_path(name)}")
             self._issuers[name] = Issuer(name, cert, key)
@@ -211,7 +224,7 @@ class DataDir:
 
     def init(self, now: datetime, hostnames: Iterable[str] = (), organization: str | None = None,
              rand_bytes=os.urandom, passphrase_file: Path | None = None,
-             registry_password_file: Path | None = None) -> None:
+             registry_password_file: Path | None = None, pkcs11: str | None = None) -> None:
         """Create the CA hierarchy, the config and the registry. Never overwrites an existing CA.
 
         Everything is built in a private temporary directory, recorded in the registry (a durable
@@ -224,6 +237,9 @@ class DataDir:
         refuses; waiting rather than refusing at once gives the true answer, "a CA already
         exists", instead of a transient one.
 
+        `pkcs11`: a PKCS#11 URI naming a token: the three CA keys are generated in it and never
+        leave it (gateway/app/ca_keys.py); the gateway's DTLS key is a file as always.
+
         A failed init leaves nothing a later one trips over: on an error it removes what it made
         (devid.toml, the registry, a generated passphrase file, the data directory itself when
         it made it and it is empty again). devid.toml is written last, just before the rename; a
@@ -233,11 +249,13 @@ class DataDir:
         """
         if self.exists() or self.ca_dir.exists():
             raise CAExists(f"a CA already exists in {self.path}: refusing to overwrite it")
+        token = ca_keys.token_for_init(pkcs11) if pkcs11 is not None else None
         made_dir = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         try:
             with directory_lock(self.path, wait=INIT_WAIT):
-                self._init_locked(now, hostnames, organization, rand_bytes, passphrase_file, registry_password_file)
+                self._init_locked(now, hostnames, organization, rand_bytes, passphrase_file, registry_password_file,
+                                  token)
         except DirectoryBusy as exc:
             who = f"pid {exc.pid}" if exc.pid else "another process"
             raise CAExists(f"another devid init ({who}) is still running in {self.path}") from None
@@ -314,7 +332,8 @@ class DataDir:
         return text
 
     def _init_locked(self, now: datetime, hostnames: Iterable[str], organization: str | None,
-                     rand_bytes, passphrase_file: Path | None, registry_password_file: Path | None = None) -> None:
+                     rand_bytes, passphrase_file: Path | None, registry_password_file: Path | None = None,
+                     token=None) -> None:
         if self.exists() or self.ca_dir.exists():
             raise CAExists(f"a CA already exists in {self.path}: refusing to overwrite it")
         if passphrase_file is not None:
@@ -325,7 +344,14 @@ class DataDir:
         for stale in self.path.glob(".ca-init-*"):    # keys of an init that was killed (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
         cfg = self.config
-        hierarchy = create_hierarchy(cfg.identity, hostnames, now, rand_bytes)
+        maker = ca_keys.TokenKeyMaker(token, rand_bytes) if token is not None else None
+        try:
+            hierarchy = create_hierarchy(cfg.identity, hostnames, now, rand_bytes,
+                                         **({"make_ca_key": maker} if maker else {}))
+        except BaseException:
+            if maker is not None:
+                maker.undo()
+            raise
         location = self.registry_location
         shared = not isinstance(location, Path)     # PostgreSQL: other hosts may join it later
         had_registry = shared or self.db_path.exists()
@@ -348,7 +374,12 @@ class DataDir:
                     generated = Path(outside)
                 keys.write_private_file(Path(outside) if outside else staging / "passphrase", passphrase + b"\n")
             for name, key in hierarchy.keys.items():
-                keys.write_private_file(staging / f"{name}.key.pem", keys.encrypt_key(key, passphrase, stretch=chosen))
+                if maker is not None and name in maker.made:
+                    keys.write_private_file(staging / f"{name}{ca_keys.REF_SUFFIX}",
+                                            maker.references()[f"{name}{ca_keys.REF_SUFFIX}"])
+                else:
+                    keys.write_private_file(staging / f"{name}.key.pem",
+                                            keys.encrypt_key(key, passphrase, stretch=chosen))
                 (staging / f"{name}.cert.pem").write_bytes(
                     hierarchy.certs[name].public_bytes(serialization.Encoding.PEM))
             (staging / "gateway.chain.pem").write_bytes(
@@ -392,6 +423,8 @@ class DataDir:
             shutil.rmtree(staging, ignore_errors=True)
             if not self.exists():                   # (never undo anything next to a CA that is there)
                 self._undo_init(config_text is not None, had_registry, generated)
+                if maker is not None:
+                    maker.undo()
             raise
         try:
             (self.ca_dir / CONFIG_MARK).unlink(missing_ok=True)
@@ -544,6 +577,7 @@ class DataDir:
         certs: dict[str, x509.Certificate] = {}
         for name in CERT_NAMES:
             cert_file, key_file = ca_from / f"{name}.cert.pem", ca_from / f"{name}.key.pem"
+            ref_file = ca_from / f"{name}{ca_keys.REF_SUFFIX}"
             try:
                 cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
             except FileNotFoundError:
@@ -557,12 +591,16 @@ class DataDir:
             record = registry.get_certificate(cert.serial_number)
             if record is None or record.fingerprint != fp:
                 raise CAError(f"{cert_file} is not recorded in the registry: not this deployment's {name} certificate")
-            keys.check_private_file(key_file)
-            key = keys.load_encrypted_key(key_file, passphrase)
-            if key.public_key() != cert.public_key():
-                raise keys.KeyFileError(f"{key_file} does not match {cert_file}")
             shutil.copyfile(cert_file, staging / cert_file.name)
-            keys.write_private_file(staging / key_file.name, key_file.read_bytes())
+            if ref_file.exists():               # a CA key in a token this host reaches too (a network HSM)
+                ca_keys.load_token_key(ref_file, cert)
+                keys.write_private_file(staging / ref_file.name, ref_file.read_bytes())
+            else:
+                keys.check_private_file(key_file)
+                key = keys.load_encrypted_key(key_file, passphrase)
+                if key.public_key() != cert.public_key():
+                    raise keys.KeyFileError(f"{key_file} does not match {cert_file}")
+                keys.write_private_file(staging / key_file.name, key_file.read_bytes())
             certs[name] = cert
             summary["certificates"][name] = fp
         (staging / "gateway.chain.pem").write_bytes(

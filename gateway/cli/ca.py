@@ -46,10 +46,22 @@ def _passphrase_source(args, data, generated: bool) -> dict:
     return {"source": "generated" if generated else "file", "file": str(data.secret_path)}
 
 
+def _key_places(data, names) -> dict:
+    """Where each key is: {"store": "pkcs11", "uri": ...} (no PIN in it) or {"store": "file", "path": ...}."""
+    places = {}
+    for name in names:
+        if data.in_token(name):
+            places[name] = {"store": "pkcs11", "uri": str(data.issuer(name).key.uri)}
+        else:
+            places[name] = {"store": "file", "path": str(data.key_path(name))}
+    return places
+
+
 def cmd_join(args) -> int:
     if args.ca_from is None:
         raise CLIError("--join needs --ca-from DIR: a copy of the first host's DATA/ca")
-    for flag, value in (("--hostname", args.hostname), ("--org", args.org), ("--passphrase-file", args.passphrase_file)):
+    for flag, value in (("--hostname", args.hostname), ("--org", args.org), ("--passphrase-file", args.passphrase_file),
+                        ("--pkcs11", args.pkcs11)):
         if value:
             raise CLIError(f"{flag}: a joining host takes the first host's CA and settings from the registry")
     os.environ[ENV_REGISTRY] = args.join
@@ -76,27 +88,33 @@ def cmd_init(args) -> int:
     data = data_dir(args)
     generated = not (args.passphrase_file and Path(args.passphrase_file).exists())
     data.init(utcnow(), hostnames=args.hostname or (), organization=args.org, passphrase_file=args.passphrase_file,
-              registry_password_file=args.registry_password_file)
+              registry_password_file=args.registry_password_file, pkcs11=args.pkcs11)
     data.require()
     names = (*CA_NAMES, "gateway")
+    in_token = [n for n in names if data.in_token(n)]
     passphrase = _passphrase_source(args, data, generated)
     if args.json:
         output.emit({"ok": True, "data": str(data.path), "config": str(data.config_path),
                      "registry": data.registry_name, "organization": data.config.identity.organization,
                      "certificates": {name: output.cert_json(data.cert(name)) for name in names},
-                     "passphrase": passphrase})
+                     "passphrase": passphrase, "keys": _key_places(data, names)})
         return 0
     print(f"created CA in {data.path}" + (f" (registry {data.registry_name})"
                                           if data.config.registry_url else ""))
     for name in names:
         cert = data.cert(name)
         print(f"  {name:<14} {cert.subject.rfc4514_string():<48} until {output.ts(cert.not_valid_after_utc)}")
+    what = "CA keys are"
+    if in_token:
+        token = data.issuer(in_token[0]).key.token.uri
+        print(f"  {', '.join(in_token)} keys are in PKCS#11 {token.token_label} (generated there, never extractable)")
+        what = "the gateway's DTLS key is"
     if passphrase["source"] == "environment":
-        print(f"  CA keys are encrypted with ${ENV_PASSPHRASE} (scrypt)")
+        print(f"  {what} encrypted with ${ENV_PASSPHRASE} (scrypt)")
     elif passphrase["source"] == "file":
-        print(f"  CA keys are encrypted with the passphrase in {data.secret_path} (scrypt)")
+        print(f"  {what} encrypted with the passphrase in {data.secret_path} (scrypt)")
     else:
-        print(f"  CA keys are encrypted with the generated passphrase in {data.secret_path} (mode 0600)")
+        print(f"  {what} encrypted with the generated passphrase in {data.secret_path} (mode 0600)")
     return 0
 
 
@@ -181,6 +199,12 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--registry-password-file", metavar="FILE", type=Path,
                    help="with --registry or --join: the PostgreSQL registry's password is in FILE (mode 0600); "
                         "devid.toml names the file, never the password")
+    s.add_argument("--pkcs11", metavar="URI",
+                   help="generate the root, manufacturing and operational CA keys inside the PKCS#11 token the RFC "
+                        "7512 URI names (e.g. pkcs11:token=devid-ca?module-path=/usr/lib/softhsm/libsofthsm2.so); "
+                        "they never leave it and it makes every signature. PIN: the URI's pin-source=file:PATH "
+                        "(mode 0600) or $DEVID_PKCS11_PIN, never pin-value. The gateway's DTLS key stays an "
+                        "encrypted file (docs/certificates.md)")
     s.add_argument("--join", metavar="URL",
                    help="make this data directory another gateway host of the PostgreSQL registry at URL, from "
                         "that registry and a copy of the first host's CA files (--ca-from); creates no CA "

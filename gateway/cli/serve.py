@@ -59,6 +59,9 @@ def cmd_serve(args) -> int:
     if workers > 1:
         from devid.gateway.app.server import serve_workers
         data.issuer("gateway")          # a wrong passphrase is one clear error here, not N in the workers
+        for name in ("manufacturing", "operational"):
+            if data.in_token(name):     # so is a wrong PIN or a missing token (each worker opens its own session)
+                data.issuer(name)
         return serve_workers(data, config, workers, args.log_level, args.log_file)
     configure_logging(args.log_level, log_file=args.log_file)
     try:
