@@ -191,3 +191,29 @@ def test_an_init_that_fails_after_making_its_keys_takes_them_out_of_the_token(tm
     one_line_error(proc)
     assert token.private_keys() == {}
     assert not (tmp_path / "data" / "ca").exists()
+
+
+def test_a_second_host_joins_with_the_ca_keys_in_the_same_token(tmp_path, token, postgres):
+    """Two gateway hosts of one PostgreSQL registry share the CA keys in one token (a network HSM
+    stands in for it here): the joining host copies the key references, checks that each names a
+    key in the token matching its certificate, and signs with it; no key file is copied."""
+    import shutil
+    url = postgres.new_schema("tok")
+    a = init_in_token(tmp_path, token, "--registry", url, name="a")
+    ca_copy = tmp_path / "ca-copy"
+    shutil.copytree(a / "ca", ca_copy)
+    b = tmp_path / "b"
+    doc = json.loads(ok(run_devid("init", "--join", url, "--ca-from", ca_copy, "--json", data_dir=b, env=token.env)))
+    assert doc["ok"] is True
+    for name in CA_KEYS:
+        assert (b / "ca" / f"{name}.key.pkcs11").read_bytes() == (a / "ca" / f"{name}.key.pkcs11").read_bytes()
+        assert not (b / "ca" / f"{name}.key.pem").exists()
+    ok(run_devid("provision", "--count", 1, "--device-type", "temperature-sensor", "--out", tmp_path / "fac",
+                 "--serial-prefix", "JB", data_dir=b, env=token.env))
+    openssl("verify", "-CAfile", a / "ca" / "root.cert.pem", "-untrusted", a / "ca" / "manufacturing.cert.pem",
+            tmp_path / "fac" / "JB00000001" / "cert.pem")
+    # a reference to a key that is not this CA's is refused (the operational key named as the manufacturing one)
+    (ca_copy / "manufacturing.key.pkcs11").write_bytes((ca_copy / "operational.key.pkcs11").read_bytes())
+    one_line_error(run_devid("init", "--join", url, "--ca-from", ca_copy, data_dir=tmp_path / "c", env=token.env),
+                   "does not match its certificate")
+    assert not (tmp_path / "c").exists()

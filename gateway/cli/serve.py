@@ -56,12 +56,12 @@ def cmd_serve(args) -> int:
             open(args.log_file, "a").close()        # one clear error here, not a traceback per worker
         except OSError as exc:
             raise CLIError(f"--log-file {args.log_file}: {exc.strerror}") from None
+    for name in ("manufacturing", "operational"):
+        if data.in_token(name):         # a wrong PIN or a missing token: one clear error before anything listens
+            data.issuer(name)           # (each worker opens its own session after fork)
     if workers > 1:
         from devid.gateway.app.server import serve_workers
         data.issuer("gateway")          # a wrong passphrase is one clear error here, not N in the workers
-        for name in ("manufacturing", "operational"):
-            if data.in_token(name):     # so is a wrong PIN or a missing token (each worker opens its own session)
-                data.issuer(name)
         return serve_workers(data, config, workers, args.log_level, args.log_file)
     configure_logging(args.log_level, log_file=args.log_file)
     try:
