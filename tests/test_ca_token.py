@@ -217,3 +217,20 @@ def test_a_second_host_joins_with_the_ca_keys_in_the_same_token(tmp_path, token,
     one_line_error(run_devid("init", "--join", url, "--ca-from", ca_copy, data_dir=tmp_path / "c", env=token.env),
                    "does not match its certificate")
     assert not (tmp_path / "c").exists()
+
+
+def test_the_next_init_destroys_the_keys_of_an_init_that_was_killed(tmp_path, token):
+    """An init killed after its keys were made and named in its staging directory (left as a
+    kill -9 leaves it: here, the CA directory of a finished init renamed back to a staging name,
+    which is what a staging directory holds just before its rename): the next init destroys
+    those keys and makes its own."""
+    data = init_in_token(tmp_path, token)
+    first = {p.read_text().strip() for p in (data / "ca").glob("*.key.pkcs11")}
+    (data / "ca").rename(data / ".ca-init-4242-deadbeef")
+    (data / "devid.toml").unlink()
+    (data / "registry.sqlite3").unlink()
+    ok(run_devid("init", "--pkcs11", token.uri, data_dir=data, env=token.env))
+    assert not list(data.glob(".ca-init-*"))
+    second = {p.read_text().strip() for p in (data / "ca").glob("*.key.pkcs11")}
+    assert len(second) == 3 and not first & second
+    assert sorted(token.private_keys()) == sorted(f"devid-{n}" for n in CA_KEYS)     # three, not six

@@ -94,3 +94,16 @@ def load_token_key(path: Path, cert: x509.Certificate) -> TokenKey:
     if key.public_key() != cert.public_key():
         raise TokenError(f"the key {path} names in {key.token.uri.token_label} does not match its certificate")
     return key
+
+
+def destroy_staged(staging: Path) -> None:
+    """The keys an interrupted init made, named by the references in its staging directory
+    (never renamed into place, so no CA uses them): out of the token, best effort (no PIN or no
+    token here: they stay, and sign nothing)."""
+    for ref in staging.glob(f"*{REF_SUFFIX}"):
+        try:
+            uri = ref_uri(ref)
+            if uri.id is not None and (uri.object or "").startswith(LABEL_PREFIX):
+                Token.of(uri).destroy_key(uri.id)
+        except Exception:
+            continue

@@ -342,6 +342,7 @@ class DataDir:
         if not isinstance(self.registry_location, Path):
             self._forget_interrupted()      # before its staging directory, the only copy of its keys, goes
         for stale in self.path.glob(".ca-init-*"):    # keys of an init that was killed (we hold the lock)
+            ca_keys.destroy_staged(stale)
             shutil.rmtree(stale, ignore_errors=True)
         cfg = self.config
         maker = ca_keys.TokenKeyMaker(token, rand_bytes) if token is not None else None
