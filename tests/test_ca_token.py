@@ -5,16 +5,13 @@ gives (wrong PIN, no module, no token, no key), each one line without the PIN.""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
-import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from .conftest import NOW, make_csr, ok, one_line_error, run_devid, tool
+from .conftest import make_csr, ok, one_line_error, run_devid, tool
 from .external_helpers import pkilint, without_urn_false_positive
 from .serve_helpers import bench_common, serve
 
