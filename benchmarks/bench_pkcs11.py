@@ -214,7 +214,7 @@ def provisioning(args, work: Path, data_path: Path, hsm: SoftHSM, report) -> dic
         for side in orders(r, SIDES["provisioning"]):
             extra = ["--secure-element", hsm.new_token(f"se-r{r + 1}")] if side == "token" else []
             cmd = [*devid_cmd(), "provision", "--count", str(count), "--device-type", DEVICE_TYPE,
-                   "--out", str(work / "provision" / f"r{r + 1}-{side}"), "--serial-prefix", f"P{side[0].upper()}{r + 1}-",
+                   "--out", str(work / "provision" / f"r{r + 1}-{side}"), "--serial-prefix", f"P{side[0].upper()}{r + 1}x",
                    "--workers", str(args.workers), "--json", *extra]
             report.stage(f"provisioning round {r + 1}, {side}: devid provision --count {count} "
                          f"--workers {args.workers}" + (" --secure-element URI" if extra else ""))
@@ -257,7 +257,7 @@ def prepare_enrollment(work: Path, side: str, token_uri: str | None, devices: in
     try:
         provision(data.authority(registry), count=devices, device_type=DEVICE_TYPE,
                   out=work / f"enroll-{side}" / "factory", manufacturing_pem=data.cert_pem("manufacturing"),
-                  root_pem=data.cert_pem("root"), serial_prefix=f"E{side[0].upper()}{os.getpid()}-", now=now)
+                  root_pem=data.cert_pem("root"), serial_prefix=f"E{side[0].upper()}{os.getpid()}", now=now)
     finally:
         registry.close()
     return data, bundle_dirs(work / f"enroll-{side}" / "factory")
@@ -266,7 +266,7 @@ def prepare_enrollment(work: Path, side: str, token_uri: str | None, devices: in
 def enrollment(args, work: Path, token_uri: str, report) -> dict:
     prepared = {side: prepare_enrollment(work, side, token_uri if side == "token" else None,
                                          args.devices * args.rounds, report) for side in SIDES["enrollment"]}
-    chunks = {side: iter(b[i:i + args.devices] for i in range(0, len(b), args.devices))
+    chunks = {side: iter([b[i:i + args.devices] for i in range(0, len(b), args.devices)])
               for side, (_, b) in prepared.items()}
     rounds, errors = [], 0
     for r in range(args.rounds):
