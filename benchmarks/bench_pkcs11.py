@@ -24,7 +24,8 @@ reported as the median of the per-round ratios token / file with their range:
 
 The SoftHSM2 tokens live in the run's scratch directory: a token directory and a softhsm2.conf
 there, named by $SOFTHSM2_CONF for this process and its subprocesses (set for the run and restored
-after it), a generated PIN in $DEVID_PKCS11_PIN (the same: never printed, never in the JSON).
+after it). The tokens' user PIN is $DEVID_PKCS11_PIN if set, else a generated one put there for the
+run (never printed, never in the JSON).
 Every token is created before this process loads the module (a SoftHSM2 module sees only the
 tokens that existed when it was initialised), but for the provisioning rounds' tokens, which only
 subprocesses use.
@@ -80,7 +81,7 @@ class SoftHSM:
         self.conf = directory / "softhsm2.conf"
         self.conf.write_text(f"directories.tokendir = {directory / 'tokens'}\nobjectstore.backend = file\n"
                              "log.level = ERROR\n")
-        self.pin = secrets.token_hex(8)
+        self.pin = os.environ.get(ENV_PIN) or secrets.token_hex(8)
         self._saved = {k: os.environ.get(k) for k in (ENV_CONF, ENV_PIN)}
         os.environ[ENV_CONF] = str(self.conf)
         os.environ[ENV_PIN] = self.pin
@@ -225,10 +226,16 @@ def provisioning(args, work: Path, data_path: Path, hsm: SoftHSM, report) -> dic
                 errors.append(f"{side}: {(proc.stderr.strip().splitlines() or ['exit ' + str(proc.returncode)])[-1]}")
                 got[side] = {"identities": 0, "identities_per_s": None, "seconds": None, "wall_s": round(wall, 2)}
                 continue
-            out = json.loads(proc.stdout)
-            got[side] = {"identities": out["count"], "identities_per_s": out["identities_per_s"],
-                         "seconds": out["seconds"], "wall_s": round(wall, 2),
-                         "wall_per_s": round(out["count"] / wall, 1)}
+            try:
+                out = json.loads(proc.stdout)
+                n, seconds = int(out["count"]), float(out["seconds"])
+            except (ValueError, KeyError, TypeError):
+                errors.append(f"{side}: devid provision --json gave no count and seconds")
+                got[side] = {"identities": 0, "identities_per_s": None, "seconds": None, "wall_s": round(wall, 2)}
+                continue
+            got[side] = {"identities": n, "identities_per_s": out.get("identities_per_s")
+                         or (round(n / seconds, 1) if seconds else None),
+                         "seconds": seconds, "wall_s": round(wall, 2), "wall_per_s": round(n / wall, 1)}
         rounds.append(got)
         report.stage(f"provisioning round {r + 1}: " + ", ".join(
             f"{side} {v['identities_per_s'] or 0:,.0f}/s" for side, v in got.items()))
