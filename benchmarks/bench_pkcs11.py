@@ -20,7 +20,9 @@ reported as the median of the per-round ratios token / file with their range:
                 directory and on the file-backed one, each with its own `--devices` fresh devices
                 per round (bench_clients.run_clients: `--clients`, `--concurrency`, `--client`,
                 `--flow`): enrollments/s, the gateway processes' CPU per enrollment (/proc), client
-                CPU, p95.
+                CPU, p95, after an untimed warm-up of 4 enrollments per worker on each gateway
+                (each worker opens its token session at its first issuance: the module, its
+                C_Initialize and the login are that warm-up's, whose server CPU is reported too).
 
 The SoftHSM2 tokens live in the run's scratch directory: a token directory and a softhsm2.conf
 there, named by $SOFTHSM2_CONF for this process and its subprocesses (set for the run and restored
@@ -51,6 +53,8 @@ from bench_common import DEVICE_TYPE, bench_policy, bundle_dirs, start_gateway
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 ENV_CONF, ENV_PIN = "SOFTHSM2_CONF", "DEVID_PKCS11_PIN"
 ISSUE_SLICES = 4
+WARMUP_PER_WORKER = 4       # enrollments per gateway worker before the timed part (each worker's first
+                            # use of the token: module, C_Initialize, login), on both sides alike
 SIDES = {"issuance": ("file", "token"), "provisioning": ("software", "token"), "enrollment": ("file", "token")}
 
 
@@ -251,45 +255,56 @@ def provisioning(args, work: Path, data_path: Path, hsm: SoftHSM, report) -> dic
 ENROLL_KEYS = ("per_s", "server_cpu_ms_per_op", "client_cpu_ms_per_op", "p95_ms")
 
 
-def prepare_enrollment(work: Path, side: str, token_uri: str | None, devices: int, report):
-    """A data directory (CA keys in the token or in files) with `devices` provisioned devices."""
+def prepare_enrollment(work: Path, side: str, token_uri: str | None, devices: int, workers: int, report):
+    """A data directory (CA keys in the token or in files) with `devices` provisioned devices.
+    They are provisioned by `devid provision` in a process of its own: provision()'s forked
+    workers, in a process that has used the token before the fork (this one has), fail now and
+    then to reach the token (GeneralError from SoftHSM2 after the child's re-initialisation)."""
     from devid.gateway.app.datadir import DataDir
-    from devid.gateway.factory.provisioning import provision
     data = DataDir(work / f"enroll-{side}" / "data")
     report.stage(f"enrollment: a data directory with the CA keys in {'the token' if token_uri else 'files'}, "
                  f"{devices} devices")
     data.init(now(), pkcs11=token_uri)
     (data.path / "attestation-policy.toml").write_text(bench_policy())
-    registry = data.open_registry()
-    try:
-        provision(data.authority(registry), count=devices, device_type=DEVICE_TYPE,
-                  out=work / f"enroll-{side}" / "factory", manufacturing_pem=data.cert_pem("manufacturing"),
-                  root_pem=data.cert_pem("root"), serial_prefix=f"E{side[0].upper()}{os.getpid()}", now=now)
-    finally:
-        registry.close()
-    return data, bundle_dirs(work / f"enroll-{side}" / "factory")
+    out = work / f"enroll-{side}" / "factory"
+    proc = subprocess.run([*devid_cmd(), "provision", "--count", str(devices), "--device-type", DEVICE_TYPE,
+                           "--out", str(out), "--serial-prefix", f"E{side[0].upper()}{os.getpid()}",
+                           "--workers", str(workers), "--quiet"], capture_output=True, text=True,
+                          env=dict(os.environ, DEVID_DATA=str(data.path)), timeout=1800)
+    if proc.returncode != 0:
+        raise SystemExit(f"devid provision for the {side} side failed: "
+                         f"{(proc.stderr.strip().splitlines() or ['exit ' + str(proc.returncode)])[-1]}")
+    return data, bundle_dirs(out)
 
 
 def enrollment(args, work: Path, token_uri: str, report) -> dict:
+    warm = WARMUP_PER_WORKER * args.workers
     prepared = {side: prepare_enrollment(work, side, token_uri if side == "token" else None,
-                                         args.devices * args.rounds, report) for side in SIDES["enrollment"]}
-    chunks = {side: iter([b[i:i + args.devices] for i in range(0, len(b), args.devices)])
+                                         (args.devices + warm) * args.rounds, args.workers, report)
+                for side in SIDES["enrollment"]}
+    step = args.devices + warm
+    chunks = {side: iter([(b[i:i + warm], b[i + warm:i + step]) for i in range(0, len(b), step)])
               for side, (_, b) in prepared.items()}
     rounds, errors = [], 0
     for r in range(args.rounds):
         got = {}
         for side in orders(r, SIDES["enrollment"]):
+            warmup, timed = next(chunks[side])
             served = start_gateway(prepared[side][0].path, args.workers, args.server_root)
             try:
-                run = run_clients(served.uri, next(chunks[side]), served.pids, clients=args.clients,
+                first = run_clients(served.uri, warmup, served.pids, clients=1, concurrency=min(4, len(warmup)),
+                                    client=args.client, loop=args.client_loop, flow=args.flow,
+                                    label=f"round {r + 1}, CA keys in {side}, warm-up (untimed): ")
+                run = run_clients(served.uri, timed, served.pids, clients=args.clients,
                                   concurrency=args.concurrency, client=args.client, loop=args.client_loop,
                                   flow=args.flow, label=f"round {r + 1}, CA keys in {side}: ")
             finally:
                 served.stop()
-            errors += run["errors"]
+            errors += run["errors"] + first["errors"]
             got[side] = {"done": run["done"], "errors": run["errors"], "per_s": run["per_s"],
                          "server_cpu_ms_per_op": run["server_cpu_ms_per_op"],
                          "client_cpu_ms_per_op": run["client_cpu_ms_per_op"], "p95_ms": run["latency_ms"]["p95"],
+                         "warmup_devices": len(warmup), "warmup_server_cpu_ms_per_op": first["server_cpu_ms_per_op"],
                          **({"first_failures": run["first_failures"]} if run.get("first_failures") else {})}
         rounds.append(got)
         report.stage(f"enrollment round {r + 1}: " + ", ".join(
