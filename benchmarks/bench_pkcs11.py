@@ -21,8 +21,9 @@ reported as the median of the per-round ratios token / file with their range:
                 per round (bench_clients.run_clients: `--clients`, `--concurrency`, `--client`,
                 `--flow`): enrollments/s, the gateway processes' CPU per enrollment (/proc), client
                 CPU, p95, after an untimed warm-up of 4 enrollments per worker on each gateway
-                (each worker opens its token session at its first issuance: the module, its
-                C_Initialize and the login are that warm-up's, whose server CPU is reported too).
+                (each worker opens its token session at its first signature: the module's
+                re-initialisation after fork, the token lookup and the login are that warm-up's,
+                whose server CPU is reported too).
 
 The SoftHSM2 tokens live in the run's scratch directory: a token directory and a softhsm2.conf
 there, named by $SOFTHSM2_CONF for this process and its subprocesses (set for the run and restored
@@ -54,7 +55,7 @@ MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 ENV_CONF, ENV_PIN = "SOFTHSM2_CONF", "DEVID_PKCS11_PIN"
 ISSUE_SLICES = 4
 WARMUP_PER_WORKER = 4       # enrollments per gateway worker before the timed part (each worker's first
-                            # use of the token: module, C_Initialize, login), on both sides alike
+                            # use of the token: re-initialisation after fork, login), on both sides alike
 SIDES = {"issuance": ("file", "token"), "provisioning": ("software", "token"), "enrollment": ("file", "token")}
 
 
