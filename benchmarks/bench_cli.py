@@ -58,7 +58,7 @@ def build_parser(parser_class: type, description: str) -> argparse.ArgumentParse
                     help="with --workers-scaling: also the gateway's CPU inside SQLite per enrollment, by kind of "
                          "statement (benchmarks/sql_cost/sitecustomize.py)")
     ap.add_argument("--rounds", type=int, default=2,
-                    help="rounds of --durability, --flood, --workers-scaling and --registry (default 2)")
+                    help="rounds of --durability, --flood, --workers-scaling, --registry and --pkcs11 (default 2)")
     ap.add_argument("--flood-sessions", type=int, default=4, help="DTLS sessions of the flooding identity")
     ap.add_argument("--flood-window", type=int, default=16, help="nonce requests in flight per flooding session")
     ap.add_argument("--registry", metavar="URL|auto",
@@ -66,6 +66,15 @@ def build_parser(parser_class: type, description: str) -> argparse.ArgumentParse
                          "(postgresql://USER@HOST:PORT/DB; auto: a throwaway cluster for the run), each at 1 and "
                          "2 workers, in --rounds rotated rounds of --devices enrollments per configuration "
                          "(benchmarks/bench_engines.py)")
+    ap.add_argument("--pkcs11", action="store_true",
+                    help="instead of the plain run: keys in a SoftHSM2 token against keys in files, in alternating "
+                         "rounds: issuance from a CSR (CA key in the token), factory provisioning (device keys in "
+                         "the token, devid provision --secure-element), enrollment server CPU with a token-backed "
+                         "CA (benchmarks/bench_pkcs11.py)")
+    ap.add_argument("--issue-count", type=int, metavar="N",
+                    help="with --pkcs11: certificates issued per side and round (default 1000)")
+    ap.add_argument("--provision-count", type=int, metavar="N",
+                    help="with --pkcs11: identities provisioned per side and round (default 200)")
     ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
     ap.add_argument("--json", action="store_true",
                     help="no progress on stderr (the result is one JSON document on stdout either way)")
@@ -78,8 +87,10 @@ def check(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                  "--gateway, bench makes its own CA and gateway in --workdir)")
     if args.gateway and (args.durability or args.flood or args.workers_scaling):
         ap.error("--durability, --flood and --workers-scaling start their own gateways: leave out --gateway")
-    if sum((args.durability, args.flood, args.workers_scaling, bool(args.registry))) > 1:
-        ap.error("--durability, --flood, --workers-scaling and --registry are separate runs: choose one")
+    if sum((args.durability, args.flood, args.workers_scaling, bool(args.registry), args.pkcs11)) > 1:
+        ap.error("--durability, --flood, --workers-scaling, --registry and --pkcs11 are separate runs: choose one")
+    import bench_pkcs11
+    bench_pkcs11.check(ap, args)
     if args.sql_cost and not args.workers_scaling:
         ap.error("--sql-cost is a figure of --workers-scaling: use them together")
     if args.workers_scaling and args.workers < 2:

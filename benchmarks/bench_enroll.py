@@ -9,6 +9,8 @@
     devid bench --flood [--rounds 2] [--devices N ...]         enrollment latency under a nonce flood
     devid bench --registry URL|auto [--rounds 2] [--devices N ...]   SQLite and PostgreSQL, 1 and 2 workers
     devid bench --workers-scaling [--workers 2] [--rounds 2] [--devices N ...]   1 worker against N
+    devid bench --pkcs11 [--rounds 2] [--issue-count 1000] [--provision-count 200] [--devices N ...]
+                                                         keys in a SoftHSM2 token against keys in files
 
 Starts `devid serve --workers N` on loopback with a CA of its own (in --workdir, by default a
 temporary directory removed afterwards), provisions the devices, and runs each through the
@@ -52,7 +54,9 @@ and the p95 of well-behaved enrollments with and without another identity floodi
 requests, each side by side in alternating rounds of one run. benchmarks/README.md has the
 figures and how to read them. `--workers-scaling` (issue 14, benchmarks/bench_scaling.py) replaces
 it with alternating rounds of `devid serve --workers 1` and `--workers N`: enrollments/s and
-server CPU per enrollment side by side, with their paired ratios.
+server CPU per enrollment side by side, with their paired ratios. `--pkcs11` (issue 15,
+benchmarks/bench_pkcs11.py) with alternating rounds of keys in a SoftHSM2 token against keys in
+files: issuance from a CSR, factory provisioning and enrollment server CPU, with their ratios.
 """
 
 from __future__ import annotations
@@ -160,6 +164,9 @@ def main(argv: list[str] | None = None, parser_class: type = argparse.ArgumentPa
     if args.registry:
         import bench_engines
         return bench_engines.main(ap, args)
+    if args.pkcs11:
+        import bench_pkcs11
+        return bench_pkcs11.main(ap, args)
     data = DataDir(resolve_data_dir(args.data)) if args.gateway else None
     if data is not None:
         data.require()
