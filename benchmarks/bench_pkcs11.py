@@ -258,9 +258,7 @@ ENROLL_KEYS = ("per_s", "server_cpu_ms_per_op", "client_cpu_ms_per_op", "p95_ms"
 
 def prepare_enrollment(work: Path, side: str, token_uri: str | None, devices: int, workers: int, report):
     """A data directory (CA keys in the token or in files) with `devices` provisioned devices.
-    They are provisioned by `devid provision` in a process of its own: provision()'s forked
-    workers, in a process that has used the token before the fork (this one has), fail now and
-    then to reach the token (GeneralError from SoftHSM2 after the child's re-initialisation)."""
+    They are provisioned by `devid provision`, the command a factory runs, in a process of its own."""
     from devid.gateway.app.datadir import DataDir
     data = DataDir(work / f"enroll-{side}" / "data")
     report.stage(f"enrollment: a data directory with the CA keys in {'the token' if token_uri else 'files'}, "
