@@ -62,7 +62,7 @@ SIDES = {"issuance": ("file", "token"), "provisioning": ("software", "token"), "
 def check(ap, args) -> None:
     """What --pkcs11 cannot be combined with, and what it needs on this machine."""
     for flag in ("gateway", "durability", "flood", "workers_scaling", "registry", "renew", "sql_cost"):
-        if getattr(args, flag):
+        if args.pkcs11 and getattr(args, flag):
             ap.error(f"--pkcs11 makes its own data directories, tokens and gateways: leave out "
                      f"--{flag.replace('_', '-')}")
     for flag in ("issue_count", "provision_count"):
