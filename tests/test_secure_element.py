@@ -297,5 +297,13 @@ def test_doc_commands_are_the_tested_ones():
                     "/.well-known/est/sen", "/.well-known/est/sren", "-A 60", "-J", "type=private", "type=cert",
                     "devid-root-ca"):
         assert command in section, command
-    for line in re.findall(r"^\$ (coap-client-gnutls .*)$", section, flags=re.M):
-        assert "-R $CA" in line or "-R" in line, line
+    # the identities hold what Libcoap passes: -c, -j and -R all pkcs11: URIs, the PIN in -J
+    for name, label in (("factory", "SN00000001"), ("op", "SN00000001-op")):
+        line = re.search(rf"^\$ {name}=\((.*)\)$", section, flags=re.M).group(1)
+        assert line == (f'-c "$T;object={label};type=cert" -j "$T;object={label};type=private" '
+                        f'-J "$DEVID_PKCS11_PIN" -R "$CA"'), line
+    steps = re.findall(r"^\$ coap-client-gnutls -m (\w+) \"\$\{(\w+)\[@\]\}\" (.*) \$GW(\S+)$", section, flags=re.M)
+    assert [(m, who, path) for m, who, _, path in steps] == [
+        ("get", "factory", "/attest/nonce"), ("post", "factory", "/.well-known/est/sen"), ("get", "op", "/config"),
+        ("post", "op", "/.well-known/est/sren")]
+    assert all("-B 10" in rest and "-o " in rest for _, _, rest, _ in steps)
