@@ -46,6 +46,14 @@ def provision(data, token, out: Path, count: int = 2, *extra, so: bool = True, p
     return doc
 
 
+def se(token, *args) -> str:
+    """`devid se ...` with the token's PIN in the environment: its output, which never holds the PIN."""
+    proc = run_devid("se", *args, env=token.env)
+    out = ok(proc)
+    assert token.pin not in out + proc.stderr.decode()
+    return out
+
+
 def read_cert_object(token, label: str) -> x509.Certificate:
     """A certificate object as pkcs11-tool reads it (an independent reader)."""
     with_file = Path(os.environ["SOFTHSM2_CONF"]).parent / f"read-{token.label}-{label}.der"
@@ -104,7 +112,7 @@ def test_provision_keeps_the_keys_in_the_token(se_data, token, tmp_path):
     finally:
         reg.close()
     # the device side reads the same from the token: the factory key never extractable, the CA trusted
-    shown = json.loads(ok(run_devid("se", "show", "--device", out / "SN00000001", "--json", env=token.env)))
+    shown = json.loads(se(token, "show", "--device", out / "SN00000001", "--json"))
     assert shown["factory_key"]["never_extractable"] and not shown["factory_key"]["extractable"]
     assert shown["factory_certificate_stored"] and shown["ca_certificate_stored"] and shown["ca_certificate_trusted"]
 
@@ -119,6 +127,11 @@ def test_provision_with_two_workers(se_data, token, tmp_path):
     for serial in serials:
         assert not (out / serial / "key.pem").exists()
         assert read_cert_object(token, serial) == x509.load_pem_x509_certificate((out / serial / "cert.pem").read_bytes())
+    # a bundle committed but not yet renamed (a crash between the two) is kept by the next run, key and all
+    os.rename(out / "SN00000003", out / ".partial-SN00000003")
+    doc = provision(se_data, token, out, 2, "--workers", "2", so=False)
+    assert (doc["recovered"], doc["discarded"]) == (1, 0)
+    assert {p.name for p in out.iterdir()} == serials | {"SN00000007", "SN00000008"} == key_labels(token)
 
 
 def test_a_killed_run_leaves_no_registered_device_without_its_key_and_the_rerun_removes_stray_keys(se_data, token,
@@ -229,27 +242,28 @@ def test_a_secure_element_device_enrolls_renews_and_fetches_its_config_with_coap
     provision(data, token, out, 1)
     dev, work = out / "SN00000001", tmp_path / "work"
     work.mkdir()
-    shown = json.loads(ok(run_devid("se", "show", "--device", dev, "--json", env=token.env)))
+    proc = run_devid("se", "show", "--device", dev, "--json", env=token.env)
+    shown = json.loads(ok(proc))
+    assert token.pin not in proc.stdout.decode() + proc.stderr.decode()
     served = serve(data.path, tmp_path / "serve.log")
     try:
         coap = Libcoap(token, shown["uris"], served.port, work)
         # classic evidence: nonce, evidence signed by the factory key in the token, verdict
         coap("factory", "get", "/attest/nonce", out="nonce.cbor")
-        ok(run_devid("se", "evidence", "--device", dev, "--nonce", work / "nonce.cbor", *FIRMWARE,
-                     "--out", work / "evidence.cose", env=token.env))
+        se(token, "evidence", "--device", dev, "--nonce", work / "nonce.cbor", *FIRMWARE,
+                     "--out", work / "evidence.cose")
         verdict = cbor2.loads(coap("factory", "post", "/attest/evidence", "-t", "60", "-f",
                                    str(work / "evidence.cose")))
         assert verdict["verdict"] == "affirming" and verdict["acceptable"] is True, verdict
         # one /sen with the evidence inside the CSR, for the server nonce
         coap("factory", "get", "/attest/nonce", out="nonce.cbor")
-        made = json.loads(ok(run_devid("se", "csr", "--device", dev, "--nonce", work / "nonce.cbor", *FIRMWARE,
-                                       "--out", work / "op.csr", "--json", env=token.env)))
+        made = json.loads(se(token, "csr", "--device", dev, "--nonce", work / "nonce.cbor", *FIRMWARE,
+                                       "--out", work / "op.csr", "--json"))
         assert made == {"ok": True, "out": str(work / "op.csr"), "key_label": "SN00000001-op-new", "evidence": True}
         answer = coap("factory", "post", "/.well-known/est/sen", "-t", "286", "-f", str(work / "op.csr"),
                       out="op.p7")
         issued = [c for c in pkcs7.load_der_pkcs7_certificates(answer) if c.issuer == data.cert("operational").subject]
-        stored = json.loads(ok(run_devid("se", "store", "--device", dev, "--cert", work / "op.p7", "--json",
-                                         env=token.env)))
+        stored = json.loads(se(token, "store", "--device", dev, "--cert", work / "op.p7", "--json"))
         assert stored["key_label"] == "SN00000001-op"
         assert read_cert_object(token, "SN00000001-op") == issued[0]
         assert x509.load_pem_x509_certificate((dev / "op-cert.pem").read_bytes()) == issued[0]
@@ -261,11 +275,11 @@ def test_a_secure_element_device_enrolls_renews_and_fetches_its_config_with_coap
         config = cbor2.loads(coap("operational", "get", "/config", "-A", "60"))
         assert config["device"] == "SN00000001" and config["device_type"] == "temperature-sensor"
         # renewal: a new key in the token, /sren with the current operational identity, then the old key goes
-        ok(run_devid("se", "csr", "--device", dev, "--out", work / "renew.csr", env=token.env))
+        se(token, "csr", "--device", dev, "--out", work / "renew.csr")
         assert set(token.private_keys()) == {"SN00000001", "SN00000001-op", "SN00000001-op-new"}
         coap("operational", "post", "/.well-known/est/sren", "-t", "286", "-f", str(work / "renew.csr"),
              out="renew.p7")
-        ok(run_devid("se", "store", "--device", dev, "--cert", work / "renew.p7", env=token.env))
+        se(token, "store", "--device", dev, "--cert", work / "renew.p7")
         renewed = x509.load_pem_x509_certificate((dev / "op-cert.pem").read_bytes())
         assert renewed.serial_number != issued[0].serial_number
         assert set(token.private_keys()) == {"SN00000001", "SN00000001-op"}

@@ -54,7 +54,7 @@ import shutil
 import signal
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
@@ -334,6 +334,8 @@ def _provision(ca: CertificateAuthority, count: int, device_type: str, out: Path
         batch = max(1, min(batch, math.ceil(count / (workers * BATCHES_PER_WORKER))))
     batches = [(first + offset, min(batch, count - offset)) for offset in range(0, count, batch)]
     workers = min(workers, len(batches))
+    if element is not None and workers > 1:
+        element = replace(element, lock=multiprocessing.get_context("fork").Lock())    # secure_element.py
     job = _Job(ca, device_type, str(out), manufacturing_pem, root_pem, serial_prefix, now, element)
     committed: list[list[tuple[DeviceRecord, CertificateRecord]]] = []
 

@@ -21,12 +21,19 @@ certificate object exist. So a registered device always has its key object, and 
 an unregistered serial always has a partial directory: the next run removes both (the serials
 were reserved, never registered, so nothing else can own that id). A partial directory of
 another token refuses the run until it is given that token (it will not leave stray keys).
+
+Workers: each worker process opens its own session (Token does, after fork), and the token
+operations of all the run's processes take turns (`lock`, shared across the fork): SoftHSM2's
+file store is not safe for one process writing while another opens a session or reads (measured
+here: C_OpenSession/C_Login failing with CKR_GENERAL_ERROR, or the token not listed at all, with
+two workers). The CA's signatures and the bundle files stay parallel.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cryptography import x509
@@ -44,6 +51,7 @@ MARKER = ".token"                   # in a partial directory: the token its key 
 CA_LABEL = "devid-root-ca"
 CA_ID = b"devid-root-ca"
 KEY_SLOT, CERT_SLOT, CA_SLOT = 0, 10, 11
+LOCK_WAIT = 120
 
 
 def key_id(serial: str) -> bytes:
@@ -67,6 +75,21 @@ class SecureElement:
 
     uri: TokenURI
     so_pin: str | None = None
+    lock: object = field(default=None, compare=False, repr=False)    # a multiprocessing lock, or None
+
+    @contextmanager
+    def turn(self):
+        """Hold the run's token lock (if any) for one token operation."""
+        if self.lock is None:
+            yield
+            return
+        if not self.lock.acquire(timeout=LOCK_WAIT):
+            raise ProvisioningError(f"{self.uri.token_label}: another provisioning process held the token for "
+                                    f"{LOCK_WAIT} s (a worker that died?)")
+        try:
+            yield
+        finally:
+            self.lock.release()
 
     @classmethod
     def of(cls, text: str, so_pin: str | None = None) -> "SecureElement":
@@ -95,12 +118,13 @@ class SecureElement:
         states it (checked: proof of possession). A leftover object with this id (a reserved
         serial is never registered) is removed first."""
         token, kid = self.token, key_id(serial)
-        objects.destroy(token, kid)
-        public = token.generate_ec_key(ec.SECP256R1(), serial, kid)
-        key = TokenKey(token, kid, serial, public)
-        csr = (x509.CertificateSigningRequestBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"device-{serial}")]))
-               .sign(key, hashes.SHA256()))
+        with self.turn():
+            objects.destroy(token, kid)
+            public = token.generate_ec_key(ec.SECP256R1(), serial, kid)
+            key = TokenKey(token, kid, serial, public)
+            csr = (x509.CertificateSigningRequestBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"device-{serial}")]))
+                   .sign(key, hashes.SHA256()))
         checked = load_csr(csr.public_bytes(serialization.Encoding.DER)).public_key()
         if checked != public:
             raise ProvisioningError(f"{self.uri.token_label}: the CSR of {serial}'s key does not carry its key")
@@ -108,12 +132,14 @@ class SecureElement:
 
     def store_certificate(self, serial: str, cert: x509.Certificate) -> None:
         """The device's factory certificate (slot 10), beside its key."""
-        self.token.store_certificate(cert.public_bytes(serialization.Encoding.DER), serial, key_id(serial),
-                                     subject=cert.subject.public_bytes())
+        with self.turn():
+            self.token.store_certificate(cert.public_bytes(serialization.Encoding.DER), serial, key_id(serial),
+                                         subject=cert.subject.public_bytes())
 
     def forget(self, serial: str) -> None:
         """Remove the key pair and certificate of an unregistered `serial` (a run that failed)."""
-        objects.destroy(self.token, key_id(serial))
+        with self.turn():
+            objects.destroy(self.token, key_id(serial))
 
     def section(self, serial: str) -> dict:
         """The `pkcs11` section of a device's secure-element-config.json."""

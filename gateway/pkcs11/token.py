@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes, serialization
@@ -27,7 +26,6 @@ from devid.gateway.pkcs11.uri import TokenURI
 
 ENV_PIN = "DEVID_PKCS11_PIN"
 ENV_SO_PIN = "DEVID_PKCS11_SO_PIN"
-RESCANS = 4                 # C_Initialize again this many times before a token is called missing (~0.7 s)
 CURVE_OIDS = {"secp256r1": ec.SECP256R1, "secp384r1": ec.SECP384R1}
 
 _libs: dict[str, tuple[int, object]] = {}       # module path -> (pid that initialised it, pkcs11.lib)
@@ -115,7 +113,7 @@ class Token:
                 token = _tokens[key] = cls(uri)
             return token
 
-    def _find(self, lib, rescanned: int = 0):
+    def _find(self, lib, rescanned: bool = False):
         pkcs11 = _pkcs11()
         u = self.uri
         if u.slot_id is not None:
@@ -134,15 +132,10 @@ class Token:
                   if (u.token is None or t.label == u.token)
                   and (u.manufacturer is None or t.manufacturer_id == u.manufacturer)
                   and (u.model is None or t.model == u.model)]
-        if not tokens and rescanned < RESCANS:
+        if not tokens and not rescanned:
             # a module lists the tokens it found when it was initialised (SoftHSM2 does): a token
             # made since then (softhsm2-util, a card inserted) needs a new C_Initialize. Every
             # session of this module in this process is then gone: each Token opens its own again.
-            # SoftHSM2 can also miss a token whose files another process is writing at that
-            # moment (seen once with two provisioning workers starting together): a few more
-            # tries, a little later each time.
-            if rescanned:
-                time.sleep(0.05 * 2 ** rescanned)
             with _guard:
                 try:
                     lib.reinitialize()
@@ -152,7 +145,7 @@ class Token:
                     if other.uri.module == u.module:
                         other._session = None
             self._session = None
-            return self._find(lib, rescanned=rescanned + 1)
+            return self._find(lib, rescanned=True)
         if not tokens:
             raise TokenError(f"PKCS#11: no {u.token_label} in module {u.module} (initialise it, e.g. "
                              "'softhsm2-util --init-token --free --label NAME', or check SOFTHSM2_CONF)")
