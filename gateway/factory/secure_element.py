@@ -115,11 +115,12 @@ class SecureElement:
 
     def new_key(self, serial: str) -> tuple[TokenKey, ec.EllipticCurvePublicKey]:
         """A new P-256 key in the token for `serial`, and its public key as the CSR the token signed
-        states it (checked: proof of possession). A leftover object with this id (a reserved
-        serial is never registered) is removed first."""
+        states it (checked: proof of possession). No object with this id can exist already: the
+        serial was reserved by this run, and the recovery of a crashed run removes the objects of
+        the serials it did not register (a search for them here would cost as much as the
+        generation: SoftHSM2's searches go through every object of the token)."""
         token, kid = self.token, key_id(serial)
         with self.turn():
-            objects.destroy(token, kid)
             public = token.generate_ec_key(ec.SECP256R1(), serial, kid)
             key = TokenKey(token, kid, serial, public)
             csr = (x509.CertificateSigningRequestBuilder()
