@@ -266,6 +266,7 @@ def test_devices_show_finds_a_device_by_certificate_serial_or_fingerprint(issued
 
 def _data_commands() -> list[tuple[str, ...]]:
     """Every command (leaf of the parser) that uses the data directory."""
+    from devid.gateway.cli.device import DEVICE_COMMANDS
     def leaves(parser, prefix=()):
         subs = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
         if not subs:
@@ -275,7 +276,7 @@ def _data_commands() -> list[tuple[str, ...]]:
                 yield from leaves(sub, (*prefix, name))
     out = []
     for path in leaves(build_parser()):
-        if path[0] not in ("enroll", "renew", "fetch-config", "simulate", "bench"):
+        if path[0] not in (*DEVICE_COMMANDS, "bench"):
             out.append(path)
     if ("attest", "log") not in out:
         out.append(("attest", "log"))           # a command that also has a subcommand (rotate)

@@ -116,7 +116,7 @@ def _serve(data: Path, log: Path) -> tuple[subprocess.Popen, str]:
     return proc, f"coaps://127.0.0.1:{port}"
 
 
-def test_every_command_prints_one_json_document_good_and_bad(tmp_path, postgres):
+def test_every_command_prints_one_json_document_good_and_bad(tmp_path, postgres, token, monkeypatch):
     d = tmp_path / "data"
     run = Runner(d)
     run.bad_("devices", "list")                                         # no data directory yet
@@ -243,6 +243,31 @@ def test_every_command_prints_one_json_document_good_and_bad(tmp_path, postgres)
     assert doc["enroll"]["done"] == 2 and doc["enroll"]["errors"] == 0
     run.bad_("bench", "--data", tmp_path, code=2)
     run.bad_("bench", "--gateway", uri, "--data", tmp_path / "nosuch")
+
+    # a device whose keys are in a secure element (a SoftHSM2 token): devid se
+    import cbor2
+    monkeypatch.setenv("DEVID_PKCS11_PIN", token.pin)
+    se_out = tmp_path / "se"
+    run.good_("provision", "--count", "1", "--device-type", "temperature-sensor", "--serial-prefix", "SE", "--out",
+              se_out, "--secure-element", token.uri)
+    dev = se_out / "SE00000001"
+    assert run.good_("se", "show", "--device", dev)["factory_key"]["never_extractable"] is True
+    run.bad_("se", "show", "--device", tmp_path / "nosuch")
+    nonce = tmp_path / "nonce.cbor"
+    nonce.write_bytes(cbor2.dumps({"nonce": bytes(16)}))
+    fw = ["--firmware-digest", hashlib.sha256(FIRMWARE).hexdigest(), "--firmware-name", "fw", "--firmware-version",
+          "1.0.0"]
+    assert run.good_("se", "evidence", "--device", dev, "--nonce", nonce, *fw, "--out", tmp_path / "ev.cose")["bytes"]
+    run.bad_("se", "evidence", "--device", dev, "--nonce", tmp_path / "nosuch", *fw, "--out", tmp_path / "ev.cose")
+    assert run.good_("se", "csr", "--device", dev, "--out", tmp_path / "se.csr")["key_label"] == "SE00000001-op-new"
+    run.bad_("se", "csr", "--device", dev, "--nonce", nonce, "--out", tmp_path / "se.csr")     # no firmware
+    assert run_devid("ca", "sign-csr", "--profile", "operational", "--device", "SE00000001", "--csr",
+                     tmp_path / "se.csr", "--out", tmp_path / "se-op.pem", data_dir=d).returncode == 0
+    (tmp_path / "se-op-chain.pem").write_bytes((tmp_path / "se-op.pem").read_bytes() +
+                                               (d / "ca" / "operational.cert.pem").read_bytes())
+    assert run.good_("se", "store", "--device", dev, "--cert", tmp_path / "se-op-chain.pem")["key_label"] == \
+        "SE00000001-op"
+    run.bad_("se", "store", "--device", dev, "--cert", d / "ca" / "operational.cert.pem")
 
     # every command that has --json was seen both succeed and fail
     assert run.good == run.known and run.bad == run.known, (run.known - run.good, run.known - run.bad)

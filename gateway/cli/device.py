@@ -195,7 +195,7 @@ def _device_flags(s, firmware=True):
 
 # the device commands take no --data: a device knows its bundle and its gateway, not the CA
 # (dispatch refuses a --data given before them)
-DEVICE_COMMANDS = ("enroll", "renew", "fetch-config", "simulate")
+DEVICE_COMMANDS = ("enroll", "renew", "fetch-config", "simulate", "se")
 
 
 def add_commands(sub, common: argparse.ArgumentParser) -> None:

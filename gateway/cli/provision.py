@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from devid.gateway.cli import output
 from devid.gateway.cli.base import data_dir, utcnow
 from devid.gateway.factory.provisioning import DEFAULT_OUT, DEFAULT_PREFIX, provision
+from devid.gateway.pkcs11.token import ENV_SO_PIN
 
 
 def cmd_provision(args) -> int:
@@ -16,11 +18,19 @@ def cmd_provision(args) -> int:
     ca = data.authority(registry)
     progress = output.Progress("provisioning") if not (args.quiet or args.json) else None
     out = Path(args.out) if args.out else data.path / DEFAULT_OUT      # key material stays out of the checkout
+    element = None
+    if args.secure_element:
+        from devid.gateway.factory.secure_element import SecureElement
+        element = SecureElement.of(args.secure_element, os.environ.get(ENV_SO_PIN))
     result = provision(ca, count=args.count, device_type=args.device_type, out=out,
                        manufacturing_pem=data.cert_pem("manufacturing"), root_pem=data.cert_pem("root"),
-                       serial_prefix=args.serial_prefix, now=utcnow, progress=progress, workers=args.workers)
+                       serial_prefix=args.serial_prefix, now=utcnow, progress=progress, workers=args.workers,
+                       secure_element=element)
     if args.json:
+        extra = {} if element is None else {"secure_element": element.recorded,
+                                            "ca_certificate_trusted": element.so_pin is not None}
         output.emit({"ok": True, "count": len(result.serials), "device_type": args.device_type, "out": str(out),
+                     **extra,
                      "first_serial": result.serials[0], "last_serial": result.serials[-1],
                      "seconds": round(result.seconds, 3), "identities_per_s": round(result.rate, 1),
                      "recovered": result.recovered, "discarded": result.discarded})
@@ -29,6 +39,11 @@ def cmd_provision(args) -> int:
         print(f"recovered {result.recovered} and discarded {result.discarded} bundle(s) left by an interrupted run")
     print(f"provisioned {len(result.serials)} factory identities ({result.serials[0]} .. {result.serials[-1]}) "
           f"of type {args.device_type} in {result.seconds:.2f} s: {result.rate:,.0f} identities/s -> {out}")
+    if element is not None:
+        trusted = ("marked trusted" if element.so_pin is not None else
+                   f"NOT marked trusted (no ${ENV_SO_PIN}: libcoap's GnuTLS client cannot use it as -R)")
+        print(f"keys and certificates in the PKCS#11 {element.uri.token_label} (no key.pem); "
+              f"its root CA certificate object is {trusted}")
     return 0
 
 
@@ -42,6 +57,11 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
                    help=f"serials are P followed by a sequence number (default: {DEFAULT_PREFIX})")
     s.add_argument("--workers", type=int, default=None, metavar="N",
                    help="processes building and writing bundles (default: one per CPU)")
+    s.add_argument("--secure-element", metavar="URI",
+                   help="generate each device's key in this PKCS#11 token (RFC 7512 URI, e.g. "
+                        "pkcs11:token=dev-se?module-path=/usr/lib/softhsm/libsofthsm2.so) and store its certificates "
+                        f"there: no key.pem. PIN: pin-source=file:PATH in the URI or $DEVID_PKCS11_PIN; "
+                        f"${ENV_SO_PIN} (the security officer's PIN) marks the CA certificate object trusted")
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.add_argument("--json", action="store_true", help="one JSON document (no progress output)")
     s.set_defaults(func=cmd_provision)

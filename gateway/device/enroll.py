@@ -39,7 +39,7 @@ from devid.gateway.device.client import coap_exchange, open_session
 from devid.gateway.device.flow import Config, Done, Issued, config_flow, drive, enroll_flow, renew_flow
 from devid.gateway.device.flow_one import one_request_flow, renew_one_flow
 from devid.gateway.device.identity import (DeviceIdentity, Firmware, device_csr, device_type_of, load_bundle,
-                                           operational_files, pen_of, root_verifier, serial_of)
+                                           operational_files, pen_of, root_verifier, serial_of, token_section)
 from devid.gateway.device.protocol import (CLASSIC, DEFAULT_FLOW, DEFAULT_RENEW_FLOW, FLOWS, ONE_REQUEST, EnrollFailed,
                                            parse_gateway)
 from devid.gateway.errors import BundleError
@@ -142,7 +142,8 @@ async def _as_operational(directory: Path, gateway_uri: str, timeout: float, mak
         factory, _, _, root = load_bundle(directory)
         load_bundle(directory, **OPERATIONAL)
     except (BundleError, keys.KeyFileError) as exc:
-        raise EnrollFailed("bundle", f"{exc} (enroll the device first)") from None
+        hint = "" if token_section(directory) is not None else " (enroll the device first)"
+        raise EnrollFailed("bundle", f"{exc}{hint}") from None
     ctx, _ = await open_session(directory, gateway, timeout, **OPERATIONAL)
     try:
         result, _ = await drive(make_flow(factory, root), coap_exchange(ctx, gateway.base, timeout), on_step)

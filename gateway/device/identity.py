@@ -38,18 +38,70 @@ def _read(path: Path) -> bytes:
         raise BundleError(f"{path}: {exc.strerror}") from None
 
 
-def load_bundle(directory: Path, cert_name: str = "chain.pem", key_name: str = "key.pem"):
-    """(leaf, intermediates, key, root) from a device directory made by `devid provision`."""
+SE_GUIDE = ('docs/enrollment.md, "A device with its keys in a secure element (PKCS#11)"')
+
+
+def token_section(directory: Path) -> dict | None:
+    """The `pkcs11` section of a secure-element bundle's secure-element-config.json (`devid
+    provision --secure-element`: its keys are in a token, it has no key.pem), or None."""
+    directory = Path(directory)
+    if (directory / "key.pem").exists():
+        return None
+    try:
+        doc = json.loads((directory / "secure-element-config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    section = doc.get("pkcs11") if isinstance(doc, dict) else None
+    return section if isinstance(section, dict) else None
+
+
+def load_bundle(directory: Path, cert_name: str = "chain.pem", key_name: str = "key.pem", *,
+                token_keys: bool = False, token: str | None = None):
+    """(leaf, intermediates, key, root) from a device directory made by `devid provision`.
+
+    A secure-element bundle (no key.pem, a `pkcs11` section in secure-element-config.json) has
+    its keys in a token: with `token_keys` the key is a `TokenKey` (the factory key, or for
+    op-key.pem the current operational key, `SERIAL-op`), opened in the recorded token (or
+    `token`, a URI naming the same token, e.g. with its pin-source); without, a BundleError
+    says that devid's own DTLS client cannot use it and where the supported path is."""
     directory = Path(directory)
     try:
         chain = x509.load_pem_x509_certificates(_read(directory / cert_name))
         root = x509.load_pem_x509_certificate(_read(directory / "ca.pem"))
     except ValueError as exc:
         raise BundleError(f"{directory}: unreadable certificate ({exc})") from None
-    key = keys.load_plain_key(directory / key_name)
+    section = token_section(directory) if not (directory / key_name).exists() else None
+    if section is not None:
+        if not token_keys:
+            raise BundleError(f"{directory}: its keys are in a secure element (a PKCS#11 token), which devid's own "
+                              f"DTLS client cannot use: enroll it with libcoap's coap-client-gnutls and 'devid se' "
+                              f"({SE_GUIDE})")
+        key = token_key(directory, section, chain[0], operational=key_name != "key.pem", token=token)
+    else:
+        key = keys.load_plain_key(directory / key_name)
     if key.public_key() != chain[0].public_key():
         raise BundleError(f"{directory}: {key_name} does not match {cert_name}")
     return chain[0], chain[1:], key, root
+
+
+def token_key(directory: Path, section: dict, cert: x509.Certificate, *, operational: bool = False,
+              token: str | None = None):
+    """The TokenKey of a secure-element bundle: its factory key (by the recorded label and id) or
+    its current operational key (label SERIAL-op)."""
+    from devid.gateway.pkcs11.token import TokenKey
+    from devid.gateway.pkcs11.uri import parse
+    uri = parse(token or str(section.get("token", "")))
+    entry = section.get("objects", {}).get("device_private_key", {})
+    label = entry.get("label")
+    if not isinstance(label, str):
+        raise BundleError(f"{directory}: secure-element-config.json names no device_private_key object")
+    if operational:
+        return TokenKey.open(uri.with_object(label=f"{label}-op", type="private"))
+    try:
+        kid = bytes.fromhex(entry.get("id", ""))
+    except (TypeError, ValueError):
+        raise BundleError(f"{directory}: secure-element-config.json: device_private_key id is not hex") from None
+    return TokenKey.open(uri.with_object(label=label, id=kid or None, type="private"))
 
 
 def operational_files(key: ec.EllipticCurvePrivateKey, chain: list[x509.Certificate]) -> list[tuple[str, bytes, int]]:

@@ -8,6 +8,10 @@ For each device, OUT/<serial>/ (mode 0700; OUT defaults to DATA/factory/) holds:
     ca.pem                       the root CA, to authenticate the gateway
     secure-element-config.json   element type, I2C address, key slots, lock flags
 
+With a secure element (`--secure-element URI`, secure_element.py) the key is generated in a
+PKCS#11 token instead, the certificates are stored there too, the configuration records the
+token's objects, and there is no key.pem.
+
 Key material stays private: OUT is made mode 0700 when this run creates it, every bundle directory
 is 0700 and every key file 0600 (before the umask, which can only narrow them), so only the
 provisioning account reads the keys until the factory station flashes them (docs/certificates.md).
@@ -50,7 +54,7 @@ import shutil
 import signal
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
@@ -64,6 +68,7 @@ from devid.ca.keys import plain_key
 from devid.ca.store import CertificateRecord, DeviceRecord
 
 from devid.gateway.errors import DirectoryBusy, ProvisioningError
+from devid.gateway.factory import secure_element as se
 from devid.gateway.system.fs import directory_lock, fsync_path, write_synced
 from devid.gateway.system.lifeline import die_with_parent
 
@@ -147,12 +152,15 @@ class ProvisionResult:
         return len(self.serials) / self.seconds if self.seconds > 0 else float("inf")
 
 
-def recover_partials(ca: CertificateAuthority, out: Path) -> tuple[int, int]:
-    """Finish what a crashed run left: keep bundles whose device was committed, drop the rest."""
+def recover_partials(ca: CertificateAuthority, out: Path,
+                     element: "se.SecureElement | None" = None) -> tuple[int, int]:
+    """Finish what a crashed run left: keep bundles whose device was committed, drop the rest.
+    A dropped bundle whose key was (or may have been) generated in a token takes its objects in
+    the token with it: that needs the run to be given the same token (`element`)."""
     recovered = discarded = 0
     if not out.is_dir():
         return 0, 0
-    for entry in out.iterdir():
+    for entry in sorted(out.iterdir()):
         if not entry.name.startswith(PARTIAL):
             continue
         serial = entry.name[len(PARTIAL):]
@@ -162,16 +170,25 @@ def recover_partials(ca: CertificateAuthority, out: Path) -> tuple[int, int]:
             cert = x509.load_pem_x509_certificate((entry / "cert.pem").read_bytes())
             record = ca.store.get_certificate(cert.serial_number)
             keep = (record is not None and record.device_serial == serial and
-                    record.fingerprint == fingerprint(cert) and (entry / "key.pem").exists() and
+                    record.fingerprint == fingerprint(cert) and
+                    ((entry / "key.pem").exists() or se.has_token_key(entry)) and
                     (entry / "secure-element-config.json").exists() and not final.exists())
         except (OSError, ValueError):
             keep = False
         if keep:
+            (entry / se.MARKER).unlink(missing_ok=True)
             os.rename(entry, final)
             recovered += 1
-        else:
-            shutil.rmtree(entry, ignore_errors=True)
-            discarded += 1
+            continue
+        token = se.partial_token(entry)
+        if token is not None and ca.store.get_device(serial) is None:
+            if element is None or not se.same_token(element.uri, token):
+                raise ProvisioningError(f"{entry} is what an interrupted run left of a device whose key may be in "
+                                        f"the PKCS#11 {token.token_label}: run again with --secure-element "
+                                        f"naming that token, so that the key is removed with it")
+            element.forget(serial)
+        shutil.rmtree(entry, ignore_errors=True)
+        discarded += 1
     if recovered or discarded:
         fsync_path(out)
     return recovered, discarded
@@ -188,11 +205,12 @@ class _Job:
     root_pem: bytes
     prefix: str
     now: Callable[[], datetime]
+    element: "se.SecureElement | None" = None
 
     def write_batch(self, first: int, n: int) -> list[tuple[DeviceRecord, CertificateRecord]]:
         """Keys, certificates and partial bundles for serials first .. first+n-1; registers nothing.
         On failure, removes the partial directories it made and re-raises."""
-        ca, device_type, out, prefix = self.ca, self.device_type, self.out, self.prefix
+        ca, device_type, out, prefix, element = self.ca, self.device_type, self.out, self.prefix, self.element
         chain_tail, root_pem, curve = self.manufacturing_pem, self.root_pem, ec.SECP256R1()
         t = self.now()
         pairs: list[tuple[DeviceRecord, CertificateRecord]] = []
@@ -200,25 +218,50 @@ class _Job:
         try:
             for number in range(first, first + n):
                 serial = f"{prefix}{number:0{SERIAL_DIGITS}d}"
-                key = ec.generate_private_key(curve)
-                device, issued = ca.new_factory_identity(key.public_key(), serial, device_type, t)
                 partial = f"{out}/{PARTIAL}{serial}"
-                os.mkdir(partial, PRIVATE_DIR)
-                made.append(partial)
+                if element is None:
+                    key = ec.generate_private_key(curve)
+                    public = key.public_key()
+                else:
+                    # the directory (and its marker) before the key: a crash leaves no key object
+                    # the next run cannot find (secure_element.py)
+                    os.mkdir(partial, PRIVATE_DIR)
+                    made.append(serial)
+                    write_synced(f"{partial}/{se.MARKER}", element.recorded.encode())
+                    key, public = element.new_key(serial)
+                device, issued = ca.new_factory_identity(public, serial, device_type, t)
+                if element is None:
+                    os.mkdir(partial, PRIVATE_DIR)
+                    made.append(serial)
+                    write_synced(f"{partial}/key.pem", plain_key(key), 0o600)
+                    config = secure_element_json(device, issued.record)
+                else:
+                    element.store_certificate(serial, issued.cert)
+                    config = se.config_json(secure_element_json(device, issued.record), element.section(serial))
                 cert_pem = issued.pem
-                write_synced(f"{partial}/key.pem", plain_key(key), 0o600)
                 write_synced(f"{partial}/cert.pem", cert_pem)
                 write_synced(f"{partial}/chain.pem", cert_pem + chain_tail)
                 write_synced(f"{partial}/ca.pem", root_pem)
-                write_synced(f"{partial}/secure-element-config.json", secure_element_json(device, issued.record))
+                write_synced(f"{partial}/secure-element-config.json", config)
+                if element is not None:
+                    os.unlink(f"{partial}/{se.MARKER}")     # the configuration names the token now
                 fsync_path(partial)
                 pairs.append((device, issued.record))
             fsync_path(out)             # the partial directories' names, before the commit
         except BaseException:
-            for partial in made:
-                shutil.rmtree(partial, ignore_errors=True)
+            for serial in made:
+                self._drop(serial)
             raise
         return pairs
+
+    def _drop(self, serial: str) -> None:
+        """Remove an uncommitted device's partial directory, and its objects in the token."""
+        if self.element is not None:
+            try:
+                self.element.forget(serial)
+            except Exception:           # the directory stays: the next run removes both
+                return
+        shutil.rmtree(f"{self.out}/{PARTIAL}{serial}", ignore_errors=True)
 
     def commit(self, pairs: Sequence[tuple[DeviceRecord, CertificateRecord]]) -> None:
         """Register a written batch in one durable transaction, then move its bundles into place.
@@ -235,7 +278,7 @@ class _Job:
 
     def discard(self, pairs: Sequence[tuple[DeviceRecord, CertificateRecord]]) -> None:
         for device, _ in pairs:
-            shutil.rmtree(f"{self.out}/{PARTIAL}{device.serial}", ignore_errors=True)
+            self._drop(device.serial)
 
 
 def default_workers() -> int:
@@ -250,10 +293,11 @@ def provision(ca: CertificateAuthority, *, count: int, device_type: str, out: Pa
               manufacturing_pem: bytes, root_pem: bytes,
               serial_prefix: str = DEFAULT_PREFIX, now: Callable[[], datetime],
               progress: Callable[[int, int], None] | None = None, batch: int = BATCH,
-              workers: int | None = None) -> ProvisionResult:
+              workers: int | None = None, secure_element: "se.SecureElement | None" = None) -> ProvisionResult:
     """Provision `count` new devices into `out`. `workers` processes (default: one per CPU) build
     and write the batches; fewer are used when there are fewer batches, and none (all in this
-    process) for one batch or where fork() is not available."""
+    process) for one batch or where fork() is not available. `secure_element`: each device's key
+    is generated in that token, and its certificates are stored there (secure_element.py)."""
     if count <= 0:
         raise ProvisioningError("--count must be at least 1")
     if batch <= 0:
@@ -267,7 +311,7 @@ def provision(ca: CertificateAuthority, *, count: int, device_type: str, out: Pa
     try:
         with directory_lock(out):
             return _provision(ca, count, device_type, out, manufacturing_pem, root_pem, serial_prefix, now,
-                              progress, batch, workers)
+                              progress, batch, workers, secure_element)
     except DirectoryBusy as exc:
         who = f"pid {exc.pid}" if exc.pid else "another process"
         raise ProvisioningError(f"another devid provision ({who}) is writing to {out}: wait for it to end, "
@@ -276,8 +320,11 @@ def provision(ca: CertificateAuthority, *, count: int, device_type: str, out: Pa
 
 def _provision(ca: CertificateAuthority, count: int, device_type: str, out: Path, manufacturing_pem: bytes,
                root_pem: bytes, serial_prefix: str, now: Callable[[], datetime],
-               progress: Callable[[int, int], None] | None, batch: int, workers: int | None) -> ProvisionResult:
-    recovered, discarded = recover_partials(ca, out)
+               progress: Callable[[int, int], None] | None, batch: int, workers: int | None,
+               element: "se.SecureElement | None" = None) -> ProvisionResult:
+    recovered, discarded = recover_partials(ca, out, element)
+    if element is not None:
+        element.prepare(x509.load_pem_x509_certificate(root_pem))
     started = time.perf_counter()
     first = ca.store.reserve_serial_block(serial_prefix, count)
     workers = default_workers() if workers is None else workers
@@ -287,7 +334,9 @@ def _provision(ca: CertificateAuthority, count: int, device_type: str, out: Path
         batch = max(1, min(batch, math.ceil(count / (workers * BATCHES_PER_WORKER))))
     batches = [(first + offset, min(batch, count - offset)) for offset in range(0, count, batch)]
     workers = min(workers, len(batches))
-    job = _Job(ca, device_type, str(out), manufacturing_pem, root_pem, serial_prefix, now)
+    if element is not None and workers > 1:
+        element = replace(element, lock=multiprocessing.get_context("fork").Lock())    # secure_element.py
+    job = _Job(ca, device_type, str(out), manufacturing_pem, root_pem, serial_prefix, now, element)
     committed: list[list[tuple[DeviceRecord, CertificateRecord]]] = []
 
     def done(pairs: list[tuple[DeviceRecord, CertificateRecord]]) -> None:

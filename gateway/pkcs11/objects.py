@@ -1,0 +1,79 @@
+"""Objects of a token by CKA_ID: find, remove and relabel the key pair and certificate that share
+an id (the PKCS#11 convention pairs a private key, its public key and its certificate by CKA_ID,
+and tools such as p11-kit find them by CKA_LABEL). Used by secure-element provisioning and by
+the device-side `devid se` commands; every call goes through the Token's session and lock.
+"""
+
+from __future__ import annotations
+
+from devid.gateway.errors import TokenError
+from devid.gateway.pkcs11.token import Token, _pkcs11
+
+KEY_CLASSES = ("PRIVATE_KEY", "PUBLIC_KEY")
+ALL_CLASSES = ("PRIVATE_KEY", "PUBLIC_KEY", "CERTIFICATE")
+
+
+def _classes(names):
+    O = _pkcs11().ObjectClass
+    return [getattr(O, n) for n in names]
+
+
+def ids_labelled(token: Token, label: str, cls: str = "PRIVATE_KEY") -> list[bytes]:
+    """The CKA_IDs of the objects of class `cls` labelled `label`."""
+    pkcs11 = _pkcs11()
+    A = pkcs11.Attribute
+    with token.lock:
+        try:
+            found = list(token.session().get_objects({A.CLASS: getattr(pkcs11.ObjectClass, cls), A.LABEL: label}))
+            return [bytes(obj[A.ID]) for obj in found]
+        except pkcs11.PKCS11Error as exc:
+            raise TokenError(f"PKCS#11 {token.uri.token_label}: cannot list its objects ({type(exc).__name__})") from None
+
+
+def destroy(token: Token, id: bytes, classes=ALL_CLASSES) -> int:
+    """Remove every object of `classes` with CKA_ID `id`; how many there were (none is fine)."""
+    pkcs11 = _pkcs11()
+    A = pkcs11.Attribute
+    n = 0
+    with token.lock:
+        session = token.session()
+        token._keys.pop(id, None)
+        try:
+            for cls in _classes(classes):
+                for obj in list(session.get_objects({A.CLASS: cls, A.ID: id})):
+                    obj.destroy()
+                    n += 1
+        except pkcs11.PKCS11Error as exc:
+            raise TokenError(f"PKCS#11 {token.uri.token_label}: cannot remove object id={id.hex()} "
+                             f"({type(exc).__name__})") from None
+    return n
+
+
+def relabel(token: Token, id: bytes, label: str, classes=ALL_CLASSES) -> None:
+    """Give the objects of `classes` with CKA_ID `id` the label `label`."""
+    pkcs11 = _pkcs11()
+    A = pkcs11.Attribute
+    with token.lock:
+        session = token.session()
+        try:
+            for cls in _classes(classes):
+                for obj in list(session.get_objects({A.CLASS: cls, A.ID: id})):
+                    obj[A.LABEL] = label
+        except pkcs11.PKCS11Error as exc:
+            raise TokenError(f"PKCS#11 {token.uri.token_label}: cannot relabel object id={id.hex()} "
+                             f"({type(exc).__name__})") from None
+        token._keys.pop(id, None)
+
+
+def is_trusted(token: Token, id: bytes, label: str | None = None) -> bool:
+    """Whether certificate object `id` is marked trusted (CKA_TRUSTED)."""
+    pkcs11 = _pkcs11()
+    A = pkcs11.Attribute
+    query = {A.CLASS: pkcs11.ObjectClass.CERTIFICATE, A.ID: id, **({A.LABEL: label} if label else {})}
+    with token.lock:
+        for obj in token.session().get_objects(query):
+            try:
+                return bool(obj[A.TRUSTED])
+            except pkcs11.PKCS11Error:
+                return False
+    return False
