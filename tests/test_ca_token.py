@@ -5,7 +5,9 @@ gives (wrong PIN, no module, no token, no key), each one line without the PIN.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 from cryptography import x509
@@ -107,8 +109,9 @@ def test_crls_signed_by_the_token_verify_and_name_the_revoked(tmp_path, token):
 
 
 def test_enrollment_with_a_token_ca_and_two_workers(tmp_path, token):
-    """The whole flow on a token-backed CA: devices provisioned with it, `devid serve --workers 2`
-    (each worker opens its own session after fork), `devid enroll` and `devid renew`."""
+    """The whole flow on a token-backed CA: devices provisioned with it (two forked workers),
+    `devid serve --workers 2` (each worker process opens its own session), `devid enroll` and
+    `devid renew`."""
     data = init_in_token(tmp_path, token)
     (data / "attestation-policy.toml").write_text(bench_common.bench_policy())
     ok(run_devid("provision", "--count", 2, "--device-type", bench_common.DEVICE_TYPE, "--out", tmp_path / "fac",
@@ -142,6 +145,14 @@ def test_the_pin_from_a_pin_source_file(tmp_path, token):
     pin_file.chmod(0o600)
     ok(run_devid("init", "--pkcs11", uri, data_dir=tmp_path / "d2"))
     ok(run_devid("crl", "--out", tmp_path / "crls.pem", data_dir=tmp_path / "d2"))      # no $DEVID_PKCS11_PIN needed
+    # a relative pin-source is made absolute in the references: later commands run from anywhere
+    e = {k: v for k, v in os.environ.items() if k not in ("DEVID_CA_PASSPHRASE", "DEVID_PKCS11_PIN")}
+    e["DEVID_DATA"] = str(tmp_path / "d3")
+    proc = subprocess.run([sys.executable, "-m", "devid.gateway.cli", "init", "--pkcs11", token.uri + "&pin-source=file:pin"],
+                          capture_output=True, cwd=tmp_path, env=e, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"pin-source=file:{pin_file}" in (tmp_path / "d3" / "ca" / "root.key.pkcs11").read_text()
+    ok(run_devid("crl", "--out", tmp_path / "crls3.pem", data_dir=tmp_path / "d3"))
 
 
 def test_token_errors_are_one_line_without_the_pin(tmp_path, token, softhsm):

@@ -33,6 +33,7 @@ def test_uri_attributes_percent_decoding_and_round_trip():
     ("pkcs11:token", "has no value"),
     ("pkcs11:slot-id=one", "slot-id is a decimal number"),
     ("pkcs11:type=secret", "type must be one of"),
+    ("pkcs11:token=a;token=b", "given twice"),
     ("pkcs11:token=x?module-name=../../tmp/evil", "module-name is a name"),
 ])
 def test_uri_refusals_name_the_problem_never_the_pin(text, needle):
@@ -81,6 +82,7 @@ def test_a_forked_child_opens_its_own_session(token, monkeypatch):
             os._exit(0)
     os.close(write)
     sig = os.read(read, 200)
-    os.waitpid(pid, 0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and len(sig) >= 64, sig
     public.verify(sig, b"child", ec.ECDSA(hashes.SHA256()))
     public.verify(key.sign(b"parent again", ec.ECDSA(hashes.SHA256())), b"parent again", ec.ECDSA(hashes.SHA256()))

@@ -342,23 +342,24 @@ class DataDir:
         if not isinstance(self.registry_location, Path):
             self._forget_interrupted()      # before its staging directory, the only copy of its keys, goes
         for stale in self.path.glob(".ca-init-*"):    # keys of an init that was killed (we hold the lock)
-            ca_keys.destroy_staged(stale)
-            shutil.rmtree(stale, ignore_errors=True)
+            if ca_keys.destroy_staged(stale):         # (kept while a key it names cannot be destroyed)
+                shutil.rmtree(stale, ignore_errors=True)
         cfg = self.config
-        maker = ca_keys.TokenKeyMaker(token, rand_bytes) if token is not None else None
+        staging = self.path / f".ca-init-{os.getpid()}-{secrets.token_hex(4)}"
+        staging.mkdir(mode=0o700)
+        # a token key's reference is in the staging directory (fsynced) before the key is made
+        maker = ca_keys.TokenKeyMaker(token, staging) if token is not None else None
         try:
             hierarchy = create_hierarchy(cfg.identity, hostnames, now, rand_bytes,
                                          **({"make_ca_key": maker} if maker else {}))
         except BaseException:
-            if maker is not None:
-                maker.undo()
+            if maker is None or maker.undo():
+                shutil.rmtree(staging, ignore_errors=True)
             raise
         location = self.registry_location
         shared = not isinstance(location, Path)     # PostgreSQL: other hosts may join it later
         had_registry = shared or self.db_path.exists()
         generated: Path | None = None               # a passphrase file outside the data directory made here
-        staging = self.path / f".ca-init-{os.getpid()}-{secrets.token_hex(4)}"
-        staging.mkdir(mode=0o700)
         try:
             if config_text is not None:             # the mark that devid.toml, once written, is this init's
                 (staging / CONFIG_MARK).write_text(hashlib.sha256(config_text).hexdigest() + "\n")
@@ -376,8 +377,7 @@ class DataDir:
                 keys.write_private_file(Path(outside) if outside else staging / "passphrase", passphrase + b"\n")
             for name, key in hierarchy.keys.items():
                 if maker is not None and name in maker.made:
-                    keys.write_private_file(staging / f"{name}{ca_keys.REF_SUFFIX}",
-                                            maker.references()[f"{name}{ca_keys.REF_SUFFIX}"])
+                    pass                            # its reference is in staging already
                 else:
                     keys.write_private_file(staging / f"{name}.key.pem",
                                             keys.encrypt_key(key, passphrase, stretch=chosen))
@@ -421,11 +421,13 @@ class DataDir:
             finally:
                 registry.close()
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            undone = True
             if not self.exists():                   # (never undo anything next to a CA that is there)
-                self._undo_init(config_text is not None, had_registry, generated)
                 if maker is not None:
-                    maker.undo()
+                    undone = maker.undo()           # first: the staging directory names its keys
+                self._undo_init(config_text is not None, had_registry, generated)
+            if undone:
+                shutil.rmtree(staging, ignore_errors=True)
             raise
         try:
             (self.ca_dir / CONFIG_MARK).unlink(missing_ok=True)

@@ -35,7 +35,7 @@ def destroy(token: Token, id: bytes, classes=ALL_CLASSES) -> int:
     pkcs11 = _pkcs11()
     A = pkcs11.Attribute
     n = 0
-    with token.lock:
+    with token.writing():
         session = token.session()
         token._keys.pop(id, None)
         try:
@@ -53,7 +53,7 @@ def relabel(token: Token, id: bytes, label: str, classes=ALL_CLASSES) -> None:
     """Give the objects of `classes` with CKA_ID `id` the label `label`."""
     pkcs11 = _pkcs11()
     A = pkcs11.Attribute
-    with token.lock:
+    with token.writing():
         session = token.session()
         try:
             for cls in _classes(classes):

@@ -114,6 +114,26 @@ class _Held:
 _module_lock = _ModuleLock()
 
 
+class _Both:
+    def __init__(self, first, second) -> None:
+        self.first, self.second = first, second
+
+    def __enter__(self):
+        self.first.__enter__()
+        try:
+            self.second.__enter__()
+        except BaseException:
+            self.first.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.second.__exit__(*exc)
+        finally:
+            self.first.__exit__(*exc)
+
+
 def _library(module: str):
     """The module `module`, initialised in this process."""
     pkcs11 = _pkcs11()
@@ -236,6 +256,11 @@ class Token:
             raise TokenError(f"PKCS#11: more than one token matches ({u.token_label}): add serial= to the URI")
         return tokens[0]
 
+    def writing(self):
+        """Hold this token for a write (objects made, changed, destroyed): its lock in this
+        process, and the module's lock across processes."""
+        return _Both(self.lock, _module_lock(self.uri.module))
+
     def session(self):
         """This process's logged-in read-write session (opened on first use, again after fork)."""
         pid = os.getpid()
@@ -281,6 +306,9 @@ class Token:
                 except pkcs11.exceptions.MultipleObjectsReturned:
                     raise TokenError(f"PKCS#11 {self.uri.token_label} has more than one private key "
                                      f"{_name(id, label)}") from None
+                except pkcs11.PKCS11Error as exc:
+                    raise TokenError(f"PKCS#11 {self.uri.token_label}: cannot find private key {_name(id, label)} "
+                                     f"({type(exc).__name__})") from None
                 self._keys[id] = found
             return found
 
@@ -294,6 +322,9 @@ class Token:
                                              **({"label": label} if label else {}))
             except pkcs11.exceptions.NoSuchKey:
                 raise TokenError(f"PKCS#11 {self.uri.token_label} has no public key {_name(id, label)}") from None
+            except pkcs11.PKCS11Error as exc:
+                raise TokenError(f"PKCS#11 {self.uri.token_label}: cannot read public key {_name(id, label)} "
+                                 f"({type(exc).__name__})") from None
             der = encode_ec_public_key(obj)
         key = serialization.load_der_public_key(der)
         if not isinstance(key, ec.EllipticCurvePublicKey):
@@ -309,7 +340,8 @@ class Token:
                 return key.sign(digest, mechanism=pkcs11.Mechanism.ECDSA)
             except (pkcs11.exceptions.SessionHandleInvalid, pkcs11.exceptions.SessionClosed,
                     pkcs11.exceptions.ObjectHandleInvalid, pkcs11.exceptions.KeyHandleInvalid,
-                    pkcs11.exceptions.DeviceRemoved, pkcs11.exceptions.TokenNotPresent):
+                    pkcs11.exceptions.DeviceRemoved, pkcs11.exceptions.TokenNotPresent,
+                    pkcs11.exceptions.UserNotLoggedIn):
                 self._session = None            # the token went away or was reset: once more
                 key = self.private_key(id, label)
                 try:
@@ -324,7 +356,7 @@ class Token:
         pkcs11 = _pkcs11()
         from pkcs11.util.ec import encode_named_curve_parameters
         A = pkcs11.Attribute
-        with self.lock, _module_lock(self.uri.module):
+        with self.writing():
             session = self.session()
             try:
                 params = session.create_domain_parameters(
@@ -340,15 +372,22 @@ class Token:
                                  f"({type(exc).__name__})") from None
         return self.public_key(id, label)
 
-    def destroy_key(self, id: bytes) -> None:
-        """Remove both halves of key `id` (an init that failed half-way); missing is fine."""
+    def destroy_key(self, id: bytes, label: str | None = None) -> None:
+        """Remove both halves of key `id` (labelled `label`, if given): an init that failed
+        half-way. Missing is fine."""
         pkcs11 = _pkcs11()
-        with self.lock, _module_lock(self.uri.module):
+        A = pkcs11.Attribute
+        with self.writing():
             session = self.session()
             self._keys.pop(id, None)
-            for cls in (pkcs11.ObjectClass.PRIVATE_KEY, pkcs11.ObjectClass.PUBLIC_KEY):
-                for obj in list(session.get_objects({pkcs11.Attribute.CLASS: cls, pkcs11.Attribute.ID: id})):
-                    obj.destroy()
+            try:
+                for cls in (pkcs11.ObjectClass.PRIVATE_KEY, pkcs11.ObjectClass.PUBLIC_KEY):
+                    query = {A.CLASS: cls, A.ID: id, **({A.LABEL: label} if label else {})}
+                    for obj in list(session.get_objects(query)):
+                        obj.destroy()
+            except pkcs11.PKCS11Error as exc:
+                raise TokenError(f"PKCS#11 {self.uri.token_label}: cannot destroy key {_name(id, label)} "
+                                 f"({type(exc).__name__})") from None
 
     def key_attributes(self, id: bytes) -> dict[str, bool]:
         """What the token says about private key `id`: sensitive, extractable, never/always."""
@@ -367,7 +406,7 @@ class Token:
         A = pkcs11.Attribute
         template = {A.CLASS: pkcs11.ObjectClass.CERTIFICATE, A.CERTIFICATE_TYPE: pkcs11.CertificateType.X_509,
                     A.TOKEN: True, A.PRIVATE: False, A.LABEL: label, A.ID: id, A.VALUE: der, A.SUBJECT: subject}
-        with self.lock, _module_lock(self.uri.module):
+        with self.writing():
             if trusted:
                 template[A.TRUSTED] = True
                 lib = _library(self.uri.module)
@@ -441,6 +480,9 @@ class TokenKey(ec.EllipticCurvePrivateKey):
                 except pkcs11.exceptions.MultipleObjectsReturned:
                     raise TokenError(f"PKCS#11 {token.uri.token_label} has more than one private key labelled "
                                      f"'{uri.object}': add id= to the URI") from None
+                except pkcs11.PKCS11Error as exc:
+                    raise TokenError(f"PKCS#11 {token.uri.token_label}: cannot find the key labelled "
+                                     f"'{uri.object}' ({type(exc).__name__})") from None
                 uri = uri.with_object(label=uri.object, id=bytes(obj[pkcs11.Attribute.ID]), type="private")
         token.private_key(uri.id, uri.object)       # exists, or a clear error now rather than at the first signature
         return cls(token, uri.id, uri.object, token.public_key(uri.id, uri.object))

@@ -84,12 +84,16 @@ class TokenURI:
 
 
 def _pairs(text: str, sep: str, what: str):
+    seen = set()
     for part in text.split(sep):
         if not part:
             continue
         name, eq, value = part.partition("=")
         if not eq:
             raise TokenError(f"PKCS#11 URI: {what} attribute '{name}' has no value (name=value)")
+        if name.lower() in seen:
+            raise TokenError(f"PKCS#11 URI: attribute '{name.lower()}' given twice")
+        seen.add(name.lower())
         yield name.lower(), value
 
 
