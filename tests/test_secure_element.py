@@ -18,10 +18,8 @@ from pathlib import Path
 import cbor2
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
-from devid.gateway.app.datadir import DataDir
 from devid.gateway.app.server import POLICY_FILE
 
 from .conftest import ok, one_line_error, run_devid, tool
