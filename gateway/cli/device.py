@@ -186,11 +186,16 @@ def _device_flags(s, firmware=True):
     s.add_argument("--gateway", required=True, metavar="coaps://HOST[:PORT]", help="the gateway to talk to")
     s.add_argument("--timeout", type=float, default=30.0, metavar="S", help="per step (default 30)")
     if firmware:
-        g = s.add_mutually_exclusive_group()
-        g.add_argument("--firmware", metavar="FILE", help="the running firmware image (hashed with SHA-256)")
-        g.add_argument("--firmware-digest", metavar="HEX", help="its digest, hex (sha-256/384/512 by length)")
-        s.add_argument("--firmware-name", metavar="NAME", help="firmware name for the evidence (swname)")
-        s.add_argument("--firmware-version", metavar="V", help="firmware version for the evidence (swversion)")
+        firmware_flags(s)
+
+
+def firmware_flags(s) -> None:
+    """The firmware a device runs, as its evidence states it (devid enroll, devid se evidence/csr)."""
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--firmware", metavar="FILE", help="the running firmware image (hashed with SHA-256)")
+    g.add_argument("--firmware-digest", metavar="HEX", help="its digest, hex (sha-256/384/512 by length)")
+    s.add_argument("--firmware-name", metavar="NAME", help="firmware name for the evidence (swname)")
+    s.add_argument("--firmware-version", metavar="V", help="firmware version for the evidence (swversion)")
 
 
 # the device commands take no --data: a device knows its bundle and its gateway, not the CA

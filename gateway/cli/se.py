@@ -120,11 +120,8 @@ def _common(s, nonce: str | None = None, firmware: bool = False) -> None:
         s.add_argument("--nonce", required=nonce == "required", metavar="FILE",
                        help="the answer of GET /attest/nonce as saved (coap-client -o FILE)")
     if firmware:
-        g = s.add_mutually_exclusive_group()
-        g.add_argument("--firmware", metavar="FILE", help="the running firmware image (hashed with SHA-256)")
-        g.add_argument("--firmware-digest", metavar="HEX", help="its digest, hex (sha-256/384/512 by length)")
-        s.add_argument("--firmware-name", metavar="NAME", help="firmware name for the evidence (swname)")
-        s.add_argument("--firmware-version", metavar="V", help="firmware version for the evidence (swversion)")
+        from devid.gateway.cli.device import firmware_flags
+        firmware_flags(s)
     s.add_argument("--json", action="store_true", help="one JSON document instead of the summary")
 
 

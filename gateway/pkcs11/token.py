@@ -292,25 +292,27 @@ class Token:
 
     def private_key(self, id: bytes, label: str | None = None):
         """The private key object with CKA_ID `id` (cached per session)."""
-        pkcs11 = _pkcs11()
         with self.lock:
             session = self.session()
             found = self._keys.get(id)
             if found is None:
-                try:
-                    found = session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY, id=id,
-                                            **({"label": label} if label else {}))
-                except pkcs11.exceptions.NoSuchKey:
-                    raise TokenError(f"PKCS#11 {self.uri.token_label} has no private key "
-                                     f"{_name(id, label)}") from None
-                except pkcs11.exceptions.MultipleObjectsReturned:
-                    raise TokenError(f"PKCS#11 {self.uri.token_label} has more than one private key "
-                                     f"{_name(id, label)}") from None
-                except pkcs11.PKCS11Error as exc:
-                    raise TokenError(f"PKCS#11 {self.uri.token_label}: cannot find private key {_name(id, label)} "
-                                     f"({type(exc).__name__})") from None
-                self._keys[id] = found
+                found = self._keys[id] = self.find_private(session, _name(id, label), id=id,
+                                                           **({"label": label} if label else {}))
             return found
+
+    def find_private(self, session, what: str, **query):
+        """The one private key object matching `query` (id=, label=); TokenError naming `what`."""
+        pkcs11 = _pkcs11()
+        try:
+            return session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY, **query)
+        except pkcs11.exceptions.NoSuchKey:
+            raise TokenError(f"PKCS#11 {self.uri.token_label} has no private key {what}") from None
+        except pkcs11.exceptions.MultipleObjectsReturned:
+            raise TokenError(f"PKCS#11 {self.uri.token_label} has more than one private key {what}"
+                             + (": add id= to the URI" if "id" not in query else "")) from None
+        except pkcs11.PKCS11Error as exc:
+            raise TokenError(f"PKCS#11 {self.uri.token_label}: cannot find private key {what} "
+                             f"({type(exc).__name__})") from None
 
     def public_key(self, id: bytes, label: str | None = None) -> ec.EllipticCurvePublicKey:
         """The public half of key `id`, from its public key object."""
@@ -472,17 +474,7 @@ class TokenKey(ec.EllipticCurvePrivateKey):
         if uri.id is None:
             pkcs11 = _pkcs11()
             with token.lock:
-                try:
-                    obj = token.session().get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY, label=uri.object)
-                except pkcs11.exceptions.NoSuchKey:
-                    raise TokenError(f"PKCS#11 {token.uri.token_label} has no private key labelled "
-                                     f"'{uri.object}'") from None
-                except pkcs11.exceptions.MultipleObjectsReturned:
-                    raise TokenError(f"PKCS#11 {token.uri.token_label} has more than one private key labelled "
-                                     f"'{uri.object}': add id= to the URI") from None
-                except pkcs11.PKCS11Error as exc:
-                    raise TokenError(f"PKCS#11 {token.uri.token_label}: cannot find the key labelled "
-                                     f"'{uri.object}' ({type(exc).__name__})") from None
+                obj = token.find_private(token.session(), f"labelled '{uri.object}'", label=uri.object)
                 uri = uri.with_object(label=uri.object, id=bytes(obj[pkcs11.Attribute.ID]), type="private")
         token.private_key(uri.id, uri.object)       # exists, or a clear error now rather than at the first signature
         return cls(token, uri.id, uri.object, token.public_key(uri.id, uri.object))
