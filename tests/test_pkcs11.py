@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 
 import pytest
 from cryptography.exceptions import InvalidSignature
@@ -86,3 +87,49 @@ def test_a_forked_child_opens_its_own_session(token, monkeypatch):
     assert os.waitstatus_to_exitcode(status) == 0 and len(sig) >= 64, sig
     public.verify(sig, b"child", ec.ECDSA(hashes.SHA256()))
     public.verify(key.sign(b"parent again", ec.ECDSA(hashes.SHA256())), b"parent again", ec.ECDSA(hashes.SHA256()))
+
+
+def test_a_fork_waits_for_a_signature_under_way_in_another_thread(token, monkeypatch):
+    """Another thread signs in a loop while the main thread forks: the fork takes the token's
+    lock first, so the module is never finalised under a signature, the parent's signatures all
+    succeed, and the child signs with its own session."""
+    import threading
+    monkeypatch.setenv("DEVID_PKCS11_PIN", token.pin)
+    uri = parse(token.uri)
+    public = Token.of(uri).generate_ec_key(ec.SECP256R1(), "threads", b"\x09")
+    key = TokenKey.open(uri.with_object(id=b"\x09"))
+    stop, failures, signed = threading.Event(), [], []
+
+    def sign_loop():
+        while not stop.is_set():
+            try:
+                public.verify(key.sign(b"loop", ec.ECDSA(hashes.SHA256())), b"loop", ec.ECDSA(hashes.SHA256()))
+                signed.append(1)
+            except Exception as exc:       # any failure is the finding
+                failures.append(repr(exc))
+    worker = threading.Thread(target=sign_loop)
+    worker.start()
+    try:
+        for _ in range(5):
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.write(write, key.sign(b"child", ec.ECDSA(hashes.SHA256())))
+                finally:
+                    os._exit(0)
+            os.close(write)
+            ready, _, _ = select.select([read], [], [], 60)
+            if not ready:                   # the child hangs (a lock inherited held, a module mid-call)
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child did not sign within 60 s")
+            sig = os.read(read, 200)
+            os.close(read)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0 and len(sig) >= 64, sig
+            public.verify(sig, b"child", ec.ECDSA(hashes.SHA256()))
+    finally:
+        stop.set()
+        worker.join(30)
+    assert failures == [] and len(signed) > 0

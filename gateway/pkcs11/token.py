@@ -29,6 +29,7 @@ from devid.gateway.pkcs11.uri import TokenURI
 
 ENV_PIN = "DEVID_PKCS11_PIN"
 ENV_SO_PIN = "DEVID_PKCS11_SO_PIN"
+FORK_WAIT = 10.0       # s the forking thread waits for a token in use by another thread
 RESCANS = 1            # how often a module that lists no token, or fails to, is initialised and asked again
 CURVE_OIDS = {"secp256r1": ec.SECP256R1, "secp384r1": ec.SECP384R1}
 
@@ -43,28 +44,45 @@ def _pkcs11():
     return pkcs11
 
 
+_held_for_fork: list = []          # the locks _before_fork took, released after the fork in both processes
+
+
 def _before_fork() -> None:
     """Finalise every module before this process forks (os.register_at_fork): a child must
     not use its parent's sessions and must call C_Initialize itself (PKCS#11 v2.40 §6.6.1); with
     the module finalised first, it starts from one that holds no state of the parent's. The
-    parent initialises it again, and opens its sessions again, on its next use."""
-    if not _guard.acquire(timeout=5):
-        return
-    try:
-        for module, lib in _libs.items():
-            if _ready.get(module) == os.getpid():
-                try:
-                    lib.finalize()
-                except Exception:
-                    pass
-        _ready.clear()
-        for token in _tokens.values():
-            token._session = None
-    finally:
-        _guard.release()
+    parent initialises it again, and opens its sessions again, on its next use.
+
+    The forking thread first takes every lock another thread could hold across the fork, in the
+    order the rest of this module takes them (each token's lock, the module lock, the guard):
+    no signature, login or write is under way while the module is finalised, and the child
+    does not inherit a lock held by a thread it will not have. Both processes release them
+    after the fork (`_release_fork_locks`). A lock not had within FORK_WAIT seconds: the module is left
+    as it is (the child then initialises it over its inherited state)."""
+    _held_for_fork.clear()
+    locks = [token.lock for token in list(_tokens.values())] + [_module_lock._lock, _guard]
+    for lock in locks:
+        if not lock.acquire(timeout=FORK_WAIT):
+            _release_fork_locks()
+            return
+        _held_for_fork.append(lock)
+    for module, lib in _libs.items():
+        if _ready.get(module) == os.getpid():
+            try:
+                lib.finalize()
+            except Exception:
+                pass
+    _ready.clear()
+    for token in _tokens.values():
+        token._session = None
 
 
-os.register_at_fork(before=_before_fork)
+def _release_fork_locks() -> None:
+    while _held_for_fork:
+        _held_for_fork.pop().release()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_release_fork_locks, after_in_child=_release_fork_locks)
 
 
 class _ModuleLock:
