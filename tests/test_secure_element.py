@@ -18,11 +18,13 @@ from pathlib import Path
 import cbor2
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from devid.gateway.app.server import POLICY_FILE
 
-from .conftest import ok, one_line_error, run_devid, tool
+from .conftest import NOW, ok, one_line_error, run_devid, tool
 from .gateway_helpers import FW, POLICY
 from .pkcs11_helpers import MODULE
 from .serve_helpers import serve
@@ -99,8 +101,13 @@ def test_provision_keeps_the_keys_in_the_token(se_data, token, tmp_path):
         section = config["pkcs11"]
         assert section["token"] == token.uri and section["configuration_locked"] is True
         assert config["provisioning"]["lock_configuration"] is True
-        assert section["objects"]["device_private_key"] == {"slot": 0, "label": serial, "id": serial.encode().hex(),
-                                                            "type": "private"}
+        key_entry = section["objects"]["device_private_key"]
+        assert {k: key_entry[k] for k in ("slot", "label", "type")} == {"slot": 0, "label": serial, "type": "private"}
+        # CKA_ID: the serial, '-', 6 random bytes (no other key in the token shares it); the certificate's is the same
+        kid = bytes.fromhex(key_entry["id"])
+        assert kid.startswith(serial.encode() + b"-") and len(kid) == len(serial) + 7
+        assert section["objects"]["device_certificate"]["id"] == key_entry["id"]
+        assert f"ID:         {key_entry['id']}" in token.objects()
         assert section["objects"]["device_certificate"]["slot"] == 10
         assert section["objects"]["ca_certificate"]["slot"] == 11 and section["objects"]["ca_certificate"]["trusted"]
         assert config["certificate"]["serial"] == format(cert.serial_number, "x")
@@ -319,3 +326,73 @@ def test_doc_commands_are_the_tested_ones():
         ("get", "factory", "/attest/nonce"), ("post", "factory", "/.well-known/est/sen"), ("get", "op", "/config"),
         ("post", "op", "/.well-known/est/sren")]
     assert all("-B 10" in rest and "-o " in rest for _, _, rest, _ in steps)
+
+
+# -- what the review found: trust kept, another deployment's token refused, the swap finished --------
+
+def test_a_run_without_the_so_pin_keeps_the_trust_a_run_with_it_gave(se_data, token, tmp_path):
+    first = provision(se_data, token, tmp_path / "a", 1, so=True, prefix="TA")
+    assert first["ca_certificate_trusted"] is True
+    second = provision(se_data, token, tmp_path / "b", 1, so=False, prefix="TB")
+    assert second["ca_certificate_trusted"] is True                 # the token says so, not the flag
+    shown = json.loads(se(token, "show", "--device", tmp_path / "a" / "TA00000001", "--json"))
+    assert shown["ca_certificate_trusted"] is True
+    config = json.loads((tmp_path / "b" / "TB00000001" / "secure-element-config.json").read_text())
+    assert config["pkcs11"]["objects"]["ca_certificate"]["trusted"] is True
+
+
+def test_another_deployments_token_is_refused_and_its_keys_stay(se_data, token, tmp_path):
+    provision(se_data, token, tmp_path / "a", 2, so=False)
+    before = token.objects()
+    other = tmp_path / "other"
+    ok(run_devid("init", data_dir=other))
+    proc = run_devid("provision", "--count", 2, "--device-type", "temperature-sensor", "--out", tmp_path / "b",
+                     "--secure-element", token.uri, data_dir=other, env=_env(token, so=False))
+    one_line_error(proc, "holds another CA's root certificate")
+    assert token.objects() == before and key_labels(token) == {"SN00000001", "SN00000002"}
+
+
+def test_the_secure_element_repr_holds_no_so_pin(token):
+    from devid.gateway.factory.secure_element import SecureElement
+    element = SecureElement.of(token.uri, token.so_pin)
+    assert token.so_pin not in repr(element) and element.so_pin == token.so_pin
+
+
+def test_an_interrupted_key_swap_is_finished_by_the_next_command(se_data, token, tmp_path, monkeypatch):
+    """The state a kill leaves half-way through the swap of operational keys (made here with the
+    token's own calls, in the order the swap goes: certificate, public key, private key): the
+    old key's certificate and public key destroyed, its private key still labelled SERIAL-op;
+    the new key's certificate and public key relabelled SERIAL-op, its private key still
+    SERIAL-op-new. `devid se show` finishes it: every SERIAL-op object is the new key's, none is
+    left labelled SERIAL-op-new, and the old private key is gone."""
+    from cryptography.hazmat.primitives import serialization
+    from devid.gateway.pkcs11 import objects
+    from devid.gateway.pkcs11.token import Token, TokenKey
+    from devid.gateway.pkcs11.uri import parse
+    provision(se_data, token, tmp_path / "f", 1, so=False)
+    bundle = tmp_path / "f" / "SN00000001"
+    monkeypatch.setenv("DEVID_PKCS11_PIN", token.pin)
+    t = Token.of(parse(token.uri))
+    reg = se_data.open_registry()
+    try:
+        ca = se_data.authority(reg)
+        certs = {}
+        for kid, label in ((b"old-op", "SN00000001-op"), (b"new-op", "SN00000001-op-new")):
+            public = t.generate_ec_key(ec.SECP256R1(), label, kid)
+            csr = (x509.CertificateSigningRequestBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "x")]))
+                   .sign(TokenKey(t, kid, label, public), hashes.SHA256()))
+            issued = ca.issue_operational(csr.public_bytes(serialization.Encoding.DER), "SN00000001", NOW)
+            certs[kid] = issued.cert
+            t.store_certificate(issued.cert.public_bytes(serialization.Encoding.DER), label, kid,
+                                subject=issued.cert.subject.public_bytes())
+    finally:
+        reg.close()
+    (bundle / "op-cert.pem").write_bytes(certs[b"new-op"].public_bytes(serialization.Encoding.PEM))
+    objects.destroy(t, b"old-op", classes=("CERTIFICATE", "PUBLIC_KEY"))
+    objects.relabel(t, b"new-op", "SN00000001-op", classes=("CERTIFICATE", "PUBLIC_KEY"))
+    se(token, "show", "--device", bundle, "--json")
+    for cls in objects.ALL_CLASSES:
+        assert objects.ids_labelled(t, "SN00000001-op", cls) == [b"new-op"], cls
+        assert objects.ids_labelled(t, "SN00000001-op-new", cls) == [], cls
+    assert objects.ids_labelled(t, "SN00000001-op", "CERTIFICATE") == [b"new-op"]

@@ -28,7 +28,7 @@ def cmd_provision(args) -> int:
                        secure_element=element)
     if args.json:
         extra = {} if element is None else {"secure_element": element.recorded,
-                                            "ca_certificate_trusted": element.so_pin is not None}
+                                            "ca_certificate_trusted": result.ca_trusted}
         output.emit({"ok": True, "count": len(result.serials), "device_type": args.device_type, "out": str(out),
                      **extra,
                      "first_serial": result.serials[0], "last_serial": result.serials[-1],
@@ -40,7 +40,7 @@ def cmd_provision(args) -> int:
     print(f"provisioned {len(result.serials)} factory identities ({result.serials[0]} .. {result.serials[-1]}) "
           f"of type {args.device_type} in {result.seconds:.2f} s: {result.rate:,.0f} identities/s -> {out}")
     if element is not None:
-        trusted = ("marked trusted" if element.so_pin is not None else
+        trusted = ("marked trusted" if result.ca_trusted else
                    f"NOT marked trusted (no ${ENV_SO_PIN}: libcoap's GnuTLS client cannot use it as -R)")
         print(f"keys and certificates in the PKCS#11 {element.uri.token_label} (no key.pem); "
               f"its root CA certificate object is {trusted}")

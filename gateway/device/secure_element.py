@@ -11,11 +11,13 @@ certificate (label devid-root-ca) that provisioning stored:
     SERIAL-op       the current operational key pair and its certificate (one CKA_ID)
     SERIAL-op-new   a new operational key whose certificate is not stored yet (a CSR was made)
 
-Storing a certificate for SERIAL-op-new: the certificate object (same id), then op-cert.pem and
-op-chain.pem in the bundle (written atomically), then the old SERIAL-op objects are destroyed and
-the new ones relabelled SERIAL-op. Each step is safe to interrupt: until the files are written
-the old identity is complete; after that, `settle` (run by every `devid se` command) finishes
-the swap. A second CSR while one is pending reuses the pending key.
+Storing a certificate for SERIAL-op-new: the certificate object (same id), then op-chain.pem and
+op-cert.pem in the bundle (each written atomically, op-cert.pem last: it is what decides), then
+the old SERIAL-op objects are destroyed and the new ones relabelled SERIAL-op (the private key
+last, each time: it is what the others are found by). Each step is safe to interrupt: until
+op-cert.pem is written the old identity is complete (run `devid se store` again with the same
+answer); after that, `settle` (run by every `devid se` command) finishes the swap, whichever
+object it stopped at. A second CSR while one is pending reuses the pending key.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from devid.gateway.device.flow import read_nonce
 from devid.gateway.device.identity import (DeviceIdentity, Firmware, device_csr, load_bundle,
                                            root_verifier, serial_of, token_section)
 from devid.gateway.device.protocol import CT_CBOR, Answer, EnrollFailed
-from devid.gateway.errors import BundleError
+from devid.gateway.errors import BundleError, TokenError
 from devid.gateway.pkcs11 import objects
 from devid.gateway.pkcs11.token import Token, TokenKey
 from devid.gateway.pkcs11.uri import TokenURI, parse
@@ -125,8 +127,16 @@ class SecureDevice:
         """Evidence for `nonce` (POST /attest/evidence), signed by the factory key in the token."""
         return self.identity().evidence(nonce, firmware, iat=int(time.time()), **claims)
 
-    def _key(self, kid: bytes, label: str) -> TokenKey:
-        return TokenKey.open(self.uri.with_object(label=label, id=kid, type="private"))
+    def _key(self, kid: bytes, label: str | None = None) -> TokenKey:
+        """The key pair with CKA_ID `kid` (ids are unique: SERIAL-op-<random>); found by id alone,
+        so a pair whose halves a relabel left with different labels is still found."""
+        return TokenKey.open(self.uri.with_object(id=kid, type="private"))
+
+    def _matches(self, kid: bytes, cert: x509.Certificate) -> bool:
+        try:
+            return self._key(kid).public_key() == cert.public_key()
+        except TokenError:              # half of a pair a destroy left behind: not the one
+            return False
 
     def pending_key(self) -> TokenKey:
         """The operational key waiting for its certificate (SERIAL-op-new), made in the token if
@@ -177,28 +187,35 @@ class SecureDevice:
         self.token.store_certificate(leaf.public_bytes(serialization.Encoding.DER), label, kid,
                                      subject=leaf.subject.public_bytes())
         pem = [c.public_bytes(serialization.Encoding.PEM) for c in (leaf, *chain)]
-        write_atomic(self.directory / "op-cert.pem", pem[0])
         write_atomic(self.directory / "op-chain.pem", b"".join(pem))
+        write_atomic(self.directory / "op-cert.pem", pem[0])
         self.settle()
         return leaf
 
     def settle(self) -> bool:
         """Finish a swap of operational keys that was interrupted after op-cert.pem was written:
-        the key of op-cert.pem becomes SERIAL-op, the others labelled so go. True if it did."""
+        every object of the key of op-cert.pem (found by its private key, labelled SERIAL-op-new
+        or already SERIAL-op) is labelled SERIAL-op, and every other object labelled SERIAL-op,
+        of any class, goes. True if it changed anything."""
         try:
             current = x509.load_pem_x509_certificate((self.directory / "op-cert.pem").read_bytes())
         except (OSError, ValueError):
             return False
-        pending = self.serial + PENDING
-        for kid in objects.ids_labelled(self.token, pending):
-            if self._key(kid, pending).public_key() != current.public_key():
-                continue
-            for old in objects.ids_labelled(self.token, self.serial + OP):
+        op, pending = self.serial + OP, self.serial + PENDING
+        kid = next((k for label in (pending, op) for k in objects.ids_labelled(self.token, label)
+                    if self._matches(k, current)), None)
+        if kid is None:
+            return False
+        changed = False
+        for cls in objects.ALL_CLASSES:
+            for old in objects.ids_labelled(self.token, op, cls):
                 if old != kid:
                     objects.destroy(self.token, old)
-            objects.relabel(self.token, kid, self.serial + OP)
-            return True
-        return False
+                    changed = True
+        if any(kid in objects.ids_labelled(self.token, pending, cls) for cls in objects.ALL_CLASSES):
+            objects.relabel(self.token, kid, op)
+            changed = True
+        return changed
 
     # -- what a libcoap client is given ------------------------------------------------------------
 

@@ -146,6 +146,7 @@ class ProvisionResult:
     seconds: float
     recovered: int
     discarded: int
+    ca_trusted: bool | None = None      # with a secure element: is its root CA certificate object trusted
 
     @property
     def rate(self) -> float:
@@ -180,13 +181,15 @@ def recover_partials(ca: CertificateAuthority, out: Path,
             os.rename(entry, final)
             recovered += 1
             continue
-        token = se.partial_token(entry)
-        if token is not None and ca.store.get_device(serial) is None:
+        found = se.partial_token(entry)
+        if found is not None and ca.store.get_device(serial) is None:
+            token, kid = found
             if element is None or not se.same_token(element.uri, token):
                 raise ProvisioningError(f"{entry} is what an interrupted run left of a device whose key may be in "
                                         f"the PKCS#11 {token.token_label}: run again with --secure-element "
                                         f"naming that token, so that the key is removed with it")
-            element.forget(serial)
+            if kid is not None:
+                element.forget(kid)
         shutil.rmtree(entry, ignore_errors=True)
         discarded += 1
     if recovered or discarded:
@@ -214,7 +217,7 @@ class _Job:
         chain_tail, root_pem, curve = self.manufacturing_pem, self.root_pem, ec.SECP256R1()
         t = self.now()
         pairs: list[tuple[DeviceRecord, CertificateRecord]] = []
-        made: list[str] = []
+        made: dict[str, bytes | None] = {}     # serial -> its key's CKA_ID in the token
         try:
             for number in range(first, first + n):
                 serial = f"{prefix}{number:0{SERIAL_DIGITS}d}"
@@ -225,19 +228,22 @@ class _Job:
                 else:
                     # the directory (and its marker) before the key: a crash leaves no key object
                     # the next run cannot find (secure_element.py)
+                    kid = se.new_key_id(serial)
                     os.mkdir(partial, PRIVATE_DIR)
-                    made.append(serial)
-                    write_synced(f"{partial}/{se.MARKER}", element.recorded.encode())
-                    key, public = element.new_key(serial)
+                    made[serial] = kid
+                    write_synced(f"{partial}/{se.MARKER}", se.marker_text(element.recorded, kid))
+                    fsync_path(partial)
+                    fsync_path(out)     # a power cut keeps the marker that names the key about to be made
+                    key, public = element.new_key(serial, kid)
                 device, issued = ca.new_factory_identity(public, serial, device_type, t)
                 if element is None:
                     os.mkdir(partial, PRIVATE_DIR)
-                    made.append(serial)
+                    made[serial] = None
                     write_synced(f"{partial}/key.pem", plain_key(key), 0o600)
                     config = secure_element_json(device, issued.record)
                 else:
-                    element.store_certificate(serial, issued.cert)
-                    config = se.config_json(secure_element_json(device, issued.record), element.section(serial))
+                    element.store_certificate(serial, kid, issued.cert)
+                    config = se.config_json(secure_element_json(device, issued.record), element.section(serial, kid))
                 cert_pem = issued.pem
                 write_synced(f"{partial}/cert.pem", cert_pem)
                 write_synced(f"{partial}/chain.pem", cert_pem + chain_tail)
@@ -249,16 +255,20 @@ class _Job:
                 pairs.append((device, issued.record))
             fsync_path(out)             # the partial directories' names, before the commit
         except BaseException:
-            for serial in made:
-                self._drop(serial)
+            for serial, kid in made.items():
+                self._drop(serial, kid)
             raise
         return pairs
 
-    def _drop(self, serial: str) -> None:
-        """Remove an uncommitted device's partial directory, and its objects in the token."""
-        if self.element is not None:
+    def _drop(self, serial: str, kid: bytes | None = None) -> None:
+        """Remove an uncommitted device's partial directory, and its objects in the token (its
+        CKA_ID: `kid`, else what the directory records)."""
+        if self.element is not None and kid is None:
+            found = se.partial_token(Path(f"{self.out}/{PARTIAL}{serial}"))
+            kid = found[1] if found else None
+        if self.element is not None and kid is not None:
             try:
-                self.element.forget(serial)
+                self.element.forget(kid)
             except Exception:           # the directory stays: the next run removes both
                 return
         shutil.rmtree(f"{self.out}/{PARTIAL}{serial}", ignore_errors=True)
@@ -324,9 +334,11 @@ def _provision(ca: CertificateAuthority, count: int, device_type: str, out: Path
                element: "se.SecureElement | None" = None) -> ProvisionResult:
     recovered, discarded = recover_partials(ca, out, element)
     if element is not None:
-        element.prepare(x509.load_pem_x509_certificate(root_pem))
+        element = element.prepare(x509.load_pem_x509_certificate(root_pem))
     started = time.perf_counter()
     first = ca.store.reserve_serial_block(serial_prefix, count)
+    if element is not None:
+        element.check_free([f"{serial_prefix}{n:0{SERIAL_DIGITS}d}" for n in range(first, first + count)])
     workers = default_workers() if workers is None else workers
     if "fork" not in multiprocessing.get_all_start_methods():
         workers = 1
@@ -351,7 +363,8 @@ def _provision(ca: CertificateAuthority, count: int, device_type: str, out: Path
     else:
         _run_parallel(job, batches, workers, done)
     serials = sorted(device.serial for pairs in committed for device, _ in pairs)
-    return ProvisionResult(serials, time.perf_counter() - started, recovered, discarded)
+    return ProvisionResult(serials, time.perf_counter() - started, recovered, discarded,
+                           element.trusted if element is not None else None)
 
 
 # -- worker processes -------------------------------------------------------------------------------

@@ -9,8 +9,10 @@ from __future__ import annotations
 from devid.gateway.errors import TokenError
 from devid.gateway.pkcs11.token import Token, _pkcs11
 
-KEY_CLASSES = ("PRIVATE_KEY", "PUBLIC_KEY")
-ALL_CLASSES = ("PRIVATE_KEY", "PUBLIC_KEY", "CERTIFICATE")
+KEY_CLASSES = ("PUBLIC_KEY", "PRIVATE_KEY")
+# the private key last: it is what the others are found by (`ids_labelled`), so a destroy or a
+# relabel interrupted half-way leaves the id findable, and the next call finishes it
+ALL_CLASSES = ("CERTIFICATE", "PUBLIC_KEY", "PRIVATE_KEY")
 
 
 def _classes(names):
@@ -26,6 +28,17 @@ def ids_labelled(token: Token, label: str, cls: str = "PRIVATE_KEY") -> list[byt
         try:
             found = list(token.session().get_objects({A.CLASS: getattr(pkcs11.ObjectClass, cls), A.LABEL: label}))
             return [bytes(obj[A.ID]) for obj in found]
+        except pkcs11.PKCS11Error as exc:
+            raise TokenError(f"PKCS#11 {token.uri.token_label}: cannot list its objects ({type(exc).__name__})") from None
+
+
+def labels(token: Token, cls: str = "PRIVATE_KEY") -> set[str]:
+    """The labels of every object of class `cls` (one pass over the token)."""
+    pkcs11 = _pkcs11()
+    A = pkcs11.Attribute
+    with token.lock:
+        try:
+            return {str(obj[A.LABEL]) for obj in token.session().get_objects({A.CLASS: getattr(pkcs11.ObjectClass, cls)})}
         except pkcs11.PKCS11Error as exc:
             raise TokenError(f"PKCS#11 {token.uri.token_label}: cannot list its objects ({type(exc).__name__})") from None
 
@@ -71,9 +84,12 @@ def is_trusted(token: Token, id: bytes, label: str | None = None) -> bool:
     A = pkcs11.Attribute
     query = {A.CLASS: pkcs11.ObjectClass.CERTIFICATE, A.ID: id, **({A.LABEL: label} if label else {})}
     with token.lock:
-        for obj in token.session().get_objects(query):
-            try:
-                return bool(obj[A.TRUSTED])
-            except pkcs11.PKCS11Error:
-                return False
+        try:
+            for obj in token.session().get_objects(query):
+                try:
+                    return bool(obj[A.TRUSTED])
+                except pkcs11.PKCS11Error:
+                    return False
+        except pkcs11.PKCS11Error as exc:
+            raise TokenError(f"PKCS#11 {token.uri.token_label}: cannot list its objects ({type(exc).__name__})") from None
     return False

@@ -345,7 +345,7 @@ class Token:
             except pkcs11.PKCS11Error as exc:
                 raise TokenError(f"PKCS#11 {self.uri.token_label}: cannot read public key {_name(id, label)} "
                                  f"({type(exc).__name__})") from None
-            der = encode_ec_public_key(obj)
+            der = self._read(lambda: encode_ec_public_key(obj), f"public key {_name(id, label)}")
         key = serialization.load_der_public_key(der)
         if not isinstance(key, ec.EllipticCurvePublicKey):
             raise TokenError(f"PKCS#11 key {_name(id, label)} is not an EC key")
@@ -414,9 +414,10 @@ class Token:
         A = _pkcs11().Attribute
         with self.lock:
             key = self.private_key(id)
-            return {"sensitive": bool(key[A.SENSITIVE]), "extractable": bool(key[A.EXTRACTABLE]),
-                    "always_sensitive": bool(key[A.ALWAYS_SENSITIVE]),
-                    "never_extractable": bool(key[A.NEVER_EXTRACTABLE]), "local": bool(key[A.LOCAL])}
+            names = {"sensitive": A.SENSITIVE, "extractable": A.EXTRACTABLE, "always_sensitive": A.ALWAYS_SENSITIVE,
+                     "never_extractable": A.NEVER_EXTRACTABLE, "local": A.LOCAL}
+            return self._read(lambda: {name: bool(key[attr]) for name, attr in names.items()},
+                              f"the attributes of key {_name(id, None)}")
 
     def store_certificate(self, der: bytes, label: str, id: bytes, *, subject: bytes, trusted: bool = False,
                           so_pin: str | None = None) -> None:
@@ -463,9 +464,17 @@ class Token:
         A = pkcs11.Attribute
         query = {A.CLASS: pkcs11.ObjectClass.CERTIFICATE, A.ID: id, **({A.LABEL: label} if label else {})}
         with self.lock:
-            for obj in self.session().get_objects(query):
-                return bytes(obj[A.VALUE])
-        return None
+            session = self.session()
+            return self._read(lambda: next((bytes(obj[A.VALUE]) for obj in session.get_objects(query)), None),
+                              f"certificate {_name(id, label)}")
+
+    def _read(self, read, what: str):
+        """`read()`, with a token's failure as one TokenError line naming `what`."""
+        pkcs11 = _pkcs11()
+        try:
+            return read()
+        except pkcs11.PKCS11Error as exc:
+            raise TokenError(f"PKCS#11 {self.uri.token_label}: cannot read {what} ({type(exc).__name__})") from None
 
 
 def _name(id: bytes, label: str | None) -> str:
@@ -493,7 +502,8 @@ class TokenKey(ec.EllipticCurvePrivateKey):
             pkcs11 = _pkcs11()
             with token.lock:
                 obj = token.find_private(token.session(), f"labelled '{uri.object}'", label=uri.object)
-                uri = uri.with_object(label=uri.object, id=bytes(obj[pkcs11.Attribute.ID]), type="private")
+                kid = token._read(lambda: bytes(obj[pkcs11.Attribute.ID]), f"the id of the key labelled '{uri.object}'")
+                uri = uri.with_object(label=uri.object, id=kid, type="private")
         token.private_key(uri.id, uri.object)       # exists, or a clear error now rather than at the first signature
         return cls(token, uri.id, uri.object, token.public_key(uri.id, uri.object))
 
