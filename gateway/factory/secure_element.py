@@ -172,7 +172,7 @@ class SecureElement:
         """The device's factory certificate (slot 10), beside its key."""
         with self.turn():
             self.token.store_certificate(cert.public_bytes(serialization.Encoding.DER), serial, kid,
-                                         subject=cert.subject.public_bytes())
+                                         subject=cert.subject.public_bytes(), replace=False)
 
     def forget(self, kid: bytes) -> None:
         """Remove the key pair and certificate with CKA_ID `kid` (an unregistered device's)."""

@@ -374,14 +374,14 @@ class Token:
     def generate_ec_key(self, curve: ec.EllipticCurve, label: str, id: bytes) -> ec.EllipticCurvePublicKey:
         """A new key pair in the token: private key sensitive, never extractable, sign-only."""
         pkcs11 = _pkcs11()
-        from pkcs11.util.ec import encode_named_curve_parameters
+        from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
         A = pkcs11.Attribute
         with self.writing():
             session = self.session()
             try:
                 params = session.create_domain_parameters(
                     pkcs11.KeyType.EC, {A.EC_PARAMS: encode_named_curve_parameters(curve.name)}, local=True)
-                params.generate_keypair(
+                public, private = params.generate_keypair(
                     store=True, label=label, id=id,
                     public_template={A.TOKEN: True, A.VERIFY: True, A.ENCRYPT: False, A.WRAP: False,
                                      A.DERIVE: False},
@@ -390,7 +390,14 @@ class Token:
             except pkcs11.PKCS11Error as exc:
                 raise TokenError(f"PKCS#11 {self.uri.token_label}: cannot generate a {curve.name} key "
                                  f"({type(exc).__name__})") from None
-        return self.public_key(id, label)
+            # both halves from the objects just made (a search by id would read every object:
+            # SoftHSM2's searches are linear in the token's objects)
+            self._keys[id] = private
+            der = self._read(lambda: encode_ec_public_key(public), f"public key {_name(id, label)}")
+        key = serialization.load_der_public_key(der)
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise TokenError(f"PKCS#11 key {_name(id, label)} is not an EC key")
+        return key
 
     def destroy_key(self, id: bytes, label: str | None = None) -> None:
         """Remove both halves of key `id` (labelled `label`, if given): an init that failed
@@ -420,8 +427,9 @@ class Token:
                               f"the attributes of key {_name(id, None)}")
 
     def store_certificate(self, der: bytes, label: str, id: bytes, *, subject: bytes, trusted: bool = False,
-                          so_pin: str | None = None) -> None:
-        """Write a certificate object (replacing one with the same id and label). `trusted`: mark it
+                          so_pin: str | None = None, replace: bool = True) -> None:
+        """Write a certificate object (replacing one with the same id and label, unless `replace`
+        is false: an id just made has none). `trusted`: mark it
         a trust anchor (CKA_TRUSTED, which PKCS#11 lets only the security officer set: `so_pin`)."""
         pkcs11 = _pkcs11()
         A = pkcs11.Attribute
@@ -448,8 +456,10 @@ class Token:
             else:
                 session = self.session()
             try:
-                for old in list(session.get_objects({A.CLASS: pkcs11.ObjectClass.CERTIFICATE, A.ID: id, A.LABEL: label})):
-                    old.destroy()
+                if replace:             # (a new id has none to replace: no search through the token)
+                    for old in list(session.get_objects({A.CLASS: pkcs11.ObjectClass.CERTIFICATE, A.ID: id,
+                                                         A.LABEL: label})):
+                        old.destroy()
                 session.create_object(template)
             except pkcs11.PKCS11Error as exc:
                 raise TokenError(f"PKCS#11 {self.uri.token_label}: cannot store certificate '{label}' "
