@@ -396,3 +396,12 @@ def test_an_interrupted_key_swap_is_finished_by_the_next_command(se_data, token,
         assert objects.ids_labelled(t, "SN00000001-op", cls) == [b"new-op"], cls
         assert objects.ids_labelled(t, "SN00000001-op-new", cls) == [], cls
     assert objects.ids_labelled(t, "SN00000001-op", "CERTIFICATE") == [b"new-op"]
+
+
+def test_a_wrong_so_pin_is_one_line_without_either_pin(se_data, token, tmp_path):
+    env = {**token.env, "DEVID_PKCS11_SO_PIN": token.so_pin + "0"}
+    proc = run_devid("provision", "--count", 1, "--device-type", "temperature-sensor", "--out", tmp_path / "f",
+                     "--secure-element", token.uri, data_dir=se_data.path, env=env)
+    err = one_line_error(proc, "wrong SO PIN")
+    assert token.pin not in err and token.so_pin not in err
+    assert key_labels(token) == set() and not list((tmp_path / "f").glob("SN*"))

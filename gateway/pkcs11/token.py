@@ -109,15 +109,22 @@ class _Held:
     def __enter__(self):
         owner = self.owner
         owner._lock.acquire()
-        if owner._depth == 0:
-            try:
-                owner._fd = os.open(self.module, os.O_RDONLY | os.O_CLOEXEC)
-                fcntl.flock(owner._fd, fcntl.LOCK_EX)
-            except OSError:
-                if owner._fd is not None:
-                    os.close(owner._fd)
-                owner._fd = None            # no such module: loading it gives the error
-        owner._depth += 1
+        try:
+            if owner._depth == 0:
+                try:
+                    owner._fd = os.open(self.module, os.O_RDONLY | os.O_CLOEXEC)
+                    fcntl.flock(owner._fd, fcntl.LOCK_EX)
+                except OSError:
+                    if owner._fd is not None:
+                        os.close(owner._fd)
+                    owner._fd = None        # no such module: loading it gives the error
+            owner._depth += 1
+        except BaseException:               # (interrupted while waiting for the flock)
+            if owner._depth == 0 and owner._fd is not None:
+                os.close(owner._fd)
+                owner._fd = None
+            owner._lock.release()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
