@@ -242,3 +242,17 @@ def test_the_next_init_destroys_the_keys_of_an_init_that_was_killed(tmp_path, to
     second = {p.read_text().strip() for p in (data / "ca").glob("*.key.pkcs11")}
     assert len(second) == 3 and not first & second
     assert sorted(token.private_keys()) == sorted(f"devid-{n}" for n in CA_KEYS)     # three, not six
+
+
+def test_a_reference_cut_short_by_a_kill_means_no_key_was_made(tmp_path, token):
+    """An init killed while writing a key's reference (before the token made that key) leaves
+    an empty reference: the next init removes that staging directory without a warning."""
+    data = tmp_path / "data"
+    stale = data / ".ca-init-4242-cafecafe"
+    stale.mkdir(parents=True, mode=0o700)
+    ref = stale / "root.key.pkcs11"
+    ref.touch(mode=0o600)
+    proc = run_devid("init", "--pkcs11", token.uri, data_dir=data, env=token.env)
+    ok(proc)
+    assert not stale.exists() and "warning" not in proc.stderr.decode()
+    assert sorted(token.private_keys()) == sorted(f"devid-{n}" for n in CA_KEYS)

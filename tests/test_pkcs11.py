@@ -133,3 +133,49 @@ def test_a_fork_waits_for_a_signature_under_way_in_another_thread(token, monkeyp
         stop.set()
         worker.join(30)
     assert failures == [] and len(signed) > 0
+
+
+def test_a_child_forked_while_another_thread_holds_the_token_still_signs(token, monkeypatch):
+    """The fork gives up waiting for a token lock another thread holds (FORK_WAIT made short):
+    the child makes its locks anew, since nobody holds them there, and signs with its own
+    session; the parent's thread goes on with its lock."""
+    import threading
+    from devid.gateway.pkcs11 import token as token_module
+    monkeypatch.setenv("DEVID_PKCS11_PIN", token.pin)
+    monkeypatch.setattr(token_module, "FORK_WAIT", 0.2)
+    uri = parse(token.uri)
+    t = Token.of(uri)
+    public = t.generate_ec_key(ec.SECP256R1(), "held", b"\x0a")
+    key = TokenKey.open(uri.with_object(id=b"\x0a"))
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with t.lock:
+            holding.set()
+            release.wait(60)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(30)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.write(write, key.sign(b"child", ec.ECDSA(hashes.SHA256())))
+            finally:
+                os._exit(0)
+        os.close(write)
+        ready, _, _ = select.select([read], [], [], 60)
+        if not ready:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the child forked while another thread held the token did not sign within 60 s")
+        sig = os.read(read, 200)
+        os.close(read)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0 and len(sig) >= 64, sig
+        public.verify(sig, b"child", ec.ECDSA(hashes.SHA256()))
+    finally:
+        release.set()
+        holder.join(30)
+    public.verify(key.sign(b"parent", ec.ECDSA(hashes.SHA256())), b"parent", ec.ECDSA(hashes.SHA256()))

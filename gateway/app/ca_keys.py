@@ -132,6 +132,13 @@ def destroy_staged(staging: Path) -> bool:
     for ref in staging.glob(f"*{REF_SUFFIX}"):
         try:
             uri = ref_uri(ref)
+        except TokenError:
+            continue                    # empty or cut short: killed while writing it, before its key was made
+        except Exception as exc:
+            done = False
+            print(f"devid: warning: {ref}: {exc}; {staging} is kept", file=sys.stderr)
+            continue
+        try:
             if uri.id is not None and (uri.object or "").startswith(LABEL_PREFIX):
                 Token.of(uri).destroy_key(uri.id, uri.object)
         except Exception as exc:

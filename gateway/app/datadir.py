@@ -347,6 +347,7 @@ class DataDir:
         cfg = self.config
         staging = self.path / f".ca-init-{os.getpid()}-{secrets.token_hex(4)}"
         staging.mkdir(mode=0o700)
+        fsync_path(self.path)           # its name on disk before a key it will name is made
         # a token key's reference is in the staging directory (fsynced) before the key is made
         maker = ca_keys.TokenKeyMaker(token, staging) if token is not None else None
         try:

@@ -44,7 +44,9 @@ def _pkcs11():
     return pkcs11
 
 
-_held_for_fork: list = []          # the locks _before_fork took, released after the fork in both processes
+_fork_lock = threading.Lock()       # one fork at a time through these handlers (3.11 runs them before its own lock)
+_held_for_fork: list = []           # the locks _before_fork took, released after the fork in both processes
+_took_all = False                   # whether it took them all (else the child makes its locks anew)
 
 
 def _before_fork() -> None:
@@ -55,17 +57,24 @@ def _before_fork() -> None:
 
     The forking thread first takes every lock another thread could hold across the fork, in the
     order the rest of this module takes them (each token's lock, the module lock, the guard):
-    no signature, login or write is under way while the module is finalised, and the child
-    does not inherit a lock held by a thread it will not have. Both processes release them
-    after the fork (`_release_fork_locks`). A lock not had within FORK_WAIT seconds: the module is left
-    as it is (the child then initialises it over its inherited state)."""
-    _held_for_fork.clear()
-    locks = [token.lock for token in list(_tokens.values())] + [_module_lock._lock, _guard]
-    for lock in locks:
-        if not lock.acquire(timeout=FORK_WAIT):
-            _release_fork_locks()
+    no signature, login or write is under way while the module is finalised. Both processes
+    release them after the fork (`_after_fork_in_parent`, `_after_fork_in_child`). A lock not
+    had within FORK_WAIT seconds: the module is left as it is, and the child makes every lock
+    anew (a lock another thread held is not held by anyone in the child)."""
+    global _took_all
+    _fork_lock.acquire()
+    _took_all = False
+    for _ in range(3):                  # again if a token was made while the locks were taken
+        tokens = list(_tokens.values())
+        if _take([token.lock for token in tokens] + [_module_lock._lock, _guard]):
+            if len(_tokens) == len(tokens):
+                _took_all = True
+                break
+            _release_taken()
+        else:
             return
-        _held_for_fork.append(lock)
+    if not _took_all:
+        return
     for module, lib in _libs.items():
         if _ready.get(module) == os.getpid():
             try:
@@ -77,12 +86,44 @@ def _before_fork() -> None:
         token._session = None
 
 
-def _release_fork_locks() -> None:
+def _take(locks) -> bool:
+    for lock in locks:
+        if not lock.acquire(timeout=FORK_WAIT):
+            _release_taken()
+            return False
+        _held_for_fork.append(lock)
+    return True
+
+
+def _release_taken() -> None:
     while _held_for_fork:
         _held_for_fork.pop().release()
 
 
-os.register_at_fork(before=_before_fork, after_in_parent=_release_fork_locks, after_in_child=_release_fork_locks)
+def _after_fork_in_parent() -> None:
+    _release_taken()
+    _fork_lock.release()
+
+
+def _after_fork_in_child() -> None:
+    if _took_all:
+        _release_taken()
+    else:                               # locks other threads held: nobody holds them here
+        _held_for_fork.clear()
+        for token in _tokens.values():
+            token.lock._at_fork_reinit()
+        _module_lock._lock._at_fork_reinit()
+        _guard._at_fork_reinit()
+        if _module_lock._fd is not None:     # the flock stays the parent's: drop this copy of its descriptor
+            try:
+                os.close(_module_lock._fd)
+            except OSError:
+                pass
+        _module_lock._fd, _module_lock._depth = None, 0
+    _fork_lock._at_fork_reinit()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 class _ModuleLock:
@@ -463,11 +504,11 @@ class Token:
             else:
                 session = self.session()
             try:
-                if replace:             # (a new id has none to replace: no search through the token)
-                    for old in list(session.get_objects({A.CLASS: pkcs11.ObjectClass.CERTIFICATE, A.ID: id,
-                                                         A.LABEL: label})):
-                        old.destroy()
-                session.create_object(template)
+                olds = (list(session.get_objects({A.CLASS: pkcs11.ObjectClass.CERTIFICATE, A.ID: id, A.LABEL: label}))
+                        if replace else [])   # (a new id has none to replace: no search through the token)
+                session.create_object(template)     # the new one first: a failure leaves the old one
+                for old in olds:
+                    old.destroy()
             except pkcs11.PKCS11Error as exc:
                 raise TokenError(f"PKCS#11 {self.uri.token_label}: cannot store certificate '{label}' "
                                  f"({type(exc).__name__})") from None
