@@ -15,6 +15,30 @@ from devid.gateway.pkcs11.token import Token, TokenKey
 from devid.gateway.pkcs11.uri import DEFAULT_MODULE, parse
 
 
+def sign_in_child(key: TokenKey, data: bytes) -> bytes:
+    """The signature a forked child makes with `key`: it must exit 0 within 60 s (a child that
+    hangs, on a lock it inherited held or a module mid-call, fails the test, never blocks it)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(write, key.sign(data, ec.ECDSA(hashes.SHA256())))
+        finally:
+            os._exit(0)
+    os.close(write)
+    ready, _, _ = select.select([read], [], [], 60)
+    if not ready:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        os.close(read)
+        pytest.fail("the forked child did not sign within 60 s")
+    sig = os.read(read, 200)
+    os.close(read)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and len(sig) >= 64, sig
+    return sig
+
+
 def test_uri_attributes_percent_decoding_and_round_trip():
     u = parse("pkcs11:token=My%20CA;id=%01%ff;object=devid-root;type=private"
               "?module-path=/opt/hsm/lib%2Dp11.so&pin-source=file:/etc/devid/pin")
@@ -74,18 +98,7 @@ def test_a_forked_child_opens_its_own_session(token, monkeypatch):
     public = Token.of(uri).generate_ec_key(ec.SECP256R1(), "fork", b"\x08")
     key = TokenKey.open(uri.with_object(id=b"\x08"))
     key.sign(b"parent", ec.ECDSA(hashes.SHA256()))          # the parent's session is open
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.write(write, key.sign(b"child", ec.ECDSA(hashes.SHA256())))
-        finally:
-            os._exit(0)
-    os.close(write)
-    sig = os.read(read, 200)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0 and len(sig) >= 64, sig
-    public.verify(sig, b"child", ec.ECDSA(hashes.SHA256()))
+    public.verify(sign_in_child(key, b"child"), b"child", ec.ECDSA(hashes.SHA256()))
     public.verify(key.sign(b"parent again", ec.ECDSA(hashes.SHA256())), b"parent again", ec.ECDSA(hashes.SHA256()))
 
 
@@ -111,24 +124,7 @@ def test_a_fork_waits_for_a_signature_under_way_in_another_thread(token, monkeyp
     worker.start()
     try:
         for _ in range(5):
-            read, write = os.pipe()
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    os.write(write, key.sign(b"child", ec.ECDSA(hashes.SHA256())))
-                finally:
-                    os._exit(0)
-            os.close(write)
-            ready, _, _ = select.select([read], [], [], 60)
-            if not ready:                   # the child hangs (a lock inherited held, a module mid-call)
-                os.kill(pid, 9)
-                os.waitpid(pid, 0)
-                pytest.fail("the forked child did not sign within 60 s")
-            sig = os.read(read, 200)
-            os.close(read)
-            _, status = os.waitpid(pid, 0)
-            assert os.waitstatus_to_exitcode(status) == 0 and len(sig) >= 64, sig
-            public.verify(sig, b"child", ec.ECDSA(hashes.SHA256()))
+            public.verify(sign_in_child(key, b"child"), b"child", ec.ECDSA(hashes.SHA256()))
     finally:
         stop.set()
         worker.join(30)
@@ -157,24 +153,7 @@ def test_a_child_forked_while_another_thread_holds_the_token_still_signs(token, 
     holder.start()
     try:
         assert holding.wait(30)
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.write(write, key.sign(b"child", ec.ECDSA(hashes.SHA256())))
-            finally:
-                os._exit(0)
-        os.close(write)
-        ready, _, _ = select.select([read], [], [], 60)
-        if not ready:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            pytest.fail("the child forked while another thread held the token did not sign within 60 s")
-        sig = os.read(read, 200)
-        os.close(read)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0 and len(sig) >= 64, sig
-        public.verify(sig, b"child", ec.ECDSA(hashes.SHA256()))
+        public.verify(sign_in_child(key, b"child"), b"child", ec.ECDSA(hashes.SHA256()))
     finally:
         release.set()
         holder.join(30)
