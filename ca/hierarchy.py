@@ -75,10 +75,11 @@ def build_intermediate(name: str, key: ec.EllipticCurvePrivateKey, root: Issuer,
             .sign(root.key, root.hash_algorithm))
 
 
-def gateway_names(hostnames: Iterable[str]) -> list[x509.GeneralName]:
-    """SubjectAltName entries: localhost, 127.0.0.1, ::1 and every extra host name or address."""
+def gateway_names(hostnames: Iterable[str], localhost: bool = True) -> list[x509.GeneralName]:
+    """SubjectAltName entries: localhost, 127.0.0.1, ::1 (unless not `localhost`) and every extra host
+    name or address."""
     names: list[x509.GeneralName] = []
-    for host in ["localhost", "127.0.0.1", "::1", *hostnames]:
+    for host in [*(["localhost", "127.0.0.1", "::1"] if localhost else []), *hostnames]:
         try:
             entry: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
         except ValueError:
@@ -88,15 +89,37 @@ def gateway_names(hostnames: Iterable[str]) -> list[x509.GeneralName]:
     return names
 
 
+def build_trust_anchor(issuer: Issuer, rand_bytes: Callable[[int], bytes]) -> x509.Certificate:
+    """A self-signed certificate of an issuing CA's own name and key (the operational CA's, for a
+    service that must admit only operational identities: an MQTT broker). A relying party that
+    holds it as its only trust anchor accepts exactly the certificates that CA issued: a path
+    ends at the anchor, the root is not in it, so a factory certificate (manufacturing CA, then
+    root) has no path, chain sent or not. Same subject, key, key identifier and validity as the
+    CA's certificate, so its CRLs (same issuer name, same key) verify against it (RFC 5280
+    6.1.1 (d): a trust anchor is a name and a key; RFC 5914)."""
+    cert = issuer.cert
+    return (x509.CertificateBuilder()
+            .subject_name(cert.subject).issuer_name(cert.subject).public_key(issuer.key.public_key())
+            .serial_number(random_serial(rand_bytes))
+            .not_valid_before(cert.not_valid_before_utc).not_valid_after(cert.not_valid_after_utc)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_ca_usage(), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(issuer.key.public_key()), critical=False)
+            .sign(issuer.key, issuer.hash_algorithm))
+
+
 def build_gateway_cert(key: ec.EllipticCurvePrivateKey, issuer: Issuer, hostnames: Iterable[str],
                        settings: IdentitySettings, now: datetime,
-                       rand_bytes: Callable[[int], bytes]) -> x509.Certificate:
+                       rand_bytes: Callable[[int], bytes], common_name: str = "devid gateway",
+                       localhost: bool = True) -> x509.Certificate:
+    """A TLS/DTLS server certificate (serverAuth) for `hostnames` (and localhost, 127.0.0.1 and
+    ::1 unless `localhost` is false): the gateway's, or the MQTT broker's."""
     now = to_utc(now)
     usage = x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
                           data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
                           encipher_only=False, decipher_only=False)
     subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, settings.organization),
-                         x509.NameAttribute(NameOID.COMMON_NAME, "devid gateway")])
+                         x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     return (x509.CertificateBuilder()
             .subject_name(subject).issuer_name(issuer.cert.subject).public_key(key.public_key())
             .serial_number(random_serial(rand_bytes))
@@ -107,7 +130,7 @@ def build_gateway_cert(key: ec.EllipticCurvePrivateKey, issuer: Issuer, hostname
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .add_extension(issuer.aki, critical=False)
-            .add_extension(x509.SubjectAlternativeName(gateway_names(hostnames)), critical=False)
+            .add_extension(x509.SubjectAlternativeName(gateway_names(hostnames, localhost=localhost)), critical=False)
             .sign(issuer.key, issuer.hash_algorithm))
 
 

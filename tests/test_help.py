@@ -119,9 +119,9 @@ def test_new_flags_are_in_help_and_documented(path):
 
 
 def test_every_data_command_documents_data():
-    from devid.gateway.cli.device import DEVICE_COMMANDS
+    from devid.gateway.cli.device import is_device_path
     for path in COMMANDS:
-        if path[0] in DEVICE_COMMANDS:
+        if is_device_path(path):
             assert "--data" not in _help(path), path
         elif path != ("bench",):
             assert "--data DIR" in _help(path) and "DEVID_DATA" in _help(path), path

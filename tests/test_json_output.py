@@ -269,6 +269,44 @@ def test_every_command_prints_one_json_document_good_and_bad(tmp_path, postgres,
         "SE00000001-op"
     run.bad_("se", "store", "--device", dev, "--cert", d / "ca" / "operational.cert.pem")
 
+    # service access over MQTT: a real Mosquitto on the files broker-config writes
+    from dataclasses import replace
+    import threading
+    from devid.gateway.device.mqtt import Connection, service
+    from .mosquitto_helpers import Mosquitto
+    broker = Mosquitto()
+    try:
+        doc = run.good_("mqtt", "broker-config", "--out", broker.directory, "--port", broker.port, "--listen",
+                        "127.0.0.1", "--owner", "mosquitto")
+        assert doc["port"] == broker.port and doc["acl_devices"] == 0     # the default template has no [mqtt]
+        run.bad_("mqtt", "broker-config", "--out", broker.directory, "--owner", "no-such-user-here")
+        (d / "config" / "default.toml").write_text((d / "config" / "default.toml").read_text()
+                                                    + f'\n[mqtt]\nbroker = "mqtts://localhost:{broker.port}"\n')
+        assert run.good_("mqtt", "broker-config", "--out", broker.directory, "--port", broker.port, "--listen",
+                         "127.0.0.1", "--owner", "mosquitto")["acl_devices"] >= 1
+        assert "user device-TS00000003\n" in (broker.directory / "acl").read_text()     # (TS00000001 is revoked)
+        broker.start()
+        dev1, url = tmp_path / "sim" / "TS00000003", f"mqtts://localhost:{broker.port}"     # enrolled by simulate
+        assert run.good_("mqtt", "publish", "--device", dev1, "--broker", url, "--topic", "t", "--message", "m")["bytes"] == 1
+        run.bad_("mqtt", "publish", "--device", dev1, "--broker", "mqtts://localhost:1", "--topic", "t", "--message", "m")
+        stop = threading.Event()
+
+        def keep_publishing():          # until the subscriber has had its message
+            with Connection(replace(service(dev1, url), client_id="TS00000003-pub")) as conn:
+                while not stop.wait(0.2):
+                    conn.publish("devices/TS00000003/news", b"hello")
+        publisher = threading.Thread(target=keep_publishing)
+        publisher.start()
+        try:
+            doc = run.good_("mqtt", "subscribe", "--device", dev1, "--broker", url, "--topic", "news")
+            assert doc["messages"][0] == {"topic": "devices/TS00000003/news", "message": "hello"}
+        finally:
+            stop.set()
+            publisher.join(30)
+        run.bad_("mqtt", "subscribe", "--device", out / "TS00000003", "--broker", url, "--topic", "news")
+    finally:
+        broker.stop()
+
     # every command that has --json was seen both succeed and fail
     assert run.good == run.known and run.bad == run.known, (run.known - run.good, run.known - run.bad)
 

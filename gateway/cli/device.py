@@ -201,6 +201,13 @@ def firmware_flags(s) -> None:
 # the device commands take no --data: a device knows its bundle and its gateway, not the CA
 # (dispatch refuses a --data given before them)
 DEVICE_COMMANDS = ("enroll", "renew", "fetch-config", "simulate", "se")
+# device commands inside a group whose other commands use the data directory
+DEVICE_SUBCOMMANDS = (("mqtt", "publish"), ("mqtt", "subscribe"))
+
+
+def is_device_path(path: tuple[str, ...]) -> bool:
+    """Does the command at `path` (e.g. ("mqtt", "publish")) run on a device, with no data directory?"""
+    return path[:1] and path[0] in DEVICE_COMMANDS or tuple(path[:2]) in DEVICE_SUBCOMMANDS
 
 
 def add_commands(sub, common: argparse.ArgumentParser) -> None:

@@ -18,13 +18,13 @@ import sys
 from devid.ca.errors import CAError
 from devid.attestation.errors import AttestationError
 
-from devid.gateway.cli import attest, bench, ca, device, devices, output, provision, registry, se, serve
+from devid.gateway.cli import attest, bench, ca, device, devices, mqtt, output, provision, registry, se, serve
 from devid.gateway.cli.base import Parser, data_dir, wants_json
 from devid.gateway.app.datadir import ENV_DATA, ENV_REGISTRY
 from devid.gateway.errors import GatewayError
 
 # the order of `devid --help`
-GROUPS = (ca, devices, provision, serve, device, se, bench, registry)
+GROUPS = (ca, devices, provision, serve, device, se, mqtt, bench, registry)
 DATA_HELP = f"the data directory (default: ${ENV_DATA}, else ./devid-data); before or after the command"
 REGISTRY_HELP = (f"the registry on PostgreSQL, postgresql://USER@HOST:PORT/DB (default: ${ENV_REGISTRY}, else "
                  "devid.toml's [registry] url, else SQLite in the data directory); with init: written into devid.toml")
@@ -92,11 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         parser = build_parser()
         args = parser.parse_args(argv)
-        if hasattr(args, "data") and args.command in device.DEVICE_COMMANDS:
-            parser.error(f"--data: '{args.command}' uses no data directory (a device knows its bundle and its "
-                         "gateway, not the CA)")
-        if hasattr(args, "registry") and args.command in device.DEVICE_COMMANDS:
-            parser.error(f"--registry: '{args.command}' uses no registry (a device knows its bundle and its gateway)")
+        path = (args.command, getattr(args, "mqtt_command", None) or "")
+        if hasattr(args, "data") and device.is_device_path(path):
+            parser.error(f"--data: '{' '.join(path).strip()}' uses no data directory (a device knows its bundle "
+                         "and its gateway, not the CA)")
+        if hasattr(args, "registry") and device.is_device_path(path):
+            parser.error(f"--registry: '{' '.join(path).strip()}' uses no registry (a device knows its bundle and its "
+                         "gateway)")
         if not hasattr(args, "data"):
             args.data = None
         if getattr(args, "registry", None):

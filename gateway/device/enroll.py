@@ -219,6 +219,10 @@ def _store_operational(directory: Path, issued: Issued) -> None:
 
 def _store_config(directory: Path, config: Config) -> None:
     write_atomic(directory / "config.cbor", config.raw)
-    view = dict(config.data, trust_anchors=[x509.load_der_x509_certificate(d).public_bytes(
-        serialization.Encoding.PEM).decode() for d in config.data.get("trust_anchors", [])])
+    def pem(der: bytes) -> str:
+        return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode()
+    view = dict(config.data, trust_anchors=[pem(d) for d in config.data.get("trust_anchors", [])])
+    mqtt = config.data.get("mqtt")
+    if isinstance(mqtt, dict) and isinstance(mqtt.get("trust_anchor"), bytes):
+        view["mqtt"] = dict(mqtt, trust_anchor=pem(mqtt["trust_anchor"]))
     write_atomic(directory / "config.json", (json.dumps(view, indent=2) + "\n").encode())

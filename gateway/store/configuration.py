@@ -38,7 +38,16 @@ retry_seconds = 3600
 [trust]
 # CA certificates the device keeps as trust anchors: any of root, operational, manufacturing
 anchors = ["root", "operational"]
+
+# Service access over MQTT (docs/mqtt.md): uncomment to tell devices where their broker is.
+# `devid mqtt broker-config` writes each enrolled device's topics (below) into the broker's ACL.
+# [mqtt]
+# broker = "mqtts://localhost:8883"
+# topics = ["devices/{serial}/#"]
 """
+
+DEFAULT_MQTT_TOPICS = ["devices/{serial}/#"]
+TOPIC_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./#+{}")
 
 _ANCHORS = ("root", "operational", "manufacturing")
 
@@ -90,6 +99,9 @@ class ConfigTemplates:
             raise ConfigError(f"{path}: renewal.window_days must be a positive integer")
         if not isinstance(anchors, list) or not anchors or any(a not in _ANCHORS for a in anchors):
             raise ConfigError(f"{path}: trust.anchors must list some of {', '.join(_ANCHORS)}")
+        mqtt = doc.get("mqtt")
+        if mqtt is not None:
+            check_mqtt(mqtt, path)
 
     def _anchor(self, name: str) -> bytes:
         der = self._der.get(name)
@@ -99,10 +111,46 @@ class ConfigTemplates:
 
     def for_device(self, serial: str, device_type: str) -> dict:
         doc = self._template(device_type)
-        return {
+        config = {
             "device": serial,
             "device_type": device_type,
             "endpoints": dict(doc["endpoints"]),
             "renewal": dict(doc["renewal"]),
             "trust_anchors": [self._anchor(name) for name in doc["trust"]["anchors"]],
         }
+        if "mqtt" in doc:
+            topics = device_topics(doc["mqtt"], serial, device_type)
+            config["mqtt"] = {"broker": doc["mqtt"]["broker"], "client_id": serial,
+                              "topic_prefix": topics[0].removesuffix("/#"), "topics": topics,
+                              "trust_anchor": self._anchor("root")}
+        return config
+
+    def mqtt_topics(self, serial: str, device_type: str) -> list[str] | None:
+        """The topics the broker's ACL gives this device (None: its template names no broker)."""
+        doc = self._template(device_type)
+        return device_topics(doc["mqtt"], serial, device_type) if "mqtt" in doc else None
+
+
+def check_mqtt(mqtt, path) -> None:
+    """A template's [mqtt] table: broker = "mqtts://HOST[:PORT]"; topics: filters, each with {serial}."""
+    if not isinstance(mqtt, dict):
+        raise ConfigError(f"{path}: [mqtt] must be a table")
+    broker = mqtt.get("broker")
+    if not isinstance(broker, str) or not broker.startswith("mqtts://") or len(broker) <= len("mqtts://"):
+        raise ConfigError(f"{path}: mqtt.broker must be an mqtts://HOST[:PORT] URL")
+    topics = mqtt.get("topics", DEFAULT_MQTT_TOPICS)
+    if not isinstance(topics, list) or not topics:
+        raise ConfigError(f"{path}: mqtt.topics must be a non-empty list of topic filters")
+    for topic in topics:
+        if not isinstance(topic, str) or "{serial}" not in topic or not set(topic) <= TOPIC_CHARS:
+            raise ConfigError(f"{path}: mqtt.topics: {topic!r}: each filter holds {{serial}} (a device's own "
+                              "tree) and only letters, digits, - _ . / # + and {serial} or {device_type}")
+        rest = topic.replace("{serial}", "").replace("{device_type}", "")
+        if "{" in rest or "}" in rest or topic.startswith("/") or "#" in topic[:-1]:
+            raise ConfigError(f"{path}: mqtt.topics: {topic!r} is not a topic filter with {{serial}} "
+                              "({device_type} may be used too; # only at the end)")
+
+
+def device_topics(mqtt: dict, serial: str, device_type: str) -> list[str]:
+    return [t.replace("{serial}", serial).replace("{device_type}", device_type)
+            for t in mqtt.get("topics", DEFAULT_MQTT_TOPICS)]

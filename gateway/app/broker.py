@@ -1,0 +1,167 @@
+"""`devid mqtt broker-config`: everything a Mosquitto broker needs to give enrolled devices, and
+only them, service access over MQTT with TLS client certificates (docs/mqtt.md).
+
+    OUT/mosquitto.conf     listener, TLS >= 1.2, client certificate required, identity as user
+                           name, CRL, ACL, no anonymous clients, TCP_NODELAY (absolute paths)
+    OUT/broker.cert.pem    the broker's server certificate (operational CA, serverAuth, SAN =
+                           --hostname), then the operational CA: what devices check
+    OUT/broker.key.pem     its key, PKCS#8, mode 0600
+    OUT/ca.pem             the one trust anchor: the operational CA's own name and key,
+                           self-signed (devid.ca.hierarchy.build_trust_anchor). Only operational
+                           certificates chain to it: a factory certificate has no path, even
+                           sent with its chain (docs/certificates.md#service-access)
+    OUT/crl.pem            a fresh CRL of the operational CA (its revoked certificates)
+    OUT/acl                per enrolled device: `user device-SERIAL` and its topics, from the
+                           [mqtt] table of its type's configuration template
+
+Running it again keeps the broker's certificate and key (reissued only when the host names change
+or it has less than 30 days left), and replaces the CRL, the ACL, the anchor and the
+configuration, each atomically: `kill -HUP` the broker (or `--reload-pid PID`) to load them.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from devid.ca import keys
+from devid.ca.hierarchy import build_gateway_cert, build_trust_anchor, gateway_names, record_for
+from devid.ca.revocation import build_crl
+from devid.ca.store import DeviceState
+from devid.gateway.app.datadir import DataDir
+from devid.gateway.errors import ConfigError
+from devid.gateway.store.configuration import ConfigTemplates
+from devid.gateway.system.fs import fsync_path, write_atomic
+
+DEFAULT_PORT = 8883
+RENEW_BEFORE = timedelta(days=30)
+FILES = ("mosquitto.conf", "broker.cert.pem", "broker.key.pem", "ca.pem", "crl.pem", "acl")
+
+
+def _broker_cert_current(out: Path, hostnames: list[str], operational: x509.Certificate, now: datetime) -> bool:
+    """Is the broker certificate in OUT this CA's, for exactly these names, with its key, and
+    good for another RENEW_BEFORE?"""
+    try:
+        chain = x509.load_pem_x509_certificates((out / "broker.cert.pem").read_bytes())
+        key = keys.load_plain_key(out / "broker.key.pem")
+    except (OSError, ValueError, keys.KeyFileError):
+        return False
+    cert = chain[0]
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    return (cert.issuer == operational.subject and key.public_key() == cert.public_key()
+            and list(san) == gateway_names(hostnames, localhost=False)
+            and cert.not_valid_after_utc - now > RENEW_BEFORE)
+
+
+def acl_text(data: DataDir, registry) -> tuple[str, int]:
+    """The ACL: each enrolled device whose type's template has [mqtt] gets its topics; (text, devices)."""
+    templates = ConfigTemplates(data.path / "config", data.cert)
+    templates.ensure_default()
+    lines = ["# written by devid mqtt broker-config: one entry per enrolled device (docs/mqtt.md).",
+             "# A client's user name is its certificate's common name (use_identity_as_username).", ""]
+    count = 0
+    for device in registry.list_devices(DeviceState.ENROLLED):
+        topics = templates.mqtt_topics(device.serial, device.device_type)
+        if not topics:
+            continue
+        lines.append(f"user device-{device.serial}")
+        lines += [f"topic readwrite {topic}" for topic in topics]
+        lines.append("")
+        count += 1
+    return "\n".join(lines) + "\n", count
+
+
+def config_text(out: Path, port: int, listen: str) -> str:
+    o = out.resolve()
+    return f"""# written by devid mqtt broker-config (docs/mqtt.md); run it again to renew the CRL and the ACL,
+# then SIGHUP the broker. Every path is absolute.
+per_listener_settings false
+persistence false
+log_dest stderr
+set_tcp_nodelay true
+allow_anonymous false
+acl_file {o / "acl"}
+
+listener {port} {listen}
+cafile {o / "ca.pem"}
+certfile {o / "broker.cert.pem"}
+keyfile {o / "broker.key.pem"}
+crlfile {o / "crl.pem"}
+require_certificate true
+use_identity_as_username true
+tls_version tlsv1.2
+"""
+
+
+def broker_config(data: DataDir, out: Path, *, hostnames: list[str], port: int = DEFAULT_PORT,
+                  listen: str = "0.0.0.0", owner: str | None = None, reload_pid: int | None = None,
+                  now: datetime, rand_bytes=os.urandom) -> dict:
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port {port}: not a TCP port")
+    if reload_pid is not None and reload_pid <= 1:
+        raise ConfigError(f"--reload-pid {reload_pid}: not a broker's process id")
+    uid = gid = None
+    if owner is not None:
+        try:
+            entry = pwd.getpwnam(owner)
+        except KeyError:
+            raise ConfigError(f"--owner {owner}: no such user") from None
+        uid, gid = entry.pw_uid, entry.pw_gid
+    for name in hostnames:
+        gateway_names([name], localhost=False)          # a bad name is one error here
+    out = Path(out)
+    out.mkdir(mode=0o750, parents=True, exist_ok=True)
+    registry = data.open_registry()
+    try:
+        op = data.issuer("operational")
+        reissued = not _broker_cert_current(out, hostnames, op.cert, now)
+        if reissued:
+            key = ec.generate_private_key(ec.SECP256R1())
+            cert = build_gateway_cert(key, op, hostnames, data.config.identity, now, rand_bytes,
+                                      common_name="devid MQTT broker", localhost=False)
+            registry.record_certificates([record_for(cert, "operational", "broker", now)])
+            write_atomic(out / "broker.key.pem", keys.plain_key(key), 0o600)
+            write_atomic(out / "broker.cert.pem", cert.public_bytes(serialization.Encoding.PEM)
+                         + op.cert.public_bytes(serialization.Encoding.PEM))
+        anchor_current = False
+        try:
+            held = x509.load_pem_x509_certificate((out / "ca.pem").read_bytes())
+            anchor_current = held.public_key() == op.cert.public_key() and held.subject == op.cert.subject
+        except (OSError, ValueError):
+            pass
+        if not anchor_current:
+            write_atomic(out / "ca.pem", build_trust_anchor(op, rand_bytes).public_bytes(serialization.Encoding.PEM))
+        crl = build_crl(op, registry, now, validity=timedelta(days=data.config.crl_days))
+        write_atomic(out / "crl.pem", crl.crl.public_bytes(serialization.Encoding.PEM))
+        acl, devices = acl_text(data, registry)
+        write_atomic(out / "acl", acl.encode())
+        write_atomic(out / "mosquitto.conf", config_text(out, port, listen).encode())
+    finally:
+        registry.close()
+    if uid is not None:
+        os.chown(out, uid, gid)
+        for name in FILES:
+            os.chown(out / name, uid, gid)
+    fsync_path(out)
+    reloaded = False
+    if reload_pid is not None:
+        try:
+            os.kill(reload_pid, signal.SIGHUP)
+            reloaded = True
+        except ProcessLookupError:
+            raise ConfigError(f"--reload-pid {reload_pid}: no such process (the files are written)") from None
+        except PermissionError:
+            raise ConfigError(f"--reload-pid {reload_pid}: not allowed to signal it (the files are written)") from None
+    return {"out": str(out.resolve()), "config": str((out / "mosquitto.conf").resolve()), "port": port,
+            "listen": listen, "hostnames": hostnames, "broker_certificate_reissued": reissued,
+            "crl_number": crl.number, "crl_entries": crl.entries, "acl_devices": devices, "reloaded": reloaded}

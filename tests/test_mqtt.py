@@ -1,0 +1,265 @@
+"""Service access over MQTT against a real Mosquitto (tests/mosquitto_helpers.py): the files
+`devid mqtt broker-config` writes, devices enrolled by a real gateway publishing and receiving
+with their operational identities, and every identity that must be refused, refused."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from devid.gateway.device.mqtt import Connection, MQTTFailed, Service, service
+from devid.gateway.store.configuration import DEFAULT_TEMPLATE
+
+from .conftest import ok, one_line_error, run_devid, tool
+from .mosquitto_helpers import Mosquitto
+from .serve_helpers import bench_common, serve
+
+FW = bench_common.bench_firmware()
+FIRMWARE = ["--firmware-digest", FW.digest.hex(), "--firmware-name", FW.name, "--firmware-version", FW.version]
+
+
+class World:
+    def __init__(self, data: Path, broker: Mosquitto, factory: Path, tmp: Path) -> None:
+        self.data, self.broker, self.factory, self.tmp = data, broker, factory, tmp
+
+    def device(self, n: int) -> Path:
+        return self.factory / f"MQ{n:08d}"
+
+    def broker_config(self, *extra) -> dict:
+        return json.loads(ok(run_devid("mqtt", "broker-config", "--out", self.broker.directory, "--hostname",
+                                       "localhost", "--port", self.broker.port, "--listen", "127.0.0.1",
+                                       "--owner", "mosquitto", "--json", *extra, data_dir=self.data)))
+
+    def reload(self) -> None:
+        """broker-config again, and SIGHUP; back when the broker has reloaded (its log says so)."""
+        before = self.broker.reloads()
+        self.broker_config("--reload-pid", self.broker.pid)
+        wait_for(lambda: self.broker.reloads() > before, "the broker to reload")
+
+
+def wait_for(predicate, what: str, timeout: float = 30.0) -> None:
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A CA whose default template names the broker, three devices of which two enrolled through
+    a real gateway, and a Mosquitto broker on the files broker-config wrote."""
+    tmp = tmp_path_factory.mktemp("mqtt")
+    data = tmp / "data"
+    ok(run_devid("init", data_dir=data))
+    (data / "attestation-policy.toml").write_text(bench_common.bench_policy())
+    broker = Mosquitto()
+    (data / "config").mkdir()
+    (data / "config" / "default.toml").write_text(
+        DEFAULT_TEMPLATE + f'\n[mqtt]\nbroker = "mqtts://localhost:{broker.port}"\ntopics = ["devices/{{serial}}/#"]\n')
+    ok(run_devid("provision", "--count", 3, "--device-type", bench_common.DEVICE_TYPE, "--out", tmp / "factory",
+                 "--serial-prefix", "MQ", "--workers", 1, data_dir=data))
+    served = serve(data, tmp / "gateway.log")
+    try:
+        for n in (1, 2):
+            ok(run_devid("enroll", "--gateway", served.uri, "--device", tmp / "factory" / f"MQ{n:08d}", *FIRMWARE))
+    finally:
+        assert served.stop() == 0
+    w = World(data, broker, tmp / "factory", tmp)
+    w.first_config = w.broker_config()
+    broker.start()
+    try:
+        yield w
+    finally:
+        broker.stop()
+
+
+def refused(svc: Service) -> str:
+    with pytest.raises(MQTTFailed) as info:
+        with Connection(svc, timeout=10):
+            pass
+    return str(info.value)
+
+
+def test_broker_config_writes_the_broker_files(world):
+    doc = world.first_config
+    d = world.broker.directory
+    assert doc["acl_devices"] == 2 and doc["broker_certificate_reissued"] is True and doc["port"] == world.broker.port
+    conf = (d / "mosquitto.conf").read_text()
+    for line in ("require_certificate true", "use_identity_as_username true", "tls_version tlsv1.2",
+                 "allow_anonymous false", "set_tcp_nodelay true", f"listener {world.broker.port} 127.0.0.1",
+                 f"crlfile {d / 'crl.pem'}", f"acl_file {d / 'acl'}", f"cafile {d / 'ca.pem'}"):
+        assert line in conf.splitlines(), line
+    assert (d / "broker.key.pem").stat().st_mode & 0o777 == 0o600
+    acl = (d / "acl").read_text()
+    assert "user device-MQ00000001\ntopic readwrite devices/MQ00000001/#\n" in acl
+    assert "MQ00000003" not in acl                      # provisioned, not enrolled: no service access
+    anchor = x509.load_pem_x509_certificate((d / "ca.pem").read_bytes())
+    operational = x509.load_pem_x509_certificate((world.data / "ca" / "operational.cert.pem").read_bytes())
+    assert anchor.subject == anchor.issuer == operational.subject and anchor.public_key() == operational.public_key()
+    broker_cert = x509.load_pem_x509_certificates((d / "broker.cert.pem").read_bytes())
+    assert broker_cert[0].issuer == operational.subject and broker_cert[1] == operational
+    san = broker_cert[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"] and not san.get_values_for_type(x509.IPAddress)
+
+
+def test_the_enrolled_configuration_names_the_broker(world):
+    config = json.loads((world.device(1) / "config.json").read_text())
+    mqtt = config["mqtt"]
+    assert mqtt["broker"] == f"mqtts://localhost:{world.broker.port}" and mqtt["client_id"] == "MQ00000001"
+    assert mqtt["topic_prefix"] == "devices/MQ00000001" and mqtt["topics"] == ["devices/MQ00000001/#"]
+    root = x509.load_pem_x509_certificate((world.data / "ca" / "root.cert.pem").read_bytes())
+    assert x509.load_pem_x509_certificate(mqtt["trust_anchor"].encode()) == root
+
+
+def test_a_device_publishes_and_receives_its_own_message(world):
+    sub = subprocess.Popen([sys.executable, "-m", "devid.gateway.cli", "mqtt", "subscribe", "--device",
+                            str(world.device(1)), "--topic", "echo", "--count", "1", "--ready", "--json"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "subscribed to devices/MQ00000001/echo" in sub.stderr.readline()
+        out = ok(run_devid("mqtt", "publish", "--device", world.device(1), "--topic", "echo", "--message", "hello"))
+        assert f"published 5 bytes to devices/MQ00000001/echo at mqtts://localhost:{world.broker.port}" in out
+        got, err = sub.communicate(timeout=60)
+    finally:
+        if sub.poll() is None:
+            sub.kill()
+    assert sub.returncode == 0, err
+    assert json.loads(got)["messages"] == [{"topic": "devices/MQ00000001/echo", "message": "hello"}]
+
+
+def test_a_device_cannot_publish_or_read_in_another_devices_tree(world):
+    from dataclasses import replace
+    one, two = service(world.device(1)), replace(service(world.device(2)), client_id="MQ00000002-test")
+    with Connection(one) as a, Connection(two) as b:
+        with pytest.raises(MQTTFailed) as info:
+            a.publish("devices/MQ00000002/spoof", b"x")
+        assert "0x87" in str(info.value) and "Not authorized" in str(info.value)
+        a.subscribe("devices/MQ00000002/#")
+        a.subscribe("devices/MQ00000001/#")
+        b.publish("devices/MQ00000002/secret", b"not for you")
+        a.publish("devices/MQ00000001/sentinel", b"mine")
+        got = a.wait_messages(1, 30)
+        assert got == [("devices/MQ00000001/sentinel", b"mine")]
+        assert a.messages == got                    # and nothing of MQ00000002's tree
+
+
+def test_identities_that_are_not_operational_are_refused(world, tmp_path):
+    svc = service(world.device(1))
+    factory = world.device(1)
+    # the factory certificate, sent with its whole chain
+    text = refused(Service(svc.host, svc.port, "MQ00000001", svc.topic_prefix, svc.trust_pem,
+                           factory / "chain.pem", factory / "key.pem"))
+    assert "refused" in text
+    # a certificate of another CA with the same subject
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "device-MQ00000001")])
+    now = datetime.now(timezone.utc)
+    other = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+             .serial_number(1).not_valid_before(now - timedelta(minutes=1)).not_valid_after(now + timedelta(days=1))
+             .sign(key, hashes.SHA256()))
+    (tmp_path / "other.pem").write_bytes(other.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "other.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+    assert "refused" in refused(Service(svc.host, svc.port, "MQ00000001", svc.topic_prefix, svc.trust_pem,
+                                        tmp_path / "other.pem", tmp_path / "other.key"))
+    # no certificate at all: a real MQTT CONNECT over TLS without a client certificate
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cadata=svc.trust_pem.decode())
+    assert connack_without_certificate(ctx, svc.port) is None
+
+
+def connack_without_certificate(ctx: ssl.SSLContext, port: int):
+    """The CONNACK reason code a client without a certificate gets (None: no CONNACK, the broker
+    ended the TLS session)."""
+    import threading
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="anonymous", protocol=paho.MQTTv5)
+    client.tls_set_context(ctx)
+    done, codes = threading.Event(), []
+    client.on_connect = lambda c, u, f, reason, p: (codes.append(reason), done.set())
+    client.on_disconnect = lambda c, u, f, reason, p: done.set()
+    try:
+        client.connect("localhost", port)
+    except (ssl.SSLError, OSError):
+        return None
+    client.loop_start()
+    try:
+        assert done.wait(30), "neither CONNACK nor a closed connection within 30 s"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return codes[0] if codes else None
+
+
+def test_tls_below_1_2_is_refused(world):
+    proc = subprocess.run([tool("openssl"), "s_client", "-connect", f"127.0.0.1:{world.broker.port}", "-tls1_1",
+                           "-cipher", "DEFAULT@SECLEVEL=0", "-brief"], input="", capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0
+    assert "alert protocol version" in proc.stderr or "no protocols available" in proc.stderr, proc.stderr
+    proc = subprocess.run([tool("openssl"), "s_client", "-connect", f"127.0.0.1:{world.broker.port}", "-tls1_2",
+                           "-brief", "-CAfile", str(world.device(1) / "ca.pem"), "-cert",
+                           str(world.device(1) / "op-chain.pem"), "-key", str(world.device(1) / "op-key.pem")],
+                          input="", capture_output=True, text=True, timeout=60)
+    assert "Protocol version: TLSv1.2" in proc.stderr, proc.stderr
+
+
+def test_the_device_checks_the_brokers_name(world):
+    svc = service(world.device(1), f"mqtts://127.0.0.1:{world.broker.port}")   # not in its certificate
+    text = refused(svc)
+    assert "not trusted" in text and "mismatch" in text.lower()
+
+
+def test_broker_config_again_changes_only_the_crl(world):
+    d = world.broker.directory
+    files = ("mosquitto.conf", "broker.cert.pem", "broker.key.pem", "ca.pem", "acl")
+    before = {n: (d / n).read_bytes() for n in files}
+    crl_before = x509.load_pem_x509_crl((d / "crl.pem").read_bytes())
+    doc = world.broker_config()
+    assert doc["broker_certificate_reissued"] is False
+    assert {n: (d / n).read_bytes() for n in files} == before
+    crl = x509.load_pem_x509_crl((d / "crl.pem").read_bytes())
+    number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    assert number == crl_before.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
+
+
+def test_a_revoked_device_is_refused_once_the_crl_is_republished(world):
+    with Connection(service(world.device(2))) as live:
+        live.publish("devices/MQ00000002/before", b"x")
+        ok(run_devid("revoke", "MQ00000002", "--reason", "keyCompromise", data_dir=world.data))
+        world.reload()
+        assert "device-MQ00000002" not in (world.broker.directory / "acl").read_text()
+        text = refused(service(world.device(2)))
+        assert "refused" in text
+        # a session open before the reload stays connected (Mosquitto keeps it), but the reloaded ACL
+        # no longer names the device: its publishes are refused (docs/mqtt.md)
+        with pytest.raises(MQTTFailed) as info:
+            live.publish("devices/MQ00000002/after", b"x")
+        assert "0x87" in str(info.value)
+    with Connection(service(world.device(1))) as still:
+        still.publish("devices/MQ00000001/ok", b"x")
+
+
+def test_device_side_errors_are_one_line(world, tmp_path):
+    one_line_error(run_devid("mqtt", "publish", "--device", world.device(3), "--topic", "t", "--message", "m"),
+                   "enroll the device first")
+    one_line_error(run_devid("mqtt", "publish", "--device", world.device(1), "--topic", "t", "--message", "m",
+                             "--broker", "mqtts://127.0.0.1:1"), "cannot reach the broker at mqtts://127.0.0.1:1")
+    one_line_error(run_devid("mqtt", "publish", "--device", world.device(1), "--topic", "t", "--message", "m",
+                             "--broker", "http://x"), "not an mqtts://HOST[:PORT] URL")
+    one_line_error(run_devid("mqtt", "broker-config", "--out", tmp_path / "b", "--owner", "no-such-user-here",
+                             data_dir=world.data), "--owner no-such-user-here: no such user")
