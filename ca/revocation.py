@@ -159,5 +159,13 @@ def build_crl(issuer: Issuer, store: Registry, now: datetime,
             entry = entry.add_extension(x509.CRLReason(REASONS[reason]), critical=False)
         builder = builder.add_revoked_certificate(entry.build())
         entries += 1
+    # a superseded certificate (a later one was issued to its device) is listed with reasonCode
+    # superseded (RFC 5280 5.3.1) until it expires: a relying party that has only the CRL (an MQTT
+    # broker) refuses it as the gateway does; an expired one drops off (RFC 5280 3.3)
+    for rec, superseded_at in store.superseded_certificates(issuer.name, now):
+        entry = (x509.RevokedCertificateBuilder().serial_number(rec.serial).revocation_date(superseded_at)
+                 .add_extension(x509.CRLReason(x509.ReasonFlags.superseded), critical=False))
+        builder = builder.add_revoked_certificate(entry.build())
+        entries += 1
     crl = builder.sign(issuer.key, issuer.hash_algorithm)
     return CRLInfo(issuer.name, number, entries, now, now + validity, crl)

@@ -127,6 +127,10 @@ class Registry(Protocol):
 
     def revoked_certificates(self, issuer: str) -> Iterable[CertificateRecord]: ...
 
+    def superseded_certificates(self, issuer: str, now: datetime) -> Iterable[tuple[CertificateRecord, datetime]]:
+        """Superseded certificates of `issuer` not yet expired at `now`, with when each was superseded."""
+        ...
+
     def revoked_among(self, serials: Sequence[int]) -> set[int]:
         """The certificate serials among `serials` that are revoked or whose device is."""
 

@@ -416,3 +416,22 @@ def test_revoking_one_certificate_closes_its_sessions_only(world):
         assert statuses(gw, "TS00000002")[result.certificate.serial_number] is CertStatus.CURRENT
         assert statuses(gw, "TS00000002")[serial] is CertStatus.REVOKED
     run_with_gateway(data, body)
+
+
+def test_the_crl_lists_a_superseded_certificate_until_it_expires(data, ca, registry):
+    """A renewal supersedes the previous operational certificate: the operational CA's CRL lists it
+    with reasonCode superseded and the time it was superseded (the next one's issue time), and
+    not the current one; once it has expired it drops off."""
+    from devid.ca.revocation import build_crl
+    register_device(ca, "SN1")
+    a = ca.issue_operational(make_csr()[0], "SN1", NOW)
+    b = ca.issue_operational(make_csr()[0], "SN1", NOW + timedelta(minutes=5))
+    info = build_crl(data.issuer("operational"), registry, NOW + timedelta(minutes=6))
+    entries = {e.serial_number: e for e in info.crl}
+    assert list(entries) == [a.cert.serial_number] and info.entries == 1
+    entry = entries[a.cert.serial_number]
+    assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason is x509.ReasonFlags.superseded
+    assert entry.revocation_date_utc == NOW + timedelta(minutes=5)         # when b was issued
+    assert b.cert.serial_number not in entries
+    after = build_crl(data.issuer("operational"), registry, a.cert.not_valid_after_utc + timedelta(seconds=1))
+    assert [e.serial_number for e in after.crl] == []

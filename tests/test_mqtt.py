@@ -263,3 +263,30 @@ def test_device_side_errors_are_one_line(world, tmp_path):
                              "--broker", "http://x"), "not an mqtts://HOST[:PORT] URL")
     one_line_error(run_devid("mqtt", "broker-config", "--out", tmp_path / "b", "--owner", "no-such-user-here",
                              data_dir=world.data), "--owner no-such-user-here: no such user")
+
+
+def test_a_superseded_certificate_is_refused_once_the_crl_is_republished(world, tmp_path):
+    """The operator issues MQ00000001 a new operational certificate (devid ca sign-csr supersedes
+    the current one): after broker-config and a reload, the old certificate is refused (the CRL
+    lists it, reason superseded) and the new one is admitted."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ignored")])).sign(key, hashes.SHA256()))
+    (tmp_path / "new.csr").write_bytes(csr.public_bytes(serialization.Encoding.DER))
+    ok(run_devid("ca", "sign-csr", "--profile", "operational", "--device", "MQ00000001", "--csr", tmp_path / "new.csr",
+                 "--out", tmp_path / "new.pem", data_dir=world.data))
+    (tmp_path / "new-chain.pem").write_bytes((tmp_path / "new.pem").read_bytes()
+                                             + (world.data / "ca" / "operational.cert.pem").read_bytes())
+    (tmp_path / "new.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    world.reload()
+    old = service(world.device(1))
+    assert "refused" in refused(old)
+    new = Service(old.host, old.port, old.client_id, old.topic_prefix, old.trust_pem, tmp_path / "new-chain.pem",
+                  tmp_path / "new.key")
+    with Connection(new) as conn:
+        conn.publish("devices/MQ00000001/renewed", b"x")
+    crl = x509.load_pem_x509_crl((world.broker.directory / "crl.pem").read_bytes())
+    old_serial = x509.load_pem_x509_certificates((world.device(1) / "op-chain.pem").read_bytes())[0].serial_number
+    entry = crl.get_revoked_certificate_by_serial_number(old_serial)
+    assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason is x509.ReasonFlags.superseded

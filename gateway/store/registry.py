@@ -315,6 +315,18 @@ class RegistryQueries:
                                     "AND status = 'revoked' ORDER BY revoked_at, serial", (issuer,)).fetchall()
         return [_cert(r) for r in rows]
 
+    def superseded_certificates(self, issuer: str, now: datetime) -> list[tuple[CertificateRecord, datetime]]:
+        """The superseded certificates of `issuer` that have not expired, each with when it was
+        superseded (the issue time of the next certificate of its profile for its device)."""
+        with self.reading() as db:
+            rows = db.execute(
+                f"SELECT {_CERT_COLS}, (SELECT MIN(n.issued_at) FROM certificates n WHERE n.device_serial = "
+                "c.device_serial AND n.profile = c.profile AND (n.issued_at > c.issued_at OR (n.issued_at = "
+                "c.issued_at AND n.rowid > c.rowid))) FROM certificates c WHERE c.issuer = ? AND "
+                "c.status = 'superseded' AND c.not_after > ? ORDER BY c.issued_at, c.serial",
+                (issuer, _ts(now))).fetchall()
+        return [(_cert(r[:12]), _dt(r[12]) or _dt(r[8])) for r in rows]
+
     def revoked_among(self, serials: Sequence[int]) -> set[int]:
         """Which of these certificate serials are revoked, or belong to a revoked device."""
         return self._serials_where(serials, "FROM certificates c LEFT JOIN devices d ON d.serial = c.device_serial "
