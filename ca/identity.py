@@ -23,20 +23,20 @@ from .errors import InvalidSerial
 OID_HARDWARE_MODULE_NAME = x509.ObjectIdentifier("1.3.6.1.5.5.7.8.4")  # RFC 4108 id-on-hardwareModuleName
 
 # serials go into the subject serialNumber, a PrintableString: no "_" there
-SERIAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,63}$")
-DEVICE_TYPE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,31}$|^$")
+SERIAL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,63}")
+DEVICE_TYPE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,31}|")
 
 
 def check_serial(serial: str) -> str:
-    if not isinstance(serial, str) or not SERIAL_RE.match(serial):
+    if not isinstance(serial, str) or not SERIAL_RE.fullmatch(serial):
         raise InvalidSerial(
             f"invalid device serial {serial!r}: use 1-64 characters A-Z a-z 0-9 . -, starting with a letter or digit")
     return serial
 
 
 def check_device_type(device_type: str) -> str:
-    if not isinstance(device_type, str) or not DEVICE_TYPE_RE.match(device_type):
+    if not isinstance(device_type, str) or not DEVICE_TYPE_RE.fullmatch(device_type):
         raise InvalidSerial(
             f"invalid device type {device_type!r}: use 1-64 characters a-z 0-9 . _ -, starting with a letter or digit")
     return device_type

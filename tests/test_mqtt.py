@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import ssl
 import subprocess
-import sys
+
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -102,7 +102,11 @@ def test_broker_config_writes_the_broker_files(world):
                  "allow_anonymous false", "set_tcp_nodelay true", f"listener {world.broker.port} 127.0.0.1",
                  f"crlfile {d / 'crl.pem'}", f"acl_file {d / 'acl'}", f"cafile {d / 'ca.pem'}"):
         assert line in conf.splitlines(), line
-    assert (d / "broker.key.pem").stat().st_mode & 0o777 == 0o600
+    import grp
+    key = (d / "broker.key.pem").stat()
+    assert key.st_mode & 0o777 == 0o640 and key.st_uid == 0 and grp.getgrgid(key.st_gid).gr_name == "mosquitto"
+    assert d.stat().st_uid == 0 and d.stat().st_mode & 0o777 == 0o750       # the broker's account owns nothing
+    assert "use_username_as_clientid true" in (d / "mosquitto.conf").read_text().splitlines()
     acl = (d / "acl").read_text()
     assert "user device-MQ00000001\ntopic readwrite devices/MQ00000001/#\n" in acl
     assert "MQ00000003" not in acl                      # provisioned, not enrolled: no service access
@@ -118,37 +122,49 @@ def test_broker_config_writes_the_broker_files(world):
 def test_the_enrolled_configuration_names_the_broker(world):
     config = json.loads((world.device(1) / "config.json").read_text())
     mqtt = config["mqtt"]
-    assert mqtt["broker"] == f"mqtts://localhost:{world.broker.port}" and mqtt["client_id"] == "MQ00000001"
+    assert mqtt["broker"] == f"mqtts://localhost:{world.broker.port}" and mqtt["client_id"] == "device-MQ00000001"
     assert mqtt["topic_prefix"] == "devices/MQ00000001" and mqtt["topics"] == ["devices/MQ00000001/#"]
     root = x509.load_pem_x509_certificate((world.data / "ca" / "root.cert.pem").read_bytes())
     assert x509.load_pem_x509_certificate(mqtt["trust_anchor"].encode()) == root
 
 
-def test_a_device_publishes_and_receives_its_own_message(world):
-    sub = subprocess.Popen([sys.executable, "-m", "devid.gateway.cli", "mqtt", "subscribe", "--device",
-                            str(world.device(1)), "--topic", "echo", "--count", "1", "--ready", "--json"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_broker_config_refuses_a_device_tree_inside_another(world, tmp_path):
+    """A type whose filter's literal level equals a device's serial (devices/MQ00000002/{serial}/#
+    puts every device of that type under MQ00000002's tree): broker-config refuses, naming both
+    (here, before MQ00000002 is revoked below)."""
+    template = world.data / "config" / f"{bench_common.DEVICE_TYPE}.toml"
+    template.write_text(DEFAULT_TEMPLATE + '\n[mqtt]\nbroker = "mqtts://localhost:1"\n'
+                        'topics = ["devices/{serial}/#", "devices/MQ00000002/{serial}/#"]\n')
     try:
-        assert "subscribed to devices/MQ00000001/echo" in sub.stderr.readline()
-        out = ok(run_devid("mqtt", "publish", "--device", world.device(1), "--topic", "echo", "--message", "hello"))
-        assert f"published 5 bytes to devices/MQ00000001/echo at mqtts://localhost:{world.broker.port}" in out
-        got, err = sub.communicate(timeout=60)
+        one_line_error(run_devid("mqtt", "broker-config", "--out", tmp_path / "b", data_dir=world.data),
+                       "is inside devices/MQ00000002, the tree of device MQ00000002")
+        assert not (tmp_path / "b" / "broker.cert.pem").exists()      # refused before anything was issued
     finally:
-        if sub.poll() is None:
-            sub.kill()
-    assert sub.returncode == 0, err
-    assert json.loads(got)["messages"] == [{"topic": "devices/MQ00000001/echo", "message": "hello"}]
+        template.unlink()
+
+
+def test_a_device_publishes_and_receives_its_own_message(world):
+    """In one session (the broker allows one per device): subscribe, publish, receive; and with
+    the CLI, a retained message published is what the next subscription receives."""
+    with Connection(service(world.device(1))) as conn:
+        conn.subscribe("devices/MQ00000001/echo")
+        conn.publish("devices/MQ00000001/echo", b"hello")
+        assert conn.wait_messages(1, 30) == [("devices/MQ00000001/echo", b"hello")]
+    out = ok(run_devid("mqtt", "publish", "--device", world.device(1), "--topic", "state", "--message", "on",
+                       "--retain"))
+    assert f"published 2 bytes to devices/MQ00000001/state at mqtts://localhost:{world.broker.port}" in out
+    got = json.loads(ok(run_devid("mqtt", "subscribe", "--device", world.device(1), "--topic", "state", "--json")))
+    assert got["messages"] == [{"topic": "devices/MQ00000001/state", "message": "on"}]
 
 
 def test_a_device_cannot_publish_or_read_in_another_devices_tree(world):
-    from dataclasses import replace
-    one, two = service(world.device(1)), replace(service(world.device(2)), client_id="MQ00000002-test")
+    one, two = service(world.device(1)), service(world.device(2))
     with Connection(one) as a, Connection(two) as b:
         with pytest.raises(MQTTFailed) as info:
             a.publish("devices/MQ00000002/spoof", b"x")
         assert "0x87" in str(info.value) and "Not authorized" in str(info.value)
         a.subscribe("devices/MQ00000002/#")
-        a.subscribe("devices/MQ00000001/#")
+        a.subscribe("devices/MQ00000001/sentinel")     # (not the whole tree: a retained message is there)
         b.publish("devices/MQ00000002/secret", b"not for you")
         a.publish("devices/MQ00000001/sentinel", b"mine")
         got = a.wait_messages(1, 30)
@@ -234,7 +250,7 @@ def test_broker_config_again_changes_only_the_crl(world):
     assert {n: (d / n).read_bytes() for n in files} == before
     crl = x509.load_pem_x509_crl((d / "crl.pem").read_bytes())
     number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    assert number == crl_before.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
+    assert number > crl_before.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
 
 
 def test_a_revoked_device_is_refused_once_the_crl_is_republished(world):
@@ -263,6 +279,35 @@ def test_device_side_errors_are_one_line(world, tmp_path):
                              "--broker", "http://x"), "not an mqtts://HOST[:PORT] URL")
     one_line_error(run_devid("mqtt", "broker-config", "--out", tmp_path / "b", "--owner", "no-such-user-here",
                              data_dir=world.data), "--owner no-such-user-here: no such user")
+    one_line_error(run_devid("mqtt", "broker-config", "--out", tmp_path / "b", "--listen", "0.0.0.0\nallow_anonymous true",
+                             data_dir=world.data), "not an IP address")
+    proc = run_devid("mqtt", "broker-config", "--out", tmp_path / "b", "--hostname", "a b", data_dir=world.data)
+    assert proc.returncode == 2 and "invalid host name" in proc.stderr.decode() and "Traceback" not in proc.stderr.decode()
+    for topic in ("a/+", "a/#", "a//b"):
+        one_line_error(run_devid("mqtt", "publish", "--device", world.device(1), "--topic", topic, "--message", "m"),
+                       "no + or #, none empty")
+    bad = world.device(1).parent / "broken"
+    import shutil
+    shutil.copytree(world.device(1), bad)
+    (bad / "op-chain.pem").write_text("not a certificate")
+    one_line_error(run_devid("mqtt", "publish", "--device", bad, "--topic", "t", "--message", "m"), "op-chain.pem")
+
+
+@pytest.mark.parametrize("topics, why", [
+    (["devices/+/{serial}/#"], "only literal levels come before {serial}"),
+    (["devices/{device_type}/{serial}/#"], "only literal levels come before {serial}"),
+    (["devices/{serial}#"], "a filter has a level that is exactly {serial}"),
+    (["devices/#/{serial}"], "only literal levels come before {serial}"),
+    (["devices/{serial}/telemetry"], "the first filter is PREFIX/{serial}/#"),
+    (["devices/{serial}/#", "a b/{serial}/#"], "levels are non-empty"),
+])
+def test_template_topics_reach_only_the_devices_own_tree(topics, why, tmp_path):
+    from devid.gateway.errors import ConfigError
+    from devid.gateway.store.configuration import ConfigTemplates
+    (tmp_path / "default.toml").write_text(DEFAULT_TEMPLATE + f'\n[mqtt]\nbroker = "mqtts://b"\ntopics = {json.dumps(topics)}\n')
+    with pytest.raises(ConfigError) as info:
+        ConfigTemplates(tmp_path, lambda name: None).for_device("SN1", "t")
+    assert why in str(info.value)
 
 
 def test_a_superseded_certificate_is_refused_once_the_crl_is_republished(world, tmp_path):

@@ -5,7 +5,7 @@ only them, service access over MQTT with TLS client certificates (docs/mqtt.md).
                            name, CRL, ACL, no anonymous clients, TCP_NODELAY (absolute paths)
     OUT/broker.cert.pem    the broker's server certificate (operational CA, serverAuth, SAN =
                            --hostname), then the operational CA: what devices check
-    OUT/broker.key.pem     its key, PKCS#8, mode 0600
+    OUT/broker.key.pem     its key, PKCS#8, mode 0600 (0640 with --owner: group-readable by the broker)
     OUT/ca.pem             the one trust anchor: the operational CA's own name and key,
                            self-signed (devid.ca.hierarchy.build_trust_anchor). Only operational
                            certificates chain to it: a factory certificate has no path, even
@@ -14,13 +14,17 @@ only them, service access over MQTT with TLS client certificates (docs/mqtt.md).
     OUT/acl                per enrolled device: `user device-SERIAL` and its topics, from the
                            [mqtt] table of its type's configuration template
 
-Running it again keeps the broker's certificate and key (reissued only when the host names change
-or it has less than 30 days left), and replaces the CRL, the ACL, the anchor and the
-configuration, each atomically: `kill -HUP` the broker (or `--reload-pid PID`) to load them.
+Running it again keeps the broker's certificate and key (reissued only when the host names change,
+the operational CA changes or it has less than 30 days left) and the anchor, and replaces the
+CRL, the ACL and the configuration, each atomically: `kill -HUP` the broker (or `--reload-pid
+PID`) to load them. Runs on one OUT take turns (a lock on OUT). The broker's account never owns a
+file or OUT itself (`--owner USER` gives USER's group read access): a broker account that could
+write OUT could plant links that a later run, as root, would follow.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import pwd
 import signal
@@ -38,7 +42,7 @@ from devid.ca.store import DeviceState
 from devid.gateway.app.datadir import DataDir
 from devid.gateway.errors import ConfigError
 from devid.gateway.store.configuration import ConfigTemplates
-from devid.gateway.system.fs import fsync_path, write_atomic
+from devid.gateway.system.fs import directory_lock, fsync_path, write_atomic
 
 DEFAULT_PORT = 8883
 RENEW_BEFORE = timedelta(days=30)
@@ -56,9 +60,10 @@ def _broker_cert_current(out: Path, hostnames: list[str], operational: x509.Cert
     cert = chain[0]
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
+        cert.verify_directly_issued_by(operational)      # this CA's key, not only its name
+    except Exception:                   # no SAN, another key's signature: not this CA's current one
         return False
-    return (cert.issuer == operational.subject and key.public_key() == cert.public_key()
+    return (chain[1:] == [operational] and key.public_key() == cert.public_key()
             and list(san) == gateway_names(hostnames, localhost=False)
             and cert.not_valid_after_utc - now > RENEW_BEFORE)
 
@@ -70,14 +75,25 @@ def acl_text(data: DataDir, registry) -> tuple[str, int]:
     lines = ["# written by devid mqtt broker-config: one entry per enrolled device (docs/mqtt.md).",
              "# A client's user name is its certificate's common name (use_identity_as_username).", ""]
     count = 0
+    roots: list[tuple[str, str]] = []
     for device in registry.list_devices(DeviceState.ENROLLED):
-        topics = templates.mqtt_topics(device.serial, device.device_type)
-        if not topics:
+        access = templates.mqtt_topics(device.serial, device.device_type)
+        if not access:
             continue
+        topics, device_roots = access
         lines.append(f"user device-{device.serial}")
         lines += [f"topic readwrite {topic}" for topic in topics]
         lines.append("")
+        roots += [(root + "/", device.serial) for root in device_roots]
         count += 1
+    # no device's tree inside another's (a serial equal to a literal level of another template's
+    # filter, e.g. devices/{serial}/# of serial "x" and devices/x/{serial}/#): sorted with a "/"
+    # after each root, a root's subtrees follow it directly
+    roots.sort()
+    for (root, serial), (inner, other) in zip(roots, roots[1:]):
+        if other != serial and inner.startswith(root):
+            raise ConfigError(f"the MQTT tree {inner.rstrip('/')} of device {other} is inside {root.rstrip('/')}, the "
+                              f"tree of device {serial}: change the topics of their types' templates")
     return "\n".join(lines) + "\n", count
 
 
@@ -99,6 +115,7 @@ keyfile {o / "broker.key.pem"}
 crlfile {o / "crl.pem"}
 require_certificate true
 use_identity_as_username true
+use_username_as_clientid true
 tls_version tlsv1.2
 """
 
@@ -110,19 +127,38 @@ def broker_config(data: DataDir, out: Path, *, hostnames: list[str], port: int =
         raise ConfigError(f"--port {port}: not a TCP port")
     if reload_pid is not None and reload_pid <= 1:
         raise ConfigError(f"--reload-pid {reload_pid}: not a broker's process id")
-    uid = gid = None
+    try:
+        listen = str(ipaddress.ip_address(listen))
+    except ValueError:
+        raise ConfigError(f"--listen {listen!r}: not an IP address (0.0.0.0, ::, 127.0.0.1, ...)") from None
+    gid = None
     if owner is not None:
         try:
-            entry = pwd.getpwnam(owner)
+            gid = pwd.getpwnam(owner).pw_gid
         except KeyError:
             raise ConfigError(f"--owner {owner}: no such user") from None
-        uid, gid = entry.pw_uid, entry.pw_gid
-    for name in hostnames:
-        gateway_names([name], localhost=False)          # a bad name is one error here
     out = Path(out)
     out.mkdir(mode=0o750, parents=True, exist_ok=True)
+    with directory_lock(out, wait=30.0):
+        summary = _write(data, out, hostnames, port, listen, gid, now, rand_bytes)
+    fsync_path(out)
+    summary["reloaded"] = False
+    if reload_pid is not None:
+        try:
+            os.kill(reload_pid, signal.SIGHUP)
+            summary["reloaded"] = True
+        except ProcessLookupError:
+            raise ConfigError(f"--reload-pid {reload_pid}: no such process (the files are written)") from None
+        except PermissionError:
+            raise ConfigError(f"--reload-pid {reload_pid}: not allowed to signal it (the files are written)") from None
+    return summary
+
+
+def _write(data: DataDir, out: Path, hostnames: list[str], port: int, listen: str, gid: int | None,
+           now: datetime, rand_bytes) -> dict:
     registry = data.open_registry()
     try:
+        acl, devices = acl_text(data, registry)     # first: a refused ACL issues and writes nothing
         op = data.issuer("operational")
         reissued = not _broker_cert_current(out, hostnames, op.cert, now)
         if reissued:
@@ -136,32 +172,25 @@ def broker_config(data: DataDir, out: Path, *, hostnames: list[str], port: int =
         anchor_current = False
         try:
             held = x509.load_pem_x509_certificate((out / "ca.pem").read_bytes())
-            anchor_current = held.public_key() == op.cert.public_key() and held.subject == op.cert.subject
+            anchor_current = (held.public_key() == op.cert.public_key() and held.subject == op.cert.subject
+                              and held.not_valid_after_utc == op.cert.not_valid_after_utc)
         except (OSError, ValueError):
             pass
         if not anchor_current:
             write_atomic(out / "ca.pem", build_trust_anchor(op, rand_bytes).public_bytes(serialization.Encoding.PEM))
         crl = build_crl(op, registry, now, validity=timedelta(days=data.config.crl_days))
         write_atomic(out / "crl.pem", crl.crl.public_bytes(serialization.Encoding.PEM))
-        acl, devices = acl_text(data, registry)
         write_atomic(out / "acl", acl.encode())
         write_atomic(out / "mosquitto.conf", config_text(out, port, listen).encode())
     finally:
         registry.close()
-    if uid is not None:
-        os.chown(out, uid, gid)
+    if gid is not None:                 # the broker's group reads; the files and OUT stay ours
+        os.chown(out, -1, gid)
+        os.chmod(out, 0o750)
         for name in FILES:
-            os.chown(out / name, uid, gid)
-    fsync_path(out)
-    reloaded = False
-    if reload_pid is not None:
-        try:
-            os.kill(reload_pid, signal.SIGHUP)
-            reloaded = True
-        except ProcessLookupError:
-            raise ConfigError(f"--reload-pid {reload_pid}: no such process (the files are written)") from None
-        except PermissionError:
-            raise ConfigError(f"--reload-pid {reload_pid}: not allowed to signal it (the files are written)") from None
+            os.chown(out / name, -1, gid, follow_symlinks=False)
+            os.chmod(out / name, 0o640, follow_symlinks=False)
     return {"out": str(out.resolve()), "config": str((out / "mosquitto.conf").resolve()), "port": port,
             "listen": listen, "hostnames": hostnames, "broker_certificate_reissued": reissued,
-            "crl_number": crl.number, "crl_entries": crl.entries, "acl_devices": devices, "reloaded": reloaded}
+            "crl_number": crl.number, "crl_entries": crl.entries, "crl_next_update": crl.next_update.isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "acl_devices": devices}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from devid.gateway.cli import output
 from devid.gateway.cli.base import data_dir, utcnow
+from devid.gateway.cli.ca import hostname
 
 
 def cmd_broker_config(args) -> int:
@@ -32,28 +33,24 @@ def cmd_broker_config(args) -> int:
     return 0
 
 
-def _connection(args, suffix: str = ""):
-    """The device's service and a connection; `suffix` on its client id: MQTT lets one session per
-    client id, and a subscriber waiting while the same device publishes is a second session."""
-    from dataclasses import replace
+def _connection(args):
+    """The device's service and a connection to it (one session per device: the broker names the
+    session after the certificate)."""
     from devid.gateway.device.mqtt import Connection, service
     svc = service(Path(args.device), args.broker)
-    return svc, Connection(replace(svc, client_id=svc.client_id + suffix), timeout=args.timeout)
+    return svc, Connection(svc, timeout=args.timeout)
 
 
 def _topic(svc, suffix: str) -> str:
-    suffix = suffix.strip("/")
-    if not suffix:
-        from devid.gateway.errors import CLIError
-        raise CLIError("--topic: give a topic under the device's own prefix (e.g. telemetry)")
-    return f"{svc.topic_prefix}/{suffix}"
+    from devid.gateway.device.mqtt import topic_under
+    return topic_under(svc.topic_prefix, suffix)
 
 
 def cmd_publish(args) -> int:
     svc, conn = _connection(args)
     topic = _topic(svc, args.topic)
     with conn:
-        conn.publish(topic, args.message.encode())
+        conn.publish(topic, args.message.encode(), retain=args.retain)
     if args.json:
         output.emit({"ok": True, "broker": svc.url, "client_id": svc.client_id, "topic": topic,
                      "bytes": len(args.message.encode())})
@@ -64,7 +61,7 @@ def cmd_publish(args) -> int:
 
 def cmd_subscribe(args) -> int:
     from devid.gateway.device.mqtt import MQTTFailed
-    svc, conn = _connection(args, "-sub")
+    svc, conn = _connection(args)
     topic = _topic(svc, args.topic)
     with conn:
         conn.subscribe(topic)
@@ -103,12 +100,12 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
                       help="write a Mosquitto broker's configuration, certificate, key, trust anchor, CRL and "
                            "ACL (run again to renew the CRL and ACL)")
     s.add_argument("--out", required=True, metavar="DIR", help="the broker's directory (made mode 0750)")
-    s.add_argument("--hostname", action="append", metavar="NAME",
+    s.add_argument("--hostname", action="append", metavar="NAME", type=hostname,
                    help="a name (or address) devices connect to; repeat for more (default: localhost)")
     s.add_argument("--port", type=int, default=8883, help="the TLS listener's port (default 8883)")
     s.add_argument("--listen", default="0.0.0.0", metavar="ADDR", help="the address it listens on (default 0.0.0.0)")
-    s.add_argument("--owner", metavar="USER", help="chown the files to USER (the broker's account, e.g. mosquitto: "
-                                                   "its key is mode 0600)")
+    s.add_argument("--owner", metavar="USER", help="the broker's account (e.g. mosquitto): its group may read the "
+                                                   "files (the key 0640); the files stay yours")
     s.add_argument("--reload-pid", type=int, metavar="PID", help="send the broker SIGHUP afterwards (reloads the "
                                                                  "CRL and the ACL)")
     s.add_argument("--json", action="store_true", help="one JSON document instead of the summary")
@@ -117,6 +114,7 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     s = gs.add_parser("publish", help="publish one message as the device (MQTT 5, QoS 1, PUBACK checked)")
     _device_flags(s)
     s.add_argument("--message", required=True, metavar="TEXT")
+    s.add_argument("--retain", action="store_true", help="the broker keeps it for the next subscriber of the topic")
     s.set_defaults(func=cmd_publish)
 
     s = gs.add_parser("subscribe", help="receive messages as the device")

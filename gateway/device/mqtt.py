@@ -47,13 +47,22 @@ class Service:
 
 
 def parse_broker(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    if parts.scheme != "mqtts" or not parts.hostname or parts.path not in ("", "/"):
-        raise MQTTFailed(f"{url!r} is not an mqtts://HOST[:PORT] URL")
     try:
-        return parts.hostname, parts.port or DEFAULT_PORT
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
     except ValueError:
-        raise MQTTFailed(f"{url!r}: bad port") from None
+        raise MQTTFailed(f"{url!r} is not an mqtts://HOST[:PORT] URL") from None
+    if parts.scheme != "mqtts" or not host or parts.path not in ("", "/"):
+        raise MQTTFailed(f"{url!r} is not an mqtts://HOST[:PORT] URL")
+    return host, port or DEFAULT_PORT
+
+
+def topic_under(prefix: str, suffix: str) -> str:
+    """PREFIX/SUFFIX: a topic name (no wildcard, no empty level) in the device's own tree."""
+    levels = suffix.strip("/").split("/")
+    if not suffix.strip("/") or any(not level or "+" in level or "#" in level for level in levels):
+        raise MQTTFailed(f"--topic {suffix!r}: a topic under {prefix}/: levels of text, no + or #, none empty")
+    return f"{prefix}/{'/'.join(levels)}"
 
 
 def service(directory: Path, broker: str | None = None) -> Service:
@@ -76,17 +85,26 @@ def service(directory: Path, broker: str | None = None) -> Service:
                              "template; docs/mqtt.md): give --broker mqtts://HOST:PORT")
         mqtt = {}
     host, port = parse_broker(broker or str(mqtt.get("broker", "")))
-    cert = x509.load_pem_x509_certificates((directory / "op-chain.pem").read_bytes())[0]
+    try:
+        cert = x509.load_pem_x509_certificates((directory / "op-chain.pem").read_bytes())[0]
+    except (OSError, ValueError, IndexError) as exc:
+        raise BundleError(f"{directory / 'op-chain.pem'}: not a PEM certificate chain ({exc})") from None
     serial = next((a.value for a in cert.subject.get_attributes_for_oid(x509.NameOID.SERIAL_NUMBER)), "")
     anchor = mqtt.get("trust_anchor")
     if isinstance(anchor, bytes):
-        trust = x509.load_der_x509_certificate(anchor).public_bytes(serialization.Encoding.PEM)
+        try:
+            trust = x509.load_der_x509_certificate(anchor).public_bytes(serialization.Encoding.PEM)
+        except ValueError:
+            raise BundleError(f"{directory / 'config.cbor'}: its mqtt trust anchor is not a certificate") from None
     else:
         try:
             trust = (directory / "ca.pem").read_bytes()
         except OSError as exc:
             raise BundleError(f"{directory / 'ca.pem'}: {exc.strerror}") from None
-    return Service(host, port, str(mqtt.get("client_id") or serial), str(mqtt.get("topic_prefix") or f"devices/{serial}"),
+    # the broker takes the certificate's common name as the client id (use_username_as_clientid):
+    # one session per device; a second connection of the same device takes the first one's place
+    return Service(host, port, str(mqtt.get("client_id") or f"device-{serial}"),
+                   str(mqtt.get("topic_prefix") or f"devices/{serial}"),
                    trust, directory / "op-chain.pem", directory / "op-key.pem")
 
 
@@ -190,8 +208,8 @@ class Connection:
                 raise MQTTFailed(f"the broker closed the connection before its {what} (not authorized?)")
             return self._acks.pop(mid)
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1):
-        info = self.client.publish(topic, payload, qos=qos)
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False):
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
         code = self._wait(info.mid, "PUBACK")
         if code is not None and getattr(code, "is_failure", False):
             raise MQTTFailed(f"the broker refused the publish to {topic}: {_reason(code)}")

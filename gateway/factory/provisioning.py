@@ -315,7 +315,7 @@ def provision(ca: CertificateAuthority, *, count: int, device_type: str, out: Pa
     if workers is not None and workers <= 0:
         raise ProvisioningError("--workers must be at least 1")
     check_device_type(device_type)
-    if not PREFIX_RE.match(serial_prefix):
+    if not PREFIX_RE.fullmatch(serial_prefix):
         raise ProvisioningError(f"invalid serial prefix {serial_prefix!r}: use up to 32 characters A-Z a-z 0-9 . -")
     out.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     try:

@@ -47,7 +47,7 @@ anchors = ["root", "operational"]
 """
 
 DEFAULT_MQTT_TOPICS = ["devices/{serial}/#"]
-TOPIC_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./#+{}")
+LEVEL_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 _ANCHORS = ("root", "operational", "manufacturing")
 
@@ -120,19 +120,25 @@ class ConfigTemplates:
         }
         if "mqtt" in doc:
             topics = device_topics(doc["mqtt"], serial, device_type)
-            config["mqtt"] = {"broker": doc["mqtt"]["broker"], "client_id": serial,
+            config["mqtt"] = {"broker": doc["mqtt"]["broker"], "client_id": f"device-{serial}",
                               "topic_prefix": topics[0].removesuffix("/#"), "topics": topics,
                               "trust_anchor": self._anchor("root")}
         return config
 
-    def mqtt_topics(self, serial: str, device_type: str) -> list[str] | None:
-        """The topics the broker's ACL gives this device (None: its template names no broker)."""
+    def mqtt_topics(self, serial: str, device_type: str) -> tuple[list[str], list[str]] | None:
+        """(the topics the broker's ACL gives this device, the roots of its trees); None: its
+        template names no broker."""
         doc = self._template(device_type)
-        return device_topics(doc["mqtt"], serial, device_type) if "mqtt" in doc else None
+        if "mqtt" not in doc:
+            return None
+        return device_topics(doc["mqtt"], serial, device_type), device_roots(doc["mqtt"], serial)
 
 
 def check_mqtt(mqtt, path) -> None:
-    """A template's [mqtt] table: broker = "mqtts://HOST[:PORT]"; topics: filters, each with {serial}."""
+    """A template's [mqtt] table: broker = "mqtts://HOST[:PORT]"; topics: MQTT topic filters, each
+    with a level that is exactly {serial}, after literal levels only (a device's own tree: the
+    filter cannot reach another device's), and maybe {device_type}, + or a final # after it. The
+    first filter is PREFIX/{serial}/#: the device's topic prefix."""
     if not isinstance(mqtt, dict):
         raise ConfigError(f"{path}: [mqtt] must be a table")
     broker = mqtt.get("broker")
@@ -141,16 +147,41 @@ def check_mqtt(mqtt, path) -> None:
     topics = mqtt.get("topics", DEFAULT_MQTT_TOPICS)
     if not isinstance(topics, list) or not topics:
         raise ConfigError(f"{path}: mqtt.topics must be a non-empty list of topic filters")
-    for topic in topics:
-        if not isinstance(topic, str) or "{serial}" not in topic or not set(topic) <= TOPIC_CHARS:
-            raise ConfigError(f"{path}: mqtt.topics: {topic!r}: each filter holds {{serial}} (a device's own "
-                              "tree) and only letters, digits, - _ . / # + and {serial} or {device_type}")
-        rest = topic.replace("{serial}", "").replace("{device_type}", "")
-        if "{" in rest or "}" in rest or topic.startswith("/") or "#" in topic[:-1]:
-            raise ConfigError(f"{path}: mqtt.topics: {topic!r} is not a topic filter with {{serial}} "
-                              "({device_type} may be used too; # only at the end)")
+    for n, topic in enumerate(topics):
+        levels = topic.split("/") if isinstance(topic, str) else []
+        why = _filter_problem(levels)
+        if why is None and n == 0 and levels[-2:] != ["{serial}", "#"]:
+            why = "the first filter is PREFIX/{serial}/# (it gives the device its topic prefix)"
+        if why:
+            raise ConfigError(f"{path}: mqtt.topics: {topic!r}: {why}")
+
+
+def _filter_problem(levels: list[str]) -> str | None:
+    if not levels or "{serial}" not in levels:
+        return "a filter has a level that is exactly {serial}"
+    at = levels.index("{serial}")
+    for i, level in enumerate(levels):
+        literal = level not in ("{serial}", "{device_type}", "+", "#")
+        if not level or (literal and not set(level) <= LEVEL_CHARS):
+            return "levels are non-empty: letters, digits, - _ . or exactly {serial}, {device_type}, +, #"
+        if i < at and not literal:
+            return "only literal levels come before {serial} (no +, #, {device_type}: another device's tree)"
+        if level == "#" and i != len(levels) - 1:
+            return "# is the last level"
+        if level == "{serial}" and i != at:
+            return "{serial} once"
+    return None
 
 
 def device_topics(mqtt: dict, serial: str, device_type: str) -> list[str]:
     return [t.replace("{serial}", serial).replace("{device_type}", device_type)
             for t in mqtt.get("topics", DEFAULT_MQTT_TOPICS)]
+
+
+def device_roots(mqtt: dict, serial: str) -> list[str]:
+    """The root of each of the device's trees: a filter's literal levels, then the serial."""
+    roots = []
+    for t in mqtt.get("topics", DEFAULT_MQTT_TOPICS):
+        levels = t.split("/")
+        roots.append("/".join(levels[:levels.index("{serial}")] + [serial]))
+    return roots
