@@ -104,10 +104,14 @@ def free_tcp_port() -> int:
 
 class Broker:
     """Mosquitto on the files `devid mqtt broker-config` wrote into a directory of its own (outside
-    the run's 0700 scratch directory, which the mosquitto user could not enter)."""
+    the run's 0700 scratch directory, which the mosquitto user could not enter): in the temporary
+    directory if the mosquitto user can reach it, else in /tmp."""
 
     def __init__(self) -> None:
-        self.directory = Path(tempfile.mkdtemp(prefix="devid-bench-mosquitto-"))
+        base = Path(tempfile.gettempdir()).resolve()
+        if not all(p.stat().st_mode & 0o001 for p in (base, *base.parents)):
+            base = Path("/tmp")
+        self.directory = Path(tempfile.mkdtemp(prefix="devid-bench-mosquitto-", dir=base))
         os.chmod(self.directory, 0o755)
         self.port = free_tcp_port()
         self.log = self.directory / "broker.log"
@@ -448,7 +452,7 @@ def main(ap, args) -> int:
                 for s, v in got.items()))
         result = {"devices": len(bundles), "workers": args.workers, "rounds": args.rounds,
                   "seconds_per_side_and_round": seconds, "clients": args.clients, "concurrency": args.concurrency,
-                  "broker": {"version": mosquitto_version(), "port": broker.port,
+                  "broker": {"version": mosquitto_version(), "port": broker.port, "directory": str(broker.directory),
                              "acl_devices": configured.get("acl_devices")},
                   "enrollment": {k: enrolled.get(k) for k in ("done", "errors", "seconds", "per_s")},
                   "per_round": rounds, "median": medians(rounds),
