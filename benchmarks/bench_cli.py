@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def build_parser(parser_class: type, description: str) -> argparse.ArgumentParser:
     ap = parser_class(prog="devid bench", description=description,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--devices", type=int, default=200, help="devices to enroll (default 200; with --durability "
-                                                             "or --flood: per mode and round)")
+    ap.add_argument("--devices", type=int, help="devices to enroll (default 200; with --durability "
+                                                "or --flood: per mode and round; with --mqtt: whose operational "
+                                                "identities the connects take turns with, default 20)")
     ap.add_argument("--concurrency", type=int, default=16, help="devices in flight in all (default 16)")
     ap.add_argument("--clients", type=int, default=2, help="client processes (default 2)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="gateway processes")
@@ -58,7 +59,8 @@ def build_parser(parser_class: type, description: str) -> argparse.ArgumentParse
                     help="with --workers-scaling: also the gateway's CPU inside SQLite per enrollment, by kind of "
                          "statement (benchmarks/sql_cost/sitecustomize.py)")
     ap.add_argument("--rounds", type=int, default=2,
-                    help="rounds of --durability, --flood, --workers-scaling, --registry and --pkcs11 (default 2)")
+                    help="rounds of --durability, --flood, --workers-scaling, --registry, --pkcs11 and --mqtt "
+                         "(default 2)")
     ap.add_argument("--flood-sessions", type=int, default=4, help="DTLS sessions of the flooding identity")
     ap.add_argument("--flood-window", type=int, default=16, help="nonce requests in flight per flooding session")
     ap.add_argument("--registry", metavar="URL|auto",
@@ -75,6 +77,13 @@ def build_parser(parser_class: type, description: str) -> argparse.ArgumentParse
                     help="with --pkcs11: certificates issued per side and round (default 1000)")
     ap.add_argument("--provision-count", type=int, metavar="N",
                     help="with --pkcs11: identities provisioned per side and round (default 200)")
+    ap.add_argument("--mqtt", action="store_true",
+                    help="instead of the plain run: TLS connects per second with the devices' operational "
+                         "certificates against a real Mosquitto (MQTT 5 CONNECT, CONNACK, DISCONNECT) side by side "
+                         "with devid serve's DTLS handshakes per second, in alternating rounds, with each server's "
+                         "CPU per handshake (benchmarks/bench_mqtt.py)")
+    ap.add_argument("--seconds", type=float, metavar="S",
+                    help="with --mqtt: measuring time per side and round (default 5)")
     ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
     ap.add_argument("--json", action="store_true",
                     help="no progress on stderr (the result is one JSON document on stdout either way)")
@@ -87,10 +96,15 @@ def check(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                  "--gateway, bench makes its own CA and gateway in --workdir)")
     if args.gateway and (args.durability or args.flood or args.workers_scaling):
         ap.error("--durability, --flood and --workers-scaling start their own gateways: leave out --gateway")
-    if sum((args.durability, args.flood, args.workers_scaling, bool(args.registry), args.pkcs11)) > 1:
-        ap.error("--durability, --flood, --workers-scaling, --registry and --pkcs11 are separate runs: choose one")
+    if sum((args.durability, args.flood, args.workers_scaling, bool(args.registry), args.pkcs11, args.mqtt)) > 1:
+        ap.error("--durability, --flood, --workers-scaling, --registry, --pkcs11 and --mqtt are separate runs: "
+                 "choose one")
+    import bench_mqtt
     import bench_pkcs11
     bench_pkcs11.check(ap, args)
+    bench_mqtt.check(ap, args)
+    if args.devices is None:
+        args.devices = bench_mqtt.DEFAULT_DEVICES if args.mqtt else 200
     if args.sql_cost and not args.workers_scaling:
         ap.error("--sql-cost is a figure of --workers-scaling: use them together")
     if args.workers_scaling and args.workers < 2:

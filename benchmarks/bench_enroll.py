@@ -11,6 +11,8 @@
     devid bench --workers-scaling [--workers 2] [--rounds 2] [--devices N ...]   1 worker against N
     devid bench --pkcs11 [--rounds 2] [--issue-count 1000] [--provision-count 200] [--devices N ...]
                                                          keys in a SoftHSM2 token against keys in files
+    devid bench --mqtt [--rounds 2] [--seconds 5] [--devices 20] [--workers N] [--concurrency 16]
+                                                         TLS connects/s against Mosquitto beside DTLS handshakes/s
 
 Starts `devid serve --workers N` on loopback with a CA of its own (in --workdir, by default a
 temporary directory removed afterwards), provisions the devices, and runs each through the
@@ -57,6 +59,10 @@ it with alternating rounds of `devid serve --workers 1` and `--workers N`: enrol
 server CPU per enrollment side by side, with their paired ratios. `--pkcs11` (issue 15,
 benchmarks/bench_pkcs11.py) with alternating rounds of keys in a SoftHSM2 token against keys in
 files: issuance from a CSR, factory provisioning and enrollment server CPU, with their ratios.
+`--mqtt` (issue 16, benchmarks/bench_mqtt.py) with alternating rounds of TLS connects (MQTT 5 CONNECT,
+CONNACK, DISCONNECT) with the devices' operational certificates against a real Mosquitto and DTLS
+handshakes (+ one CoAP GET) with the same identities against `devid serve`: handshakes/s and each
+server's CPU per handshake, with their ratios.
 """
 
 from __future__ import annotations
@@ -167,6 +173,9 @@ def main(argv: list[str] | None = None, parser_class: type = argparse.ArgumentPa
     if args.pkcs11:
         import bench_pkcs11
         return bench_pkcs11.main(ap, args)
+    if args.mqtt:
+        import bench_mqtt
+        return bench_mqtt.main(ap, args)
     data = DataDir(resolve_data_dir(args.data)) if args.gateway else None
     if data is not None:
         data.require()
