@@ -74,5 +74,4 @@ class Mosquitto:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(30)
-        print("BROKER LOG:", self.log.read_text()[-1500:]) if os.environ.get("DEVID_MQTT_LOG") else None
         shutil.rmtree(self.directory, ignore_errors=True)
