@@ -92,13 +92,19 @@ class Served:
     pids: list[int]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
+        stop_process(self.proc)
+
+
+def stop_process(proc: subprocess.Popen | None, grace: float = 30.0) -> None:
+    """SIGTERM, and SIGKILL if it has not ended within `grace` seconds; then reaped."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(30)
 
 
 def checkout_module(root: Path) -> tuple[str, str | None]:

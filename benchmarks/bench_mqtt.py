@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -51,7 +50,7 @@ from pathlib import Path
 
 import bench_cli
 from bench_clients import run_clients
-from bench_common import DEVICE_TYPE, bench_policy, bundle_dirs, cpu_seconds, start_gateway
+from bench_common import DEVICE_TYPE, bench_policy, bundle_dirs, cpu_seconds, start_gateway, stop_process
 
 SIDES = ("mqtt", "dtls")
 NAMES = {"mqtt": "mosquitto", "dtls": "devid"}
@@ -146,13 +145,7 @@ class Broker:
         return self.log.read_text(errors="replace").strip()[-500:]
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
+        stop_process(self.proc)
         shutil.rmtree(self.directory, ignore_errors=True)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -15,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from .serve_helpers import bench_common
 
 
 def free_tcp_port() -> int:
@@ -67,11 +68,5 @@ class Mosquitto:
         return self.log.read_text(errors="replace").count("Reloading config")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
+        bench_common.stop_process(self.proc)
         shutil.rmtree(self.directory, ignore_errors=True)
