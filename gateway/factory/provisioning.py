@@ -159,6 +159,7 @@ def recover_partials(ca: CertificateAuthority, out: Path,
     A dropped bundle whose key was (or may have been) generated in a token takes its objects in
     the token with it: that needs the run to be given the same token (`element`)."""
     recovered = discarded = 0
+    forgot_any = False
     if not out.is_dir():
         return 0, 0
     for entry in sorted(out.iterdir()):
@@ -190,8 +191,11 @@ def recover_partials(ca: CertificateAuthority, out: Path,
                                         f"naming that token, so that the key is removed with it")
             if kid is not None:
                 element.forget(kid)
+                forgot_any = True
         shutil.rmtree(entry, ignore_errors=True)
         discarded += 1
+    if forgot_any and element is not None:
+        element.forget_unnamed()
     if recovered or discarded:
         fsync_path(out)
     return recovered, discarded

@@ -62,6 +62,31 @@ def destroy(token: Token, id: bytes, classes=ALL_CLASSES) -> int:
     return n
 
 
+def destroy_unnamed(token: Token) -> int:
+    """Destroy every key object (public or private) whose label and id are both empty or missing."""
+    pkcs11 = _pkcs11()
+    A = pkcs11.Attribute
+
+    def empty(obj, attr) -> bool:
+        try:
+            return not obj[attr]
+        except pkcs11.PKCS11Error:
+            return True
+    n = 0
+    with token.writing():
+        session = token.session()
+        try:
+            for cls in _classes(KEY_CLASSES):
+                for obj in list(session.get_objects({A.CLASS: cls})):
+                    if empty(obj, A.LABEL) and empty(obj, A.ID):
+                        obj.destroy()
+                        n += 1
+        except pkcs11.PKCS11Error as exc:
+            raise TokenError(f"PKCS#11 {token.uri.token_label}: cannot remove unnamed key objects "
+                             f"({type(exc).__name__})") from None
+    return n
+
+
 def relabel(token: Token, id: bytes, label: str, classes=ALL_CLASSES) -> None:
     """Give the objects of `classes` with CKA_ID `id` the label `label`."""
     pkcs11 = _pkcs11()
