@@ -335,3 +335,24 @@ def test_a_superseded_certificate_is_refused_once_the_crl_is_republished(world, 
     old_serial = x509.load_pem_x509_certificates((world.device(1) / "op-chain.pem").read_bytes())[0].serial_number
     entry = crl.get_revoked_certificate_by_serial_number(old_serial)
     assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason is x509.ReasonFlags.superseded
+
+
+def test_simulate_mqtt_makes_each_device_publish_once(world, tmp_path):
+    """`devid simulate --mqtt`: the devices enroll through a real gateway, then each publishes once
+    with its new identity. Before broker-config has run again they are not in the ACL (every
+    publish refused, 0x87, the command fails); after it, a renewal run publishes for all."""
+    ok(run_devid("provision", "--count", 2, "--device-type", bench_common.DEVICE_TYPE, "--out", tmp_path / "sim",
+                 "--serial-prefix", "SIM", "--workers", 1, data_dir=world.data))
+    served = serve(world.data, tmp_path / "gateway.log")
+    try:
+        proc = run_devid("simulate", "--gateway", served.uri, "--devices", tmp_path / "sim", "--mqtt", "--json",
+                         *FIRMWARE)
+        doc = json.loads(proc.stdout)
+        assert proc.returncode != 0 and doc["enrolled"] == 2 and doc["mqtt"]["published"] == 0
+        assert all("0x87" in reason for reason in doc["mqtt"]["failures"].values()), doc
+        world.reload()
+        doc = json.loads(ok(run_devid("simulate", "--gateway", served.uri, "--devices", tmp_path / "sim", "--renew",
+                                      "--mqtt", "--json")))
+        assert doc["enrolled"] == 2 and doc["mqtt"] == {"published": 2, "failures": {}}
+    finally:
+        assert served.stop() == 0

@@ -153,6 +153,13 @@ def cmd_simulate(args) -> int:
     doc = dict(summary, failures=report.failures)
     failed = (f"{len(report.failures)} of {report.devices} devices failed to "
               f"{'renew' if args.renew else 'enroll'}") if report.failures else None
+    if args.mqtt:           # each device that enrolled (or renewed) publishes once with its new identity
+        from devid.gateway.device.mqtt import publish_each
+        done = [b for b in bundles if b.name not in report.failures]
+        published, mqtt_failures = publish_each(done, concurrency=args.concurrency, timeout=args.timeout)
+        doc["mqtt"] = {"published": published, "failures": mqtt_failures}
+        if mqtt_failures and not failed:
+            failed = f"{len(mqtt_failures)} of {len(done)} devices failed to publish over MQTT"
     if not args.json:
         lat = summary["latency_ms"]
         latency = (f"latency p50 {lat['p50']} ms, p95 {lat['p95']} ms, p99 {lat['p99']} ms" if report.enrolled
@@ -161,6 +168,11 @@ def cmd_simulate(args) -> int:
               f"{report.seconds:.2f} s ({summary['enrollments_per_s']}/s); {latency}; {len(report.failures)} failed")
         for serial, reason in list(report.failures.items())[:10]:
             print(f"  {serial}: {reason}")
+        if args.mqtt:
+            print(f"{doc['mqtt']['published']} device(s) published once over MQTT; "
+                  f"{len(doc['mqtt']['failures'])} failed")
+            for serial, reason in list(doc["mqtt"]["failures"].items())[:10]:
+                print(f"  {serial}: {reason}")
     if failed:
         raise output.CommandFailed(failed, doc)
     if args.json:
@@ -245,6 +257,9 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--concurrency", type=int, default=16, metavar="C", help="devices in flight (default 16)")
     s.add_argument("--limit", type=int, metavar="N", help="only the first N devices")
     s.add_argument("--renew", action="store_true", help="renew enrolled devices instead of enrolling")
+    s.add_argument("--mqtt", action="store_true", help="then each device that succeeded publishes one message to "
+                                                      "PREFIX/hello on the MQTT broker its configuration names "
+                                                      "(docs/mqtt.md)")
     _flow_flag(s, "the flow each device runs, as 'devid enroll --flow' (default one-request), or with --renew "
                   "as 'devid renew --flow' (default classic)", None)
     s.add_argument("--json", action="store_true", help="one JSON document: the summary and the failures")

@@ -235,3 +235,26 @@ def _reason(code) -> str:
 
 def _tls_reason(exc: ssl.SSLError) -> str:
     return getattr(exc, "reason", None) or str(exc)
+
+
+def publish_each(bundles: list[Path], *, suffix: str = "hello", concurrency: int = 16,
+                 timeout: float = 10.0) -> tuple[int, dict[str, str]]:
+    """Each device publishes one message (`devid simulate --mqtt`): its serial and the time, to
+    PREFIX/`suffix`, from its own bundle and configuration. (how many published, serial -> reason)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(bundle: Path) -> str | None:
+        try:
+            svc = service(bundle)
+            with Connection(svc, timeout=timeout) as conn:
+                conn.publish(topic_under(svc.topic_prefix, suffix), f"{bundle.name} {time.time():.3f}".encode())
+            return None
+        except GatewayError as exc:
+            return f"mqtt: {exc}"
+    failures: dict[str, str] = {}
+    with ThreadPoolExecutor(max(1, concurrency)) as pool:
+        for bundle, reason in zip(bundles, pool.map(one, bundles)):
+            if reason is not None:
+                failures[bundle.name] = reason
+    return len(bundles) - len(failures), failures
