@@ -50,7 +50,8 @@ from pathlib import Path
 
 import bench_cli
 from bench_clients import run_clients
-from bench_common import DEVICE_TYPE, bench_policy, bundle_dirs, cpu_seconds, start_gateway, stop_process
+from bench_common import (DEVICE_TYPE, bench_policy, bundle_dirs, cpu_seconds, program, start_gateway, start_mosquitto,
+                          stop_process)
 
 SIDES = ("mqtt", "dtls")
 NAMES = {"mqtt": "mosquitto", "dtls": "devid"}
@@ -70,19 +71,12 @@ def check(ap, args) -> None:
             ap.error(f"--mqtt makes its own data directory, gateway and broker: leave out --{flag.replace('_', '-')}")
     if args.seconds is not None and args.seconds <= 0:
         ap.error("--seconds must be more than 0")
-    for program in ("mosquitto", "setpriv"):
-        if _program(program) is None:
-            ap.error(f"--mqtt needs {program} (Debian's mosquitto and util-linux; ./scripts/setup --test "
+    for name in ("mosquitto", "setpriv"):
+        if program(name) is None:
+            ap.error(f"--mqtt needs {name} (Debian's mosquitto and util-linux; ./scripts/setup --test "
                      "installs them)")
     if os.geteuid() != 0:
         ap.error("--mqtt starts Mosquitto as the mosquitto user with setpriv: run it as root")
-
-
-def _program(name: str) -> str | None:
-    for candidate in (shutil.which(name), f"/usr/sbin/{name}", f"/usr/bin/{name}"):
-        if candidate and Path(candidate).exists():
-            return candidate
-    return None
 
 
 def now() -> datetime:
@@ -127,19 +121,10 @@ class Broker:
         return json.loads(proc.stdout)
 
     def start(self) -> None:
-        cmd = [_program("setpriv"), "--reuid=mosquitto", "--regid=mosquitto", "--init-groups",
-               _program("mosquitto"), "-c", str(self.directory / "mosquitto.conf")]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"mosquitto exited with {self.proc.returncode}: {self._log_tail()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise SystemExit(f"mosquitto did not listen on {self.port} within 30 s: {self._log_tail()}")
+        try:
+            self.proc = start_mosquitto(self.directory / "mosquitto.conf", self.port, self.log)
+        except RuntimeError as exc:
+            raise SystemExit(str(exc)) from None
 
     def _log_tail(self) -> str:
         return self.log.read_text(errors="replace").strip()[-500:]
@@ -155,7 +140,7 @@ def _last_line(text: str, code: int) -> str:
 
 def mosquitto_version() -> str | None:
     try:
-        out = subprocess.run([_program("mosquitto") or "mosquitto", "-h"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run([program("mosquitto") or "mosquitto", "-h"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
     return next((line.strip() for line in out.stdout.splitlines() if "version" in line), None)

@@ -10,7 +10,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -22,13 +21,6 @@ def free_tcp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _program(name: str) -> str:
-    for candidate in (shutil.which(name), f"/usr/sbin/{name}", f"/usr/bin/{name}"):
-        if candidate and Path(candidate).exists():
-            return candidate
-    pytest.fail(f"required program {name!r} is not installed (run ./scripts/setup --test)")
 
 
 class Mosquitto:
@@ -43,20 +35,11 @@ class Mosquitto:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Mosquitto":
-        cmd = [_program("setpriv"), "--reuid=mosquitto", "--regid=mosquitto", "--init-groups",
-               _program("mosquitto"), "-c", str(self.directory / "mosquitto.conf")]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"mosquitto exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        pytest.fail(f"mosquitto did not listen on {self.port} within 30 s: {self.log.read_text()[-2000:]}")
+        try:
+            self.proc = bench_common.start_mosquitto(self.directory / "mosquitto.conf", self.port, self.log)
+        except RuntimeError as exc:
+            pytest.fail(str(exc))
+        return self
 
     @property
     def pid(self) -> int:
