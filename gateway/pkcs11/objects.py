@@ -43,23 +43,28 @@ def labels(token: Token, cls: str = "PRIVATE_KEY") -> set[str]:
             raise TokenError(f"PKCS#11 {token.uri.token_label}: cannot list its objects ({type(exc).__name__})") from None
 
 
-def destroy(token: Token, id: bytes, classes=ALL_CLASSES) -> int:
-    """Remove every object of `classes` with CKA_ID `id`; how many there were (none is fine)."""
+def _each(token: Token, classes, query: dict, act, what: str) -> int:
+    """`act(obj)` on every object of `classes` matching `query` (a write: the token's writing
+    lock); how many it acted on. `act` returns False to pass an object by."""
     pkcs11 = _pkcs11()
-    A = pkcs11.Attribute
     n = 0
     with token.writing():
         session = token.session()
-        token._keys.pop(id, None)
         try:
             for cls in _classes(classes):
-                for obj in list(session.get_objects({A.CLASS: cls, A.ID: id})):
-                    obj.destroy()
-                    n += 1
+                for obj in list(session.get_objects({pkcs11.Attribute.CLASS: cls, **query})):
+                    if act(obj) is not False:
+                        n += 1
         except pkcs11.PKCS11Error as exc:
-            raise TokenError(f"PKCS#11 {token.uri.token_label}: cannot remove object id={id.hex()} "
-                             f"({type(exc).__name__})") from None
+            raise TokenError(f"PKCS#11 {token.uri.token_label}: cannot {what} ({type(exc).__name__})") from None
     return n
+
+
+def destroy(token: Token, id: bytes, classes=ALL_CLASSES) -> int:
+    """Remove every object of `classes` with CKA_ID `id`; how many there were (none is fine)."""
+    token._keys.pop(id, None)
+    return _each(token, classes, {_pkcs11().Attribute.ID: id}, lambda obj: obj.destroy(),
+                 f"remove object id={id.hex()}")
 
 
 def destroy_unnamed(token: Token) -> int:
@@ -72,35 +77,22 @@ def destroy_unnamed(token: Token) -> int:
             return not obj[attr]
         except pkcs11.PKCS11Error:
             return True
-    n = 0
-    with token.writing():
-        session = token.session()
-        try:
-            for cls in _classes(KEY_CLASSES):
-                for obj in list(session.get_objects({A.CLASS: cls})):
-                    if empty(obj, A.LABEL) and empty(obj, A.ID):
-                        obj.destroy()
-                        n += 1
-        except pkcs11.PKCS11Error as exc:
-            raise TokenError(f"PKCS#11 {token.uri.token_label}: cannot remove unnamed key objects "
-                             f"({type(exc).__name__})") from None
-    return n
+
+    def unnamed(obj):
+        if not (empty(obj, A.LABEL) and empty(obj, A.ID)):
+            return False
+        obj.destroy()
+    return _each(token, KEY_CLASSES, {}, unnamed, "remove unnamed key objects")
 
 
 def relabel(token: Token, id: bytes, label: str, classes=ALL_CLASSES) -> None:
     """Give the objects of `classes` with CKA_ID `id` the label `label`."""
-    pkcs11 = _pkcs11()
-    A = pkcs11.Attribute
-    with token.writing():
-        session = token.session()
-        try:
-            for cls in _classes(classes):
-                for obj in list(session.get_objects({A.CLASS: cls, A.ID: id})):
-                    obj[A.LABEL] = label
-        except pkcs11.PKCS11Error as exc:
-            raise TokenError(f"PKCS#11 {token.uri.token_label}: cannot relabel object id={id.hex()} "
-                             f"({type(exc).__name__})") from None
-        token._keys.pop(id, None)
+    A = _pkcs11().Attribute
+
+    def set_label(obj):
+        obj[A.LABEL] = label
+    _each(token, classes, {A.ID: id}, set_label, f"relabel object id={id.hex()}")
+    token._keys.pop(id, None)
 
 
 def is_trusted(token: Token, id: bytes, label: str | None = None) -> bool:
