@@ -85,14 +85,14 @@ class Served:
 
 
 def serve(data_dir: Path, log: Path, *, port: int | None = None, prefix: list[str] = (),
-          workers: int = 1, env: dict | None = None) -> Served:
+          workers: int = 1, env: dict | None = None, args: list = ()) -> Served:
     """Start `devid serve` (behind `prefix`, e.g. strace) and wait for its "listening" line."""
     port = port or free_port()
     e = {k: v for k, v in os.environ.items() if k != "DEVID_CA_PASSPHRASE"}
     e["DEVID_DATA"] = str(data_dir)
     e.update(env or {})
     proc = subprocess.Popen([*prefix, sys.executable, "-m", "devid.gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
-                             "--workers", str(workers)], stdout=subprocess.PIPE, stderr=open(log, "ab"), env=e,
+                             "--workers", str(workers), *map(str, args)], stdout=subprocess.PIPE, stderr=open(log, "ab"), env=e,
                             cwd=ROOT)
     line = proc.stdout.readline().decode()
     if "listening" not in line:

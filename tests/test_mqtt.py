@@ -356,3 +356,91 @@ def test_simulate_mqtt_makes_each_device_publish_once(world, tmp_path):
         assert doc["enrolled"] == 2 and doc["mqtt"] == {"published": 2, "failures": {}}
     finally:
         assert served.stop() == 0
+
+
+def documented_broker_lines() -> list[dict]:
+    """The example log lines of docs/mqtt.md "Keeping the broker current"."""
+    import re
+    text = (Path(__file__).resolve().parent.parent / "docs" / "mqtt.md").read_text()
+    section = text[text.index("\n## Keeping the broker current\n"):]
+    section = section[:section.index("\n## ", 1)]
+    return [json.loads(line) for block in re.findall(r"```json\n(.*?)```", section, re.S)
+            for line in block.splitlines() if line.strip()]
+
+
+def test_serve_keeps_the_broker_current_after_enrollments_and_revocations(world, tmp_path):
+    """`devid serve --mqtt-broker DIR --mqtt-broker-pid PID`: a device enrolled through the gateway
+    is in the broker's ACL (and publishes) without anyone running broker-config, and once
+    `devid revoke` has run (another process) the broker refuses it: the gateway saw the registry
+    change, wrote the CRL and the ACL again and sent the broker SIGHUP. Its log lines are the
+    documented ones."""
+    before = world.broker.reloads()
+    served = serve(world.data, tmp_path / "gateway.log",
+                   args=["--mqtt-broker", world.broker.directory, "--mqtt-broker-pid", world.broker.pid])
+    try:
+        wait_for(lambda: world.broker.reloads() > before, "the first refresh at start")
+        device = world.device(3)
+        reloads = world.broker.reloads()
+        ok(run_devid("enroll", "--gateway", served.uri, "--device", device, *FIRMWARE))
+        wait_for(lambda: world.broker.reloads() > reloads, "a refresh after the enrollment")
+        assert "device-MQ00000003" in (world.broker.directory / "acl").read_text()
+        with Connection(service(device)) as conn:
+            conn.publish("devices/MQ00000003/hello", b"x")
+        reloads = world.broker.reloads()
+        ok(run_devid("revoke", "MQ00000003", "--reason", "keyCompromise", data_dir=world.data))
+        wait_for(lambda: world.broker.reloads() > reloads, "a refresh after the revocation")
+        assert "refused" in refused(service(device))
+        assert "device-MQ00000003" not in (world.broker.directory / "acl").read_text()
+    finally:
+        assert served.stop() == 0
+    lines = [json.loads(line) for line in (tmp_path / "gateway.log").read_text().splitlines()
+             if line.startswith("{")]
+    refreshes = [line for line in lines if line.get("event") == "mqtt-broker"]
+    assert [line["trigger"] for line in refreshes][:3] == ["start", "registry changed", "registry changed"], refreshes
+    assert all(line["result"] == "refreshed" and line["broker_pid"] == world.broker.pid for line in refreshes)
+    example = next(e for e in documented_broker_lines() if e["result"] == "refreshed")
+    assert set(example) <= set(refreshes[0]) | {"worker"}, (example, refreshes[0])
+
+
+def test_a_refresh_that_cannot_signal_the_broker_is_logged_once_and_retried_later(world, tmp_path, caplog):
+    """The broker's pid file names no process: the files are written, the failure is one
+    documented log line, and the keeper waits RETRY_AFTER before trying again (not every look)."""
+    import asyncio
+    import logging
+    from devid.gateway.app.broker_keeper import RETRY_AFTER, BrokerKeeper
+    from devid.gateway.app.datadir import DataDir
+    from devid.gateway.system.logs import LineFormatter
+    pidfile = tmp_path / "mosquitto.pid"
+    pidfile.write_text("4194304\n")            # above pid_max: no such process
+    data = DataDir(world.data)
+    registry = data.open_registry()
+    keeper = BrokerKeeper(data, world.broker.directory, str(pidfile), lambda: datetime.now(timezone.utc), registry,
+                          check_interval=0.01)
+
+    async def run():
+        keeper.start()
+        deadline = asyncio.get_running_loop().time() + 30
+        while not any(r.getMessage() == "mqtt-broker" for r in caplog.records):
+            assert asyncio.get_running_loop().time() < deadline, "no mqtt-broker line"
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)                # 20 looks' time: still one line (it waits RETRY_AFTER)
+        await keeper.stop()
+    try:
+        with caplog.at_level(logging.INFO, logger="devid.gateway"):
+            asyncio.run(run())
+    finally:
+        registry.close()
+    records = [r for r in caplog.records if r.getMessage() == "mqtt-broker"]
+    assert len(records) == 1 and keeper.refreshes == 0
+    line = json.loads(LineFormatter().format(records[0]))
+    assert line["result"] == "failed" and "no such process" in line["reason"] and line["retry_seconds"] == RETRY_AFTER
+    example = next(e for e in documented_broker_lines() if e["result"] == "failed")
+    assert (example["logger"], example["level"], example["event"]) == (line["logger"], line["level"], line["event"])
+    assert set(example) == set(line), (example, line)
+
+
+def test_serve_refuses_a_broker_directory_broker_config_did_not_make(world, tmp_path):
+    one_line_error(run_devid("serve", "--listen", "127.0.0.1:0", "--mqtt-broker", tmp_path, data_dir=world.data),
+                   "run devid mqtt broker-config")
+    one_line_error(run_devid("serve", "--listen", "127.0.0.1:0", "--mqtt-broker-pid", "123", data_dir=world.data),
+                   "needs --mqtt-broker")

@@ -144,13 +144,68 @@ def broker_config(data: DataDir, out: Path, *, hostnames: list[str], port: int =
     fsync_path(out)
     summary["reloaded"] = False
     if reload_pid is not None:
+        signal_broker(reload_pid, "--reload-pid")
+        summary["reloaded"] = True
+    return summary
+
+
+def broker_pid(spec: int | str | Path) -> int:
+    """The broker's pid: `spec` itself, or read from a pid file (Mosquitto's `pid_file`, a
+    service manager's): read again at each use, so a restarted broker is found."""
+    if isinstance(spec, int):
+        return spec
+    try:
+        text = Path(spec).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{spec}: cannot read the broker's pid file ({exc.strerror})") from None
+    if not text.isdigit() or int(text) <= 1:
+        raise ConfigError(f"{spec}: not a pid file (it holds {text[:20]!r})")
+    return int(text)
+
+
+def signal_broker(spec: int | str | Path, option: str) -> int:
+    """SIGHUP to the broker (it reads its CRL and ACL again); its pid."""
+    pid = broker_pid(spec)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        raise ConfigError(f"{option} {spec}: no such process (the files are written)") from None
+    except PermissionError:
+        raise ConfigError(f"{option} {spec}: not allowed to signal it (the files are written)") from None
+    return pid
+
+
+def refresh(data: DataDir, out: Path, *, now: datetime, reload: int | str | Path | None = None,
+            option: str = "--mqtt-broker-pid") -> dict:
+    """The CRL and the ACL again, nothing else (what revocations, renewals and enrollments
+    change), in a directory `broker_config` made: each file replaced atomically with the group
+    and mode it had; then SIGHUP to `reload` (a pid or a pid file). What `devid serve
+    --mqtt-broker` does after each revocation."""
+    out = Path(out)
+    if not (out / "mosquitto.conf").is_file():
+        raise ConfigError(f"{out}: no mosquitto.conf: run devid mqtt broker-config --out {out} first")
+    with directory_lock(out, wait=30.0):
+        registry = data.open_registry()
         try:
-            os.kill(reload_pid, signal.SIGHUP)
-            summary["reloaded"] = True
-        except ProcessLookupError:
-            raise ConfigError(f"--reload-pid {reload_pid}: no such process (the files are written)") from None
-        except PermissionError:
-            raise ConfigError(f"--reload-pid {reload_pid}: not allowed to signal it (the files are written)") from None
+            acl, devices = acl_text(data, registry)
+            crl = build_crl(data.issuer("operational"), registry, now, validity=timedelta(days=data.config.crl_days))
+        finally:
+            registry.close()
+        for name, body in (("crl.pem", crl.crl.public_bytes(serialization.Encoding.PEM)), ("acl", acl.encode())):
+            try:
+                held = os.stat(out / name, follow_symlinks=False)
+            except FileNotFoundError:
+                held = None
+            write_atomic(out / name, body, 0o600 if held is None else held.st_mode & 0o777)
+            if held is not None:
+                os.chown(out / name, -1, held.st_gid, follow_symlinks=False)
+                os.chmod(out / name, held.st_mode & 0o777, follow_symlinks=False)
+    fsync_path(out)
+    summary = {"out": str(out.resolve()), "crl_number": crl.number, "crl_entries": crl.entries,
+               "crl_next_update": crl.next_update.isoformat(timespec="seconds").replace("+00:00", "Z"),
+               "acl_devices": devices, "reloaded": None}
+    if reload is not None:
+        summary["reloaded"] = signal_broker(reload, option)
     return summary
 
 

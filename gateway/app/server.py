@@ -16,7 +16,7 @@ import logging
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from devid.attestation.log_budget import LogBudget
 
 from devid.gateway.service.budgets import Budgets
 from devid.gateway.store.configuration import ConfigTemplates
+from devid.gateway.app.broker_keeper import BrokerKeeper, check_broker_dir
 from devid.gateway.app.datadir import DataDir
 from devid.gateway.app.policy_reload import CHECK_INTERVAL, POLICY_FILE, PolicyFile
 from devid.gateway.service.enrollment import EnrollmentService
@@ -69,6 +70,8 @@ class GatewayConfig:
     reuse_port: bool = False
     budgets: Budgets | None = None              # per-device limits (docs/enrollment.md#budgets)
     log_budget: LogBudget | None = None         # refused evidence logged per device (docs/attestation.md)
+    mqtt_broker: Path | None = None             # a broker directory whose CRL and ACL serve keeps current
+    mqtt_broker_pid: int | str | None = None    # the broker to SIGHUP after each refresh: pid or pid file
 
 
 class Gateway:
@@ -77,6 +80,8 @@ class Gateway:
     def __init__(self, data: DataDir, config: GatewayConfig | None = None, clock=utcnow) -> None:
         self.data = data.require()
         self.config = config or GatewayConfig()
+        if self.config.mqtt_broker is not None:
+            check_broker_dir(self.config.mqtt_broker)
         self.clock = clock
         self.registry = data.open_registry()
         self.registry.health = StorageHealth(log, str(self.registry.path))
@@ -109,6 +114,10 @@ class Gateway:
         self.coap: CoapServer | None = None
         self.interface: DTLSServerInterface | None = None
         self._policy_watch: asyncio.Task | None = None
+        self.broker_keeper: BrokerKeeper | None = None
+        if self.config.mqtt_broker is not None:         # docs/mqtt.md#keeping-the-broker-current
+            self.broker_keeper = BrokerKeeper(data, self.config.mqtt_broker, self.config.mqtt_broker_pid,
+                                              clock, self.registry)
 
     def use_policy(self, policy: Policy) -> None:
         """Put a validated policy in force for every later request (nothing is awaited here, so
@@ -132,6 +141,8 @@ class Gateway:
         if self.config.policy_check_interval:
             self._policy_watch = asyncio.get_running_loop().create_task(
                 self.policy_file.watch(self.config.policy_check_interval))
+        if self.broker_keeper is not None:
+            self.broker_keeper.start()
 
     @property
     def addresses(self) -> list[tuple]:
@@ -141,6 +152,8 @@ class Gateway:
         if self._policy_watch is not None:
             self._policy_watch.cancel()
             self._policy_watch = None
+        if self.broker_keeper is not None:
+            await self.broker_keeper.stop()
         if self.coap is not None:
             await self.coap.shutdown()
             self.coap = None
@@ -202,6 +215,8 @@ def _worker(path: str, config: GatewayConfig, log_level: str, index: int, queue,
     try:
         def ready(gateway):
             queue.put(("ready", index, gateway.addresses))
+        if index != 0:                  # one process keeps the broker's files (worker 0)
+            config = replace(config, mqtt_broker=None, mqtt_broker_pid=None)
         stats = asyncio.run(serve(DataDir(Path(path)), config, ready=ready, announce=False))
         queue.put(("stopped", index, stats))
     except Exception as exc:       # reported by the parent as one line

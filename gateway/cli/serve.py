@@ -46,6 +46,21 @@ def cmd_serve(args) -> int:
         return 2
     data.require()
     config = GatewayConfig(limits=limits)        # budgets from devid.toml
+    if args.mqtt_broker_pid is not None and args.mqtt_broker is None:
+        raise CLIError("--mqtt-broker-pid needs --mqtt-broker DIR")
+    if args.mqtt_broker is not None:
+        from devid.gateway.app.broker_keeper import check_broker_dir
+        config.mqtt_broker = check_broker_dir(args.mqtt_broker).resolve()
+        spec = args.mqtt_broker_pid
+        if spec is not None:
+            if spec.isdigit():
+                if int(spec) <= 1:
+                    raise CLIError(f"--mqtt-broker-pid {spec}: not a broker's process id")
+                config.mqtt_broker_pid = int(spec)
+            else:
+                from devid.gateway.app.broker import broker_pid
+                broker_pid(spec)                # a pid file that cannot be read: one line now
+                config.mqtt_broker_pid = os.path.abspath(spec)
     if listen:
         config.listen = listen
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
@@ -102,6 +117,11 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--workers", type=output.positive_int, metavar="N",
                    help="gateway processes sharing the port (SO_REUSEPORT) and the registry (default: one per core)")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    s.add_argument("--mqtt-broker", metavar="DIR",
+                   help="keep the Mosquitto broker files `devid mqtt broker-config --out DIR` wrote current: the "
+                        "CRL and the ACL written again after each revocation or enrollment (docs/mqtt.md)")
+    s.add_argument("--mqtt-broker-pid", metavar="PID|FILE",
+                   help="the broker to send SIGHUP after each refresh: its pid, or a pid file read each time")
     s.add_argument("--log-file", metavar="PATH",
                    help="append the log lines (one JSON object each) to PATH instead of stderr")
     s.set_defaults(func=cmd_serve)

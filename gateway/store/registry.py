@@ -315,6 +315,17 @@ class RegistryQueries:
                                     "AND status = 'revoked' ORDER BY revoked_at, serial", (issuer,)).fetchall()
         return [_cert(r) for r in rows]
 
+    def revocation_marker(self, issuer: str) -> tuple:
+        """A cheap summary that changes when a certificate of `issuer` is revoked or a device is
+        enrolled or revoked: (revoked certificates, the latest revocation, enrolled devices), from
+        the indexes certificates_revoked and devices_state (what `devid serve --mqtt-broker`
+        watches to know when the broker's CRL and ACL are stale)."""
+        with self.reading() as db:
+            count, latest = db.execute("SELECT COUNT(*), MAX(revoked_at) FROM certificates "
+                                       "WHERE issuer = ? AND status = 'revoked'", (issuer,)).fetchone()
+            enrolled = db.execute("SELECT COUNT(*) FROM devices WHERE state = 'enrolled'").fetchone()[0]
+        return count, latest, enrolled
+
     def superseded_certificates(self, issuer: str, now: datetime) -> list[tuple[CertificateRecord, datetime]]:
         """The superseded certificates of `issuer` that have not expired, each with when it was
         superseded (the issue time of the next certificate of its profile for its device)."""
