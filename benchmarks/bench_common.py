@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -97,48 +96,25 @@ class Served:
 
 def program(name: str) -> str | None:
     """An installed program's path (PATH, then /usr/sbin and /usr/bin), or None."""
-    import shutil
-    for candidate in (shutil.which(name), f"/usr/sbin/{name}", f"/usr/bin/{name}"):
-        if candidate and Path(candidate).exists():
-            return candidate
-    return None
+    from devid.gateway.app.mosquitto import program as find
+    return find(name)
 
 
 def start_mosquitto(conf: Path, port: int, log: Path, wait: float = 30.0) -> subprocess.Popen:
-    """Mosquitto on `conf` as the mosquitto user (setpriv, in the foreground: the pid is the
-    broker's), its stderr appended to `log`; back once it accepts TCP connections on `port`.
-    RuntimeError with the log's tail if it exits or does not listen within `wait` seconds."""
-    import socket
-    import time
-    setpriv, mosquitto = program("setpriv"), program("mosquitto")
-    if setpriv is None or mosquitto is None:
-        raise RuntimeError("mosquitto and setpriv are needed (Debian mosquitto, util-linux)")
-    with open(log, "ab") as err:
-        proc = subprocess.Popen([setpriv, "--reuid=mosquitto", "--regid=mosquitto", "--init-groups", mosquitto,
-                                 "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=err)
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mosquitto exited with {proc.returncode}: {log.read_text(errors='replace')[-1500:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return proc
-        except OSError:
-            time.sleep(0.05)
-    stop_process(proc)
-    raise RuntimeError(f"mosquitto did not listen on {port} within {wait:g} s: {log.read_text(errors='replace')[-1500:]}")
+    """Mosquitto on `conf` (as the mosquitto user when root: devid.gateway.app.mosquitto), back
+    once it listens on `port`; RuntimeError with the log's tail if it does not."""
+    from devid.gateway.app import mosquitto
+    from devid.gateway.errors import ConfigError
+    try:
+        return mosquitto.start_mosquitto(conf, port, log, wait)
+    except ConfigError as exc:
+        raise RuntimeError(str(exc)) from None
 
 
 def stop_process(proc: subprocess.Popen | None, grace: float = 30.0) -> None:
     """SIGTERM, and SIGKILL if it has not ended within `grace` seconds; then reaped."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(30)
+    from devid.gateway.app.mosquitto import stop_process as stop
+    stop(proc, grace)
 
 
 def checkout_module(root: Path) -> tuple[str, str | None]:

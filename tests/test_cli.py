@@ -207,5 +207,18 @@ def test_demo_runs_end_to_end(tmp_path):
     d = tmp_path / "demo"
     text = ok(run_devid("demo", "--count", "3", data_dir=d))
     assert "creating one" in text and "registry totals: 2 enrolled, 1 revoked" in text
-    text = ok(run_devid("demo", "--count", "2", data_dir=d))     # second run reuses the CA
+    # service access: each device published over MQTT to a real Mosquitto, the first read its
+    # message back, and the broker refused the revoked one once the gateway republished the CRL
+    for n in (1, 2, 3):
+        assert f"DEMO0000000{n}: published to devices/DEMO0000000{n}/telemetry" in text
+    assert "and received it back" in text and "refused by the broker" in text and "MQTT broker stopped" in text
+    text = ok(run_devid("demo", "--count", "2", "--no-mqtt", data_dir=d))     # second run reuses the CA
     assert "creating one" not in text and "registry totals: 3 enrolled, 2 revoked" in text
+    assert "MQTT skipped: --no-mqtt given" in text and "published" not in text
+
+
+def test_demo_json_reports_the_mqtt_part(tmp_path):
+    doc = json.loads(ok(run_devid("demo", "--count", "2", "--json", data_dir=tmp_path / "demo")))
+    assert doc["ok"] is True and doc["mqtt"]["broker"].startswith("mqtts://localhost:")
+    assert [p["serial"] for p in doc["mqtt"]["published"]] == ["DEMO00000001", "DEMO00000002"]
+    assert "refused" in doc["revoked"]["broker_refused"]

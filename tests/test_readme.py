@@ -24,6 +24,7 @@ def test_scripts_demo_runs_the_main_job(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "creating one" in proc.stdout and "verdict affirming" in proc.stdout
     assert "registry totals: 1 enrolled, 1 revoked" in proc.stdout
+    assert "published to devices/DEMO00000001/telemetry" in proc.stdout and "refused by the broker" in proc.stdout
     assert "Traceback" not in proc.stderr
 
 

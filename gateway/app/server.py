@@ -72,6 +72,7 @@ class GatewayConfig:
     log_budget: LogBudget | None = None         # refused evidence logged per device (docs/attestation.md)
     mqtt_broker: Path | None = None             # a broker directory whose CRL and ACL serve keeps current
     mqtt_broker_pid: int | str | None = None    # the broker to SIGHUP after each refresh: pid or pid file
+    mqtt_broker_check_interval: float = 5.0     # s between looks at the registry for the broker
 
 
 class Gateway:
@@ -117,7 +118,8 @@ class Gateway:
         self.broker_keeper: BrokerKeeper | None = None
         if self.config.mqtt_broker is not None:         # docs/mqtt.md#keeping-the-broker-current
             self.broker_keeper = BrokerKeeper(data, self.config.mqtt_broker, self.config.mqtt_broker_pid,
-                                              clock, self.registry)
+                                              clock, self.registry,
+                                              check_interval=self.config.mqtt_broker_check_interval)
 
     def use_policy(self, policy: Policy) -> None:
         """Put a validated policy in force for every later request (nothing is awaited here, so

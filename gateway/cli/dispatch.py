@@ -32,7 +32,7 @@ REGISTRY_HELP = (f"the registry on PostgreSQL, postgresql://USER@HOST:PORT/DB (d
 
 def cmd_demo(args) -> int:
     from devid.gateway.cli.demo import run_demo
-    return run_demo(data_dir(args), count=args.count, json_mode=args.json)
+    return run_demo(data_dir(args), count=args.count, json_mode=args.json, mqtt=not args.no_mqtt)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,9 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_commands(sub, common)
 
     s = sub.add_parser("demo", parents=[common],
-                       help="the main job on the embedded default: init if needed, provision, issue, list")
+                       help="the main job on the embedded default: init if needed, provision, enroll, "
+                            "publish over MQTT, renew, revoke, list")
     s.add_argument("--count", type=output.positive_int, default=5, metavar="N",
                    help="devices to provision (default: 5)")
+    s.add_argument("--no-mqtt", action="store_true",
+                   help="leave out the MQTT broker part (it runs when Mosquitto is installed)")
     s.add_argument("--json", action="store_true", help="one JSON document at the end instead of the steps")
     s.set_defaults(func=cmd_demo)
 
