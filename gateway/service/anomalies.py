@@ -24,6 +24,7 @@ verdict-drop reads the registry and is exact.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import OrderedDict, deque
@@ -63,6 +64,16 @@ class _State:
         self.raised: dict[str, float] = {}                          # kind -> when last raised
 
 
+def _guarded(method):
+    @functools.wraps(method)
+    def call(self, *args):
+        try:
+            method(self, *args)
+        except Exception:
+            log.exception("anomaly tracking failed")
+    return call
+
+
 class AnomalyTracker:
     """Per-identity tracking, bounded; `registry` (optional) answers a device's previous verdict."""
 
@@ -88,11 +99,11 @@ class AnomalyTracker:
             self._states.move_to_end(serial)
         return state
 
-    def _raise(self, state: _State | None, kind: str, serial: str, window: float | None, **fields) -> None:
+    def _raise(self, state: _State | None, kind: str, serial: str, every: float | None, **fields) -> None:
         now = self.clock()
         if state is not None:
             last = state.raised.get(kind)
-            if last is not None and window is not None and now - last < window:
+            if last is not None and every is not None and now - last < every:
                 return
             state.raised[kind] = now
         metrics.ANOMALIES.labels(kind).inc()
@@ -103,8 +114,9 @@ class AnomalyTracker:
         """The deque is full and its oldest time is within the window: maxlen events in the window."""
         return len(times) == times.maxlen and now - times[0] <= window
 
-    # -- what the gateway reports ----------------------------------------------------------
+    # -- what the gateway reports (each guarded: a signal lost never fails a request) -----------
 
+    @_guarded
     def refused(self, serial: str, what: str) -> None:
         """A refusal of `serial`: what = "handshake" or "request"."""
         s = self.settings
@@ -115,6 +127,7 @@ class AnomalyTracker:
             self._raise(state, "refusals", serial, s.refusals_window, count=s.refusals,
                         window=s.refusals_window, last=what)
 
+    @_guarded
     def renewed(self, serial: str) -> None:
         s = self.settings
         state = self._state(serial)
@@ -124,6 +137,7 @@ class AnomalyTracker:
             self._raise(state, "renewal-storm", serial, s.renewals_window, count=s.renewals,
                         window=s.renewals_window)
 
+    @_guarded
     def seen(self, serial: str, address: str) -> None:
         """A completed handshake of `serial` from `address` (an IP address, without the port)."""
         s = self.settings
@@ -140,6 +154,7 @@ class AnomalyTracker:
             self._raise(state, "many-addresses", serial, s.addresses_window, count=len(seen),
                         window=s.addresses_window, address=address)
 
+    @_guarded
     def verdict(self, serial: str, tier: str, log_seq: int | None) -> None:
         """A verdict for `serial`; below affirming after an affirming one raises verdict-drop."""
         if tier == "affirming" or self.registry is None:
