@@ -20,6 +20,7 @@ import pytest
 from aiocoap.numbers import codes
 
 from devid.ca.revocation import revoke_device
+from devid.gateway.service.anomalies import AnomalySettings
 from devid.gateway.service.budgets import Budgets, Rate
 from devid.gateway.device.client import device_context
 from devid.gateway.device.enroll import enroll, fetch_config, renew
@@ -141,8 +142,14 @@ def trigger_every_event(data, ca, tmp_path) -> None:
         assert not gw.reload_policy("signal")
         policy.write_text(POLICY)
         assert gw.reload_policy("signal")
-    # nonces: TS00000001 spends one enrolling, one refused with its operational identity
-    run_with_gateway(data, body, budgets=Budgets(nonce=Rate(2, 600.0)))
+        # a verdict below affirming for TS00000001, whose last one (at enrollment) was affirming:
+        # given to the tracker directly (tests/test_anomalies.py sends the evidence for it)
+        gw.anomalies.verdict("TS00000001", "contraindicated", None)
+    # nonces: TS00000001 spends one enrolling, one refused with its operational identity.
+    # Anomaly thresholds this low make the requests above raise each kind: TS00000002's three
+    # refusals, TS00000001's renewal, and every device's first address
+    run_with_gateway(data, body, budgets=Budgets(nonce=Rate(2, 600.0)),
+                     anomalies=AnomalySettings(refusals=3, renewals=1, addresses=1))
     # storage: the registry's health tracker on the gateway's logger (the real disk-full path runs in
     # tests/test_disk_full.py, which reads these lines from `devid serve`'s log)
     health = StorageHealth(logging.getLogger("devid.gateway"), str(data.path / "registry.sqlite3"))

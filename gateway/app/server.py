@@ -28,6 +28,7 @@ from devid.attestation.service import AttestationService
 from devid.gateway.store.attestation_store import AttestationStore
 from devid.attestation.log_budget import LogBudget
 
+from devid.gateway.service.anomalies import AnomalySettings, AnomalyTracker, RefusalWitness
 from devid.gateway.service.budgets import Budgets
 from devid.gateway.store.configuration import ConfigTemplates
 from devid.gateway.app.broker_keeper import BrokerKeeper, check_broker_dir
@@ -41,7 +42,9 @@ from devid.gateway.coap.transport import DTLSServerInterface
 from devid.gateway.service.identity import DeviceAuthenticator
 from devid.gateway.system.lifeline import die_with_parent
 from devid.gateway.system.logs import configure_logging
+from devid.gateway.store.gauges import RegistryGauges
 from devid.gateway.store.storage import StorageHealth
+from devid.gateway.system import metrics
 
 log = logging.getLogger("devid.gateway")
 
@@ -73,6 +76,7 @@ class GatewayConfig:
     mqtt_broker: Path | None = None             # a broker directory whose CRL and ACL serve keeps current
     mqtt_broker_pid: int | str | None = None    # the broker to SIGHUP after each refresh: pid or pid file
     mqtt_broker_check_interval: float = 5.0     # s between looks at the registry for the broker
+    anomalies: AnomalySettings | None = None    # anomaly thresholds (docs/operations.md#anomaly-signals)
 
 
 class Gateway:
@@ -94,8 +98,12 @@ class Gateway:
         budgets = self.config.budgets or settings.budgets
         self.authenticator = DeviceAuthenticator(mfg, op, data.config.identity, self.registry, clock,
                                                  superseded_grace=budgets.superseded_grace)
-        self.engine = E.ServerEngine(self.ssl_context, self.authenticator,
+        # the engine's authenticator, wrapped to name the device of a refused certificate
+        self.witness = RefusalWitness(self.authenticator)
+        self.engine = E.ServerEngine(self.ssl_context, self.witness,
                                      self.config.limits or settings.server_limits)
+        self.anomalies = AnomalyTracker(self.config.anomalies, self.registry)
+        self.gauges = RegistryGauges(self.registry, clock)
         self.policy_file = PolicyFile(data.path / POLICY_FILE, self.use_policy)
         self.policy = self.policy_file.load_at_start()
         store = AttestationStore(self.registry)
@@ -109,7 +117,7 @@ class Gateway:
         # carrying it is sent, and racing requests for one device see each other's writes
         self.enrollment = EnrollmentService(data.authority(self.registry), self.attestation, self.policy,
                                             self.configs, clock, budgets=budgets,
-                                            atomic=self.registry.device_transaction)
+                                            atomic=self.registry.device_transaction, anomalies=self.anomalies)
         self.site = build_site()
         add_enrollment_resources(self.site, self.enrollment, data.cert("root"), op)
         self.coap: CoapServer | None = None
@@ -134,10 +142,13 @@ class Gateway:
 
     async def start(self) -> None:
         self.coap = CoapServer(self.site)
+        self.coap.on_refused = lambda serial: self.anomalies.refused(serial, "request")
         self.interface = await DTLSServerInterface.create(self.coap, self.engine, self.config.listen,
                                                           asyncio.get_running_loop(),
                                                           reuse_port=self.config.reuse_port)
         self.coap.interface = self.interface
+        self.interface.anomalies, self.interface.witness = self.anomalies, self.witness
+        metrics.add_scrape_collector(self.gauges)
         self.interface.start_revocation_watch(self.authenticator.ended,
                                               self.config.revocation_check_interval)
         if self.config.policy_check_interval:
@@ -151,6 +162,7 @@ class Gateway:
         return self.interface.addresses if self.interface else []
 
     async def stop(self) -> None:
+        metrics.remove_scrape_collector(self.gauges)
         if self._policy_watch is not None:
             self._policy_watch.cancel()
             self._policy_watch = None
@@ -236,6 +248,20 @@ def _worker(path: str, config: GatewayConfig, log_level: str, index: int, queue,
 
 def serve_workers(data: DataDir, config: GatewayConfig, workers: int, log_level: str = "INFO",
                   log_file: str | None = None) -> int:
+    """`devid serve --workers N`, with the run's metrics directory (system/metrics.py: every
+    worker's metrics in DATA/metrics/<pid>/, summed by an exposition in any process of the run;
+    the registry's gauges from the registry itself, opened at the first scrape)."""
+    with metrics.multiprocess_dir(data.path):
+        gauges = RegistryGauges(data.open_registry)
+        metrics.add_scrape_collector(gauges)
+        try:
+            return _serve_workers(data, config, workers, log_level, log_file)
+        finally:
+            metrics.remove_scrape_collector(gauges)
+
+
+def _serve_workers(data: DataDir, config: GatewayConfig, workers: int, log_level: str = "INFO",
+                   log_file: str | None = None) -> int:
     """`devid serve --workers N`: N processes on the same UDP ports (SO_REUSEPORT: the kernel keeps
     each peer address, hence each DTLS session, on one worker), sharing the registry database.
     Everything all workers must see (nonces, verdicts, revocations) lives in the registry."""
@@ -362,6 +388,8 @@ def serve_workers(data: DataDir, config: GatewayConfig, workers: int, log_level:
             p.join(5)
             if p.is_alive():
                 p.kill()
+                p.join(5)
+            metrics.worker_exited(p.pid)      # its live gauges (open sessions) go; its counters stay
         if not failed:
             print("devid gateway: shutting down", flush=True)
             stats = {k: totals.get(k, 0) for k in ('handshakes', 'resumed', 'failed', 'cookies_sent')}

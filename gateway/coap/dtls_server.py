@@ -16,6 +16,7 @@ from devid.gateway.coap.dtls_interface import RCVBUF, DTLSInterface, DTLSRemote,
 from devid.gateway.dtls.errors import DTLSError
 from devid.gateway.dtls.events import HandshakeComplete, HandshakeFailed, Output, SessionClosed
 from devid.gateway.dtls.server import ServerEngine
+from devid.gateway.system import metrics
 
 
 class _ServerSocket:
@@ -77,6 +78,10 @@ class DTLSServerInterface(DTLSInterface):
         self.endpoints: list[_ServerSocket] = []
         self._by_peer_endpoint: dict[tuple, _ServerSocket] = {}
         self._revocation_task: asyncio.Task | None = None
+        # set by the gateway (service/anomalies.py): the per-identity anomaly tracker, and the
+        # wrapper of the engine's authenticator that names the device of a refused certificate
+        self.anomalies = None
+        self.witness = None
 
     @classmethod
     async def create(cls, mman, engine: ServerEngine, binds: Iterable[tuple[str, int]], loop,
@@ -99,6 +104,8 @@ class DTLSServerInterface(DTLSInterface):
 
     def _datagram(self, endpoint: _ServerSocket, data: bytes, addr: tuple) -> None:
         self._by_peer_endpoint[addr] = endpoint
+        if self.witness is not None:
+            self.witness.take()         # a refusal names its device only within this datagram
         out = self.engine.receive(addr, data, self._loop.time())
         self._process(out, endpoint)
         if addr not in self.engine.sessions:
@@ -120,13 +127,26 @@ class DTLSServerInterface(DTLSInterface):
         ident = ev.identity.as_dict() if hasattr(ev.identity, "as_dict") else {}
         log_event("handshake", result="ok", peer=hostinfo(ev.peer), resumed=ev.resumed, cipher=ev.cipher,
                **{k: ident.get(k) for k in ("serial", "device_type", "kind", "fingerprint")})
+        metrics.HANDSHAKES.labels("ok").inc()
+        metrics.SESSIONS.set(len(self.remotes))
+        serial = getattr(ev.identity, "serial", None)
+        if self.anomalies is not None and serial is not None:
+            self.anomalies.seen(serial, ev.peer[0])
 
     def _on_handshake_failed(self, ev: HandshakeFailed) -> None:
-        log_event("handshake", result="refused", peer=hostinfo(ev.peer), reason=ev.reason)
+        # the device a refused certificate named (its chain validated), when the refusal was the
+        # authenticator's in this datagram
+        serial = self.witness.take() if self.witness is not None else None
+        log_event("handshake", result="refused", peer=hostinfo(ev.peer), reason=ev.reason, serial=serial)
+        metrics.HANDSHAKES.labels("refused").inc()
+        metrics.HANDSHAKE_REFUSALS.labels(metrics.refusal_class(ev.reason)).inc()
+        if self.anomalies is not None and serial is not None:
+            self.anomalies.refused(serial, "handshake")
 
     def _on_closed(self, ev: SessionClosed, remote: DTLSRemote | None) -> None:
         serial = getattr(remote.identity, "serial", None) if remote else None
         log_event("session-closed", peer=hostinfo(ev.peer), serial=serial, reason=ev.reason)
+        metrics.SESSIONS.set(len(self.remotes))
         if ev.peer not in self.engine.sessions:    # a session replaced by a new handshake keeps its socket
             self._by_peer_endpoint.pop(ev.peer, None)
 

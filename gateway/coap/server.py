@@ -23,6 +23,7 @@ import asyncio
 import itertools
 import logging
 import os
+import time
 from collections import OrderedDict
 
 from aiocoap import Message, error
@@ -32,6 +33,7 @@ from aiocoap.numbers.types import Type
 from aiocoap.optiontypes import BlockOption
 
 from devid.gateway.coap.problems import problem_message
+from devid.gateway.system import metrics
 
 log = logging.getLogger("devid.coap")
 
@@ -65,6 +67,9 @@ class CoapServer:
         self._accepting = True
         self._mids = itertools.count(int.from_bytes(os.urandom(2), "big"))
         self.requests = 0
+        # called with the session's identity for every 4.xx answer on an authenticated session
+        # (the gateway's anomaly tracker: service/anomalies.py)
+        self.on_refused = None
 
     # -- from the transport ------------------------------------------------------------------
 
@@ -109,6 +114,7 @@ class CoapServer:
 
     async def _answer(self, request: Message, key: int | None, seen: OrderedDict) -> None:
         self.requests += 1
+        started = time.perf_counter()
         try:
             response = await self._render(request)
         except error.RenderableError as exc:
@@ -125,6 +131,19 @@ class CoapServer:
         if key is not None and self._exchanges.get(request.remote) is seen:
             seen[key] = response
         self._send(response, request.remote)
+        self._count(request, response, time.perf_counter() - started)
+
+    def _count(self, request: Message, response: Message, seconds: float) -> None:
+        path = request.opt.uri_path
+        resource = metrics.resource_label(path, path in self.site._resources)
+        code = response.code
+        metrics.REQUESTS.labels(resource, code.dotted).inc()
+        metrics.REQUEST_SECONDS.labels(resource).observe(seconds)
+        if code.class_ == 4 and self.on_refused is not None:
+            identity = getattr(request.remote, "identity", None)
+            serial = getattr(identity, "serial", None)
+            if serial is not None:
+                self.on_refused(serial)
 
     @staticmethod
     def _option_problem(message: Message):

@@ -38,7 +38,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Callable, ContextManager
+from typing import Any, Callable, ContextManager
 
 from devid.attestation.evidence import MAX_EVIDENCE_SIZE, cose_key_xy
 from devid.attestation.nonces import SESSION, NonceRecord, SessionNonce
@@ -55,6 +55,7 @@ from devid.gateway.service.budgets import Budgets, RateLimiter
 from devid.gateway.store.configuration import ConfigTemplates
 from devid.gateway.errors import ConfigError, GatewayError
 from devid.gateway.service.identity import OPERATIONAL, PeerIdentity
+from devid.gateway.system import metrics
 
 log = logging.getLogger("devid.enrollment")
 
@@ -157,6 +158,8 @@ class EnrollmentService:
     budgets: Budgets = field(default_factory=Budgets)
     # the request-rate clock (seconds, monotonic): apart from `clock`, which is wall time
     monotonic: Callable[[], float] = time.monotonic
+    # the gateway's anomaly tracker (service/anomalies.py): verdicts and renewals per device
+    anomalies: Any = None
 
     def __post_init__(self) -> None:
         self.limiter = RateLimiter(self.budgets, self.monotonic)
@@ -165,6 +168,7 @@ class EnrollmentService:
 
     def _decision(self, action: str, who: PeerIdentity | None, result: str, level: int = logging.INFO,
                   **details) -> None:
+        metrics.DECISIONS.labels(action, result).inc()
         if not log.isEnabledFor(level):
             return
         line = {"result": result}
@@ -255,6 +259,12 @@ class EnrollmentService:
         revoked = verdict.revoke and verdict.fresh
         if revoked:
             revoke_device(self.ca.store, who.serial, "keyCompromise", self.clock())
+        tier = verdict.tier.value
+        metrics.VERDICTS.labels(tier).inc()
+        for reason in verdict.reasons:
+            metrics.VERDICT_REASONS.labels(reason.code, reason.tier.value).inc()
+        if self.anomalies is not None:
+            self.anomalies.verdict(who.serial, tier, evaluation.log_seq)
         self._decision("evidence", who, verdict.tier.value, acceptable=verdict.acceptable,
                        reasons=list(verdict.codes) or None, log_seq=evaluation.log_seq, nonce=verdict.nonce,
                        revoked=revoked or None, **details)
@@ -272,6 +282,7 @@ class EnrollmentService:
         and the certificate are written in one transaction (`atomic`). `with_config`: the answer
         carries the device's configuration too; it is built before anything is issued, so a
         template that cannot be served refuses the request instead of losing a certificate."""
+        started = time.perf_counter()
         found = self._require("enroll", who)
         tpolicy = self.policy.for_type(who.device_type)
         if tpolicy is None:
@@ -333,12 +344,14 @@ class EnrollmentService:
         self._decision("enroll", who, "issued", certificate=format(issued.cert.serial_number, "x"),
                        verdict_seq=verdict_seq, attestation=tpolicy.attestation,
                        reenrollment=reenrollment or None, config=with_config or None)
+        metrics.ISSUANCE_SECONDS.labels("enroll").observe(time.perf_counter() - started)
         return Issuance(issued, evaluation, config)
 
     def renew(self, who: PeerIdentity | None, csr: bytes, *, with_config: bool = False) -> Issuance:
         """/sren: a new operational certificate for the device of this operational identity,
         which must be its current one (or superseded within the grace period). `with_config`:
         as for `enroll`, the configuration is built before anything is issued."""
+        started = time.perf_counter()
         self._require("renew", who)
         csr = self._check_csr("renew", who, csr)
         config = self._config(who) if with_config else None
@@ -350,6 +363,9 @@ class EnrollmentService:
             issued = self._issue("renew", who, csr)
         self._decision("renew", who, "issued", certificate=format(issued.cert.serial_number, "x"),
                        config=with_config or None)
+        metrics.ISSUANCE_SECONDS.labels("renew").observe(time.perf_counter() - started)
+        if self.anomalies is not None:
+            self.anomalies.renewed(who.serial)
         return Issuance(issued, config=config)
 
     def _check_csr(self, action: str, who: PeerIdentity, csr: bytes, evidence: bool = False) -> CheckedKey:

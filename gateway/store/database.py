@@ -24,12 +24,14 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from devid.gateway.errors import RegistryError
 from devid.gateway.store.storage import StorageHealth, storage_kind
+from devid.gateway.system import metrics
 
 # For benchmarks only (`devid bench --durability` measures the cost of durable commits): "normal"
 # makes durable transactions not durable (the baseline), "full" makes every transaction durable
@@ -162,6 +164,7 @@ class Database:
                     self._depth -= 1
                 self._db.execute(f"RELEASE {name}")
                 return
+            started = time.perf_counter()
             try:
                 self._set_sync(self._sync_durable if durable else self._sync_plain)
                 self._db.execute("BEGIN IMMEDIATE")
@@ -184,6 +187,8 @@ class Database:
             finally:
                 self._depth = 0
                 self._durable = False
+                metrics.TRANSACTION_SECONDS.labels(self.engine, "true" if durable else "false").observe(
+                    time.perf_counter() - started)
             if self.health is not None and self.health.failing:
                 self.health.succeeded()
 

@@ -45,6 +45,7 @@ from typing import Iterator
 
 from devid.gateway.errors import RegistryError
 from devid.gateway.store.storage import BUSY, FAILED, FULL, READ_ONLY, Duplicate, StorageError, StorageHealth
+from devid.gateway.system import metrics
 
 SCHEMES = ("postgresql", "postgres")
 # the pool's own warnings (a reconnection failing in its background thread) repeat what the
@@ -414,6 +415,7 @@ class PostgresDatabase:
             finally:
                 self._local.depth = depth - 1
             return
+        started = time.perf_counter()
         with self._borrowed() as conn:          # (which reports a storage failure to `health`)
             raw = conn.raw
             self._local.tx, self._local.durable, self._local.depth = conn, durable, 0
@@ -431,6 +433,8 @@ class PostgresDatabase:
                 raise
             finally:
                 self._local.tx = None
+                metrics.TRANSACTION_SECONDS.labels(self.engine, "true" if durable else "false").observe(
+                    time.perf_counter() - started)
         if self.health is not None and self.health.failing:     # writes work again
             self.health.succeeded()
 
