@@ -264,3 +264,44 @@ def test_backoff_while_the_gateway_is_away_then_renewal_then_sigterm(enrolled, t
             proc.wait()
         if back is not None:
             assert back.stop() == 0
+
+
+def test_a_crash_at_any_point_of_the_install_leaves_a_usable_identity(enrolled, tmp_path):
+    """The on-disk states a crash can leave during `install` (journal written, then 0 to 3 of the
+    files replaced), and a torn journal: the agent's recovery leaves one whole identity each time."""
+    data, out, served = enrolled
+    bundle = out / "SN00000002"
+    old = files(bundle)
+    ok(agent(served.uri, bundle, "--once", "--renew-before", "41d"))
+    new = files(bundle)
+    new_key, new_chain = new["op-key.pem"], new["op-chain.pem"]
+    assert new_key != old["op-key.pem"]
+    names = ("op-key.pem", "op-cert.pem", "op-chain.pem")
+    for replaced in range(4):
+        state = tmp_path / f"crash-{replaced}"
+        state.mkdir()
+        for f in bundle.iterdir():
+            if f.is_file() and f.name not in names:
+                (state / f.name).write_bytes(f.read_bytes())
+        for n, name in enumerate(names):
+            (state / name).write_bytes((new if n < replaced else old)[name])
+        (state / "op-next.pem").write_bytes(new_key + new_chain)
+        proc = agent(served.uri, state, "--once", "--json", "--log", tmp_path / f"crash-{replaced}.log")
+        assert json.loads(ok(proc))["renewed"] is False
+        assert {n: (state / n).read_bytes() for n in names} == {n: new[n] for n in names}, replaced
+        assert not (state / "op-next.pem").exists()
+        certificate(state)
+        assert events(tmp_path / f"crash-{replaced}.log", "agent-recovered")[0]["result"] == "completed"
+    # a journal torn before it was complete (not a whole identity): removed, the old identity stays
+    state = tmp_path / "torn"
+    state.mkdir()
+    for f in bundle.iterdir():
+        if f.is_file():
+            (state / f.name).write_bytes(f.read_bytes())
+    for name in names:
+        (state / name).write_bytes(old[name])
+    (state / "op-next.pem").write_bytes((new_key + new_chain)[:len(new_key) + 100])
+    ok(agent(served.uri, state, "--once", "--log", tmp_path / "torn.log"))
+    assert {n: (state / n).read_bytes() for n in names} == {n: old[n] for n in names}
+    assert not (state / "op-next.pem").exists()
+    assert events(tmp_path / "torn.log", "agent-recovered")[0]["result"] == "discarded"
