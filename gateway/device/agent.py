@@ -262,7 +262,7 @@ async def run(settings: AgentSettings, stop: asyncio.Event | None = None, *,
     threshold, source = threshold_of(directory, settings.renew_before)
     _event("agent-start", gateway=settings.gateway, device=str(directory), threshold_days=_days(threshold),
            threshold_source=source, once=settings.once)
-    attempt, renewed = 0, False
+    attempt, renewed, renewed_now = 0, False, False
     while True:
         done = recover(directory)
         if done is not None:
@@ -272,14 +272,21 @@ async def run(settings: AgentSettings, stop: asyncio.Event | None = None, *,
         now = clock()
         wait = until_due(cert, threshold, now)
         outcome = Outcome(renewed, cert, threshold, source)
-        if wait > 0:
+        if wait <= 0 and attempt == 0 and renewed_now:
+            # the certificate just issued is inside the threshold already (a threshold longer than
+            # the type's validity): renewing again would only spend the device's certificate quota
+            _event("agent-check", logging.WARNING, result="due-after-renewal", threshold_days=_days(threshold),
+                   threshold_source=source, **_cert_fields(cert, now))
+            wait = settings.max_sleep
+            renewed_now = False
+        elif wait > 0:
             _event("agent-check", result="not-due", threshold_days=_days(threshold), threshold_source=source,
                    **_cert_fields(cert, now))
             if settings.once:
                 return outcome
             wait = min(wait, settings.max_sleep)
             wait += rand.uniform(0, WAKE_JITTER * wait)
-            attempt = 0
+            attempt, renewed_now = 0, False
         else:
             _event("agent-check", result="due", threshold_days=_days(threshold), threshold_source=source,
                    **_cert_fields(cert, now))
@@ -295,7 +302,7 @@ async def run(settings: AgentSettings, stop: asyncio.Event | None = None, *,
                 _event("agent-renew-failed", logging.WARNING, step=exc.step, reason=exc.reason, attempt=attempt,
                        backoff_ceiling=round(ceiling, 3), retry_in=round(wait, 3))
             else:
-                attempt, renewed = 0, True
+                attempt, renewed, renewed_now = 0, True, True
                 _event("agent-renewed", previous=format_serial(cert.serial_number), **_cert_fields(new, clock()))
                 if config_problem is not None:
                     _event("agent-config-failed", logging.WARNING, reason=config_problem)
