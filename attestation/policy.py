@@ -20,6 +20,10 @@ from .errors import PolicyError
 from .evidence import HASH_ALGS
 
 POLICY_VERSION = 1
+# renew when the operational certificate has less than this left (the seed's 30 days), for a type
+# whose table does not say
+DEFAULT_RENEWAL_THRESHOLD = timedelta(days=30)
+MAX_VALIDITY_DAYS = 3650                   # as devid.toml's profiles.operational_validity_days
 _VERSION_RE = re.compile(r"^[0-9]+(\.[0-9]+){0,5}$")
 _TYPE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
 _DIGEST_LEN = {name: n for name, n in HASH_ALGS.values()}
@@ -73,6 +77,10 @@ class DeviceTypePolicy:
     minimum_firmware_version: str | None = None
     firmware: tuple[ReferenceValue, ...] = ()
     reenroll: bool = True                      # an enrolled device may enroll again with its factory identity
+    # the operational certificate's lifecycle: its validity (None: devid.toml's
+    # profiles.operational_validity_days) and when the device renews it (told in its configuration)
+    certificate_validity: timedelta | None = None
+    renewal_threshold: timedelta = DEFAULT_RENEWAL_THRESHOLD
     _by_digest: dict = field(default_factory=dict, compare=False, repr=False)
     _below_minimum: set = field(default_factory=set, compare=False, repr=False)
 
@@ -105,12 +113,25 @@ class Policy:
     def for_type(self, device_type: str) -> DeviceTypePolicy | None:
         return self.device_types.get(device_type)
 
+    def renewal_threshold(self, device_type: str) -> timedelta:
+        """When a device of `device_type` renews: once its operational certificate has less than
+        this left (`renewal_threshold_days`; 30 days for a type the policy does not list)."""
+        t = self.device_types.get(device_type)
+        return DEFAULT_RENEWAL_THRESHOLD if t is None else t.renewal_threshold
+
+    def certificate_validity(self, device_type: str) -> timedelta | None:
+        """The validity of an operational certificate for `device_type` (`certificate_validity_days`),
+        or None: the CA's operational profile (devid.toml's profiles.operational_validity_days)."""
+        t = self.device_types.get(device_type)
+        return None if t is None else t.certificate_validity
+
 
 # -- loading and validation -------------------------------------------------------------------------
 
 _SETTINGS_KEYS = {"nonce_lifetime_seconds", "verdict_window_seconds", "max_clock_skew_seconds", "oemid"}
 _TYPE_KEYS = {"attestation", "accept", "revoke_on_contraindicated", "secure_boot_required",
-              "debug_disabled_required", "minimum_firmware_version", "firmware", "reenroll"}
+              "debug_disabled_required", "minimum_firmware_version", "firmware", "reenroll",
+              "certificate_validity_days", "renewal_threshold_days"}
 _FW_KEYS = {"name", "version", "digest", "deprecated"}
 
 
@@ -203,6 +224,15 @@ def _device_type(c: _Checker, name: str, t: dict, path: str) -> DeviceTypePolicy
     secure_boot = c.typed(t, "secure_boot_required", bool, path, True)
     debug = c.typed(t, "debug_disabled_required", bool, path, True)
     reenroll = c.typed(t, "reenroll", bool, path, True)
+    validity = c.typed(t, "certificate_validity_days", int, path, None)
+    if validity is not None and not 1 <= validity <= MAX_VALIDITY_DAYS:
+        raise c.fail(f"{path}certificate_validity_days", f"must be between 1 and {MAX_VALIDITY_DAYS} days, got {validity}")
+    threshold = c.typed(t, "renewal_threshold_days", int, path, DEFAULT_RENEWAL_THRESHOLD.days)
+    if not 1 <= threshold <= MAX_VALIDITY_DAYS:
+        raise c.fail(f"{path}renewal_threshold_days", f"must be between 1 and {MAX_VALIDITY_DAYS} days, got {threshold}")
+    if validity is not None and threshold >= validity:
+        raise c.fail(f"{path}renewal_threshold_days", f"{threshold} days is not less than certificate_validity_days "
+                                                      f"({validity}): every certificate would be due at once")
     minimum = c.typed(t, "minimum_firmware_version", str, path, None)
     if minimum is not None:
         try:
@@ -244,7 +274,8 @@ def _device_type(c: _Checker, name: str, t: dict, path: str) -> DeviceTypePolicy
             raise c.fail(f"{fpath}.digest", f"same digest as firmware[{seen[rv.key]}]")
         seen[rv.key] = i + 1
         refs.append(rv)
-    return DeviceTypePolicy(name, attestation, accept, revoke, secure_boot, debug, minimum, tuple(refs), reenroll)
+    return DeviceTypePolicy(name, attestation, accept, revoke, secure_boot, debug, minimum, tuple(refs), reenroll,
+                            None if validity is None else timedelta(days=validity), timedelta(days=threshold))
 
 
 def load_policy(path: Path | str) -> Policy:

@@ -8,8 +8,8 @@ profile and the registry.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from cryptography import x509
@@ -198,15 +198,18 @@ class CertificateAuthority:
         return CheckedKey(self.check_public_key(csr.public_key(), profile), profile.name, evidence)
 
     def issue_operational(self, csr_data: "bytes | CheckedKey", device_serial: str, now: datetime,
-                          profile_name: str = "operational") -> IssuedCertificate:
+                          profile_name: str = "operational", validity: timedelta | None = None) -> IssuedCertificate:
         """Issue an operational certificate for a registered, non-revoked device from its CSR.
 
         The device moves to `enrolled`; its previous operational certificates become superseded,
         in the same transaction. The registry looks the device up inside that transaction (raising
         UnknownDevice or DeviceRevoked) and the certificate is signed there, so the device check,
-        the record and the state change cannot interleave with a revocation.
+        the record and the state change cannot interleave with a revocation. `validity`: the
+        device type's own validity (its attestation policy), instead of the profile's.
         """
         profile = get_profile(self.profiles, profile_name)
+        if validity is not None:
+            profile = replace(profile, validity=validity)
         if isinstance(csr_data, CheckedKey):
             if csr_data.profile != profile.name:
                 raise KeyPolicyViolation(f"key was checked for profile {csr_data.profile}, not {profile.name}")

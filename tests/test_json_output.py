@@ -181,6 +181,9 @@ def test_every_command_prints_one_json_document_good_and_bad(tmp_path, postgres,
         doc = run.good_("fetch-config", "--gateway", uri, "--device", out / "TS00000001")
         assert doc["device_type"] and doc["trust_anchors"] >= 1 and doc["config"].endswith("config.cbor")
         assert run.bad_("fetch-config", "--gateway", uri, "--device", out / "TS00000003")["step"] == "bundle"
+        doc = run.good_("agent", "--once", "--gateway", uri, "--device", out / "TS00000001")
+        assert doc["renewed"] is False and doc["threshold_source"] == "configuration"
+        assert run.bad_("agent", "--once", "--gateway", uri, "--device", out / "TS00000003")["step"] == "bundle"
         sim = tmp_path / "sim"
         sim.mkdir()
         shutil.copytree(out / "TS00000003", sim / "TS00000003")

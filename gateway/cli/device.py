@@ -212,7 +212,7 @@ def firmware_flags(s) -> None:
 
 # the device commands take no --data: a device knows its bundle and its gateway, not the CA
 # (dispatch refuses a --data given before them)
-DEVICE_COMMANDS = ("enroll", "renew", "fetch-config", "simulate", "se")
+DEVICE_COMMANDS = ("enroll", "renew", "fetch-config", "simulate", "agent", "se")
 # device commands inside a group whose other commands use the data directory
 DEVICE_SUBCOMMANDS = (("mqtt", "publish"), ("mqtt", "subscribe"))
 

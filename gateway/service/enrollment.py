@@ -379,7 +379,8 @@ class EnrollmentService:
 
     def _issue(self, action: str, who: PeerIdentity, csr: "bytes | CheckedKey") -> IssuedCertificate:
         try:
-            return self.ca.issue_operational(csr, who.serial, self.clock())
+            return self.ca.issue_operational(csr, who.serial, self.clock(),
+                                             validity=self.policy.certificate_validity(who.device_type))
         except CAError as exc:
             self._decision(action, who, "refused", reason=str(exc))
             raise
@@ -395,8 +396,11 @@ class EnrollmentService:
 
     def _config(self, who: PeerIdentity) -> dict:
         try:
-            return self.configs.for_device(who.serial, who.device_type)
+            config = self.configs.for_device(who.serial, who.device_type)
         except (CAError, ConfigError) as exc:
             # the operator's template, not the device, is at fault: a warning naming the file
             self._decision("config", who, "failed", logging.WARNING, reason=str(exc))
             raise
+        # the renewal threshold is the policy's, per device type (docs/enrollment.md#configuration-templates)
+        config["renewal"]["window_days"] = self.policy.renewal_threshold(who.device_type).days
+        return config

@@ -30,9 +30,9 @@ DEFAULT_TEMPLATE = """\
 gateway = "coaps://localhost:5684"
 
 [renewal]
-# renew when the operational certificate has less than this many days left
-window_days = 30
-# wait this long before retrying a failed renewal
+# When to renew is the attestation policy's renewal_threshold_days for the device type (default
+# 30 days): the device is told it as renewal.window_days (a window_days here is overridden).
+# The longest wait between two tries of a failed renewal (devid agent's backoff cap):
 retry_seconds = 3600
 
 [trust]
@@ -89,14 +89,20 @@ class ConfigTemplates:
     def _check(doc: dict, path: Path) -> None:
         try:
             gateway = doc["endpoints"]["gateway"]
-            window = doc["renewal"]["window_days"]
+            renewal = doc.get("renewal", {})
+            if not isinstance(renewal, dict):
+                raise ConfigError(f"{path}: [renewal] must be a table")
+            window = renewal.get("window_days", 1)      # optional: the policy's threshold replaces it
+            retry = renewal.get("retry_seconds", 1)
             anchors = doc["trust"]["anchors"]
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(f"{path}: missing {exc}") from None
         if not isinstance(gateway, str) or not gateway.startswith("coaps://"):
             raise ConfigError(f"{path}: endpoints.gateway must be a coaps:// URI")
-        if not isinstance(window, int) or window <= 0:
+        if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
             raise ConfigError(f"{path}: renewal.window_days must be a positive integer")
+        if not isinstance(retry, int) or isinstance(retry, bool) or retry <= 0:
+            raise ConfigError(f"{path}: renewal.retry_seconds must be a positive integer")
         if not isinstance(anchors, list) or not anchors or any(a not in _ANCHORS for a in anchors):
             raise ConfigError(f"{path}: trust.anchors must list some of {', '.join(_ANCHORS)}")
         mqtt = doc.get("mqtt")
@@ -115,7 +121,7 @@ class ConfigTemplates:
             "device": serial,
             "device_type": device_type,
             "endpoints": dict(doc["endpoints"]),
-            "renewal": dict(doc["renewal"]),
+            "renewal": dict(doc.get("renewal", {})),
             "trust_anchors": [self._anchor(name) for name in doc["trust"]["anchors"]],
         }
         if "mqtt" in doc:
