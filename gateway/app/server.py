@@ -103,7 +103,8 @@ class Gateway:
         self.engine = E.ServerEngine(self.ssl_context, self.witness,
                                      self.config.limits or settings.server_limits)
         self.anomalies = AnomalyTracker(self.config.anomalies, self.registry)
-        self.gauges = RegistryGauges(self.registry, clock)
+        # certificates expiring within their type's renewal threshold (the policy's, docs/attestation.md)
+        self.gauges = RegistryGauges(self.registry, clock, threshold=lambda t: self.policy.renewal_threshold(t))
         self.policy_file = PolicyFile(data.path / POLICY_FILE, self.use_policy)
         self.policy = self.policy_file.load_at_start()
         store = AttestationStore(self.registry)

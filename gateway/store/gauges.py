@@ -35,8 +35,8 @@ EXPIRING_TTL = 60.0
 
 
 def default_threshold(device_type: str) -> timedelta:
-    """The renewal threshold of a device type: 30 days for every type until per-type thresholds
-    exist (docs/operations.md); the gauge asks this function for each type it counts."""
+    """30 days, the seed's threshold: the gauge's fallback where no policy is at hand (the
+    gateway passes its policy's `renewal_threshold`, per device type)."""
     return DEFAULT_RENEWAL_THRESHOLD
 
 
