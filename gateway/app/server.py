@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiocoap.resource as resource
 
@@ -41,6 +42,9 @@ from devid.gateway.service.identity import DeviceAuthenticator
 from devid.gateway.system.lifeline import die_with_parent
 from devid.gateway.system.logs import configure_logging
 from devid.gateway.store.storage import StorageHealth
+
+if TYPE_CHECKING:   # the operator room is imported only when --http asks for it
+    from devid.gateway.operator.listener import HttpConfig
 
 log = logging.getLogger("devid.gateway")
 
@@ -69,6 +73,8 @@ class GatewayConfig:
     reuse_port: bool = False
     budgets: Budgets | None = None              # per-device limits (docs/enrollment.md#budgets)
     log_budget: LogBudget | None = None         # refused evidence logged per device (docs/attestation.md)
+    # the operator HTTP listener (`--http`, docs/operations.md): None = off; with --workers, worker 0 only
+    http: HttpConfig | None = None
 
 
 class Gateway:
@@ -109,6 +115,7 @@ class Gateway:
         self.coap: CoapServer | None = None
         self.interface: DTLSServerInterface | None = None
         self._policy_watch: asyncio.Task | None = None
+        self.operator = None                    # the operator listener (`--http`), once started
 
     def use_policy(self, policy: Policy) -> None:
         """Put a validated policy in force for every later request (nothing is awaited here, so
@@ -132,12 +139,23 @@ class Gateway:
         if self.config.policy_check_interval:
             self._policy_watch = asyncio.get_running_loop().create_task(
                 self.policy_file.watch(self.config.policy_check_interval))
+        if self.config.http is not None:
+            # on this loop, with this registry (gateway/operator/listener.py says why)
+            from devid.gateway.operator.listener import build_listener
+            self.operator = build_listener(
+                self.config.http, self.data.path, self.registry, self.clock, gateway_cert=self.data.cert("gateway"),
+                operational_cert=self.data.cert("operational"), root_cert=self.data.cert("root"),
+                issuer=lambda: self.data.issuer("operational"), organization=self.data.config.identity.organization)
+            await self.operator.start()
 
     @property
     def addresses(self) -> list[tuple]:
         return self.interface.addresses if self.interface else []
 
     async def stop(self) -> None:
+        if self.operator is not None:
+            await self.operator.stop()
+            self.operator = None
         if self._policy_watch is not None:
             self._policy_watch.cancel()
             self._policy_watch = None
@@ -171,6 +189,8 @@ async def serve(data: DataDir, config: GatewayConfig, ready=None, announce: bool
     await gateway.start()
     if announce:
         print(f"devid gateway listening on {_addresses(gateway.addresses)}", flush=True)
+    if gateway.operator is not None:        # (with --workers: worker 0's line)
+        print(f"devid operator listening on {gateway.operator.url}", flush=True)
     if ready is not None:
         ready(gateway)
     await stop.wait()
@@ -198,6 +218,8 @@ def _worker(path: str, config: GatewayConfig, log_level: str, index: int, queue,
     die_with_parent(parent, signal.SIGTERM, grace=WORKER_GRACE)
     faulthandler.register(signal.SIGUSR1, all_threads=True)   # the parent's "where are you stuck?"
     configure_logging(log_level, worker=index, log_file=log_file)
+    if index != 0:          # the operator listener runs in worker 0 only (docs/operations.md)
+        config.http = None
     code = 0
     try:
         def ready(gateway):
