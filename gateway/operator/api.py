@@ -7,6 +7,7 @@ import json
 
 from aiohttp import web
 
+from devid.gateway.operator.auth import CALLER
 from devid.gateway.operator.problems import Problem
 from devid.gateway.operator.service import OperatorService
 from devid.gateway.system.metrics import exposition
@@ -69,11 +70,11 @@ def add_routes(app: web.Application, svc: OperatorService) -> None:
 
     async def revoke_device(r):
         body = await _body(r)
-        return _json(svc.revoke_device(r.match_info["serial"], body.get("reason"), r["caller"].who, "api"))
+        return _json(svc.revoke_device(r.match_info["serial"], body.get("reason"), r[CALLER].who, "api"))
 
     async def revoke_certificate(r):
         body = await _body(r)
-        return _json(svc.revoke_certificate(r.match_info["serial"], body.get("reason"), r["caller"].who, "api"))
+        return _json(svc.revoke_certificate(r.match_info["serial"], body.get("reason"), r[CALLER].who, "api"))
 
     async def metrics(r):
         body, content_type = exposition()

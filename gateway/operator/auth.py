@@ -21,6 +21,7 @@ import hmac
 import time
 from dataclasses import dataclass
 
+from aiohttp import web
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
@@ -30,6 +31,9 @@ from devid.gateway.operator.problems import Problem
 from devid.gateway.operator.tokens import TokenFile, token_id
 
 COOKIE = "devid_session"
+# what the listener's guard found, for the handlers (typed keys where aiohttp has them, 3.12 and later)
+CALLER = web.RequestKey("caller", object) if hasattr(web, "RequestKey") else "caller"
+FORM = web.RequestKey("form", object) if hasattr(web, "RequestKey") else "form"
 SESSION_LIFETIME = 12 * 3600
 
 

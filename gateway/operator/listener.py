@@ -24,7 +24,7 @@ from aiohttp import web
 
 from devid.gateway.errors import RegistryError
 from devid.gateway.operator import api, web as pages
-from devid.gateway.operator.auth import COOKIE, Authenticator, Caller
+from devid.gateway.operator.auth import CALLER, COOKIE, FORM, Authenticator, Caller
 from devid.gateway.operator.params import BadParameter
 from devid.gateway.operator.problems import Problem
 from devid.gateway.operator.service import OperatorService
@@ -126,16 +126,16 @@ class OperatorListener:
         try:
             try:
                 if kind == "login" or (kind == "metrics" and self.config.metrics_open):
-                    request["caller"] = None
+                    request[CALLER] = None
                 else:
                     caller = self._identify(request, kind)
-                    request["caller"] = caller
+                    request[CALLER] = caller
                 if request.method == "POST" and kind in ("web", "login"):
                     if not self._same_origin(request):
                         raise Problem("csrf", "the form was posted from another origin")
-                    request["form"] = await request.post()
+                    request[FORM] = await request.post()
                     if caller is not None and caller.kind != "token" and \
-                            not self.auth.check_csrf(caller, str(request["form"].get("csrf", ""))):
+                            not self.auth.check_csrf(caller, str(request[FORM].get("csrf", ""))):
                         raise Problem("csrf", "the form's anti-forgery value is missing or stale: reload the page")
                 return await handler(request)
             except BadParameter as exc:

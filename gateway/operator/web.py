@@ -16,7 +16,7 @@ from aiohttp import web
 
 from devid.ca.revocation import REASONS
 from devid.ca.store import DeviceState
-from devid.gateway.operator.auth import COOKIE, SESSION_LIFETIME, Authenticator, Caller
+from devid.gateway.operator.auth import CALLER, COOKIE, FORM, SESSION_LIFETIME, Authenticator, Caller
 from devid.gateway.operator.problems import Problem
 from devid.gateway.operator.service import OperatorService
 
@@ -65,7 +65,7 @@ def _query(**kw) -> str:
 
 def add_routes(app: web.Application, svc: OperatorService, auth: Authenticator, secure: bool) -> None:
     def page(name, r, **context):
-        return render(name, caller=r["caller"], auth=auth, **context)
+        return render(name, caller=r[CALLER], auth=auth, **context)
 
     async def overview(r):
         return page("overview.html", r, overview=svc.overview(), due=svc.expiring("30d", limit="20").items)
@@ -93,10 +93,10 @@ def add_routes(app: web.Application, svc: OperatorService, auth: Authenticator, 
 
     async def revoke(r):
         serial = r.match_info["serial"]
-        form = r["form"]
+        form = r[FORM]
         if form.get("confirm") != "yes":
             raise Problem("bad-request", "the revocation was not confirmed")
-        result = svc.revoke_device(serial, form.get("reason") or None, r["caller"].who, "web")
+        result = svc.revoke_device(serial, form.get("reason") or None, r[CALLER].who, "web")
         return page("revoked.html", r, result=result, device=result["device"])
 
     async def log_page(r):
@@ -109,7 +109,7 @@ def add_routes(app: web.Application, svc: OperatorService, auth: Authenticator, 
         return login_page(200, next_path=r.query.get("next", "/"))
 
     async def login(r):
-        form = r["form"]
+        form = r[FORM]
         cookie = auth.login(str(form.get("token", "")))
         if cookie is None:
             return login_page(401, "That is not the operator token.", str(form.get("next", "/")))
