@@ -42,13 +42,16 @@ class Served:
         return f"coaps://127.0.0.1:{self.port}"
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait(30)
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    return self.proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+            return self.proc.wait(30)
+        finally:
+            self.proc.stdout.close()
 
 
 def make_fleet(root: Path, count: int = 7) -> tuple[DataDir, Path]:
@@ -72,9 +75,10 @@ def start(data: DataDir, factory: Path, log: Path, *flags: str) -> Served:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "DEVID_CA_PASSPHRASE"}
     env["DEVID_DATA"] = str(data.path)
-    proc = subprocess.Popen([sys.executable, "-m", "devid.gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
-                             "--workers", "1", "--http", "127.0.0.1:0", *flags], stdout=subprocess.PIPE,
-                            stderr=open(log, "ab"), env=env, cwd=ROOT)
+    with open(log, "ab") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "devid.gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
+                                 "--workers", "1", "--http", "127.0.0.1:0", *flags], stdout=subprocess.PIPE,
+                                stderr=err, env=env, cwd=ROOT)
     url = None
     for _ in range(2):
         line = proc.stdout.readline().decode()
