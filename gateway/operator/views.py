@@ -44,7 +44,7 @@ def entry_json(e: LogEntry) -> dict:
     doc = {"seq": e.seq, "time": e.time, "kind": e.kind, "device": e.device_serial, "device_type": e.device_type,
            "cert_fingerprint": e.cert_fingerprint, "tier": e.tier.value, "acceptable": e.acceptable,
            "revoke": e.revoke, "reasons": [dict(r) for r in e.reasons], "claims": e.claims, "nonce": e.nonce,
-           "hash": e.hash.hex()}
+           "hash": e.hash.hex(), "summary": None}
     if e.summary is not None:
         doc["summary"] = {"count": e.summary.count, "first": e.summary.first, "last": e.summary.last,
                           "reason_counts": e.summary.counts()}
