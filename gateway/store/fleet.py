@@ -137,8 +137,8 @@ class Fleet:
                                     "GROUP BY tier", (day,)).fetchall())
             due, overdue = db.execute(
                 "SELECT COUNT(*), COUNT(CASE WHEN not_after <= ? THEN 1 END) FROM certificates "
-                "WHERE profile = ? AND status = 'current' AND not_after <= ?",
-                (_ts(now), DEVICE_PROFILE, _ts(now + due_within))).fetchone()
+                f"WHERE profile = '{DEVICE_PROFILE}' AND status = 'current' AND not_after <= ?",
+                (_ts(now), _ts(now + due_within))).fetchone()
         return Overview({s.value: int(devices.get(s.value, 0)) for s in DeviceState},
                         [(m, int(n)) for m, n in per_minute], sum(int(n) for _, n in per_minute), int(refusals),
                         {t: int(n) for t, n in tiers.items()}, int(due), int(overdue), due_within)

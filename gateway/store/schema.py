@@ -20,7 +20,10 @@ SCHEMA_VERSION = 8
 _FLEET_INDEXES = (
     "CREATE INDEX devices_state_serial ON devices (state, serial)",
     "CREATE INDEX devices_type_serial ON devices (device_type, serial)",
-    "CREATE INDEX certificates_expiry ON certificates (profile, not_after, serial) WHERE status = 'current'",
+    # partial: only current operational certificates (a device's renewal is about those); the
+    # per-device expiry lookups keep using certificates_device
+    "CREATE INDEX certificates_expiry ON certificates (not_after, serial) "
+    "WHERE status = 'current' AND profile = 'operational'",
 )
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {  # version -> its statements, run in one transaction
