@@ -44,6 +44,8 @@ KINDS = {
     "devices state=enrolled": "/api/v1/devices?state=enrolled&limit={limit}",
     "devices type=meter": "/api/v1/devices?type=meter&limit={limit}",
     "devices expiring_within=30d": "/api/v1/devices?expiring_within=30d&limit={limit}",
+    # few matches: the serial-ordered scan checks every device's expiry (the worst case of that filter)
+    "devices expiring_within=1h": "/api/v1/devices?expiring_within=1h&limit={limit}",
     "certificates/expiring 30d": "/api/v1/certificates/expiring?within=30d&limit={limit}",
     "attestation-log": "/api/v1/attestation-log?limit={limit}",
 }

@@ -13,6 +13,7 @@ import pytest
 from cryptography import x509
 
 from devid.gateway.device.enroll import renew
+from devid.gateway.operator.tokens import token_id
 
 from .conftest import run_devid
 from .operator_helpers import call, enroll_devices, make_fleet, start
@@ -50,7 +51,8 @@ def test_the_token_file_is_0600_and_printed_the_same_each_time(served):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     again = run_devid("operator", "token", "--json", data_dir=served.data.path, check=True)
     doc = json.loads(again.stdout)
-    assert doc["token"] == served.token and doc["created"] is False
+    assert doc["created"] is False and doc["id"] == token_id(served.token) and served.token not in again.stdout.decode()
+    assert run_devid("operator", "token", data_dir=served.data.path, check=True).stdout.decode().strip() == served.token
     assert served.token not in served.log.read_text()       # never logged
 
 

@@ -20,9 +20,9 @@ def cmd_token(args) -> int:
         token, created = tokens.rotate(), True
     else:
         token, created = tokens.ensure()
-    if args.json:
-        output.emit({"ok": True, "token": token, "id": token_id(token), "file": str(tokens.path),
-                     "created": created, "rotated": bool(args.rotate)})
+    if args.json:       # the token itself is a secret: never in JSON output (it is in the file, 0600)
+        output.emit({"ok": True, "id": token_id(token), "file": str(tokens.path), "created": created,
+                     "rotated": bool(args.rotate)})
     else:
         print(token)
     return 0
@@ -84,7 +84,8 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
                          help="print the operator's bearer token (DATA/operator.token, made 0600 on first use)")
     s.add_argument("--rotate", action="store_true",
                    help="replace the token at once (the old one, and every web session, stop working)")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true",
+                   help="the token's id, file and whether it was made or rotated (not the token: a secret)")
     s.set_defaults(func=cmd_token)
     s = opsub.add_parser("cert", parents=[common],
                          help="issue an operator client certificate (mTLS to 'devid serve --http-tls')")
