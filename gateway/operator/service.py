@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from devid.ca.errors import CAError, InvalidSerial
-from devid.ca.identity import check_serial
+from devid.ca.identity import check_serial, format_serial
 from devid.ca.revocation import REASONS, UnknownCertificate, revoke_certificate, revoke_device
 from devid.ca.store import DeviceState
 from devid.gateway.operator import params
@@ -168,7 +168,7 @@ class OperatorService:
         after = self.registry.get_device(serial)
         log.info("revoke", extra={"result": "ok", "who": who, "via": via, "device": serial, "reason": reason,
                                   "already_revoked": before["state"] == "revoked",
-                                  "newly_revoked": [format(c.serial, "X") for c in revoked]})
+                                  "newly_revoked": [format_serial(c.serial) for c in revoked]})
         return {"ok": True, "device": device_json(after), "already_revoked": before["state"] == "revoked",
                 "newly_revoked": [certificate_json(c, pem=False) for c in revoked],
                 "note": "run 'devid crl' to publish new CRLs" if revoked else None}
@@ -183,7 +183,7 @@ class OperatorService:
             raise Problem("conflict", str(exc)) from None
         c = self.registry.get_certificate(done.certificate.serial)
         log.info("revoke", extra={"result": "ok", "who": who, "via": via, "device": c.device_serial,
-                                  "certificate": format(c.serial, "X"), "reason": reason,
+                                  "certificate": format_serial(c.serial), "reason": reason,
                                   "already_revoked": not done.newly})
         return {"ok": True, "certificate": certificate_json(c, pem=False), "already_revoked": not done.newly,
                 "note": "run 'devid crl' to publish new CRLs" if done.newly else None}
