@@ -35,6 +35,7 @@ class Served:
     log: Path
     factory: Path
     token: str = ""
+    rest: str = ""              # stdout after the two "listening" lines, read at stop()
     enrolled: list[str] = field(default_factory=list)
 
     @property
@@ -51,6 +52,7 @@ class Served:
                     self.proc.kill()
             return self.proc.wait(30)
         finally:
+            self.rest = self.proc.stdout.read().decode() if self.proc.poll() is not None else ""
             self.proc.stdout.close()
 
 
@@ -70,14 +72,14 @@ def make_fleet(root: Path, count: int = 7) -> tuple[DataDir, Path]:
     return data, out
 
 
-def start(data: DataDir, factory: Path, log: Path, *flags: str) -> Served:
+def start(data: DataDir, factory: Path, log: Path, *flags: str, workers: int = 1) -> Served:
     """`devid serve --http 127.0.0.1:0 FLAGS`; waits for both "listening" lines."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "DEVID_CA_PASSPHRASE"}
     env["DEVID_DATA"] = str(data.path)
     with open(log, "ab") as err:
         proc = subprocess.Popen([sys.executable, "-m", "devid.gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
-                                 "--workers", "1", "--http", "127.0.0.1:0", *flags], stdout=subprocess.PIPE,
+                                 "--workers", str(workers), "--http", "127.0.0.1:0", *flags], stdout=subprocess.PIPE,
                                 stderr=err, env=env, cwd=ROOT)
     url = None
     for _ in range(2):

@@ -18,7 +18,7 @@ from devid.gateway.store.fleet import Fleet
 
 from .conftest import NOW, make_csr, ok, one_line_error, register_device, run_devid
 from .gateway_helpers import run_with_gateway
-from .operator_helpers import call
+from .operator_helpers import call, enroll_devices, make_fleet, start
 
 pytestmark = pytest.mark.engines
 
@@ -139,3 +139,21 @@ def test_operator_certificates_over_https(data, world, tmp_path):
         logging.getLogger("devid.operator").removeHandler(handler)
     revokes = [r for r in records if r.getMessage() == "revoke"]
     assert [(r.who, r.device, r.via) for r in revokes] == [("cert:alice", "TS00000002", "api")]
+
+
+@pytest.mark.sqlite_only
+def test_with_workers_one_listener_sees_what_every_worker_did(tmp_path):
+    data, factory = make_fleet(tmp_path, count=4)
+    served = start(data, factory, tmp_path / "serve.log", workers=2)
+    try:
+        # four sessions from four source ports: the kernel spreads them over both workers
+        enroll_devices(served, "TS00000001", "TS00000002", "TS00000003", "TS00000004")
+        doc = call(served.url + "/api/v1/devices?state=enrolled", token=served.token).json
+        assert [d["serial"] for d in doc["devices"]] == [f"TS0000000{i}" for i in range(1, 5)]
+        assert call(served.url + "/api/v1/devices").status == 401
+    finally:
+        assert served.stop() == 0
+    log = (tmp_path / "serve.log").read_text()
+    assert "Traceback" not in log
+    # one listener, worker 0's: no other worker announced one
+    assert "operator listening" not in served.rest and "stopped" in served.rest
