@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
 from devid.ca.identity import fingerprint  # noqa: E402
-from devid.ca.store import CertificateRecord, CertStatus, DeviceRecord, DeviceState  # noqa: E402
+from devid.ca.store import CertificateRecord, DeviceRecord, DeviceState  # noqa: E402
 from devid.gateway.app.datadir import DataDir  # noqa: E402
 
 KINDS = {
