@@ -288,7 +288,7 @@ _ARGS = {("ca", "cert"): ["root"], ("ca", "sign-csr"): ["--profile", "operationa
          ("ca", "verify"): ["CERT"], ("revoke",): ["SN1"], ("devices", "show"): ["SN1"],
          ("provision",): ["--count", "1", "--device-type", "t", "--out", "OUT"], ("serve",): ["--listen", "127.0.0.1:0"],
          ("registry", "migrate"): ["--to", "postgresql://devid@127.0.0.1:1/devid"],
-         ("mqtt", "broker-config"): ["--out", "OUT"]}
+         ("mqtt", "broker-config"): ["--out", "OUT"], ("operator", "cert"): ["--out", "OUT", "--name", "x"]}
 
 
 def test_every_data_command_takes_data_before_and_after(tmp_path):

@@ -297,6 +297,13 @@ def test_every_command_prints_one_json_document_good_and_bad(tmp_path, postgres,
     finally:
         broker.stop()
 
+    # the operator listener's credentials (docs/operations.md): the token itself is not in the JSON
+    doc = run.good_("operator", "token")
+    assert doc["id"].startswith("token:") and (d / "operator.token").read_text().strip() not in json.dumps(doc)
+    run.bad_("operator", "token", data=tmp_path / "nowhere")
+    assert run.good_("operator", "cert", "--out", tmp_path / "op", "--name", "alice")["subject"].startswith("CN=alice")
+    run.bad_("operator", "cert", "--out", tmp_path / "op", "--name", "alice")          # its files exist
+
     # every command that has --json was seen both succeed and fail
     assert run.good == run.known and run.bad == run.known, (run.known - run.good, run.known - run.bad)
 

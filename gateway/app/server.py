@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiocoap.resource as resource
 
@@ -45,6 +46,9 @@ from devid.gateway.system.logs import configure_logging
 from devid.gateway.store.gauges import RegistryGauges
 from devid.gateway.store.storage import StorageHealth
 from devid.gateway.system import metrics
+
+if TYPE_CHECKING:   # the operator room is imported only when --http asks for it
+    from devid.gateway.operator.listener import HttpConfig
 
 log = logging.getLogger("devid.gateway")
 
@@ -77,6 +81,8 @@ class GatewayConfig:
     mqtt_broker_pid: int | str | None = None    # the broker to SIGHUP after each refresh: pid or pid file
     mqtt_broker_check_interval: float = 5.0     # s between looks at the registry for the broker
     anomalies: AnomalySettings | None = None    # anomaly thresholds (docs/operations.md#anomaly-signals)
+    # the operator HTTP listener (`--http`, docs/operations.md): None = off; with --workers, worker 0 only
+    http: HttpConfig | None = None
 
 
 class Gateway:
@@ -129,6 +135,7 @@ class Gateway:
             self.broker_keeper = BrokerKeeper(data, self.config.mqtt_broker, self.config.mqtt_broker_pid,
                                               clock, self.registry,
                                               check_interval=self.config.mqtt_broker_check_interval)
+        self.operator = None                    # the operator listener (`--http`), once started
 
     def use_policy(self, policy: Policy) -> None:
         """Put a validated policy in force for every later request (nothing is awaited here, so
@@ -157,6 +164,14 @@ class Gateway:
                 self.policy_file.watch(self.config.policy_check_interval))
         if self.broker_keeper is not None:
             self.broker_keeper.start()
+        if self.config.http is not None:
+            # on this loop, with this registry (gateway/operator/listener.py says why)
+            from devid.gateway.operator.listener import build_listener
+            self.operator = build_listener(
+                self.config.http, self.data.path, self.registry, self.clock, gateway_cert=self.data.cert("gateway"),
+                operational_cert=self.data.cert("operational"), root_cert=self.data.cert("root"),
+                issuer=lambda: self.data.issuer("operational"), organization=self.data.config.identity.organization)
+            await self.operator.start()
 
     @property
     def addresses(self) -> list[tuple]:
@@ -164,6 +179,9 @@ class Gateway:
 
     async def stop(self) -> None:
         metrics.remove_scrape_collector(self.gauges)
+        if self.operator is not None:
+            await self.operator.stop()
+            self.operator = None
         if self._policy_watch is not None:
             self._policy_watch.cancel()
             self._policy_watch = None
@@ -199,6 +217,8 @@ async def serve(data: DataDir, config: GatewayConfig, ready=None, announce: bool
     await gateway.start()
     if announce:
         print(f"devid gateway listening on {_addresses(gateway.addresses)}", flush=True)
+    if gateway.operator is not None:        # (with --workers: worker 0's line)
+        print(f"devid operator listening on {gateway.operator.url}", flush=True)
     if ready is not None:
         ready(gateway)
     await stop.wait()
@@ -226,6 +246,8 @@ def _worker(path: str, config: GatewayConfig, log_level: str, index: int, queue,
     die_with_parent(parent, signal.SIGTERM, grace=WORKER_GRACE)
     faulthandler.register(signal.SIGUSR1, all_threads=True)   # the parent's "where are you stuck?"
     configure_logging(log_level, worker=index, log_file=log_file)
+    if index != 0:          # the operator listener runs in worker 0 only (docs/operations.md)
+        config.http = None
     code = 0
     try:
         def ready(gateway):

@@ -121,19 +121,55 @@ def cmd_crl(args) -> int:
     return 0
 
 
+def _expiring(registry, state, within: timedelta, limit: int | None) -> list:
+    """Devices whose current operational certificate expires within `within` (overdue ones too),
+    by the operator API's query (gateway/store/fleet.py), read in pages by serial."""
+    from devid.gateway.store.fleet import Fleet
+    fleet, before, found, after = Fleet(registry), utcnow() + within, [], None
+    while True:
+        want = 1000 if limit is None else min(1000, limit - len(found))
+        if want <= 0:
+            break
+        page = fleet.devices(state=state, expiring_before=before, after=after, limit=want)
+        found += page
+        if len(page) < want:
+            break
+        after = page[-1].device.serial
+    return found
+
+
 def cmd_devices_list(args) -> int:
     data = data_dir(args).require()
     registry = data.open_registry(readonly=True)
     state = DeviceState(args.state) if args.state else None
-    devices = registry.list_devices(state, limit=args.limit)
+    expires = None
+    if args.expiring_within is not None:
+        from devid.gateway.operator.params import BadParameter, duration
+        try:
+            within = duration(args.expiring_within)
+        except BadParameter as exc:
+            raise CLIError(f"--expiring-within {args.expiring_within}: not a duration (e.g. 30d, 12h)") from exc
+        rows = _expiring(registry, state, within, args.limit)
+        devices, expires = [r.device for r in rows], {r.device.serial: r.expires for r in rows}
+    else:
+        devices = registry.list_devices(state, limit=args.limit)
     counts = registry.count_devices()
     totals = {s.value: counts.get(s.value, 0) for s in DeviceState}
     if args.json:
-        output.emit({"ok": True, "devices": [_device_dict(d) for d in devices], "registry": totals})
+        docs = [_device_dict(d) for d in devices]
+        if expires is not None:
+            for doc, d in zip(docs, devices):
+                doc["certificate_expires"] = output.ts(expires[d.serial])
+        output.emit({"ok": True, "devices": docs, "registry": totals})
         return 0
-    output.table(["serial", "type", "state", "created", "enrolled", "revoked"],
-                 [(d.serial, d.device_type, d.state.value, output.ts(d.created_at),
-                   output.ts(d.enrolled_at), output.ts(d.revoked_at)) for d in devices])
+    if expires is not None:
+        output.table(["serial", "type", "state", "enrolled", "certificate expires"],
+                     [(d.serial, d.device_type, d.state.value, output.ts(d.enrolled_at), output.ts(expires[d.serial]))
+                      for d in devices])
+    else:
+        output.table(["serial", "type", "state", "created", "enrolled", "revoked"],
+                     [(d.serial, d.device_type, d.state.value, output.ts(d.created_at),
+                       output.ts(d.enrolled_at), output.ts(d.revoked_at)) for d in devices])
     print(f"{len(devices)} shown; registry: " + ", ".join(f"{n} {s}" for s, n in totals.items()))
     return 0
 
@@ -208,6 +244,9 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     s = dvsub.add_parser("list", parents=[common], help="list devices")
     s.add_argument("--state", choices=[st.value for st in DeviceState])
     s.add_argument("--limit", type=output.positive_int, metavar="N")
+    s.add_argument("--expiring-within", metavar="DURATION",
+                   help="only devices whose current operational certificate expires within DURATION (30d, 12h, "
+                        "2w; a bare number is days), those already expired included")
     s.add_argument("--json", action="store_true", help="one JSON document: the devices and the registry's totals")
     s.set_defaults(func=cmd_devices_list)
     s = dvsub.add_parser("show", parents=[common], help="one device with its certificates")

@@ -18,13 +18,13 @@ import sys
 from devid.ca.errors import CAError
 from devid.attestation.errors import AttestationError
 
-from devid.gateway.cli import agent, attest, bench, ca, device, devices, mqtt, output, provision, registry, se, serve
+from devid.gateway.cli import agent, attest, bench, ca, device, devices, mqtt, operator, output, provision, registry, se, serve
 from devid.gateway.cli.base import Parser, data_dir, wants_json
 from devid.gateway.app.datadir import ENV_DATA, ENV_REGISTRY
 from devid.gateway.errors import GatewayError
 
 # the order of `devid --help`
-GROUPS = (ca, devices, provision, serve, device, agent, se, mqtt, bench, registry)
+GROUPS = (ca, devices, provision, serve, device, agent, se, mqtt, bench, registry, operator)
 DATA_HELP = f"the data directory (default: ${ENV_DATA}, else ./devid-data); before or after the command"
 REGISTRY_HELP = (f"the registry on PostgreSQL, postgresql://USER@HOST:PORT/DB (default: ${ENV_REGISTRY}, else "
                  "devid.toml's [registry] url, else SQLite in the data directory); with init: written into devid.toml")

@@ -61,6 +61,15 @@ def cmd_serve(args) -> int:
                 from devid.gateway.app.broker import broker_pid
                 broker_pid(spec)                # a pid file that cannot be read: one line now
                 config.mqtt_broker_pid = os.path.abspath(spec)
+    if args.http is not None:
+        from devid.gateway.operator.listener import HttpConfig, parse_http
+        try:
+            host, port = parse_http(args.http)
+        except ValueError as exc:
+            raise CLIError(f"--http {exc}") from None
+        config.http = HttpConfig(host, port, tls=args.http_tls, metrics_open=args.metrics_open)
+    elif args.http_tls or args.metrics_open:
+        raise CLIError("--http-tls and --metrics-open need --http [ADDR:]PORT")
     if listen:
         config.listen = listen
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
@@ -116,6 +125,14 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
                    help="new handshakes per second one address may start after its burst (default 100)")
     s.add_argument("--workers", type=output.positive_int, metavar="N",
                    help="gateway processes sharing the port (SO_REUSEPORT) and the registry (default: one per core)")
+    s.add_argument("--http", metavar="[ADDR:]PORT",
+                   help="the operator HTTP listener: JSON API, web view, /metrics (off by default; loopback when "
+                        "no address is given; with --workers, in worker 0; docs/operations.md)")
+    s.add_argument("--http-tls", action="store_true",
+                   help="serve --http over HTTPS with a certificate from devid's operational CA, and take operator "
+                        "client certificates (devid operator cert)")
+    s.add_argument("--metrics-open", action="store_true",
+                   help="let /metrics answer without a credential (a Prometheus scraper); nothing else does")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     s.add_argument("--mqtt-broker", metavar="DIR",
                    help="keep the Mosquitto broker files `devid mqtt broker-config --out DIR` wrote current: the "

@@ -15,7 +15,16 @@ from __future__ import annotations
 from devid.gateway.store.database import Database
 from devid.gateway.errors import RegistryError
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
+
+_FLEET_INDEXES = (
+    "CREATE INDEX devices_state_serial ON devices (state, serial)",
+    "CREATE INDEX devices_type_serial ON devices (device_type, serial)",
+    # partial: only current operational certificates (a device's renewal is about those); the
+    # per-device expiry lookups keep using certificates_device
+    "CREATE INDEX certificates_expiry ON certificates (not_after, serial) "
+    "WHERE status = 'current' AND profile = 'operational'",
+)
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {  # version -> its statements, run in one transaction
     1: (
@@ -158,6 +167,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {  # version -> its statements, run in 
     7: (
         "CREATE TABLE deployment (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     ),
+    # the operator's pages of the fleet (gateway/store/fleet.py, keyset paging): devices by state or
+    # type in serial order, and current certificates by expiry (who is due for renewal)
+    8: _FLEET_INDEXES,
 }
 
 
@@ -256,6 +268,7 @@ PG_MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
 }
 PG_MIGRATIONS[7] = (f"CREATE TABLE deployment (key {_T} PRIMARY KEY, value {_T} NOT NULL)",)
+PG_MIGRATIONS[8] = _FLEET_INDEXES
 PG_BASELINE = 6
 
 

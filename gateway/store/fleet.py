@@ -1,0 +1,152 @@
+"""The operator's read queries on the registry (either engine): the fleet by pages, certificates
+due for renewal, the attestation log by pages, and the overview's counts.
+
+Every list is keyset-paged: a page is "the first `limit` rows after this key" in a total order
+(devices by serial; certificates by not_after, then serial; log entries by seq, newest first),
+so page N costs what page 1 costs, whatever rows were added or removed since page 1, on SQLite
+and PostgreSQL alike (text keys compare byte by byte on both: COLLATE "C" on PostgreSQL).
+The indexes these queries use are schema migration 8 (`schema.py`): devices by (state, serial)
+and (device_type, serial), current certificates by (profile, status, not_after, serial).
+
+Used by the operator listener (gateway/operator/) and `devid devices list --expiring-within`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from devid.attestation.log import LogEntry, format_time
+from devid.ca.store import CertificateRecord, DeviceRecord, DeviceState
+
+from devid.gateway.store.attestation_store import _LOG_COLS, _entry
+from devid.gateway.store.registry import _CERT_COLS, _DEVICE_COLS, _cert, _device, _hex, _ts
+
+DEVICE_PROFILE = "operational"      # the certificate whose expiry a device's renewal is about
+
+
+@dataclass(frozen=True)
+class FleetDevice:
+    device: DeviceRecord
+    expires: datetime | None        # not_after of its current operational certificate (None: none)
+
+
+@dataclass(frozen=True)
+class DueCertificate:
+    certificate: CertificateRecord
+    device_type: str | None
+
+
+@dataclass(frozen=True)
+class Overview:
+    devices: dict[str, int]                 # by state
+    enrollments_per_minute: list[tuple[str, int]]   # ('YYYY-MM-DDTHH:MM', n), the last hour, oldest first
+    issued_last_hour: int                   # operational certificates (enrollments and renewals)
+    refusals_last_hour: int                 # attestation verdicts that were not acceptable
+    tiers_last_day: dict[str, int]          # verdicts by tier, the last 24 hours
+    certificates_due: int                   # current operational certificates expiring within `due_within`
+    certificates_overdue: int               # ... already expired
+    due_within: timedelta
+
+
+# the current operational certificate's expiry, per device (index certificates_device)
+_EXPIRES = ("(SELECT MIN(c.not_after) FROM certificates c WHERE c.device_serial = d.serial "
+            f"AND c.profile = '{DEVICE_PROFILE}' AND c.status = 'current')")
+
+
+class Fleet:
+    """Read-only queries over a registry (`SQLiteRegistry` or `PostgresRegistry`)."""
+
+    def __init__(self, registry) -> None:
+        self.registry = registry
+
+    def devices(self, *, state: DeviceState | None = None, device_type: str | None = None,
+                expiring_before: datetime | None = None, after: str | None = None,
+                limit: int = 100) -> list[FleetDevice]:
+        """Devices in serial order after `after`; `expiring_before`: only those whose current
+        operational certificate expires before then (overdue ones included)."""
+        where, params = [], []
+        if state is not None:
+            where.append("d.state = ?")
+            params.append(state.value)
+        if device_type is not None:
+            where.append("d.device_type = ?")
+            params.append(device_type)
+        if after is not None:
+            where.append("d.serial > ?")
+            params.append(after)
+        if expiring_before is not None:
+            where.append(f"{_EXPIRES} <= ?")
+            params.append(_ts(expiring_before))
+        cols = ", ".join(f"d.{c}" for c in _DEVICE_COLS.split(", "))
+        sql = f"SELECT {cols}, {_EXPIRES} FROM devices d"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY d.serial LIMIT ?"
+        params.append(limit)
+        with self.registry.reading() as db:
+            rows = db.execute(sql, params).fetchall()
+        return [FleetDevice(_device(r[:8]), _parse(r[8])) for r in rows]
+
+    def certificates_due(self, before: datetime, *, after: tuple[datetime, int] | None = None,
+                         limit: int = 100) -> list[DueCertificate]:
+        """Current operational certificates with not_after before `before` (the expired ones
+        first: they are the most overdue), by (not_after, serial) after the key `after`."""
+        sql = (f"SELECT {', '.join('c.' + c for c in _CERT_COLS.split(', '))}, d.device_type FROM certificates c "
+               "LEFT JOIN devices d ON d.serial = c.device_serial "
+               f"WHERE c.profile = '{DEVICE_PROFILE}' AND c.status = 'current' AND c.not_after <= ?")
+        params: list = [_ts(before)]
+        if after is not None:
+            sql += " AND (c.not_after > ? OR (c.not_after = ? AND c.serial > ?))"
+            params += [_ts(after[0]), _ts(after[0]), _hex(after[1])]
+        sql += " ORDER BY c.not_after, c.serial LIMIT ?"
+        params.append(limit)
+        with self.registry.reading() as db:
+            rows = db.execute(sql, params).fetchall()
+        return [DueCertificate(_cert(r[:12]), r[12]) for r in rows]
+
+    def log_entries(self, *, device_serial: str | None = None, before_seq: int | None = None,
+                    limit: int = 100) -> list[LogEntry]:
+        """Attestation log entries still in the registry, newest first, with seq below `before_seq`."""
+        where, params = [], []
+        if device_serial is not None:
+            where.append("device_serial = ?")
+            params.append(device_serial)
+        if before_seq is not None:
+            where.append("seq < ?")
+            params.append(before_seq)
+        sql = f"SELECT {_LOG_COLS} FROM attestation_log"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        params.append(limit)
+        with self.registry.reading() as db:
+            rows = db.execute(sql, params).fetchall()
+        return [_entry(r) for r in rows]
+
+    def overview(self, now: datetime, due_within: timedelta = timedelta(days=30)) -> Overview:
+        hour, day = _ts(now - timedelta(hours=1)), format_time(now - timedelta(days=1))
+        with self.registry.reading() as db:
+            devices = dict(db.execute("SELECT state, COUNT(*) FROM devices GROUP BY state").fetchall())
+            per_minute = db.execute(
+                "SELECT substr(issued_at, 1, 16), COUNT(*) FROM certificates WHERE profile = ? AND issued_at >= ? "
+                "GROUP BY substr(issued_at, 1, 16) ORDER BY 1", (DEVICE_PROFILE, hour)).fetchall()
+            refusals = db.execute("SELECT COUNT(*) FROM attestation_log WHERE time >= ? AND acceptable = 0 "
+                                  "AND summary IS NULL", (format_time(now - timedelta(hours=1)),)).fetchone()[0]
+            tiers = dict(db.execute("SELECT tier, COUNT(*) FROM attestation_log WHERE time >= ? AND summary IS NULL "
+                                    "GROUP BY tier", (day,)).fetchall())
+            due, overdue = db.execute(
+                "SELECT COUNT(*), COUNT(CASE WHEN not_after <= ? THEN 1 END) FROM certificates "
+                f"WHERE profile = '{DEVICE_PROFILE}' AND status = 'current' AND not_after <= ?",
+                (_ts(now), _ts(now + due_within))).fetchone()
+        return Overview({s.value: int(devices.get(s.value, 0)) for s in DeviceState},
+                        [(m, int(n)) for m, n in per_minute], sum(int(n) for _, n in per_minute), int(refusals),
+                        {t: int(n) for t, n in tiers.items()}, int(due), int(overdue), due_within)
+
+    def device_types(self) -> list[str]:
+        with self.registry.reading() as db:
+            return [r[0] for r in db.execute("SELECT DISTINCT device_type FROM devices ORDER BY device_type")]
+
+
+def _parse(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text is not None else None
