@@ -151,6 +151,16 @@ def test_with_workers_one_listener_sees_what_every_worker_did(tmp_path):
         doc = call(served.url + "/api/v1/devices?state=enrolled", token=served.token).json
         assert [d["serial"] for d in doc["devices"]] == [f"TS0000000{i}" for i in range(1, 5)]
         assert call(served.url + "/api/v1/devices").status == 401
+        # /metrics through the listener: every worker's counts summed (multiprocess mode), and the
+        # registry's gauge from the shared registry
+        from prometheus_client.parser import text_string_to_metric_families
+        answer = call(served.url + "/metrics", token=served.token)
+        assert answer.status == 200 and answer.content_type == "text/plain"
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(answer.body.decode()) for s in family.samples}
+        assert samples[("devid_enrollment_decisions_total", (("action", "enroll"), ("result", "issued")))] == 4
+        assert samples[("devid_dtls_handshakes_total", (("result", "ok"),))] >= 4
+        assert call(served.url + "/metrics").status == 401          # no --metrics-open: a credential
     finally:
         assert served.stop() == 0
     log = (tmp_path / "serve.log").read_text()
