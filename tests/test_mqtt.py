@@ -5,6 +5,7 @@ with their operational identities, and every identity that must be refused, refu
 from __future__ import annotations
 
 import json
+import os
 import ssl
 import subprocess
 
@@ -376,7 +377,8 @@ def test_serve_keeps_the_broker_current_after_enrollments_and_revocations(world,
     documented ones."""
     before = world.broker.reloads()
     served = serve(world.data, tmp_path / "gateway.log",
-                   args=["--mqtt-broker", world.broker.directory, "--mqtt-broker-pid", world.broker.pid])
+                   args=["--mqtt-broker", world.broker.directory, "--mqtt-broker-pid", world.broker.pid,
+                         "--mqtt-broker-batch", 0])
     try:
         wait_for(lambda: world.broker.reloads() > before, "the first refresh at start")
         device = world.device(3)
@@ -389,22 +391,28 @@ def test_serve_keeps_the_broker_current_after_enrollments_and_revocations(world,
         reloads = world.broker.reloads()
         ok(run_devid("revoke", "MQ00000003", "--reason", "keyCompromise", data_dir=world.data))
         wait_for(lambda: world.broker.reloads() > reloads, "a refresh after the revocation")
-        assert "refused" in refused(service(device))
+        assert "closed the connection before CONNACK" in refused(service(device))
         assert "device-MQ00000003" not in (world.broker.directory / "acl").read_text()
+        with Connection(service(world.device(1))) as control:      # the broker is up, and admits a good device
+            control.publish("devices/MQ00000001/control", b"x")
     finally:
         assert served.stop() == 0
     lines = [json.loads(line) for line in (tmp_path / "gateway.log").read_text().splitlines()
              if line.startswith("{")]
     refreshes = [line for line in lines if line.get("event") == "mqtt-broker"]
-    assert [line["trigger"] for line in refreshes][:3] == ["start", "registry changed", "registry changed"], refreshes
-    assert all(line["result"] == "refreshed" and line["broker_pid"] == world.broker.pid for line in refreshes)
+    assert [line["trigger"] for line in refreshes][:3] == ["start", "registry changed", "revocation"], refreshes
+    assert all(line["result"] == "refreshed" for line in refreshes)
+    # each refresh that wrote something signalled the broker; the revocation wrote both files
+    assert all(line["broker_pid"] == world.broker.pid for line in refreshes if line["crl_written"] or line["acl_written"])
+    assert refreshes[2]["crl_written"] and refreshes[2]["acl_written"]
+    assert refreshes[1]["acl_written"] and not refreshes[1]["crl_written"]      # an enrollment lists nothing
     example = next(e for e in documented_broker_lines() if e["result"] == "refreshed")
     assert set(example) <= set(refreshes[0]) | {"worker"}, (example, refreshes[0])
 
 
-def test_a_refresh_that_cannot_signal_the_broker_is_logged_once_and_retried_later(world, tmp_path, caplog):
+def test_a_refresh_that_cannot_signal_the_broker_is_logged_and_retried_after_a_minute(world, tmp_path, caplog):
     """The broker's pid file names no process: the files are written, the failure is one
-    documented log line, and the keeper waits RETRY_AFTER before trying again (not every look)."""
+    documented log line, and the keeper's next look waits RETRY_AFTER (not CHECK_INTERVAL)."""
     import asyncio
     import logging
     from devid.gateway.app.broker_keeper import RETRY_AFTER, BrokerKeeper
@@ -412,35 +420,88 @@ def test_a_refresh_that_cannot_signal_the_broker_is_logged_once_and_retried_late
     from devid.gateway.system.logs import LineFormatter
     pidfile = tmp_path / "mosquitto.pid"
     pidfile.write_text("4194304\n")            # above pid_max: no such process
-    data = DataDir(world.data)
-    registry = data.open_registry()
-    keeper = BrokerKeeper(data, world.broker.directory, str(pidfile), lambda: datetime.now(timezone.utc), registry,
-                          check_interval=0.01)
+    (world.broker.directory / "crl.pem").unlink()         # something for the refresh to write (the broker
+    #                                                       keeps the CRL it loaded)
+    delays: list[float] = []
 
-    async def run():
-        keeper.start()
-        deadline = asyncio.get_running_loop().time() + 30
-        while not any(r.getMessage() == "mqtt-broker" for r in caplog.records):
-            assert asyncio.get_running_loop().time() < deadline, "no mqtt-broker line"
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)                # 20 looks' time: still one line (it waits RETRY_AFTER)
-        await keeper.stop()
-    try:
-        with caplog.at_level(logging.INFO, logger="devid.gateway"):
-            asyncio.run(run())
-    finally:
-        registry.close()
+    async def sleep(seconds: float) -> None:     # the keeper's waits, recorded; the second one ends the run
+        delays.append(seconds)
+        if len(delays) == 2:
+            raise asyncio.CancelledError
+        await asyncio.sleep(0)
+
+    keeper = BrokerKeeper(DataDir(world.data), world.broker.directory, str(pidfile),
+                          lambda: datetime.now(timezone.utc), check_interval=0.01, sleep=sleep)
+    with caplog.at_level(logging.INFO, logger="devid.gateway"):
+        async def run():
+            try:
+                await keeper.run()
+            except asyncio.CancelledError:
+                pass
+            await keeper.stop()
+        asyncio.run(run())
     records = [r for r in caplog.records if r.getMessage() == "mqtt-broker"]
-    assert len(records) == 1 and keeper.refreshes == 0
-    line = json.loads(LineFormatter().format(records[0]))
-    assert line["result"] == "failed" and "no such process" in line["reason"] and line["retry_seconds"] == RETRY_AFTER
+    lines = [json.loads(LineFormatter().format(r)) for r in records]
+    failed = [line for line in lines if line["result"] == "failed"]
+    assert failed and delays[0] == RETRY_AFTER, (lines, delays)
+    line = failed[0]
+    assert "no such process" in line["reason"] and line["retry_seconds"] == RETRY_AFTER
     example = next(e for e in documented_broker_lines() if e["result"] == "failed")
     assert (example["logger"], example["level"], example["event"]) == (line["logger"], line["level"], line["event"])
     assert set(example) == set(line), (example, line)
 
 
+def test_a_bad_template_does_not_hold_back_the_crl(world, tmp_path):
+    """A template the ACL cannot be made from: the CRL is still written (and the old ACL kept),
+    then the refresh fails with one line naming the ACL."""
+    from devid.gateway.app import broker
+    from devid.gateway.app.datadir import DataDir
+    from devid.gateway.errors import ConfigError
+    template = world.data / "config" / "default.toml"
+    good = template.read_text()
+    acl = (world.broker.directory / "acl").read_bytes()
+    crl = x509.load_pem_x509_crl((world.broker.directory / "crl.pem").read_bytes())
+    ok(run_devid("revoke", "MQ00000001", "--reason", "keyCompromise", data_dir=world.data))
+    template.write_text("[mqtt\n")
+    try:
+        with pytest.raises(ConfigError) as info:
+            broker.refresh(DataDir(world.data), world.broker.directory, now=datetime.now(timezone.utc))
+    finally:
+        template.write_text(good)
+    assert "the ACL is not written" in str(info.value) and "\n" not in str(info.value)
+    assert (world.broker.directory / "acl").read_bytes() == acl
+    new = x509.load_pem_x509_crl((world.broker.directory / "crl.pem").read_bytes())
+    serial = x509.load_pem_x509_certificates((world.device(1) / "op-chain.pem").read_bytes())[0].serial_number
+    assert new.get_revoked_certificate_by_serial_number(serial) is not None
+    assert crl.get_revoked_certificate_by_serial_number(serial) is None
+
+
+def test_a_refresh_replaces_only_regular_files_and_signals_only_mosquitto(world, tmp_path):
+    from devid.gateway.app import broker
+    from devid.gateway.app.datadir import DataDir
+    from devid.gateway.errors import ConfigError
+    d = world.broker.directory
+    for name in ("crl.pem", "acl"):
+        st = (d / name).stat()
+        assert st.st_gid == d.stat().st_gid and st.st_mode & 0o777 == 0o640      # the broker's group reads
+    with pytest.raises(ConfigError) as info:
+        broker.signal_broker(os.getpid(), "--mqtt-broker-pid")
+    assert "not a Mosquitto broker" in str(info.value)
+    (tmp_path / "elsewhere").write_text("x")
+    (d / "acl").rename(tmp_path / "acl.saved")
+    (d / "acl").symlink_to(tmp_path / "elsewhere")
+    try:
+        with pytest.raises(ConfigError) as info:
+            broker.refresh(DataDir(world.data), d, now=datetime.now(timezone.utc))
+        assert "not a regular file" in str(info.value)
+        assert (tmp_path / "elsewhere").read_text() == "x" and (tmp_path / "elsewhere").stat().st_mode & 0o777 == 0o644
+    finally:
+        (d / "acl").unlink()
+        (tmp_path / "acl.saved").rename(d / "acl")
+
+
 def test_serve_refuses_a_broker_directory_broker_config_did_not_make(world, tmp_path):
     one_line_error(run_devid("serve", "--listen", "127.0.0.1:0", "--mqtt-broker", tmp_path, data_dir=world.data),
                    "run devid mqtt broker-config")
-    one_line_error(run_devid("serve", "--listen", "127.0.0.1:0", "--mqtt-broker-pid", "123", data_dir=world.data),
-                   "needs --mqtt-broker")
+    for flag in (["--mqtt-broker-pid", "123"], ["--mqtt-broker-batch", "5"]):
+        one_line_error(run_devid("serve", "--listen", "127.0.0.1:0", *flag, data_dir=world.data), "need --mqtt-broker")

@@ -27,7 +27,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import pwd
+import secrets
 import signal
+import stat
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -164,8 +166,20 @@ def broker_pid(spec: int | str | Path) -> int:
 
 
 def signal_broker(spec: int | str | Path, option: str) -> int:
-    """SIGHUP to the broker (it reads its CRL and ACL again); its pid."""
+    """SIGHUP to the broker (it reads its CRL and ACL again); its pid. Only a process named
+    `mosquitto` is signalled, and never this one: a pid file the broker's account can write (or
+    a pid reused after the broker died) must not make devid send SIGHUP, which ends most
+    programs, to another process."""
     pid = broker_pid(spec)
+    try:
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+    except FileNotFoundError:
+        raise ConfigError(f"{option} {spec}: no such process (the files are written)") from None
+    except OSError as exc:
+        raise ConfigError(f"{option} {spec}: cannot look at process {pid} ({exc.strerror})") from None
+    if name != "mosquitto" or pid == os.getpid():
+        raise ConfigError(f"{option} {spec}: process {pid} is {name!r}, not a Mosquitto broker: not signalled "
+                          "(the files are written)")
     try:
         os.kill(pid, signal.SIGHUP)
     except ProcessLookupError:
@@ -175,38 +189,107 @@ def signal_broker(spec: int | str | Path, option: str) -> int:
     return pid
 
 
+def _install(out: Path, name: str, body: bytes) -> None:
+    """Replace OUT/NAME with `body` for the broker to read: NAME must be a regular file (or
+    absent); its replacement gets OUT's group and NAME's mode without any write or execute bit
+    for group or others (0640 when new) before a byte is written: a temporary file of a random
+    name (O_EXCL, O_NOFOLLOW), fsynced and renamed over NAME. A crash leaves the old file or the
+    new one, each with the right group and mode."""
+    target = out / name
+    try:
+        held = os.stat(target, follow_symlinks=False)
+    except FileNotFoundError:
+        held = None
+    if held is not None and not stat.S_ISREG(held.st_mode):
+        raise ConfigError(f"{target}: not a regular file: not replaced (remove it, run broker-config again)")
+    mode = 0o640 if held is None else held.st_mode & 0o640
+    tmp = out / f".{name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchown(fd, -1, os.stat(out).st_gid)
+        os.fchmod(fd, mode)
+        view = memoryview(body)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, target)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _crl_serials(path: Path) -> tuple[set[int], datetime | None, datetime | None] | None:
+    """The serials a held CRL lists, its thisUpdate and nextUpdate; None if unreadable."""
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return {e.serial_number for e in crl}, crl.last_update_utc, crl.next_update_utc
+
+
 def refresh(data: DataDir, out: Path, *, now: datetime, reload: int | str | Path | None = None,
-            option: str = "--mqtt-broker-pid") -> dict:
+            option: str = "--mqtt-broker-pid", registry=None) -> dict:
     """The CRL and the ACL again, nothing else (what revocations, renewals and enrollments
-    change), in a directory `broker_config` made: each file replaced atomically with the group
-    and mode it had; then SIGHUP to `reload` (a pid or a pid file). What `devid serve
-    --mqtt-broker` does after each revocation."""
+    change), in a directory `broker_config` made (`_install`), then SIGHUP to `reload` (a pid
+    or a pid file) if either changed. What `devid serve --mqtt-broker` does.
+
+    A new CRL is signed only when the certificates it must list changed or the held one is past
+    half its validity; the ACL is written only when its text changed; with neither, nothing is
+    written and the broker is not signalled (a Mosquitto reload re-reads the whole ACL, which
+    takes seconds at tens of thousands of devices). The CRL does not wait for the ACL: a
+    template the ACL cannot be made from (ConfigError) leaves the old ACL in place and is raised
+    after the CRL is written and the broker signalled."""
     out = Path(out)
     if not (out / "mosquitto.conf").is_file():
         raise ConfigError(f"{out}: no mosquitto.conf: run devid mqtt broker-config --out {out} first")
-    with directory_lock(out, wait=30.0):
-        registry = data.open_registry()
-        try:
-            acl, devices = acl_text(data, registry)
-            crl = build_crl(data.issuer("operational"), registry, now, validity=timedelta(days=data.config.crl_days))
-        finally:
-            registry.close()
-        for name, body in (("crl.pem", crl.crl.public_bytes(serialization.Encoding.PEM)), ("acl", acl.encode())):
+    own = registry is None
+    registry = data.open_registry() if own else registry
+    summary = {"out": str(out.resolve()), "crl_written": False, "crl_number": None, "crl_entries": None,
+               "crl_next_update": None, "acl_written": False, "acl_devices": None, "reloaded": None}
+    acl_error = None
+    try:
+        with directory_lock(out, wait=30.0):
+            op = data.issuer("operational")
+            listed = ({r.serial for r in registry.revoked_certificates("operational")}
+                      | {r.serial for r, _ in registry.superseded_certificates("operational", now)})
+            held = _crl_serials(out / "crl.pem")
+            if (held is None or held[0] != listed or held[1] is None or held[2] is None
+                    or now >= held[1] + (held[2] - held[1]) / 2):
+                crl = build_crl(op, registry, now, validity=timedelta(days=data.config.crl_days))
+                _install(out, "crl.pem", crl.crl.public_bytes(serialization.Encoding.PEM))
+                summary.update(crl_written=True, crl_number=crl.number, crl_entries=crl.entries,
+                               crl_next_update=_z(crl.next_update))
+            else:
+                summary.update(crl_entries=len(held[0]), crl_next_update=_z(held[2]))
             try:
-                held = os.stat(out / name, follow_symlinks=False)
-            except FileNotFoundError:
-                held = None
-            write_atomic(out / name, body, 0o600 if held is None else held.st_mode & 0o777)
-            if held is not None:
-                os.chown(out / name, -1, held.st_gid, follow_symlinks=False)
-                os.chmod(out / name, held.st_mode & 0o777, follow_symlinks=False)
-    fsync_path(out)
-    summary = {"out": str(out.resolve()), "crl_number": crl.number, "crl_entries": crl.entries,
-               "crl_next_update": crl.next_update.isoformat(timespec="seconds").replace("+00:00", "Z"),
-               "acl_devices": devices, "reloaded": None}
-    if reload is not None:
+                acl, devices = acl_text(data, registry)
+                summary["acl_devices"] = devices
+                try:
+                    same = (out / "acl").read_bytes() == acl.encode()
+                except OSError:
+                    same = False
+                if not same:
+                    _install(out, "acl", acl.encode())
+                    summary["acl_written"] = True
+            except ConfigError as exc:
+                acl_error = str(exc)
+        fsync_path(out)
+    finally:
+        if own:
+            registry.close()
+    if reload is not None and (summary["crl_written"] or summary["acl_written"]):
         summary["reloaded"] = signal_broker(reload, option)
+    if acl_error is not None:
+        raise ConfigError(f"the ACL is not written (the old one stays; the CRL is current): {acl_error}")
     return summary
+
+
+def _z(t: datetime) -> str:
+    return t.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _write(data: DataDir, out: Path, hostnames: list[str], port: int, listen: str, gid: int | None,

@@ -80,6 +80,7 @@ class GatewayConfig:
     mqtt_broker: Path | None = None             # a broker directory whose CRL and ACL serve keeps current
     mqtt_broker_pid: int | str | None = None    # the broker to SIGHUP after each refresh: pid or pid file
     mqtt_broker_check_interval: float = 5.0     # s between looks at the registry for the broker
+    mqtt_broker_batch: float = 30.0             # s at least between broker reloads for new enrollments alone
     anomalies: AnomalySettings | None = None    # anomaly thresholds (docs/operations.md#anomaly-signals)
     # the operator HTTP listener (`--http`, docs/operations.md): None = off; with --workers, worker 0 only
     http: HttpConfig | None = None
@@ -132,9 +133,9 @@ class Gateway:
         self._policy_watch: asyncio.Task | None = None
         self.broker_keeper: BrokerKeeper | None = None
         if self.config.mqtt_broker is not None:         # docs/mqtt.md#keeping-the-broker-current
-            self.broker_keeper = BrokerKeeper(data, self.config.mqtt_broker, self.config.mqtt_broker_pid,
-                                              clock, self.registry,
-                                              check_interval=self.config.mqtt_broker_check_interval)
+            self.broker_keeper = BrokerKeeper(data, self.config.mqtt_broker, self.config.mqtt_broker_pid, clock,
+                                              check_interval=self.config.mqtt_broker_check_interval,
+                                              debounce=self.config.mqtt_broker_batch)
         self.operator = None                    # the operator listener (`--http`), once started
 
     def use_policy(self, policy: Policy) -> None:

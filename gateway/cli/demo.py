@@ -30,6 +30,7 @@ from devid.gateway.factory.provisioning import provision
 from devid.gateway.app.server import POLICY_FILE, Gateway, GatewayConfig
 from devid.gateway.device.simulator import simulate
 from devid.gateway.cli.demo_mqtt import DemoBroker
+from devid.gateway.errors import ConfigError
 
 DEVICE_TYPE = "temperature-sensor"
 DEMO_IMAGE = b"devid demo firmware image, version 1.0.0\n"
@@ -93,10 +94,13 @@ def run_demo(data: DataDir, count: int = 5, json_mode: bool = False, mqtt: bool 
     skipped = "--no-mqtt given" if not mqtt else DemoBroker.missing()
     if skipped is None:
         broker = DemoBroker(data)
-        template = broker.write_template(DEVICE_TYPE)
-        if template is not None:
-            out.say(f"== wrote a configuration template naming an MQTT broker to {template}")
-    else:
+        try:
+            template = broker.write_template(DEVICE_TYPE)
+            if template is not None:
+                out.say(f"== wrote a configuration template naming an MQTT broker to {template}")
+        except ConfigError as exc:          # the user's own template names no broker
+            broker, skipped = None, str(exc)
+    if skipped is not None:
         out.doc["mqtt"] = {"skipped": skipped}
         out.say(f"== MQTT skipped: {skipped}")
     registry = data.open_registry()
@@ -131,7 +135,8 @@ async def _run(data: DataDir, bundles, out: _Report, broker: DemoBroker | None) 
         out.doc["mqtt"] = {"broker": broker.url}
         out.say(f"== MQTT broker (Mosquitto) listening on {broker.url}, from devid mqtt broker-config")
         # the gateway keeps the broker's CRL and ACL current (devid serve --mqtt-broker), looking often
-        config.mqtt_broker, config.mqtt_broker_pid, config.mqtt_broker_check_interval = broker.directory, broker.pid, 0.2
+        config.mqtt_broker, config.mqtt_broker_pid = broker.directory, broker.pid
+        config.mqtt_broker_check_interval, config.mqtt_broker_batch = 0.2, 0.0
     gateway = None
     try:
         gateway = Gateway(data, config)
@@ -197,6 +202,10 @@ async def _life(gateway: Gateway, uri: str, bundles, out: _Report, broker: DemoB
         return f"the broker admitted the revoked device {last.name}"
     out.doc["revoked"]["broker_refused"] = refusal
     out.say(f"   refused by the broker: {refusal}")
+    # the control: the broker is up and still admits a good device (the renewed one, new certificate)
+    topic = await asyncio.to_thread(broker.publish, first, time.monotonic() + 15)
+    out.doc["revoked"]["control"] = {"serial": first.name, "topic": topic}
+    out.say(f"   while {first.name}, renewed, still publishes to {topic}")
     return None
 
 

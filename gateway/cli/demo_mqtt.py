@@ -17,8 +17,11 @@ from pathlib import Path
 from devid.gateway.app.broker import broker_config
 from devid.gateway.app.mosquitto import broker_user, program, start_mosquitto, stop_process
 from devid.gateway.device.mqtt import Connection, MQTTFailed, service, topic_under
-from devid.gateway.errors import GatewayError
+from devid.gateway.errors import ConfigError
 from devid.gateway.store.configuration import DEFAULT_TEMPLATE
+
+# how devid's client reports a broker that refused the device's certificate (gateway/device/mqtt.py)
+CERTIFICATE_REFUSED = ("closed the connection before CONNACK", "refused the TLS handshake")
 
 DEMO_TEMPLATE_HEAD = "# Written by `devid demo` because no template existed for this type (docs/mqtt.md).\n"
 
@@ -53,6 +56,14 @@ class DemoBroker:
         yet (as the demo writes its policy): enrolled devices are then told their broker."""
         path = self.data.path / "config" / f"{device_type}.toml"
         if path.exists():
+            import tomllib
+            try:
+                named = "mqtt" in tomllib.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"{path}: unreadable ({exc})") from None
+            if not named:
+                raise ConfigError(f"{path} has no [mqtt] table: its devices are told no broker "
+                                  "(add one, docs/mqtt.md, or run with --no-mqtt)")
             return None
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(DEMO_TEMPLATE_HEAD + DEFAULT_TEMPLATE.replace(
@@ -102,13 +113,18 @@ class DemoBroker:
                 time.sleep(0.1)
 
     def refusal(self, bundle: Path, deadline: float) -> str | None:
-        """The broker's refusal of the device's connection once its reload is in force, or None
-        if it still admits the device at `deadline`."""
+        """The broker's refusal of the device's certificate once its reload is in force, or None
+        if it still admits the device at `deadline`. Only a refused certificate counts: a
+        broker that is down (or any other error) raises."""
         while True:
             try:
                 with Connection(service(bundle, broker=self.url), timeout=5):
                     pass
-            except GatewayError as exc:
+            except MQTTFailed as exc:
+                if not any(m in str(exc) for m in CERTIFICATE_REFUSED):
+                    raise
+                if self.proc.poll() is not None:
+                    raise MQTTFailed(f"the broker exited ({self.proc.returncode})") from None
                 return str(exc)
             if time.monotonic() > deadline:
                 return None

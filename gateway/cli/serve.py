@@ -46,8 +46,12 @@ def cmd_serve(args) -> int:
         return 2
     data.require()
     config = GatewayConfig(limits=limits)        # budgets from devid.toml
-    if args.mqtt_broker_pid is not None and args.mqtt_broker is None:
-        raise CLIError("--mqtt-broker-pid needs --mqtt-broker DIR")
+    if (args.mqtt_broker_pid is not None or args.mqtt_broker_batch is not None) and args.mqtt_broker is None:
+        raise CLIError("--mqtt-broker-pid and --mqtt-broker-batch need --mqtt-broker DIR")
+    if args.mqtt_broker_batch is not None:
+        if not 0 <= args.mqtt_broker_batch <= 86400:
+            raise CLIError(f"--mqtt-broker-batch {args.mqtt_broker_batch:g}: seconds from 0 to 86400")
+        config.mqtt_broker_batch = args.mqtt_broker_batch
     if args.mqtt_broker is not None:
         from devid.gateway.app.broker_keeper import check_broker_dir
         config.mqtt_broker = check_broker_dir(args.mqtt_broker).resolve()
@@ -139,6 +143,9 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
                         "CRL and the ACL written again after each revocation or enrollment (docs/mqtt.md)")
     s.add_argument("--mqtt-broker-pid", metavar="PID|FILE",
                    help="the broker to send SIGHUP after each refresh: its pid, or a pid file read each time")
+    s.add_argument("--mqtt-broker-batch", type=float, metavar="S",
+                   help="new enrollments reach the broker's ACL in batches, at most one reload every S seconds "
+                        "(default 30; revocations do not wait)")
     s.add_argument("--log-file", metavar="PATH",
                    help="append the log lines (one JSON object each) to PATH instead of stderr")
     s.set_defaults(func=cmd_serve)
