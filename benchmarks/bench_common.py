@@ -144,6 +144,8 @@ def start_gateway(data_path: Path, workers: int, server_root: Path, env: dict | 
         # every client is at 127.0.0.1: one address doing a fleet's handshakes (an older
         # --server-root has no per-address rate, and no such flag)
         flags = ["--handshake-burst-per-address", "1000000", "--handshake-rate-per-address", "1000000"]
+    # a benchmark's extra serve flags (bench_metrics.py: the operator listener on one side only)
+    flags += os.environ.get("DEVID_BENCH_SERVE_FLAGS", "").split()
     module, path = checkout_module(server_root)
     if path is not None:       # before a PYTHONPATH the caller gave (bench_scaling's --sql-cost)
         e["PYTHONPATH"] = os.pathsep.join([path, *([env["PYTHONPATH"]] if env and env.get("PYTHONPATH") else [])])
