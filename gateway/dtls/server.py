@@ -174,11 +174,16 @@ class ServerEngine(Engine):
 
     def _to_openssl(self, s: Session, datagram: bytes, out: Output) -> None:
         super()._to_openssl(s, datagram, out)
-        # a PSK handshake given its key, still incomplete after the datagram with the client's
-        # ChangeCipherSpec and (epoch 1) Finished: OpenSSL could not open the Finished, so the
-        # client's key is not the identity's (OpenSSL drops the record without an alert: psk.py)
-        if s.psk is not None and s.state is HANDSHAKING and records.CT_CHANGE_CIPHER_SPEC in records.content_types(
-                datagram) and any(r[3:5] == b"\x00\x01" for r in records.split_records(datagram)):
+        # a PSK handshake given its key, still incomplete after the client's ChangeCipherSpec and
+        # then its (epoch-1) Finished (in one datagram, or in two: tinydtls): OpenSSL could not
+        # open the Finished, so the client's key is not the identity's (OpenSSL drops the record
+        # without an alert: psk.py)
+        if s.psk is None or s.state is not HANDSHAKING:
+            return
+        recs = records.split_records(datagram)
+        if not s.psk_ccs:
+            s.psk_ccs = any(r[0] == records.CT_CHANGE_CIPHER_SPEC and r[3:5] == b"\x00\x00" for r in recs)
+        if s.psk_ccs and any(r[0] == records.CT_HANDSHAKE and r[3:5] == b"\x00\x01" for r in recs):
             out.datagrams.append((s.peer, alert_record(DECRYPT_ERROR, s.wseq0 + 1)))
             self._fail(s, out, f"wrong key for PSK identity {s.psk[:64].decode('ascii', 'replace')!r}")
 

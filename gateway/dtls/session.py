@@ -66,7 +66,7 @@ class Session:
     __slots__ = ("peer", "conn", "state", "identity", "chain", "failure", "started", "last_seen",
                  "hs_deadline", "deadline", "cipher", "rl", "wseq", "rseqs", "last_flight", "resend_at",
                  "hello_random", "bound", "pending", "address", "network", "owner", "closed_reason",
-                 "exporter", "psk", "wseq0")
+                 "exporter", "psk", "psk_ccs", "wseq0")
 
     def __init__(self, peer: Peer, conn: SSL.Connection, now: float, hs_deadline: float) -> None:
         self.peer = peer
@@ -101,6 +101,7 @@ class Session:
         # server: the PSK identity whose key a PSK handshake was given (psk.py); the highest
         # epoch-0 sequence number OpenSSL sent (an alert of our own follows it)
         self.psk: bytes | None = None
+        self.psk_ccs = False                 # and whether its client's ChangeCipherSpec came
         self.wseq0 = -1
 
 

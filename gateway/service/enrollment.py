@@ -54,7 +54,7 @@ from devid.gateway.service.authorization import RULES, authorize
 from devid.gateway.service.budgets import Budgets, RateLimiter
 from devid.gateway.store.configuration import ConfigTemplates
 from devid.gateway.errors import ConfigError, GatewayError
-from devid.gateway.service.identity import OPERATIONAL, PeerIdentity
+from devid.gateway.service.identity import OPERATIONAL, PeerIdentity, operational_psk
 
 log = logging.getLogger("devid.enrollment")
 
@@ -157,6 +157,8 @@ class EnrollmentService:
     budgets: Budgets = field(default_factory=Budgets)
     # the request-rate clock (seconds, monotonic): apart from `clock`, which is wall time
     monotonic: Callable[[], float] = time.monotonic
+    # the PSK secret (ca/psk.py), None while there is none: GET /psk (service/psk.py)
+    psk_secret: Callable[[], bytes | None] = lambda: None
 
     def __post_init__(self) -> None:
         self.limiter = RateLimiter(self.budgets, self.monotonic)
@@ -376,6 +378,25 @@ class EnrollmentService:
         config = self._config(who)
         self._decision("config", who, "served", device_type=who.device_type)
         return config
+
+    def operational_psk(self, who: PeerIdentity | None) -> tuple[str, bytes]:
+        """GET /psk: (identity, key) of the PSK device's current operational PSK, the one that goes
+        with its current operational certificate (authorization.RULES["psk"]). Paid from the
+        /config budget: the same sessions read both, once per enrollment or renewal."""
+        if who is None:
+            self._decision("psk", None, "refused", reason="no device identity")
+            raise NotAuthenticated("a device identity is required")
+        self._spend("config", who)
+        self._standing("psk", who)
+        secret = self.psk_secret()
+        found = operational_psk(self.ca.store, secret, who.serial) if secret is not None else None
+        if found is None:
+            self._decision("psk", who, "refused", reason="no current operational certificate")
+            raise DeviceNotAllowed(f"device {who.serial} has no operational PSK: enroll first")
+        name, key, cert_serial = found
+        # the identity and the certificate it goes with, never the key
+        self._decision("psk", who, "served", psk_identity=name, certificate_serial=format(cert_serial, "x"))
+        return name, key
 
     def _config(self, who: PeerIdentity) -> dict:
         try:
