@@ -19,12 +19,20 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiocoap
-import cbor2
+import time
 
-from devid.ca import psk as ca_psk
-from devid.gateway.device.protocol import CT_CBOR
-from devid.gateway.errors import GatewayError
+import aiocoap
+import aiocoap.error
+import cbor2
+from cryptography import x509
+
+from devid.ca import keys, psk as ca_psk
+from devid.gateway.device.client import coap_exchange
+from devid.gateway.device.enroll import EnrollResult, _store_config, _store_operational
+from devid.gateway.device.flow import Done, drive, enroll_flow, renew_flow
+from devid.gateway.device.identity import DeviceIdentity, Firmware, load_bundle, root_verifier, serial_of
+from devid.gateway.device.protocol import CT_CBOR, EnrollFailed, parse_gateway
+from devid.gateway.errors import BundleError, GatewayError
 from devid.gateway.system.fs import write_atomic
 
 IDENTITY_FILE = "psk-identity.txt"
@@ -103,3 +111,70 @@ async def fetch_operational_psk(ctx: aiocoap.Context, base: str, timeout: float)
     if response.code != aiocoap.CONTENT:
         raise PskUnavailable(f"/psk: {response.code} {response.payload[:200]!r}")
     return read_operational_psk(response.payload)
+
+
+# -- the PSK device's flows: enrollment and renewal over tinydtls -----------------------------------
+
+async def enroll_psk(directory: Path, gateway_uri: str, firmware: Firmware | None, *,
+                     timeout: float = 30.0) -> EnrollResult:
+    """Enroll the PSK device of the bundle `directory`, in one session with its factory PSK: the
+    classic flow (server nonce, evidence signed with the factory key, /sen, /config), then GET
+    /psk. Keeps op-chain.pem and op-key.pem, config.cbor/json and the operational PSK."""
+    directory = Path(directory)
+    gateway = parse_gateway(gateway_uri)
+    try:
+        factory, _, factory_key, root = load_bundle(directory)
+        psk = read_psk(directory)
+    except (BundleError, PskUnavailable, keys.KeyFileError) as exc:
+        raise EnrollFailed("bundle", str(exc)) from None
+    identity = DeviceIdentity.of(factory, factory_key)
+    started = time.perf_counter()
+
+    def on_step(done: Done) -> None:
+        if done.step == "enroll":
+            _store_operational(directory, done.value)
+        elif done.step == "config":
+            _store_config(directory, done.value)
+
+    ctx = await psk_context(psk, gateway.base)
+    try:
+        done, steps = await drive(enroll_flow(identity, firmware, root_verifier(root)),
+                                  coap_exchange(ctx, gateway.base, timeout), on_step)
+        t = time.perf_counter()
+        save_psk(directory, await _fetch(ctx, gateway.base, timeout))
+        steps["psk"] = time.perf_counter() - t
+    finally:
+        await ctx.shutdown()
+    return EnrollResult(done.serial, done.issued.certificate, done.verdict.tier if done.verdict else None,
+                        done.config.data, time.perf_counter() - started, steps, "psk",
+                        None if firmware is None else "server")
+
+
+async def renew_psk(directory: Path, gateway_uri: str, *, timeout: float = 30.0) -> x509.Certificate:
+    """Renew in a session with the operational PSK: /sren, then GET /psk for the new key (the old
+    one stops working with the new certificate). Keeps both, like `enroll_psk`."""
+    directory = Path(directory)
+    gateway = parse_gateway(gateway_uri)
+    try:
+        factory, _, _, root = load_bundle(directory)
+        psk = read_psk(directory, operational=True)
+    except (BundleError, PskUnavailable, keys.KeyFileError) as exc:
+        raise EnrollFailed("bundle", f"{exc} (enroll the device first)") from None
+    ctx = await psk_context(psk, gateway.base)
+    try:
+        issued, _ = await drive(renew_flow(serial_of(factory), root_verifier(root)),
+                                coap_exchange(ctx, gateway.base, timeout))
+        _store_operational(directory, issued)
+        save_psk(directory, await _fetch(ctx, gateway.base, timeout))
+    finally:
+        await ctx.shutdown()
+    return issued.certificate
+
+
+async def _fetch(ctx: aiocoap.Context, base: str, timeout: float) -> Psk:
+    try:
+        return await fetch_operational_psk(ctx, base, timeout)
+    except asyncio.TimeoutError:
+        raise EnrollFailed.no_answer("psk", timeout) from None
+    except (PskUnavailable, aiocoap.error.Error) as exc:
+        raise EnrollFailed("psk", str(exc) or exc.__class__.__name__) from None

@@ -37,7 +37,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Callable, ContextManager
 
 from devid.attestation.evidence import MAX_EVIDENCE_SIZE, cose_key_xy
@@ -54,7 +54,7 @@ from devid.gateway.service.authorization import RULES, authorize
 from devid.gateway.service.budgets import Budgets, RateLimiter
 from devid.gateway.store.configuration import ConfigTemplates
 from devid.gateway.errors import ConfigError, GatewayError
-from devid.gateway.service.identity import OPERATIONAL, PeerIdentity, operational_psk
+from devid.gateway.service.identity import OPERATIONAL, SUPERSEDED_SESSION_GRACE, PeerIdentity, operational_psk
 
 log = logging.getLogger("devid.enrollment")
 
@@ -196,10 +196,12 @@ class EnrollmentService:
             self._decision(action, who, "rate-limited", logging.WARNING, refused=count, retry_after=retry)
         raise TooManyRequests(f"too many {action} requests from this device; retry in {retry} s", retry)
 
-    def _standing(self, action: str, who: PeerIdentity) -> CertificateLookup:
-        """The certificate of this session and its device, in one registry query, authorized."""
+    def _standing(self, action: str, who: PeerIdentity, grace: timedelta | None = None) -> CertificateLookup:
+        """The certificate of this session and its device, in one registry query, authorized
+        (`grace`: for a superseded certificate, instead of the budgets' grace period)."""
         found = self.ca.store.lookup_certificate(who.certificate_serial)
-        refusal = authorize(action, who, found, self.clock(), self.budgets.superseded_grace)
+        refusal = authorize(action, who, found, self.clock(),
+                            self.budgets.superseded_grace if grace is None else grace)
         if refusal is None:
             return found
         self._decision(action, who, "refused", reason=refusal.reason)
@@ -387,7 +389,9 @@ class EnrollmentService:
             self._decision("psk", None, "refused", reason="no device identity")
             raise NotAuthenticated("a device identity is required")
         self._spend("config", who)
-        self._standing("psk", who)
+        # the session that renewed (its certificate now superseded) fetches the key that goes with
+        # the new certificate: for as long as such a session lives (identity.session_grace)
+        self._standing("psk", who, max(self.budgets.superseded_grace, SUPERSEDED_SESSION_GRACE))
         secret = self.psk_secret()
         found = operational_psk(self.ca.store, secret, who.serial) if secret is not None else None
         if found is None:

@@ -169,14 +169,15 @@ class PskDeviceAuthenticator:
         if secret is None:
             raise PskRefused("no PSK secret yet (no device was provisioned with --psk)")
         profile = FACTORY if kind == FACTORY_PSK else OPERATIONAL
-        current = [c for c in self.registry.certificates_for_device(serial)
-                   if c.profile == profile and c.status is CertStatus.CURRENT]
-        if not current:
-            raise PskRefused(f"no current {profile} certificate for device {serial}")
-        record = current[-1]
+        mine = [c for c in self.registry.certificates_for_device(serial) if c.profile == profile]
+        if not mine:
+            raise PskRefused(f"device {serial} unknown" if profile == FACTORY else
+                             f"device {serial} has no operational certificate (not enrolled)")
+        record = mine[-1]           # the newest: the current one, unless revoked
         found = self.registry.lookup_certificate(record.serial)
-        if found is None or found.device_state in (None, DeviceState.REVOKED):
-            raise PskRefused(f"device {serial} unknown or revoked")
+        if (found is None or found.device_state in (None, DeviceState.REVOKED)
+                or found.status is CertStatus.REVOKED):
+            raise PskRefused(f"device {serial} or its {profile} certificate revoked")
         if found.status is not CertStatus.CURRENT:
             raise PskRefused(f"certificate {record.serial:x} is {found.status.value}")
         cert = x509.load_der_x509_certificate(found.der)
