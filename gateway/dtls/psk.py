@@ -24,16 +24,30 @@ What OpenSSL does on a refusal:
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi, lib as _lib       # private: see the module docstring
+
+from devid.gateway.dtls.errors import RemoteProtocolError
 
 log = logging.getLogger("devid.dtls")
 
 PSK_CIPHER = "PSK-AES128-CCM8"
 CIPHERS_PSK = b"PSK-AES128-CCM8:@SECLEVEL=0"
 MAX_PSK = 64                         # bytes: more than any key devid derives (16)
+
+class PskRefused(RemoteProtocolError):
+    """A `PskAuthenticator`'s refusal of a PSK identity (its text is the reason, for the log)."""
+
+
+class PskAuthenticator(Protocol):
+    """What `ServerEngine(psk=...)` asks for a PSK identity."""
+
+    def psk_for(self, identity: bytes) -> tuple[bytes, Any]:
+        """(the identity's key, the peer's identity), or raise `PskRefused`; any other exception
+        refuses the identity too."""
+
 
 # callback(conn, identity) -> the key, or None to refuse the identity
 ServerCallback = Callable[[SSL.Connection, bytes], "bytes | None"]

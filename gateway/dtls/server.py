@@ -46,7 +46,7 @@ from devid.gateway.dtls.alerts import KEEP, CertificateRefused, install_verify
 from devid.gateway.dtls.cookies import Cookies, bind, hello_key
 from devid.gateway.dtls.events import Output, Peer
 from devid.gateway.dtls.limits import HandshakeRate, ServerLimits, address_key
-from devid.gateway.dtls.psk import DECRYPT_ERROR, alert_record, install_psk_server
+from devid.gateway.dtls.psk import DECRYPT_ERROR, PskAuthenticator, PskRefused, alert_record, install_psk_server
 from devid.gateway.dtls.errors import VERIFY_ERRORS, RemoteProtocolError
 from devid.gateway.dtls.session import ESTABLISHED, HANDSHAKING, Engine, Session
 
@@ -56,16 +56,6 @@ class Authenticator(Protocol):
         """Return the peer's identity, or raise `alerts.CertificateRefused` (its text is the
         refusal reason, its alert what the peer is sent); any other exception is an
         `internal_error`."""
-
-
-class PskRefused(RemoteProtocolError):
-    """A `PskAuthenticator`'s refusal of a PSK identity (its text is the reason, for the log)."""
-
-
-class PskAuthenticator(Protocol):
-    def psk_for(self, identity: bytes) -> tuple[bytes, Any]:
-        """(the identity's key, the peer's identity), or raise `PskRefused`; any other exception
-        refuses the identity too."""
 
 
 @dataclass

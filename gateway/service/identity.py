@@ -29,7 +29,7 @@ from devid.ca.authority import to_utc
 from devid.ca.validation import DeviceVerifier
 
 from devid.gateway.dtls.alerts import CertificateRefused
-from devid.gateway.dtls.server import PskRefused
+from devid.gateway.dtls.psk import PskRefused
 
 SUPERSEDED_SESSION_GRACE = timedelta(seconds=247)
 
