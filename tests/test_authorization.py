@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from devid.ca.store import CertificateLookup, CertStatus, DeviceState
 from devid.gateway.service.authorization import RULES, authorize
-from devid.gateway.service.identity import FACTORY, OPERATIONAL, PeerIdentity
+from devid.gateway.service.identity import FACTORY, FACTORY_PSK, OPERATIONAL, OPERATIONAL_PSK, PeerIdentity
 
 NOW = datetime(2026, 11, 30, tzinfo=timezone.utc)
 GRACE = timedelta(minutes=10)
@@ -22,13 +22,20 @@ M, E, R = DeviceState.MANUFACTURED, DeviceState.ENROLLED, DeviceState.REVOKED
 # certificate situations: its status, and for a superseded one whether it is within the grace
 CURRENT, IN_GRACE, STALE, REVOKED = "current", "superseded in grace", "superseded", "revoked"
 DEVICE_STATES = [None, M, E, R]          # None: the registry has no such device
-ACTIONS = ["nonce", "evidence", "enroll", "renew", "config"]
+ACTIONS = ["nonce", "evidence", "enroll", "renew", "config", "psk"]
+KINDS = (FACTORY, OPERATIONAL, FACTORY_PSK, OPERATIONAL_PSK)
 
 ALLOWED = {
     *((a, FACTORY, state, CURRENT) for a in ("nonce", "evidence", "enroll") for state in (M, E)),
     ("renew", OPERATIONAL, E, CURRENT), ("renew", OPERATIONAL, E, IN_GRACE),
     ("config", OPERATIONAL, E, CURRENT), ("config", OPERATIONAL, E, IN_GRACE),
     ("config", FACTORY, E, CURRENT),
+    # PSK devices (issue 18): each PSK kind as the certificate kind it stands for, and GET /psk
+    *((a, FACTORY_PSK, state, CURRENT) for a in ("nonce", "evidence", "enroll") for state in (M, E)),
+    ("renew", OPERATIONAL_PSK, E, CURRENT), ("renew", OPERATIONAL_PSK, E, IN_GRACE),
+    ("config", OPERATIONAL_PSK, E, CURRENT), ("config", OPERATIONAL_PSK, E, IN_GRACE),
+    ("config", FACTORY_PSK, E, CURRENT),
+    ("psk", OPERATIONAL_PSK, E, CURRENT), ("psk", OPERATIONAL_PSK, E, IN_GRACE), ("psk", FACTORY_PSK, E, CURRENT),
 }
 
 
@@ -66,7 +73,7 @@ def test_the_table_names_every_action_of_the_enrollment_service():
 @pytest.mark.parametrize("action", ACTIONS)
 def test_every_combination(action):
     allowed = set()
-    for kind, state, situation in itertools.product((FACTORY, OPERATIONAL), DEVICE_STATES,
+    for kind, state, situation in itertools.product(KINDS, DEVICE_STATES,
                                                     (CURRENT, IN_GRACE, STALE, REVOKED)):
         refusal = authorize(action, who(kind), lookup(state, situation), NOW, GRACE)
         want = expected(action, kind, state, situation)
@@ -78,14 +85,14 @@ def test_every_combination(action):
 
 @pytest.mark.parametrize("action", ACTIONS)
 def test_no_grace_means_no_superseded_certificate(action):
-    for kind in (FACTORY, OPERATIONAL):
+    for kind in KINDS:
         refusal = authorize(action, who(kind), lookup(E, IN_GRACE), NOW, timedelta(0))
         assert refusal is not None
 
 
 @pytest.mark.parametrize("action", ACTIONS)
 def test_a_certificate_unknown_to_the_registry_or_of_another_device_is_refused(action):
-    for kind in (FACTORY, OPERATIONAL):
+    for kind in KINDS:
         for found in (None, lookup(E, CURRENT, serial="SN2")):
             refusal = authorize(action, who(kind), found, NOW, GRACE)
             assert refusal is not None and refusal.code in ("wrong-identity", "device-not-allowed")

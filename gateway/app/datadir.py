@@ -10,6 +10,8 @@
         <name>.key.pkcs11        instead of root, manufacturing and operational's .key.pem when the CA
                                  keys are in a PKCS#11 token (devid init --pkcs11): the key's URI
         gateway.chain.pem        gateway certificate + operational CA
+        psk.secret               the PSK secret (ca/psk.py), sealed with the CA passphrase, mode 0600:
+                                 made by the first `devid provision --psk`
         passphrase               generated CA passphrase, mode 0600 (only without DEVID_CA_PASSPHRASE
                                  or [ca] passphrase_file, devid init --passphrase-file)
     DATA/crl/<ca>.crl.pem        the latest CRLs written by `devid crl`
@@ -31,7 +33,7 @@ from typing import Iterable
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from devid.ca import keys
+from devid.ca import keys, psk
 from devid.ca.authority import CertificateAuthority, Issuer
 from devid.ca.errors import CAError, CAExists, CANotInitialised
 from devid.ca.hierarchy import CA_NAMES, create_hierarchy
@@ -214,6 +216,13 @@ class DataDir:
                 raise keys.KeyFileError(f"{self.key_path(name)} does not match {self.cert_path(name)}")
             self._issuers[name] = Issuer(name, cert, key)
         return self._issuers[name]
+
+    def psk_secret(self, create: bool = False) -> bytes | None:
+        """The PSK secret (ca/psk.py), None if there is none yet; `create`: made if missing."""
+        path = self.ca_dir / psk.SECRET_FILE
+        if create:
+            return psk.ensure_secret(path, self.passphrase())
+        return psk.load_secret(path, self.passphrase()) if path.exists() else None
 
     def authority(self, registry: Registry, rand_bytes=os.urandom) -> CertificateAuthority:
         cfg = self.config

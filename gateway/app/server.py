@@ -40,7 +40,8 @@ from devid.gateway.service.resources import WhoAmI, add_enrollment_resources
 from devid.gateway.dtls import contexts, engine as E
 from devid.gateway.coap.server import CoapServer
 from devid.gateway.coap.transport import DTLSServerInterface
-from devid.gateway.service.identity import DeviceAuthenticator
+from devid.gateway.service.identity import DeviceAuthenticator, PskDeviceAuthenticator
+from devid.gateway.service.psk import OperationalPsk
 from devid.gateway.system.lifeline import die_with_parent
 from devid.gateway.system.logs import configure_logging
 from devid.gateway.store.gauges import RegistryGauges
@@ -100,15 +101,18 @@ class Gateway:
         gw = data.issuer("gateway")
         mfg, op = data.cert("manufacturing"), data.cert("operational")
         self.ssl_context = contexts.server_context(gw.cert, [op], gw.key, trust_anchors=[mfg, op],
-                                                   client_cas=[mfg, op], ciphers=self.config.ciphers)
+                                                   client_cas=[mfg, op], ciphers=self.config.ciphers, psk=True)
         settings = data.config
         budgets = self.config.budgets or settings.budgets
         self.authenticator = DeviceAuthenticator(mfg, op, data.config.identity, self.registry, clock,
                                                  superseded_grace=budgets.superseded_grace)
+        # PSK devices (tinydtls) on the same port: the ClientHello's suites decide (dtls/psk.py)
+        self.psk = PskDeviceAuthenticator(self.registry, lambda: _psk_secret(data))
+        self.psk.secret()           # read now if there is one (scrypt: ~0.5 s), not in a handshake
         # the engine's authenticator, wrapped to name the device of a refused certificate
         self.witness = RefusalWitness(self.authenticator)
         self.engine = E.ServerEngine(self.ssl_context, self.witness,
-                                     self.config.limits or settings.server_limits)
+                                     self.config.limits or settings.server_limits, psk=self.psk)
         self.anomalies = AnomalyTracker(self.config.anomalies, self.registry)
         # certificates expiring within their type's renewal threshold (the policy's, docs/attestation.md)
         self.gauges = RegistryGauges(self.registry, clock, threshold=lambda t: self.policy.renewal_threshold(t))
@@ -125,9 +129,11 @@ class Gateway:
         # carrying it is sent, and racing requests for one device see each other's writes
         self.enrollment = EnrollmentService(data.authority(self.registry), self.attestation, self.policy,
                                             self.configs, clock, budgets=budgets,
-                                            atomic=self.registry.device_transaction, anomalies=self.anomalies)
+                                            atomic=self.registry.device_transaction, anomalies=self.anomalies,
+                                            psk_secret=self.psk.secret)
         self.site = build_site()
         add_enrollment_resources(self.site, self.enrollment, data.cert("root"), op)
+        self.site.add_resource(["psk"], OperationalPsk(self.enrollment))
         self.coap: CoapServer | None = None
         self.interface: DTLSServerInterface | None = None
         self._policy_watch: asyncio.Task | None = None
@@ -192,6 +198,14 @@ class Gateway:
             await self.coap.shutdown()
             self.coap = None
         self.registry.close()
+
+
+def _psk_secret(data: DataDir) -> bytes | None:
+    try:
+        return data.psk_secret()
+    except Exception as exc:            # unreadable: PSK devices are refused, and said why, once per look
+        log.warning("PSK secret not usable: %s", exc)
+        return None
 
 
 def _addresses(addrs) -> str:

@@ -137,6 +137,18 @@ def cmd_simulate(args) -> int:
         raise CLIError(f"no device bundles in {root} (make some with 'devid provision')")
     if args.limit:
         bundles = bundles[:args.limit]
+    if args.psk:
+        from devid.gateway.device.psk import IDENTITY_FILE, PskUnavailable, require_dtlssocket
+        try:
+            require_dtlssocket()
+        except PskUnavailable as exc:
+            raise CLIError(str(exc)) from None
+        if args.flow is not None and args.flow != "classic":
+            raise CLIError("--psk runs the classic flow (tinydtls exports no session nonce): leave out --flow")
+        missing = [b.name for b in bundles if not (b / IDENTITY_FILE).exists()]
+        if missing:
+            raise CLIError(f"--psk: {len(missing)} bundle(s) have no {IDENTITY_FILE} (e.g. {missing[0]}): "
+                           f"provision them with 'devid provision --psk'")
     try:
         firmware = {b: _firmware(args, b) for b in bundles}
     except EnrollFailed as exc:
@@ -148,7 +160,8 @@ def cmd_simulate(args) -> int:
                     f"{NO_FIRMWARE}")
     progress = output.Progress("simulating") if not args.json else None
     report = asyncio.run(simulate(args.gateway, bundles, firmware.get, concurrency=args.concurrency,
-                                  timeout=args.timeout, renew_only=args.renew, flow=args.flow, progress=progress))
+                                  timeout=args.timeout, renew_only=args.renew, flow=args.flow, progress=progress,
+                                  psk=args.psk))
     summary = report.summary()
     doc = dict(summary, failures=report.failures)
     failed = (f"{len(report.failures)} of {report.devices} devices failed to "
@@ -257,6 +270,10 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--concurrency", type=int, default=16, metavar="C", help="devices in flight (default 16)")
     s.add_argument("--limit", type=int, metavar="N", help="only the first N devices")
     s.add_argument("--renew", action="store_true", help="renew enrolled devices instead of enrolling")
+    s.add_argument("--psk", action="store_true",
+                   help="run them as PSK devices on tinydtls (DTLSSocket: pip install 'devid-gateway[psk]'), each "
+                        "with the factory PSK of its bundle ('devid provision --psk'), then its operational PSK "
+                        "(docs/enrollment.md#psk-devices)")
     s.add_argument("--mqtt", action="store_true", help="then each device that succeeded publishes one message to "
                                                       "PREFIX/hello on the MQTT broker its configuration names "
                                                       "(docs/mqtt.md)")

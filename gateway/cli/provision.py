@@ -22,13 +22,16 @@ def cmd_provision(args) -> int:
     if args.secure_element:
         from devid.gateway.factory.secure_element import SecureElement
         element = SecureElement.of(args.secure_element, os.environ.get(ENV_SO_PIN))
+    psk_secret = data.psk_secret(create=True) if args.psk else None
     result = provision(ca, count=args.count, device_type=args.device_type, out=out,
                        manufacturing_pem=data.cert_pem("manufacturing"), root_pem=data.cert_pem("root"),
                        serial_prefix=args.serial_prefix, now=utcnow, progress=progress, workers=args.workers,
-                       secure_element=element)
+                       secure_element=element, psk_secret=psk_secret)
     if args.json:
         extra = {} if element is None else {"secure_element": element.recorded,
                                             "ca_certificate_trusted": result.ca_trusted}
+        if args.psk:
+            extra["psk"] = True
         output.emit({"ok": True, "count": len(result.serials), "device_type": args.device_type, "out": str(out),
                      **extra,
                      "first_serial": result.serials[0], "last_serial": result.serials[-1],
@@ -39,6 +42,8 @@ def cmd_provision(args) -> int:
         print(f"recovered {result.recovered} and discarded {result.discarded} bundle(s) left by an interrupted run")
     print(f"provisioned {len(result.serials)} factory identities ({result.serials[0]} .. {result.serials[-1]}) "
           f"of type {args.device_type} in {result.seconds:.2f} s: {result.rate:,.0f} identities/s -> {out}")
+    if args.psk:
+        print("each bundle has its factory PSK too: psk-identity.txt and psk-key.txt (mode 0600)")
     if element is not None:
         trusted = ("marked trusted" if result.ca_trusted else
                    f"NOT marked trusted (no ${ENV_SO_PIN}: libcoap's GnuTLS client cannot use it as -R)")
@@ -62,6 +67,9 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
                         "pkcs11:token=dev-se?module-path=/usr/lib/softhsm/libsofthsm2.so) and store its certificates "
                         f"there: no key.pem. PIN: pin-source=file:PATH in the URI or $DEVID_PKCS11_PIN; "
                         f"${ENV_SO_PIN} (the security officer's PIN) marks the CA certificate object trusted")
+    s.add_argument("--psk", action="store_true",
+                   help="also give each device a factory pre-shared key for DTLS without certificates "
+                        "(tinydtls): psk-identity.txt and psk-key.txt in its bundle (docs/enrollment.md#psk-devices)")
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.add_argument("--json", action="store_true", help="one JSON document (no progress output)")
     s.set_defaults(func=cmd_provision)

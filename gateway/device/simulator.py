@@ -49,10 +49,11 @@ class SimulationReport:
 
 async def simulate(gateway: str, bundles: list[Path], firmware: Callable[[Path], Firmware | None], *,
                    concurrency: int = 16, timeout: float = 30.0, renew_only: bool = False, flow: str | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> SimulationReport:
+                   progress: Callable[[int, int], None] | None = None, psk: bool = False) -> SimulationReport:
     """Enroll (or, `renew_only`, renew) every bundle, `concurrency` at a time, by `flow` (None:
-    the default of `enroll`, one-request, or of `renew`, classic)."""
-    flow = flow or (DEFAULT_RENEW_FLOW if renew_only else DEFAULT_FLOW)
+    the default of `enroll`, one-request, or of `renew`, classic). `psk`: as PSK devices on
+    tinydtls instead (device/psk.py: the classic flow, then GET /psk)."""
+    flow = "psk" if psk else flow or (DEFAULT_RENEW_FLOW if renew_only else DEFAULT_FLOW)
     report = SimulationReport(devices=len(bundles), enrolled=0, flow=flow)
     sem = asyncio.Semaphore(concurrency)
     done = 0
@@ -62,7 +63,13 @@ async def simulate(gateway: str, bundles: list[Path], firmware: Callable[[Path],
         async with sem:
             t0 = time.perf_counter()
             try:
-                if renew_only:
+                if psk:
+                    from devid.gateway.device.psk import enroll_psk, renew_psk
+                    if renew_only:
+                        await renew_psk(bundle, gateway, timeout=timeout)
+                    else:
+                        report.results.append(await enroll_psk(bundle, gateway, firmware(bundle), timeout=timeout))
+                elif renew_only:
                     await renew(bundle, gateway, flow=flow, timeout=timeout)
                 else:
                     report.results.append(await enroll(bundle, gateway, firmware(bundle), flow=flow, timeout=timeout))

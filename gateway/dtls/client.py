@@ -27,12 +27,14 @@ class ClientEngine(Engine):
     def __init__(self, context: SSL.Context, peer: Peer, *, mtu: int = 1280,
                  handshake_timeout: float = 30.0, session: SSL.Session | None = None,
                  server_check: Callable[[x509.Certificate, list[x509.Certificate]], Any] | None = None,
-                 certificate: Any = None, private_key: Any = None, takeover: bool = False) -> None:
+                 certificate: Any = None, private_key: Any = None, takeover: bool = False,
+                 psk: tuple[bytes, bytes] | None = None) -> None:
         """`certificate` and `private_key` (cryptography or pyOpenSSL objects), when given, are this
         connection's identity instead of the Context's: one Context then serves many devices whose
         certificates share the Context's extra chain certificates and trust anchors.
         `takeover`: once the handshake is complete, application records go through our record
-        layer (recordlayer.py) instead of OpenSSL, as on the server (less CPU per message)."""
+        layer (recordlayer.py) instead of OpenSSL, as on the server (less CPU per message).
+        `psk`: (identity, key) for a PSK handshake (on a `contexts.psk_client_context`)."""
         super().__init__(mtu, None)
         self._takes_over = takeover
         self.peer = peer
@@ -40,6 +42,8 @@ class ClientEngine(Engine):
         self.handshake_timeout = handshake_timeout
         self._server_check = server_check
         self.server_identity: Any = None
+        self.psk = psk
+        self._resuming = session is not None
         self._tls_session: SSL.Session | None = None
         conn = SSL.Connection(context, None)
         conn.set_connect_state()
@@ -135,6 +139,9 @@ class ClientEngine(Engine):
 
     def _authenticate(self, s: Session) -> tuple[Any, bool]:
         # resumed: OpenSSL did not verify the server's chain, it trusts the session it resumed
+        # (a PSK handshake has no chain either: `session_reused` tells)
+        if self.psk is not None:
+            return self.server_identity, self._resuming
         return self.server_identity, bool(s.conn.get_session() and not s.chain)
 
     def _admitted(self, s: Session, out: Output) -> None:

@@ -18,12 +18,26 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL, crypto
 
 from devid.gateway.dtls.client import ClientEngine
+from devid.gateway.dtls.psk import CIPHERS_PSK, PSK_CIPHER, install_psk_client
 
 DTLS1_2_VERSION = 0xFEFD
 CIPHERS_CCM8_AND_GCM = b"ECDHE-ECDSA-AES128-CCM8:ECDHE-ECDSA-AES128-GCM-SHA256:@SECLEVEL=0"
 CIPHERS_GCM_ONLY = b"ECDHE-ECDSA-AES128-GCM-SHA256"
 SESSION_ID_CONTEXT = b"devid-gateway"
 MAX_CLIENT_CHAIN_DEPTH = 2
+
+
+def with_psk(ciphers: bytes) -> bytes:
+    """`ciphers` and TLS_PSK_WITH_AES_128_CCM_8 after them (at security level 0, as CCM_8 needs)."""
+    return ciphers.replace(b":@SECLEVEL=0", b"") + b":" + PSK_CIPHER.encode() + b":@SECLEVEL=0"
+
+
+def psk_client_context(ciphers: bytes = CIPHERS_PSK) -> SSL.Context:
+    """A PSK device's Context (tests, benchmarks: the engine's own client). Each connection's
+    identity and key come from its `ClientEngine(psk=(identity, key))`."""
+    ctx = _base(SSL.DTLS_CLIENT_METHOD, ciphers)
+    install_psk_client(ctx, lambda conn: getattr(getattr(conn.get_app_data(), "owner", None), "psk", None))
+    return ctx
 
 
 def _base(method: int, ciphers: bytes) -> SSL.Context:
@@ -39,10 +53,14 @@ def _base(method: int, ciphers: bytes) -> SSL.Context:
 
 def server_context(cert: x509.Certificate, chain: Sequence[x509.Certificate], key: ec.EllipticCurvePrivateKey,
                    trust_anchors: Iterable[x509.Certificate], client_cas: Iterable[x509.Certificate],
-                   ciphers: bytes = CIPHERS_CCM8_AND_GCM, cookie_exchange: bool = True) -> SSL.Context:
+                   ciphers: bytes = CIPHERS_CCM8_AND_GCM, cookie_exchange: bool = True,
+                   psk: bool = False) -> SSL.Context:
     """`trust_anchors`: the CAs client chains must lead to (the manufacturing CA for factory
     identities, the operational CA for operational ones); `client_cas`: the CA names advertised
-    to clients."""
+    to clients. `psk`: TLS_PSK_WITH_AES_128_CCM_8 too (psk.py; the engine installs the callback
+    that offers it)."""
+    if psk:
+        ciphers = with_psk(ciphers)
     ctx = _base(SSL.DTLS_SERVER_METHOD, ciphers)
     if cookie_exchange:
         ctx.set_options(SSL.OP_COOKIE_EXCHANGE)

@@ -17,6 +17,7 @@ from devid.gateway.dtls.events import (ApplicationData, Event, HandshakeComplete
                                        SessionClosed)
 from devid.gateway.dtls.exporter import LABEL as EXPORTER_LABEL, LENGTH as EXPORTER_LENGTH
 from devid.gateway.dtls.limits import LimitError, ServerLimits
+from devid.gateway.dtls.psk import PskAuthenticator, PskRefused
 from devid.gateway.dtls.server import Authenticator, EngineStats, ServerEngine
 from devid.gateway.dtls.errors import DTLSError, LocalProtocolError, RemoteProtocolError
 from devid.gateway.dtls.session import State
@@ -24,4 +25,5 @@ from devid.gateway.dtls.session import State
 __all__ = ["ApplicationData", "Authenticator", "ClientEngine", "DTLSError", "EngineStats", "Event",
            "EXPORTER_LABEL", "EXPORTER_LENGTH",
            "HandshakeComplete", "HandshakeFailed", "LimitError", "LocalProtocolError", "Output", "Peer",
+           "PskAuthenticator", "PskRefused",
            "RemoteProtocolError", "ServerEngine", "ServerLimits", "SessionClosed", "State"]

@@ -6,11 +6,11 @@ bare SSL_new alone is 32 KiB), and pyOpenSSL binds no call to shrink its buffers
 holding 10,000 idle device sessions would spend ~1 GiB on them. OpenSSL does the handshake;
 once it is complete, the session's keys are derived from the master secret (RFC 5246 6.3) and
 the OpenSSL object is freed. This layer then protects application records with
-`cryptography`'s AES-GCM (RFC 5288) or AES-CCM-8 (RFC 6655, RFC 7251), and keeps the RFC 6347
+`cryptography`'s AES-GCM (RFC 5288) or AES-CCM-8 (RFC 6655, RFC 7251; with PSK too), and keeps the RFC 6347
 4.1.2.6 replay window: 3.8 KiB per session with its Python objects (measured the same way),
 8 KiB of RSS per idle session in the whole gateway process (benchmarks/bench_dtls.py).
 
-Only the two AEAD suites devid negotiates are supported; anything else keeps OpenSSL.
+Only the AEAD suites devid negotiates are supported (two with certificates, one with PSK); anything else keeps OpenSSL.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ SUITES = {
     # OpenSSL cipher name: (key length, fixed IV length, tag length, AEAD factory)
     "ECDHE-ECDSA-AES128-GCM-SHA256": (16, 4, 16, AESGCM),
     "ECDHE-ECDSA-AES128-CCM8": (16, 4, 8, lambda key: AESCCM(key, tag_length=8)),
+    # TLS_PSK_WITH_AES_128_CCM_8 (RFC 6655, RFC 7925's PSK suite): the same record protection
+    # (a 4-byte implicit and an 8-byte explicit nonce, an 8-byte tag), the same SHA-256 PRF
+    "PSK-AES128-CCM8": (16, 4, 8, lambda key: AESCCM(key, tag_length=8)),
 }
 
 

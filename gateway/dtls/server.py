@@ -15,7 +15,10 @@ In order of arrival of a datagram from an unknown address:
    retransmits it later). "Address" is an IPv4 address or an IPv6 prefix (limits.address_key).
 5. The peer's certificate chain is validated by OpenSSL against the trust anchors, then by the
    `Authenticator` (cryptography.x509.verification + registry revocation). A refusal fails the
-   handshake inside OpenSSL, which sends the peer an alert.
+   handshake inside OpenSSL, which sends the peer an alert. With a `PskAuthenticator`, a client
+   offering only TLS_PSK_WITH_AES_128_CCM_8 gets a PSK handshake instead (psk.py): its identity's
+   key comes from the `PskAuthenticator`; an unknown identity earns unknown_psk_identity, a wrong
+   key decrypt_error.
 6. Timers: handshake timeout, idle timeout, and OpenSSL's retransmission timer.
 
 A ClientHello from an address:port that has an established session (RFC 6347 4.2.8): one that
@@ -43,6 +46,7 @@ from devid.gateway.dtls.alerts import KEEP, CertificateRefused, install_verify
 from devid.gateway.dtls.cookies import Cookies, bind, hello_key
 from devid.gateway.dtls.events import Output, Peer
 from devid.gateway.dtls.limits import HandshakeRate, ServerLimits, address_key
+from devid.gateway.dtls.psk import DECRYPT_ERROR, PskAuthenticator, PskRefused, alert_record, install_psk_server
 from devid.gateway.dtls.errors import VERIFY_ERRORS, RemoteProtocolError
 from devid.gateway.dtls.session import ESTABLISHED, HANDSHAKING, Engine, Session
 
@@ -83,9 +87,10 @@ class ServerEngine(Engine):
     _takes_over = True          # every established session with a supported suite
 
     def __init__(self, context: SSL.Context, authenticator: Authenticator, limits: ServerLimits = ServerLimits(),
-                 rand_bytes: Callable[[int], bytes] = os.urandom) -> None:
+                 rand_bytes: Callable[[int], bytes] = os.urandom, psk: PskAuthenticator | None = None) -> None:
         """`context` must be a fresh DTLS server Context (see `contexts.server_context`); the engine
-        installs its cookie and verify callbacks on it."""
+        installs its cookie and verify callbacks on it, and with `psk` its PSK callback (the
+        Context must offer the PSK suite: `server_context(psk=True)`)."""
         super().__init__(limits.mtu, limits.idle_timeout)
         self.ctx = context
         self.authenticator = authenticator
@@ -99,6 +104,9 @@ class ServerEngine(Engine):
         context.set_cookie_generate_callback(self._cookie_generate)
         context.set_cookie_verify_callback(self._cookie_verify)
         install_verify(context, SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
+        self.psk = psk
+        if psk is not None:
+            install_psk_server(context, self._psk)
 
     # -- cookies: OpenSSL checks them again in DTLSv1_listen and in the handshake ------------------
 
@@ -136,6 +144,38 @@ class ServerEngine(Engine):
             s.failure = str(exc) or exc.__class__.__name__
             return "internal_error"
         return None
+
+    def _psk(self, conn: SSL.Connection, identity: bytes) -> bytes | None:
+        """The PSK callback (inside the handshake): the identity's key, or None to refuse it."""
+        s = conn.get_app_data()
+        if not isinstance(s, Session):
+            return None
+        shown = identity[:64].decode("ascii", "replace")
+        try:
+            key, s.identity = self.psk.psk_for(identity)
+        except PskRefused as exc:
+            s.failure = f"PSK identity {shown!r} refused: {exc}"
+            return None
+        except Exception as exc:      # an authenticator that could not decide (its registry failed)
+            s.failure = f"PSK identity {shown!r} not looked up: {exc.__class__.__name__}"
+            return None
+        s.psk = identity
+        return key
+
+    def _to_openssl(self, s: Session, datagram: bytes, out: Output) -> None:
+        super()._to_openssl(s, datagram, out)
+        # a PSK handshake given its key, still incomplete after the client's ChangeCipherSpec and
+        # then its (epoch-1) Finished (in one datagram, or in two: tinydtls): OpenSSL could not
+        # open the Finished, so the client's key is not the identity's (OpenSSL drops the record
+        # without an alert: psk.py)
+        if s.psk is None or s.state is not HANDSHAKING:
+            return
+        recs = records.split_records(datagram)
+        if not s.psk_ccs:
+            s.psk_ccs = any(r[0] == records.CT_CHANGE_CIPHER_SPEC and r[3:5] == b"\x00\x00" for r in recs)
+        if s.psk_ccs and any(r[0] == records.CT_HANDSHAKE and r[3:5] == b"\x00\x01" for r in recs):
+            out.datagrams.append((s.peer, alert_record(DECRYPT_ERROR, s.wseq0 + 1)))
+            self._fail(s, out, f"wrong key for PSK identity {s.psk[:64].decode('ascii', 'replace')!r}")
 
     # -- the API -------------------------------------------------------------------------------
 
@@ -315,7 +355,7 @@ class ServerEngine(Engine):
     # -- the role's part of the session core ---------------------------------------------------
 
     def _authenticate(self, s: Session) -> tuple[Any, bool]:
-        resumed = s.identity is None       # the verify callback does not run on resumption
+        resumed = s.identity is None       # the verify and PSK callbacks do not run on resumption
         if resumed:
             try:
                 leaf = s.conn.get_peer_certificate(as_cryptography=True)

@@ -66,7 +66,7 @@ class Session:
     __slots__ = ("peer", "conn", "state", "identity", "chain", "failure", "started", "last_seen",
                  "hs_deadline", "deadline", "cipher", "rl", "wseq", "rseqs", "last_flight", "resend_at",
                  "hello_random", "bound", "pending", "address", "network", "owner", "closed_reason",
-                 "exporter")
+                 "exporter", "psk", "psk_ccs", "wseq0")
 
     def __init__(self, peer: Peer, conn: SSL.Connection, now: float, hs_deadline: float) -> None:
         self.peer = peer
@@ -98,6 +98,11 @@ class Session:
         # the session's exporter value (exporter.py), computed when the handshake completes, before
         # the OpenSSL object is freed; None without the extended master secret
         self.exporter: bytes | None = None
+        # server: the PSK identity whose key a PSK handshake was given (psk.py); the highest
+        # epoch-0 sequence number OpenSSL sent (an alert of our own follows it)
+        self.psk: bytes | None = None
+        self.psk_ccs = False                 # and whether its client's ChangeCipherSpec came
+        self.wseq0 = -1
 
 
 class Engine:
@@ -358,6 +363,8 @@ class Engine:
                     for r in records.split_records(dg):
                         if r[3:5] == b"\x00\x01":
                             s.wseq = max(s.wseq, int.from_bytes(r[5:11], "big"))
+                        else:
+                            s.wseq0 = max(s.wseq0, int.from_bytes(r[5:11], "big"))
 
     def _send(self, s: Session | None, peer: Peer, data: bytes) -> Output:
         """One application message in one record. LocalProtocolError for a peer without an

@@ -7,6 +7,8 @@ For each device, OUT/<serial>/ (mode 0700; OUT defaults to DATA/factory/) holds:
     chain.pem                    IDevID + manufacturing CA
     ca.pem                       the root CA, to authenticate the gateway
     secure-element-config.json   element type, I2C address, key slots, lock flags
+    psk-identity.txt             with --psk: the device's factory PSK identity (its serial), mode 0600
+    psk-key.txt                  with --psk: its factory PSK, 16 characters, mode 0600 (ca/psk.py)
 
 With a secure element (`--secure-element URI`, secure_element.py) the key is generated in a
 PKCS#11 token instead, the certificates are stored there too, the configuration records the
@@ -62,6 +64,7 @@ from typing import Callable, Sequence
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from devid.ca import psk as ca_psk
 from devid.ca.authority import CertificateAuthority
 from devid.ca.identity import PREFIX_RE, check_device_type, fingerprint
 from devid.ca.keys import plain_key
@@ -213,6 +216,7 @@ class _Job:
     prefix: str
     now: Callable[[], datetime]
     element: "se.SecureElement | None" = None
+    psk_secret: bytes | None = None     # --psk: each bundle gets its factory PSK (ca/psk.py)
 
     def write_batch(self, first: int, n: int) -> list[tuple[DeviceRecord, CertificateRecord]]:
         """Keys, certificates and partial bundles for serials first .. first+n-1; registers nothing.
@@ -252,6 +256,10 @@ class _Job:
                 write_synced(f"{partial}/cert.pem", cert_pem)
                 write_synced(f"{partial}/chain.pem", cert_pem + chain_tail)
                 write_synced(f"{partial}/ca.pem", root_pem)
+                if self.psk_secret is not None:      # before the configuration: a bundle that has it is whole
+                    name = ca_psk.factory_identity(serial)
+                    write_synced(f"{partial}/psk-identity.txt", name.encode(), 0o600)
+                    write_synced(f"{partial}/psk-key.txt", ca_psk.derive_key(self.psk_secret, name), 0o600)
                 write_synced(f"{partial}/secure-element-config.json", config)
                 if element is not None:
                     os.unlink(f"{partial}/{se.MARKER}")     # the configuration names the token now
@@ -307,11 +315,13 @@ def provision(ca: CertificateAuthority, *, count: int, device_type: str, out: Pa
               manufacturing_pem: bytes, root_pem: bytes,
               serial_prefix: str = DEFAULT_PREFIX, now: Callable[[], datetime],
               progress: Callable[[int, int], None] | None = None, batch: int = BATCH,
-              workers: int | None = None, secure_element: "se.SecureElement | None" = None) -> ProvisionResult:
+              workers: int | None = None, secure_element: "se.SecureElement | None" = None,
+              psk_secret: bytes | None = None) -> ProvisionResult:
     """Provision `count` new devices into `out`. `workers` processes (default: one per CPU) build
     and write the batches; fewer are used when there are fewer batches, and none (all in this
     process) for one batch or where fork() is not available. `secure_element`: each device's key
-    is generated in that token, and its certificates are stored there (secure_element.py)."""
+    is generated in that token, and its certificates are stored there (secure_element.py).
+    `psk_secret`: each bundle gets its factory PSK identity and key too (ca/psk.py)."""
     if count <= 0:
         raise ProvisioningError("--count must be at least 1")
     if batch <= 0:
@@ -321,11 +331,16 @@ def provision(ca: CertificateAuthority, *, count: int, device_type: str, out: Pa
     check_device_type(device_type)
     if not PREFIX_RE.fullmatch(serial_prefix):
         raise ProvisioningError(f"invalid serial prefix {serial_prefix!r}: use up to 32 characters A-Z a-z 0-9 . -")
+    longest = len(ca_psk.operational_identity(serial_prefix)) + SERIAL_DIGITS
+    if psk_secret is not None and longest > ca_psk.MAX_IDENTITY:
+        raise ProvisioningError(f"--psk: serial prefix {serial_prefix!r} is too long: PSK identities must fit "
+                                f"{ca_psk.MAX_IDENTITY} bytes (tinydtls), so use at most "
+                                f"{ca_psk.MAX_IDENTITY - len(ca_psk.OPERATIONAL_PREFIX) - SERIAL_DIGITS} characters")
     out.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     try:
         with directory_lock(out):
             return _provision(ca, count, device_type, out, manufacturing_pem, root_pem, serial_prefix, now,
-                              progress, batch, workers, secure_element)
+                              progress, batch, workers, secure_element, psk_secret)
     except DirectoryBusy as exc:
         who = f"pid {exc.pid}" if exc.pid else "another process"
         raise ProvisioningError(f"another devid provision ({who}) is writing to {out}: wait for it to end, "
@@ -335,7 +350,7 @@ def provision(ca: CertificateAuthority, *, count: int, device_type: str, out: Pa
 def _provision(ca: CertificateAuthority, count: int, device_type: str, out: Path, manufacturing_pem: bytes,
                root_pem: bytes, serial_prefix: str, now: Callable[[], datetime],
                progress: Callable[[int, int], None] | None, batch: int, workers: int | None,
-               element: "se.SecureElement | None" = None) -> ProvisionResult:
+               element: "se.SecureElement | None" = None, psk_secret: bytes | None = None) -> ProvisionResult:
     recovered, discarded = recover_partials(ca, out, element)
     if element is not None:
         element = element.prepare(x509.load_pem_x509_certificate(root_pem))
@@ -352,7 +367,7 @@ def _provision(ca: CertificateAuthority, count: int, device_type: str, out: Path
     workers = min(workers, len(batches))
     if element is not None and workers > 1:
         element = replace(element, lock=multiprocessing.get_context("fork").Lock())    # secure_element.py
-    job = _Job(ca, device_type, str(out), manufacturing_pem, root_pem, serial_prefix, now, element)
+    job = _Job(ca, device_type, str(out), manufacturing_pem, root_pem, serial_prefix, now, element, psk_secret)
     committed: list[list[tuple[DeviceRecord, CertificateRecord]]] = []
 
     def done(pairs: list[tuple[DeviceRecord, CertificateRecord]]) -> None:

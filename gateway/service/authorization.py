@@ -20,28 +20,42 @@ from datetime import datetime, timedelta
 from devid.ca.store import CertificateLookup, CertStatus, DeviceState
 from devid.ca.validation import within_grace
 
-from devid.gateway.service.identity import FACTORY, OPERATIONAL, PeerIdentity
+from devid.gateway.service.identity import FACTORY, FACTORY_PSK, OPERATIONAL, OPERATIONAL_PSK, PeerIdentity
 
 MANUFACTURED, ENROLLED = DeviceState.MANUFACTURED, DeviceState.ENROLLED
 
 
 @dataclass(frozen=True)
 class Grant:
-    kind: str                                   # FACTORY or OPERATIONAL
+    kind: str                                   # FACTORY, OPERATIONAL, FACTORY_PSK or OPERATIONAL_PSK
     device_states: frozenset[DeviceState]
     superseded_in_grace: bool = False           # a superseded certificate, within the grace period
 
 
 # action -> its grants (the first one names the identity a refused device is told it needs)
+# A PSK identity may do what the certificate identity of its kind may (factory-psk as factory,
+# operational-psk as operational: identity.PskDeviceAuthenticator), and fetch its device's
+# operational PSK ("psk", GET /psk): a PSK device only, in the session that enrolled it or renewed
+# (factory-psk of an enrolled device), or in a later session (operational-psk, within the grace
+# period after a renewal superseded its certificate: the renewal's session fetches the new key).
+# Certificate identities get no PSK: a device that has certificates does not need one.
 RULES: dict[str, tuple[Grant, ...]] = {
-    "nonce": (Grant(FACTORY, frozenset({MANUFACTURED, ENROLLED})),),
-    "evidence": (Grant(FACTORY, frozenset({MANUFACTURED, ENROLLED})),),
+    "nonce": (Grant(FACTORY, frozenset({MANUFACTURED, ENROLLED})),
+              Grant(FACTORY_PSK, frozenset({MANUFACTURED, ENROLLED}))),
+    "evidence": (Grant(FACTORY, frozenset({MANUFACTURED, ENROLLED})),
+                 Grant(FACTORY_PSK, frozenset({MANUFACTURED, ENROLLED}))),
     # a first enrollment, or a re-enrollment with the factory identity (the policy may forbid it)
-    "enroll": (Grant(FACTORY, frozenset({MANUFACTURED, ENROLLED})),),
-    "renew": (Grant(OPERATIONAL, frozenset({ENROLLED}), superseded_in_grace=True),),
+    "enroll": (Grant(FACTORY, frozenset({MANUFACTURED, ENROLLED})),
+               Grant(FACTORY_PSK, frozenset({MANUFACTURED, ENROLLED}))),
+    "renew": (Grant(OPERATIONAL, frozenset({ENROLLED}), superseded_in_grace=True),
+              Grant(OPERATIONAL_PSK, frozenset({ENROLLED}), superseded_in_grace=True)),
     # the factory identity of an enrolled device too: the configuration in the session that enrolled
     "config": (Grant(OPERATIONAL, frozenset({ENROLLED}), superseded_in_grace=True),
-               Grant(FACTORY, frozenset({ENROLLED}))),
+               Grant(FACTORY, frozenset({ENROLLED})),
+               Grant(OPERATIONAL_PSK, frozenset({ENROLLED}), superseded_in_grace=True),
+               Grant(FACTORY_PSK, frozenset({ENROLLED}))),
+    "psk": (Grant(OPERATIONAL_PSK, frozenset({ENROLLED}), superseded_in_grace=True),
+            Grant(FACTORY_PSK, frozenset({ENROLLED}))),
 }
 
 

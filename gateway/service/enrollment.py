@@ -37,7 +37,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Callable, ContextManager
 
 from devid.attestation.evidence import MAX_EVIDENCE_SIZE, cose_key_xy
@@ -54,7 +54,7 @@ from devid.gateway.service.authorization import RULES, authorize
 from devid.gateway.service.budgets import Budgets, RateLimiter
 from devid.gateway.store.configuration import ConfigTemplates
 from devid.gateway.errors import ConfigError, GatewayError
-from devid.gateway.service.identity import OPERATIONAL, PeerIdentity
+from devid.gateway.service.identity import OPERATIONAL, SUPERSEDED_SESSION_GRACE, PeerIdentity, operational_psk
 from devid.gateway.system import metrics
 
 log = logging.getLogger("devid.enrollment")
@@ -160,6 +160,8 @@ class EnrollmentService:
     monotonic: Callable[[], float] = time.monotonic
     # the gateway's anomaly tracker (service/anomalies.py): verdicts and renewals per device
     anomalies: Any = None
+    # the PSK secret (ca/psk.py), None while there is none: GET /psk (service/psk.py)
+    psk_secret: Callable[[], bytes | None] = lambda: None
 
     def __post_init__(self) -> None:
         self.limiter = RateLimiter(self.budgets, self.monotonic)
@@ -198,10 +200,12 @@ class EnrollmentService:
             self._decision(action, who, "rate-limited", logging.WARNING, refused=count, retry_after=retry)
         raise TooManyRequests(f"too many {action} requests from this device; retry in {retry} s", retry)
 
-    def _standing(self, action: str, who: PeerIdentity) -> CertificateLookup:
-        """The certificate of this session and its device, in one registry query, authorized."""
+    def _standing(self, action: str, who: PeerIdentity, grace: timedelta | None = None) -> CertificateLookup:
+        """The certificate of this session and its device, in one registry query, authorized
+        (`grace`: for a superseded certificate, instead of the budgets' grace period)."""
         found = self.ca.store.lookup_certificate(who.certificate_serial)
-        refusal = authorize(action, who, found, self.clock(), self.budgets.superseded_grace)
+        refusal = authorize(action, who, found, self.clock(),
+                            self.budgets.superseded_grace if grace is None else grace)
         if refusal is None:
             return found
         self._decision(action, who, "refused", reason=refusal.reason)
@@ -393,6 +397,27 @@ class EnrollmentService:
         config = self._config(who)
         self._decision("config", who, "served", device_type=who.device_type)
         return config
+
+    def operational_psk(self, who: PeerIdentity | None) -> tuple[str, bytes]:
+        """GET /psk: (identity, key) of the PSK device's current operational PSK, the one that goes
+        with its current operational certificate (authorization.RULES["psk"]). Paid from the
+        /config budget: the same sessions read both, once per enrollment or renewal."""
+        if who is None:
+            self._decision("psk", None, "refused", reason="no device identity")
+            raise NotAuthenticated("a device identity is required")
+        self._spend("config", who)
+        # the session that renewed (its certificate now superseded) fetches the key that goes with
+        # the new certificate: for as long as such a session lives (identity.session_grace)
+        self._standing("psk", who, max(self.budgets.superseded_grace, SUPERSEDED_SESSION_GRACE))
+        secret = self.psk_secret()
+        found = operational_psk(self.ca.store, secret, who.serial) if secret is not None else None
+        if found is None:
+            self._decision("psk", who, "refused", reason="no current operational certificate")
+            raise DeviceNotAllowed(f"device {who.serial} has no operational PSK: enroll first")
+        name, key, cert_serial = found
+        # the identity and the certificate it goes with, never the key
+        self._decision("psk", who, "served", psk_identity=name, certificate_serial=format(cert_serial, "x"))
+        return name, key
 
     def _config(self, who: PeerIdentity) -> dict:
         try:

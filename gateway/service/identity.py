@@ -13,6 +13,7 @@ lists each check and where it happens).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Callable
@@ -20,18 +21,23 @@ from typing import Callable
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from devid.ca import psk as ca_psk
 from devid.ca.errors import DeviceRevoked, ValidationFailed
 from devid.ca.identity import IdentitySettings
-from devid.ca.store import Registry
+from devid.ca.store import CertStatus, DeviceState, Registry
 from devid.ca.authority import to_utc
 from devid.ca.validation import DeviceVerifier
 
 from devid.gateway.dtls.alerts import CertificateRefused
+from devid.gateway.dtls.psk import PskRefused
 
 SUPERSEDED_SESSION_GRACE = timedelta(seconds=247)
 
 FACTORY = "factory"
 OPERATIONAL = "operational"
+FACTORY_PSK = ca_psk.FACTORY_PSK            # the same devices, authenticated by a pre-shared key
+OPERATIONAL_PSK = ca_psk.OPERATIONAL_PSK
+SECRET_RETRY = 5.0          # s between looks for a PSK secret that is not there yet
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,9 @@ class PeerIdentity:
 
     serial: str
     device_type: str
-    kind: str                 # "factory" (IDevID) or "operational" (LDevID)
+    kind: str                 # "factory" (IDevID) or "operational" (LDevID); "factory-psk" or
+                              # "operational-psk" for a PSK session (then the certificate fields
+                              # are those of the device's certificate the key goes with)
     fingerprint: str          # SHA-256 of the certificate, hex
     certificate_serial: int
     public_key: ec.EllipticCurvePublicKey
@@ -117,9 +125,76 @@ class DeviceAuthenticator:
         request budgets (which a stolen, superseded key could otherwise keep empty)."""
         out = [(i, "certificate or device revoked") for i in self.revoked(identities)]
         done = {id(i) for i, _ in out}
-        rest = [i for i in identities if id(i) not in done and i.kind == OPERATIONAL]
+        rest = [i for i in identities if id(i) not in done and i.kind in (OPERATIONAL, OPERATIONAL_PSK)]
         if rest:
             old = self.registry.superseded_among([i.certificate_serial for i in rest],
                                                  self.clock() - self.session_grace)
             out.extend((i, "certificate superseded") for i in rest if i.certificate_serial in old)
         return out
+
+
+class PskDeviceAuthenticator:
+    """`server.PskAuthenticator` for devices (ca/psk.py has the identities and keys).
+
+    A factory PSK identity (the serial) stands for the device's current factory certificate, an
+    operational one (``op:`` + serial) for its current operational certificate: the session's
+    `PeerIdentity` carries that certificate's serial, fingerprint and public key (the device's
+    attestation key), so authorization, budgets, enrollment and the revocation sweep treat the
+    PSK session as they treat that certificate's. Refused: an identity devid does not issue, a
+    device unknown or revoked, no such certificate (an operational key before enrollment or
+    after its certificate was superseded or revoked: each renewal rotates the key)."""
+
+    def __init__(self, registry: Registry, secret: Callable[[], bytes | None],
+                 monotonic: Callable[[], float] | None = None) -> None:
+        self.registry = registry
+        self._load = secret
+        self._secret: bytes | None = None
+        self._monotonic = monotonic or time.monotonic
+        self._next_look = 0.0
+
+    def secret(self) -> bytes | None:
+        """The PSK secret, read once it exists (`devid provision --psk` makes it, maybe while the
+        gateway runs): looked for at most every SECRET_RETRY seconds until then."""
+        if self._secret is None and self._monotonic() >= self._next_look:
+            self._next_look = self._monotonic() + SECRET_RETRY
+            self._secret = self._load()
+        return self._secret
+
+    def psk_for(self, identity: bytes) -> tuple[bytes, PeerIdentity]:
+        parsed = ca_psk.parse_identity(identity)
+        if parsed is None:
+            raise PskRefused("not a devid PSK identity")
+        kind, serial = parsed
+        secret = self.secret()
+        if secret is None:
+            raise PskRefused("no PSK secret yet (no device was provisioned with --psk)")
+        profile = FACTORY if kind == FACTORY_PSK else OPERATIONAL
+        mine = [c for c in self.registry.certificates_for_device(serial) if c.profile == profile]
+        if not mine:
+            raise PskRefused(f"device {serial} unknown" if profile == FACTORY else
+                             f"device {serial} has no operational certificate (not enrolled)")
+        record = mine[-1]           # the newest: the current one, unless revoked
+        found = self.registry.lookup_certificate(record.serial)
+        if (found is None or found.device_state in (None, DeviceState.REVOKED)
+                or found.status is CertStatus.REVOKED):
+            raise PskRefused(f"device {serial} or its {profile} certificate revoked")
+        if found.status is not CertStatus.CURRENT:
+            raise PskRefused(f"certificate {record.serial:x} is {found.status.value}")
+        cert = x509.load_der_x509_certificate(found.der)
+        key = cert.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise PskRefused("device key is not an EC key")
+        name = identity.decode("ascii")
+        psk = ca_psk.derive_key(secret, name, record.serial if kind == OPERATIONAL_PSK else None)
+        return psk, PeerIdentity(serial, found.device_type, kind, found.fingerprint, record.serial, key)
+
+
+def operational_psk(registry: Registry, secret: bytes, serial: str) -> tuple[str, bytes, int] | None:
+    """(identity, key, certificate serial) of the device's current operational PSK: the one that
+    goes with its current operational certificate; None before its first enrollment."""
+    current = [c for c in registry.certificates_for_device(serial)
+               if c.profile == OPERATIONAL and c.status is CertStatus.CURRENT]
+    if not current:
+        return None
+    name = ca_psk.operational_identity(serial)
+    return name, ca_psk.derive_key(secret, name, current[-1].serial), current[-1].serial

@@ -1,0 +1,180 @@
+"""A PSK device on tinydtls: aiocoap's `coaps://` client over DTLSSocket, the stack constrained
+devices run (docs/enrollment.md#psk-devices). DTLSSocket is an optional dependency (`pip install
+'devid-gateway[psk]'`; it builds tinydtls from source: autoconf, automake, libtool, pkg-config and a
+C compiler).
+
+tinydtls speaks TLS_PSK_WITH_AES_128_CCM_8 only and exports no session value, so the evidence of a
+PSK device carries a server nonce (GET /attest/nonce), signed with the device's attestation key
+(its factory key, key.pem or its secure element: the device has ECC even if its DTLS stack does
+not use it). After /sen the device fetches its operational PSK (GET /psk) in the same session and
+uses it for its later sessions; each renewal (/sren) rotates it.
+
+aiocoap keeps one tinydtls connection per remote address in a Context and reuses it whatever the
+credentials, so each identity gets a Context of its own (`psk_context`), closed after use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+import time
+
+import aiocoap
+import aiocoap.error
+import cbor2
+from cryptography import x509
+
+from devid.ca import keys, psk as ca_psk
+from devid.gateway.device.client import coap_exchange
+from devid.gateway.device.enroll import EnrollResult, _store_config, _store_operational
+from devid.gateway.device.flow import Done, drive, enroll_flow, renew_flow
+from devid.gateway.device.identity import DeviceIdentity, Firmware, load_bundle, root_verifier, serial_of
+from devid.gateway.device.protocol import CT_CBOR, EnrollFailed, parse_gateway
+from devid.gateway.errors import BundleError, GatewayError
+from devid.gateway.system.fs import write_atomic
+
+IDENTITY_FILE = "psk-identity.txt"
+KEY_FILE = "psk-key.txt"
+OPERATIONAL_IDENTITY_FILE = "operational-psk-identity.txt"
+OPERATIONAL_KEY_FILE = "operational-psk-key.txt"
+
+
+class PskUnavailable(GatewayError):
+    """DTLSSocket is not installed, or a bundle has no PSK."""
+
+
+@dataclass(frozen=True)
+class Psk:
+    identity: bytes
+    key: bytes
+
+    @property
+    def kind(self) -> str:
+        parsed = ca_psk.parse_identity(self.identity)
+        return parsed[0] if parsed else "unknown"
+
+
+def read_psk(directory: Path, operational: bool = False) -> Psk:
+    """The factory PSK of a bundle (`devid provision --psk`), or the operational one `save_psk` kept."""
+    names = (OPERATIONAL_IDENTITY_FILE, OPERATIONAL_KEY_FILE) if operational else (IDENTITY_FILE, KEY_FILE)
+    try:
+        return Psk((directory / names[0]).read_bytes().strip(), (directory / names[1]).read_bytes().strip())
+    except FileNotFoundError as exc:
+        raise PskUnavailable(f"{directory}: no {Path(exc.filename).name} (provisioned without --psk?)") from None
+
+
+def save_psk(directory: Path, psk: Psk) -> None:
+    """Keep the operational PSK beside the bundle (mode 0600), replacing the previous one."""
+    for name, value in ((OPERATIONAL_IDENTITY_FILE, psk.identity), (OPERATIONAL_KEY_FILE, psk.key)):
+        write_atomic(directory / name, value, mode=0o600)
+
+
+def require_dtlssocket() -> None:
+    try:
+        import DTLSSocket  # noqa: F401
+    except ImportError:
+        raise PskUnavailable("PSK devices need DTLSSocket: pip install 'devid-gateway[psk]' (it builds tinydtls: "
+                             "apt-get install autoconf automake libtool pkg-config build-essential first)") from None
+
+
+async def psk_context(psk: Psk, base: str) -> aiocoap.Context:
+    """An aiocoap client Context whose coaps:// requests to `base` (coaps://HOST:PORT) run over
+    tinydtls with `psk`."""
+    require_dtlssocket()
+    ctx = await aiocoap.Context.create_client_context(transports=["tinydtls"])
+    ctx.client_credentials.load_from_dict({f"{base}/*": {"dtls": {
+        "psk": {"ascii": psk.key.decode("ascii")}, "client-identity": {"ascii": psk.identity.decode("ascii")}}}})
+    return ctx
+
+
+def read_operational_psk(payload: bytes) -> Psk:
+    """The answer of GET /psk: CBOR {"identity": tstr, "key": tstr}."""
+    try:
+        body = cbor2.loads(payload)
+        identity, key = body["identity"], body["key"]
+        if not (isinstance(identity, str) and isinstance(key, str)):
+            raise TypeError
+        psk = Psk(identity.encode("ascii"), key.encode("ascii"))
+    except Exception:
+        raise PskUnavailable("the answer of /psk is not CBOR {identity, key}") from None
+    if psk.kind != ca_psk.OPERATIONAL_PSK or len(psk.key) != ca_psk.KEY_CHARS:
+        raise PskUnavailable("the answer of /psk is not an operational PSK")
+    return psk
+
+
+async def fetch_operational_psk(ctx: aiocoap.Context, base: str, timeout: float) -> Psk:
+    """GET /psk over the session `ctx` holds with the gateway."""
+    message = aiocoap.Message(code=aiocoap.GET, uri=f"{base}/psk", accept=CT_CBOR)
+    response = await asyncio.wait_for(ctx.request(message).response, timeout)
+    if response.code != aiocoap.CONTENT:
+        raise PskUnavailable(f"/psk: {response.code} {response.payload[:200]!r}")
+    return read_operational_psk(response.payload)
+
+
+# -- the PSK device's flows: enrollment and renewal over tinydtls -----------------------------------
+
+async def enroll_psk(directory: Path, gateway_uri: str, firmware: Firmware | None, *,
+                     timeout: float = 30.0) -> EnrollResult:
+    """Enroll the PSK device of the bundle `directory`, in one session with its factory PSK: the
+    classic flow (server nonce, evidence signed with the factory key, /sen, /config), then GET
+    /psk. Keeps op-chain.pem and op-key.pem, config.cbor/json and the operational PSK."""
+    directory = Path(directory)
+    gateway = parse_gateway(gateway_uri)
+    try:
+        factory, _, factory_key, root = load_bundle(directory)
+        psk = read_psk(directory)
+    except (BundleError, PskUnavailable, keys.KeyFileError) as exc:
+        raise EnrollFailed("bundle", str(exc)) from None
+    identity = DeviceIdentity.of(factory, factory_key)
+    started = time.perf_counter()
+
+    def on_step(done: Done) -> None:
+        if done.step == "enroll":
+            _store_operational(directory, done.value)
+        elif done.step == "config":
+            _store_config(directory, done.value)
+
+    ctx = await psk_context(psk, gateway.base)
+    try:
+        done, steps = await drive(enroll_flow(identity, firmware, root_verifier(root)),
+                                  coap_exchange(ctx, gateway.base, timeout), on_step)
+        t = time.perf_counter()
+        save_psk(directory, await _fetch(ctx, gateway.base, timeout))
+        steps["psk"] = time.perf_counter() - t
+    finally:
+        await ctx.shutdown()
+    return EnrollResult(done.serial, done.issued.certificate, done.verdict.tier if done.verdict else None,
+                        done.config.data, time.perf_counter() - started, steps, "psk",
+                        None if firmware is None else "server")
+
+
+async def renew_psk(directory: Path, gateway_uri: str, *, timeout: float = 30.0) -> x509.Certificate:
+    """Renew in a session with the operational PSK: /sren, then GET /psk for the new key (the old
+    one stops working with the new certificate). Keeps both, like `enroll_psk`."""
+    directory = Path(directory)
+    gateway = parse_gateway(gateway_uri)
+    try:
+        factory, _, _, root = load_bundle(directory)
+        psk = read_psk(directory, operational=True)
+    except (BundleError, PskUnavailable, keys.KeyFileError) as exc:
+        raise EnrollFailed("bundle", f"{exc} (enroll the device first)") from None
+    ctx = await psk_context(psk, gateway.base)
+    try:
+        issued, _ = await drive(renew_flow(serial_of(factory), root_verifier(root)),
+                                coap_exchange(ctx, gateway.base, timeout))
+        _store_operational(directory, issued)
+        save_psk(directory, await _fetch(ctx, gateway.base, timeout))
+    finally:
+        await ctx.shutdown()
+    return issued.certificate
+
+
+async def _fetch(ctx: aiocoap.Context, base: str, timeout: float) -> Psk:
+    try:
+        return await fetch_operational_psk(ctx, base, timeout)
+    except asyncio.TimeoutError:
+        raise EnrollFailed.no_answer("psk", timeout) from None
+    except (PskUnavailable, aiocoap.error.Error) as exc:
+        raise EnrollFailed("psk", str(exc) or exc.__class__.__name__) from None

@@ -1,0 +1,30 @@
+"""GET /psk: a PSK device's operational pre-shared key (docs/enrollment.md#psk-devices).
+
+    /psk    GET    CBOR {"identity": tstr, "key": tstr}, Max-Age 0
+                   (factory-psk identity of an enrolled device, or operational-psk)
+
+The key is the one that goes with the device's current operational certificate (ca/psk.py): each
+enrollment and renewal issues a new certificate, so the key rotates with it, and the old key stops
+working at once (the gateway then accepts only the new one in new handshakes; sessions of the
+old one end with the certificate's grace period, like a superseded certificate's). It travels only
+inside the device's authenticated DTLS session; the gateway logs the identity, never the key.
+"""
+
+from __future__ import annotations
+
+import aiocoap
+import cbor2
+from aiocoap.numbers import codes
+
+from devid.gateway.service.resources import CT_CBOR, _Resource, identity_of
+
+
+class OperationalPsk(_Resource):
+    rt = "devid.psk"
+    ct = str(CT_CBOR)
+
+    async def render_get(self, request):
+        self.accepted(request, CT_CBOR)
+        name, key = self.service.operational_psk(identity_of(request))
+        body = cbor2.dumps({"identity": name, "key": key.decode("ascii")})
+        return aiocoap.Message(code=codes.CONTENT, payload=body, content_format=CT_CBOR, max_age=0)

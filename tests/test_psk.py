@@ -1,0 +1,290 @@
+"""PSK devices (issue 18) against `devid serve` as a real process, with real peers: aiocoap over
+DTLSSocket (tinydtls, what constrained devices run) and libcoap's `coap-client-openssl -u -k`.
+
+One gateway (module fixture) on one port serves X.509 and PSK devices; its log runs at DEBUG and
+is read whole at the end: no PSK of any device appears in it. libcoap exits 0 when its handshake
+fails, so its output is what is asserted."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiocoap
+import pytest
+
+from devid.ca.revocation import revoke_device
+from devid.gateway.app.datadir import DataDir
+from devid.gateway.app.server import POLICY_FILE
+from devid.gateway.device.client import device_context
+from devid.gateway.device.psk import Psk, psk_context, read_psk
+
+from .conftest import NOW, free_port, ok, one_line_error, run_devid, tool
+from .gateway_helpers import FW, POLICY
+
+ROOT = Path(__file__).resolve().parent.parent
+FIRMWARE = ["--firmware-digest", FW.digest.hex(), "--firmware-name", FW.name, "--firmware-version", FW.version]
+WRONG_KEY = b"AAAAAAAAAAAAAAAA"
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory):
+    base = tmp_path_factory.mktemp("psk")
+    data = DataDir(base / "data")
+    data.init(NOW)
+    (data.path / POLICY_FILE).write_text(POLICY)
+    out = base / "factory"
+    proc = run_devid("provision", "--count", "4", "--device-type", "temperature-sensor", "--psk", "--out", out,
+                     "--workers", "1", "--json", data_dir=data.path)
+    provisioned = json.loads(ok(proc))
+    ok(run_devid("provision", "--count", "1", "--device-type", "temperature-sensor", "--serial-prefix", "XS",
+                 "--out", out, "--workers", "1", data_dir=data.path))
+    port = free_port()
+    log = base / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "DEVID_CA_PASSPHRASE"}
+    env["DEVID_DATA"] = str(data.path)
+    served = subprocess.Popen([sys.executable, "-m", "devid.gateway.cli", "serve", "--listen", f"127.0.0.1:{port}",
+                               "--workers", "1", "--log-level", "DEBUG"], stdout=subprocess.PIPE,
+                              stderr=open(log, "wb"), env=env, cwd=ROOT)
+    line = served.stdout.readline().decode()
+    assert "listening on" in line, line + log.read_text()
+    world = {"data": data, "out": out, "port": port, "base": f"coaps://127.0.0.1:{port}", "log": log,
+             "proc": served, "provisioned": provisioned, "keys": set()}
+    yield world
+    served.terminate()
+    served.wait(30)
+
+
+def bundle(gw, n: int) -> Path:
+    return gw["out"] / f"SN0000000{n}"
+
+
+def events(gw, since: int = 0) -> list[dict]:
+    text = gw["log"].read_text()
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()[since:]]
+
+
+def lines(gw) -> int:
+    text = gw["log"].read_text()
+    return text[:text.rfind("\n") + 1].count("\n")
+
+
+def wait_event(gw, since: int, predicate, timeout: float = 20.0) -> dict:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for ev in events(gw, since):
+            if predicate(ev):
+                return ev
+        time.sleep(0.05)
+    raise AssertionError(f"no such log event; log tail: {gw['log'].read_text()[-3000:]}")
+
+
+def handshake(result: str, **fields):
+    def match(ev: dict) -> bool:
+        return (ev.get("event") == "handshake" and ev.get("result") == result
+                and all(str(v) in str(ev.get(k)) for k, v in fields.items()))
+    return match
+
+
+def libcoap(gw, psk: Psk, path: str = "/whoami") -> str:
+    """coap-client-openssl with a PSK; its whole output (it exits 0 even when the handshake fails)."""
+    gw["keys"].add(psk.key)
+    proc = subprocess.run([tool("coap-client-openssl"), "-v", "6", "-m", "get", "-u", psk.identity.decode(),
+                           "-k", psk.key.decode(), "-B", "5", f"{gw['base']}{path}"], capture_output=True, timeout=30)
+    return (proc.stdout + proc.stderr).decode()
+
+
+async def tinydtls_get(gw, psk: Psk, path: str = "/whoami", timeout: float = 10.0):
+    """GET over aiocoap + DTLSSocket with a PSK: the response, or the exception."""
+    gw["keys"].add(psk.key)
+    ctx = await psk_context(psk, gw["base"])
+    try:
+        return await asyncio.wait_for(ctx.request(aiocoap.Message(code=aiocoap.GET, uri=gw["base"] + path)).response,
+                                      timeout)
+    except Exception as exc:
+        return exc
+    finally:
+        await ctx.shutdown()
+
+
+def test_provision_psk_writes_private_files_and_prints_no_key(gw):
+    for n in range(1, 5):
+        psk = read_psk(bundle(gw, n))
+        gw["keys"].add(psk.key)
+        assert psk.identity == f"SN0000000{n}".encode()
+        # 16 characters of the base64url alphabet: 96 bits, printable for libcoap, 16 bytes for tinydtls
+        assert len(psk.key) == 16 and set(psk.key.decode()) <= set(
+            "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+        for name in ("psk-identity.txt", "psk-key.txt"):
+            assert stat.S_IMODE((bundle(gw, n) / name).stat().st_mode) == 0o600
+    assert len({read_psk(bundle(gw, n)).key for n in range(1, 5)}) == 4
+    assert gw["provisioned"]["psk"] is True
+    assert not any(k.decode() in json.dumps(gw["provisioned"]) for k in gw["keys"])
+    # without --psk: no PSK files; the secret is kept sealed, never in clear
+    assert not (gw["out"] / "XS00000001" / "psk-key.txt").exists()
+    secret = gw["data"].path / "ca" / "psk.secret"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert gw["data"].psk_secret() not in secret.read_bytes()
+
+
+def test_provision_psk_refuses_a_prefix_too_long_for_tinydtls(gw, tmp_path):
+    proc = run_devid("provision", "--count", "1", "--device-type", "temperature-sensor", "--psk", "--serial-prefix",
+                     "P" * 22, "--out", tmp_path / "f", data_dir=gw["data"].path)
+    one_line_error(proc, "too long", "32 bytes")
+
+
+def test_libcoap_and_dtlssocket_get_whoami_with_a_factory_psk(gw):
+    since = lines(gw)
+    said = libcoap(gw, read_psk(bundle(gw, 1)))
+    assert '"kind": "factory-psk"' in said and '"serial": "SN00000001"' in said, said[-2000:]
+    ev = wait_event(gw, since, handshake("ok", serial="SN00000001"))
+    assert ev["kind"] == "factory-psk" and ev["cipher"] == "PSK-AES128-CCM8"
+
+    response = asyncio.run(tinydtls_get(gw, read_psk(bundle(gw, 2))))
+    assert not isinstance(response, Exception), response
+    assert response.code == aiocoap.CONTENT
+    body = json.loads(response.payload)
+    assert body["serial"] == "SN00000002" and body["kind"] == "factory-psk"
+    assert body["device_type"] == "temperature-sensor"
+
+
+def test_wrong_key_and_unknown_identity_are_refused_with_their_alerts(gw):
+    since = lines(gw)
+    said = libcoap(gw, Psk(b"SN00000001", WRONG_KEY))
+    assert "alert decrypt error" in said and "factory-psk" not in said, said[-2000:]
+    wait_event(gw, since, handshake("refused", reason="wrong key for PSK identity 'SN00000001'"))
+
+    since = lines(gw)
+    said = libcoap(gw, Psk(b"SN99999999", WRONG_KEY))
+    assert "alert unknown psk identity" in said and "factory-psk" not in said, said[-2000:]
+    wait_event(gw, since, handshake("refused", reason="PSK identity 'SN99999999' refused"))
+
+    # tinydtls hears the alert too: it fails at once instead of waiting out its timeout
+    response = asyncio.run(tinydtls_get(gw, Psk(b"SN00000002", WRONG_KEY), timeout=20))
+    assert isinstance(response, aiocoap.error.Error), response
+    # a device provisioned without --psk: its bundle carries no PSK, so none is known to anyone
+    said = libcoap(gw, Psk(b"XS00000001", WRONG_KEY))
+    assert "alert decrypt error" in said
+
+
+def test_x509_and_psk_devices_served_at_once_on_one_port(gw):
+    async def both():
+        ctx, _ = await device_context(gw["out"] / "XS00000001", "127.0.0.1")
+        try:
+            x509_get = ctx.request(aiocoap.Message(code=aiocoap.GET, uri=gw["base"] + "/whoami")).response
+            return await asyncio.gather(asyncio.wait_for(x509_get, 20), tinydtls_get(gw, read_psk(bundle(gw, 3))))
+        finally:
+            await ctx.shutdown()
+    x509_response, psk_response = asyncio.run(both())
+    assert json.loads(x509_response.payload)["kind"] == "factory"
+    assert json.loads(x509_response.payload)["serial"] == "XS00000001"
+    assert json.loads(psk_response.payload)["kind"] == "factory-psk"
+
+
+def test_psk_device_attests_enrolls_renews_and_uses_its_operational_psk(gw):
+    device = bundle(gw, 3)
+    proc = run_devid("simulate", "--psk", "--gateway", gw["base"], "--devices", gw["out"], "--limit", "3",
+                     "--timeout", "20", "--json", *FIRMWARE)
+    summary = json.loads(ok(proc))
+    assert summary["enrolled"] == 3 and summary["flow"] == "psk", summary
+    assert (device / "op-chain.pem").exists() and (device / "config.cbor").exists()
+    op = read_psk(device, operational=True)
+    gw["keys"].add(op.key)
+    assert op.identity == b"op:SN00000003" and len(op.key) == 16
+    for name in ("operational-psk-identity.txt", "operational-psk-key.txt"):
+        assert stat.S_IMODE((device / name).stat().st_mode) == 0o600
+    kinds = {ev.get("event"): ev for ev in events(gw) if ev.get("serial") == "SN00000003"}
+    assert kinds["evidence"]["result"] == "affirming" and kinds["evidence"]["kind"] == "factory-psk"
+    assert kinds["enroll"]["result"] == "issued"
+    assert kinds["psk"]["result"] == "served" and kinds["psk"]["psk_identity"] == "op:SN00000003"
+
+    said = libcoap(gw, op)
+    assert '"kind": "operational-psk"' in said and '"serial": "SN00000003"' in said, said[-2000:]
+
+    # the factory PSK of an enrolled device still connects (as a factory certificate does)
+    assert '"kind": "factory-psk"' in libcoap(gw, read_psk(device))
+
+    # renewal over the operational PSK rotates it: the old key stops working, the new one works
+    ok(run_devid("simulate", "--psk", "--renew", "--gateway", gw["base"], "--devices", gw["out"], "--limit", "3",
+                 "--timeout", "20"))
+    new = read_psk(device, operational=True)
+    gw["keys"].add(new.key)
+    assert new.identity == op.identity and new.key != op.key
+    assert "alert decrypt error" in libcoap(gw, op)
+    response = asyncio.run(tinydtls_get(gw, new))
+    assert json.loads(response.payload)["kind"] == "operational-psk"
+
+    # /psk: only a PSK device, only once enrolled (authorization.RULES["psk"])
+    said = libcoap(gw, read_psk(bundle(gw, 4)), "/psk")
+    assert "4.03" in said or "Forbidden" in said or "device not allowed" in said, said[-2000:]
+
+
+def test_revoked_device_refused_and_its_open_session_dropped_by_the_sweep(gw):
+    psk = read_psk(bundle(gw, 4))
+    gw["keys"].add(psk.key)
+
+    async def session_then_revoke():
+        ctx = await psk_context(psk, gw["base"])
+        try:
+            response = await asyncio.wait_for(
+                ctx.request(aiocoap.Message(code=aiocoap.GET, uri=gw["base"] + "/whoami")).response, 10)
+            assert json.loads(response.payload)["serial"] == "SN00000004"
+            since = lines(gw)
+            reg = gw["data"].open_registry()
+            try:
+                revoke_device(reg, "SN00000004", "keyCompromise", NOW)
+            finally:
+                reg.close()
+            return since
+        finally:
+            await ctx.shutdown()
+
+    since = asyncio.run(session_then_revoke())
+    # the live session (if the client's close_notify did not end it first) goes with the sweep;
+    # a new handshake is refused
+    said = libcoap(gw, psk)
+    assert "alert unknown psk identity" in said and "SN00000004" not in said.split("alert")[-1], said[-2000:]
+    wait_event(gw, since, handshake("refused", reason="device SN00000004 or its factory certificate revoked"))
+
+
+def test_revocation_sweep_closes_a_live_psk_session(gw):
+    """An open PSK session of a device revoked meanwhile ends within the sweep interval."""
+    psk = read_psk(bundle(gw, 2))
+
+    async def run():
+        ctx = await psk_context(psk, gw["base"])
+        try:
+            response = await asyncio.wait_for(
+                ctx.request(aiocoap.Message(code=aiocoap.GET, uri=gw["base"] + "/whoami")).response, 10)
+            assert json.loads(response.payload)["kind"] == "factory-psk"
+            since = lines(gw)
+            reg = gw["data"].open_registry()
+            try:
+                revoke_device(reg, "SN00000002", "keyCompromise", NOW)
+            finally:
+                reg.close()
+            ev = await asyncio.to_thread(wait_event, gw, since, lambda e: e.get("event") == "session-closed"
+                                         and e.get("serial") == "SN00000002")
+            return ev
+        finally:
+            await ctx.shutdown()
+
+    assert asyncio.run(run())["reason"] == "certificate or device revoked"
+
+
+def test_no_psk_in_any_log_line(gw):
+    """Last: every key the tests used, right or wrong, factory or operational, is absent from the
+    gateway's whole log (DEBUG included)."""
+    text = gw["log"].read_text()
+    for key_file in gw["out"].glob("*/*psk-key.txt"):      # every factory and current operational key
+        gw["keys"].add(key_file.read_bytes())
+    assert len(gw["keys"]) >= 9
+    assert '"event": "psk"' in text         # the log saw the PSK served, by identity
+    for key in gw["keys"]:
+        assert key.decode() not in text, key

@@ -1,0 +1,134 @@
+"""PSK in the sans-I/O engine and the keys behind it (issue 18): a PSK handshake on the same
+engine as certificate handshakes, the record layer taking over PSK-AES128-CCM8, the alerts a
+refused identity or a wrong key earns, and ca/psk.py's identities, keys and sealed secret."""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+
+from devid.ca import psk as ca_psk
+from devid.ca.errors import KeyFileError, WrongPassphrase
+from devid.ca.revocation import revoke_device
+from devid.gateway.dtls import contexts, engine as E
+from devid.gateway.dtls.recordlayer import RecordLayer
+from devid.gateway.factory.provisioning import provision
+from devid.gateway.service.identity import DeviceAuthenticator, PskDeviceAuthenticator
+
+from .conftest import NOW
+from .dtls_helpers import FakeNetwork, client_context_from_bundle, works
+
+PEER_PSK, PEER_X509 = ("10.0.0.1", 40000), ("10.0.0.2", 40000)
+
+
+@pytest.fixture
+def psk_gateway(data, ca, tmp_path):
+    secret = data.psk_secret(create=True)
+    out = tmp_path / "factory"
+    provision(ca, count=2, device_type="temperature-sensor", out=out, manufacturing_pem=data.cert_pem("manufacturing"),
+              root_pem=data.cert_pem("root"), now=lambda: NOW, workers=1, psk_secret=secret)
+    gw = data.issuer("gateway")
+    mfg, op = data.cert("manufacturing"), data.cert("operational")
+    ctx = contexts.server_context(gw.cert, [op], gw.key, [mfg, op], [mfg, op], psk=True)
+    auth = DeviceAuthenticator(mfg, op, data.config.identity, ca.store, lambda: NOW)
+    engine = E.ServerEngine(ctx, auth, psk=PskDeviceAuthenticator(ca.store, lambda: secret))
+    return engine, out, secret
+
+
+def psk_client(identity: bytes, key: bytes) -> E.ClientEngine:
+    return E.ClientEngine(contexts.psk_client_context(), ("gw", 5684), psk=(identity, key), takeover=True)
+
+
+def bundle_psk(out, serial: str) -> tuple[bytes, bytes]:
+    return (out / serial / "psk-identity.txt").read_bytes(), (out / serial / "psk-key.txt").read_bytes()
+
+
+def test_psk_and_x509_handshakes_on_one_engine(psk_gateway):
+    engine, out, _ = psk_gateway
+    client = psk_client(*bundle_psk(out, "SN00000001"))
+    net = FakeNetwork(engine, peer=PEER_PSK)
+    assert net.run(client, lambda: client.established, real_timeout=5), client.closed_reason
+    (done,) = [e for e in net.server_events if isinstance(e, E.HandshakeComplete)]
+    assert done.cipher == "PSK-AES128-CCM8" and not done.resumed
+    assert (done.identity.serial, done.identity.kind, done.identity.device_type) == (
+        "SN00000001", "factory-psk", "temperature-sensor")
+    # the identity carries the device's factory certificate (its key is the attestation key)
+    factory = (out / "SN00000001" / "cert.pem").read_bytes()
+    from cryptography import x509
+    cert = x509.load_pem_x509_certificate(factory)
+    assert done.identity.certificate_serial == cert.serial_number and done.identity.public_key == cert.public_key()
+    session = engine.sessions[PEER_PSK]
+    assert isinstance(session.rl, RecordLayer) and session.conn is None      # the record layer took over
+    assert works(engine, net, client)
+
+    x509_client = E.ClientEngine(client_context_from_bundle(out / "SN00000002"), ("gw", 5684))
+    net2 = FakeNetwork(engine, peer=PEER_X509)
+    assert net2.run(x509_client, lambda: x509_client.established, real_timeout=5), x509_client.closed_reason
+    (done2,) = [e for e in net2.server_events if isinstance(e, E.HandshakeComplete)]
+    assert done2.identity.kind == "factory" and done2.cipher.startswith("ECDHE-ECDSA")
+    assert works(engine, net, client) and works(engine, net2, x509_client)
+
+
+@pytest.mark.parametrize("case", ["unknown identity", "wrong key", "not a devid identity"])
+def test_refused_psk_handshakes_earn_their_alert(psk_gateway, case):
+    engine, out, _ = psk_gateway
+    identity, key = bundle_psk(out, "SN00000001")
+    identity, key, said, why = {
+        "unknown identity": (b"SN00000099", key, "unknown psk identity", "device SN00000099 unknown"),
+        "wrong key": (identity, b"x" * 16, "decrypt error", "wrong key for PSK identity 'SN00000001'"),
+        "not a devid identity": (b"bad identity!", key, "unknown psk identity", "not a devid PSK identity"),
+    }[case]
+    client = psk_client(identity, key)
+    net = FakeNetwork(engine, peer=PEER_PSK)
+    assert net.run(client, lambda: client.state is E.State.CLOSED, real_timeout=5)
+    assert said in client.closed_reason
+    (failed,) = [e for e in net.server_events if isinstance(e, E.HandshakeFailed)]
+    assert why in failed.reason
+    assert key.decode() not in failed.reason
+    assert not engine.sessions and engine.half_open == 0 and engine.stats.failed == 1
+
+
+def test_revoked_device_has_no_psk(psk_gateway, ca):
+    engine, out, _ = psk_gateway
+    revoke_device(ca.store, "SN00000001", "keyCompromise", NOW)
+    client = psk_client(*bundle_psk(out, "SN00000001"))
+    net = FakeNetwork(engine, peer=PEER_PSK)
+    assert net.run(client, lambda: client.state is E.State.CLOSED, real_timeout=5)
+    assert "unknown psk identity" in client.closed_reason
+    (failed,) = [e for e in net.server_events if isinstance(e, E.HandshakeFailed)]
+    assert "revoked" in failed.reason
+
+
+def test_psk_identities_and_keys():
+    secret = bytes(range(32))
+    key = ca_psk.derive_key(secret, "SN00000001")
+    assert len(key) == ca_psk.KEY_CHARS == 16 and ca_psk.KEY_BITS == 96
+    assert key == ca_psk.derive_key(secret, "SN00000001")
+    assert key != ca_psk.derive_key(secret, "SN00000002") != ca_psk.derive_key(bytes(32), "SN00000002")
+    op = ca_psk.operational_identity("SN00000001")
+    assert op == "op:SN00000001"
+    # an operational key rotates with its certificate
+    assert ca_psk.derive_key(secret, op, 1) != ca_psk.derive_key(secret, op, 2)
+    assert ca_psk.parse_identity(b"SN00000001") == ("factory-psk", "SN00000001")
+    assert ca_psk.parse_identity(b"op:SN00000001") == ("operational-psk", "SN00000001")
+    for bad in (b"", b"op:", b"SN 1", b"op:op:SN1", b"\xff", b"SN/1", b"x" * 65):
+        assert ca_psk.parse_identity(bad) is None, bad
+
+
+def test_the_secret_is_sealed_made_once_and_needs_the_passphrase(tmp_path):
+    path = tmp_path / "psk.secret"
+    assert ca_psk.load_secret(path, b"pass") is None
+    made = ca_psk.ensure_secret(path, b"pass")
+    assert len(made) == 32 and made not in path.read_bytes()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert ca_psk.ensure_secret(path, b"pass") == made == ca_psk.load_secret(path, b"pass")
+    with pytest.raises(WrongPassphrase):
+        ca_psk.load_secret(path, b"other")
+    path.chmod(0o644)
+    with pytest.raises(KeyFileError):
+        ca_psk.load_secret(path, b"pass")
+    path.chmod(0o600)
+    path.write_bytes(path.read_bytes()[:-10] + b"\n")
+    with pytest.raises(KeyFileError):
+        ca_psk.load_secret(path, b"pass")
