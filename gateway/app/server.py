@@ -107,7 +107,7 @@ class Gateway:
         self.authenticator = DeviceAuthenticator(mfg, op, data.config.identity, self.registry, clock,
                                                  superseded_grace=budgets.superseded_grace)
         # PSK devices (tinydtls) on the same port: the ClientHello's suites decide (dtls/psk.py)
-        self.psk = PskDeviceAuthenticator(self.registry, lambda: _psk_secret(data))
+        self.psk = PskDeviceAuthenticator(self.registry, lambda: _psk_secret(data), clock=clock)
         self.psk.secret()           # read now if there is one (scrypt: ~0.5 s), not in a handshake
         # the engine's authenticator, wrapped to name the device of a refused certificate
         self.witness = RefusalWitness(self.authenticator)

@@ -6,8 +6,11 @@ C compiler).
 tinydtls speaks TLS_PSK_WITH_AES_128_CCM_8 only and exports no session value, so the evidence of a
 PSK device carries a server nonce (GET /attest/nonce), signed with the device's attestation key
 (its factory key, key.pem or its secure element: the device has ECC even if its DTLS stack does
-not use it). After /sen the device fetches its operational PSK (GET /psk) in the same session and
-uses it for its later sessions; each renewal (/sren) rotates it.
+not use it). A PSK is a string in flash, not a key, so the gateway takes no verdict of an earlier
+request from a PSK session: the evidence travels inside the CSR of /sen and of /sren (the
+one-request flow, its cnf claim binding it to the CSR's key). After /sen the device fetches its
+operational PSK (GET /psk) in the same session (no other session gets it) and uses it for its later
+sessions; each renewal (/sren, with fresh evidence) rotates it, fetched in the renewal's session.
 
 aiocoap keeps one tinydtls connection per remote address in a Context and reuses it whatever the
 credentials, so each identity gets a Context of its own (`psk_context`), closed after use.
@@ -29,9 +32,10 @@ from cryptography import x509
 from devid.ca import keys, psk as ca_psk
 from devid.gateway.device.client import coap_exchange
 from devid.gateway.device.enroll import EnrollResult, _store_config, _store_operational
-from devid.gateway.device.flow import Done, drive, enroll_flow, renew_flow
-from devid.gateway.device.identity import DeviceIdentity, Firmware, load_bundle, root_verifier, serial_of
-from devid.gateway.device.protocol import CT_CBOR, EnrollFailed, parse_gateway
+from devid.gateway.device.flow import Done, Flow, Issued, Verify, drive, read_verdict, take_nonce
+from devid.gateway.device.flow_one import _certificate, _config, _part, _send, _shape, one_request_flow, read_parts
+from devid.gateway.device.identity import DeviceIdentity, Firmware, device_csr, load_bundle, new_p256_key, root_verifier
+from devid.gateway.device.protocol import CT_CBOR, CT_MULTIPART, SREN, EnrollFailed, Request, parse_gateway
 from devid.gateway.errors import BundleError, GatewayError
 from devid.gateway.system.fs import write_atomic
 
@@ -117,9 +121,10 @@ async def fetch_operational_psk(ctx: aiocoap.Context, base: str, timeout: float)
 
 async def enroll_psk(directory: Path, gateway_uri: str, firmware: Firmware | None, *,
                      timeout: float = 30.0) -> EnrollResult:
-    """Enroll the PSK device of the bundle `directory`, in one session with its factory PSK: the
-    classic flow (server nonce, evidence signed with the factory key, /sen, /config), then GET
-    /psk. Keeps op-chain.pem and op-key.pem, config.cbor/json and the operational PSK."""
+    """Enroll the PSK device of the bundle `directory`, in one session with its factory PSK: a
+    server nonce, /sen with evidence signed with the factory key inside the CSR (the one-request
+    flow; without `firmware` no evidence, for device types whose policy waives attestation), then
+    GET /psk. Keeps op-chain.pem and op-key.pem, config.cbor/json and the operational PSK."""
     directory = Path(directory)
     gateway = parse_gateway(gateway_uri)
     try:
@@ -138,7 +143,7 @@ async def enroll_psk(directory: Path, gateway_uri: str, firmware: Firmware | Non
 
     ctx = await psk_context(psk, gateway.base)
     try:
-        done, steps = await drive(enroll_flow(identity, firmware, root_verifier(root)),
+        done, steps = await drive(one_request_flow(identity, firmware, root_verifier(root)),
                                   coap_exchange(ctx, gateway.base, timeout), on_step)
         t = time.perf_counter()
         save_psk(directory, await _fetch(ctx, gateway.base, timeout))
@@ -150,25 +155,52 @@ async def enroll_psk(directory: Path, gateway_uri: str, firmware: Firmware | Non
                         None if firmware is None else "server")
 
 
-async def renew_psk(directory: Path, gateway_uri: str, *, timeout: float = 30.0) -> x509.Certificate:
-    """Renew in a session with the operational PSK: /sren, then GET /psk for the new key (the old
-    one stops working with the new certificate). Keeps both, like `enroll_psk`."""
+async def renew_psk(directory: Path, gateway_uri: str, firmware: Firmware | None, *,
+                    timeout: float = 30.0) -> x509.Certificate:
+    """Renew in a session with the operational PSK: a server nonce, /sren with fresh evidence
+    (signed with the factory key, bound to the new key) in the CSR, then GET /psk for the new key
+    (the old one stops working with the new certificate). Keeps both, like `enroll_psk`."""
     directory = Path(directory)
     gateway = parse_gateway(gateway_uri)
     try:
-        factory, _, _, root = load_bundle(directory)
+        factory, _, factory_key, root = load_bundle(directory)
         psk = read_psk(directory, operational=True)
     except (BundleError, PskUnavailable, keys.KeyFileError) as exc:
         raise EnrollFailed("bundle", f"{exc} (enroll the device first)") from None
+    identity = DeviceIdentity.of(factory, factory_key)
     ctx = await psk_context(psk, gateway.base)
     try:
-        issued, _ = await drive(renew_flow(serial_of(factory), root_verifier(root)),
+        issued, _ = await drive(renew_psk_flow(identity, firmware, root_verifier(root)),
                                 coap_exchange(ctx, gateway.base, timeout))
         _store_operational(directory, issued)
         save_psk(directory, await _fetch(ctx, gateway.base, timeout))
     finally:
         await ctx.shutdown()
     return issued.certificate
+
+
+def renew_psk_flow(identity: DeviceIdentity, firmware: Firmware | None, verify: Verify, *,
+                   new_key=new_p256_key, clock=time.time) -> Flow[Issued]:
+    """/sren of a PSK device in one request: evidence for a server nonce, bound to the new key,
+    inside the CSR (without `firmware`: none, for a policy that waives attestation); the
+    multipart answer carries the certificate, the configuration and the verdict."""
+    key = new_key()
+    token = None
+    if firmware is not None:
+        nonce = yield from take_nonce(None)
+        token = identity.evidence(nonce, firmware, iat=int(clock()), bound_key=key.public_key())
+    reply = yield from _send(Request(SREN[CT_MULTIPART], device_csr(key, identity.serial, token)))
+    parts = read_parts("renew", reply)
+    _shape("renew", parts, verdict=token is not None)
+    if token is not None:
+        verdict = read_verdict(_part(reply, CT_CBOR, parts[2][1]))
+        yield Done("evidence", verdict)
+        if not verdict.acceptable:
+            raise EnrollFailed("evidence", f"verdict {verdict.tier}: {verdict.reasons_text}")
+    issued = yield from _certificate(reply, parts, key, identity.serial, verify)
+    yield Done("renew", issued)
+    yield Done("config", _config(reply, parts, identity.serial, identity.device_type))
+    return issued
 
 
 async def _fetch(ctx: aiocoap.Context, base: str, timeout: float) -> Psk:

@@ -52,7 +52,7 @@ async def simulate(gateway: str, bundles: list[Path], firmware: Callable[[Path],
                    progress: Callable[[int, int], None] | None = None, psk: bool = False) -> SimulationReport:
     """Enroll (or, `renew_only`, renew) every bundle, `concurrency` at a time, by `flow` (None:
     the default of `enroll`, one-request, or of `renew`, classic). `psk`: as PSK devices on
-    tinydtls instead (device/psk.py: the classic flow, then GET /psk)."""
+    tinydtls instead (device/psk.py: evidence in the CSR of /sen or /sren, then GET /psk)."""
     flow = "psk" if psk else flow or (DEFAULT_RENEW_FLOW if renew_only else DEFAULT_FLOW)
     report = SimulationReport(devices=len(bundles), enrolled=0, flow=flow)
     sem = asyncio.Semaphore(concurrency)
@@ -66,7 +66,7 @@ async def simulate(gateway: str, bundles: list[Path], firmware: Callable[[Path],
                 if psk:
                     from devid.gateway.device.psk import enroll_psk, renew_psk
                     if renew_only:
-                        await renew_psk(bundle, gateway, timeout=timeout)
+                        await renew_psk(bundle, gateway, firmware(bundle), timeout=timeout)
                     else:
                         report.results.append(await enroll_psk(bundle, gateway, firmware(bundle), timeout=timeout))
                 elif renew_only:

@@ -34,14 +34,17 @@ class Grant:
 
 # action -> its grants (the first one names the identity a refused device is told it needs)
 # A PSK identity may do what the certificate identity of its kind may (factory-psk as factory,
-# operational-psk as operational: identity.PskDeviceAuthenticator), and fetch its device's
-# operational PSK ("psk", GET /psk): a PSK device only, in the session that enrolled it or renewed
-# (factory-psk of an enrolled device), or in a later session (operational-psk, within the grace
-# period after a renewal superseded its certificate: the renewal's session fetches the new key).
-# Certificate identities get no PSK: a device that has certificates does not need one.
+# operational-psk as operational: identity.PskDeviceAuthenticator), with more proof where a PSK is
+# weaker than a key (docs/enrollment.md#psk-devices): /sen and /sren of a PSK session need evidence
+# inside the CSR, signed by the device's attestation key (EnrollmentService.enroll, renew), so
+# operational-psk may ask for a server nonce too (tinydtls exports no session nonce); and it may
+# fetch its device's operational PSK ("psk", GET /psk), only in the session whose /sen or /sren
+# issued the certificate the key goes with (service/psk.py checks the session; this table the
+# device). Certificate identities get no PSK: a device that has certificates does not need one.
 RULES: dict[str, tuple[Grant, ...]] = {
     "nonce": (Grant(FACTORY, frozenset({MANUFACTURED, ENROLLED})),
-              Grant(FACTORY_PSK, frozenset({MANUFACTURED, ENROLLED}))),
+              Grant(FACTORY_PSK, frozenset({MANUFACTURED, ENROLLED})),
+              Grant(OPERATIONAL_PSK, frozenset({ENROLLED}))),
     "evidence": (Grant(FACTORY, frozenset({MANUFACTURED, ENROLLED})),
                  Grant(FACTORY_PSK, frozenset({MANUFACTURED, ENROLLED}))),
     # a first enrollment, or a re-enrollment with the factory identity (the policy may forbid it)

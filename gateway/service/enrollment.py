@@ -54,7 +54,8 @@ from devid.gateway.service.authorization import RULES, authorize
 from devid.gateway.service.budgets import Budgets, RateLimiter
 from devid.gateway.store.configuration import ConfigTemplates
 from devid.gateway.errors import ConfigError, GatewayError
-from devid.gateway.service.identity import OPERATIONAL, SUPERSEDED_SESSION_GRACE, PeerIdentity, operational_psk
+from devid.gateway.service.identity import (OPERATIONAL, PSK_KINDS, SUPERSEDED_SESSION_GRACE, PeerIdentity,
+                                            attestation_identity, operational_psk)
 from devid.gateway.system import metrics
 
 log = logging.getLogger("devid.enrollment")
@@ -241,7 +242,10 @@ class EnrollmentService:
 
     def nonce(self, who: PeerIdentity | None) -> NonceRecord:
         self._require("nonce", who)
-        record = self.attestation.issue_nonce(who.serial, who.fingerprint)
+        # an operational-psk session's evidence is signed with the factory key: its nonce is that
+        # certificate's (identity.attestation_identity)
+        attester = attestation_identity(self.ca.store, who) or who
+        record = self.attestation.issue_nonce(who.serial, attester.fingerprint)
         self._decision("nonce", who, "issued", expires=record.expires_at.isoformat())
         return record
 
@@ -297,6 +301,11 @@ class EnrollmentService:
             self._decision("enroll", who, "refused", reason="re-enrollment not allowed")
             raise ReenrollmentRefused("device already enrolled; policy does not allow re-enrollment")
         checked = self._check_csr("enroll", who, csr, evidence=True)   # a bad CSR must not use up the verdict
+        if who.kind in PSK_KINDS and checked.evidence is None and tpolicy.attestation != "waived":
+            # a PSK is a string in flash, not a key: it never spends a verdict of the window (which
+            # the real device may just have earned); evidence signed by the attestation key and
+            # bound to this CSR's key is the proof (docs/enrollment.md#psk-devices)
+            self._psk_without_evidence("enroll", who)
         # before the evidence is appraised: a template that cannot be served refuses the request
         # without using the evidence's nonce
         config = self._config(who) if with_config else None
@@ -354,23 +363,61 @@ class EnrollmentService:
     def renew(self, who: PeerIdentity | None, csr: bytes, *, with_config: bool = False) -> Issuance:
         """/sren: a new operational certificate for the device of this operational identity,
         which must be its current one (or superseded within the grace period). `with_config`:
-        as for `enroll`, the configuration is built before anything is issued."""
+        as for `enroll`, the configuration is built before anything is issued. A PSK session
+        (operational-psk) must put evidence in its CSR, signed with the device's attestation key
+        and bound to the CSR's key, and it must be acceptable (unless the policy waives
+        attestation): its verdict is logged with the certificate, in one transaction."""
         started = time.perf_counter()
         self._require("renew", who)
-        csr = self._check_csr("renew", who, csr)
+        psk = who.kind in PSK_KINDS
+        checked = self._check_csr("renew", who, csr, evidence=psk)
         config = self._config(who) if with_config else None
+        appraisal = self._psk_appraisal(who, checked) if psk else None
+        evaluation = None
         with self.atomic(who.serial):
             # again under the registry's write lock: of renewals racing with one certificate
             # (on any worker), the first supersedes it and the others are refused here
             self._standing("renew", who)
             self._certificate_quota("renew", who)
-            issued = self._issue("renew", who, csr)
+            issued = self._issue("renew", who, checked)
+            if appraisal is not None:
+                evaluation = self.attestation.record(appraisal, used_for="renewal")
+        if evaluation is not None:
+            self._judged(who, evaluation, via="csr")
         self._decision("renew", who, "issued", certificate=format(issued.cert.serial_number, "x"),
-                       config=with_config or None)
+                       config=with_config or None, verdict_seq=evaluation.log_seq if evaluation else None)
         metrics.ISSUANCE_SECONDS.labels("renew").observe(time.perf_counter() - started)
         if self.anomalies is not None:
             self.anomalies.renewed(who.serial)
-        return Issuance(issued, config=config)
+        return Issuance(issued, evaluation, config)
+
+    def _psk_without_evidence(self, action: str, who: PeerIdentity) -> None:
+        self._decision(action, who, "refused", reason="PSK session without evidence in the CSR")
+        raise AttestationRequired(f"a PSK device of type {who.device_type} must put evidence signed with its "
+                                  "attestation key in the CSR (attribute id-aa-attestation)")
+
+    def _psk_appraisal(self, who: PeerIdentity, checked: CheckedKey):
+        """The appraisal of the evidence in a PSK session's /sren CSR, acceptable (else refused,
+        and logged); None if the CSR has none and the policy waives attestation."""
+        tpolicy = self.policy.for_type(who.device_type)
+        if checked.evidence is None:
+            if tpolicy is not None and tpolicy.attestation == "waived":
+                return None
+            self._psk_without_evidence("renew", who)
+        attester = attestation_identity(self.ca.store, who)
+        if attester is None:
+            self._decision("renew", who, "refused", reason="no current factory certificate")
+            raise DeviceNotAllowed(f"device {who.serial} is not allowed")
+        # tinydtls exports no session value: the nonce is a server nonce, bound to the factory
+        # certificate (nonce()); the cnf claim binds the evidence to the CSR's key
+        appraisal = self.attestation.appraise(checked.evidence,
+                                              self._attesting(attester, None, cose_key_xy(checked.public_key)))
+        if not appraisal.verdict.acceptable:
+            outcome = self._judged(who, self.attestation.record(appraisal), via="csr")
+            verdict = appraisal.verdict
+            raise AttestationRefused(f"verdict {verdict.tier.value}: {', '.join(verdict.codes)}"
+                                     + (" (the device was revoked)" if outcome.revoked else ""))
+        return appraisal
 
     def _check_csr(self, action: str, who: PeerIdentity, csr: bytes, evidence: bool = False) -> CheckedKey:
         """Parse and check the CSR once; issuance then takes the checked key. `evidence`: take
@@ -398,10 +445,13 @@ class EnrollmentService:
         self._decision("config", who, "served", device_type=who.device_type)
         return config
 
-    def operational_psk(self, who: PeerIdentity | None) -> tuple[str, bytes]:
-        """GET /psk: (identity, key) of the PSK device's current operational PSK, the one that goes
-        with its current operational certificate (authorization.RULES["psk"]). Paid from the
-        /config budget: the same sessions read both, once per enrollment or renewal."""
+    def operational_psk(self, who: PeerIdentity | None, issued_here: int | None) -> tuple[str, bytes]:
+        """GET /psk: (identity, key) of the PSK device's operational PSK, the one that goes with
+        the certificate `issued_here`: the one this very session's /sen or /sren issued (None:
+        it issued none), while it is still the device's current one. A factory PSK alone, or an
+        operational PSK of a session that renewed nothing, gets no key (authorization.RULES["psk"]
+        for the device, service/psk.py for the session). Paid from the /config budget: the same
+        sessions read both, once per enrollment or renewal."""
         if who is None:
             self._decision("psk", None, "refused", reason="no device identity")
             raise NotAuthenticated("a device identity is required")
@@ -409,11 +459,16 @@ class EnrollmentService:
         # the session that renewed (its certificate now superseded) fetches the key that goes with
         # the new certificate: for as long as such a session lives (identity.session_grace)
         self._standing("psk", who, max(self.budgets.superseded_grace, SUPERSEDED_SESSION_GRACE))
+        if issued_here is None:
+            self._decision("psk", who, "refused", reason="no certificate issued in this session")
+            raise WrongIdentity("the operational PSK is served only in the session whose /sen or /sren issued "
+                                "its certificate")
         secret = self.psk_secret()
         found = operational_psk(self.ca.store, secret, who.serial) if secret is not None else None
-        if found is None:
-            self._decision("psk", who, "refused", reason="no current operational certificate")
-            raise DeviceNotAllowed(f"device {who.serial} has no operational PSK: enroll first")
+        if found is None or found[2] != issued_here:
+            self._decision("psk", who, "refused", reason="the certificate this session was issued is not current")
+            raise DeviceNotAllowed(f"device {who.serial}: the certificate this session was issued is no longer "
+                                   "current: renew again")
         name, key, cert_serial = found
         # the identity and the certificate it goes with, never the key
         self._decision("psk", who, "served", psk_identity=name, certificate_serial=format(cert_serial, "x"))

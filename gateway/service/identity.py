@@ -145,8 +145,12 @@ class PskDeviceAuthenticator:
     after its certificate was superseded or revoked: each renewal rotates the key)."""
 
     def __init__(self, registry: Registry, secret: Callable[[], bytes | None],
-                 monotonic: Callable[[], float] | None = None) -> None:
+                 monotonic: Callable[[], float] | None = None,
+                 clock: Callable[[], datetime] | None = None) -> None:
         self.registry = registry
+        # the certificate a PSK stands for must be within its validity, as DeviceAuthenticator
+        # requires of a certificate presented in the handshake
+        self.clock = clock or (lambda: datetime.now().astimezone())
         self._load = secret
         self._secret: bytes | None = None
         self._monotonic = monotonic or time.monotonic
@@ -181,6 +185,13 @@ class PskDeviceAuthenticator:
         if found.status is not CertStatus.CURRENT:
             raise PskRefused(f"certificate {record.serial:x} is {found.status.value}")
         cert = x509.load_der_x509_certificate(found.der)
+        now = to_utc(self.clock())
+        if now > cert.not_valid_after_utc:
+            raise PskRefused(f"the {profile} certificate {record.serial:x} of device {serial} expired on "
+                             f"{cert.not_valid_after_utc:%Y-%m-%d}")
+        if now < cert.not_valid_before_utc:
+            raise PskRefused(f"the {profile} certificate {record.serial:x} of device {serial} is not valid before "
+                             f"{cert.not_valid_before_utc:%Y-%m-%d}")
         key = cert.public_key()
         if not isinstance(key, ec.EllipticCurvePublicKey):
             raise PskRefused("device key is not an EC key")
@@ -198,3 +209,23 @@ def operational_psk(registry: Registry, secret: bytes, serial: str) -> tuple[str
         return None
     name = ca_psk.operational_identity(serial)
     return name, ca_psk.derive_key(secret, name, current[-1].serial), current[-1].serial
+
+
+def attestation_identity(registry: Registry, who: PeerIdentity) -> PeerIdentity | None:
+    """Who signs the evidence of `who`'s device: `who` itself, except for an operational-psk
+    session, whose evidence is signed with the device's attestation key (its factory
+    certificate's key, not the operational key the PSK's certificate carries): then the identity
+    of the device's newest factory certificate, None if it has none that is current."""
+    if who.kind != OPERATIONAL_PSK:
+        return who
+    mine = [c for c in registry.certificates_for_device(who.serial) if c.profile == FACTORY]
+    found = registry.lookup_certificate(mine[-1].serial) if mine else None
+    if found is None or found.status is not CertStatus.CURRENT:
+        return None
+    key = x509.load_der_x509_certificate(found.der).public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        return None
+    return PeerIdentity(who.serial, who.device_type, who.kind, found.fingerprint, mine[-1].serial, key)
+
+
+PSK_KINDS = (FACTORY_PSK, OPERATIONAL_PSK)

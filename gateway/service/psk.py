@@ -1,9 +1,12 @@
 """GET /psk: a PSK device's operational pre-shared key (docs/enrollment.md#psk-devices).
 
     /psk    GET    CBOR {"identity": tstr, "key": tstr}, Max-Age 0
-                   (factory-psk identity of an enrolled device, or operational-psk)
+                   (factory-psk or operational-psk, only in the session whose /sen or /sren issued
+                   the device's current operational certificate)
 
-The key is the one that goes with the device's current operational certificate (ca/psk.py): each
+The key is the one that goes with that certificate (ca/psk.py): a factory PSK alone, or a session
+that issued nothing, gets none (a PSK is a string in flash, not a key: the certificate the session
+was issued needed evidence signed by the attestation key, EnrollmentService.enroll/renew). Each
 enrollment and renewal issues a new certificate, so the key rotates with it, and the old key stops
 working at once (the gateway then accepts only the new one in new handshakes; sessions of the
 old one end with the certificate's grace period, like a superseded certificate's). It travels only
@@ -25,6 +28,7 @@ class OperationalPsk(_Resource):
 
     async def render_get(self, request):
         self.accepted(request, CT_CBOR)
-        name, key = self.service.operational_psk(identity_of(request))
+        # the certificate this session's /sen or /sren issued (resources.SimpleEnroll), if any
+        name, key = self.service.operational_psk(identity_of(request), getattr(request.remote, "psk_issued", None))
         body = cbor2.dumps({"identity": name, "key": key.decode("ascii")})
         return aiocoap.Message(code=codes.CONTENT, payload=body, content_format=CT_CBOR, max_age=0)

@@ -37,7 +37,7 @@ from devid.attestation.evidence import MAX_EVIDENCE_SIZE
 from devid.attestation.nonces import SessionNonce
 
 from devid.gateway.service.enrollment import EnrollmentService
-from devid.gateway.service.identity import PeerIdentity
+from devid.gateway.service.identity import PSK_KINDS, PeerIdentity
 from devid.gateway.service.problems import Problem, to_response
 
 CT_CBOR = 60
@@ -189,7 +189,12 @@ class SimpleEnroll(_Resource):
     async def render_post(self, request):
         self.require_format(request, CT_PKCS10)
         fmt = self.accepted(request, CT_PKCS7_CERTS, CT_PKIX_CERT, CT_MULTIPART)
-        issuance = self._issue(identity_of(request), request, with_config=fmt == CT_MULTIPART)
+        who = identity_of(request)
+        issuance = self._issue(who, request, with_config=fmt == CT_MULTIPART)
+        if who.kind in PSK_KINDS:
+            # the PSK session that was issued the certificate, and it alone, may fetch the
+            # operational PSK that goes with it (service/psk.py)
+            request.remote.psk_issued = issuance.issued.cert.serial_number
         if fmt == CT_MULTIPART:
             return _multipart_response(issuance)
         return _certificate_response(issuance.issued, fmt, self.chain)
