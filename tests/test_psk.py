@@ -17,13 +17,16 @@ import time
 from pathlib import Path
 
 import aiocoap
+import cbor2
 import pytest
 
 from devid.ca.revocation import revoke_device
 from devid.gateway.app.datadir import DataDir
 from devid.gateway.app.server import POLICY_FILE
 from devid.gateway.device.client import device_context
+from devid.gateway.device.identity import DeviceIdentity, device_csr, load_bundle, new_p256_key
 from devid.gateway.device.psk import Psk, psk_context, read_psk
+from devid.gateway.device.protocol import CT_CBOR, CT_PKCS10
 
 from .conftest import NOW, free_port, ok, one_line_error, run_devid, tool
 from .gateway_helpers import FW, POLICY
@@ -211,8 +214,9 @@ def test_psk_device_attests_enrolls_renews_and_uses_its_operational_psk(gw):
     assert '"kind": "factory-psk"' in libcoap(gw, read_psk(device))
 
     # renewal over the operational PSK rotates it: the old key stops working, the new one works
+    # (with fresh evidence in the CSR of /sren: a PSK session proves the attestation key each time)
     ok(run_devid("simulate", "--psk", "--renew", "--gateway", gw["base"], "--devices", gw["out"], "--limit", "3",
-                 "--timeout", "20"))
+                 "--timeout", "20", *FIRMWARE))
     new = read_psk(device, operational=True)
     gw["keys"].add(new.key)
     assert new.identity == op.identity and new.key != op.key
@@ -223,6 +227,93 @@ def test_psk_device_attests_enrolls_renews_and_uses_its_operational_psk(gw):
     # /psk: only a PSK device, only once enrolled (authorization.RULES["psk"])
     said = libcoap(gw, read_psk(bundle(gw, 4)), "/psk")
     assert "4.03" in said or "Forbidden" in said or "device not allowed" in said, said[-2000:]
+
+
+async def in_session(gw, psk: Psk, *requests: dict, timeout: float = 10.0) -> list[aiocoap.Message]:
+    """The answers to `requests` (Message arguments, "path" relative to the gateway), one after
+    the other, in ONE tinydtls session with `psk`."""
+    gw["keys"].add(psk.key)
+    ctx = await psk_context(psk, gw["base"])
+    try:
+        out = []
+        for r in requests:
+            r = dict(r)
+            message = aiocoap.Message(uri=f"{gw['base']}/{r.pop('path')}", **r)
+            out.append(await asyncio.wait_for(ctx.request(message).response, timeout))
+        return out
+    finally:
+        await ctx.shutdown()
+
+
+def _get(path: str, **kw) -> dict:
+    return dict(code=aiocoap.GET, path=path, **kw)
+
+
+def _post(path: str, payload: bytes, fmt: int) -> dict:
+    return dict(code=aiocoap.POST, path=path, payload=payload, content_format=fmt)
+
+
+def _csr(serial: str, evidence: bytes | None = None) -> bytes:
+    return device_csr(new_p256_key(), serial, evidence)
+
+
+def test_a_psk_alone_gets_no_certificate_and_no_operational_psk(gw):
+    """Review finding 1: who holds only a device's PSK (a string in flash) gets nothing that needs
+    the attestation key. SN00000003 is enrolled and renewed (the test above); its factory PSK and
+    its current operational PSK are the attacker's, its factory key is not."""
+    device, serial = bundle(gw, 3), "SN00000003"
+    factory_psk, op_psk = read_psk(device), read_psk(device, operational=True)
+    reg = gw["data"].open_registry()
+    try:
+        before = len(reg.certificates_for_device(serial))
+    finally:
+        reg.close()
+    since = lines(gw)
+
+    # the real device earns an acceptable verdict (classic /attest/evidence, its factory key) ...
+    factory, _, factory_key, _ = load_bundle(device)
+    identity = DeviceIdentity.of(factory, factory_key)
+
+    async def real_device_attests():
+        [nonce] = await in_session(gw, factory_psk, _get("attest/nonce", accept=CT_CBOR))
+        token = identity.evidence(cbor2.loads(nonce.payload)["nonce"], FW, iat=int(time.time()))
+        [verdict] = await in_session(gw, factory_psk, _post("attest/evidence", token, CT_CBOR))
+        return verdict
+    verdict = asyncio.run(real_device_attests())
+    assert verdict.code == aiocoap.CHANGED and cbor2.loads(verdict.payload)["acceptable"] is True
+
+    # ... and the attacker, with the factory PSK, cannot spend it on /sen with its own key, nor
+    # read the operational PSK; with the operational PSK, neither /sren nor /psk
+    sen, psk_factory = asyncio.run(in_session(gw, factory_psk, _post(".well-known/est/sen", _csr(serial), CT_PKCS10),
+                                              _get("psk", accept=CT_CBOR)))
+    sren, psk_op = asyncio.run(in_session(gw, op_psk, _post(".well-known/est/sren", _csr(serial), CT_PKCS10),
+                                          _get("psk", accept=CT_CBOR)))
+    for answer in (sen, psk_factory, sren, psk_op):
+        assert answer.code == aiocoap.FORBIDDEN, (answer.code, answer.payload)
+    assert b"evidence" in sen.payload and b"evidence" in sren.payload
+    assert b"session" in psk_factory.payload and b"session" in psk_op.payload
+    refused = [ev for ev in events(gw, since) if ev.get("serial") == serial and ev.get("result") == "refused"]
+    assert {ev["event"] for ev in refused} >= {"enroll", "renew", "psk"}, refused
+    assert not any("key" in str(ev.get("psk_identity", "")) for ev in refused)
+
+    # evidence bound to another key than the CSR's (the real device's evidence replayed into the
+    # attacker's CSR) is refused too: the cnf claim binds it to the key it was made for
+    async def replayed():
+        [nonce] = await in_session(gw, op_psk, _get("attest/nonce", accept=CT_CBOR))
+        token = identity.evidence(cbor2.loads(nonce.payload)["nonce"], FW, iat=int(time.time()),
+                                  bound_key=new_p256_key().public_key())
+        return (await in_session(gw, op_psk, _post(".well-known/est/sren", _csr(serial, token), CT_PKCS10)))[0]
+    answer = asyncio.run(replayed())
+    assert answer.code == aiocoap.FORBIDDEN, (answer.code, answer.payload)
+
+    reg = gw["data"].open_registry()
+    try:
+        assert len(reg.certificates_for_device(serial)) == before      # nothing was issued
+    finally:
+        reg.close()
+    # the device's own operational PSK still works (nothing rotated)
+    response = asyncio.run(tinydtls_get(gw, op_psk))
+    assert json.loads(response.payload)["kind"] == "operational-psk"
 
 
 def test_revoked_device_refused_and_its_open_session_dropped_by_the_sweep(gw):

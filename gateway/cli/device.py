@@ -154,7 +154,7 @@ def cmd_simulate(args) -> int:
     except EnrollFailed as exc:
         raise output.CommandFailed(f"{exc.step}: {exc.reason}", {"step": exc.step, "reason": exc.reason}) from None
     without = sum(1 for fw in firmware.values() if fw is None)
-    if without and not args.renew:
+    if without and (not args.renew or args.psk):       # a PSK device renews with evidence too
         which = "" if without == len(bundles) else f" for {without} of {len(bundles)} devices"
         _warn(args, f"no firmware given{which} (no --firmware or --firmware-digest, no firmware.json in the bundle): "
                     f"{NO_FIRMWARE}")
