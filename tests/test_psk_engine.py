@@ -132,3 +132,24 @@ def test_the_secret_is_sealed_made_once_and_needs_the_passphrase(tmp_path):
     path.write_bytes(path.read_bytes()[:-10] + b"\n")
     with pytest.raises(KeyFileError):
         ca_psk.load_secret(path, b"pass")
+
+
+def test_a_psk_stands_only_for_a_certificate_within_its_validity(psk_gateway, ca):
+    """Review finding 2: the factory certificate a PSK stands for is checked against the clock,
+    as a certificate in a handshake is (DeviceAuthenticator): expired or not yet valid, refused."""
+    from datetime import timedelta
+
+    from cryptography import x509
+
+    from devid.gateway.dtls.psk import PskRefused
+
+    _, out, secret = psk_gateway
+    cert = x509.load_pem_x509_certificate((out / "SN00000001" / "cert.pem").read_bytes())
+    identity, key = bundle_psk(out, "SN00000001")
+    for when, said in ((cert.not_valid_after_utc + timedelta(seconds=1), "expired"),
+                       (cert.not_valid_before_utc - timedelta(seconds=1), "not valid before")):
+        auth = PskDeviceAuthenticator(ca.store, lambda: secret, clock=lambda when=when: when)
+        with pytest.raises(PskRefused, match=said):
+            auth.psk_for(identity)
+    got, who = PskDeviceAuthenticator(ca.store, lambda: secret, clock=lambda: NOW).psk_for(identity)
+    assert got == key and who.certificate_serial == cert.serial_number
