@@ -504,7 +504,9 @@ class DataDir:
           gateway certificate there must be recorded in the registry;
         - every key must decrypt (the CA passphrase: $DEVID_CA_PASSPHRASE, or the `passphrase`
           file in `ca_from`, copied with mode 0600) and match its certificate;
-        - devid.toml is the first host's, as recorded in the registry, with this [registry] url.
+        - devid.toml is the first host's, as recorded in the registry, with this [registry] url;
+        - the PSK secret (psk.secret, if the first host has made one) is copied once it opens with
+          the CA passphrase: every host must derive the same PSKs.
 
         Built in a staging directory and renamed into place as `init` does; on any error nothing
         is left here. Returns a summary (root fingerprint, certificates)."""
@@ -618,6 +620,13 @@ class DataDir:
             summary["certificates"][name] = fp
         (staging / "gateway.chain.pem").write_bytes(
             b"".join(certs[n].public_bytes(serialization.Encoding.PEM) for n in ("gateway", "operational")))
+        secret_file = ca_from / psk.SECRET_FILE
+        if secret_file.exists():
+            # every host derives the same PSKs: the first host's sealed secret, checked to open
+            # with the CA passphrase (a host that made its own would refuse every PSK device)
+            psk.load_secret(secret_file, passphrase)
+            keys.write_private_file(staging / psk.SECRET_FILE, secret_file.read_bytes())
+            summary["psk_secret"] = True
         for entry in staging.iterdir():
             fsync_path(entry)
         fsync_path(staging)

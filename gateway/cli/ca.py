@@ -71,12 +71,15 @@ def cmd_join(args) -> int:
     if args.json:
         output.emit({"ok": True, "data": str(data.path), "config": str(data.config_path),
                      "registry": data.registry_name, "joined": True,
+                     "psk_secret": summary.get("psk_secret", False),
                      "certificates": {name: output.cert_json(data.cert(name)) for name in summary["certificates"]}})
         return 0
     print(f"joined {data.registry_name} in {data.path}: no CA created")
     for name in summary["certificates"]:
         cert = data.cert(name)
         print(f"  {name:<14} {cert.subject.rfc4514_string():<48} until {output.ts(cert.not_valid_after_utc)}")
+    if summary.get("psk_secret"):
+        print("  psk.secret     copied (the PSKs of devices provisioned with --psk)")
     return 0
 
 
