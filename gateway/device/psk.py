@@ -80,7 +80,7 @@ def require_dtlssocket() -> None:
         import DTLSSocket  # noqa: F401
     except ImportError:
         raise PskUnavailable("PSK devices need DTLSSocket: pip install 'devid-gateway[psk]' (it builds tinydtls: "
-                             "apt-get install autoconf automake libtool pkg-config build-essential first)") from None
+                             "apt-get install autoconf automake libtool pkg-config build-essential python3-dev first)") from None
 
 
 async def psk_context(psk: Psk, base: str) -> aiocoap.Context:
