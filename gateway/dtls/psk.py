@@ -12,8 +12,11 @@ bindings (`SSL_CTX_set_psk_server_callback`, `SSL_CTX_set_psk_client_callback`),
 for the verify callback; tests/test_psk_engine.py fails if those bindings move.
 
 What OpenSSL does on a refusal:
-- the server callback returns no key (an unknown or refused identity): OpenSSL ends the handshake
-  with a fatal `unknown_psk_identity` alert (115);
+- the server callback returns no key: OpenSSL ends the handshake with a fatal
+  `unknown_psk_identity` alert (115). The gateway's engine does so only when it could not look
+  the identity up (its registry failed): an identity it refuses gets a random key (DUMMY_PSK_LEN
+  bytes) instead, so the peer cannot tell an unknown or revoked device from a wrong key
+  (RFC 4279 section 2) and the handshake fails as below;
 - a wrong key: both sides derive different keys, the server cannot open the client's Finished,
   and OpenSSL's DTLS drops such a record silently (RFC 6347 4.1.2.7), so the client would wait for
   its timeout. The server engine notices it (server.py: the datagram that carried the client's
@@ -36,6 +39,7 @@ log = logging.getLogger("devid.dtls")
 PSK_CIPHER = "PSK-AES128-CCM8"
 CIPHERS_PSK = b"PSK-AES128-CCM8:@SECLEVEL=0"
 MAX_PSK = 64                         # bytes: more than any key devid derives (16)
+DUMMY_PSK_LEN = 16                   # the random key an identity the gateway refuses gets (server.py)
 
 class PskRefused(RemoteProtocolError):
     """A `PskAuthenticator`'s refusal of a PSK identity (its text is the reason, for the log)."""

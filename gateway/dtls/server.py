@@ -17,8 +17,8 @@ In order of arrival of a datagram from an unknown address:
    `Authenticator` (cryptography.x509.verification + registry revocation). A refusal fails the
    handshake inside OpenSSL, which sends the peer an alert. With a `PskAuthenticator`, a client
    offering only TLS_PSK_WITH_AES_128_CCM_8 gets a PSK handshake instead (psk.py): its identity's
-   key comes from the `PskAuthenticator`; an unknown identity earns unknown_psk_identity, a wrong
-   key decrypt_error.
+   key comes from the `PskAuthenticator`; a refused identity gets a random key nobody has, so it
+   earns decrypt_error as a wrong key does (RFC 4279 section 2; the log has the real reason).
 6. Timers: handshake timeout, idle timeout, and OpenSSL's retransmission timer.
 
 A ClientHello from an address:port that has an established session (RFC 6347 4.2.8): one that
@@ -46,7 +46,7 @@ from devid.gateway.dtls.alerts import KEEP, CertificateRefused, install_verify
 from devid.gateway.dtls.cookies import Cookies, bind, hello_key
 from devid.gateway.dtls.events import Output, Peer
 from devid.gateway.dtls.limits import HandshakeRate, ServerLimits, address_key
-from devid.gateway.dtls.psk import DECRYPT_ERROR, PskAuthenticator, PskRefused, alert_record, install_psk_server
+from devid.gateway.dtls.psk import DECRYPT_ERROR, DUMMY_PSK_LEN, PskAuthenticator, PskRefused, alert_record, install_psk_server
 from devid.gateway.dtls.errors import VERIFY_ERRORS, RemoteProtocolError
 from devid.gateway.dtls.session import ESTABLISHED, HANDSHAKING, Engine, Session
 
@@ -154,8 +154,13 @@ class ServerEngine(Engine):
         try:
             key, s.identity = self.psk.psk_for(identity)
         except PskRefused as exc:
+            # RFC 4279 section 2: an unknown identity looks like a wrong key to the peer, so
+            # alerts tell nobody which devices exist or are enrolled before it authenticates: a
+            # random key nobody has, the handshake goes on and ends in decrypt_error at the
+            # client's Finished (_to_openssl); the real reason is what is logged
             s.failure = f"PSK identity {shown!r} refused: {exc}"
-            return None
+            s.psk = identity
+            return os.urandom(DUMMY_PSK_LEN)
         except Exception as exc:      # an authenticator that could not decide (its registry failed)
             s.failure = f"PSK identity {shown!r} not looked up: {exc.__class__.__name__}"
             return None
@@ -175,7 +180,8 @@ class ServerEngine(Engine):
             s.psk_ccs = any(r[0] == records.CT_CHANGE_CIPHER_SPEC and r[3:5] == b"\x00\x00" for r in recs)
         if s.psk_ccs and any(r[0] == records.CT_HANDSHAKE and r[3:5] == b"\x00\x01" for r in recs):
             out.datagrams.append((s.peer, alert_record(DECRYPT_ERROR, s.wseq0 + 1)))
-            self._fail(s, out, f"wrong key for PSK identity {s.psk[:64].decode('ascii', 'replace')!r}")
+            refused = s.identity is None and s.failure      # a dummy key (_psk): the lookup's refusal
+            self._fail(s, out, refused or f"wrong key for PSK identity {s.psk[:64].decode('ascii', 'replace')!r}")
 
     # -- the API -------------------------------------------------------------------------------
 
