@@ -61,8 +61,9 @@ def setup(work: Path):
                                        data.cert("root"))
     psk = ((bundle / "psk-identity.txt").read_bytes(), (bundle / "psk-key.txt").read_bytes())
     ctx = contexts.server_context(gw.cert, [op], gw.key, [mfg, op], [mfg, op], psk=True)
-    engine = E.ServerEngine(ctx, DeviceAuthenticator(mfg, op, data.config.identity, reg, now),
-                            psk=PskDeviceAuthenticator(reg, lambda: secret))
+    psk_auth = PskDeviceAuthenticator(reg, lambda: secret)
+    psk_auth.load_now()                 # as the gateway does at start
+    engine = E.ServerEngine(ctx, DeviceAuthenticator(mfg, op, data.config.identity, reg, now), psk=psk_auth)
     return engine, x509_ctx, contexts.psk_client_context(), psk
 
 

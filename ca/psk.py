@@ -63,7 +63,7 @@ def parse_identity(identity: bytes) -> tuple[str, str] | None:
         text = identity.decode("ascii")
     except UnicodeDecodeError:
         return None
-    if not text or len(text) > 64:
+    if not text or len(text) > MAX_IDENTITY:        # devid issues none longer (provision --psk)
         return None
     if text.startswith(OPERATIONAL_PREFIX):
         kind, serial = OPERATIONAL_PSK, text[len(OPERATIONAL_PREFIX):]

@@ -32,7 +32,9 @@ def psk_gateway(data, ca, tmp_path):
     mfg, op = data.cert("manufacturing"), data.cert("operational")
     ctx = contexts.server_context(gw.cert, [op], gw.key, [mfg, op], [mfg, op], psk=True)
     auth = DeviceAuthenticator(mfg, op, data.config.identity, ca.store, lambda: NOW)
-    engine = E.ServerEngine(ctx, auth, psk=PskDeviceAuthenticator(ca.store, lambda: secret))
+    psk = PskDeviceAuthenticator(ca.store, lambda: secret, clock=lambda: NOW)
+    psk.load_now()
+    engine = E.ServerEngine(ctx, auth, psk=psk)
     return engine, out, secret
 
 
@@ -114,8 +116,11 @@ def test_psk_identities_and_keys():
     assert ca_psk.derive_key(secret, op, 1) != ca_psk.derive_key(secret, op, 2)
     assert ca_psk.parse_identity(b"SN00000001") == ("factory-psk", "SN00000001")
     assert ca_psk.parse_identity(b"op:SN00000001") == ("operational-psk", "SN00000001")
-    for bad in (b"", b"op:", b"SN 1", b"op:op:SN1", b"\xff", b"SN/1", b"x" * 65):
+    for bad in (b"", b"op:", b"SN 1", b"op:op:SN1", b"\xff", b"SN/1", b"x" * 65, b"x" * 33, b"op:" + b"x" * 30):
         assert ca_psk.parse_identity(bad) is None, bad
+    # the longest identities devid issues: tinydtls's 32 bytes
+    assert ca_psk.parse_identity(b"x" * 32) == ("factory-psk", "x" * 32)
+    assert ca_psk.parse_identity(b"op:" + b"x" * 29) == ("operational-psk", "x" * 29)
 
 
 def test_the_secret_is_sealed_made_once_and_needs_the_passphrase(tmp_path):
@@ -151,7 +156,38 @@ def test_a_psk_stands_only_for_a_certificate_within_its_validity(psk_gateway, ca
     for when, said in ((cert.not_valid_after_utc + timedelta(seconds=1), "expired"),
                        (cert.not_valid_before_utc - timedelta(seconds=1), "not valid before")):
         auth = PskDeviceAuthenticator(ca.store, lambda: secret, clock=lambda when=when: when)
+        auth.load_now()
         with pytest.raises(PskRefused, match=said):
             auth.psk_for(identity)
-    got, who = PskDeviceAuthenticator(ca.store, lambda: secret, clock=lambda: NOW).psk_for(identity)
+    auth = PskDeviceAuthenticator(ca.store, lambda: secret, clock=lambda: NOW)
+    auth.load_now()
+    got, who = auth.psk_for(identity)
     assert got == key and who.certificate_serial == cert.serial_number
+
+
+def test_a_secret_that_appears_later_is_read_off_the_handshake(psk_gateway, ca):
+    """Review finding 5: a PSK secret made while the gateway runs is read in a thread of its
+    own, never inside the handshake callback: a lookup meanwhile is refused at once."""
+    import threading
+    import time
+
+    from devid.gateway.dtls.psk import PskRefused
+
+    _, out, secret = psk_gateway
+    identity, key = bundle_psk(out, "SN00000001")
+    release, asked = threading.Event(), []
+
+    def slow_load():                   # as scrypt is, and slower: until the test releases it
+        asked.append(threading.current_thread().name)
+        release.wait(30)
+        return secret
+
+    auth = PskDeviceAuthenticator(ca.store, slow_load)
+    with pytest.raises(PskRefused, match="no PSK secret yet"):
+        auth.psk_for(identity)         # returns at once, though the load has not finished
+    release.set()
+    deadline = time.monotonic() + 10
+    while auth.secret() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert auth.psk_for(identity)[0] == key
+    assert asked == ["devid-psk-secret"]          # once, and not on this thread

@@ -13,6 +13,7 @@ lists each check and where it happens).
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -155,14 +156,36 @@ class PskDeviceAuthenticator:
         self._secret: bytes | None = None
         self._monotonic = monotonic or time.monotonic
         self._next_look = 0.0
+        self._looking = False
 
-    def secret(self) -> bytes | None:
-        """The PSK secret, read once it exists (`devid provision --psk` makes it, maybe while the
-        gateway runs): looked for at most every SECRET_RETRY seconds until then."""
-        if self._secret is None and self._monotonic() >= self._next_look:
+    def load_now(self) -> bytes | None:
+        """Read the PSK secret now, if there is one (at start, before any handshake: scrypt
+        takes ~0.5 s)."""
+        if self._secret is None:
             self._next_look = self._monotonic() + SECRET_RETRY
             self._secret = self._load()
         return self._secret
+
+    def secret(self) -> bytes | None:
+        """The PSK secret once it is read. One that appears later (`devid provision --psk` makes
+        it while the gateway runs) is never read inside a handshake callback, on the event loop:
+        a look runs in a thread of its own, at most every SECRET_RETRY seconds, and until it has
+        found the secret PSK identities are refused."""
+        if self._secret is None and not self._looking and self._monotonic() >= self._next_look:
+            self._next_look = self._monotonic() + SECRET_RETRY
+            self._looking = True
+            threading.Thread(target=self._look, name="devid-psk-secret", daemon=True).start()
+        return self._secret
+
+    def _look(self) -> None:
+        try:
+            found = self._load()
+        except Exception:              # the loader says why (app/server.py); looked for again later
+            found = None
+        finally:
+            self._looking = False
+        if found is not None:
+            self._secret = found
 
     def psk_for(self, identity: bytes) -> tuple[bytes, PeerIdentity]:
         parsed = ca_psk.parse_identity(identity)
