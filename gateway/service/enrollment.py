@@ -14,6 +14,10 @@ request (with the registry's word on the session's certificate and device, one q
   certificate in one transaction), or after an acceptable verdict for the same device within the
   policy's verdict window (classic), each verdict used once, unless the device type's policy
   waives attestation;
+- a PSK session (a PSK is a string in flash, not a key): /sen and /sren only with acceptable
+  evidence inside the CSR, signed by the device's attestation key (its factory key), never with a
+  verdict of the window, unless the policy waives attestation; GET /psk only in the session whose
+  /sen or /sren issued the certificate the key goes with (docs/enrollment.md#psk-devices);
 - evidence carries a server nonce (from /attest/nonce, one row, consumed once) or the session's
   nonce (the DTLS session's exporter value: no round trip, no row, accepted once per session);
 - a contraindicated verdict of fresh, authentic evidence (signature verified, nonce used by
