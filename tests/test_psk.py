@@ -48,6 +48,9 @@ def gw(tmp_path_factory):
     provisioned = json.loads(ok(proc))
     ok(run_devid("provision", "--count", "1", "--device-type", "temperature-sensor", "--serial-prefix", "XS",
                  "--out", out, "--workers", "1", data_dir=data.path))
+    # a device type whose policy waives attestation (gateway_helpers.POLICY), in a folder of its own
+    ok(run_devid("provision", "--count", "1", "--device-type", "legacy-sensor", "--serial-prefix", "LS", "--psk",
+                 "--out", base / "legacy", "--workers", "1", data_dir=data.path))
     port = free_port()
     log = base / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "DEVID_CA_PASSPHRASE"}
@@ -57,7 +60,7 @@ def gw(tmp_path_factory):
                               stderr=open(log, "wb"), env=env, cwd=ROOT)
     line = served.stdout.readline().decode()
     assert "listening on" in line, line + log.read_text()
-    world = {"data": data, "out": out, "port": port, "base": f"coaps://127.0.0.1:{port}", "log": log,
+    world = {"data": data, "out": out, "legacy": base / "legacy", "port": port, "base": f"coaps://127.0.0.1:{port}", "log": log,
              "proc": served, "provisioned": provisioned, "keys": set()}
     yield world
     served.terminate()
@@ -317,6 +320,24 @@ def test_a_psk_alone_gets_no_certificate_and_no_operational_psk(gw):
     # the device's own operational PSK still works (nothing rotated)
     response = asyncio.run(tinydtls_get(gw, op_psk))
     assert json.loads(response.payload)["kind"] == "operational-psk"
+
+
+def test_with_attestation_waived_the_psk_is_the_only_proof(gw):
+    """docs/enrollment.md#why-a-psk-proves-less-than-a-key: a device type whose policy waives
+    attestation enrolls and renews on its PSK alone, no evidence in the CSR."""
+    device = gw["legacy"] / "LS00000001"
+    summary = json.loads(ok(run_devid("simulate", "--psk", "--gateway", gw["base"], "--devices", gw["legacy"],
+                                      "--timeout", "20", "--json")))
+    assert summary["enrolled"] == 1, summary
+    op = read_psk(device, operational=True)
+    ok(run_devid("simulate", "--psk", "--renew", "--gateway", gw["base"], "--devices", gw["legacy"], "--timeout", "20"))
+    new = read_psk(device, operational=True)
+    gw["keys"] |= {op.key, new.key}
+    assert new.key != op.key
+    assert json.loads(asyncio.run(tinydtls_get(gw, new)).payload)["kind"] == "operational-psk"
+    issued = [ev for ev in events(gw) if ev.get("serial") == "LS00000001" and ev.get("result") == "issued"]
+    assert [ev["event"] for ev in issued] == ["enroll", "renew"] and issued[0]["attestation"] == "waived"
+    assert not any(ev.get("event") == "evidence" and ev.get("serial") == "LS00000001" for ev in events(gw))
 
 
 def test_revoked_device_is_refused_at_the_next_handshake(gw):
