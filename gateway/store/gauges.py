@@ -57,8 +57,11 @@ def expiring_certificates(registry, now: datetime, threshold: Callable[[str], ti
     cut, params, latest = cutoff_sql("d.device_type", now, types, threshold, threshold(""))
     with registry.reading() as db:
         rows = db.execute(
-            "SELECT d.device_type, COUNT(*) FROM certificates c JOIN devices d ON d.serial = c.device_serial "
-            "WHERE c.profile = 'operational' AND c.status = 'current' AND c.not_after < ? "
+            # CROSS JOIN: SQLite keeps certificates (the due range) as the outer loop, rather than
+            # every enrolled device; PostgreSQL takes it as the inner join it is
+            "SELECT d.device_type, COUNT(*) FROM certificates c CROSS JOIN devices d "
+            "WHERE d.serial = c.device_serial AND c.profile = 'operational' AND c.status = 'current' "
+            "AND c.not_after < ? "
             f"AND c.not_after < {cut} AND d.state = 'enrolled' GROUP BY d.device_type",
             [latest, *params]).fetchall()
     due = {t: 0 for t in types}
