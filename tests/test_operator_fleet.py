@@ -179,8 +179,27 @@ def test_operator_certificates_over_https(data, world, tmp_path):
         assert n.status == 401
         t = await go(call, url + "/api/v1/devices", context=client(), token=token)
         assert t.status == 200
-        r = await go(call, url + "/api/v1/devices/TS00000002/revoke", "POST", context=as_alice,
-                     body={"reason": "cessationOfOperation"})
+        # a browser holding alice's certificate, on another site's page: its form POSTs (an empty
+        # one, a text/plain one, one claiming JSON) carry a foreign Origin or Referer: refused
+        rev = url + "/api/v1/devices/TS00000002/revoke"
+        for headers, body, ctype in (({"Origin": "https://evil.example"}, b"", "application/x-www-form-urlencoded"),
+                                     ({"Origin": "https://evil.example"}, b'{"reason": "x"}', "text/plain"),
+                                     ({"Referer": "https://evil.example/a"}, {"reason": "keyCompromise"},
+                                      "application/json"),
+                                     ({"Origin": "null"}, {}, "application/json")):
+            f = await go(call, rev, "POST", context=as_alice, headers=headers, body=body, content_type=ctype)
+            assert f.status == 403 and f.json["type"].endswith("/csrf"), (headers, f.body)
+        # with no Origin (not a browser's form), a write still needs the JSON type, body or none
+        e = await go(call, rev, "POST", context=as_alice)
+        assert e.status == 415 and e.json["type"].endswith("/unsupported-media-type"), e.body
+        same = {"Origin": url}
+        assert (await go(call, rev, "GET", context=as_alice)).status == 405
+        assert (await go(call, url + "/api/v1/devices/TS00000002", context=as_alice)).json["state"] != "revoked"
+        # a bearer token is never sent by a browser on its own: a foreign Origin does not matter
+        nf = await go(call, url + "/api/v1/certificates/ABCDEF0123456789/revoke", "POST", context=client(),
+                      token=token, body={}, headers={"Origin": "https://evil.example"})
+        assert nf.status == 404, nf.body
+        r = await go(call, rev, "POST", context=as_alice, headers=same, body={"reason": "cessationOfOperation"})
         assert r.status == 200 and r.json["device"]["state"] == "revoked"
     import logging
     records = []
@@ -193,7 +212,8 @@ def test_operator_certificates_over_https(data, world, tmp_path):
     finally:
         logging.getLogger("devid.operator").removeHandler(handler)
     revokes = [r for r in records if r.getMessage() == "revoke"]
-    assert [(r.who, r.device, r.via) for r in revokes] == [("cert:alice", "TS00000002", "api")]
+    # named by CN and serial (two operator certificates may share a CN)
+    assert [(r.who, r.device, r.via) for r in revokes] == [(f"cert:alice/{doc['serial']}", "TS00000002", "api")]
 
 
 @pytest.mark.sqlite_only
