@@ -11,7 +11,9 @@ Three credentials, each where it belongs:
 The session cookie is `<issued unix time>.<HMAC-SHA256(token, "session" and that time)>`: it needs
 no server-side state (any worker can check it), expires after SESSION_LIFETIME, and every cookie
 dies when the token is rotated. Forms carry a CSRF value, HMAC(token, "csrf" and the session),
-checked on every POST, beside the cookie's SameSite=Strict and an Origin check.
+checked on every POST, beside the cookie's SameSite=Strict; every POST without the bearer token,
+the API's too, must come from the listener's own origin (listener.py), and the API's writes must
+be application/json (api.py).
 """
 
 from __future__ import annotations
