@@ -117,12 +117,13 @@ def test_once_renews_inside_the_threshold_and_leaves_a_device_outside_it_alone(e
     before = files(fresh)
     doc = json.loads(ok(agent(served.uri, fresh, "--once", "--json")))
     assert doc == {"ok": True, "renewed": False, "certificate_serial": format_serial(certificate(fresh).serial_number),
-                   "not_after": doc["not_after"], "threshold_days": 12, "threshold_source": "configuration"}
+                   "not_after": doc["not_after"], "threshold_days": 12, "threshold_source": "configuration",
+                   "path": None}
     assert files(fresh) == before                     # 40 days left, 12 to go: not due, nothing touched
 
     # 41 days is more than the certificate has left: due; renewed with a fresh key, same validity
     doc = json.loads(ok(agent(served.uri, due, "--once", "--json", "--renew-before", "41d")))
-    assert doc["renewed"] is True and doc["threshold_source"] == "flag" and doc["threshold_days"] == 41
+    assert doc["renewed"] is True and doc["threshold_source"] == "flag" and doc["threshold_days"] == 41 and doc["path"] == "renew"
     second = certificate(due)
     assert second.serial_number != first.serial_number and second.public_key() != first.public_key()
     assert doc["certificate_serial"] == format_serial(second.serial_number)
