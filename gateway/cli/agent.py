@@ -66,7 +66,7 @@ def cmd_agent(args) -> int:
                      "not_after": output.ts(cert.not_valid_after_utc), "threshold_days": threshold_days,
                      "threshold_source": outcome.threshold_source, "path": outcome.path})
     elif args.once:
-        what = f"renewed ({outcome.path})" if outcome.renewed else "not due"
+        what = f"renewed through the {outcome.path} path" if outcome.renewed else "not due"
         print(f"OK: {what}; operational certificate {serial} until {output.ts(cert.not_valid_after_utc)} "
               f"(renewal threshold {threshold_days:g} days, from the {outcome.threshold_source})")
     return 0
