@@ -10,13 +10,18 @@ real DTLS, the agent as a subprocess:
 - a certificate due the moment it is issued (a threshold longer than its validity) is not renewed
   again at each `--max-sleep`: the agent holds it until half its remaining validity has passed.
 
-An expired operational certificate is not tested end to end: the shortest validity a policy can
-give is one day and the gateway reads the system clock, so it would need a faked clock.
+A certificate the gateway refuses as expired (`certificate_expired`) is not tested end to end: the
+shortest validity a policy can give is one day and the gateway reads the system clock, so it
+would need a faked clock. The device-side branch (a certificate expired by the device's clock is
+not presented; the agent goes straight to the attested path) is tested with the agent's own clock
+set ahead, in process, against the real gateway.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -25,14 +30,23 @@ import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import pytest
+
 from devid.ca.identity import format_serial
 from devid.gateway.app.server import POLICY_FILE
+from devid.gateway.device.agent import AgentSettings, run
 from devid.gateway.store.attestation_store import AttestationStore
 
 from .conftest import ok, one_line_error, run_devid
 from .gateway_helpers import FW
 from .serve_helpers import ROOT
-from .test_agent import Relay, agent, certificate, enrolled, events, files, policy, wait_for  # noqa: F401
+from .agent_helpers import Relay, agent, certificate, enrolled_gateway, events, files, policy, wait_for
+
+
+@pytest.fixture
+def enrolled(data, bundles, tmp_path):
+    with enrolled_gateway(data, bundles, tmp_path) as gateway:
+        yield gateway
 
 
 def operational_status(data, serial: str) -> dict[int, str]:
@@ -161,7 +175,7 @@ def test_attest_renews_with_fresh_evidence_unless_the_policy_forbids_reenrollmen
     assert json.loads(ok(agent(served.uri, bundle, "--once", "--json", "--renew-before", "41d")))["path"] == "renew"
 
 
-def test_a_certificate_due_when_issued_is_held_until_half_its_validity(enrolled, tmp_path):
+def test_a_certificate_due_when_issued_is_held_until_half_its_validity(enrolled, tmp_path, caplog):
     data, out, served = enrolled
     bundle = out / "SN00000003"
     log = tmp_path / "agent.log"
@@ -185,3 +199,16 @@ def test_a_certificate_due_when_issued_is_held_until_half_its_validity(enrolled,
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+    # a certificate expired by the device's own clock (here the run's clock, 41 days ahead: the
+    # gateway's cannot be moved) is not presented: the agent goes straight to the attested path
+    claim_firmware(bundle)
+    old = certificate(bundle)
+    ahead = lambda: datetime.now(timezone.utc) + timedelta(days=41)      # noqa: E731
+    with caplog.at_level(logging.INFO, logger="devid.agent"):
+        outcome = asyncio.run(run(AgentSettings(served.uri, bundle, once=True, timeout=5), clock=ahead))
+    assert outcome.renewed and outcome.path == "attested"
+    assert certificate(bundle).serial_number == outcome.certificate.serial_number != old.serial_number
+    fallback = [r for r in caplog.records if r.getMessage() == "agent-fallback"]
+    assert [r.cause for r in fallback] == ["expired"]
+    assert operational_status(data, "SN00000003")[outcome.certificate.serial_number] == "current"
