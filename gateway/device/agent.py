@@ -21,9 +21,10 @@ The identity is never lost half-way: the flow checks the answer (a certificate f
 for this device, chaining to the bundle's root) before anything is written, and the new key and
 chain are then installed through a journal: first op-next.pem (key and chain in one file,
 written atomically), then op-key.pem, op-cert.pem and op-chain.pem (each atomically), then the
-journal is removed (op-chain.pem, the file readers load the certificate from, is replaced last). A crash before the journal is complete leaves the old identity; after it,
-the new one: `recover` (run by the agent before each check) completes an install the journal
-holds, or removes a journal that does not hold a valid identity.
+journal is removed (op-chain.pem, the file readers load the certificate from, is replaced
+last). A crash before the journal is complete leaves the old identity; after it, the new one:
+`recover` (run by the agent before each check) completes an install the journal holds, or
+removes a journal that does not hold a valid identity.
 
 Every decision is one JSON log line on the `devid.agent` logger (events in `EVENTS`).
 """
