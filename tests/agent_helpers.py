@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import threading
 import time
 from contextlib import contextmanager
@@ -96,6 +97,8 @@ class Relay:
     first application-data record the device sends (the renewal request), drops everything: a
     gateway that vanished between the handshake and its answer."""
 
+    cut_requests = True       # after the cut, the device's datagrams are dropped too (False: passed on)
+
     def __init__(self, gateway_port: int) -> None:
         self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.front.bind(("127.0.0.1", 0))
@@ -121,7 +124,7 @@ class Relay:
                 continue
             if data[:1] == b"\x17":               # DTLS content type 23: application data
                 self.cut.set()
-            if self.cut.is_set():
+            if self.cut.is_set() and self.cut_requests:
                 continue
             self.handshake_records += 1
             self.back.send(data)
