@@ -63,6 +63,12 @@ class Fleet:
     def __init__(self, registry) -> None:
         self.registry = registry
 
+    def _page(self, select: str, where: list[str], params: list, order: str, limit: int) -> list:
+        """SELECT ... [WHERE the conditions, ANDed] ORDER BY `order` LIMIT `limit`: one page's rows."""
+        sql = select + (" WHERE " + " AND ".join(where) if where else "") + f" ORDER BY {order} LIMIT ?"
+        with self.registry.reading() as db:
+            return db.execute(sql, [*params, limit]).fetchall()
+
     def devices(self, *, state: DeviceState | None = None, device_type: str | None = None,
                 expiring_before: datetime | None = None, after: str | None = None,
                 limit: int = 100) -> list[FleetDevice]:
@@ -82,13 +88,7 @@ class Fleet:
             where.append(f"{_EXPIRES} <= ?")
             params.append(_ts(expiring_before))
         cols = ", ".join(f"d.{c}" for c in _DEVICE_COLS.split(", "))
-        sql = f"SELECT {cols}, {_EXPIRES} FROM devices d"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY d.serial LIMIT ?"
-        params.append(limit)
-        with self.registry.reading() as db:
-            rows = db.execute(sql, params).fetchall()
+        rows = self._page(f"SELECT {cols}, {_EXPIRES} FROM devices d", where, params, "d.serial", limit)
         return [FleetDevice(_device(r[:8]), _parse(r[8])) for r in rows]
 
     def certificates_due(self, before: datetime | None = None, *, after: tuple[datetime, int] | None = None,
@@ -126,14 +126,8 @@ class Fleet:
         if before_seq is not None:
             where.append("seq < ?")
             params.append(before_seq)
-        sql = f"SELECT {_LOG_COLS} FROM attestation_log"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY seq DESC LIMIT ?"
-        params.append(limit)
-        with self.registry.reading() as db:
-            rows = db.execute(sql, params).fetchall()
-        return [_entry(r) for r in rows]
+        return [_entry(r) for r in self._page(f"SELECT {_LOG_COLS} FROM attestation_log", where, params,
+                                              "seq DESC", limit)]
 
     def overview(self, now: datetime, due_within: timedelta | Callable[[str], timedelta] = timedelta(days=30)) -> Overview:
         """`due_within`: one window for every certificate, or a device type's renewal threshold."""
