@@ -63,6 +63,30 @@ def one(root: Path, args: list[str]) -> dict:
     return out
 
 
+def print_summary(summary: dict, rounds: int, labels: dict, ratio_name: str) -> None:
+    """Per mode: each side's medians (`labels`: side -> its name in the table) and the
+    candidate/baseline ratios (`ratio_name`) as medians of the paired rounds with their range."""
+    width = max(10, *(len(label) for label in labels.values()))
+    for mode in ("enroll", "renew"):
+        if mode not in summary:
+            continue
+        s = summary[mode]
+        print(f"{mode:{width}s} {'per_s':>8s} {'server ms':>10s} {'client ms':>10s} {'p95 ms':>8s}   "
+              f"(medians of {rounds} rounds)")
+        for side, label in labels.items():
+            f = s[side]
+            print(f"{label:{width}s} {f['per_s']:8.1f} {f['server_cpu_ms_per_op'] or 0:10.3f} "
+                  f"{f['client_cpu_ms_per_op']:10.3f} {f['p95_ms']:8.1f}")
+        rr = s["ratios_candidate_to_baseline"]
+
+        def show(k):
+            x = rr[k]
+            return "-" if x is None else f"{x['median']:.3f} ({x['min']:.3f}..{x['max']:.3f})"
+        print(f"{ratio_name} (median of paired rounds, range): server CPU {show('server_cpu_ms_per_op')}, "
+              f"client CPU {show('client_cpu_ms_per_op')}, rate {show('per_s')}, p95 {show('p95_ms')}; "
+              f"server CPU per client CPU {show('server_per_client_cpu')}")
+
+
 def median(values):
     present = [v for v in values if v is not None]
     return statistics.median(present) if present else None
@@ -117,23 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    for mode in ("enroll", "renew"):
-        if mode not in summary:
-            continue
-        s = summary[mode]
-        print(f"{mode:10s} {'per_s':>8s} {'server ms':>10s} {'client ms':>10s} {'p95 ms':>8s}   (medians of {args.rounds} rounds)")
-        for side in SIDES:
-            f = s[side]
-            print(f"{side:10s} {f['per_s']:8.1f} {f['server_cpu_ms_per_op'] or 0:10.3f} {f['client_cpu_ms_per_op']:10.3f} "
-                  f"{f['p95_ms']:8.1f}")
-        rr = s["ratios_candidate_to_baseline"]
-
-        def show(k):
-            x = rr[k]
-            return "-" if x is None else f"{x['median']:.3f} ({x['min']:.3f}..{x['max']:.3f})"
-        print(f"candidate/baseline (median of paired rounds, range): server CPU {show('server_cpu_ms_per_op')}, "
-              f"client CPU {show('client_cpu_ms_per_op')}, rate {show('per_s')}, p95 {show('p95_ms')}; "
-              f"server CPU per client CPU {show('server_per_client_cpu')}")
+    print_summary(summary, args.rounds, {side: side for side in SIDES}, "candidate/baseline")
     return 0
 
 

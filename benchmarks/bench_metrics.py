@@ -128,22 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    for mode in ("enroll", "renew"):
-        if mode not in summary:
-            continue
-        s = summary[mode]
-        print(f"{mode:12s} {'per_s':>8s} {'server ms':>10s} {'client ms':>10s} {'p95 ms':>8s}   (medians of {args.rounds} rounds)")
-        for side, label in (("baseline", "off"), ("candidate", "on + http")):
-            f = s[side]
-            print(f"{label:12s} {f['per_s']:8.1f} {f['server_cpu_ms_per_op'] or 0:10.3f} {f['client_cpu_ms_per_op']:10.3f} "
-                  f"{f['p95_ms']:8.1f}")
-        rr = s["ratios_candidate_to_baseline"]
-
-        def show(k):
-            x = rr[k]
-            return "-" if x is None else f"{x['median']:.3f} ({x['min']:.3f}..{x['max']:.3f})"
-        print(f"on/off (median of paired rounds, range): server CPU {show('server_cpu_ms_per_op')}, "
-              f"server CPU per client CPU {show('server_per_client_cpu')}, rate {show('per_s')}, p95 {show('p95_ms')}")
+    bench_ab.print_summary(summary, args.rounds, {"baseline": "off", "candidate": "on + http"}, "on/off")
     return 0
 
 

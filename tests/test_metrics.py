@@ -126,3 +126,29 @@ def test_refusal_classes_are_a_fixed_set():
         "certificate path does not validate: the certificate expired on 2026-01-01", "anything new 12345")}
     assert labels == {"timeout", "revoked", "no-certificate", "unknown-ca", "unknown-certificate", "expired", "other"}
     assert metrics.resource_label(("no", "such", "path"), False) == "unknown"
+
+
+def test_fixed_label_sets_exist_at_zero_from_the_start():
+    """A fresh process (a subprocess: this one has counted already) exposes every anomaly kind,
+    handshake result, refusal class, verdict tier and enrollment decision at 0 before anything
+    happens, so an alert on increase() fires on the first event, not the second."""
+    import subprocess
+    import sys
+    from devid.gateway.service.anomalies import KINDS
+    code = ("import devid.gateway.service.anomalies\n"
+            "from devid.gateway.system.metrics import exposition\n"
+            "import sys; sys.stdout.write(exposition()[0].decode())\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("PROMETHEUS_MULTIPROC_DIR", "DEVID_METRICS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, env=env, timeout=120)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(out.stdout.decode()) for s in f.samples}
+    expected = [("devid_anomalies_total", (("kind", k),)) for k in KINDS]
+    expected += [("devid_dtls_handshakes_total", (("result", r),)) for r in ("ok", "refused")]
+    expected += [("devid_dtls_handshake_refusals_total", (("reason", r),))
+                 for r in {label for _, label in metrics.REFUSAL_CLASSES} | {"other"}]
+    expected += [("devid_attestation_verdicts_total", (("tier", t),)) for t in ("affirming", "warning", "contraindicated")]
+    expected += [("devid_enrollment_decisions_total", (("action", a), ("result", r)))
+                 for a, results in metrics.DECISION_RESULTS.items() for r in results]
+    assert ("devid_enrollment_decisions_total", (("action", "renew"), ("result", "issued"))) in expected
+    missing = [key for key in expected if samples.get(key) != 0.0]
+    assert not missing, missing

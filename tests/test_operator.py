@@ -6,6 +6,7 @@ revocation through the API refusing the device at the gateway."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import stat
 
@@ -13,6 +14,7 @@ import pytest
 from cryptography import x509
 
 from devid.gateway.device.enroll import renew
+from devid.gateway.device.protocol import EnrollFailed
 from devid.gateway.operator.tokens import token_id
 
 from .conftest import run_devid
@@ -56,7 +58,13 @@ def test_the_token_file_is_0600_and_printed_the_same_each_time(served):
     assert served.token not in served.log.read_text()       # never logged
 
 
+def _auth_lines(served) -> list[dict]:
+    return [line for line in map(json.loads, filter(lambda x: x.startswith("{"), served.log.read_text().splitlines()))
+            if line["logger"] == "devid.operator" and line["event"] == "auth"]
+
+
 def test_nothing_answers_without_a_credential(served):
+    logged = len(_auth_lines(served))
     for path in READS:
         a = call(served.url + path)
         doc = problem(a, 401, "unauthorized")
@@ -72,6 +80,11 @@ def test_nothing_answers_without_a_credential(served):
     problem(call(served.url + "/api/v1/devices", headers={"Cookie": "devid_session=1.abc"}), 401, "unauthorized")
     # nothing was revoked by those
     assert call(served.url + "/api/v1/devices/TS00000002", token=served.token).json["state"] != "revoked"
+    # dozens of refusals from one address: at most one `auth` line a minute for it (the first
+    # refusal of this test may fall in the minute of an earlier one: then none)
+    lines = _auth_lines(served)
+    assert len(lines) >= 1 and len(lines) - logged <= 1, lines
+    assert all(line["peer"] == "127.0.0.1" for line in lines)
 
 
 def test_every_read_endpoint_with_the_token(served):
@@ -131,9 +144,17 @@ def test_problem_details(served):
     problem(call(url + "/api/v1/devices?state=lost", token=t), 400, "bad-parameter")
     problem(call(url + "/api/v1/devices?cursor=bm9wZQ", token=t), 400, "bad-parameter")
     problem(call(url + "/api/v1/devices?expiring_within=soon", token=t), 400, "bad-parameter")
+    # a duration past what a date can hold, a cursor nested past the recursion limit: 400, not 500
+    assert "3650 days" in problem(call(url + "/api/v1/devices?expiring_within=999999w", token=t), 400,
+                                  "bad-parameter")["detail"]
+    problem(call(url + "/api/v1/certificates/expiring?within=999999w", token=t), 400, "bad-parameter")
+    nested = base64.urlsafe_b64encode(b"[" * 5000).decode().rstrip("=")
+    problem(call(url + f"/api/v1/devices?cursor={nested}", token=t), 400, "bad-parameter")
+    problem(call(url + f"/api/v1/attestation-log?cursor={nested[:256]}", token=t), 400, "bad-parameter")
     problem(call(url + "/api/v1/devices", "DELETE", token=t), 405, "method-not-allowed")
     rev = url + "/api/v1/devices/TS00000007/revoke"
     problem(call(rev, "POST", token=t, body=b"reason=x", content_type="text/plain"), 415, "unsupported-media-type")
+    problem(call(rev, "POST", token=t), 415, "unsupported-media-type")     # no body needs the type too
     problem(call(rev, "POST", token=t, body=b"{not json"), 400, "bad-request")
     problem(call(rev, "POST", token=t, body={"reason": "because"}), 400, "bad-request")
     problem(call(rev, "POST", token=t, body={"reason": "keyCompromise", "extra": 1}), 400, "bad-request")
@@ -187,7 +208,7 @@ def test_revocation_through_the_api_refuses_the_device_and_is_logged_with_who(se
     assert again["already_revoked"] is True and again["newly_revoked"] == []
     # the gateway refuses both at the next renewal over DTLS (their operational identity is revoked)
     for serial in ("TS00000003", "TS00000005"):
-        with pytest.raises(Exception):
+        with pytest.raises(EnrollFailed, match="revoked"):
             asyncio.run(renew(served.factory / serial, served.coap, timeout=10))
     lines = [json.loads(line) for line in served.log.read_text().splitlines() if line.startswith("{")]
     revokes = [line for line in lines if line["logger"] == "devid.operator" and line["event"] == "revoke"]

@@ -73,6 +73,61 @@ def test_devices_list_expiring_within_on_both_engines(data, registry, ca):
     text = ok(run_devid("devices", "list", "--expiring-within", "65d", "--limit", "2", data_dir=data.path))
     assert "D4" in text and "D5" in text and "D6" not in text and "certificate expires" in text
     one_line_error(run_devid("devices", "list", "--expiring-within", "soon", data_dir=data.path), "--expiring-within")
+    # beyond 3650 days: one error line, not an overflow's traceback
+    one_line_error(run_devid("devices", "list", "--expiring-within", "999999w", data_dir=data.path), "3650 days")
+
+
+def test_due_is_within_each_device_types_threshold_on_both_engines(data, registry, ca):
+    """Without a window, "due" (the API's and the overview's, the expiring gauge) is within each
+    device type's renewal threshold: the policy's, which OperatorService is given."""
+    from devid.gateway.operator.service import OperatorService
+    from devid.gateway.store.gauges import expiring_certificates
+    _fleet(ca)
+    ca.issue_operational(make_csr()[0], "D9", NOW - timedelta(days=50))       # the meter: 40 days left
+    days = {"temperature-sensor": 45, "meter": 35}
+    threshold = lambda t: timedelta(days=days.get(t, 30))       # noqa: E731
+    fleet = Fleet(registry)
+    assert [c.certificate.device_serial for c in fleet.certificates_due(now=NOW, threshold=threshold)] == ["D6"]
+    assert fleet.overview(NOW, threshold).certificates_due == 1
+    assert expiring_certificates(registry, NOW, threshold) == {"meter": 0, "temperature-sensor": 1}
+    svc = OperatorService(registry, data.path, lambda: NOW, data.cert("gateway"), data.cert("operational"),
+                          threshold=threshold)
+    assert [c["device_type"] for c in svc.expiring(None).items] == ["temperature-sensor"]
+    o = svc.overview()
+    assert o["certificates_due"] == 1 and o["due_within_days"] is None
+    assert len(svc.expiring("41d").items) == 2          # a window given: the same for every type
+    days["meter"] = 41                                  # a reloaded policy counts at the next request
+    assert sorted(c["device_type"] for c in svc.expiring(None).items) == ["meter", "temperature-sensor"]
+    assert svc.overview()["certificates_due"] == 2
+    assert expiring_certificates(registry, NOW, threshold) == {"meter": 1, "temperature-sensor": 1}
+
+
+@pytest.mark.sqlite_only
+def test_the_overview_and_the_gauge_read_indexes(registry, ca):
+    """The queries on every overview page view and scrape range over an index (SQLite's plan)."""
+    from devid.gateway.store.fleet import device_types
+    from devid.gateway.store.gauges import expiring_certificates
+    _fleet(ca)
+    db = registry._db
+    plan = lambda sql, *p: " ".join(r[-1] for r in db.execute("EXPLAIN QUERY PLAN " + sql, p).fetchall())  # noqa
+    per_minute = plan("SELECT substr(issued_at, 1, 16), COUNT(*) FROM certificates WHERE profile = 'operational' "
+                      "AND issued_at >= ? GROUP BY substr(issued_at, 1, 16)", "2026-01-01")
+    assert "certificates_issued" in per_minute, per_minute
+    seen = []
+    db.set_trace_callback(seen.append)
+    try:
+        assert device_types(registry) == ["meter", "temperature-sensor"]
+        expiring_certificates(registry, NOW, lambda t: timedelta(days=30))
+    finally:
+        db.set_trace_callback(None)
+    # the device types: one probe of devices_type_serial per type, not a scan of it
+    types = plan(seen[0])
+    assert "devices_type_serial" in types and "SCAN devices" not in types, types
+    # the expiring gauge: a range of certificates_expiry, each row's device looked up by serial
+    gauge = [s for s in seen if "COUNT(*)" in s and "certificates c" in s]
+    assert len(gauge) == 1, seen
+    steps = plan(gauge[0])
+    assert steps.startswith("SEARCH c USING INDEX certificates_expiry") and "SCAN" not in steps, steps
 
 
 @pytest.mark.sqlite_only
@@ -124,8 +179,27 @@ def test_operator_certificates_over_https(data, world, tmp_path):
         assert n.status == 401
         t = await go(call, url + "/api/v1/devices", context=client(), token=token)
         assert t.status == 200
-        r = await go(call, url + "/api/v1/devices/TS00000002/revoke", "POST", context=as_alice,
-                     body={"reason": "cessationOfOperation"})
+        # a browser holding alice's certificate, on another site's page: its form POSTs (an empty
+        # one, a text/plain one, one claiming JSON) carry a foreign Origin or Referer: refused
+        rev = url + "/api/v1/devices/TS00000002/revoke"
+        for headers, body, ctype in (({"Origin": "https://evil.example"}, b"", "application/x-www-form-urlencoded"),
+                                     ({"Origin": "https://evil.example"}, b'{"reason": "x"}', "text/plain"),
+                                     ({"Referer": "https://evil.example/a"}, {"reason": "keyCompromise"},
+                                      "application/json"),
+                                     ({"Origin": "null"}, {}, "application/json")):
+            f = await go(call, rev, "POST", context=as_alice, headers=headers, body=body, content_type=ctype)
+            assert f.status == 403 and f.json["type"].endswith("/csrf"), (headers, f.body)
+        # with no Origin (not a browser's form), a write still needs the JSON type, body or none
+        e = await go(call, rev, "POST", context=as_alice)
+        assert e.status == 415 and e.json["type"].endswith("/unsupported-media-type"), e.body
+        same = {"Origin": url}
+        assert (await go(call, rev, "GET", context=as_alice)).status == 405
+        assert (await go(call, url + "/api/v1/devices/TS00000002", context=as_alice)).json["state"] != "revoked"
+        # a bearer token is never sent by a browser on its own: a foreign Origin does not matter
+        nf = await go(call, url + "/api/v1/certificates/ABCDEF0123456789/revoke", "POST", context=client(),
+                      token=token, body={}, headers={"Origin": "https://evil.example"})
+        assert nf.status == 404, nf.body
+        r = await go(call, rev, "POST", context=as_alice, headers=same, body={"reason": "cessationOfOperation"})
         assert r.status == 200 and r.json["device"]["state"] == "revoked"
     import logging
     records = []
@@ -138,7 +212,8 @@ def test_operator_certificates_over_https(data, world, tmp_path):
     finally:
         logging.getLogger("devid.operator").removeHandler(handler)
     revokes = [r for r in records if r.getMessage() == "revoke"]
-    assert [(r.who, r.device, r.via) for r in revokes] == [("cert:alice", "TS00000002", "api")]
+    # named by CN and serial (two operator certificates may share a CN)
+    assert [(r.who, r.device, r.via) for r in revokes] == [(f"cert:alice/{doc['serial']}", "TS00000002", "api")]
 
 
 @pytest.mark.sqlite_only

@@ -230,13 +230,14 @@ def test_old_schema_migrates_with_its_data(ca, tmp_path, version):
 
     reg = SQLiteRegistry(path, create=True)
     try:
-        assert reg.schema_version == SCHEMA_VERSION == 8
+        assert reg.schema_version == SCHEMA_VERSION == 9
         assert reg._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' "
                                "AND name = 'attestation_nonces_outstanding'").fetchone()
         assert not _fingerprint_is_unique(reg._db)
         assert {r[0] for r in reg._db.execute("SELECT name FROM sqlite_master WHERE type = 'index' "
                                                "AND tbl_name = 'certificates' AND sql IS NOT NULL")} == \
-            {"certificates_device", "certificates_revoked", "certificates_expiry"}     # (migration 8)
+            {"certificates_device", "certificates_revoked", "certificates_expiry",     # (migration 8)
+             "certificates_issued"}                                                   # (migration 9)
         assert reg._db.execute("PRAGMA foreign_key_check").fetchall() == []
         assert reg._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         # every row, field for field, in the order it was written

@@ -8,16 +8,20 @@ docs/operations.md are written to docs/ (the run that made them)."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import os
+import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlencode, urlsplit
 
 import pytest
 
 from devid.gateway.device.enroll import renew
 from devid.gateway.device.protocol import EnrollFailed
 
+from .conftest import run_devid
 from .operator_helpers import call, enroll_devices, make_fleet, start
 
 CHROMIUM = "/usr/bin/chromium"
@@ -133,3 +137,63 @@ def test_the_pages_show_the_fleet_and_revoking_refuses_the_device(served, browse
     assert renewal("TS00000004", 30) is not None
     logged = served.log.read_text()
     assert '"via": "web"' in logged and '"device": "TS00000002"' in logged
+
+
+def _raw(served, method: str, path: str, headers: dict | None = None, body: str | bytes | None = None):
+    """One HTTP request as a browser would send it (no redirect followed): (status, headers, text)."""
+    parts = urlsplit(served.url)
+    con = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        con.request(method, path, body=body, headers=headers or {})
+        r = con.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read().decode()
+    finally:
+        con.close()
+
+
+FORM = "application/x-www-form-urlencoded"
+
+
+def _login(served, next_path: str = "/"):
+    return _raw(served, "POST", "/login", {"Origin": served.url, "Content-Type": FORM},
+                urlencode({"token": served.token, "next": next_path}))
+
+
+def test_sessions_forms_and_the_login_redirect(served):
+    """Without a browser, what a browser (or an attacker's page) can send: the login's `next` stays
+    on this listener, a tampered or non-ASCII cookie is the login form (never a 500), a form
+    posted from another origin is refused even with the session and its CSRF value, and rotating
+    the token ends every session."""
+    for bad in ("/\t/evil.example", "/\n/evil.example", "//evil.example", "/\\evil.example",
+                "https://evil.example/", " /devices", "/\x7f/evil.example"):
+        status, h, _ = _login(served, bad)
+        assert status == 303 and h["location"] == "/", (bad, h)
+    status, h, _ = _login(served, "/devices?state=enrolled")
+    assert status == 303 and h["location"] == "/devices?state=enrolled"
+    cookie = h["set-cookie"].split(";")[0]
+    issued, mac = cookie.split("=", 1)[1].split(".")
+    status, _, page = _raw(served, "GET", "/devices/TS00000004/revoke", {"Cookie": cookie})
+    assert status == 200
+    csrf = re.search(r'name="csrf" value="([0-9a-f]{64})"', page).group(1)
+
+    tampered = [f"{issued}.{mac[:-1]}{'1' if mac[-1] == '0' else '0'}", f"{int(issued) + 1}.{mac}",
+                f"{issued}.{mac[:-1]}\u00e9", f"\u0661\u0662.{mac}", issued + "." + "\u00e9" * 64]
+    for value in tampered:
+        status, _, text = _raw(served, "GET", "/", {"Cookie": f"devid_session={value}".encode()})
+        assert status == 401 and 'name="token"' in text, value
+
+    revoke = "/devices/TS00000004/revoke"
+    form = urlencode({"csrf": csrf, "confirm": "yes", "reason": "keyCompromise"})
+    for origin in ({"Origin": "https://evil.example"}, {"Referer": "https://evil.example/page"}, {"Origin": "null"}):
+        status, _, _ = _raw(served, "POST", revoke, {"Cookie": cookie, "Content-Type": FORM, **origin}, form)
+        assert status == 403, origin
+    odd = urlencode({"csrf": "\u00e9" * 64, "confirm": "yes", "reason": "keyCompromise"})
+    status, _, _ = _raw(served, "POST", revoke, {"Cookie": cookie, "Content-Type": FORM, "Origin": served.url}, odd)
+    assert status == 403
+    assert call(served.url + "/api/v1/devices/TS00000004", token=served.token).json["state"] == "enrolled"
+
+    assert _raw(served, "GET", "/", {"Cookie": cookie})[0] == 200
+    rotated = run_devid("operator", "token", "--rotate", data_dir=served.data.path, check=True).stdout.decode().strip()
+    served.token = rotated
+    status, _, text = _raw(served, "GET", "/", {"Cookie": cookie})
+    assert status == 401 and 'name="token"' in text

@@ -177,7 +177,8 @@ class Gateway:
             self.operator = build_listener(
                 self.config.http, self.data.path, self.registry, self.clock, gateway_cert=self.data.cert("gateway"),
                 operational_cert=self.data.cert("operational"), root_cert=self.data.cert("root"),
-                issuer=lambda: self.data.issuer("operational"), organization=self.data.config.identity.organization)
+                issuer=lambda: self.data.issuer("operational"), organization=self.data.config.identity.organization,
+                threshold=lambda t: self.policy.renewal_threshold(t))
             await self.operator.start()
 
     @property
@@ -288,14 +289,9 @@ def serve_workers(data: DataDir, config: GatewayConfig, workers: int, log_level:
                   log_file: str | None = None) -> int:
     """`devid serve --workers N`, with the run's metrics directory (system/metrics.py: every
     worker's metrics in DATA/metrics/<pid>/, summed by an exposition in any process of the run;
-    the registry's gauges from the registry itself, opened at the first scrape)."""
+    worker 0 answers /metrics, with the registry's gauges from its own collector)."""
     with metrics.multiprocess_dir(data.path):
-        gauges = RegistryGauges(data.open_registry)
-        metrics.add_scrape_collector(gauges)
-        try:
-            return _serve_workers(data, config, workers, log_level, log_file)
-        finally:
-            metrics.remove_scrape_collector(gauges)
+        return _serve_workers(data, config, workers, log_level, log_file)
 
 
 def _serve_workers(data: DataDir, config: GatewayConfig, workers: int, log_level: str = "INFO",

@@ -42,7 +42,7 @@ def cmd_agent(args) -> int:
     if args.log is not None or not args.once:
         configure_logging(log_file=args.log)      # the decisions: JSON lines on stderr, or in --log
     settings = AgentSettings(args.gateway, directory, args.renew_before, args.timeout, args.retry_initial,
-                             args.retry_max, args.max_sleep, args.once)
+                             args.retry_max, args.max_sleep, args.once, args.attest)
 
     async def main():
         stop = asyncio.Event()
@@ -64,17 +64,18 @@ def cmd_agent(args) -> int:
     if args.json:
         output.emit({"ok": True, "renewed": outcome.renewed, "certificate_serial": serial,
                      "not_after": output.ts(cert.not_valid_after_utc), "threshold_days": threshold_days,
-                     "threshold_source": outcome.threshold_source})
+                     "threshold_source": outcome.threshold_source, "path": outcome.path})
     elif args.once:
-        what = "renewed" if outcome.renewed else "not due"
+        what = f"renewed through the {outcome.path} path" if outcome.renewed else "not due"
         print(f"OK: {what}; operational certificate {serial} until {output.ts(cert.not_valid_after_utc)} "
               f"(renewal threshold {threshold_days:g} days, from the {outcome.threshold_source})")
     return 0
 
 
 def add_commands(sub, common: argparse.ArgumentParser) -> None:
-    s = sub.add_parser("agent", help="keep a device's operational certificate renewed: renew (EST /sren) when it "
-                                     "enters its renewal threshold, retrying while the gateway is away",
+    s = sub.add_parser("agent", help="keep a device's operational certificate renewed: renew (EST /sren, or with "
+                                     "--attest the attested enrollment) when it enters its renewal threshold, "
+                                     "retrying while the gateway is away",
                        epilog="exit status: 0 stopped by SIGTERM/SIGINT, or with --once renewed or not due; 1 failed "
                               "(with --once: the renewal failed, the current identity is kept); 2 bad command line. "
                               "Decisions are logged as JSON lines (docs/enrollment.md#devid-agent)")
@@ -84,6 +85,10 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
                    help="renew when less than this is left: 30d, 12h, 90m, 3600s (default: the configuration's "
                         "renewal.window_days, else 30d)")
     s.add_argument("--once", action="store_true", help="check, renew at most once, and exit")
+    s.add_argument("--attest", action="store_true",
+                   help="renew through the attested enrollment (factory identity, fresh evidence of the bundle's "
+                        "firmware.json, EST /sen) instead of EST /sren, so each renewal proves the device's state "
+                        "again (the policy must allow re-enrollment)")
     s.add_argument("--timeout", type=_seconds, default=30.0, metavar="S", help="per step of a renewal (default 30)")
     s.add_argument("--retry-initial", type=_seconds, default=10.0, metavar="S",
                    help="the first retry's backoff ceiling; it doubles with each failure (default 10)")

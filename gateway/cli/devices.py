@@ -148,7 +148,7 @@ def cmd_devices_list(args) -> int:
         try:
             within = duration(args.expiring_within)
         except BadParameter as exc:
-            raise CLIError(f"--expiring-within {args.expiring_within}: not a duration (e.g. 30d, 12h)") from exc
+            raise CLIError(f"--expiring-within {args.expiring_within}: {exc.args[0].partition(': ')[2]}") from exc
         rows = _expiring(registry, state, within, args.limit)
         devices, expires = [r.device for r in rows], {r.device.serial: r.expires for r in rows}
     else:

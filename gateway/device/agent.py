@@ -3,20 +3,28 @@
 On a device (or for a field engineer), for one enrolled bundle: read the operational
 certificate, and once it has less than the renewal threshold left (the `--renew-before` flag,
 else the configuration's `renewal.window_days`, else 30 days) renew it through the renew flow the
-other device commands use (`renew_one_flow` over `enroll._as_operational`: EST /sren with the
-operational identity, the new certificate and the configuration in one answer). While the gateway
+other device commands use (`renew_one_flow` over `enroll.as_operational`: EST /sren with the
+operational identity, the new certificate and the configuration in one answer), or, with
+`attest`, through the attested enrollment `devid enroll` runs (`enroll.enroll`: the factory
+identity, fresh evidence for a nonce, EST /sen), so each renewal proves the device's state again.
+When the gateway refuses the operational certificate as superseded or expired (a renewal whose
+answer was lost after the gateway committed it; a device that was away past its certificate's
+end), the agent falls back to that attested enrollment; a revoked device stops it. While the gateway
 is away or refuses, retry with exponential backoff and full jitter: attempt n waits a random time
 in [0, min(cap, initial * 2**(n-1))], the cap the configuration's `renewal.retry_seconds` (default
 3600 s). Between checks it sleeps until the certificate enters its threshold, at most
-`max_sleep` (an hour) at a time, so a changed clock is noticed, plus up to 10 % of jitter.
+`max_sleep` (an hour) at a time, so a changed clock is noticed, plus up to 10 % of jitter. A
+certificate that is due the moment it was issued (a threshold longer than the validity) is
+renewed again only once half its remaining validity has passed.
 
 The identity is never lost half-way: the flow checks the answer (a certificate for the new key,
 for this device, chaining to the bundle's root) before anything is written, and the new key and
 chain are then installed through a journal: first op-next.pem (key and chain in one file,
 written atomically), then op-key.pem, op-cert.pem and op-chain.pem (each atomically), then the
-journal is removed. A crash before the journal is complete leaves the old identity; after it,
-the new one: `recover` (run by the agent before each check) completes an install the journal
-holds, or removes a journal that does not hold a valid identity.
+journal is removed (op-chain.pem, the file readers load the certificate from, is replaced
+last). A crash before the journal is complete leaves the old identity; after it, the new one:
+`recover` (run by the agent before each check) completes an install the journal holds, or
+removes a journal that does not hold a valid identity.
 
 Every decision is one JSON log line on the `devid.agent` logger (events in `EVENTS`).
 """
@@ -38,11 +46,11 @@ from cryptography.hazmat.primitives import serialization
 
 from devid.ca import keys
 from devid.ca.identity import format_serial
-from devid.gateway.device.enroll import OPERATIONAL, _as_operational, _store_config
+from devid.gateway.device.enroll import OPERATIONAL, ConfigNotFetched, as_operational, enroll, store_config
 from devid.gateway.device.flow import Done, Issued
 from devid.gateway.device.flow_one import renew_one_flow
-from devid.gateway.device.identity import (device_type_of, load_bundle, operational_files, root_verifier,
-                                           serial_of)
+from devid.gateway.device.identity import (Firmware, device_type_of, load_bundle, operational_files,
+                                           root_verifier, serial_of)
 from devid.gateway.device.protocol import EnrollFailed, parse_gateway
 from devid.gateway.errors import BundleError
 from devid.gateway.system.fs import fsync_path, write_atomic
@@ -62,7 +70,8 @@ _KEY_END = b"-----END PRIVATE KEY-----\n"
 
 # the events the agent logs (docs/enrollment.md#devid-agent)
 EVENTS = ("agent-start", "agent-check", "agent-renewed", "agent-renew-failed", "agent-config-failed",
-          "agent-sleep", "agent-recovered", "agent-stop")
+          "agent-fallback", "agent-revoked", "agent-sleep", "agent-recovered", "agent-stop")
+RENEW, ATTESTED = "renew", "attested"      # the two paths of a renewal (`agent-renewed`'s `path`)
 
 _DURATION = re.compile(r"^([0-9]+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -193,16 +202,70 @@ async def renew(directory: Path, gateway_uri: str, timeout: float) -> tuple[x509
             install(directory, done.value)
             installed.append(done.value.certificate)
         elif done.step == "config":
-            _store_config(directory, done.value)
+            store_config(directory, done.value)
 
     try:
-        await _as_operational(directory, gateway_uri, timeout, lambda factory, root: renew_one_flow(
+        await as_operational(directory, gateway_uri, timeout, lambda factory, root: renew_one_flow(
             serial_of(factory), device_type_of(factory), root_verifier(root)), on_step)
     except EnrollFailed as exc:
         if not installed:
             raise
         return installed[0], str(exc)    # renewed; only the configuration part was unreadable
     return installed[0], None
+
+
+def firmware_of(directory: Path) -> Firmware | None:
+    """The firmware the bundle claims in its evidence (DIR/firmware.json), or None (no evidence:
+    for a type whose policy waives attestation). EnrollFailed at step `firmware` if unreadable."""
+    return Firmware.from_options(directory, None, None, None, None)
+
+
+async def attested(directory: Path, gateway_uri: str,
+                   timeout: float) -> tuple[x509.Certificate, str | None, str | None]:
+    """A new operational identity through the attested enrollment of `devid enroll` (the factory
+    identity, evidence of firmware.json for a fresh nonce, EST /sen; the default one-request
+    flow), installed through the journal: (the new certificate, why the configuration was not
+    stored or None, the verdict's tier or None). EnrollFailed when nothing was installed (a policy
+    with `reenroll = false` refuses at step `enroll`)."""
+    try:
+        result = await enroll(directory, gateway_uri, firmware_of(directory), timeout=timeout, store=install)
+    except ConfigNotFetched as exc:
+        return exc.certificate, exc.reason, None
+    return result.certificate, None, result.verdict
+
+
+def refusal_of(exc: EnrollFailed) -> str | None:
+    """What a failed renewal says about the certificate it presented: `revoked` (the device or its
+    certificate is revoked: trying again is pointless), `refused` (a bad_certificate or
+    certificate_expired alert: superseded, expired, or unknown to the gateway), or None."""
+    if exc.step != "connect":
+        return None
+    said = exc.reason.lower()
+    if "certificate revoked" in said:
+        return "revoked"
+    if "bad certificate" in said or "certificate expired" in said:
+        return "refused"
+    return None
+
+
+async def _renew_by_path(directory: Path, settings: "AgentSettings", cert: x509.Certificate, now: datetime):
+    """One renewal by the path it takes: (the new certificate, the configuration's problem or
+    None, the path, the verdict or None)."""
+    if not settings.attest:
+        cause = reason = None
+        if now >= cert.not_valid_after_utc:
+            cause, reason = "expired", "the operational certificate has expired"
+        else:
+            try:
+                new, problem = await renew(directory, settings.gateway, settings.timeout)
+                return new, problem, RENEW, None
+            except EnrollFailed as exc:
+                if refusal_of(exc) != "refused":
+                    raise
+                cause, reason = "refused", exc.reason
+        _event("agent-fallback", logging.WARNING, cause=cause, reason=reason)
+    new, problem, verdict = await attested(directory, settings.gateway, settings.timeout)
+    return new, problem, ATTESTED, verdict
 
 
 # -- the loop ---------------------------------------------------------------------------------------------
@@ -217,6 +280,7 @@ class AgentSettings:
     retry_max: float | None = None             # None: the configuration's renewal.retry_seconds, else 3600
     max_sleep: float = DEFAULT_MAX_SLEEP
     once: bool = False
+    attest: bool = False                       # renew through the attested enrollment, not /sren
 
 
 @dataclass
@@ -225,6 +289,7 @@ class Outcome:
     certificate: x509.Certificate
     threshold: timedelta
     threshold_source: str
+    path: str | None = None                    # how this run last renewed: RENEW or ATTESTED
 
 
 def backoff(attempt: int, initial: float, cap: float, rand: random.Random) -> tuple[float, float]:
@@ -253,16 +318,24 @@ async def run(settings: AgentSettings, stop: asyncio.Event | None = None, *,
               clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
               rand: random.Random | None = None) -> Outcome:
     """Check and renew until `stop` is set (with `once`: one check, at most one renewal). The last
-    check's outcome; AgentError if the bundle has no usable identity; with `once`, EnrollFailed
-    if the renewal failed (nothing of the old identity lost)."""
+    check's outcome; AgentError if the bundle has no usable identity (or, with `attest`, no
+    firmware.json); EnrollFailed if the device is revoked (the agent stops: nothing else can
+    help), and with `once` if the renewal failed (nothing of the old identity lost)."""
     directory = Path(settings.directory)
     parse_gateway(settings.gateway)                 # a bad URI fails before anything else
+    if settings.attest:
+        try:
+            if firmware_of(directory) is None:
+                raise AgentError(f"--attest: no firmware.json in {directory} (the firmware the evidence claims)")
+        except EnrollFailed as exc:
+            raise AgentError(f"--attest: {exc.reason}") from None
     stop = stop or asyncio.Event()
     rand = rand or random.SystemRandom()
     threshold, source = threshold_of(directory, settings.renew_before)
     _event("agent-start", gateway=settings.gateway, device=str(directory), threshold_days=_days(threshold),
-           threshold_source=source, once=settings.once)
-    attempt, renewed, renewed_now = 0, False, False
+           threshold_source=source, once=settings.once, path=ATTESTED if settings.attest else RENEW)
+    attempt, renewed, path = 0, False, None
+    held_until: datetime | None = None      # a certificate due when issued: not renewed again before this
     while True:
         done = recover(directory)
         if done is not None:
@@ -271,14 +344,15 @@ async def run(settings: AgentSettings, stop: asyncio.Event | None = None, *,
         cert = current_certificate(directory)
         now = clock()
         wait = until_due(cert, threshold, now)
-        outcome = Outcome(renewed, cert, threshold, source)
-        if wait <= 0 and attempt == 0 and renewed_now:
+        outcome = Outcome(renewed, cert, threshold, source, path)
+        if wait <= 0 and held_until is not None and now < held_until:
             # the certificate just issued is inside the threshold already (a threshold longer than
-            # the type's validity): renewing again would only spend the device's certificate quota
+            # the type's validity): renewing at once would only spend the device's certificate
+            # quota; it is renewed when half of what it had left has passed
             _event("agent-check", logging.WARNING, result="due-after-renewal", threshold_days=_days(threshold),
-                   threshold_source=source, **_cert_fields(cert, now))
-            wait = settings.max_sleep
-            renewed_now = False
+                   threshold_source=source, renew_at=_iso(held_until), **_cert_fields(cert, now))
+            wait = min((held_until - now).total_seconds(), settings.max_sleep)
+            wait += rand.uniform(0, WAKE_JITTER * wait)
         elif wait > 0:
             _event("agent-check", result="not-due", threshold_days=_days(threshold), threshold_source=source,
                    **_cert_fields(cert, now))
@@ -286,14 +360,18 @@ async def run(settings: AgentSettings, stop: asyncio.Event | None = None, *,
                 return outcome
             wait = min(wait, settings.max_sleep)
             wait += rand.uniform(0, WAKE_JITTER * wait)
-            attempt, renewed_now = 0, False
+            attempt, held_until = 0, None
         else:
             _event("agent-check", result="due", threshold_days=_days(threshold), threshold_source=source,
                    **_cert_fields(cert, now))
             try:
-                new, config_problem = await renew(directory, settings.gateway, settings.timeout)
+                new, config_problem, path, verdict = await _renew_by_path(directory, settings, cert, now)
             except EnrollFailed as exc:
                 attempt += 1
+                if refusal_of(exc) == "revoked":
+                    _event("agent-revoked", logging.ERROR, step=exc.step, reason=exc.reason)
+                    _event("agent-stop", renewed=renewed)
+                    raise
                 if settings.once:
                     _event("agent-renew-failed", logging.WARNING, step=exc.step, reason=exc.reason, attempt=attempt)
                     raise
@@ -302,17 +380,20 @@ async def run(settings: AgentSettings, stop: asyncio.Event | None = None, *,
                 _event("agent-renew-failed", logging.WARNING, step=exc.step, reason=exc.reason, attempt=attempt,
                        backoff_ceiling=round(ceiling, 3), retry_in=round(wait, 3))
             else:
-                attempt, renewed, renewed_now = 0, True, True
-                _event("agent-renewed", previous=format_serial(cert.serial_number), **_cert_fields(new, clock()))
+                attempt, renewed = 0, True
+                issued_at = clock()
+                extra = {} if verdict is None else {"verdict": verdict}
+                _event("agent-renewed", previous=format_serial(cert.serial_number), path=path, **extra,
+                       **_cert_fields(new, issued_at))
                 if config_problem is not None:
                     _event("agent-config-failed", logging.WARNING, reason=config_problem)
                 if settings.once:
-                    return Outcome(True, new, threshold, source)
+                    return Outcome(True, new, threshold, source, path)
+                held_until = issued_at + (new.not_valid_after_utc - issued_at) / 2
                 continue                            # check again: the new certificate's wake time
         if stop.is_set():
             break
-        _event("agent-sleep", seconds=round(wait, 3),
-               wake=(clock() + timedelta(seconds=wait)).isoformat(timespec="seconds").replace("+00:00", "Z"))
+        _event("agent-sleep", seconds=round(wait, 3), wake=_iso(clock() + timedelta(seconds=wait)))
         try:
             await asyncio.wait_for(stop.wait(), wait)
             break
@@ -321,3 +402,6 @@ async def run(settings: AgentSettings, stop: asyncio.Event | None = None, *,
     _event("agent-stop", renewed=renewed)
     return outcome
 
+
+def _iso(t: datetime) -> str:
+    return t.isoformat(timespec="seconds").replace("+00:00", "Z")

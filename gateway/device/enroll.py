@@ -47,7 +47,8 @@ from devid.gateway.system.fs import write_atomic
 
 # the names the CLI, the demo and the tests import from here
 __all__ = ["CLASSIC", "ConfigNotFetched", "DEFAULT_FLOW", "DEFAULT_RENEW_FLOW", "EnrollFailed", "EnrollResult", "FLOWS", "Firmware",
-           "ONE_REQUEST", "device_csr", "device_type_of", "enroll", "fetch_config", "pen_of", "renew", "serial_of"]
+           "ONE_REQUEST", "as_operational", "device_csr", "device_type_of", "enroll", "fetch_config", "pen_of", "renew",
+           "serial_of", "store_config"]
 
 OPERATIONAL = {"cert_name": "op-chain.pem", "key_name": "op-key.pem"}
 
@@ -81,9 +82,12 @@ class EnrollResult:
 
 async def enroll(directory: Path, gateway_uri: str, firmware: Firmware | None, *, flow: str = DEFAULT_FLOW,
                  timeout: float = 30.0, report: Callable[[str, str], None] = lambda step, text: None,
-                 secure_boot: bool = True, dbgstat: int = 2, bootcount: int = 1) -> EnrollResult:
+                 secure_boot: bool = True, dbgstat: int = 2, bootcount: int = 1,
+                 store: Callable[[Path, Issued], None] | None = None) -> EnrollResult:
     """Enroll the device of the bundle `directory` at `gateway_uri` by `flow` (FLOWS), with
-    evidence of `firmware` (None: no evidence)."""
+    evidence of `firmware` (None: no evidence). `store(directory, issued)` writes the new
+    operational identity (default: the three files, each atomically; `devid agent` passes its
+    journaled install)."""
     _check_flow(flow)
     directory = Path(directory)
     gateway = parse_gateway(gateway_uri)
@@ -101,11 +105,11 @@ async def enroll(directory: Path, gateway_uri: str, firmware: Firmware | None, *
         elif done.step == "evidence":
             report("evidence", f"verdict {done.value.tier} ({done.value.reasons_text})")
         elif done.step == "enroll":
-            _store_operational(directory, done.value)
+            (store or _store_operational)(directory, done.value)
             stored.append(done.value)
             report("enroll", _certificate_text(done.value.certificate))
         elif done.step == "config":
-            _store_config(directory, done.value)
+            store_config(directory, done.value)
 
     t0 = time.perf_counter()
     ctx, exporter = await open_session(directory, gateway, timeout)
@@ -134,7 +138,7 @@ async def enroll(directory: Path, gateway_uri: str, firmware: Firmware | None, *
                         time.perf_counter() - started, {"connect": connected - t0, **steps}, flow, nonce)
 
 
-async def _as_operational(directory: Path, gateway_uri: str, timeout: float, make_flow, on_step=None):
+async def as_operational(directory: Path, gateway_uri: str, timeout: float, make_flow, on_step=None):
     """Run the flow `make_flow(factory certificate, root)` in a new session with the bundle's
     operational identity; its result. EnrollFailed at `bundle` if the device is not enrolled."""
     gateway = parse_gateway(gateway_uri)
@@ -161,10 +165,10 @@ async def fetch_config(directory: Path, gateway_uri: str, timeout: float = 30.0)
         held = (directory / "config.cbor").read_bytes()
     except OSError:
         held = None
-    config = await _as_operational(directory, gateway_uri, timeout,
+    config = await as_operational(directory, gateway_uri, timeout,
                                    lambda factory, root: config_flow(serial_of(factory), device_type_of(factory),
                                                                      held))
-    _store_config(directory, config)
+    store_config(directory, config)
     return config.data
 
 
@@ -177,7 +181,7 @@ async def renew(directory: Path, gateway_uri: str, *, flow: str = DEFAULT_RENEW_
     _check_flow(flow)
     directory = Path(directory)
     if flow == CLASSIC:
-        issued = await _as_operational(directory, gateway_uri, timeout,
+        issued = await as_operational(directory, gateway_uri, timeout,
                                        lambda factory, root: renew_flow(serial_of(factory), root_verifier(root)))
         _store_operational(directory, issued)
         report("renew", _certificate_text(issued.certificate))
@@ -190,10 +194,10 @@ async def renew(directory: Path, gateway_uri: str, *, flow: str = DEFAULT_RENEW_
             stored.append(done.value)
             report("renew", _certificate_text(done.value.certificate))
         elif done.step == "config":
-            _store_config(directory, done.value)
+            store_config(directory, done.value)
             report("config", _config_text(done.value.data))
     try:
-        issued, _ = await _as_operational(directory, gateway_uri, timeout, lambda factory, root: renew_one_flow(
+        issued, _ = await as_operational(directory, gateway_uri, timeout, lambda factory, root: renew_one_flow(
             serial_of(factory), device_type_of(factory), root_verifier(root)), on_step)
     except EnrollFailed as exc:
         if not stored:
@@ -217,7 +221,7 @@ def _store_operational(directory: Path, issued: Issued) -> None:
         write_atomic(directory / name, data, mode)
 
 
-def _store_config(directory: Path, config: Config) -> None:
+def store_config(directory: Path, config: Config) -> None:
     write_atomic(directory / "config.cbor", config.raw)
     def pem(der: bytes) -> str:
         return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode()

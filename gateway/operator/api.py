@@ -19,10 +19,14 @@ def _json(doc: dict, status: int = 200) -> web.Response:
 
 
 async def _body(request: web.Request) -> dict:
+    """A write's body. Content-Type: application/json always, even with no body: a cross-site
+    HTML form can only send form or text types (anything else needs a CORS preflight, which this
+    listener never grants)."""
+    if request.content_type != "application/json":
+        raise Problem("unsupported-media-type", f"got {request.headers.get('Content-Type', 'none')!r}: "
+                                                "send 'Content-Type: application/json' (also with an empty body)")
     if not request.can_read_body:
         return {}
-    if request.content_type != "application/json":
-        raise Problem("unsupported-media-type", f"got {request.content_type!r}")
     try:
         doc = json.loads(await request.read())
     except (ValueError, UnicodeDecodeError):

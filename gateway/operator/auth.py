@@ -11,13 +11,16 @@ Three credentials, each where it belongs:
 The session cookie is `<issued unix time>.<HMAC-SHA256(token, "session" and that time)>`: it needs
 no server-side state (any worker can check it), expires after SESSION_LIFETIME, and every cookie
 dies when the token is rotated. Forms carry a CSRF value, HMAC(token, "csrf" and the session),
-checked on every POST, beside the cookie's SameSite=Strict and an Origin check.
+checked on every POST, beside the cookie's SameSite=Strict; every POST without the bearer token,
+the API's too, must come from the listener's own origin (listener.py), and the API's writes must
+be application/json (api.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 from dataclasses import dataclass
 
@@ -25,6 +28,7 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from devid.ca.identity import format_serial
 from devid.ca.store import CertStatus
 from devid.gateway.operator.certs import OPERATOR_PROFILE
 from devid.gateway.operator.problems import Problem
@@ -35,11 +39,14 @@ COOKIE = "devid_session"
 CALLER = web.RequestKey("caller", object) if hasattr(web, "RequestKey") else "caller"
 FORM = web.RequestKey("form", object) if hasattr(web, "RequestKey") else "form"
 SESSION_LIFETIME = 12 * 3600
+_HEX = re.compile(r"[0-9a-f]{64}")      # a MAC as `_mac` writes it: anything else is refused unread
+_DIGITS = re.compile(r"[0-9]{1,12}")
 
 
 @dataclass(frozen=True)
 class Caller:
-    who: str            # "token:<12 hex of its SHA-256>" or "cert:<subject>"
+    who: str            # "token:<12 hex of its SHA-256>" or "cert:<CN>/<serial, hex>" (two certificates
+                        # may share a CN; the serial says which one, as `devid operator cert --json` shows it)
     kind: str           # "token", "cert", "session"
     session: str = ""   # the cookie value (kind "session") or the certificate's fingerprint (kind "cert")
 
@@ -76,14 +83,15 @@ class Authenticator:
         if found.status is not CertStatus.CURRENT:
             raise Problem("wrong-credential", f"the operator certificate is {found.status.value}")
         cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        return Caller(f"cert:{cn[0].value if cn else cert.subject.rfc4514_string()}", "cert", fp)
+        name = cn[0].value if cn else cert.subject.rfc4514_string()
+        return Caller(f"cert:{name}/{format_serial(cert.serial_number)}", "cert", fp)
 
     def from_cookie(self, value: str) -> Caller | None:
         token = self.tokens.current()
         issued, _, mac = value.partition(".")
-        if token is None or not issued.isdigit() or not mac:
-            return None
-        if not hmac.compare_digest(mac, _mac(token, "session", issued)):
+        if token is None or not _DIGITS.fullmatch(issued) or not _HEX.fullmatch(mac):
+            return None         # (str.isdigit() takes other scripts' digits; compare_digest no non-ASCII str)
+        if not hmac.compare_digest(mac.encode(), _mac(token, "session", issued).encode()):
             return None
         if not 0 <= time.time() - int(issued) < SESSION_LIFETIME:
             return None
@@ -104,4 +112,4 @@ class Authenticator:
         return _mac(token, "csrf", caller.kind, caller.session or caller.who)
 
     def check_csrf(self, caller: Caller, presented: str) -> bool:
-        return bool(presented) and hmac.compare_digest(presented, self.csrf(caller))
+        return bool(_HEX.fullmatch(presented)) and hmac.compare_digest(presented.encode(), self.csrf(caller).encode())

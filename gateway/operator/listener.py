@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -31,6 +33,8 @@ from devid.gateway.operator.service import OperatorService
 
 log = logging.getLogger("devid.operator")
 MAX_BODY = 64 * 1024
+AUTH_LOG_EVERY = 60.0       # seconds: at most one `auth` line per source address in this time
+AUTH_LOG_PEERS = 1024       # addresses remembered for that
 
 
 @dataclass
@@ -70,6 +74,7 @@ class OperatorListener:
         self.auth = auth
         self.ssl_context = ssl_context
         self.runner: web.AppRunner | None = None
+        self._auth_seen: OrderedDict[str, list] = OrderedDict()     # peer -> [last logged, refusals since]
         self.url: str | None = None
         self.app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
         api.add_routes(self.app, service)
@@ -112,6 +117,24 @@ class OperatorListener:
         raise Problem("unauthorized", "send 'Authorization: Bearer <token>' (devid operator token) or an "
                                       "operator client certificate (devid operator cert)")
 
+    def _log_refusal(self, request: web.Request, p: Problem) -> None:
+        """One INFO `auth` line per source address per AUTH_LOG_EVERY seconds (a scanner or a
+        misconfigured scraper must not flood the log); the next line says how many were left out.
+        At most AUTH_LOG_PEERS addresses are remembered (the oldest dropped)."""
+        peer = request.remote or "-"
+        now = time.monotonic()
+        seen = self._auth_seen.get(peer)
+        if seen is not None and now - seen[0] < AUTH_LOG_EVERY:
+            seen[1] += 1
+            return
+        suppressed = seen[1] if seen is not None else 0
+        self._auth_seen.pop(peer, None)
+        self._auth_seen[peer] = [now, 0]
+        while len(self._auth_seen) > AUTH_LOG_PEERS:
+            self._auth_seen.popitem(last=False)
+        log.info("auth", extra={"result": "refused", "problem": p.kind, "path": request.path, "peer": peer,
+                                "suppressed": suppressed})
+
     def _same_origin(self, request: web.Request) -> bool:
         origin = request.headers.get("Origin") or request.headers.get("Referer")
         if not origin or origin == "null":
@@ -130,9 +153,13 @@ class OperatorListener:
                 else:
                     caller = self._identify(request, kind)
                     request[CALLER] = caller
+                if request.method == "POST":
+                    # any POST, whatever the path: a browser holding an operator certificate (or a
+                    # session cookie) sends it to a cross-site form too; only a bearer token is
+                    # never sent by a browser on its own
+                    if (caller is None or caller.kind != "token") and not self._same_origin(request):
+                        raise Problem("csrf", "the request was posted from another origin")
                 if request.method == "POST" and kind in ("web", "login"):
-                    if not self._same_origin(request):
-                        raise Problem("csrf", "the form was posted from another origin")
                     request[FORM] = await request.post()
                     if caller is not None and caller.kind != "token" and \
                             not self.auth.check_csrf(caller, str(request[FORM].get("csrf", ""))):
@@ -152,8 +179,7 @@ class OperatorListener:
                 raise Problem("unavailable", "the registry did not answer; try again") from None
         except Problem as p:
             if p.status in (401, 403) and p.kind != "csrf":
-                log.info("auth", extra={"result": "refused", "problem": p.kind, "path": request.path,
-                                        "peer": request.remote or "-"})
+                self._log_refusal(request, p)
             if kind == "web" or kind == "login":
                 if p.status == 401:
                     return pages.login_page(401, p.detail, request.path_qs if request.method == "GET" else "/")
@@ -168,11 +194,12 @@ class OperatorListener:
 
 
 def build_listener(config: HttpConfig, data_path, registry, clock, *, gateway_cert, operational_cert, root_cert,
-                   issuer, organization: str, rand_bytes=None) -> OperatorListener:
+                   issuer, organization: str, rand_bytes=None, threshold=None) -> OperatorListener:
     """The listener for `devid serve --http`: the operator token made if there is none yet (so
     `devid operator token` prints the one in force), and with `tls` the listener's certificate
     (issued by the operational CA `issuer()` if missing or near its end) with operator client
-    certificates checked to the root and the operational CA."""
+    certificates checked to the root and the operational CA. `threshold`: a device type's
+    renewal threshold (the policy's), for what is "due"; 30 days for every type if None."""
     import os
     from cryptography import x509
     from devid.gateway.operator.certs import ensure_listener_cert, server_ssl_context
@@ -188,5 +215,6 @@ def build_listener(config: HttpConfig, data_path, registry, clock, *, gateway_ce
         cert_path, key_path = ensure_listener_cert(data_path, issuer, registry, organization, names, clock(),
                                                    rand_bytes or os.urandom)
         ctx = server_ssl_context(cert_path, key_path, [root_cert, operational_cert])
-    service = OperatorService(registry, data_path, clock, gateway_cert, operational_cert)
+    service = OperatorService(registry, data_path, clock, gateway_cert, operational_cert,
+                              **({"threshold": threshold} if threshold is not None else {}))
     return OperatorListener(config, service, Authenticator(tokens, registry), ctx)

@@ -12,6 +12,8 @@ from datetime import timedelta
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
+MAX_DURATION = timedelta(days=3650)
+MAX_CURSOR = 256            # characters: a cursor this listener gives out is far shorter
 _DURATION = re.compile(r"(\d{1,6})([smhdw]?)")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "": 86400}
 
@@ -27,7 +29,10 @@ def duration(text: str, name: str = "duration") -> timedelta:
     m = _DURATION.fullmatch(text.strip())
     if not m:
         raise BadParameter(name, f"{text!r} is not a duration (a number with s, m, h, d or w, e.g. 30d)")
-    return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+    seconds = int(m.group(1)) * _UNITS[m.group(2)]
+    if seconds > MAX_DURATION.total_seconds():      # (a date that far ahead would not exist)
+        raise BadParameter(name, f"{text!r} is longer than {MAX_DURATION.days} days")
+    return timedelta(seconds=seconds)
 
 
 def limit(text: str | None) -> int:
@@ -46,9 +51,11 @@ def decode_cursor(text: str | None, shape: tuple[type, ...]) -> list | None:
     """The key a cursor holds, checked against the types the list's order needs; None: first page."""
     if text is None or text == "":
         return None
+    if len(text) > MAX_CURSOR:
+        raise BadParameter("cursor", "not a cursor this list gave out")
     try:
         key = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         raise BadParameter("cursor", "not a cursor this list gave out") from None
     if (not isinstance(key, list) or len(key) != len(shape)
             or not all(isinstance(k, t) and not isinstance(k, bool) for k, t in zip(key, shape))):

@@ -24,6 +24,7 @@ from devid.gateway.operator.problems import Problem
 from devid.gateway.operator.views import certificate_json, device_json, entry_json, ts
 from devid.gateway.store.attestation_store import AttestationStore
 from devid.gateway.store.fleet import Fleet
+from devid.gateway.store.gauges import default_threshold
 from devid.gateway.store.log_rotation import SEGMENT_DIR
 from devid.gateway.store.log_verify import verify_log
 
@@ -57,7 +58,12 @@ def _trusted(store: AttestationStore, gateway: x509.Certificate, operational: x5
 
 class OperatorService:
     def __init__(self, registry, data_path: Path, clock: Callable[[], datetime],
-                 gateway_cert: x509.Certificate, operational_cert: x509.Certificate) -> None:
+                 gateway_cert: x509.Certificate, operational_cert: x509.Certificate,
+                 threshold: Callable[[str], timedelta] = default_threshold) -> None:
+        """`threshold`: a device type's renewal threshold (the gateway passes its policy's
+        `renewal_threshold`, looked up at each request so a reloaded policy counts at once):
+        "due" without a window means within it."""
+        self.threshold = threshold
         self.registry = registry
         self.fleet = Fleet(registry)
         self.store = AttestationStore(registry)
@@ -127,7 +133,7 @@ class OperatorService:
     def expiring(self, within: str | None, cursor: str | None = None, limit: str | None = None) -> Page:
         n = params.limit(limit)
         now = self.clock()
-        window = params.duration(within or "30d", "within")
+        window = params.duration(within, "within") if within else None
         key = params.decode_cursor(cursor, (str, str))
         after = None
         if key:
@@ -135,21 +141,25 @@ class OperatorService:
                 after = (datetime.fromisoformat(key[0]), int(key[1], 16))
             except ValueError:
                 raise params.BadParameter("cursor", "not a cursor this list gave out") from None
-        rows = self.fleet.certificates_due(now + window, after=after, limit=n + 1)
+        if window is not None:
+            rows = self.fleet.certificates_due(now + window, after=after, limit=n + 1)
+        else:
+            rows = self.fleet.certificates_due(after=after, limit=n + 1, now=now, threshold=self.threshold)
         more = len(rows) > n
         rows = rows[:n]
         items = [{**certificate_json(r.certificate, pem=False, now=now), "device_type": r.device_type} for r in rows]
         last = rows[-1].certificate if rows else None
         return Page(items, params.encode_cursor([ts(last.not_after), format(last.serial, "x")]) if more else None)
 
-    def overview(self, due_within: timedelta = timedelta(days=30)) -> dict:
-        o = self.fleet.overview(self.clock(), due_within)
+    def overview(self, due_within: timedelta | None = None) -> dict:
+        """`due_within` None: certificates due within their device type's renewal threshold."""
+        o = self.fleet.overview(self.clock(), due_within or self.threshold)
         return {"devices": o.devices, "enrollments_per_minute": [{"minute": m, "count": n}
                                                                  for m, n in o.enrollments_per_minute],
                 "certificates_issued_last_hour": o.issued_last_hour, "refusals_last_hour": o.refusals_last_hour,
                 "verdict_tiers_last_day": o.tiers_last_day, "certificates_due": o.certificates_due,
                 "certificates_overdue": o.certificates_overdue,
-                "due_within_days": o.due_within.total_seconds() / 86400}
+                "due_within_days": o.due_within.total_seconds() / 86400 if o.due_within else None}
 
     # -- writes ------------------------------------------------------------------------------
 

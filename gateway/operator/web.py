@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from pathlib import Path
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import jinja2
 from aiohttp import web
@@ -49,8 +49,13 @@ def error_page(problem: Problem, caller: Caller | None) -> web.Response:
 
 
 def _local(path: str | None) -> str:
-    """Only a path on this listener (never '//host' or a scheme): where to go after the login."""
-    if not path or not path.startswith("/") or path.startswith("//") or "\\" in path:
+    """Only a path on this listener (never '//host', a scheme, or anything a browser would read
+    as one, e.g. '/', a tab, '/evil.example': browsers drop tabs and newlines from a URL): where to go
+    after the login."""
+    if not path or any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7f for c in path) or "\\" in path:
+        return "/"
+    parts = urlsplit(path)
+    if parts.scheme or parts.netloc or not parts.path.startswith("/") or parts.path.startswith("//"):
         return "/"
     return path
 
@@ -68,7 +73,7 @@ def add_routes(app: web.Application, svc: OperatorService, auth: Authenticator, 
         return render(name, caller=r[CALLER], auth=auth, **context)
 
     async def overview(r):
-        return page("overview.html", r, overview=svc.overview(), due=svc.expiring("30d", limit="20").items)
+        return page("overview.html", r, overview=svc.overview(), due=svc.expiring(None, limit="20").items)
 
     async def fleet(r):
         f = {k: r.query.get(k, "") for k in ("state", "type", "expiring_within")}

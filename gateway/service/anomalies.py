@@ -41,6 +41,8 @@ from devid.gateway.system import metrics
 log = logging.getLogger("devid.anomaly")
 
 KINDS = ("refusals", "verdict-drop", "renewal-storm", "many-addresses")
+for _kind in KINDS:         # every kind's series exists at 0 from the start: increase() sees the first one
+    metrics.ANOMALIES.labels(_kind)
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,11 @@ one number or a guess; a read at scrape time is exact and costs nothing between 
   minutes of nonces).
 - `devid_certificates_expiring{device_type}`: current operational certificates of enrolled
   devices that expire within their device type's renewal threshold (`threshold(device_type)`,
-  30 days by default), expired ones included (they are overdue). This reads every current
-  certificate's not_after (no index on it), which at a million devices is a fraction of a
-  second: it is cached for `EXPIRING_TTL` seconds, far below the day-scale the value moves on.
+  30 days by default), expired ones included (they are overdue). One COUNT grouped by device
+  type over the certificates_expiry index (current operational certificates by not_after), up
+  to the latest of the types' cutoffs, each row held to its own type's: it reads the due
+  certificates, not the fleet. Cached for `EXPIRING_TTL` seconds all the same, far below the
+  day-scale the value moves on.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Callable
 from prometheus_client.core import GaugeMetricFamily
 
 from devid.attestation.log import format_time
-from devid.gateway.store.registry import _ts
+from devid.gateway.store.fleet import cutoff_sql, device_types
 
 log = logging.getLogger("devid.gateway")
 
@@ -47,20 +49,23 @@ def outstanding_nonces(registry, now: datetime) -> int:
 
 
 def expiring_certificates(registry, now: datetime, threshold: Callable[[str], timedelta]) -> dict[str, int]:
-    """{device type: current operational certificates expiring before now + its threshold}."""
+    """{device type: current operational certificates of enrolled devices expiring before now +
+    its threshold}, every device type in the registry present (0 when none is due). Counted in
+    SQL: a range over certificates_expiry up to the latest cutoff, each row then held to its
+    type's cutoff."""
+    types = device_types(registry)
+    cut, params, latest = cutoff_sql("d.device_type", now, types, threshold, threshold(""))
     with registry.reading() as db:
         rows = db.execute(
-            "SELECT d.device_type, c.not_after FROM certificates c JOIN devices d ON d.serial = c.device_serial "
-            "WHERE c.profile = 'operational' AND c.status = 'current' AND d.state = 'enrolled'").fetchall()
-    due: dict[str, int] = {}
-    limits: dict[str, str] = {}
-    for device_type, not_after in rows:
-        limit = limits.get(device_type)
-        if limit is None:
-            limit = limits[device_type] = _ts(now + threshold(device_type))
-        due.setdefault(device_type, 0)
-        if str(not_after) < limit:          # 'YYYY-MM-DDTHH:MM:SSZ' sorts as time
-            due[device_type] += 1
+            # CROSS JOIN: SQLite keeps certificates (the due range) as the outer loop, rather than
+            # every enrolled device; PostgreSQL takes it as the inner join it is
+            "SELECT d.device_type, COUNT(*) FROM certificates c CROSS JOIN devices d "
+            "WHERE d.serial = c.device_serial AND c.profile = 'operational' AND c.status = 'current' "
+            "AND c.not_after < ? "
+            f"AND c.not_after < {cut} AND d.state = 'enrolled' GROUP BY d.device_type",
+            [latest, *params]).fetchall()
+    due = {t: 0 for t in types}
+    due.update({t: int(n) for t, n in rows})
     return due
 
 

@@ -110,11 +110,40 @@ REFUSAL_CLASSES = (
 )
 
 
+# the results each enrollment decision can have (service/enrollment.py): every pair is created at
+# import, as are the handshake results, refusal classes, verdict tiers (below), so each series
+# exists at 0 from the first scrape and increase()/rate() see the first event
+_GUARDS = ("refused", "rate-limited")
+DECISION_RESULTS = {
+    "nonce": ("issued", *_GUARDS),
+    "evidence": ("affirming", "warning", "contraindicated", *_GUARDS),
+    "enroll": ("issued", *_GUARDS),
+    "renew": ("issued", *_GUARDS),
+    "config": ("served", "failed", *_GUARDS),
+}
+
+
+def _create_series() -> None:
+    from devid.attestation.policy import Tier
+    for result in ("ok", "refused"):
+        HANDSHAKES.labels(result)
+    for label in sorted({label for _, label in REFUSAL_CLASSES} | {"other"}):
+        HANDSHAKE_REFUSALS.labels(label)
+    for action, results in DECISION_RESULTS.items():
+        for result in results:
+            DECISIONS.labels(action, result)
+    for tier in Tier:
+        VERDICTS.labels(tier.value)
+
+
 def refusal_class(reason: str) -> str:
     for pattern, label in REFUSAL_CLASSES:
         if pattern in reason:
             return label
     return "other"
+
+
+_create_series()
 
 
 def resource_label(path: tuple[str, ...], known: bool) -> str:
