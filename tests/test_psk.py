@@ -25,7 +25,7 @@ from devid.gateway.app.datadir import DataDir
 from devid.gateway.app.server import POLICY_FILE
 from devid.gateway.device.client import device_context
 from devid.gateway.device.identity import DeviceIdentity, device_csr, load_bundle, new_p256_key
-from devid.gateway.device.psk import Psk, psk_context, read_psk
+from devid.gateway.device.psk import Psk, psk_context, read_operational_psk, read_psk
 from devid.gateway.device.protocol import CT_CBOR, CT_PKCS10
 
 from .conftest import NOW, free_port, ok, one_line_error, run_devid, tool
@@ -43,7 +43,7 @@ def gw(tmp_path_factory):
     data.init(NOW)
     (data.path / POLICY_FILE).write_text(POLICY)
     out = base / "factory"
-    proc = run_devid("provision", "--count", "4", "--device-type", "temperature-sensor", "--psk", "--out", out,
+    proc = run_devid("provision", "--count", "5", "--device-type", "temperature-sensor", "--psk", "--out", out,
                      "--workers", "1", "--json", data_dir=data.path)
     provisioned = json.loads(ok(proc))
     ok(run_devid("provision", "--count", "1", "--device-type", "temperature-sensor", "--serial-prefix", "XS",
@@ -198,7 +198,7 @@ def test_psk_device_attests_enrolls_renews_and_uses_its_operational_psk(gw):
     device = bundle(gw, 3)
     proc = run_devid("simulate", "--psk", "--gateway", gw["base"], "--devices", gw["out"], "--limit", "3",
                      "--timeout", "20", "--json", *FIRMWARE)
-    summary = json.loads(ok(proc))
+    print("STDOUT", proc.stdout.decode()[-3000:]); summary = json.loads(ok(proc))
     assert summary["enrolled"] == 3 and summary["flow"] == "psk", summary
     assert (device / "op-chain.pem").exists() and (device / "config.cbor").exists()
     op = read_psk(device, operational=True)
@@ -300,10 +300,10 @@ def test_a_psk_alone_gets_no_certificate_and_no_operational_psk(gw):
     assert b"session" in psk_factory.payload and b"session" in psk_op.payload
     refused = [ev for ev in events(gw, since) if ev.get("serial") == serial and ev.get("result") == "refused"]
     assert {ev["event"] for ev in refused} >= {"enroll", "renew", "psk"}, refused
-    assert not any("key" in str(ev.get("psk_identity", "")) for ev in refused)
+    assert {ev["reason"] for ev in refused if ev["event"] == "psk"} == {"no certificate issued in this session"}
 
-    # evidence bound to another key than the CSR's (the real device's evidence replayed into the
-    # attacker's CSR) is refused too: the cnf claim binds it to the key it was made for
+    # evidence the real device made for its own new key, put in the attacker's CSR for another
+    # key, is refused too: the cnf claim binds it to the key it was made for
     async def replayed():
         [nonce] = await in_session(gw, op_psk, _get("attest/nonce", accept=CT_CBOR))
         token = identity.evidence(cbor2.loads(nonce.payload)["nonce"], FW, iat=int(time.time()),
@@ -338,6 +338,141 @@ def test_with_attestation_waived_the_psk_is_the_only_proof(gw):
     issued = [ev for ev in events(gw) if ev.get("serial") == "LS00000001" and ev.get("result") == "issued"]
     assert [ev["event"] for ev in issued] == ["enroll", "renew"] and issued[0]["attestation"] == "waived"
     assert not any(ev.get("event") == "evidence" and ev.get("serial") == "LS00000001" for ev in events(gw))
+
+
+def _issued(gw, serial: str) -> int:
+    reg = gw["data"].open_registry()
+    try:
+        return len(reg.certificates_for_device(serial))
+    finally:
+        reg.close()
+
+
+async def _enroll_by_hand(gw, psk: Psk, identity: DeviceIdentity, path: str, key, *, bound: bool = True,
+                          signer: DeviceIdentity | None = None, nonce_psk: Psk | None = None,
+                          then_psk: bool = True) -> list[aiocoap.Message]:
+    """In one session with `psk`: a server nonce (from a session with `nonce_psk` if given), then
+    `path` (sen or sren) with a CSR for `key` carrying evidence for that nonce signed by `signer`
+    (the device's factory identity by default), bound to `key` unless not `bound`; then GET /psk."""
+    if nonce_psk is not None:
+        [answer] = await in_session(gw, nonce_psk, _get("attest/nonce", accept=CT_CBOR))
+        nonce = cbor2.loads(answer.payload)["nonce"]
+    gw["keys"].add(psk.key)
+    ctx = await psk_context(psk, gw["base"])
+    try:
+        async def ask(r: dict) -> aiocoap.Message:
+            r = dict(r)
+            message = aiocoap.Message(uri=f"{gw['base']}/{r.pop('path')}", **r)
+            return await asyncio.wait_for(ctx.request(message).response, 10)
+        if nonce_psk is None:
+            nonce = cbor2.loads((await ask(_get("attest/nonce", accept=CT_CBOR))).payload)["nonce"]
+        token = (signer or identity).evidence(nonce, FW, iat=int(time.time()),
+                                              bound_key=key.public_key() if bound else None)
+        out = [await ask(_post(f".well-known/est/{path}", device_csr(key, identity.serial, token), CT_PKCS10))]
+        if then_psk:
+            out.append(await ask(_get("psk", accept=CT_CBOR)))
+        return out
+    finally:
+        await ctx.shutdown()
+
+
+def test_the_operational_psk_comes_sealed_to_the_key_of_the_certificate_issued(gw):
+    """Review 18b M1: the PSK suite has no (EC)DHE, so whoever holds the factory PSK reads what a
+    session carries; the operational PSK travels sealed to the attested CSR key (ca/sealed.py).
+    Opened here with cwt (an independent COSE implementation), as docs/enrollment.md says."""
+    from cryptography.hazmat.primitives import serialization
+    from cwt import COSE, COSEKey
+
+    device = bundle(gw, 1)
+    factory, _, factory_key, _ = load_bundle(device)
+    identity = DeviceIdentity.of(factory, factory_key)
+    key = new_p256_key()
+    sen, psk = asyncio.run(_enroll_by_hand(gw, read_psk(device), identity, "sen", key))
+    assert sen.code == aiocoap.CHANGED, (sen.code, sen.payload)
+    assert psk.code == aiocoap.CONTENT and psk.opt.max_age == 0, (psk.code, psk.payload)
+    body = cbor2.loads(psk.payload)
+    assert set(body) == {"identity", "sealed_key"} and body["identity"] == "op:SN00000001"
+    assert body["sealed_key"].tag == 96
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    opened = COSE.new().decode(cbor2.dumps(body["sealed_key"]), COSEKey.from_pem(pem, alg="ECDH-ES+HKDF-256"),
+                               context={"alg": "AES-CCM-16-64-128"})
+    gw["keys"].add(opened)
+    assert len(opened) == 16 and opened not in psk.payload
+    # what a recorded session shows a PSK holder opens with no other key
+    with pytest.raises(Exception):
+        COSE.new().decode(cbor2.dumps(body["sealed_key"]), COSEKey.from_pem(
+            new_p256_key().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()), alg="ECDH-ES+HKDF-256"),
+            context={"alg": "AES-CCM-16-64-128"})
+    # the key opened is the device's operational PSK: a handshake with it works
+    said = libcoap(gw, Psk(b"op:SN00000001", opened))
+    assert '"kind": "operational-psk"' in said and '"serial": "SN00000001"' in said, said[-2000:]
+
+
+def test_psk_sessions_take_only_evidence_of_the_attestation_key_for_this_device_and_key(gw):
+    """Review 18b L6: in a PSK session /sen and /sren take evidence only when it is signed with the
+    device's factory key, for a nonce issued to this device, bound (cnf) to the CSR's key."""
+    device, serial = bundle(gw, 3), "SN00000003"
+    factory, _, factory_key, _ = load_bundle(device)
+    identity = DeviceIdentity.of(factory, factory_key)
+    from cryptography import x509
+    from devid.ca.keys import load_plain_key
+    op_cert = x509.load_pem_x509_certificates((device / "op-chain.pem").read_bytes())[0]
+    op_identity = DeviceIdentity.of(op_cert, load_plain_key(device / "op-key.pem"))
+    factory_psk, op_psk = read_psk(device), read_psk(device, operational=True)
+    before = _issued(gw, serial)
+    since = lines(gw)
+    cases = {
+        "no cnf": (factory_psk, "sen", dict(bound=False)),
+        "signed with the operational key": (op_psk, "sren", dict(signer=op_identity)),
+        "a nonce of another device": (op_psk, "sren", dict(nonce_psk=read_psk(bundle(gw, 1)))),
+    }
+    for case, (psk, path, kw) in cases.items():
+        [answer] = asyncio.run(_enroll_by_hand(gw, psk, identity, path, new_p256_key(), then_psk=False, **kw))
+        assert answer.code in (aiocoap.BAD_REQUEST, aiocoap.FORBIDDEN), (case, answer.code, answer.payload)
+    assert _issued(gw, serial) == before                # nothing was issued
+    # each appraised and refused, for its own reason, in the attestation log's verdicts
+    verdicts = [ev for ev in events(gw, since) if ev.get("serial") == serial and ev.get("event") == "evidence"]
+    assert [ev["reasons"] for ev in verdicts] == [["key-not-bound"], ["signature-invalid"], ["nonce-wrong-device"]]
+    assert not any(ev["acceptable"] for ev in verdicts), verdicts
+    # the device's operational PSK still opens sessions (nothing rotated)
+    assert json.loads(asyncio.run(tinydtls_get(gw, op_psk)).payload)["kind"] == "operational-psk"
+
+
+def test_a_session_whose_certificate_another_session_replaced_gets_no_psk(gw):
+    """Review 18b L6: session A renews; before A asks for its PSK, session B (the factory PSK)
+    enrolls the device again; A's GET /psk is then refused: its certificate is not current."""
+    device, serial = bundle(gw, 5), "SN00000005"
+    factory, _, factory_key, _ = load_bundle(device)
+    identity = DeviceIdentity.of(factory, factory_key)
+    key = new_p256_key()
+    sen, psk = asyncio.run(_enroll_by_hand(gw, read_psk(device), identity, "sen", key))
+    assert sen.code == aiocoap.CHANGED and psk.code == aiocoap.CONTENT, (sen.payload, psk.payload)
+    op_psk = read_operational_psk(psk.payload, key)
+    gw["keys"].add(op_psk.key)
+
+    async def race():
+        ctx = await psk_context(op_psk, gw["base"])
+        try:
+            async def ask(r: dict) -> aiocoap.Message:
+                r = dict(r)
+                return await asyncio.wait_for(ctx.request(
+                    aiocoap.Message(uri=f"{gw['base']}/{r.pop('path')}", **r)).response, 10)
+            nonce = cbor2.loads((await ask(_get("attest/nonce", accept=CT_CBOR))).payload)["nonce"]
+            key = new_p256_key()
+            token = identity.evidence(nonce, FW, iat=int(time.time()), bound_key=key.public_key())
+            renewed = await ask(_post(".well-known/est/sren", device_csr(key, serial, token), CT_PKCS10))
+            [sen] = await _enroll_by_hand(gw, read_psk(device), identity, "sen", new_p256_key(), then_psk=False)
+            return renewed, sen, await ask(_get("psk", accept=CT_CBOR))
+        finally:
+            await ctx.shutdown()
+
+    since = lines(gw)
+    renewed, sen, psk = asyncio.run(race())
+    assert renewed.code == aiocoap.CHANGED and sen.code == aiocoap.CHANGED, (renewed.payload, sen.payload)
+    assert psk.code == aiocoap.FORBIDDEN and b"no longer current" in psk.payload, (psk.code, psk.payload)
+    wait_event(gw, since, lambda ev: ev.get("event") == "psk" and ev.get("serial") == serial
+               and ev.get("reason") == "the certificate this session was issued is not current")
 
 
 def test_revoked_device_is_refused_at_the_next_handshake(gw):
@@ -397,6 +532,9 @@ def test_no_psk_in_any_log_line(gw):
     gateway's whole log (DEBUG included). On its own too: it makes a right and a wrong handshake."""
     libcoap(gw, read_psk(bundle(gw, 1)))
     libcoap(gw, Psk(b"SN00000001", b"0123456789abcdef"))
+    # an operational PSK served (sealed) in this very test, and opened by the device
+    ok(run_devid("simulate", "--psk", "--gateway", gw["base"], "--devices", gw["legacy"], "--timeout", "20"))
+    assert any(ev.get("event") == "psk" and ev.get("result") == "served" for ev in events(gw))
     files = {f.read_bytes() for f in gw["out"].glob("*/*psk-key.txt")}    # every factory and operational key
     gw["keys"] |= files
     assert len(files) >= 4 and b"0123456789abcdef" in gw["keys"]

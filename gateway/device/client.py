@@ -113,6 +113,12 @@ def coap_exchange(ctx, base: str, timeout: float):
             raise EnrollFailed("connect", f"cannot reach the gateway: {exc.strerror or exc}") from None
         except aiocoap.error.Error as exc:
             raise EnrollFailed(ep.step, str(exc) or exc.__class__.__name__) from None
+        # held while the exchange is: aiocoap's tinydtls transport keeps its connections only
+        # weakly (a WeakValueDictionary), so a session nothing refers to between two requests is
+        # collected (close_notify) and the next request opens a new one: a PSK device's GET /psk
+        # must come in the session that was issued the certificate (device/psk.py)
+        exchange.remote = response.remote
         cf = response.opt.content_format
         return Answer(int(response.code), None if cf is None else int(cf), response.payload)
+    exchange.remote = None
     return exchange

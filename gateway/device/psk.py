@@ -9,7 +9,8 @@ PSK device carries a server nonce (GET /attest/nonce), signed with the device's 
 not use it). A PSK is a string in flash, not a key, so the gateway takes no verdict of an earlier
 request from a PSK session: the evidence travels inside the CSR of /sen and of /sren (the
 one-request flow, its cnf claim binding it to the CSR's key). After /sen the device fetches its
-operational PSK (GET /psk) in the same session (no other session gets it) and uses it for its later
+operational PSK (GET /psk) in the same session (no other session gets it; it comes sealed to the
+new certificate's key, which opens it: ca/sealed.py) and uses it for its later
 sessions; each renewal (/sren, with fresh evidence) rotates it, fetched in the renewal's session.
 
 aiocoap keeps one tinydtls connection per remote address in a Context and reuses it whatever the
@@ -28,10 +29,11 @@ import aiocoap
 import aiocoap.error
 import cbor2
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from devid.ca import keys, psk as ca_psk
+from devid.ca import keys, psk as ca_psk, sealed
 from devid.gateway.device.client import coap_exchange
-from devid.gateway.device.enroll import EnrollResult, _store_config, _store_operational
+from devid.gateway.device.enroll import EnrollResult, _store_operational, store_config
 from devid.gateway.device.flow import Done, Flow, Issued, Verify, drive, read_verdict, take_nonce
 from devid.gateway.device.flow_one import _certificate, _config, _part, _send, _shape, one_request_flow, read_parts
 from devid.gateway.device.identity import DeviceIdentity, Firmware, device_csr, load_bundle, new_p256_key, root_verifier
@@ -43,6 +45,7 @@ IDENTITY_FILE = "psk-identity.txt"
 KEY_FILE = "psk-key.txt"
 OPERATIONAL_IDENTITY_FILE = "operational-psk-identity.txt"
 OPERATIONAL_KEY_FILE = "operational-psk-key.txt"
+_KEY_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
 class PskUnavailable(GatewayError):
@@ -93,28 +96,35 @@ async def psk_context(psk: Psk, base: str) -> aiocoap.Context:
     return ctx
 
 
-def read_operational_psk(payload: bytes) -> Psk:
-    """The answer of GET /psk: CBOR {"identity": tstr, "key": tstr}."""
+def read_operational_psk(payload: bytes, key: ec.EllipticCurvePrivateKey) -> Psk:
+    """The answer of GET /psk, CBOR {"identity": tstr, "sealed_key": COSE_Encrypt}: the operational
+    PSK, opened with `key`, the private key of the certificate the session was just issued."""
     try:
         body = cbor2.loads(payload)
-        identity, key = body["identity"], body["key"]
-        if not (isinstance(identity, str) and isinstance(key, str)):
+        identity, sealed_key = body["identity"], body["sealed_key"]
+        if not isinstance(identity, str):
             raise TypeError
-        psk = Psk(identity.encode("ascii"), key.encode("ascii"))
+        identity = identity.encode("ascii")
     except Exception:
-        raise PskUnavailable("the answer of /psk is not CBOR {identity, key}") from None
-    if psk.kind != ca_psk.OPERATIONAL_PSK or len(psk.key) != ca_psk.KEY_CHARS:
+        raise PskUnavailable("the answer of /psk is not CBOR {identity, sealed_key}") from None
+    try:
+        psk = Psk(identity, sealed.unseal(key, sealed_key))
+    except sealed.SealError as exc:
+        raise PskUnavailable(f"the answer of /psk: {exc}") from None
+    if (psk.kind != ca_psk.OPERATIONAL_PSK or len(psk.key) != ca_psk.KEY_CHARS
+            or not all(c in _KEY_ALPHABET for c in psk.key)):
         raise PskUnavailable("the answer of /psk is not an operational PSK")
     return psk
 
 
-async def fetch_operational_psk(ctx: aiocoap.Context, base: str, timeout: float) -> Psk:
-    """GET /psk over the session `ctx` holds with the gateway."""
+async def fetch_operational_psk(ctx: aiocoap.Context, base: str, key: ec.EllipticCurvePrivateKey,
+                                timeout: float) -> Psk:
+    """GET /psk over the session `ctx` holds with the gateway; `key`: the new certificate's."""
     message = aiocoap.Message(code=aiocoap.GET, uri=f"{base}/psk", accept=CT_CBOR)
     response = await asyncio.wait_for(ctx.request(message).response, timeout)
     if response.code != aiocoap.CONTENT:
         raise PskUnavailable(f"/psk: {response.code} {response.payload[:200]!r}")
-    return read_operational_psk(response.payload)
+    return read_operational_psk(response.payload, key)
 
 
 # -- the PSK device's flows: enrollment and renewal over tinydtls -----------------------------------
@@ -124,7 +134,7 @@ async def enroll_psk(directory: Path, gateway_uri: str, firmware: Firmware | Non
     """Enroll the PSK device of the bundle `directory`, in one session with its factory PSK: a
     server nonce, /sen with evidence signed with the factory key inside the CSR (the one-request
     flow; without `firmware` no evidence, for device types whose policy waives attestation), then
-    GET /psk. Keeps op-chain.pem and op-key.pem, config.cbor/json and the operational PSK."""
+    GET /psk (the key comes sealed to the new certificate's key, opened with it). Keeps op-chain.pem and op-key.pem, config.cbor/json and the operational PSK."""
     directory = Path(directory)
     gateway = parse_gateway(gateway_uri)
     try:
@@ -139,14 +149,18 @@ async def enroll_psk(directory: Path, gateway_uri: str, firmware: Firmware | Non
         if done.step == "enroll":
             _store_operational(directory, done.value)
         elif done.step == "config":
-            _store_config(directory, done.value)
+            store_config(directory, done.value)
 
+    new_key = _KeyKept()
     ctx = await psk_context(psk, gateway.base)
     try:
-        done, steps = await drive(one_request_flow(identity, firmware, root_verifier(root)),
-                                  coap_exchange(ctx, gateway.base, timeout), on_step)
+        # `exchange` holds the session until GET /psk (coap_exchange: aiocoap holds it weakly)
+        exchange = coap_exchange(ctx, gateway.base, timeout)
+        done, steps = await drive(one_request_flow(identity, firmware, root_verifier(root), new_key=new_key),
+                                  exchange, on_step)
         t = time.perf_counter()
-        save_psk(directory, await _fetch(ctx, gateway.base, timeout))
+        save_psk(directory, await _fetch(ctx, gateway.base, new_key.key, timeout))
+        del exchange
         steps["psk"] = time.perf_counter() - t
     finally:
         await ctx.shutdown()
@@ -168,12 +182,14 @@ async def renew_psk(directory: Path, gateway_uri: str, firmware: Firmware | None
     except (BundleError, PskUnavailable, keys.KeyFileError) as exc:
         raise EnrollFailed("bundle", f"{exc} (enroll the device first)") from None
     identity = DeviceIdentity.of(factory, factory_key)
+    new_key = _KeyKept()
     ctx = await psk_context(psk, gateway.base)
     try:
-        issued, _ = await drive(renew_psk_flow(identity, firmware, root_verifier(root)),
-                                coap_exchange(ctx, gateway.base, timeout))
+        exchange = coap_exchange(ctx, gateway.base, timeout)       # holds the session (enroll_psk)
+        issued, _ = await drive(renew_psk_flow(identity, firmware, root_verifier(root), new_key=new_key), exchange)
         _store_operational(directory, issued)
-        save_psk(directory, await _fetch(ctx, gateway.base, timeout))
+        save_psk(directory, await _fetch(ctx, gateway.base, new_key.key, timeout))
+        del exchange
     finally:
         await ctx.shutdown()
     return issued.certificate
@@ -203,9 +219,21 @@ def renew_psk_flow(identity: DeviceIdentity, firmware: Firmware | None, verify: 
     return issued
 
 
-async def _fetch(ctx: aiocoap.Context, base: str, timeout: float) -> Psk:
+class _KeyKept:
+    """new_key for a flow that keeps the key it made: the operational PSK is sealed to it."""
+
+    key: ec.EllipticCurvePrivateKey | None = None
+
+    def __call__(self) -> ec.EllipticCurvePrivateKey:
+        self.key = new_p256_key()
+        return self.key
+
+
+async def _fetch(ctx: aiocoap.Context, base: str, key: ec.EllipticCurvePrivateKey | None, timeout: float) -> Psk:
+    if key is None:
+        raise EnrollFailed("psk", "no certificate key was made in this session")
     try:
-        return await fetch_operational_psk(ctx, base, timeout)
+        return await fetch_operational_psk(ctx, base, key, timeout)
     except asyncio.TimeoutError:
         raise EnrollFailed.no_answer("psk", timeout) from None
     except (PskUnavailable, aiocoap.error.Error) as exc:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -58,79 +59,13 @@ from devid.gateway.service.authorization import RULES, authorize
 from devid.gateway.service.budgets import Budgets, RateLimiter
 from devid.gateway.store.configuration import ConfigTemplates
 from devid.gateway.errors import ConfigError, GatewayError
-from devid.gateway.service.identity import (OPERATIONAL, PSK_KINDS, SUPERSEDED_SESSION_GRACE, PeerIdentity,
-                                            attestation_identity, operational_psk)
+from devid.gateway.service.identity import OPERATIONAL, PSK_KINDS, PeerIdentity, attestation_identity
+from devid.gateway.service.psk_rules import PskRules
+from devid.gateway.service.refusals import (  # noqa: F401  (the service's refusals, imported from here too)
+    EnrollmentError, NotAuthenticated, WrongIdentity, AttestationRequired, AttestationRefused, ReenrollmentRefused, DeviceNotAllowed, UnknownDeviceType, CertificateRevoked, CertificateSuperseded, TooManyRequests, TooManyCertificates)
 from devid.gateway.system import metrics
 
 log = logging.getLogger("devid.enrollment")
-
-
-class EnrollmentError(GatewayError):
-    """A refusal the device is told about (short reason); `problems.py` maps it to a CoAP code."""
-
-    code = "refused"
-
-
-class NotAuthenticated(EnrollmentError):
-    code = "not-authenticated"
-
-
-class WrongIdentity(EnrollmentError):
-    """A factory identity where an operational one is needed, or the reverse."""
-
-    code = "wrong-identity"
-
-
-class AttestationRequired(EnrollmentError):
-    code = "attestation-required"
-
-
-class AttestationRefused(EnrollmentError):
-    """Evidence that came inside the CSR was appraised unacceptable (the verdict is logged)."""
-
-    code = "attestation-refused"
-
-
-class ReenrollmentRefused(EnrollmentError):
-    code = "reenrollment-refused"
-
-
-class DeviceNotAllowed(EnrollmentError):
-    """Unknown or revoked device."""
-
-    code = "device-not-allowed"
-
-
-class UnknownDeviceType(EnrollmentError):
-    code = "unknown-device-type"
-
-
-class CertificateRevoked(EnrollmentError):
-    """The certificate of this session was revoked (its device may not be)."""
-
-    code = "certificate-revoked"
-
-
-class CertificateSuperseded(EnrollmentError):
-    """A later issuance replaced the certificate of this session (and its grace, if any, is over)."""
-
-    code = "certificate-superseded"
-
-
-class TooManyRequests(EnrollmentError):
-    """Over a per-device budget; `retry_after` is the seconds until a request would be accepted."""
-
-    code = "too-many-requests"
-
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class TooManyCertificates(TooManyRequests):
-    """The device received its allowance of operational certificates within the window."""
-
-    code = "too-many-certificates"
 
 
 @dataclass(frozen=True)
@@ -151,7 +86,7 @@ class EvidenceOutcome:
 
 
 @dataclass
-class EnrollmentService:
+class EnrollmentService(PskRules):
     ca: CertificateAuthority
     attestation: AttestationService
     policy: Policy
@@ -167,6 +102,8 @@ class EnrollmentService:
     anomalies: Any = None
     # the PSK secret (ca/psk.py), None while there is none: GET /psk (service/psk.py)
     psk_secret: Callable[[], bytes | None] = lambda: None
+    # randomness: the ephemeral keys that seal operational PSKs (service/psk_rules.py)
+    random: Callable[[int], bytes] = os.urandom
 
     def __post_init__(self) -> None:
         self.limiter = RateLimiter(self.budgets, self.monotonic)
@@ -395,34 +332,6 @@ class EnrollmentService:
             self.anomalies.renewed(who.serial)
         return Issuance(issued, evaluation, config)
 
-    def _psk_without_evidence(self, action: str, who: PeerIdentity) -> None:
-        self._decision(action, who, "refused", reason="PSK session without evidence in the CSR")
-        raise AttestationRequired(f"a PSK device of type {who.device_type} must put evidence signed with its "
-                                  "attestation key in the CSR (attribute id-aa-attestation)")
-
-    def _psk_appraisal(self, who: PeerIdentity, checked: CheckedKey):
-        """The appraisal of the evidence in a PSK session's /sren CSR, acceptable (else refused,
-        and logged); None if the CSR has none and the policy waives attestation."""
-        tpolicy = self.policy.for_type(who.device_type)
-        if checked.evidence is None:
-            if tpolicy is not None and tpolicy.attestation == "waived":
-                return None
-            self._psk_without_evidence("renew", who)
-        attester = attestation_identity(self.ca.store, who)
-        if attester is None:
-            self._decision("renew", who, "refused", reason="no current factory certificate")
-            raise DeviceNotAllowed(f"device {who.serial} is not allowed")
-        # tinydtls exports no session value: the nonce is a server nonce, bound to the factory
-        # certificate (nonce()); the cnf claim binds the evidence to the CSR's key
-        appraisal = self.attestation.appraise(checked.evidence,
-                                              self._attesting(attester, None, cose_key_xy(checked.public_key)))
-        if not appraisal.verdict.acceptable:
-            outcome = self._judged(who, self.attestation.record(appraisal), via="csr")
-            verdict = appraisal.verdict
-            raise AttestationRefused(f"verdict {verdict.tier.value}: {', '.join(verdict.codes)}"
-                                     + (" (the device was revoked)" if outcome.revoked else ""))
-        return appraisal
-
     def _check_csr(self, action: str, who: PeerIdentity, csr: bytes, evidence: bool = False) -> CheckedKey:
         """Parse and check the CSR once; issuance then takes the checked key. `evidence`: take
         the attestation evidence it carries (else a CSR with evidence is refused)."""
@@ -448,35 +357,6 @@ class EnrollmentService:
         config = self._config(who)
         self._decision("config", who, "served", device_type=who.device_type)
         return config
-
-    def operational_psk(self, who: PeerIdentity | None, issued_here: int | None) -> tuple[str, bytes]:
-        """GET /psk: (identity, key) of the PSK device's operational PSK, the one that goes with
-        the certificate `issued_here`: the one this very session's /sen or /sren issued (None:
-        it issued none), while it is still the device's current one. A factory PSK alone, or an
-        operational PSK of a session that renewed nothing, gets no key (authorization.RULES["psk"]
-        for the device, service/psk.py for the session). Paid from the /config budget: the same
-        sessions read both, once per enrollment or renewal."""
-        if who is None:
-            self._decision("psk", None, "refused", reason="no device identity")
-            raise NotAuthenticated("a device identity is required")
-        self._spend("config", who)
-        # the session that renewed (its certificate now superseded) fetches the key that goes with
-        # the new certificate: for as long as such a session lives (identity.session_grace)
-        self._standing("psk", who, max(self.budgets.superseded_grace, SUPERSEDED_SESSION_GRACE))
-        if issued_here is None:
-            self._decision("psk", who, "refused", reason="no certificate issued in this session")
-            raise WrongIdentity("the operational PSK is served only in the session whose /sen or /sren issued "
-                                "its certificate")
-        secret = self.psk_secret()
-        found = operational_psk(self.ca.store, secret, who.serial) if secret is not None else None
-        if found is None or found[2] != issued_here:
-            self._decision("psk", who, "refused", reason="the certificate this session was issued is not current")
-            raise DeviceNotAllowed(f"device {who.serial}: the certificate this session was issued is no longer "
-                                   "current: renew again")
-        name, key, cert_serial = found
-        # the identity and the certificate it goes with, never the key
-        self._decision("psk", who, "served", psk_identity=name, certificate_serial=format(cert_serial, "x"))
-        return name, key
 
     def _config(self, who: PeerIdentity) -> dict:
         try:

@@ -223,15 +223,21 @@ class PskDeviceAuthenticator:
         return psk, PeerIdentity(serial, found.device_type, kind, found.fingerprint, record.serial, key)
 
 
-def operational_psk(registry: Registry, secret: bytes, serial: str) -> tuple[str, bytes, int] | None:
-    """(identity, key, certificate serial) of the device's current operational PSK: the one that
-    goes with its current operational certificate; None before its first enrollment."""
+def operational_psk(registry: Registry, secret: bytes, serial: str
+                    ) -> tuple[str, bytes, int, ec.EllipticCurvePublicKey] | None:
+    """(identity, key, certificate serial, certificate key) of the device's current operational
+    PSK: the one that goes with its current operational certificate (the key is sealed to that
+    certificate's key for delivery, ca/sealed.py); None before its first enrollment."""
     current = [c for c in registry.certificates_for_device(serial)
                if c.profile == OPERATIONAL and c.status is CertStatus.CURRENT]
-    if not current:
+    found = registry.lookup_certificate(current[-1].serial) if current else None
+    if found is None:
+        return None
+    public_key = x509.load_der_x509_certificate(found.der).public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
         return None
     name = ca_psk.operational_identity(serial)
-    return name, ca_psk.derive_key(secret, name, current[-1].serial), current[-1].serial
+    return name, ca_psk.derive_key(secret, name, current[-1].serial), current[-1].serial, public_key
 
 
 def attestation_identity(registry: Registry, who: PeerIdentity) -> PeerIdentity | None:

@@ -1,6 +1,6 @@
 """GET /psk: a PSK device's operational pre-shared key (docs/enrollment.md#psk-devices).
 
-    /psk    GET    CBOR {"identity": tstr, "key": tstr}, Max-Age 0
+    /psk    GET    CBOR {"identity": tstr, "sealed_key": COSE_Encrypt}, Max-Age 0
                    (factory-psk or operational-psk, only in the session whose /sen or /sren issued
                    the device's current operational certificate)
 
@@ -10,7 +10,8 @@ was issued needed evidence signed by the attestation key, EnrollmentService.enro
 enrollment and renewal issues a new certificate, so the key rotates with it, and the old key stops
 working at once (the gateway then accepts only the new one in new handshakes; sessions of the
 old one end with the certificate's grace period, like a superseded certificate's). It travels only
-inside the device's authenticated DTLS session; the gateway logs the identity, never the key.
+inside the device's authenticated DTLS session, and sealed to the key of that certificate
+(service/psk_rules.py says why); the gateway logs the identity, never the key.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class OperationalPsk(_Resource):
     async def render_get(self, request):
         self.accepted(request, CT_CBOR)
         # the certificate this session's /sen or /sren issued (resources.SimpleEnroll), if any
-        name, key = self.service.operational_psk(identity_of(request), getattr(request.remote, "psk_issued", None))
-        body = cbor2.dumps({"identity": name, "key": key.decode("ascii")})
+        name, sealed_key = self.service.operational_psk(identity_of(request), getattr(request.remote, "psk_issued", None))
+        # a map of two: the COSE_Encrypt goes in as the CBOR item it is (not wrapped in a bstr)
+        body = b"\xa2" + cbor2.dumps("identity") + cbor2.dumps(name) + cbor2.dumps("sealed_key") + sealed_key
         return aiocoap.Message(code=codes.CONTENT, payload=body, content_format=CT_CBOR, max_age=0)
