@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
@@ -44,6 +44,9 @@ OPERATIONAL_PREFIX = "op:"
 FACTORY_PSK = "factory-psk"
 OPERATIONAL_PSK = "operational-psk"
 SECRET_FILE = "psk.secret"
+
+# the registry's deployment row naming the secret every host must share (secret_check)
+SECRET_CHECK_KEY = "psk_secret_check"
 
 _MAGIC = b"devid-psk-secret-v1\n"
 _AAD = b"devid psk secret v1"
@@ -82,6 +85,15 @@ def derive_key(secret: bytes, identity: str, certificate_serial: int | None = No
         info += b"\x00" + format(certificate_serial, "x").encode()
     raw = HKDF(hashes.SHA256(), KEY_BITS // 8, salt=None, info=info).derive(secret)
     return base64.urlsafe_b64encode(raw)          # 12 bytes -> exactly 16 characters, no padding
+
+
+def secret_check(secret: bytes) -> str:
+    """What the registry keeps to tell one PSK secret from another (hosts of one registry must
+    share one: ca/psk.secret is copied by `devid init --join`): HMAC-SHA256 keyed with the secret
+    over a fixed text, 128 bits in hex. It tells nothing about the secret or any key."""
+    mac = hmac.HMAC(secret, hashes.SHA256())
+    mac.update(b"devid psk secret check v1")
+    return mac.finalize()[:16].hex()
 
 
 def _seal_key(passphrase: bytes, salt: bytes) -> bytes:

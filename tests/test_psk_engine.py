@@ -191,3 +191,38 @@ def test_a_secret_that_appears_later_is_read_off_the_handshake(psk_gateway, ca):
         time.sleep(0.01)
     assert auth.psk_for(identity)[0] == key
     assert asked == ["devid-psk-secret"]          # once, and not on this thread
+
+
+def test_a_psk_stands_only_for_a_certificate_of_the_gateways_ca_within_its_validity(psk_gateway, ca, data):
+    """Review 18b L3: as a handshake's chain must, the CA certificate that issued the certificate a
+    PSK stands for must be this gateway's and within its validity."""
+    from datetime import timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from devid.gateway.dtls.psk import PskRefused
+    from devid.gateway.service.identity import FACTORY
+
+    _, out, secret = psk_gateway
+    identity, key = bundle_psk(out, "SN00000001")
+    mfg = data.cert("manufacturing")
+
+    def ca_cert(subject: x509.Name, before, after) -> x509.Certificate:
+        k = ec.generate_private_key(ec.SECP256R1())
+        return (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(k.public_key())
+                .serial_number(1).not_valid_before(before).not_valid_after(after).sign(k, hashes.SHA256()))
+
+    other = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "Another Manufacturing CA")])
+    cases = [(ca_cert(mfg.subject, NOW - timedelta(days=30), NOW - timedelta(days=1)), "outside its validity"),
+             (ca_cert(mfg.subject, NOW + timedelta(days=1), NOW + timedelta(days=30)), "outside its validity"),
+             (ca_cert(other, NOW - timedelta(days=1), NOW + timedelta(days=30)), "not of this gateway's CA")]
+    for issuer, said in cases:
+        auth = PskDeviceAuthenticator(ca.store, lambda: secret, clock=lambda: NOW, issuers={FACTORY: issuer})
+        auth.load_now()
+        with pytest.raises(PskRefused, match=said):
+            auth.psk_for(identity)
+    auth = PskDeviceAuthenticator(ca.store, lambda: secret, clock=lambda: NOW, issuers={FACTORY: mfg})
+    auth.load_now()
+    assert auth.psk_for(identity)[0] == key

@@ -5,6 +5,7 @@ derives the same PSKs; a secret that does not open refuses the join and leaves n
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import stat
 
@@ -35,3 +36,46 @@ def test_join_copies_and_checks_the_psk_secret(postgres, tmp_path):
     assert stat.S_IMODE(copied.stat().st_mode) == 0o600
     assert DataDir(b).psk_secret() == secret            # the same PSKs on both hosts
     assert secret not in copied.read_bytes() and secret.hex() not in json.dumps(joined)
+
+
+def test_hosts_of_one_registry_cannot_use_different_psk_secrets(postgres, tmp_path, caplog):
+    """Review 18b L2: the registry keeps a check of the PSK secret (ca/psk.secret_check) from the
+    first host that uses one; a host without it makes none, a host with another one is refused,
+    and a gateway with another one refuses PSK devices and says why."""
+    from devid.ca import psk
+    from devid.gateway.app.server import _psk_secret
+
+    url = postgres.new_schema("pskcheck")
+    a, b = tmp_path / "host-a", tmp_path / "host-b"
+    ok(run_devid("init", "--registry", url, data_dir=a))
+    ok(run_devid("init", "--join", url, "--ca-from", a / "ca", data_dir=b))   # before any PSK secret
+    assert not (b / "ca" / "psk.secret").exists()
+    out = tmp_path / "out"
+    ok(run_devid("provision", "--count", "1", "--device-type", "t", "--psk", "--out", out, data_dir=a))
+    secret = DataDir(a).psk_secret()
+    registry = DataDir(a).open_registry()
+    try:
+        assert registry.deployment()[psk.SECRET_CHECK_KEY] == psk.secret_check(secret)
+    finally:
+        registry.close()
+
+    # host b has none: it does not make its own
+    proc = run_devid("provision", "--count", "1", "--device-type", "t", "--psk", "--out", out, data_dir=b)
+    one_line_error(proc, "psk.secret", "another host")
+    assert not (b / "ca" / "psk.secret").exists()
+
+    # host b with a secret of its own (made before the registry had a check): refused, by
+    # provisioning and by the gateway (PSK devices refused, the reason logged, never the secret)
+    other = DataDir(b)
+    (b / "ca" / "psk.secret").write_bytes(psk.seal_secret(bytes(range(32)), other.passphrase()))
+    (b / "ca" / "psk.secret").chmod(0o600)
+    one_line_error(run_devid("provision", "--count", "1", "--device-type", "t", "--psk", "--out", out, data_dir=b),
+                   "not the PSK secret of this registry")
+    with caplog.at_level(logging.ERROR, logger="devid.gateway"):
+        assert _psk_secret(other) is None
+    said = [r.getMessage() for r in caplog.records if "PSK secret not usable" in r.getMessage()]
+    assert len(said) == 1 and "not the PSK secret of this registry" in said[0], said
+    assert bytes(range(32)).hex() not in said[0]
+    # with the first host's secret it is accepted
+    shutil.copy2(a / "ca" / "psk.secret", b / "ca" / "psk.secret")
+    assert _psk_secret(DataDir(b)) == secret

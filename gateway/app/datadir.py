@@ -217,12 +217,27 @@ class DataDir:
             self._issuers[name] = Issuer(name, cert, key)
         return self._issuers[name]
 
-    def psk_secret(self, create: bool = False) -> bytes | None:
-        """The PSK secret (ca/psk.py), None if there is none yet; `create`: made if missing."""
+    def psk_secret(self, create: bool = False, registry: Registry | None = None) -> bytes | None:
+        """The PSK secret (ca/psk.py), None if there is none yet; `create`: made if missing.
+        With `registry`: every host of one registry must derive the same PSKs, so the registry
+        keeps a check of the secret (psk.secret_check, recorded by the first host that uses one);
+        a host whose secret is another refuses it (CAError), and one without a secret makes none
+        when the registry already has one (it must be copied: `devid init --join` does)."""
         path = self.ca_dir / psk.SECRET_FILE
+        check = registry.deployment().get(psk.SECRET_CHECK_KEY) if registry is not None else None
+        if create and check is not None and not path.exists():
+            raise CAError(f"{path}: missing, and this registry's PSK devices use a PSK secret made on another host: "
+                          "copy that host's DATA/ca/psk.secret here (devid init --join copies it)")
         if create:
-            return psk.ensure_secret(path, self.passphrase())
-        return psk.load_secret(path, self.passphrase()) if path.exists() else None
+            secret = psk.ensure_secret(path, self.passphrase())
+        else:
+            secret = psk.load_secret(path, self.passphrase()) if path.exists() else None
+        if secret is not None and registry is not None:
+            mine = psk.secret_check(secret)
+            if (check or registry.settle_deployment(psk.SECRET_CHECK_KEY, mine)) != mine:
+                raise CAError(f"{path} is not the PSK secret of this registry's devices (another host made its own): "
+                              "copy the first host's DATA/ca/psk.secret here")
+        return secret
 
     def authority(self, registry: Registry, rand_bytes=os.urandom) -> CertificateAuthority:
         cfg = self.config

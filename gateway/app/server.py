@@ -25,6 +25,7 @@ import aiocoap.resource as resource
 
 from devid.attestation.policy import Policy
 from devid.attestation.service import AttestationService
+from devid.ca.psk import SECRET_FILE
 
 from devid.gateway.store.attestation_store import AttestationStore
 from devid.attestation.log_budget import LogBudget
@@ -40,7 +41,7 @@ from devid.gateway.service.resources import WhoAmI, add_enrollment_resources
 from devid.gateway.dtls import contexts, engine as E
 from devid.gateway.coap.server import CoapServer
 from devid.gateway.coap.transport import DTLSServerInterface
-from devid.gateway.service.identity import DeviceAuthenticator, PskDeviceAuthenticator
+from devid.gateway.service.identity import FACTORY, OPERATIONAL, DeviceAuthenticator, PskDeviceAuthenticator
 from devid.gateway.service.psk import OperationalPsk
 from devid.gateway.system.lifeline import die_with_parent
 from devid.gateway.system.logs import configure_logging
@@ -107,7 +108,8 @@ class Gateway:
         self.authenticator = DeviceAuthenticator(mfg, op, data.config.identity, self.registry, clock,
                                                  superseded_grace=budgets.superseded_grace)
         # PSK devices (tinydtls) on the same port: the ClientHello's suites decide (dtls/psk.py)
-        self.psk = PskDeviceAuthenticator(self.registry, lambda: _psk_secret(data), clock=clock)
+        self.psk = PskDeviceAuthenticator(self.registry, lambda: _psk_secret(data), clock=clock,
+                                          issuers={FACTORY: mfg, OPERATIONAL: op})
         self.psk.load_now()         # read now if there is one (scrypt: ~0.5 s), not in a handshake
         # the engine's authenticator, wrapped to name the device of a refused certificate
         self.witness = RefusalWitness(self.authenticator)
@@ -202,10 +204,19 @@ class Gateway:
 
 
 def _psk_secret(data: DataDir) -> bytes | None:
+    """The PSK secret, checked against the registry's (a host with another secret would refuse
+    every PSK device the others accept). Runs at start and in a thread of its own (identity.py),
+    so with a registry connection of its own."""
+    if not (data.ca_dir / SECRET_FILE).exists():
+        return None
     try:
-        return data.psk_secret()
-    except Exception as exc:            # unreadable: PSK devices are refused, and said why, once per look
-        log.warning("PSK secret not usable: %s", exc)
+        registry = data.open_registry()
+        try:
+            return data.psk_secret(registry=registry)
+        finally:
+            registry.close()
+    except Exception as exc:            # unusable: PSK devices are refused, and said why, once per look
+        log.error("PSK secret not usable: %s", exc)
         return None
 
 

@@ -22,7 +22,7 @@ def cmd_provision(args) -> int:
     if args.secure_element:
         from devid.gateway.factory.secure_element import SecureElement
         element = SecureElement.of(args.secure_element, os.environ.get(ENV_SO_PIN))
-    psk_secret = data.psk_secret(create=True) if args.psk else None
+    psk_secret = data.psk_secret(create=True, registry=registry) if args.psk else None
     result = provision(ca, count=args.count, device_type=args.device_type, out=out,
                        manufacturing_pem=data.cert_pem("manufacturing"), root_pem=data.cert_pem("root"),
                        serial_prefix=args.serial_prefix, now=utcnow, progress=progress, workers=args.workers,

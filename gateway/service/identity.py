@@ -147,8 +147,13 @@ class PskDeviceAuthenticator:
 
     def __init__(self, registry: Registry, secret: Callable[[], bytes | None],
                  monotonic: Callable[[], float] | None = None,
-                 clock: Callable[[], datetime] | None = None) -> None:
+                 clock: Callable[[], datetime] | None = None,
+                 issuers: dict[str, x509.Certificate] | None = None) -> None:
         self.registry = registry
+        # the CA certificate that issues each profile (FACTORY: the manufacturing CA, OPERATIONAL:
+        # the operational CA): a certificate a PSK stands for must come from it, within its
+        # validity, as the chain of a certificate in a handshake must
+        self.issuers = issuers or {}
         # the certificate a PSK stands for must be within its validity, as DeviceAuthenticator
         # requires of a certificate presented in the handshake
         self.clock = clock or (lambda: datetime.now().astimezone())
@@ -215,6 +220,15 @@ class PskDeviceAuthenticator:
         if now < cert.not_valid_before_utc:
             raise PskRefused(f"the {profile} certificate {record.serial:x} of device {serial} is not valid before "
                              f"{cert.not_valid_before_utc:%Y-%m-%d}")
+        issuer = self.issuers.get(profile)
+        if issuer is not None:
+            if cert.issuer != issuer.subject:
+                raise PskRefused(f"the {profile} certificate {record.serial:x} of device {serial} is not of this "
+                                 "gateway's CA")
+            if not issuer.not_valid_before_utc <= now <= issuer.not_valid_after_utc:
+                raise PskRefused(f"the CA certificate that issued the {profile} certificate of device {serial} is "
+                                 f"outside its validity ({issuer.not_valid_before_utc:%Y-%m-%d} to "
+                                 f"{issuer.not_valid_after_utc:%Y-%m-%d})")
         key = cert.public_key()
         if not isinstance(key, ec.EllipticCurvePublicKey):
             raise PskRefused("device key is not an EC key")
@@ -244,7 +258,13 @@ def attestation_identity(registry: Registry, who: PeerIdentity) -> PeerIdentity 
     """Who signs the evidence of `who`'s device: `who` itself, except for an operational-psk
     session, whose evidence is signed with the device's attestation key (its factory
     certificate's key, not the operational key the PSK's certificate carries): then the identity
-    of the device's newest factory certificate, None if it has none that is current."""
+    of the device's newest factory certificate, None if it has none that is current.
+
+    Its validity period is not checked, on purpose (docs/enrollment.md#rotation-renewal-and-revocation):
+    the factory key stays the device's attestation key for as long as its certificate is current
+    (not revoked), and a factory certificate that expires in service must not strand a device
+    that renews with its operational PSK, as it does not strand an X.509 device, which renews with
+    its operational certificate and never shows the factory one again."""
     if who.kind != OPERATIONAL_PSK:
         return who
     mine = [c for c in registry.certificates_for_device(who.serial) if c.profile == FACTORY]

@@ -216,6 +216,13 @@ class RegistryQueries:
         with self.reading() as db:
             return self._deployment(db)
 
+    def settle_deployment(self, key: str, value: str) -> str:
+        """The deployment row `key`: recorded as `value` if the registry has none, else the value
+        it holds (the first host to record one wins; compare with what you offered)."""
+        with self.transaction(durable=True) as db:
+            db.execute("INSERT INTO deployment (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING", (key, value))
+            return db.execute("SELECT value FROM deployment WHERE key = ?", (key,)).fetchone()[0]
+
     def forget_init(self, records: Sequence[CertificateRecord]) -> bool:
         """Undo a failed `devid init`'s rows (its certificates, the deployment), only while no
         device has been registered; False if devices were, and nothing was undone."""
