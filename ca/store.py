@@ -35,6 +35,9 @@ class DeviceRecord:
     enrolled_at: datetime | None = None
     revoked_at: datetime | None = None
     revocation_reason: str | None = None
+    # provisioned with a factory PSK (`devid provision --psk`): only such a device may open PSK
+    # sessions, with its factory PSK and later its operational one (docs/enrollment.md#psk-devices)
+    psk: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ class CertificateLookup:
     # when a superseded certificate was superseded: the issue time of the next certificate of its
     # profile for its device (None unless status is superseded)
     superseded_at: datetime | None = None
+    # its device was provisioned with a PSK (DeviceRecord.psk)
+    device_psk: bool = False
 
 
 class Registry(Protocol):

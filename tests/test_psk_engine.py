@@ -226,3 +226,23 @@ def test_a_psk_stands_only_for_a_certificate_of_the_gateways_ca_within_its_valid
     auth = PskDeviceAuthenticator(ca.store, lambda: secret, clock=lambda: NOW, issuers={FACTORY: mfg})
     auth.load_now()
     assert auth.psk_for(identity)[0] == key
+
+
+def test_a_device_provisioned_without_a_psk_has_none(psk_gateway, ca, data, tmp_path):
+    """Review 18b L4: the gateway derives PSKs, so it could derive one for any device; it accepts
+    them only for devices provisioned with --psk (the registry's devices.psk), not for a device
+    whose only identity is its certificate (a key in its secure element)."""
+    from devid.ca import psk as ca_psk
+    from devid.gateway.dtls.psk import PskRefused
+
+    _, out, secret = psk_gateway
+    provision(ca, count=1, device_type="temperature-sensor", out=tmp_path / "x509", serial_prefix="XS",
+              manufacturing_pem=data.cert_pem("manufacturing"), root_pem=data.cert_pem("root"), now=lambda: NOW,
+              workers=1)
+    assert ca.store.get_device("XS00000001").psk is False and ca.store.get_device("SN00000001").psk is True
+    auth = PskDeviceAuthenticator(ca.store, lambda: secret, clock=lambda: NOW)
+    auth.load_now()
+    with pytest.raises(PskRefused, match="not provisioned with a PSK"):
+        auth.psk_for(ca_psk.factory_identity("XS00000001").encode())
+    identity, key = bundle_psk(out, "SN00000001")
+    assert auth.psk_for(identity)[0] == key

@@ -230,7 +230,7 @@ def test_old_schema_migrates_with_its_data(ca, tmp_path, version):
 
     reg = SQLiteRegistry(path, create=True)
     try:
-        assert reg.schema_version == SCHEMA_VERSION == 9
+        assert reg.schema_version == SCHEMA_VERSION == 10
         assert reg._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' "
                                "AND name = 'attestation_nonces_outstanding'").fetchone()
         assert not _fingerprint_is_unique(reg._db)

@@ -49,6 +49,7 @@ fails), so a killed run leaves only partial directories, whatever the number of 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import multiprocessing
 import os
@@ -244,6 +245,8 @@ class _Job:
                     fsync_path(out)     # a power cut keeps the marker that names the key about to be made
                     key, public = element.new_key(serial, kid)
                 device, issued = ca.new_factory_identity(public, serial, device_type, t)
+                if self.psk_secret is not None:
+                    device = dataclasses.replace(device, psk=True)      # it may open PSK sessions
                 if element is None:
                     os.mkdir(partial, PRIVATE_DIR)
                     made[serial] = None

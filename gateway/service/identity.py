@@ -212,6 +212,8 @@ class PskDeviceAuthenticator:
             raise PskRefused(f"device {serial} or its {profile} certificate revoked")
         if found.status is not CertStatus.CURRENT:
             raise PskRefused(f"certificate {record.serial:x} is {found.status.value}")
+        if not found.device_psk:
+            raise PskRefused(f"device {serial} was not provisioned with a PSK")
         cert = x509.load_der_x509_certificate(found.der)
         now = to_utc(self.clock())
         if now > cert.not_valid_after_utc:

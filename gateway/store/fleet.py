@@ -87,9 +87,10 @@ class Fleet:
         if expiring_before is not None:
             where.append(f"{_EXPIRES} <= ?")
             params.append(_ts(expiring_before))
-        cols = ", ".join(f"d.{c}" for c in _DEVICE_COLS.split(", "))
+        names = _DEVICE_COLS.split(", ")
+        cols = ", ".join(f"d.{c}" for c in names)
         rows = self._page(f"SELECT {cols}, {_EXPIRES} FROM devices d", where, params, "d.serial", limit)
-        return [FleetDevice(_device(r[:8]), _parse(r[8])) for r in rows]
+        return [FleetDevice(_device(r[:len(names)]), _parse(r[len(names)])) for r in rows]
 
     def certificates_due(self, before: datetime | None = None, *, after: tuple[datetime, int] | None = None,
                          limit: int = 100, now: datetime | None = None,

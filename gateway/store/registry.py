@@ -46,14 +46,14 @@ def _hex(serial: int) -> str:
     return format(serial, "x")
 
 
-_DEVICE_COLS = "serial, device_type, state, created_at, updated_at, enrolled_at, revoked_at, revocation_reason"
+_DEVICE_COLS = "serial, device_type, state, created_at, updated_at, enrolled_at, revoked_at, revocation_reason, psk"
 _CERT_COLS = ("serial, issuer, profile, device_serial, not_before, not_after, fingerprint, der, issued_at, "
               "status, revoked_at, revocation_reason")
 
 
 def _device(row: tuple) -> DeviceRecord:
     return DeviceRecord(row[0], row[1], DeviceState(row[2]), _dt(row[3]), _dt(row[4]), _dt(row[5]),
-                        _dt(row[6]), row[7])
+                        _dt(row[6]), row[7], bool(row[8]))
 
 
 def _cert(row: tuple) -> CertificateRecord:
@@ -120,9 +120,10 @@ class RegistryQueries:
     def register_devices(self, pairs: Sequence[tuple[DeviceRecord, CertificateRecord]]) -> None:
         try:
             with self.transaction(durable=True) as db:
-                db.executemany(f"INSERT INTO devices ({_DEVICE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                db.executemany(f"INSERT INTO devices ({_DEVICE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                                [(d.serial, d.device_type, d.state.value, _ts(d.created_at), _ts(d.updated_at),
-                                 _ts(d.enrolled_at), _ts(d.revoked_at), d.revocation_reason) for d, _ in pairs])
+                                 _ts(d.enrolled_at), _ts(d.revoked_at), d.revocation_reason, int(d.psk))
+                                for d, _ in pairs])
                 db.executemany(f"INSERT INTO certificates ({_CERT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                                [_cert_params(c) for _, c in pairs])
         except self.integrity_errors as exc:
@@ -246,7 +247,7 @@ class RegistryQueries:
         # rows, on index certificates_device; rowids order certificates issued in the same second
         with self.reading() as db:
             row = db.execute(
-                "SELECT c.der, c.profile, c.status, c.fingerprint, c.device_serial, d.device_type, d.state, "
+                "SELECT c.der, c.profile, c.status, c.fingerprint, c.device_serial, d.device_type, d.state, d.psk, "
                 "CASE WHEN c.status = 'superseded' THEN (SELECT MIN(n.issued_at) FROM certificates n "
                 "  WHERE n.device_serial = c.device_serial AND n.profile = c.profile AND (n.issued_at > c.issued_at "
                 "  OR (n.issued_at = c.issued_at AND n.rowid > c.rowid))) END "
@@ -255,7 +256,7 @@ class RegistryQueries:
         if row is None:
             return None
         return CertificateLookup(bytes(row[0]), row[1], CertStatus(row[2]), row[3], row[4], row[5],
-                                 DeviceState(row[6]) if row[6] else None, _dt(row[7]))
+                                 DeviceState(row[6]) if row[6] else None, _dt(row[8]), bool(row[7]))
 
     def certificates_issued_since(self, device_serial: str, profile: str, since: datetime) -> list[datetime]:
         with self.reading() as db:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from devid.gateway.store.database import Database
 from devid.gateway.errors import RegistryError
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 _FLEET_INDEXES = (
     "CREATE INDEX devices_state_serial ON devices (state, serial)",
@@ -177,6 +177,11 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {  # version -> its statements, run in 
     # the overview's operational certificates issued per minute of the last hour (fleet.py),
     # asked on every page view: a range of this index, not a scan of every certificate
     9: _ISSUED_INDEX,
+    # devices provisioned with a factory PSK (`devid provision --psk`): only they may open PSK
+    # sessions (gateway/service/identity.py); every device before this version has none
+    10: (
+        "ALTER TABLE devices ADD COLUMN psk INTEGER NOT NULL DEFAULT 0",
+    ),
 }
 
 
@@ -277,6 +282,7 @@ PG_MIGRATIONS: dict[int, tuple[str, ...]] = {
 PG_MIGRATIONS[7] = (f"CREATE TABLE deployment (key {_T} PRIMARY KEY, value {_T} NOT NULL)",)
 PG_MIGRATIONS[8] = _FLEET_INDEXES
 PG_MIGRATIONS[9] = _ISSUED_INDEX
+PG_MIGRATIONS[10] = ("ALTER TABLE devices ADD COLUMN psk SMALLINT NOT NULL DEFAULT 0",)
 PG_BASELINE = 6
 
 
