@@ -32,8 +32,8 @@ from devid.gateway.store.postgres import LOCK_MIGRATE
 # (table, its columns as the registry's queries name them, the order rows are copied in). Every
 # table of the schema (tests/test_registry_tools.py holds this list to the schema of both engines).
 TABLES: tuple[tuple[str, str, str], ...] = (
-    ("devices", "serial, device_type, state, created_at, updated_at, enrolled_at, revoked_at, revocation_reason",
-     "serial"),
+    ("devices", "serial, device_type, state, created_at, updated_at, enrolled_at, revoked_at, revocation_reason, "
+                "psk", "serial"),
     ("certificates", "serial, issuer, profile, device_serial, not_before, not_after, status, fingerprint, der, "
                      "issued_at, revoked_at, revocation_reason", "rowid"),
     ("crl_numbers", "issuer, number", "issuer"),
