@@ -19,14 +19,16 @@ from pathlib import Path
 import aiocoap
 import cbor2
 import pytest
+from cryptography.hazmat.primitives.serialization import pkcs7
 
 from devid.ca.revocation import revoke_device
 from devid.gateway.app.datadir import DataDir
 from devid.gateway.app.server import POLICY_FILE
 from devid.gateway.device.client import device_context
 from devid.gateway.device.identity import DeviceIdentity, device_csr, load_bundle, new_p256_key
-from devid.gateway.device.psk import Psk, psk_context, read_operational_psk, read_psk
+from devid.gateway.device.psk import Psk, gateway_check, psk_context, read_operational_psk, read_psk
 from devid.gateway.device.protocol import CT_CBOR, CT_PKCS10
+from devid.gateway.device.psk import CT_COSE_SIGN1
 
 from .conftest import NOW, free_port, ok, one_line_error, run_devid, tool
 from .gateway_helpers import FW, POLICY
@@ -198,7 +200,7 @@ def test_psk_device_attests_enrolls_renews_and_uses_its_operational_psk(gw):
     device = bundle(gw, 3)
     proc = run_devid("simulate", "--psk", "--gateway", gw["base"], "--devices", gw["out"], "--limit", "3",
                      "--timeout", "20", "--json", *FIRMWARE)
-    print("STDOUT", proc.stdout.decode()[-3000:]); summary = json.loads(ok(proc))
+    summary = json.loads(ok(proc))
     assert summary["enrolled"] == 3 and summary["flow"] == "psk", summary
     assert (device / "op-chain.pem").exists() and (device / "config.cbor").exists()
     op = read_psk(device, operational=True)
@@ -210,6 +212,9 @@ def test_psk_device_attests_enrolls_renews_and_uses_its_operational_psk(gw):
     assert kinds["evidence"]["result"] == "affirming" and kinds["evidence"]["kind"] == "factory-psk"
     assert kinds["enroll"]["result"] == "issued"
     assert kinds["psk"]["result"] == "served" and kinds["psk"]["psk_identity"] == "op:SN00000003"
+    # the configuration of the enrollment's answer was the one the signed /psk answer vouched for:
+    # the device kept it and asked for none in a session of its operational PSK (device/psk.py _settle)
+    assert "config" not in kinds
 
     said = libcoap(gw, op)
     assert '"kind": "operational-psk"' in said and '"serial": "SN00000003"' in said, said[-2000:]
@@ -289,11 +294,11 @@ def test_a_psk_alone_gets_no_certificate_and_no_operational_psk(gw):
     # ... and the attacker, with the factory PSK, cannot spend it on /sen with its own key, nor
     # read the operational PSK; with the operational PSK, neither /sren nor /psk
     sen, psk_factory = asyncio.run(in_session(gw, factory_psk, _post(".well-known/est/sen", _csr(serial), CT_PKCS10),
-                                              _get("psk", accept=CT_CBOR)))
+                                              _get("psk", accept=CT_COSE_SIGN1)))
     for answer in (sen, psk_factory):
         assert answer.code == aiocoap.FORBIDDEN, (answer.code, answer.payload)
     sren, psk_op = asyncio.run(in_session(gw, op_psk, _post(".well-known/est/sren", _csr(serial), CT_PKCS10),
-                                          _get("psk", accept=CT_CBOR)))
+                                          _get("psk", accept=CT_COSE_SIGN1)))
     for answer in (sren, psk_op):
         assert answer.code == aiocoap.FORBIDDEN, (answer.code, answer.payload)
     assert b"evidence" in sen.payload and b"evidence" in sren.payload
@@ -348,6 +353,12 @@ def _issued(gw, serial: str) -> int:
         reg.close()
 
 
+def _leaf(pkcs7_certs: bytes, key):
+    """The certificate for `key` in a /sen answer (281: a certs-only PKCS#7, a SET: any order)."""
+    [leaf] = [c for c in pkcs7.load_der_pkcs7_certificates(pkcs7_certs) if c.public_key() == key.public_key()]
+    return leaf
+
+
 async def _enroll_by_hand(gw, psk: Psk, identity: DeviceIdentity, path: str, key, *, bound: bool = True,
                           signer: DeviceIdentity | None = None, nonce_psk: Psk | None = None,
                           then_psk: bool = True) -> list[aiocoap.Message]:
@@ -370,43 +381,66 @@ async def _enroll_by_hand(gw, psk: Psk, identity: DeviceIdentity, path: str, key
                                               bound_key=key.public_key() if bound else None)
         out = [await ask(_post(f".well-known/est/{path}", device_csr(key, identity.serial, token), CT_PKCS10))]
         if then_psk:
-            out.append(await ask(_get("psk", accept=CT_CBOR)))
+            out.append(await ask(_get("psk", accept=CT_COSE_SIGN1)))
         return out
     finally:
         await ctx.shutdown()
 
 
-def test_the_operational_psk_comes_sealed_to_the_key_of_the_certificate_issued(gw):
-    """Review 18b M1: the PSK suite has no (EC)DHE, so whoever holds the factory PSK reads what a
-    session carries; the operational PSK travels sealed to the attested CSR key (ca/sealed.py).
-    Opened here with cwt (an independent COSE implementation), as docs/enrollment.md says."""
+def test_the_operational_psk_comes_sealed_to_the_certificate_key_in_an_answer_the_gateway_signed(gw):
+    """Review 18b M1 and 18c M1: the PSK suite has no (EC)DHE, so whoever holds the factory PSK
+    reads what a session carries, and the gateway's side of it proves only that it knows the PSK.
+    So GET /psk answers with a COSE_Sign1 by the gateway's certified key, carrying the key sealed
+    to the attested CSR key. Checked and opened here with cwt (an independent COSE implementation)
+    as docs/enrollment.md says, and by the device's own reader."""
+    import hashlib
+
     from cryptography.hazmat.primitives import serialization
-    from cwt import COSE, COSEKey
+    from cwt import COSE, COSEKey, DecodeError
+
+    def pem(k) -> bytes:
+        return k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                               serialization.NoEncryption())
 
     device = bundle(gw, 1)
-    factory, _, factory_key, _ = load_bundle(device)
+    factory, _, factory_key, root = load_bundle(device)
     identity = DeviceIdentity.of(factory, factory_key)
     key = new_p256_key()
     sen, psk = asyncio.run(_enroll_by_hand(gw, read_psk(device), identity, "sen", key))
     assert sen.code == aiocoap.CHANGED, (sen.code, sen.payload)
     assert psk.code == aiocoap.CONTENT and psk.opt.max_age == 0, (psk.code, psk.payload)
-    body = cbor2.loads(psk.payload)
-    assert set(body) == {"identity", "sealed_key"} and body["identity"] == "op:SN00000001"
+    assert psk.opt.content_format == 18                       # application/cose; cose-type="cose-sign1"
+    issued = _leaf(sen.payload, key)
+    gateway_cert, op_ca = gw["data"].cert("gateway"), gw["data"].cert("operational")
+
+    signed = cbor2.loads(psk.payload)
+    assert signed.tag == 18 and signed.value[1][33] == [c.public_bytes(serialization.Encoding.DER)
+                                                        for c in (gateway_cert, op_ca)]
+    signer = COSEKey.from_pem(gateway_cert.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), alg="ES256")
+    body = cbor2.loads(COSE.new().decode(psk.payload, signer))
+    assert set(body) == {"identity", "certificate", "sealed_key", "config"}
+    assert body["identity"] == "op:SN00000001"
+    assert body["certificate"] == hashlib.sha256(issued.public_bytes(serialization.Encoding.DER)).digest()
     assert body["sealed_key"].tag == 96
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    opened = COSE.new().decode(cbor2.dumps(body["sealed_key"]), COSEKey.from_pem(pem, alg="ECDH-ES+HKDF-256"),
+    opened = COSE.new().decode(cbor2.dumps(body["sealed_key"]), COSEKey.from_pem(pem(key), alg="ECDH-ES+HKDF-256"),
                                context={"alg": "AES-CCM-16-64-128"})
     gw["keys"].add(opened)
     assert len(opened) == 16 and opened not in psk.payload
     # what a recorded session shows a PSK holder opens with no other key
-    with pytest.raises(Exception):
-        COSE.new().decode(cbor2.dumps(body["sealed_key"]), COSEKey.from_pem(
-            new_p256_key().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                         serialization.NoEncryption()), alg="ECDH-ES+HKDF-256"),
-            context={"alg": "AES-CCM-16-64-128"})
-    # the key opened is the device's operational PSK: a handshake with it works
-    said = libcoap(gw, Psk(b"op:SN00000001", opened))
+    with pytest.raises(DecodeError):
+        COSE.new().decode(cbor2.dumps(body["sealed_key"]), COSEKey.from_pem(pem(new_p256_key()), alg="ECDH-ES+HKDF-256"),
+                          context={"alg": "AES-CCM-16-64-128"})
+    # the device's reader: the same key, and the digest of the configuration the gateway serves
+    op_psk, config_digest = read_operational_psk(psk.payload, key, serial="SN00000001", certificate=issued,
+                                                 check_chain=gateway_check(root, "127.0.0.1"))
+    assert op_psk == Psk(b"op:SN00000001", opened)
+    # the key opened is the device's operational PSK: a handshake with it works, and GET /config
+    # there serves the configuration whose digest the signed answer carries
+    said = libcoap(gw, op_psk)
     assert '"kind": "operational-psk"' in said and '"serial": "SN00000001"' in said, said[-2000:]
+    [config] = asyncio.run(in_session(gw, op_psk, _get("config", accept=CT_CBOR)))
+    assert config.code == aiocoap.CONTENT and hashlib.sha256(config.payload).digest() == config_digest
 
 
 def test_psk_sessions_take_only_evidence_of_the_attestation_key_for_this_device_and_key(gw):
@@ -448,7 +482,9 @@ def test_a_session_whose_certificate_another_session_replaced_gets_no_psk(gw):
     key = new_p256_key()
     sen, psk = asyncio.run(_enroll_by_hand(gw, read_psk(device), identity, "sen", key))
     assert sen.code == aiocoap.CHANGED and psk.code == aiocoap.CONTENT, (sen.payload, psk.payload)
-    op_psk = read_operational_psk(psk.payload, key)
+    op_psk, _ = read_operational_psk(psk.payload, key, serial=serial,
+                                     certificate=_leaf(sen.payload, key),
+                                     check_chain=gateway_check(load_bundle(device)[3], "127.0.0.1"))
     gw["keys"].add(op_psk.key)
 
     async def race():
@@ -463,7 +499,7 @@ def test_a_session_whose_certificate_another_session_replaced_gets_no_psk(gw):
             token = identity.evidence(nonce, FW, iat=int(time.time()), bound_key=key.public_key())
             renewed = await ask(_post(".well-known/est/sren", device_csr(key, serial, token), CT_PKCS10))
             [sen] = await _enroll_by_hand(gw, read_psk(device), identity, "sen", new_p256_key(), then_psk=False)
-            return renewed, sen, await ask(_get("psk", accept=CT_CBOR))
+            return renewed, sen, await ask(_get("psk", accept=CT_COSE_SIGN1))
         finally:
             await ctx.shutdown()
 

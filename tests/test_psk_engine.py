@@ -183,7 +183,7 @@ def test_a_secret_that_appears_later_is_read_off_the_handshake(psk_gateway, ca):
         return secret
 
     auth = PskDeviceAuthenticator(ca.store, slow_load)
-    with pytest.raises(PskRefused, match="no PSK secret yet"):
+    with pytest.raises(PskRefused, match="no PSK secret"):
         auth.psk_for(identity)         # returns at once, though the load has not finished
     release.set()
     deadline = time.monotonic() + 10
@@ -246,3 +246,30 @@ def test_a_device_provisioned_without_a_psk_has_none(psk_gateway, ca, data, tmp_
         auth.psk_for(ca_psk.factory_identity("XS00000001").encode())
     identity, key = bundle_psk(out, "SN00000001")
     assert auth.psk_for(identity)[0] == key
+
+
+def test_a_secret_that_cannot_be_used_is_looked_at_less_and_less_often(ca):
+    """Review 18c L3: each look at a secret that is there but fails costs an scrypt (~0.5 s of
+    CPU) and an ERROR line: the looks back off, twice as long each time, up to 5 minutes."""
+    import threading
+    import time
+
+    from devid.ca.errors import CAError
+    from devid.gateway.service.identity import SECRET_BACKOFF_MAX
+
+    now, looks = [0.0], []
+
+    def failing():
+        looks.append(now[0])
+        raise CAError("DATA/ca/psk.secret is not the PSK secret of this registry's devices")
+
+    auth = PskDeviceAuthenticator(ca.store, failing, monotonic=lambda: now[0])
+    assert auth.load_now() is None                  # at start: not fatal (X.509 devices are served)
+    for t in range(0, 700):
+        now[0] = float(t)
+        assert auth.secret() is None
+        deadline = time.monotonic() + 10
+        while any(th.name == "devid-psk-secret" for th in threading.enumerate()) and time.monotonic() < deadline:
+            time.sleep(0.001)
+    assert looks == [0, 5, 15, 35, 75, 155, 315, 615]
+    assert SECRET_BACKOFF_MAX == 300 and looks[-1] - looks[-2] == 300

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+
+import pytest
 import shutil
 import stat
 
@@ -59,10 +61,23 @@ def test_hosts_of_one_registry_cannot_use_different_psk_secrets(postgres, tmp_pa
     finally:
         registry.close()
 
-    # host b has none: it does not make its own
+    # host b has none: it does not make its own, and its gateway says why, once (review 18c L2)
     proc = run_devid("provision", "--count", "1", "--device-type", "t", "--psk", "--out", out, data_dir=b)
     one_line_error(proc, "psk.secret", "another host")
     assert not (b / "ca" / "psk.secret").exists()
+    from devid.gateway.app.server import PskSecretLoader
+    loader = PskSecretLoader(DataDir(b))
+    with caplog.at_level(logging.ERROR, logger="devid.gateway"):
+        with pytest.raises(Exception, match="missing, but this registry's PSK devices use a PSK secret"):
+            loader()
+        assert loader() is None                     # later looks: a stat, no query, no line
+    assert [r.getMessage() for r in caplog.records].count(
+        f"PSK secret not usable: {b / 'ca' / 'psk.secret'}: missing, but this registry's PSK devices use a PSK "
+        "secret: copy the first host's here") == 1
+    caplog.clear()
+    # nor does a host join without it, nor with another
+    one_line_error(run_devid("init", "--join", url, "--ca-from", b / "ca", data_dir=tmp_path / "host-c"),
+                   "no psk.secret")
 
     # host b with a secret of its own (made before the registry had a check): refused, by
     # provisioning and by the gateway (PSK devices refused, the reason logged, never the secret)
@@ -71,6 +86,9 @@ def test_hosts_of_one_registry_cannot_use_different_psk_secrets(postgres, tmp_pa
     (b / "ca" / "psk.secret").chmod(0o600)
     one_line_error(run_devid("provision", "--count", "1", "--device-type", "t", "--psk", "--out", out, data_dir=b),
                    "not the PSK secret of this registry")
+    one_line_error(run_devid("init", "--join", url, "--ca-from", b / "ca", data_dir=tmp_path / "host-d"),
+                   "not the PSK secret of this registry")
+    assert not (tmp_path / "host-d").exists()
     with caplog.at_level(logging.ERROR, logger="devid.gateway"):
         assert _psk_secret(other) is None
     said = [r.getMessage() for r in caplog.records if "PSK secret not usable" in r.getMessage()]

@@ -360,13 +360,19 @@ def test_check_passes_on_a_healthy_registry_and_names_what_tampering_broke(data,
 @pytest.mark.sqlite_only
 def test_a_registry_older_than_its_deployment_rows_gets_them_and_another_host_can_join(populated, postgres, tmp_path):
     data, _ = populated
+    reg = data.open_registry()
+    try:
+        data.psk_secret(create=True, registry=reg)      # records the PSK secret's check (review 18c L1)
+    finally:
+        reg.close()
     db = sqlite3.connect(data.db_path)
-    db.execute("DELETE FROM deployment")        # as a registry made before schema 7 has none
+    # as a registry made before schema 7 has none, but for the PSK secret's check, recorded since
+    db.execute("DELETE FROM deployment WHERE key <> 'psk_secret_check'")
     db.commit()
     db.close()
     url = postgres.new_schema("dep")
     doc = js(run_devid("registry", "migrate", "--to", url, "--switch", "--json", "--data", data.path))
-    assert doc["deployment_recorded"] is True and doc["tables"]["deployment"]["rows"] == 0
+    assert doc["deployment_recorded"] is True and doc["tables"]["deployment"]["rows"] == 1
     second = tmp_path / "host2"
     ok(run_devid("init", "--join", url, "--ca-from", data.path / "ca", "--data", second))
     here = js(run_devid("devices", "list", "--json", "--data", data.path))

@@ -54,11 +54,17 @@ def test_the_structure_is_the_one_the_docs_give():
     assert len(unprotected[5]) == 13 and len(ciphertext) == len(SECRET) + 8 and r_ciphertext == b""
     assert set(r_unprotected) == {-1} and r_unprotected[-1][1] == 2 and r_unprotected[-1][-1] == 1
     docs = DOCS.read_text()
-    section = docs[docs.index("### The sealed key"):]
+    section = docs[docs.index("### The answer of `GET /psk`"):]
     # the two protected headers, and the KDF context, as the docs spell them
     assert f"h'{protected.hex().upper()}'" in section and f"h'{r_protected.hex().upper()}'" in section
+    flat = re.sub(r"\s", "", section)
     context = cbor2.dumps([10, [None, None, None], [None, None, None], [128, r_protected]])
-    assert context.hex() in re.sub(r"\s", "", section)
+    assert context.hex() in flat
+    assert cbor2.dumps(["Encrypt", protected, b""]).hex() in flat         # the Enc_structure's bytes
+    # the signed answer: its protected header, and the Sig_structure's head as the docs spell it
+    assert f"h'{sealed.SIGN_PROTECTED.hex().upper()}'" in section
+    head = cbor2.dumps(["Signature1", sealed.SIGN_PROTECTED, b"", b""])[:-1]   # all but the payload
+    assert head[:2].hex().upper() == "846A" and "`846A`\"Signature1\"`43A10126" + "40`" in flat
 
 
 def test_each_seal_is_fresh_and_opens_only_with_its_key():

@@ -636,12 +636,19 @@ class DataDir:
         (staging / "gateway.chain.pem").write_bytes(
             b"".join(certs[n].public_bytes(serialization.Encoding.PEM) for n in ("gateway", "operational")))
         secret_file = ca_from / psk.SECRET_FILE
+        check = deployment.get(psk.SECRET_CHECK_KEY)
         if secret_file.exists():
             # every host derives the same PSKs: the first host's sealed secret, checked to open
-            # with the CA passphrase (a host that made its own would refuse every PSK device)
-            psk.load_secret(secret_file, passphrase)
+            # with the CA passphrase and to be the registry's (a host with another would refuse
+            # every PSK device)
+            secret = psk.load_secret(secret_file, passphrase)
+            if check is not None and secret is not None and psk.secret_check(secret) != check:
+                raise CAError(f"{secret_file} is not the PSK secret of this registry's devices (another host's?)")
             keys.write_private_file(staging / psk.SECRET_FILE, secret_file.read_bytes())
             summary["psk_secret"] = True
+        elif check is not None:
+            raise CAError(f"{ca_from} has no psk.secret, but this registry's PSK devices use one: copy the first "
+                          "host's DATA/ca with it")
         for entry in staging.iterdir():
             fsync_path(entry)
         fsync_path(staging)

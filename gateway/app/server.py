@@ -25,7 +25,8 @@ import aiocoap.resource as resource
 
 from devid.attestation.policy import Policy
 from devid.attestation.service import AttestationService
-from devid.ca.psk import SECRET_FILE
+from devid.ca.errors import CAError
+from devid.ca.psk import SECRET_CHECK_KEY, SECRET_FILE
 
 from devid.gateway.store.attestation_store import AttestationStore
 from devid.attestation.log_budget import LogBudget
@@ -108,7 +109,7 @@ class Gateway:
         self.authenticator = DeviceAuthenticator(mfg, op, data.config.identity, self.registry, clock,
                                                  superseded_grace=budgets.superseded_grace)
         # PSK devices (tinydtls) on the same port: the ClientHello's suites decide (dtls/psk.py)
-        self.psk = PskDeviceAuthenticator(self.registry, lambda: _psk_secret(data), clock=clock,
+        self.psk = PskDeviceAuthenticator(self.registry, PskSecretLoader(data), clock=clock,
                                           issuers={FACTORY: mfg, OPERATIONAL: op})
         self.psk.load_now()         # read now if there is one (scrypt: ~0.5 s), not in a handshake
         # the engine's authenticator, wrapped to name the device of a refused certificate
@@ -132,7 +133,7 @@ class Gateway:
         self.enrollment = EnrollmentService(data.authority(self.registry), self.attestation, self.policy,
                                             self.configs, clock, budgets=budgets,
                                             atomic=self.registry.device_transaction, anomalies=self.anomalies,
-                                            psk_secret=self.psk.secret)
+                                            psk_secret=self.psk.secret, delivery=(gw.key, [gw.cert, op]))
         self.site = build_site()
         add_enrollment_resources(self.site, self.enrollment, data.cert("root"), op)
         self.site.add_resource(["psk"], OperationalPsk(self.enrollment))
@@ -203,20 +204,46 @@ class Gateway:
         self.registry.close()
 
 
-def _psk_secret(data: DataDir) -> bytes | None:
-    """The PSK secret, checked against the registry's (a host with another secret would refuse
-    every PSK device the others accept). Runs at start and in a thread of its own (identity.py),
-    so with a registry connection of its own."""
-    if not (data.ca_dir / SECRET_FILE).exists():
-        return None
-    try:
-        registry = data.open_registry()
+class PskSecretLoader:
+    """The PSK secret, checked against the registry's (a host with another secret, or with none
+    when the registry's devices use one, would refuse every PSK device the others accept). Called
+    at start and then, while there is none, in a thread of its own (identity.py), so with a
+    registry connection of its own. Says why a secret is missing or unusable at ERROR, once per
+    reason (identity.py backs off from a secret that keeps failing)."""
+
+    def __init__(self, data: DataDir) -> None:
+        self.data = data
+        self.said: str | None = None
+        self.looked = False
+
+    def __call__(self) -> bytes | None:
+        path = self.data.ca_dir / SECRET_FILE
+        first, self.looked = not self.looked, True
+        if not path.exists() and not first:
+            return None                 # the usual state of a host without PSK devices: a stat, no query
         try:
-            return data.psk_secret(registry=registry)
-        finally:
-            registry.close()
-    except Exception as exc:            # unusable: PSK devices are refused, and said why, once per look
-        log.error("PSK secret not usable: %s", exc)
+            registry = self.data.open_registry()
+            try:
+                if not path.exists():
+                    if SECRET_CHECK_KEY in registry.deployment():
+                        raise CAError(f"{path}: missing, but this registry's PSK devices use a PSK secret: copy "
+                                      "the first host's here")
+                    return None
+                return self.data.psk_secret(registry=registry)
+            finally:
+                registry.close()
+        except Exception as exc:        # unusable: PSK devices are refused, and said why
+            if str(exc) != self.said:
+                self.said = str(exc)
+                log.error("PSK secret not usable: %s", exc)
+            raise
+
+
+def _psk_secret(data: DataDir) -> bytes | None:
+    """One look (tests): the secret, or None if there is none or it is unusable (logged)."""
+    try:
+        return PskSecretLoader(data)()
+    except Exception:
         return None
 
 

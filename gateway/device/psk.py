@@ -20,21 +20,26 @@ credentials, so each identity gets a Context of its own (`psk_context`), closed 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from pathlib import Path
-
+import hashlib
+import ipaddress
 import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
 
 import aiocoap
 import aiocoap.error
 import cbor2
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.verification import PolicyBuilder, Store
 
 from devid.ca import keys, psk as ca_psk, sealed
 from devid.gateway.device.client import coap_exchange
 from devid.gateway.device.enroll import EnrollResult, _store_operational, store_config
-from devid.gateway.device.flow import Done, Flow, Issued, Verify, drive, read_verdict, take_nonce
+from devid.gateway.device.flow import (Config, Done, Flow, Issued, Verify, config_flow, drive, read_verdict,
+                                       take_nonce)
 from devid.gateway.device.flow_one import _certificate, _config, _part, _send, _shape, one_request_flow, read_parts
 from devid.gateway.device.identity import DeviceIdentity, Firmware, device_csr, load_bundle, new_p256_key, root_verifier
 from devid.gateway.device.protocol import CT_CBOR, CT_MULTIPART, SREN, EnrollFailed, Request, parse_gateway
@@ -45,6 +50,7 @@ IDENTITY_FILE = "psk-identity.txt"
 KEY_FILE = "psk-key.txt"
 OPERATIONAL_IDENTITY_FILE = "operational-psk-identity.txt"
 OPERATIONAL_KEY_FILE = "operational-psk-key.txt"
+CT_COSE_SIGN1 = 18      # application/cose; cose-type="cose-sign1": the answer of GET /psk
 _KEY_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
@@ -55,7 +61,7 @@ class PskUnavailable(GatewayError):
 @dataclass(frozen=True)
 class Psk:
     identity: bytes
-    key: bytes
+    key: bytes = field(repr=False)          # a secret: never in a repr, a log or an error
 
     @property
     def kind(self) -> str:
@@ -96,35 +102,63 @@ async def psk_context(psk: Psk, base: str) -> aiocoap.Context:
     return ctx
 
 
-def read_operational_psk(payload: bytes, key: ec.EllipticCurvePrivateKey) -> Psk:
-    """The answer of GET /psk, CBOR {"identity": tstr, "sealed_key": COSE_Encrypt}: the operational
-    PSK, opened with `key`, the private key of the certificate the session was just issued."""
+def gateway_check(root: x509.Certificate, host: str, now: datetime | None = None):
+    """check_chain for `sealed.verify`: the signer's chain must lead to the device's `root` and
+    its certificate be valid for `host`, the gateway the device reached (what an X.509 device
+    checks of the gateway in its handshake)."""
     try:
-        body = cbor2.loads(payload)
-        identity, sealed_key = body["identity"], body["sealed_key"]
-        if not isinstance(identity, str):
-            raise TypeError
-        identity = identity.encode("ascii")
-    except Exception:
-        raise PskUnavailable("the answer of /psk is not CBOR {identity, sealed_key}") from None
+        subject = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        subject = x509.DNSName(host)
+
+    def check(leaf: x509.Certificate, intermediates: list[x509.Certificate]) -> None:
+        verifier = (PolicyBuilder().store(Store([root])).time(now or datetime.now(timezone.utc))
+                    .build_server_verifier(subject))
+        verifier.verify(leaf, intermediates)
+    return check
+
+
+def read_operational_psk(payload: bytes, key: ec.EllipticCurvePrivateKey, *, serial: str,
+                         certificate: x509.Certificate, check_chain) -> tuple[Psk, bytes]:
+    """The answer of GET /psk (docs/enrollment.md#the-answer): a COSE_Sign1 by the gateway
+    (`check_chain` judges its signer) of CBOR {"identity", "certificate", "sealed_key", "config"}
+    for this device (`serial`) and the certificate it was just issued (`certificate`, whose
+    private key `key` opens the sealed key). (the operational PSK, the digest of the
+    configuration the gateway served in the same session)."""
     try:
-        psk = Psk(identity, sealed.unseal(key, sealed_key))
+        body = cbor2.loads(sealed.verify(payload, check_chain))
+        identity, cert_digest, sealed_key, config_digest = (body["identity"], body["certificate"],
+                                                            body["sealed_key"], body["config"])
+        if not (isinstance(identity, str) and isinstance(cert_digest, bytes) and isinstance(config_digest, bytes)):
+            raise PskUnavailable("the answer of /psk is not the documented map")
     except sealed.SealError as exc:
         raise PskUnavailable(f"the answer of /psk: {exc}") from None
-    if (psk.kind != ca_psk.OPERATIONAL_PSK or len(psk.key) != ca_psk.KEY_CHARS
-            or not all(c in _KEY_ALPHABET for c in psk.key)):
+    except PskUnavailable:
+        raise
+    except Exception:
+        raise PskUnavailable("the answer of /psk is not the documented map") from None
+    if identity != ca_psk.operational_identity(serial):
+        raise PskUnavailable(f"the answer of /psk is for {identity[:40]!r}, not this device")
+    if cert_digest != hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).digest():
+        raise PskUnavailable("the answer of /psk goes with another certificate than the one just issued")
+    try:
+        psk = Psk(identity.encode("ascii"), sealed.unseal(key, sealed_key))
+    except sealed.SealError as exc:
+        raise PskUnavailable(f"the answer of /psk: {exc}") from None
+    if len(psk.key) != ca_psk.KEY_CHARS or not all(c in _KEY_ALPHABET for c in psk.key):
         raise PskUnavailable("the answer of /psk is not an operational PSK")
-    return psk
+    return psk, config_digest
 
 
-async def fetch_operational_psk(ctx: aiocoap.Context, base: str, key: ec.EllipticCurvePrivateKey,
-                                timeout: float) -> Psk:
-    """GET /psk over the session `ctx` holds with the gateway; `key`: the new certificate's."""
-    message = aiocoap.Message(code=aiocoap.GET, uri=f"{base}/psk", accept=CT_CBOR)
+async def fetch_operational_psk(ctx: aiocoap.Context, base: str, key: ec.EllipticCurvePrivateKey, timeout: float,
+                                **expect) -> tuple[Psk, bytes]:
+    """GET /psk over the session `ctx` holds with the gateway; `key`: the new certificate's;
+    `expect`: what `read_operational_psk` checks."""
+    message = aiocoap.Message(code=aiocoap.GET, uri=f"{base}/psk", accept=CT_COSE_SIGN1)
     response = await asyncio.wait_for(ctx.request(message).response, timeout)
     if response.code != aiocoap.CONTENT:
         raise PskUnavailable(f"/psk: {response.code} {response.payload[:200]!r}")
-    return read_operational_psk(response.payload, key)
+    return read_operational_psk(response.payload, key, **expect)
 
 
 # -- the PSK device's flows: enrollment and renewal over tinydtls -----------------------------------
@@ -134,7 +168,9 @@ async def enroll_psk(directory: Path, gateway_uri: str, firmware: Firmware | Non
     """Enroll the PSK device of the bundle `directory`, in one session with its factory PSK: a
     server nonce, /sen with evidence signed with the factory key inside the CSR (the one-request
     flow; without `firmware` no evidence, for device types whose policy waives attestation), then
-    GET /psk (the key comes sealed to the new certificate's key, opened with it). Keeps op-chain.pem and op-key.pem, config.cbor/json and the operational PSK."""
+    GET /psk (signed by the gateway, the key sealed to the new certificate's key: checked and
+    opened with it). Keeps op-chain.pem and op-key.pem, the operational PSK, and config.cbor/json
+    once the signed answer vouches for it (`_settle`)."""
     directory = Path(directory)
     gateway = parse_gateway(gateway_uri)
     try:
@@ -148,8 +184,6 @@ async def enroll_psk(directory: Path, gateway_uri: str, firmware: Firmware | Non
     def on_step(done: Done) -> None:
         if done.step == "enroll":
             _store_operational(directory, done.value)
-        elif done.step == "config":
-            store_config(directory, done.value)
 
     new_key = _KeyKept()
     ctx = await psk_context(psk, gateway.base)
@@ -159,13 +193,16 @@ async def enroll_psk(directory: Path, gateway_uri: str, firmware: Firmware | Non
         done, steps = await drive(one_request_flow(identity, firmware, root_verifier(root), new_key=new_key),
                                   exchange, on_step)
         t = time.perf_counter()
-        save_psk(directory, await _fetch(ctx, gateway.base, new_key.key, timeout))
+        op_psk, digest = await _fetch(ctx, gateway.base, new_key.key, timeout, serial=identity.serial,
+                                      certificate=done.issued.certificate, check_chain=gateway_check(root, gateway.host))
+        save_psk(directory, op_psk)
         del exchange
         steps["psk"] = time.perf_counter() - t
     finally:
         await ctx.shutdown()
+    config = await _settle(directory, gateway.base, identity, op_psk, done.config, digest, timeout)
     return EnrollResult(done.serial, done.issued.certificate, done.verdict.tier if done.verdict else None,
-                        done.config.data, time.perf_counter() - started, steps, "psk",
+                        config.data, time.perf_counter() - started, steps, "psk",
                         None if firmware is None else "server")
 
 
@@ -183,15 +220,20 @@ async def renew_psk(directory: Path, gateway_uri: str, firmware: Firmware | None
         raise EnrollFailed("bundle", f"{exc} (enroll the device first)") from None
     identity = DeviceIdentity.of(factory, factory_key)
     new_key = _KeyKept()
+    configs: list[Config] = []
     ctx = await psk_context(psk, gateway.base)
     try:
         exchange = coap_exchange(ctx, gateway.base, timeout)       # holds the session (enroll_psk)
-        issued, _ = await drive(renew_psk_flow(identity, firmware, root_verifier(root), new_key=new_key), exchange)
+        issued, _ = await drive(renew_psk_flow(identity, firmware, root_verifier(root), new_key=new_key), exchange,
+                                lambda done: configs.append(done.value) if done.step == "config" else None)
         _store_operational(directory, issued)
-        save_psk(directory, await _fetch(ctx, gateway.base, new_key.key, timeout))
+        op_psk, digest = await _fetch(ctx, gateway.base, new_key.key, timeout, serial=identity.serial,
+                                      certificate=issued.certificate, check_chain=gateway_check(root, gateway.host))
+        save_psk(directory, op_psk)
         del exchange
     finally:
         await ctx.shutdown()
+    await _settle(directory, gateway.base, identity, op_psk, configs[0] if configs else None, digest, timeout)
     return issued.certificate
 
 
@@ -229,11 +271,29 @@ class _KeyKept:
         return self.key
 
 
-async def _fetch(ctx: aiocoap.Context, base: str, key: ec.EllipticCurvePrivateKey | None, timeout: float) -> Psk:
+async def _settle(directory: Path, base: str, identity: DeviceIdentity, op_psk: Psk, config: Config | None,
+                  digest: bytes, timeout: float) -> Config:
+    """Keep the configuration the session served if the gateway's signed answer vouches for it
+    (its SHA-256 is the answer's `config`); else (the factory PSK's session could have been a
+    PSK holder's on the path, or the configuration changed in between) fetch it again in a
+    session with the new operational PSK, which only the gateway shares."""
+    if config is None or hashlib.sha256(config.raw).digest() != digest:
+        ctx = await psk_context(op_psk, base)
+        try:
+            exchange = coap_exchange(ctx, base, timeout)
+            config, _ = await drive(config_flow(identity.serial, identity.device_type), exchange)
+        finally:
+            await ctx.shutdown()
+    store_config(directory, config)
+    return config
+
+
+async def _fetch(ctx: aiocoap.Context, base: str, key: ec.EllipticCurvePrivateKey | None, timeout: float,
+                 **expect) -> tuple[Psk, bytes]:
     if key is None:
         raise EnrollFailed("psk", "no certificate key was made in this session")
     try:
-        return await fetch_operational_psk(ctx, base, key, timeout)
+        return await fetch_operational_psk(ctx, base, key, timeout, **expect)
     except asyncio.TimeoutError:
         raise EnrollFailed.no_answer("psk", timeout) from None
     except (PskUnavailable, aiocoap.error.Error) as exc:

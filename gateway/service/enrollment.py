@@ -104,6 +104,9 @@ class EnrollmentService(PskRules):
     psk_secret: Callable[[], bytes | None] = lambda: None
     # randomness: the ephemeral keys that seal operational PSKs (service/psk_rules.py)
     random: Callable[[int], bytes] = os.urandom
+    # (the gateway's private key, its certificate chain without the root): signs GET /psk's
+    # answer (service/psk_rules.py); None: no operational PSK is served
+    delivery: tuple[Any, list] | None = None
 
     def __post_init__(self) -> None:
         self.limiter = RateLimiter(self.budgets, self.monotonic)

@@ -39,6 +39,7 @@ OPERATIONAL = "operational"
 FACTORY_PSK = ca_psk.FACTORY_PSK            # the same devices, authenticated by a pre-shared key
 OPERATIONAL_PSK = ca_psk.OPERATIONAL_PSK
 SECRET_RETRY = 5.0          # s between looks for a PSK secret that is not there yet
+SECRET_BACKOFF_MAX = 300.0  # s: the longest wait after a secret that is there but cannot be used
 
 
 @dataclass(frozen=True)
@@ -162,13 +163,14 @@ class PskDeviceAuthenticator:
         self._monotonic = monotonic or time.monotonic
         self._next_look = 0.0
         self._looking = False
+        self._backoff = SECRET_RETRY
 
     def load_now(self) -> bytes | None:
         """Read the PSK secret now, if there is one (at start, before any handshake: scrypt
         takes ~0.5 s)."""
         if self._secret is None:
             self._next_look = self._monotonic() + SECRET_RETRY
-            self._secret = self._load()
+            self._take(self._look_once())
         return self._secret
 
     def secret(self) -> bytes | None:
@@ -182,15 +184,29 @@ class PskDeviceAuthenticator:
             threading.Thread(target=self._look, name="devid-psk-secret", daemon=True).start()
         return self._secret
 
-    def _look(self) -> None:
+    def _look_once(self) -> "bytes | None | Exception":
         try:
-            found = self._load()
-        except Exception:              # the loader says why (app/server.py); looked for again later
-            found = None
-        finally:
-            self._looking = False
+            return self._load()
+        except Exception as exc:        # the loader says why (app/server.py)
+            return exc
+
+    def _take(self, found: "bytes | None | Exception") -> None:
+        """A secret that is there but fails (another host's, a wrong passphrase) is looked at
+        again after twice as long each time, up to SECRET_BACKOFF_MAX: each look costs an scrypt
+        (~0.5 s of CPU); one that is not there yet, every SECRET_RETRY seconds (a stat)."""
+        if isinstance(found, Exception):
+            self._next_look = self._monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, SECRET_BACKOFF_MAX)
+            return
+        self._backoff = SECRET_RETRY
         if found is not None:
             self._secret = found
+
+    def _look(self) -> None:
+        try:
+            self._take(self._look_once())
+        finally:
+            self._looking = False
 
     def psk_for(self, identity: bytes) -> tuple[bytes, PeerIdentity]:
         parsed = ca_psk.parse_identity(identity)
@@ -199,7 +215,8 @@ class PskDeviceAuthenticator:
         kind, serial = parsed
         secret = self.secret()
         if secret is None:
-            raise PskRefused("no PSK secret yet (no device was provisioned with --psk)")
+            raise PskRefused("no PSK secret (none made yet by 'devid provision --psk', or this host's is missing or "
+                             "unusable: see the log)")
         profile = FACTORY if kind == FACTORY_PSK else OPERATIONAL
         mine = [c for c in self.registry.certificates_for_device(serial) if c.profile == profile]
         if not mine:
@@ -240,8 +257,8 @@ class PskDeviceAuthenticator:
 
 
 def operational_psk(registry: Registry, secret: bytes, serial: str
-                    ) -> tuple[str, bytes, int, ec.EllipticCurvePublicKey] | None:
-    """(identity, key, certificate serial, certificate key) of the device's current operational
+                    ) -> tuple[str, bytes, int, x509.Certificate] | None:
+    """(identity, key, certificate serial, certificate) of the device's current operational
     PSK: the one that goes with its current operational certificate (the key is sealed to that
     certificate's key for delivery, ca/sealed.py); None before its first enrollment."""
     current = [c for c in registry.certificates_for_device(serial)
@@ -249,11 +266,11 @@ def operational_psk(registry: Registry, secret: bytes, serial: str
     found = registry.lookup_certificate(current[-1].serial) if current else None
     if found is None:
         return None
-    public_key = x509.load_der_x509_certificate(found.der).public_key()
-    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+    cert = x509.load_der_x509_certificate(found.der)
+    if not isinstance(cert.public_key(), ec.EllipticCurvePublicKey):
         return None
     name = ca_psk.operational_identity(serial)
-    return name, ca_psk.derive_key(secret, name, current[-1].serial), current[-1].serial, public_key
+    return name, ca_psk.derive_key(secret, name, current[-1].serial), current[-1].serial, cert
 
 
 def attestation_identity(registry: Registry, who: PeerIdentity) -> PeerIdentity | None:

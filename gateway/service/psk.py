@@ -1,6 +1,7 @@
 """GET /psk: a PSK device's operational pre-shared key (docs/enrollment.md#psk-devices).
 
-    /psk    GET    CBOR {"identity": tstr, "sealed_key": COSE_Encrypt}, Max-Age 0
+    /psk    GET    COSE_Sign1 (Content-Format 18) of CBOR {"identity", "certificate", "sealed_key",
+                   "config"}, Max-Age 0
                    (factory-psk or operational-psk, only in the session whose /sen or /sren issued
                    the device's current operational certificate)
 
@@ -10,27 +11,27 @@ was issued needed evidence signed by the attestation key, EnrollmentService.enro
 enrollment and renewal issues a new certificate, so the key rotates with it, and the old key stops
 working at once (the gateway then accepts only the new one in new handshakes; sessions of the
 old one end with the certificate's grace period, like a superseded certificate's). It travels only
-inside the device's authenticated DTLS session, and sealed to the key of that certificate
-(service/psk_rules.py says why); the gateway logs the identity, never the key.
+inside the device's authenticated DTLS session, sealed to the key of that certificate and signed
+by the gateway (service/psk_rules.py says why); the gateway logs the identity, never the key.
 """
 
 from __future__ import annotations
 
 import aiocoap
-import cbor2
 from aiocoap.numbers import codes
 
-from devid.gateway.service.resources import CT_CBOR, _Resource, identity_of
+from devid.gateway.service.resources import _Resource, identity_of
+
+
+CT_COSE_SIGN1 = 18        # application/cose; cose-type="cose-sign1" (RFC 9052)
 
 
 class OperationalPsk(_Resource):
     rt = "devid.psk"
-    ct = str(CT_CBOR)
+    ct = str(CT_COSE_SIGN1)
 
     async def render_get(self, request):
-        self.accepted(request, CT_CBOR)
+        self.accepted(request, CT_COSE_SIGN1)
         # the certificate this session's /sen or /sren issued (resources.SimpleEnroll), if any
-        name, sealed_key = self.service.operational_psk(identity_of(request), getattr(request.remote, "psk_issued", None))
-        # a map of two: the COSE_Encrypt goes in as the CBOR item it is (not wrapped in a bstr)
-        body = b"\xa2" + cbor2.dumps("identity") + cbor2.dumps(name) + cbor2.dumps("sealed_key") + sealed_key
-        return aiocoap.Message(code=codes.CONTENT, payload=body, content_format=CT_CBOR, max_age=0)
+        body = self.service.operational_psk(identity_of(request), getattr(request.remote, "psk_issued", None))
+        return aiocoap.Message(code=codes.CONTENT, payload=body, content_format=CT_COSE_SIGN1, max_age=0)

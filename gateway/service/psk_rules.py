@@ -7,14 +7,22 @@ a certificate or a key is at stake, a PSK session must show what only the device
   server nonce, bound to the CSR's key by its cnf claim; never a verdict of the window (unless
   the device type's policy waives attestation: then the PSK is the only proof);
 - GET /psk: only in the session whose /sen or /sren issued the certificate the operational PSK
-  goes with, and sealed to that certificate's key (ca/sealed.py). The PSK suite has no (EC)DHE:
-  whoever holds the PSK a session was opened with, and records or relays that session, reads what
-  it carries; sealed, the operational PSK opens only with the private key the attested CSR named.
+  goes with, sealed to that certificate's key and signed by the gateway (ca/sealed.py). The PSK
+  suite has no (EC)DHE: whoever holds the PSK a session was opened with, and records or relays
+  that session, reads what it carries; sealed, the operational PSK opens only with the private
+  key the attested CSR named. And the gateway's side of a PSK session proves only that it knows
+  the PSK: signed, the answer (and through its digest the configuration of the same session)
+  cannot be one a PSK holder on the path made up.
 
 A mixin of `EnrollmentService` (enrollment.py), kept apart to keep that module readable.
 """
 
 from __future__ import annotations
+
+import hashlib
+
+import cbor2
+from cryptography.hazmat.primitives import serialization
 
 from devid.attestation.evidence import cose_key_xy
 from devid.ca import sealed
@@ -54,11 +62,12 @@ class PskRules:
                                      + (" (the device was revoked)" if outcome.revoked else ""))
         return appraisal
 
-    def operational_psk(self, who: PeerIdentity | None, issued_here: int | None) -> tuple[str, bytes]:
-        """GET /psk: (identity, sealed key) of the PSK device's operational PSK, the one that goes
-        with the certificate `issued_here`: the one this very session's /sen or /sren issued (None:
-        it issued none), while it is still the device's current one. The key comes sealed to that
-        certificate's public key (a COSE_Encrypt, ca/sealed.py). A factory PSK alone, or an
+    def operational_psk(self, who: PeerIdentity | None, issued_here: int | None) -> bytes:
+        """GET /psk: the signed answer (COSE_Sign1, ca/sealed.py; docs/enrollment.md#the-answer)
+        carrying the PSK device's operational PSK, the one that goes with the certificate
+        `issued_here`: the one this very session's /sen or /sren issued (None: it issued none),
+        while it is still the device's current one. The key comes sealed to that certificate's
+        public key (a COSE_Encrypt), the answer signed by the gateway (`delivery`). A factory PSK alone, or an
         operational PSK of a session that renewed nothing, gets no key (authorization.RULES["psk"]
         for the device, service/psk.py for the session). Paid from the /config budget: the same
         sessions read both, once per enrollment or renewal."""
@@ -82,9 +91,20 @@ class PskRules:
             self._decision("psk", who, "refused", reason="the certificate this session was issued is not current")
             raise DeviceNotAllowed(f"device {who.serial}: the certificate this session was issued is no longer "
                                    "current: renew again")
-        name, key, cert_serial, cert_key = found
-        sealed_key = sealed.seal(cert_key, key, self.random)
+        name, key, cert_serial, cert = found
+        if self.delivery is None:
+            self._decision("psk", who, "refused", reason="no key to sign the answer with")
+            raise DeviceNotAllowed("this gateway serves no operational PSKs (no signing key)")
+        # the configuration the device was served in this session (GET /config serves the same
+        # bytes): its digest in the signed answer vouches for it
+        config_digest = hashlib.sha256(cbor2.dumps(self._config(who))).digest()
+        cert_digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()
+        payload = cbor2.dumps({"identity": name, "certificate": cert_digest,
+                               "sealed_key": cbor2.loads(sealed.seal(cert.public_key(), key, self.random)),
+                               "config": config_digest})
+        signing_key, chain = self.delivery
+        answer = sealed.sign(payload, signing_key, chain)
         # the identity and the certificate it goes with, never the key
         self._decision("psk", who, "served", psk_identity=name, certificate_serial=format(cert_serial, "x"))
-        return name, sealed_key
+        return answer
 

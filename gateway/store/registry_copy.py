@@ -182,8 +182,12 @@ def copy_registry(source, target, *, progress: Callable[[str, int, int], None] |
             bad = [t.table for t in report.tables if not t.ok]
             raise CopyMismatch(f"the copy in {target.path} differs from the source in {', '.join(bad)}: "
                                "rolled back, nothing was written")
-        if deployment and not report.tables[[t for t, _, _ in TABLES].index("deployment")].source_rows:
-            dst.executemany("INSERT INTO deployment (key, value) VALUES (?, ?)", sorted(deployment.items()))
+        # a registry older than schema 7 has no deployment (its table may still hold a row of a
+        # later kind, the PSK secret's check): the caller's rows, those it lacks
+        held = {row[0] for row in dst.execute("SELECT key FROM deployment").fetchall()}
+        missing = {k: v for k, v in (deployment or {}).items() if k not in held}
+        if deployment and "root_fingerprint" not in held:
+            dst.executemany("INSERT INTO deployment (key, value) VALUES (?, ?)", sorted(missing.items()))
             report.deployment_recorded = True
         if before_commit is not None:
             before_commit()
