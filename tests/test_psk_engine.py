@@ -219,11 +219,18 @@ def test_a_psk_stands_only_for_a_certificate_of_the_gateways_ca_within_its_valid
              (ca_cert(mfg.subject, NOW + timedelta(days=1), NOW + timedelta(days=30)), "outside its validity"),
              (ca_cert(other, NOW - timedelta(days=1), NOW + timedelta(days=30)), "not of this gateway's CA")]
     for issuer, said in cases:
-        auth = PskDeviceAuthenticator(ca.store, lambda: secret, clock=lambda: NOW, issuers={FACTORY: issuer})
+        auth = PskDeviceAuthenticator(ca.store, lambda: secret, clock=lambda: NOW,
+                                      issuers={FACTORY: [issuer, data.cert("root")]})
         auth.load_now()
         with pytest.raises(PskRefused, match=said):
             auth.psk_for(identity)
-    auth = PskDeviceAuthenticator(ca.store, lambda: secret, clock=lambda: NOW, issuers={FACTORY: mfg})
+    # the root above it, outside its validity, refuses too
+    expired_root = ca_cert(data.cert("root").subject, NOW - timedelta(days=30), NOW - timedelta(days=1))
+    auth = PskDeviceAuthenticator(ca.store, lambda: secret, clock=lambda: NOW, issuers={FACTORY: [mfg, expired_root]})
+    auth.load_now()
+    with pytest.raises(PskRefused, match="outside its validity"):
+        auth.psk_for(identity)
+    auth = PskDeviceAuthenticator(ca.store, lambda: secret, clock=lambda: NOW, issuers={FACTORY: [mfg, data.cert("root")]})
     auth.load_now()
     assert auth.psk_for(identity)[0] == key
 

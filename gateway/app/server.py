@@ -110,7 +110,7 @@ class Gateway:
                                                  superseded_grace=budgets.superseded_grace)
         # PSK devices (tinydtls) on the same port: the ClientHello's suites decide (dtls/psk.py)
         self.psk = PskDeviceAuthenticator(self.registry, PskSecretLoader(data), clock=clock,
-                                          issuers={FACTORY: mfg, OPERATIONAL: op})
+                                          issuers={FACTORY: [mfg, data.cert("root")], OPERATIONAL: [op, data.cert("root")]})
         self.psk.load_now()         # read now if there is one (scrypt: ~0.5 s), not in a handshake
         # the engine's authenticator, wrapped to name the device of a refused certificate
         self.witness = RefusalWitness(self.authenticator)

@@ -149,11 +149,12 @@ class PskDeviceAuthenticator:
     def __init__(self, registry: Registry, secret: Callable[[], bytes | None],
                  monotonic: Callable[[], float] | None = None,
                  clock: Callable[[], datetime] | None = None,
-                 issuers: dict[str, x509.Certificate] | None = None) -> None:
+                 issuers: dict[str, list[x509.Certificate]] | None = None) -> None:
         self.registry = registry
-        # the CA certificate that issues each profile (FACTORY: the manufacturing CA, OPERATIONAL:
-        # the operational CA): a certificate a PSK stands for must come from it, within its
-        # validity, as the chain of a certificate in a handshake must
+        # the chain above each profile, its issuing CA first (FACTORY: the manufacturing CA and
+        # the root, OPERATIONAL: the operational CA and the root): a certificate a PSK stands for
+        # must come from that CA, and each of them be within its validity, as the chain of a
+        # certificate in a handshake must
         self.issuers = issuers or {}
         # the certificate a PSK stands for must be within its validity, as DeviceAuthenticator
         # requires of a certificate presented in the handshake
@@ -239,15 +240,16 @@ class PskDeviceAuthenticator:
         if now < cert.not_valid_before_utc:
             raise PskRefused(f"the {profile} certificate {record.serial:x} of device {serial} is not valid before "
                              f"{cert.not_valid_before_utc:%Y-%m-%d}")
-        issuer = self.issuers.get(profile)
-        if issuer is not None:
-            if cert.issuer != issuer.subject:
+        chain = self.issuers.get(profile)
+        if chain:
+            if cert.issuer != chain[0].subject:
                 raise PskRefused(f"the {profile} certificate {record.serial:x} of device {serial} is not of this "
                                  "gateway's CA")
-            if not issuer.not_valid_before_utc <= now <= issuer.not_valid_after_utc:
-                raise PskRefused(f"the CA certificate that issued the {profile} certificate of device {serial} is "
-                                 f"outside its validity ({issuer.not_valid_before_utc:%Y-%m-%d} to "
-                                 f"{issuer.not_valid_after_utc:%Y-%m-%d})")
+            for ca_cert in chain:
+                if not ca_cert.not_valid_before_utc <= now <= ca_cert.not_valid_after_utc:
+                    raise PskRefused(f"a CA certificate above the {profile} certificate of device {serial} is "
+                                     f"outside its validity ({ca_cert.not_valid_before_utc:%Y-%m-%d} to "
+                                     f"{ca_cert.not_valid_after_utc:%Y-%m-%d})")
         key = cert.public_key()
         if not isinstance(key, ec.EllipticCurvePublicKey):
             raise PskRefused("device key is not an EC key")
