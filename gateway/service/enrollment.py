@@ -58,12 +58,18 @@ from devid.ca.store import CertificateLookup, DeviceState
 from devid.gateway.service.authorization import RULES, authorize
 from devid.gateway.service.budgets import Budgets, RateLimiter
 from devid.gateway.store.configuration import ConfigTemplates
-from devid.gateway.errors import ConfigError, GatewayError
+from devid.gateway.errors import ConfigError
 from devid.gateway.service.identity import OPERATIONAL, PSK_KINDS, PeerIdentity, attestation_identity
 from devid.gateway.service.psk_rules import PskRules
-from devid.gateway.service.refusals import (  # noqa: F401  (the service's refusals, imported from here too)
+# the service's refusals (refusals.py), imported from here too
+from devid.gateway.service.refusals import (
     EnrollmentError, NotAuthenticated, WrongIdentity, AttestationRequired, AttestationRefused, ReenrollmentRefused, DeviceNotAllowed, UnknownDeviceType, CertificateRevoked, CertificateSuperseded, TooManyRequests, TooManyCertificates)
 from devid.gateway.system import metrics
+
+__all__ = ["EnrollmentService", "EvidenceOutcome", "Issuance", "EnrollmentError", "NotAuthenticated",
+           "WrongIdentity", "AttestationRequired", "AttestationRefused", "ReenrollmentRefused", "DeviceNotAllowed",
+           "UnknownDeviceType", "CertificateRevoked", "CertificateSuperseded", "TooManyRequests",
+           "TooManyCertificates"]
 
 log = logging.getLogger("devid.enrollment")
 
