@@ -108,9 +108,15 @@ def build_trust_anchor(issuer: Issuer, rand_bytes: Callable[[int], bytes]) -> x5
             .sign(issuer.key, issuer.hash_algorithm))
 
 
+# the gateway's certificate's commonName: what tells it from the other server certificates of the
+# operational CA (the MQTT broker's, the operator listener's), e.g. to a PSK device that checks the
+# signer of GET /psk's answer (docs/enrollment.md#the-answer-of-get-psk)
+GATEWAY_COMMON_NAME = "devid gateway"
+
+
 def build_gateway_cert(key: ec.EllipticCurvePrivateKey, issuer: Issuer, hostnames: Iterable[str],
                        settings: IdentitySettings, now: datetime,
-                       rand_bytes: Callable[[int], bytes], common_name: str = "devid gateway",
+                       rand_bytes: Callable[[int], bytes], common_name: str = GATEWAY_COMMON_NAME,
                        localhost: bool = True) -> x509.Certificate:
     """A TLS/DTLS server certificate (serverAuth) for `hostnames` (and localhost, 127.0.0.1 and
     ::1 unless `localhost` is false): the gateway's, or the MQTT broker's."""

@@ -387,7 +387,7 @@ async def _enroll_by_hand(gw, psk: Psk, identity: DeviceIdentity, path: str, key
         await ctx.shutdown()
 
 
-def test_the_operational_psk_comes_sealed_to_the_certificate_key_in_an_answer_the_gateway_signed(gw):
+def test_the_operational_psk_comes_sealed_to_the_certificate_key_in_an_answer_the_gateway_signed(gw, tmp_path):
     """Review 18b M1 and 18c M1: the PSK suite has no (EC)DHE, so whoever holds the factory PSK
     reads what a session carries, and the gateway's side of it proves only that it knows the PSK.
     So GET /psk answers with a COSE_Sign1 by the gateway's certified key, carrying the key sealed
@@ -433,7 +433,7 @@ def test_the_operational_psk_comes_sealed_to_the_certificate_key_in_an_answer_th
                           context={"alg": "AES-CCM-16-64-128"})
     # the device's reader: the same key, and the digest of the configuration the gateway serves
     op_psk, config_digest = read_operational_psk(psk.payload, key, serial="SN00000001", certificate=issued,
-                                                 check_chain=gateway_check(root, "127.0.0.1"))
+                                                 check_chain=gateway_check(root, "127.0.0.1", issued.issuer))
     assert op_psk == Psk(b"op:SN00000001", opened)
     # the key opened is the device's operational PSK: a handshake with it works, and GET /config
     # there serves the configuration whose digest the signed answer carries
@@ -441,6 +441,19 @@ def test_the_operational_psk_comes_sealed_to_the_certificate_key_in_an_answer_th
     assert '"kind": "operational-psk"' in said and '"serial": "SN00000001"' in said, said[-2000:]
     [config] = asyncio.run(in_session(gw, op_psk, _get("config", accept=CT_CBOR)))
     assert config.code == aiocoap.CONTENT and hashlib.sha256(config.payload).digest() == config_digest
+
+    # a configuration the signed answer does not vouch for (a PSK holder's on the path) is not
+    # kept: the device fetches it again in a session of its operational PSK (review 18d L3)
+    from devid.gateway.device.flow import Config
+    from devid.gateway.device.psk import _settle
+    forged = {"mqtt": {"broker": "mqtts://attacker.example:8883"}}
+    since = lines(gw)
+    kept = asyncio.run(_settle(tmp_path, gw["base"], identity, op_psk, Config(forged, cbor2.dumps(forged)),
+                               config_digest, 20))
+    assert hashlib.sha256((tmp_path / "config.cbor").read_bytes()).digest() == config_digest
+    assert kept.data != forged and b"attacker" not in (tmp_path / "config.json").read_bytes()
+    wait_event(gw, since, lambda ev: ev.get("event") == "config" and ev.get("result") == "served"
+               and ev.get("serial") == "SN00000001" and ev.get("kind") == "operational-psk")
 
 
 def test_psk_sessions_take_only_evidence_of_the_attestation_key_for_this_device_and_key(gw):
@@ -484,7 +497,8 @@ def test_a_session_whose_certificate_another_session_replaced_gets_no_psk(gw):
     assert sen.code == aiocoap.CHANGED and psk.code == aiocoap.CONTENT, (sen.payload, psk.payload)
     op_psk, _ = read_operational_psk(psk.payload, key, serial=serial,
                                      certificate=_leaf(sen.payload, key),
-                                     check_chain=gateway_check(load_bundle(device)[3], "127.0.0.1"))
+                                     check_chain=gateway_check(load_bundle(device)[3], "127.0.0.1",
+                                                                gw["data"].cert("operational").subject))
     gw["keys"].add(op_psk.key)
 
     async def race():

@@ -36,24 +36,27 @@ def world(data, ca):
             "root": data.cert("root"), "op": data.issuer("operational")}
 
 
-def answer(world, *, identity="op:SN1", cert=None, key=KEY, sealed_to=None, signer=None) -> bytes:
+def answer(world, *, identity="op:SN1", cert=None, key=KEY, sealed_to=None, signer=None, config=CONFIG) -> bytes:
     cert = cert or world["cert"]
     payload = cbor2.dumps({"identity": identity,
                            "certificate": hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest(),
                            "sealed_key": cbor2.loads(sealed.seal((sealed_to or world["cert"].public_key()), key)),
-                           "config": hashlib.sha256(CONFIG).digest()})
+                           "config": None if config is None else hashlib.sha256(config).digest()})
     return sealed.sign(payload, *(signer or world["gateway"]))
 
 
 def read(world, blob: bytes, host: str = "127.0.0.1", when=NOW):
     return read_operational_psk(blob, world["device_key"], serial="SN1", certificate=world["cert"],
-                                check_chain=gateway_check(world["root"], host, when))
+                                check_chain=gateway_check(world["root"], host, world["cert"].issuer, when))
 
 
 def test_the_gateways_answer_is_read(world):
     psk, digest = read(world, answer(world))
     assert psk == Psk(b"op:SN1", KEY) and digest == hashlib.sha256(CONFIG).digest()
     assert KEY.decode() not in repr(psk)            # a Psk never shows its key
+    # a gateway whose configuration template is broken still sends the key, with no digest:
+    # the device then asks GET /config with its operational PSK
+    assert read(world, answer(world, config=None)) == (psk, None)
 
 
 def test_an_answer_a_psk_holder_made_up_is_refused(world):
@@ -65,11 +68,22 @@ def test_an_answer_a_psk_holder_made_up_is_refused(world):
     self_made = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(stranger.public_key())
                  .serial_number(1).not_valid_before(NOW - timedelta(days=1)).not_valid_after(NOW + timedelta(days=1))
                  .sign(stranger, hashes.SHA256()))
+    # the MQTT broker's and the operator listener's certificates: the operational CA's, serverAuth,
+    # and (as a deployment may well have them) valid for the gateway's own host
     broker_key = ec.generate_private_key(ec.SECP256R1())
     broker = build_gateway_cert(broker_key, world["op"], ["broker.example"], world["data"].config.identity, NOW,
-                                os.urandom, common_name="devid MQTT broker", localhost=False)
+                                os.urandom, common_name="devid MQTT broker", localhost=True)
+    listener_key = ec.generate_private_key(ec.SECP256R1())
+    listener = build_gateway_cert(listener_key, world["op"], [], world["data"].config.identity, NOW, os.urandom,
+                                  common_name="devid operator listener")
+    # a gateway certificate, by name, from the manufacturing CA
+    mfg = world["data"].issuer("manufacturing")
+    elsewhere_key = ec.generate_private_key(ec.SECP256R1())
+    elsewhere = build_gateway_cert(elsewhere_key, mfg, [], world["data"].config.identity, NOW, os.urandom)
     for signer, said in (((stranger, [self_made]), "not the gateway"),
-                         ((broker_key, [broker, world["op"].cert]), "not the gateway"),
+                         ((broker_key, [broker, world["op"].cert]), "commonName"),
+                         ((listener_key, [listener, world["op"].cert]), "commonName"),
+                         ((elsewhere_key, [elsewhere, mfg.cert]), "not issued by the CA"),
                          ((world["device_key"], [world["cert"], world["op"].cert]), "not the gateway"),
                          ((stranger, world["gateway"][1]), "signature does not verify")):
         with pytest.raises(PskUnavailable, match=said):

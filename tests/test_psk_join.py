@@ -45,13 +45,18 @@ def test_hosts_of_one_registry_cannot_use_different_psk_secrets(postgres, tmp_pa
     first host that uses one; a host without it makes none, a host with another one is refused,
     and a gateway with another one refuses PSK devices and says why."""
     from devid.ca import psk
-    from devid.gateway.app.server import _psk_secret
+    from devid.ca.errors import CAError
+    from devid.gateway.app.server import PskSecretLoader
 
     url = postgres.new_schema("pskcheck")
     a, b = tmp_path / "host-a", tmp_path / "host-b"
     ok(run_devid("init", "--registry", url, data_dir=a))
     ok(run_devid("init", "--join", url, "--ca-from", a / "ca", data_dir=b))   # before any PSK secret
     assert not (b / "ca" / "psk.secret").exists()
+    # host b's gateway runs before any PSK secret exists: no secret, nothing to say
+    clock = [0.0]
+    loader = PskSecretLoader(DataDir(b), monotonic=lambda: clock[0])
+    assert loader() is None
     out = tmp_path / "out"
     ok(run_devid("provision", "--count", "1", "--device-type", "t", "--psk", "--out", out, data_dir=a))
     secret = DataDir(a).psk_secret()
@@ -61,16 +66,18 @@ def test_hosts_of_one_registry_cannot_use_different_psk_secrets(postgres, tmp_pa
     finally:
         registry.close()
 
-    # host b has none: it does not make its own, and its gateway says why, once (review 18c L2)
+    # host b has none: it does not make its own, and its gateway, which asks the registry again
+    # every minute while it has none, says why once (review 18c L2, 18d L2)
     proc = run_devid("provision", "--count", "1", "--device-type", "t", "--psk", "--out", out, data_dir=b)
     one_line_error(proc, "psk.secret", "another host")
     assert not (b / "ca" / "psk.secret").exists()
-    from devid.gateway.app.server import PskSecretLoader
-    loader = PskSecretLoader(DataDir(b))
     with caplog.at_level(logging.ERROR, logger="devid.gateway"):
-        with pytest.raises(Exception, match="missing, but this registry's PSK devices use a PSK secret"):
-            loader()
-        assert loader() is None                     # later looks: a stat, no query, no line
+        clock[0] = 30.0
+        assert loader() is None                     # within the minute: a stat, no query
+        for t in (61.0, 122.0):
+            clock[0] = t
+            with pytest.raises(CAError, match="missing, but this registry's PSK devices use a PSK secret"):
+                loader()
     assert [r.getMessage() for r in caplog.records].count(
         f"PSK secret not usable: {b / 'ca' / 'psk.secret'}: missing, but this registry's PSK devices use a PSK "
         "secret: copy the first host's here") == 1
@@ -78,6 +85,7 @@ def test_hosts_of_one_registry_cannot_use_different_psk_secrets(postgres, tmp_pa
     # nor does a host join without it, nor with another
     one_line_error(run_devid("init", "--join", url, "--ca-from", b / "ca", data_dir=tmp_path / "host-c"),
                    "no psk.secret")
+    assert not (tmp_path / "host-c").exists()
 
     # host b with a secret of its own (made before the registry had a check): refused, by
     # provisioning and by the gateway (PSK devices refused, the reason logged, never the secret)
@@ -90,10 +98,11 @@ def test_hosts_of_one_registry_cannot_use_different_psk_secrets(postgres, tmp_pa
                    "not the PSK secret of this registry")
     assert not (tmp_path / "host-d").exists()
     with caplog.at_level(logging.ERROR, logger="devid.gateway"):
-        assert _psk_secret(other) is None
+        with pytest.raises(CAError, match="not the PSK secret of this registry"):
+            PskSecretLoader(other)()
     said = [r.getMessage() for r in caplog.records if "PSK secret not usable" in r.getMessage()]
     assert len(said) == 1 and "not the PSK secret of this registry" in said[0], said
     assert bytes(range(32)).hex() not in said[0]
     # with the first host's secret it is accepted
     shutil.copy2(a / "ca" / "psk.secret", b / "ca" / "psk.secret")
-    assert _psk_secret(DataDir(b)) == secret
+    assert PskSecretLoader(DataDir(b))() == secret

@@ -211,16 +211,21 @@ class PskSecretLoader:
     registry connection of its own. Says why a secret is missing or unusable at ERROR, once per
     reason (identity.py backs off from a secret that keeps failing)."""
 
-    def __init__(self, data: DataDir) -> None:
+    ASK_EVERY = 60.0    # s: how often a host without a secret asks the registry whether others use one
+
+    def __init__(self, data: DataDir, monotonic=time.monotonic) -> None:
         self.data = data
         self.said: str | None = None
-        self.looked = False
+        self.monotonic = monotonic
+        self.asked: float | None = None
 
     def __call__(self) -> bytes | None:
         path = self.data.ca_dir / SECRET_FILE
-        first, self.looked = not self.looked, True
-        if not path.exists() and not first:
+        now = self.monotonic()
+        if not path.exists() and self.asked is not None and now - self.asked < self.ASK_EVERY:
             return None                 # the usual state of a host without PSK devices: a stat, no query
+        if not path.exists():
+            self.asked = now
         try:
             registry = self.data.open_registry()
             try:
@@ -237,14 +242,6 @@ class PskSecretLoader:
                 self.said = str(exc)
                 log.error("PSK secret not usable: %s", exc)
             raise
-
-
-def _psk_secret(data: DataDir) -> bytes | None:
-    """One look (tests): the secret, or None if there is none or it is unusable (logged)."""
-    try:
-        return PskSecretLoader(data)()
-    except Exception:
-        return None
 
 
 def _addresses(addrs) -> str:

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from devid.ca import keys, psk as ca_psk, sealed
+from devid.ca.hierarchy import GATEWAY_COMMON_NAME
 from devid.gateway.device.client import coap_exchange
 from devid.gateway.device.enroll import EnrollResult, _store_operational, store_config
 from devid.gateway.device.flow import (Config, Done, Flow, Issued, Verify, config_flow, drive, read_verdict,
@@ -102,10 +103,13 @@ async def psk_context(psk: Psk, base: str) -> aiocoap.Context:
     return ctx
 
 
-def gateway_check(root: x509.Certificate, host: str, now: datetime | None = None):
-    """check_chain for `sealed.verify`: the signer's chain must lead to the device's `root` and
-    its certificate be valid for `host`, the gateway the device reached (what an X.509 device
-    checks of the gateway in its handshake)."""
+def gateway_check(root: x509.Certificate, host: str, issuer: x509.Name, now: datetime | None = None):
+    """check_chain for `sealed.verify`: the signer must be the gateway. Its chain leads to the
+    device's `root` and its certificate is valid for `host`, the gateway the device reached (what
+    an X.509 device checks of the gateway in its handshake); and, since the operational CA
+    issues other server certificates too (the MQTT broker's, the operator listener's, which may
+    name the same host), it is issued by `issuer` (the CA of the device's own operational
+    certificate) with the gateway's commonName."""
     try:
         subject = x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
@@ -115,21 +119,27 @@ def gateway_check(root: x509.Certificate, host: str, now: datetime | None = None
         verifier = (PolicyBuilder().store(Store([root])).time(now or datetime.now(timezone.utc))
                     .build_server_verifier(subject))
         verifier.verify(leaf, intermediates)
+        if leaf.issuer != issuer:
+            raise ValueError("not issued by the CA of the device's operational certificate")
+        names = [a.value for a in leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
+        if names != [GATEWAY_COMMON_NAME]:
+            raise ValueError(f"its commonName is not {GATEWAY_COMMON_NAME!r}")
     return check
 
 
 def read_operational_psk(payload: bytes, key: ec.EllipticCurvePrivateKey, *, serial: str,
-                         certificate: x509.Certificate, check_chain) -> tuple[Psk, bytes]:
+                         certificate: x509.Certificate, check_chain) -> tuple[Psk, bytes | None]:
     """The answer of GET /psk (docs/enrollment.md#the-answer): a COSE_Sign1 by the gateway
     (`check_chain` judges its signer) of CBOR {"identity", "certificate", "sealed_key", "config"}
     for this device (`serial`) and the certificate it was just issued (`certificate`, whose
     private key `key` opens the sealed key). (the operational PSK, the digest of the
-    configuration the gateway served in the same session)."""
+    configuration the gateway served in the same session: None if it could not build one)."""
     try:
         body = cbor2.loads(sealed.verify(payload, check_chain))
         identity, cert_digest, sealed_key, config_digest = (body["identity"], body["certificate"],
                                                             body["sealed_key"], body["config"])
-        if not (isinstance(identity, str) and isinstance(cert_digest, bytes) and isinstance(config_digest, bytes)):
+        if not (isinstance(identity, str) and isinstance(cert_digest, bytes)
+                and (config_digest is None or isinstance(config_digest, bytes))):
             raise PskUnavailable("the answer of /psk is not the documented map")
     except sealed.SealError as exc:
         raise PskUnavailable(f"the answer of /psk: {exc}") from None
@@ -151,7 +161,7 @@ def read_operational_psk(payload: bytes, key: ec.EllipticCurvePrivateKey, *, ser
 
 
 async def fetch_operational_psk(ctx: aiocoap.Context, base: str, key: ec.EllipticCurvePrivateKey, timeout: float,
-                                **expect) -> tuple[Psk, bytes]:
+                                **expect) -> tuple[Psk, bytes | None]:
     """GET /psk over the session `ctx` holds with the gateway; `key`: the new certificate's;
     `expect`: what `read_operational_psk` checks."""
     message = aiocoap.Message(code=aiocoap.GET, uri=f"{base}/psk", accept=CT_COSE_SIGN1)
@@ -194,7 +204,8 @@ async def enroll_psk(directory: Path, gateway_uri: str, firmware: Firmware | Non
                                   exchange, on_step)
         t = time.perf_counter()
         op_psk, digest = await _fetch(ctx, gateway.base, new_key.key, timeout, serial=identity.serial,
-                                      certificate=done.issued.certificate, check_chain=gateway_check(root, gateway.host))
+                                      certificate=done.issued.certificate,
+                                      check_chain=gateway_check(root, gateway.host, done.issued.certificate.issuer))
         save_psk(directory, op_psk)
         del exchange
         steps["psk"] = time.perf_counter() - t
@@ -228,7 +239,8 @@ async def renew_psk(directory: Path, gateway_uri: str, firmware: Firmware | None
                                 lambda done: configs.append(done.value) if done.step == "config" else None)
         _store_operational(directory, issued)
         op_psk, digest = await _fetch(ctx, gateway.base, new_key.key, timeout, serial=identity.serial,
-                                      certificate=issued.certificate, check_chain=gateway_check(root, gateway.host))
+                                      certificate=issued.certificate,
+                                      check_chain=gateway_check(root, gateway.host, issued.certificate.issuer))
         save_psk(directory, op_psk)
         del exchange
     finally:
@@ -272,7 +284,7 @@ class _KeyKept:
 
 
 async def _settle(directory: Path, base: str, identity: DeviceIdentity, op_psk: Psk, config: Config | None,
-                  digest: bytes, timeout: float) -> Config:
+                  digest: bytes | None, timeout: float) -> Config:
     """Keep the configuration the session served if the gateway's signed answer vouches for it
     (its SHA-256 is the answer's `config`); else (the factory PSK's session could have been a
     PSK holder's on the path, or the configuration changed in between) fetch it again in a
@@ -289,7 +301,7 @@ async def _settle(directory: Path, base: str, identity: DeviceIdentity, op_psk: 
 
 
 async def _fetch(ctx: aiocoap.Context, base: str, key: ec.EllipticCurvePrivateKey | None, timeout: float,
-                 **expect) -> tuple[Psk, bytes]:
+                 **expect) -> tuple[Psk, bytes | None]:
     if key is None:
         raise EnrollFailed("psk", "no certificate key was made in this session")
     try:

@@ -27,7 +27,9 @@ from cryptography.hazmat.primitives import serialization
 from devid.attestation.evidence import cose_key_xy
 from devid.ca import sealed
 from devid.ca.authority import CheckedKey
+from devid.ca.errors import CAError
 
+from devid.gateway.errors import ConfigError
 from devid.gateway.service.identity import SUPERSEDED_SESSION_GRACE, PeerIdentity, attestation_identity, operational_psk
 from devid.gateway.service.refusals import (AttestationRefused, AttestationRequired, DeviceNotAllowed,
                                             NotAuthenticated, WrongIdentity)
@@ -97,7 +99,10 @@ class PskRules:
             raise DeviceNotAllowed("this gateway serves no operational PSKs (no signing key)")
         # the configuration the device was served in this session (GET /config serves the same
         # bytes): its digest in the signed answer vouches for it
-        config_digest = hashlib.sha256(cbor2.dumps(self._config(who))).digest()
+        try:
+            config_digest = hashlib.sha256(cbor2.dumps(self._config(who))).digest()
+        except (CAError, ConfigError):      # the operator's template is at fault (logged): the key still goes
+            config_digest = None            # out, and the device asks GET /config later
         cert_digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()
         payload = cbor2.dumps({"identity": name, "certificate": cert_digest,
                                "sealed_key": cbor2.loads(sealed.seal(cert.public_key(), key, self.random)),
