@@ -256,7 +256,7 @@ def test_link_format_lists_what_each_resource_returns(world):
             "/attest/nonce": "60",
             "/attest/evidence": "60",
             "/config": "60 50",
-            "/psk": "60",                                 # PSK devices (issue 18)
+            "/psk": "18",                                 # PSK devices (issue 18): a COSE_Sign1
         }
         assert links["/whoami"]["rt"] == "devid.whoami" and links["/.well-known/est/sen"]["rt"] == "ace.est.sen"
     run_with_gateway(data, body)

@@ -193,7 +193,7 @@ def test_libcoap_clients_get_well_known_core(world, client, host):
     ct = dict(re.findall(r'<([^>]+)>[^,]*?;ct="([^"]+)"', proc.stdout.decode()))
     assert ct == {"/.well-known/core": "40", "/whoami": "50", "/.well-known/est/crts": "281 287",
                   "/.well-known/est/sen": "281 287 62", "/.well-known/est/sren": "281 287 62", "/attest/nonce": "60",
-                  "/attest/evidence": "60", "/config": "60 50", "/psk": "60"}, proc.stdout.decode()
+                  "/attest/evidence": "60", "/config": "60 50", "/psk": "18"}, proc.stdout.decode()
 
 
 def coap_client(world, client: str, ident: Path, path: str, *args: str) -> tuple[str, str, str]:
