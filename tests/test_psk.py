@@ -525,6 +525,14 @@ def test_a_session_whose_certificate_another_session_replaced_gets_no_psk(gw):
                and ev.get("reason") == "the certificate this session was issued is not current")
 
 
+def _revoke(gw, serial: str) -> None:
+    reg = gw["data"].open_registry()
+    try:
+        revoke_device(reg, serial, "keyCompromise", NOW)
+    finally:
+        reg.close()
+
+
 def test_revoked_device_is_refused_at_the_next_handshake(gw):
     psk = read_psk(bundle(gw, 4))
     gw["keys"].add(psk.key)
@@ -536,11 +544,7 @@ def test_revoked_device_is_refused_at_the_next_handshake(gw):
                 ctx.request(aiocoap.Message(code=aiocoap.GET, uri=gw["base"] + "/whoami")).response, 10)
             assert json.loads(response.payload)["serial"] == "SN00000004"
             since = lines(gw)
-            reg = gw["data"].open_registry()
-            try:
-                revoke_device(reg, "SN00000004", "keyCompromise", NOW)
-            finally:
-                reg.close()
+            _revoke(gw, "SN00000004")
             return since
         finally:
             await ctx.shutdown()
@@ -563,11 +567,7 @@ def test_revocation_sweep_closes_a_live_psk_session(gw):
                 ctx.request(aiocoap.Message(code=aiocoap.GET, uri=gw["base"] + "/whoami")).response, 10)
             assert json.loads(response.payload)["kind"] == "factory-psk"
             since = lines(gw)
-            reg = gw["data"].open_registry()
-            try:
-                revoke_device(reg, "SN00000002", "keyCompromise", NOW)
-            finally:
-                reg.close()
+            _revoke(gw, "SN00000002")
             ev = await asyncio.to_thread(wait_event, gw, since, lambda e: e.get("event") == "session-closed"
                                          and e.get("serial") == "SN00000002")
             return ev
